@@ -1,0 +1,114 @@
+"""The operator API on the admin Unix socket (grpclib, so the caller's uid comes from the kernel).
+
+Thin handlers: check the operator, translate, delegate to the services (in a
+worker thread, since they touch the database).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from issuer.attestation import SidecarAttestor
+from issuer.convert import entry_pb, sidecar_pb
+from issuer.events import EventHub
+from issuer.models import Actor
+from issuer.registration import Registry
+from tessera import peercred
+from tessera.errors import PermissionDenied
+from tessera.rpc import grpclib_handler
+from tessera.v1 import admin_grpc, admin_pb2, types_pb2
+
+
+class AdminService(admin_grpc.AdminBase):
+    def __init__(self, registry: Registry, attestor: SidecarAttestor, hub: EventHub, bundle_pem,
+                 allowed_uids: tuple[int, ...]):
+        self.registry = registry
+        self.attestor = attestor
+        self.hub = hub
+        self.bundle_pem = bundle_pem
+        self.allowed_uids = set(allowed_uids)
+
+    def operator(self, stream) -> Actor:
+        cred = peercred.from_grpclib_stream(stream)
+        if cred.uid not in self.allowed_uids:
+            raise PermissionDenied(f"uid {cred.uid} is not an operator of this issuer")
+        return Actor("operator", f"uid:{cred.uid}", {"pid": cred.pid})
+
+    @grpclib_handler
+    async def CreateJoinToken(self, stream):
+        req = await stream.recv_message()
+        actor = self.operator(stream)
+        token, sid, exp = await asyncio.to_thread(self.attestor.create_token, req.sidecar_name, req.ttl_seconds, actor)
+        await stream.send_message(admin_pb2.CreateJoinTokenResponse(token=token, sidecar_id=sid, expires_at=exp))
+
+    @grpclib_handler
+    async def CreateEntry(self, stream):
+        req = await stream.recv_message()
+        actor = self.operator(stream)
+        entry = await asyncio.to_thread(
+            self.registry.create, spiffe_id=req.spiffe_id, parent=req.parent_id, selectors=list(req.selectors),
+            owner=req.owner, purpose=req.purpose, expires_at=req.expires_at, actor=actor, tier=req.tier,
+            scopes=list(req.scopes), x509_ttl=req.x509_ttl_seconds)
+        await stream.send_message(entry_pb(entry))
+
+    @grpclib_handler
+    async def UpdateEntry(self, stream):
+        req = await stream.recv_message()
+        actor = self.operator(stream)
+        changes = {
+            "owner": req.owner if req.HasField("owner") else None,
+            "purpose": req.purpose if req.HasField("purpose") else None,
+            "tier": req.tier if req.HasField("tier") else None,
+            "scopes": list(req.scopes.values) if req.HasField("scopes") else None,
+            "selectors": list(req.selectors.values) if req.HasField("selectors") else None,
+            "x509_ttl": req.x509_ttl_seconds if req.HasField("x509_ttl_seconds") else None,
+            "expires_at": req.expires_at if req.HasField("expires_at") else None,
+            "state": req.state if req.HasField("state") else None,
+        }
+        entry = await asyncio.to_thread(self.registry.update, req.id, actor, reason=req.reason, **changes)
+        await stream.send_message(entry_pb(entry))
+
+    @grpclib_handler
+    async def DeleteEntry(self, stream):
+        req = await stream.recv_message()
+        actor = self.operator(stream)
+        await asyncio.to_thread(self.registry.delete, req.id, actor)
+        await stream.send_message(types_pb2.Empty())
+
+    @grpclib_handler
+    async def GetEntry(self, stream):
+        req = await stream.recv_message()
+        self.operator(stream)
+        await stream.send_message(entry_pb(self.registry.require(req.id)))
+
+    @grpclib_handler
+    async def ListEntries(self, stream):
+        req = await stream.recv_message()
+        self.operator(stream)
+        now = int(time.time())
+        entries = self.registry.list()
+        if req.expired_only:
+            entries = [e for e in entries if e.expires_at <= now]
+        await stream.send_message(admin_pb2.ListEntriesResponse(entries=[entry_pb(e) for e in entries]))
+
+    @grpclib_handler
+    async def ListSidecars(self, stream):
+        await stream.recv_message()
+        self.operator(stream)
+        connected = self.hub.connected()
+        await stream.send_message(admin_pb2.ListSidecarsResponse(
+            sidecars=[sidecar_pb(s, s.id in connected) for s in self.attestor.list()]))
+
+    @grpclib_handler
+    async def GetSidecar(self, stream):
+        req = await stream.recv_message()
+        self.operator(stream)
+        s = self.attestor.get(req.id)
+        await stream.send_message(sidecar_pb(s, s.id in self.hub.connected()))
+
+    @grpclib_handler
+    async def GetBundle(self, stream):
+        await stream.recv_message()
+        self.operator(stream)
+        await stream.send_message(admin_pb2.Bundle(pem=self.bundle_pem().decode()))

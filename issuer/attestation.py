@@ -1,0 +1,163 @@
+"""Sidecar attestation: join tokens, sidecar SVIDs, and authenticating callers by their SVID.
+
+A join token is shown once, stored only as its SHA-256, usable once and expiring.
+After attestation a sidecar proves itself with its SVID over mTLS; the issuer
+checks on every call that the SVID names a known, unbanned sidecar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+import time
+from dataclasses import dataclass, replace
+
+from cryptography import x509
+
+from issuer.ca import CertificateAuthority
+from issuer.datastore import Datastore
+from issuer.models import Actor, AuditEvent, IssuedSerial, JoinToken, Sidecar
+from tessera import spiffeid, x509svid
+from tessera.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SidecarSVID:
+    sidecar_id: str
+    chain: tuple[x509.Certificate, ...]
+
+
+class SidecarAttestor:
+    def __init__(self, store: Datastore, ca: CertificateAuthority, svid_ttl: int, token_ttl: int):
+        self.store = store
+        self.ca = ca
+        self.svid_ttl = svid_ttl
+        self.token_ttl = token_ttl
+        self._lock = threading.Lock()
+        self._sidecars: dict[str, Sidecar] = {s.id: s for s in store.list_sidecars()}
+
+    # -- operator side -----------------------------------------------------------------
+
+    def create_token(self, sidecar_name: str, ttl: int, actor: Actor) -> tuple[str, str, int]:
+        sid = str(spiffeid.sidecar_id(self.ca.trust_domain, sidecar_name))
+        existing = self._sidecars.get(sid)
+        if existing is not None and existing.state == "banned":
+            raise PermissionDenied(f"sidecar {sid} is banned; pick a new name")
+        ttl = ttl or self.token_ttl
+        if ttl < 1 or ttl > 7 * 86400:
+            raise InvalidArgument("join token ttl must be between 1s and 7d")
+        token = secrets.token_urlsafe(32)
+        now = int(time.time())
+        self.store.create_join_token(
+            JoinToken(token_hash(token), sidecar_name, now + ttl, actor.id, now),
+            AuditEvent("join_token.create", actor, "done", subject=sid, details={"ttl": ttl}),
+        )
+        return token, sid, now + ttl
+
+    def get(self, sidecar_ref: str) -> Sidecar:
+        sid = sidecar_ref if sidecar_ref.startswith("spiffe://") else str(
+            spiffeid.sidecar_id(self.ca.trust_domain, sidecar_ref))
+        s = self._sidecars.get(sid)
+        if s is None:
+            raise NotFound(f"no sidecar {sid}")
+        return s
+
+    def list(self) -> list[Sidecar]:
+        return sorted(self._sidecars.values(), key=lambda s: s.id)
+
+    # -- sidecar side --------------------------------------------------------------------
+
+    def attest(self, join_token: str, csr_der: bytes, peer: str) -> SidecarSVID:
+        """First contact: trade a join token and a CSR for a sidecar SVID."""
+        if not join_token:
+            raise InvalidArgument("join_token is required")
+        public_key = _csr_key(csr_der)
+        now = int(time.time())
+        h = token_hash(join_token)
+        try:
+            with self.store.transaction():
+                tok = self.store.consume_join_token(h, now)
+                sid = str(spiffeid.sidecar_id(self.ca.trust_domain, tok.sidecar_name))
+                existing = self._sidecars.get(sid)
+                if existing is not None and existing.state == "banned":
+                    raise PermissionDenied(f"sidecar {sid} is banned")
+                return self._issue(sid, tok.sidecar_name, public_key, now, existing,
+                                   AuditEvent("sidecar.attest", Actor("sidecar", sid, {"peer": peer}), "allow",
+                                              reason="join token", subject=sid))
+        except PermissionDenied as e:
+            # A refused attempt is evidence too; it commits on its own.
+            self.store.append_audit([AuditEvent("sidecar.attest", Actor("sidecar", "unknown", {"peer": peer}),
+                                                "deny", reason=e.message)])
+            raise
+
+    def renew(self, caller: Sidecar, csr_der: bytes) -> SidecarSVID:
+        public_key = _csr_key(csr_der)
+        now = int(time.time())
+        with self.store.transaction():
+            return self._issue(caller.id, caller.name, public_key, now, caller,
+                               AuditEvent("sidecar.renew", Actor("sidecar", caller.id), "allow", subject=caller.id))
+
+    def _issue(self, sid: str, name: str, public_key, now: int, existing: Sidecar | None,
+               audit: AuditEvent) -> SidecarSVID:
+        signed = self.ca.sign(public_key, spiffeid.parse(sid), self.svid_ttl)
+        not_after = int(signed.not_after.timestamp())
+        sidecar = Sidecar(sid, name, "active", existing.attested_at if existing and audit.action == "sidecar.renew"
+                          else now, now, signed.serial_hex, not_after)
+        self.store.record_issued([IssuedSerial(signed.serial_hex, sid, "sidecar", None, sid, now, not_after)])
+        self.store.upsert_sidecar(sidecar, replace(audit, details={"serial": signed.serial_hex, "ttl": self.svid_ttl}))
+        with self._lock:
+            self._sidecars[sid] = sidecar
+        return SidecarSVID(sid, (signed.cert,))
+
+    def set_banned(self, sidecar: Sidecar, audit: AuditEvent) -> Sidecar:
+        banned = replace(sidecar, state="banned")
+        self.store.upsert_sidecar(banned, audit)
+        with self._lock:
+            self._sidecars[sidecar.id] = banned
+        return banned
+
+    def touch(self, sidecar_id: str) -> None:
+        now = int(time.time())
+        s = self._sidecars.get(sidecar_id)
+        if s is not None and now - s.last_seen >= 60:
+            self.store.touch_sidecar(sidecar_id, now)
+            with self._lock:
+                self._sidecars[sidecar_id] = replace(s, last_seen=now)
+
+    def authenticate(self, peer_cert_pem: bytes | None) -> Sidecar:
+        """The sidecar behind an mTLS call. The TLS layer already verified the chain and expiry."""
+        if not peer_cert_pem:
+            raise Unauthenticated("a sidecar SVID (client certificate) is required")
+        try:
+            cert = x509.load_pem_x509_certificate(peer_cert_pem)
+            sid = x509svid.spiffe_id_of(cert)
+        except ValueError as e:
+            raise Unauthenticated(f"client certificate is not a sidecar SVID: {e}") from None
+        if not sid.member_of(self.ca.trust_domain) or spiffeid.sidecar_name(sid) is None:
+            raise PermissionDenied(f"{sid} is not a sidecar identity")
+        s = self._sidecars.get(str(sid))
+        if s is None:
+            raise PermissionDenied(f"sidecar {sid} is not attested")
+        if s.state == "banned":
+            raise PermissionDenied(f"sidecar {sid} is banned")
+        if self.is_revoked(x509svid.serial_hex(cert.serial_number)):
+            raise PermissionDenied(f"the SVID of sidecar {sid} is revoked")
+        return s
+
+    def is_revoked(self, serial_hex: str) -> bool:
+        """Overridden by the revocation service once it is wired in."""
+        return False
+
+
+def _csr_key(csr_der: bytes):
+    if not csr_der:
+        raise InvalidArgument("csr is required")
+    try:
+        return x509svid.load_csr(csr_der).public_key()
+    except ValueError as e:
+        raise InvalidArgument(f"invalid CSR: {e}") from None

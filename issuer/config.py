@@ -1,0 +1,74 @@
+"""The issuer's YAML configuration, validated at start."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tessera import spiffeid
+from tessera.configfile import Section, load_yaml
+
+
+@dataclass(frozen=True)
+class IssuerConfig:
+    trust_domain: str
+    data_dir: Path
+    listen_address: str
+    bootstrap_address: str
+    admin_socket: Path
+    admin_uids: tuple[int, ...]
+    default_x509_ttl: int
+    sidecar_svid_ttl: int
+    join_token_ttl: int
+    ca_cert: Path | None
+    ca_key: Path | None
+    ca_ttl: int
+    server_name: str
+    resync_interval: int
+    max_workers: int
+    log_level: str
+
+
+def _address(sec: Section, key: str, default=...) -> str:
+    v = sec.str(key, default)
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise sec.fail(key, f"must be HOST:PORT, got {v!r}")
+    return v
+
+
+def load(path: str | Path) -> IssuerConfig:
+    sec = load_yaml(path)
+    td = sec.checked("trust_domain", spiffeid.validate_trust_domain, sec.str("trust_domain"))
+    data_dir = sec.path("data_dir")
+    listen = _address(sec, "listen_address")
+    host, _, port = listen.rpartition(":")
+    bootstrap = _address(sec, "bootstrap_address", f"{host}:{int(port) + 1 if int(port) else 0}")
+    admin_uids = sec.get("admin_uids", list, [])
+    if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in admin_uids):
+        raise sec.fail("admin_uids", "must be a list of numeric uids")
+    cfg = IssuerConfig(
+        trust_domain=td,
+        data_dir=data_dir,
+        listen_address=listen,
+        bootstrap_address=bootstrap,
+        admin_socket=sec.path("admin_socket", str(data_dir / "admin.sock")),
+        admin_uids=tuple(sorted({0, os.getuid(), *admin_uids})),
+        default_x509_ttl=sec.duration("default_x509_ttl", "10m"),
+        sidecar_svid_ttl=sec.duration("sidecar_svid_ttl", "1h"),
+        join_token_ttl=sec.duration("join_token_ttl", "10m"),
+        ca_cert=sec.path("ca_cert", None),
+        ca_key=sec.path("ca_key", None),
+        ca_ttl=sec.duration("ca_ttl", "365d"),
+        server_name=sec.str("server_name", "tessera-issuer"),
+        resync_interval=sec.duration("resync_interval", "5m"),
+        max_workers=sec.get("max_workers", int, 256),
+        log_level=sec.str("log_level", "info"),
+    )
+    if (cfg.ca_cert is None) != (cfg.ca_key is None):
+        raise sec.fail("ca_key" if cfg.ca_key is None else "ca_cert", "ca_cert and ca_key must be given together")
+    if cfg.max_workers < 8:
+        raise sec.fail("max_workers", "must be at least 8")
+    sec.reject_unknown()
+    return cfg

@@ -1,0 +1,54 @@
+"""The datastore interface the issuer depends on, and the audit hash chain rule.
+
+Every write that changes state takes the audit event describing it, and the
+implementation appends that record in the same transaction: a change and its
+evidence commit together or not at all. Writes return only once durable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Iterable, Protocol, Sequence
+
+from issuer.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Sidecar
+
+GENESIS_HASH = "0" * 64
+
+
+def audit_hash(prev_hash: str, seq: int, ts: float, action: str, actor: dict, decision: str,
+               reason: str, subject: str, details: dict) -> str:
+    """Each record commits to its content and to the previous record's hash."""
+    body = json.dumps(
+        {"seq": seq, "ts": ts, "action": action, "actor": actor, "decision": decision,
+         "reason": reason, "subject": subject, "details": details, "prev": prev_hash},
+        sort_keys=True, separators=(",", ":"),
+    )
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+class Datastore(Protocol):
+    # entries
+    def create_entry(self, entry: Entry, audit: AuditEvent) -> None: ...
+    def update_entry(self, entry: Entry, audit: AuditEvent) -> None: ...
+    def delete_entry(self, entry_id: str, audit: AuditEvent) -> None: ...
+    def get_entry(self, entry_id: str) -> Entry | None: ...
+    def list_entries(self, parent_id: str | None = None) -> list[Entry]: ...
+
+    # join tokens and sidecars
+    def create_join_token(self, token: JoinToken, audit: AuditEvent) -> None: ...
+    def consume_join_token(self, token_hash: str, now: int) -> JoinToken: ...
+    def upsert_sidecar(self, sidecar: Sidecar, audit: AuditEvent | None) -> None: ...
+    def get_sidecar(self, sidecar_id: str) -> Sidecar | None: ...
+    def list_sidecars(self) -> list[Sidecar]: ...
+    def touch_sidecar(self, sidecar_id: str, now: int) -> None: ...
+
+    # issued serials
+    def record_issued(self, serials: Sequence[IssuedSerial], audits: Sequence[AuditEvent]) -> None: ...
+    def get_issued(self, serial: str) -> IssuedSerial | None: ...
+
+    # audit
+    def append_audit(self, events: Iterable[AuditEvent]) -> None: ...
+    def audit_records(self, since_seq: int = 0, limit: int | None = None) -> list[AuditRecord]: ...
+
+    def close(self) -> None: ...

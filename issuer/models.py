@@ -1,0 +1,104 @@
+"""Plain records the issuer stores and passes around."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ENTRY_STATES = ("active", "disabled", "revoked")
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str
+    spiffe_id: str
+    parent_id: str
+    selectors: tuple[str, ...]
+    owner: str
+    purpose: str
+    tier: str
+    scopes: tuple[str, ...]
+    x509_ttl: int
+    expires_at: int
+    state: str
+    created_by: str
+    created_at: int
+    updated_at: int
+    revision: int = 1
+
+    def servable(self, now: int) -> bool:
+        return self.state == "active" and self.expires_at > now
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    id: str
+    name: str
+    state: str  # active | banned
+    attested_at: int
+    last_seen: int
+    svid_serial: str
+    svid_expires_at: int
+
+
+@dataclass(frozen=True)
+class JoinToken:
+    token_hash: str
+    sidecar_name: str
+    expires_at: int
+    created_by: str
+    created_at: int
+    used_at: int | None = None
+
+
+@dataclass(frozen=True)
+class IssuedSerial:
+    serial: str  # lowercase hex
+    spiffe_id: str
+    kind: str  # identity | task | sidecar | issuer
+    entry_id: str | None
+    sidecar_id: str | None
+    issued_at: int
+    not_after: int
+    task_id: str | None = None
+    revoked_at: int | None = None
+    revocation_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who did something: an operator (uid from the kernel), a sidecar (its SVID), a workload, the issuer."""
+
+    kind: str
+    id: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "id": self.id, **({"details": self.details} if self.details else {})}
+
+
+ISSUER = Actor("issuer", "tessera-issuer")
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    action: str  # e.g. entry.create, sidecar.attest, svid.issue, svid.deny
+    actor: Actor
+    decision: str  # allow | deny | pending | done
+    reason: str = ""
+    subject: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    seq: int
+    ts: float
+    action: str
+    actor: dict[str, Any]
+    decision: str
+    reason: str
+    subject: str
+    details: dict[str, Any]
+    prev_hash: str
+    hash: str

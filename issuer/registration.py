@@ -1,0 +1,206 @@
+"""Registration entries: validation rules, storage, and push to the parent sidecar.
+
+Entries are cached in memory (loaded at start, updated on every write this
+issuer commits) so the signing path never reads the database.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from dataclasses import replace
+from typing import Callable, Iterable
+
+from issuer.datastore import Datastore
+from issuer.events import EventHub
+from issuer.models import ENTRY_STATES, Actor, AuditEvent, Entry
+from tessera import selectors as sel
+from tessera import spiffeid
+from tessera.errors import InvalidArgument, NotFound
+
+_SCOPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._/*-]{0,127}$")
+_TIER = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+MIN_TTL = 10
+DEFAULT_TIER = "low"
+
+
+def validate_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
+    out = []
+    for s in scopes:
+        if not _SCOPE.match(s or ""):
+            raise InvalidArgument(f"invalid scope {s!r}: use letters, digits and : . _ / * -")
+        out.append(s)
+    return tuple(sorted(set(out)))
+
+
+class Registry:
+    def __init__(self, store: Datastore, hub: EventHub, trust_domain: str, default_x509_ttl: int,
+                 tier_names: Callable[[], Iterable[str]] | None = None):
+        self.store = store
+        self.hub = hub
+        self.trust_domain = trust_domain
+        self.default_x509_ttl = default_x509_ttl
+        self._tier_names = tier_names
+        self._lock = threading.Lock()
+        self._entries: dict[str, Entry] = {e.id: e for e in store.list_entries()}
+
+    # -- reads (memory) -----------------------------------------------------------
+
+    def get(self, entry_id: str) -> Entry | None:
+        return self._entries.get(entry_id)
+
+    def require(self, entry_id: str) -> Entry:
+        e = self._entries.get(entry_id)
+        if e is None:
+            raise NotFound(f"no entry with id {entry_id!r}")
+        return e
+
+    def list(self, parent_id: str | None = None) -> list[Entry]:
+        entries = list(self._entries.values())
+        if parent_id is not None:
+            entries = [e for e in entries if e.parent_id == parent_id]
+        return sorted(entries, key=lambda e: (e.created_at, e.id))
+
+    # -- validation ----------------------------------------------------------------
+
+    def _spiffe_id(self, value: str) -> str:
+        sid = spiffeid.parse(value, require_path=True)
+        if not sid.member_of(self.trust_domain):
+            raise InvalidArgument(f"SPIFFE ID {value!r} is not in trust domain {self.trust_domain}")
+        if sid.path.startswith("/tessera/"):
+            raise InvalidArgument(f"SPIFFE ID {value!r}: the /tessera/ path is reserved for Tessera's own components")
+        return str(sid)
+
+    def parent_id(self, value: str) -> str:
+        """A sidecar SPIFFE ID, or a bare sidecar name."""
+        if not value:
+            raise InvalidArgument("parent is required: the sidecar SPIFFE ID that may serve this entry")
+        if not value.startswith("spiffe://"):
+            return str(spiffeid.sidecar_id(self.trust_domain, value))
+        sid = spiffeid.parse(value)
+        if not sid.member_of(self.trust_domain) or spiffeid.sidecar_name(sid) is None:
+            raise InvalidArgument(
+                f"invalid parent {value!r}: must be a sidecar ID, spiffe://{self.trust_domain}/tessera/sidecar/<name>"
+            )
+        return str(sid)
+
+    def _tier(self, tier: str) -> str:
+        tier = tier or DEFAULT_TIER
+        if not _TIER.match(tier):
+            raise InvalidArgument(f"invalid tier {tier!r}")
+        if self._tier_names is not None:
+            names = set(self._tier_names())
+            if names and tier not in names:
+                raise InvalidArgument(f"unknown tier {tier!r}: configured tiers are {', '.join(sorted(names))}")
+        return tier
+
+    def _ttl(self, ttl: int) -> int:
+        if ttl == 0:
+            return self.default_x509_ttl
+        if ttl < MIN_TTL:
+            raise InvalidArgument(f"x509_ttl must be at least {MIN_TTL}s")
+        return ttl
+
+    @staticmethod
+    def _text(name: str, value: str) -> str:
+        if not value or not value.strip():
+            raise InvalidArgument(f"{name} is required")
+        if len(value) > 1024:
+            raise InvalidArgument(f"{name} is longer than 1024 characters")
+        return value.strip()
+
+    # -- writes ----------------------------------------------------------------------
+
+    def create(self, *, spiffe_id: str, parent: str, selectors: Iterable[str], owner: str, purpose: str,
+               expires_at: int, actor: Actor, tier: str = "", scopes: Iterable[str] = (),
+               x509_ttl: int = 0) -> Entry:
+        now = int(time.time())
+        if not expires_at:
+            raise InvalidArgument("expiry is required: no identity lives forever (e.g. --expires-in 30d)")
+        if expires_at <= now:
+            raise InvalidArgument("expiry must be in the future")
+        entry = Entry(
+            id=str(uuid.uuid4()),
+            spiffe_id=self._spiffe_id(spiffe_id),
+            parent_id=self.parent_id(parent),
+            selectors=sel.parse_selectors(selectors),
+            owner=self._text("owner", owner),
+            purpose=self._text("purpose", purpose),
+            tier=self._tier(tier),
+            scopes=validate_scopes(scopes),
+            x509_ttl=self._ttl(x509_ttl),
+            expires_at=int(expires_at),
+            state="active",
+            created_by=actor.id,
+            created_at=now,
+            updated_at=now,
+        )
+        with self._lock:
+            self.store.create_entry(entry, AuditEvent("entry.create", actor, "done", subject=entry.id,
+                                                      details=_entry_details(entry)))
+            self._entries[entry.id] = entry
+        self.hub.publish(entry.parent_id, ("entry_upsert", entry))
+        return entry
+
+    def update(self, entry_id: str, actor: Actor, *, reason: str = "", **changes) -> Entry:
+        """Apply the given fields. Extending the expiry needs a reason, which is audited."""
+        with self._lock:
+            old = self.require(entry_id)
+            fields: dict = {}
+            for key, value in changes.items():
+                if value is None:
+                    continue
+                if key == "owner" or key == "purpose":
+                    fields[key] = self._text(key, value)
+                elif key == "tier":
+                    fields[key] = self._tier(value)
+                elif key == "scopes":
+                    fields[key] = validate_scopes(value)
+                elif key == "selectors":
+                    fields[key] = sel.parse_selectors(value)
+                elif key == "x509_ttl":
+                    fields[key] = self._ttl(value)
+                elif key == "expires_at":
+                    if value <= int(time.time()):
+                        raise InvalidArgument("expiry must be in the future")
+                    if value > old.expires_at and not reason.strip():
+                        raise InvalidArgument("extending an entry's expiry needs a reason (--reason)")
+                    fields[key] = int(value)
+                elif key == "state":
+                    if value not in ENTRY_STATES:
+                        raise InvalidArgument(f"invalid state {value!r}: use one of {', '.join(ENTRY_STATES)}")
+                    if old.state == "revoked" and value != "revoked":
+                        raise InvalidArgument("a revoked entry cannot be re-activated; create a new entry")
+                    fields[key] = value
+                else:
+                    raise InvalidArgument(f"unknown entry field {key!r}")
+            new = replace(old, **fields, updated_at=int(time.time()), revision=old.revision + 1)
+            changed = {k: _jsonable(v) for k, v in fields.items() if getattr(old, k) != v}
+            self.store.update_entry(new, AuditEvent("entry.update", actor, "done", reason=reason.strip(),
+                                                    subject=entry_id, details={"changed": changed}))
+            self._entries[entry_id] = new
+        self.hub.publish(new.parent_id, ("entry_upsert", new))
+        return new
+
+    def set_state(self, entry_id: str, state: str, actor: Actor, reason: str) -> Entry:
+        return self.update(entry_id, actor, reason=reason, state=state)
+
+    def delete(self, entry_id: str, actor: Actor, reason: str = "") -> None:
+        with self._lock:
+            old = self.require(entry_id)
+            self.store.delete_entry(entry_id, AuditEvent("entry.delete", actor, "done", reason=reason,
+                                                         subject=entry_id, details=_entry_details(old)))
+            del self._entries[entry_id]
+        self.hub.publish(old.parent_id, ("entry_deleted", entry_id))
+
+
+def _jsonable(v):
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _entry_details(e: Entry) -> dict:
+    return {"spiffe_id": e.spiffe_id, "parent_id": e.parent_id, "selectors": list(e.selectors),
+            "owner": e.owner, "purpose": e.purpose, "tier": e.tier, "scopes": list(e.scopes),
+            "x509_ttl": e.x509_ttl, "expires_at": e.expires_at}

@@ -1,0 +1,146 @@
+"""Wiring: the issuer's services, its gRPC listeners and its admin socket, started and stopped together."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpclib.server import Server as GrpclibServer
+
+from issuer.admin_api import AdminService
+from issuer.attestation import SidecarAttestor
+from issuer.ca import CertificateAuthority
+from issuer.config import IssuerConfig
+from issuer.events import EventHub
+from issuer.models import IssuedSerial
+from issuer.registration import Registry
+from issuer.sidecar_api import IssuerService
+from issuer.signing import SvidSigner
+from issuer.sqlite_store import SQLiteDatastore
+from tessera import logs, pem, spiffeid, x509svid
+from tessera.uds import bind_unix
+from tessera.v1 import issuer_pb2_grpc
+
+log = logs.get("issuer")
+
+SERVING_CERT_TTL = 24 * 3600
+
+
+class ServingCert:
+    """The issuer's own TLS certificate, re-issued at half-life and picked up by new handshakes."""
+
+    def __init__(self, ca: CertificateAuthority, store: SQLiteDatastore, server_name: str):
+        self.ca = ca
+        self.store = store
+        self.server_name = server_name
+        self._lock = threading.Lock()
+        self._renew_at = 0.0
+        self._pair: tuple[bytes, bytes] = self._issue()
+
+    def _issue(self) -> tuple[bytes, bytes]:
+        key = x509svid.new_key()
+        sid = spiffeid.parse(f"spiffe://{self.ca.trust_domain}/tessera/issuer")
+        signed = self.ca.sign(key.public_key(), sid, SERVING_CERT_TTL, dns_names=[self.server_name])
+        now = int(time.time())
+        self.store.record_issued([IssuedSerial(signed.serial_hex, str(sid), "issuer", None, None, now,
+                                               int(signed.not_after.timestamp()))])
+        self._renew_at = time.time() + SERVING_CERT_TTL / 2
+        return pem.key_pem(key), pem.certs_pem([signed.cert])
+
+    def config(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([self._pair], root_certificates=self.ca.bundle_pem)
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            if time.time() < self._renew_at:
+                return None
+            self._pair = self._issue()
+            return self.config()
+
+
+class IssuerServer:
+    def __init__(self, cfg: IssuerConfig):
+        self.cfg = cfg
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(cfg.data_dir, 0o700)
+        self.store = SQLiteDatastore(cfg.data_dir / "tessera.db")
+        self.ca = CertificateAuthority.load_or_create(cfg.trust_domain, cfg.data_dir, cfg.ca_cert, cfg.ca_key,
+                                                      cfg.ca_ttl)
+        self.hub = EventHub()
+        self.registry = Registry(self.store, self.hub, cfg.trust_domain, cfg.default_x509_ttl)
+        self.attestor = SidecarAttestor(self.store, self.ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl)
+        self.signer = SvidSigner(self.store, self.ca, self.registry)
+        self.service = IssuerService(self.attestor, self.signer, self.registry, self.hub,
+                                     lambda: self.ca.bundle_der, cfg.resync_interval)
+        self.admin = AdminService(self.registry, self.attestor, self.hub, lambda: self.ca.bundle_pem,
+                                  cfg.admin_uids)
+        self._grpc: grpc.Server | None = None
+        self._admin_loop: asyncio.AbstractEventLoop | None = None
+        self._admin_thread: threading.Thread | None = None
+        self._admin_ready = threading.Event()
+        self._admin_error: BaseException | None = None
+
+    def start(self) -> None:
+        serving = ServingCert(self.ca, self.store, self.cfg.server_name)
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.cfg.max_workers, thread_name_prefix="grpc"),
+            options=[("grpc.so_reuseport", 0), ("grpc.keepalive_time_ms", 20000),
+                     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                     ("grpc.keepalive_permit_without_calls", 1)],
+        )
+        issuer_pb2_grpc.add_IssuerServicer_to_server(self.service, server)
+        mtls = grpc.dynamic_ssl_server_credentials(serving.config(), serving.fetch,
+                                                   require_client_authentication=True)
+        tls = grpc.dynamic_ssl_server_credentials(serving.config(), serving.fetch,
+                                                  require_client_authentication=False)
+        self.port = server.add_secure_port(self.cfg.listen_address, mtls)
+        self.bootstrap_port = server.add_secure_port(self.cfg.bootstrap_address, tls)
+        if not self.port or not self.bootstrap_port:
+            raise OSError(f"cannot listen on {self.cfg.listen_address} / {self.cfg.bootstrap_address}")
+        server.start()
+        self._grpc = server
+        self._admin_thread = threading.Thread(target=self._run_admin, name="admin", daemon=True)
+        self._admin_thread.start()
+        self._admin_ready.wait()
+        if self._admin_error is not None:
+            raise self._admin_error
+        log.info("issuer started", trust_domain=self.cfg.trust_domain, listen=self.cfg.listen_address,
+                 bootstrap=self.cfg.bootstrap_address, admin_socket=str(self.cfg.admin_socket))
+
+    def _run_admin(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._admin_loop = loop
+        try:
+            server = GrpclibServer([self.admin])
+            sock = bind_unix(self.cfg.admin_socket, 0o600)
+            loop.run_until_complete(server.start(sock=sock))
+        except BaseException as e:  # noqa: BLE001 - reported to start()
+            self._admin_error = e
+            self._admin_ready.set()
+            return
+        self._admin_ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            server.close()
+            loop.run_until_complete(server.wait_closed())
+            loop.close()
+
+    def stop(self, grace: float = 2.0) -> None:
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait()
+        if self._admin_loop is not None:
+            self._admin_loop.call_soon_threadsafe(self._admin_loop.stop)
+            if self._admin_thread:
+                self._admin_thread.join(timeout=5)
+        try:
+            os.unlink(self.cfg.admin_socket)
+        except OSError:
+            pass
+        self.store.close()
+        log.info("issuer stopped")

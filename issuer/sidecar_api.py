@@ -1,0 +1,103 @@
+"""The grpcio servicer sidecars call. Thin: authenticate, translate, delegate."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from issuer.attestation import SidecarAttestor
+from issuer.convert import entry_pb
+from issuer.events import CLOSE, EventHub
+from issuer.models import Sidecar
+from issuer.registration import Registry
+from issuer.signing import SvidSigner
+from tessera import pem
+from tessera.errors import PermissionDenied
+from tessera.rpc import grpcio_handler
+from tessera.v1 import issuer_pb2, issuer_pb2_grpc
+
+
+def peer_cert_pem(context: grpc.ServicerContext) -> bytes | None:
+    values = context.auth_context().get("x509_pem_cert")
+    return values[0] if values else None
+
+
+class IssuerService(issuer_pb2_grpc.IssuerServicer):
+    def __init__(self, attestor: SidecarAttestor, signer: SvidSigner, registry: Registry, hub: EventHub,
+                 bundle_der, resync_interval: int):
+        self.attestor = attestor
+        self.signer = signer
+        self.registry = registry
+        self.hub = hub
+        self.bundle_der = bundle_der  # callable returning the current bundle
+        self.resync_interval = resync_interval
+
+    def _caller(self, context) -> Sidecar:
+        sidecar = self.attestor.authenticate(peer_cert_pem(context))
+        self.attestor.touch(sidecar.id)
+        return sidecar
+
+    def _svid_response(self, svid) -> issuer_pb2.SidecarSVIDResponse:
+        return issuer_pb2.SidecarSVIDResponse(
+            sidecar_id=svid.sidecar_id, svid_chain=pem.der_concat(svid.chain), bundle=self.bundle_der())
+
+    @grpcio_handler
+    def AttestSidecar(self, request, context):
+        return self._svid_response(self.attestor.attest(request.join_token, request.csr, context.peer()))
+
+    @grpcio_handler
+    def RenewSidecar(self, request, context):
+        return self._svid_response(self.attestor.renew(self._caller(context), request.csr))
+
+    @grpcio_handler
+    def SignX509SVIDs(self, request, context):
+        sidecar = self._caller(context)
+        results = self.signer.sign_batch(sidecar, [(i.entry_id, i.csr) for i in request.items])
+        return issuer_pb2.SignX509SVIDsResponse(items=[
+            issuer_pb2.SignedSVID(entry_id=r.entry_id, spiffe_id=r.spiffe_id, cert_chain=r.cert_der,
+                                  serial=r.serial, expires_at=r.expires_at, status_code=r.code, error=r.error)
+            for r in results
+        ])
+
+    def snapshot(self, sidecar_id: str) -> issuer_pb2.SyncEvent:
+        return issuer_pb2.SyncEvent(snapshot=issuer_pb2.EntrySnapshot(
+            entries=[entry_pb(e) for e in self.registry.list(parent_id=sidecar_id)],
+            bundle=self.bundle_der()))
+
+    def event_message(self, event) -> issuer_pb2.SyncEvent | None:
+        kind, payload = event
+        if kind == "entry_upsert":
+            return issuer_pb2.SyncEvent(entry_upsert=entry_pb(payload))
+        if kind == "entry_deleted":
+            return issuer_pb2.SyncEvent(entry_deleted=payload)
+        if kind == "bundle":
+            return issuer_pb2.SyncEvent(bundle=payload)
+        return None
+
+    @grpcio_handler
+    def Sync(self, request, context):
+        sidecar = self._caller(context)
+        # Subscribe before the snapshot so nothing committed in between is missed.
+        sub = self.hub.subscribe(sidecar.id)
+        context.add_callback(lambda: (sub.close(), sub.queue.put(CLOSE)))
+        try:
+            yield self.snapshot(sidecar.id)
+            next_resync = time.monotonic() + self.resync_interval
+            while context.is_active():
+                event = sub.get(timeout=max(0.0, min(1.0, next_resync - time.monotonic())))
+                if event is CLOSE:
+                    if context.is_active():
+                        raise PermissionDenied(f"sidecar {sidecar.id} is banned")
+                    return
+                if event is None:
+                    if time.monotonic() >= next_resync:
+                        # Anti-entropy only: changes already arrive pushed.
+                        yield self.snapshot(sidecar.id)
+                        next_resync = time.monotonic() + self.resync_interval
+                    continue
+                msg = self.event_message(event)
+                if msg is not None:
+                    yield msg
+        finally:
+            sub.close()

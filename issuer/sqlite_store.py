@@ -1,0 +1,353 @@
+"""The embedded datastore: one SQLite file in WAL mode, synchronous=FULL.
+
+One connection guarded by a lock; writes are serialised, and `transaction()`
+lets a caller group several writes (and their audit records) into one commit.
+Issued serials use group commit: concurrent callers of `record_issued` share
+one transaction and one fsync, and each returns only after its rows are durable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from issuer.datastore import GENESIS_HASH, audit_hash
+from issuer.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Sidecar
+from tessera.errors import AlreadyExists, NotFound, PermissionDenied
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id TEXT PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    parent_id TEXT NOT NULL,
+    selectors TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    purpose TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    x509_ttl INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    revision INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent_id);
+CREATE TABLE IF NOT EXISTS sidecars (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attested_at INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    svid_serial TEXT NOT NULL,
+    svid_expires_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS join_tokens (
+    token_hash TEXT PRIMARY KEY,
+    sidecar_name TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    created_by TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    used_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS issued (
+    serial TEXT PRIMARY KEY,
+    spiffe_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    entry_id TEXT,
+    sidecar_id TEXT,
+    task_id TEXT,
+    issued_at INTEGER NOT NULL,
+    not_after INTEGER NOT NULL,
+    revoked_at INTEGER,
+    revocation_reason TEXT
+);
+CREATE INDEX IF NOT EXISTS issued_entry ON issued(entry_id);
+CREATE INDEX IF NOT EXISTS issued_not_after ON issued(not_after);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    action TEXT NOT NULL,
+    actor TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    details TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+"""
+
+
+def _dumps(v) -> str:
+    return json.dumps(v, sort_keys=True, separators=(",", ":"))
+
+
+def _entry(row: sqlite3.Row) -> Entry:
+    return Entry(
+        id=row["id"], spiffe_id=row["spiffe_id"], parent_id=row["parent_id"],
+        selectors=tuple(json.loads(row["selectors"])), owner=row["owner"], purpose=row["purpose"],
+        tier=row["tier"], scopes=tuple(json.loads(row["scopes"])), x509_ttl=row["x509_ttl"],
+        expires_at=row["expires_at"], state=row["state"], created_by=row["created_by"],
+        created_at=row["created_at"], updated_at=row["updated_at"], revision=row["revision"],
+    )
+
+
+def _sidecar(row: sqlite3.Row) -> Sidecar:
+    return Sidecar(**{k: row[k] for k in row.keys()})
+
+
+def _issued(row: sqlite3.Row) -> IssuedSerial:
+    return IssuedSerial(**{k: row[k] for k in row.keys()})
+
+
+class _PendingSerials:
+    __slots__ = ("serials", "audits", "done", "error")
+
+    def __init__(self, serials, audits):
+        self.serials = serials
+        self.audits = audits
+        self.done = False
+        self.error: BaseException | None = None
+
+
+class SQLiteDatastore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk (not only in the OS cache) before we acknowledge it.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._pending: list[_PendingSerials] = []
+        self._pending_lock = threading.Lock()
+        row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        self._audit_seq, self._audit_hash = (row["seq"], row["hash"]) if row else (0, GENESIS_HASH)
+        self.audit_listeners: list = []  # called with committed AuditRecords (e.g. the JSON-lines file)
+
+    # -- transactions ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One durable commit for everything done inside; nested uses join the outer one."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self._db
+                finally:
+                    self._depth -= 1
+                return
+            self._depth = 1
+            seq, h = self._audit_seq, self._audit_hash
+            self._new_records: list[AuditRecord] = []
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                self._audit_seq, self._audit_hash = seq, h
+                raise
+            finally:
+                self._depth = 0
+            records, self._new_records = self._new_records, []
+        for listener in self.audit_listeners:
+            listener(records)
+
+    def _audit(self, db: sqlite3.Connection, event: AuditEvent | None) -> None:
+        if event is None:
+            return
+        seq = self._audit_seq + 1
+        ts = round(time.time(), 6)
+        actor = event.actor.as_dict()
+        h = audit_hash(self._audit_hash, seq, ts, event.action, actor, event.decision,
+                       event.reason, event.subject, event.details)
+        db.execute(
+            "INSERT INTO audit VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (seq, ts, event.action, _dumps(actor), event.decision, event.reason, event.subject,
+             _dumps(event.details), self._audit_hash, h),
+        )
+        self._new_records.append(AuditRecord(seq, ts, event.action, actor, event.decision, event.reason,
+                                             event.subject, event.details, self._audit_hash, h))
+        self._audit_seq, self._audit_hash = seq, h
+
+    def append_audit(self, events: Iterable[AuditEvent]) -> None:
+        with self.transaction() as db:
+            for e in events:
+                self._audit(db, e)
+
+    # -- entries --------------------------------------------------------------------
+
+    def create_entry(self, entry: Entry, audit: AuditEvent) -> None:
+        with self.transaction() as db:
+            try:
+                db.execute(
+                    "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (entry.id, entry.spiffe_id, entry.parent_id, _dumps(list(entry.selectors)),
+                     entry.owner, entry.purpose, entry.tier, _dumps(list(entry.scopes)), entry.x509_ttl,
+                     entry.expires_at, entry.state, entry.created_by, entry.created_at,
+                     entry.updated_at, entry.revision),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"entry {entry.id} already exists") from None
+            self._audit(db, audit)
+
+    def update_entry(self, entry: Entry, audit: AuditEvent) -> None:
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE entries SET spiffe_id=?, parent_id=?, selectors=?, owner=?, purpose=?, tier=?,"
+                " scopes=?, x509_ttl=?, expires_at=?, state=?, updated_at=?, revision=? WHERE id=?",
+                (entry.spiffe_id, entry.parent_id, _dumps(list(entry.selectors)), entry.owner,
+                 entry.purpose, entry.tier, _dumps(list(entry.scopes)), entry.x509_ttl, entry.expires_at,
+                 entry.state, entry.updated_at, entry.revision, entry.id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no entry with id {entry.id}")
+            self._audit(db, audit)
+
+    def delete_entry(self, entry_id: str, audit: AuditEvent) -> None:
+        with self.transaction() as db:
+            cur = db.execute("DELETE FROM entries WHERE id=?", (entry_id,))
+            if cur.rowcount == 0:
+                raise NotFound(f"no entry with id {entry_id}")
+            self._audit(db, audit)
+
+    def get_entry(self, entry_id: str) -> Entry | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM entries WHERE id=?", (entry_id,)).fetchone()
+        return _entry(row) if row else None
+
+    def list_entries(self, parent_id: str | None = None) -> list[Entry]:
+        with self._lock:
+            if parent_id is None:
+                rows = self._db.execute("SELECT * FROM entries ORDER BY created_at, id").fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT * FROM entries WHERE parent_id=? ORDER BY created_at, id", (parent_id,)
+                ).fetchall()
+        return [_entry(r) for r in rows]
+
+    # -- join tokens and sidecars ----------------------------------------------------------
+
+    def create_join_token(self, token: JoinToken, audit: AuditEvent) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO join_tokens VALUES (?,?,?,?,?,NULL)",
+                (token.token_hash, token.sidecar_name, token.expires_at, token.created_by, token.created_at),
+            )
+            self._audit(db, audit)
+
+    def consume_join_token(self, token_hash: str, now: int) -> JoinToken:
+        """Mark a token used, once. Unknown, used and expired tokens are refused alike to the caller."""
+        with self.transaction() as db:
+            row = db.execute("SELECT * FROM join_tokens WHERE token_hash=?", (token_hash,)).fetchone()
+            if row is None:
+                raise PermissionDenied("join token is not valid")
+            if row["used_at"] is not None:
+                raise PermissionDenied("join token was already used")
+            if row["expires_at"] <= now:
+                raise PermissionDenied("join token has expired")
+            db.execute("UPDATE join_tokens SET used_at=? WHERE token_hash=?", (now, token_hash))
+            return JoinToken(**{**{k: row[k] for k in row.keys()}, "used_at": now})
+
+    def upsert_sidecar(self, sidecar: Sidecar, audit: AuditEvent | None) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO sidecars VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET"
+                " state=excluded.state, attested_at=excluded.attested_at, last_seen=excluded.last_seen,"
+                " svid_serial=excluded.svid_serial, svid_expires_at=excluded.svid_expires_at",
+                (sidecar.id, sidecar.name, sidecar.state, sidecar.attested_at, sidecar.last_seen,
+                 sidecar.svid_serial, sidecar.svid_expires_at),
+            )
+            self._audit(db, audit)
+
+    def get_sidecar(self, sidecar_id: str) -> Sidecar | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM sidecars WHERE id=?", (sidecar_id,)).fetchone()
+        return _sidecar(row) if row else None
+
+    def list_sidecars(self) -> list[Sidecar]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM sidecars ORDER BY id").fetchall()
+        return [_sidecar(r) for r in rows]
+
+    def touch_sidecar(self, sidecar_id: str, now: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE sidecars SET last_seen=? WHERE id=?", (now, sidecar_id))
+
+    # -- issued serials ---------------------------------------------------------------
+
+    def record_issued(self, serials: Sequence[IssuedSerial], audits: Sequence[AuditEvent] = ()) -> None:
+        """Durably record issued serials before their certificates leave the issuer."""
+        mine = _PendingSerials(list(serials), list(audits))
+        with self._lock:
+            if self._depth:
+                # Inside this thread's own transaction: its commit is the one that counts.
+                self._insert_issued(self._db, [mine])
+                return
+        with self._pending_lock:
+            self._pending.append(mine)
+        with self._lock:
+            if not mine.done:
+                with self._pending_lock:
+                    group, self._pending = self._pending, []
+                try:
+                    with self.transaction() as db:
+                        self._insert_issued(db, group)
+                except BaseException as e:
+                    for p in group:
+                        p.error = e
+                for p in group:
+                    p.done = True
+        if mine.error is not None:
+            raise mine.error
+
+    def _insert_issued(self, db: sqlite3.Connection, group: list[_PendingSerials]) -> None:
+        for p in group:
+            db.executemany(
+                "INSERT INTO issued VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [(s.serial, s.spiffe_id, s.kind, s.entry_id, s.sidecar_id, s.task_id,
+                  s.issued_at, s.not_after, s.revoked_at, s.revocation_reason) for s in p.serials],
+            )
+            for a in p.audits:
+                self._audit(db, a)
+
+    def get_issued(self, serial: str) -> IssuedSerial | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM issued WHERE serial=?", (serial,)).fetchone()
+        return _issued(row) if row else None
+
+    def count_issued(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM issued").fetchone()[0]
+
+    # -- audit ------------------------------------------------------------------------
+
+    def audit_records(self, since_seq: int = 0, limit: int | None = None) -> list[AuditRecord]:
+        q = "SELECT * FROM audit WHERE seq > ? ORDER BY seq"
+        args: tuple = (since_seq,)
+        if limit is not None:
+            q += " LIMIT ?"
+            args += (limit,)
+        with self._lock:
+            rows = self._db.execute(q, args).fetchall()
+        return [
+            AuditRecord(r["seq"], r["ts"], r["action"], json.loads(r["actor"]), r["decision"], r["reason"],
+                        r["subject"], json.loads(r["details"]), r["prev_hash"], r["hash"])
+            for r in rows
+        ]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,43 @@
+# Sourced by scripts/demo, scripts/test and scripts/bench: make the repo's
+# virtualenv (.venv) ready on a fresh Debian machine that has only python3.
+# Idempotent and quick when nothing changed.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+EXTRAS="${TESSERA_EXTRAS:-test}"
+
+_apt_install() {
+  # Debian packages are installed only when missing; needs root (CI and dev machines are).
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  ((${#missing[@]})) || return 0
+  local sudo=""; [[ $(id -u) -eq 0 ]] || sudo="sudo"
+  echo "installing Debian packages: ${missing[*]}" >&2
+  $sudo apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  _apt_install python3-venv
+fi
+if [[ "${TESSERA_NEED_TOOLS:-}" == 1 ]]; then
+  # openssl for interop checks, util-linux for setpriv, sqlite3 for tamper tests
+  command -v openssl >/dev/null && command -v setpriv >/dev/null && command -v sqlite3 >/dev/null \
+    || _apt_install openssl util-linux sqlite3
+fi
+
+stamp="$VENV/.tessera-stamp-$EXTRAS"
+want="$(cat "$REPO/pyproject.toml" | sha256sum | cut -c1-16)"
+if [[ ! -x "$VENV/bin/python" ]]; then
+  python3 -m venv "$VENV"
+fi
+if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$VENV/bin/python" -m pip install -q -e "$REPO[$EXTRAS]"
+  echo "$want" > "$stamp"
+fi
+# Generated code is rebuilt whenever a .proto is newer than its output.
+if [[ ! -f "$REPO/tessera/v1/issuer_pb2.py" ]] || [[ -n "$(find "$REPO/proto" -name '*.proto' -newer "$REPO/tessera/v1/issuer_pb2.py")" ]]; then
+  "$VENV/bin/python" "$REPO/scripts/gen_proto.py"
+fi
+export PATH="$VENV/bin:$PATH"

@@ -1,0 +1,1 @@
+"""Code shared by the issuer, the sidecar and the operator CLI."""

@@ -1,0 +1,42 @@
+"""Shared CLI behaviour: one-line errors with exit code 2, gRPC errors rendered as one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_BAD_INPUT = 2
+EXIT_UNAVAILABLE = 1
+
+
+class CliError(Exception):
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line on stderr and exits 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def fail(prog: str, message: str, code: int = EXIT_BAD_INPUT) -> int:
+    print(f"{prog}: {message}", file=sys.stderr)
+    return code
+
+
+def rpc_error_line(err) -> tuple[str, int]:
+    """(message, exit code) for a grpcio RpcError."""
+    import grpc
+
+    code = err.code() if hasattr(err, "code") else None
+    details = err.details() if hasattr(err, "details") else str(err)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach the service: {details}", EXIT_UNAVAILABLE
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"timed out: {details}", EXIT_UNAVAILABLE
+    name = code.name if code is not None else "ERROR"
+    return f"{details} ({name})", EXIT_BAD_INPUT

@@ -1,0 +1,103 @@
+"""Reading YAML config files with errors that name the key and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from tessera.durations import parse_duration
+from tessera.errors import ConfigError, InvalidArgument
+
+
+class Section:
+    """A mapping from the config file; every getter names `prefix.key` when it fails."""
+
+    def __init__(self, data: dict, prefix: str = "", source: str = "config"):
+        self._data = data
+        self._prefix = prefix
+        self._source = source
+        self._seen: set[str] = set()
+
+    def _name(self, key: str) -> str:
+        return f"{self._prefix}{key}"
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self._source}: {self._name(key)}: {problem}")
+
+    def has(self, key: str) -> bool:
+        return key in self._data and self._data[key] is not None
+
+    def get(self, key: str, kind: type, default: Any = ..., required: bool = False) -> Any:
+        self._seen.add(key)
+        if not self.has(key):
+            if required or default is ...:
+                raise self.fail(key, "is required")
+            return default
+        value = self._data[key]
+        if kind is int and isinstance(value, bool):
+            raise self.fail(key, f"must be an integer, got {value!r}")
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind):
+            raise self.fail(key, f"must be {kind.__name__}, got {type(value).__name__} {value!r}")
+        return value
+
+    def str(self, key: str, default: Any = ...) -> str:
+        v = self.get(key, str, default)
+        if v is not None and v is not default and not v.strip():
+            raise self.fail(key, "must not be empty")
+        return v
+
+    def duration(self, key: str, default: Any = ...) -> int:
+        self._seen.add(key)
+        if not self.has(key):
+            if default is ...:
+                raise self.fail(key, "is required")
+            return default if isinstance(default, int) else parse_duration(default)
+        try:
+            return parse_duration(self._data[key])
+        except InvalidArgument as e:
+            raise self.fail(key, e.message) from None
+
+    def path(self, key: str, default: Any = ...) -> Path | None:
+        v = self.str(key, default)
+        return Path(v) if isinstance(v, str) else v
+
+    def checked(self, key: str, fn: Callable[[Any], Any], raw: Any) -> Any:
+        try:
+            return fn(raw)
+        except (InvalidArgument, ValueError) as e:
+            raise self.fail(key, getattr(e, "message", str(e))) from None
+
+    def section(self, key: str) -> "Section":
+        self._seen.add(key)
+        v = self._data.get(key) or {}
+        if not isinstance(v, dict):
+            raise self.fail(key, "must be a mapping")
+        return Section(v, f"{self._name(key)}.", self._source)
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self._data) - self._seen)
+        if unknown:
+            raise self.fail(unknown[0], "unknown key")
+
+
+def load_yaml(path: str | Path) -> Section:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the config file must be a YAML mapping of keys to values")
+    return Section(data, "", str(p))

@@ -1,0 +1,67 @@
+"""Typed errors and their one mapping to gRPC status codes.
+
+Handlers raise these; the server adapters (grpcio and grpclib) translate them
+to a status with the message, so a caller never sees a traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Code(enum.IntEnum):
+    # Numeric values are the gRPC status codes (identical in grpcio and grpclib).
+    INVALID_ARGUMENT = 3
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    FAILED_PRECONDITION = 9
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DEADLINE_EXCEEDED = 4
+    UNAUTHENTICATED = 16
+
+
+class TesseraError(Exception):
+    code: Code = Code.INTERNAL
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(TesseraError):
+    code = Code.INVALID_ARGUMENT
+
+
+class NotFound(TesseraError):
+    code = Code.NOT_FOUND
+
+
+class AlreadyExists(TesseraError):
+    code = Code.ALREADY_EXISTS
+
+
+class PermissionDenied(TesseraError):
+    code = Code.PERMISSION_DENIED
+
+
+class FailedPrecondition(TesseraError):
+    code = Code.FAILED_PRECONDITION
+
+
+class Unauthenticated(TesseraError):
+    code = Code.UNAUTHENTICATED
+
+
+class Unavailable(TesseraError):
+    code = Code.UNAVAILABLE
+
+
+class DeadlineExceeded(TesseraError):
+    code = Code.DEADLINE_EXCEEDED
+
+
+class ConfigError(Exception):
+    """A configuration file is unreadable or invalid; the message names the key."""

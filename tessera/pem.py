@@ -1,0 +1,80 @@
+"""Certificate encodings: PEM files and the concatenated DER of the Workload API."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+
+def der_concat(certs: Iterable[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)
+
+
+def split_der(blob: bytes) -> list[x509.Certificate]:
+    """Parse DER certificates laid back to back."""
+    certs = []
+    i = 0
+    while i < len(blob):
+        if blob[i] != 0x30 or i + 2 > len(blob):
+            raise ValueError("malformed DER certificate sequence")
+        first = blob[i + 1]
+        if first < 0x80:
+            length, hdr = first, 2
+        else:
+            n = first & 0x7F
+            length = int.from_bytes(blob[i + 2 : i + 2 + n], "big")
+            hdr = 2 + n
+        end = i + hdr + length
+        if end > len(blob):
+            raise ValueError("truncated DER certificate sequence")
+        certs.append(x509.load_der_x509_certificate(blob[i:end]))
+        i = end
+    return certs
+
+
+def certs_pem(certs: Sequence[x509.Certificate]) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def load_pem_certs(data: bytes) -> list[x509.Certificate]:
+    return x509.load_pem_x509_certificates(data)
+
+
+def key_pkcs8_der(key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def key_pem(key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+    """Replace `path` with `data` so readers see the old or the new file, never a mix.
+
+    The temporary file gets `mode` before any byte is written, so a key file is
+    never readable by others even for an instant.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

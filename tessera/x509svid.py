@@ -1,0 +1,137 @@
+"""The one X.509-SVID certificate profile, and reading SPIFFE IDs back from certificates.
+
+Leaf: exactly one URI SAN (the SPIFFE ID), cA=false, critical keyUsage
+digitalSignature, EKU serverAuth+clientAuth (spiffe-tls mTLS needs both),
+random 159-bit serial, notBefore backdated for clock skew.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tessera import spiffeid
+
+CLOCK_SKEW = dt.timedelta(seconds=30)
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def serial_hex(serial: int) -> str:
+    return format(serial, "x")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+def build_ca(key: ec.EllipticCurvePrivateKey, trust_domain: str, ttl: dt.timedelta) -> x509.Certificate:
+    now = _now()
+    name = x509.Name([
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tessera"),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"Tessera CA {trust_domain}"),
+    ])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + ttl)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]), critical=False)
+        .add_extension(ski, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+_LEAF_KU = x509.KeyUsage(
+    digital_signature=True, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+    encipher_only=False, decipher_only=False,
+)
+_LEAF_EKU = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+_LEAF_BC = x509.BasicConstraints(ca=False, path_length=None)
+
+
+def build_leaf(
+    *,
+    public_key,
+    spiffe_id: spiffeid.SpiffeId,
+    not_after: dt.datetime,
+    ca_cert: x509.Certificate,
+    ca_key,
+    serial: int,
+    ca_aki: x509.AuthorityKeyIdentifier,
+    dns_names: Sequence[str] = (),
+    extra_extensions: Sequence[x509.ExtensionType] = (),
+) -> x509.Certificate:
+    """Sign an X.509-SVID for `spiffe_id`. The subject is empty, so the SAN is critical."""
+    now = _now()
+    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
+    sans += [x509.DNSName(d) for d in dns_names]
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(serial)
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(min(not_after, ca_cert.not_valid_after_utc))
+        .add_extension(_LEAF_BC, critical=True)
+        .add_extension(_LEAF_KU, critical=True)
+        .add_extension(_LEAF_EKU, critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=True)
+        .add_extension(ca_aki, critical=False)
+    )
+    for ext in extra_extensions:
+        b = b.add_extension(ext, critical=False)
+    return b.sign(ca_key, hashes.SHA256())
+
+
+def spiffe_id_of(cert: x509.Certificate) -> spiffeid.SpiffeId:
+    """The SPIFFE ID in a leaf's single URI SAN; ValueError if there is not exactly one."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise ValueError("certificate has no SAN extension") from None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise ValueError(f"certificate must have exactly one URI SAN, has {len(uris)}")
+    return spiffeid.parse(uris[0])
+
+
+def load_csr(der: bytes) -> x509.CertificateSigningRequest:
+    """Parse a DER CSR and check its self-signature (proof of key possession)."""
+    csr = x509.load_der_x509_csr(der)
+    if not csr.is_signature_valid:
+        raise ValueError("CSR signature does not verify")
+    pub = csr.public_key()
+    if not isinstance(pub, ec.EllipticCurvePublicKey) or not isinstance(pub.curve, (ec.SECP256R1, ec.SECP384R1)):
+        raise ValueError("CSR key must be ECDSA P-256 or P-384")
+    return csr
+
+
+def make_csr(key) -> bytes:
+    """A minimal CSR: the issuer takes only the key from it; identity comes from the entry."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+    return csr.public_bytes(Encoding.DER)
