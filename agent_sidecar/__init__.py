@@ -1,0 +1,1 @@
+"""The Tessera sidecar: attests local processes and serves them SPIFFE identities."""

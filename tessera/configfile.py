@@ -29,7 +29,7 @@ class Section:
     def has(self, key: str) -> bool:
         return key in self._data and self._data[key] is not None
 
-    def get(self, key: str, kind: type, default: Any = ..., required: bool = False) -> Any:
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., required: bool = False) -> Any:
         self._seen.add(key)
         if not self.has(key):
             if required or default is ...:
@@ -41,7 +41,8 @@ class Section:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind):
-            raise self.fail(key, f"must be {kind.__name__}, got {type(value).__name__} {value!r}")
+            name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.fail(key, f"must be {name}, got {type(value).__name__} {value!r}")
         return value
 
     def str(self, key: str, default: Any = ...) -> str:

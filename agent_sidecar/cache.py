@@ -1,0 +1,198 @@
+"""The sidecar's cache manager: the entries it may serve and an SVID for each.
+
+Entries arrive pushed from the issuer. For every servable entry the cache keeps
+an SVID whose key was generated here (keys never leave the host), minting
+missing ones and rotating at half-life in batched CSR calls. Every change bumps
+`version`; open Workload API streams wait on it and resend the new state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from tessera import logs, pem, x509svid
+from tessera import selectors as sel
+from tessera.v1 import issuer_pb2, types_pb2
+
+log = logs.get("sidecar.cache")
+
+BATCH = 500
+RETRY_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class CachedSVID:
+    entry_id: str
+    spiffe_id: str
+    cert: x509.Certificate
+    cert_der: bytes
+    key_der: bytes
+    serial: str
+    not_before: float
+    not_after: float
+    revision: int
+
+    @property
+    def rotate_at(self) -> float:
+        return self.not_before + (self.not_after - self.not_before) / 2
+
+
+def servable(entry: types_pb2.Entry, now: float) -> bool:
+    return entry.state == "active" and entry.expires_at > now
+
+
+Signer = Callable[[list[tuple[str, bytes]]], Awaitable[list[issuer_pb2.SignedSVID]]]
+
+
+class CacheManager:
+    def __init__(self, sign: Signer):
+        self._sign = sign
+        self.entries: dict[str, types_pb2.Entry] = {}
+        self.svids: dict[str, CachedSVID] = {}
+        self.bundle_der: bytes = b""
+        self.ready = False
+        self.version = 0
+        self._changed = asyncio.Event()
+        self._wake = asyncio.Event()
+
+    # -- change notification ----------------------------------------------------------
+
+    def bump(self) -> None:
+        self.version += 1
+        ev, self._changed = self._changed, asyncio.Event()
+        ev.set()
+
+    async def wait_change(self, version: int, timeout: float | None = None) -> bool:
+        """Wait until `version` is stale; False on timeout."""
+        while self.version == version:
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except asyncio.TimeoutError:
+                return False
+        return True
+
+    # -- entries from the issuer ---------------------------------------------------------
+
+    def apply_snapshot(self, entries: Iterable[types_pb2.Entry], bundle_der: bytes) -> None:
+        self.entries = {e.id: e for e in entries}
+        for gone in set(self.svids) - set(self.entries):
+            del self.svids[gone]
+        if bundle_der:
+            self.bundle_der = bundle_der
+        self.ready = True
+        self._changed_entries()
+
+    def apply_upsert(self, entry: types_pb2.Entry) -> None:
+        self.entries[entry.id] = entry
+        self._changed_entries()
+
+    def apply_delete(self, entry_id: str) -> None:
+        self.entries.pop(entry_id, None)
+        self.svids.pop(entry_id, None)
+        self._changed_entries()
+
+    def apply_bundle(self, bundle_der: bytes) -> None:
+        if bundle_der and bundle_der != self.bundle_der:
+            self.bundle_der = bundle_der
+            self.bump()
+
+    def _changed_entries(self) -> None:
+        self._drop_unservable(time.time())
+        self.bump()
+        self._wake.set()
+
+    def _drop_unservable(self, now: float) -> bool:
+        dropped = False
+        for eid in list(self.svids):
+            e = self.entries.get(eid)
+            svid = self.svids[eid]
+            if e is None or not servable(e, now) or svid.not_after <= now:
+                del self.svids[eid]
+                dropped = True
+        return dropped
+
+    # -- what a workload gets -------------------------------------------------------------
+
+    def matching(self, selectors: frozenset[str], now: float | None = None) -> list[types_pb2.Entry]:
+        now = time.time() if now is None else now
+        return sorted((e for e in self.entries.values() if servable(e, now) and sel.matches(e.selectors, selectors)),
+                      key=lambda e: (e.created_at, e.id))
+
+    def view(self, selectors: frozenset[str]) -> tuple[list[types_pb2.Entry], list[CachedSVID]]:
+        now = time.time()
+        entries = self.matching(selectors, now)
+        svids = [s for e in entries if (s := self.svids.get(e.id)) is not None and s.not_after > now]
+        return entries, svids
+
+    # -- minting and rotation -----------------------------------------------------------------
+
+    def _due(self, now: float) -> list[types_pb2.Entry]:
+        due = []
+        for e in self.entries.values():
+            if not servable(e, now):
+                continue
+            s = self.svids.get(e.id)
+            if s is None or now >= s.rotate_at or s.revision != e.revision:
+                due.append(e)
+        return due
+
+    def _next_wake(self, now: float) -> float:
+        times = [s.rotate_at for s in self.svids.values()]
+        times += [s.not_after for s in self.svids.values()]
+        times += [e.expires_at for e in self.entries.values() if e.expires_at > now]
+        future = [t for t in times if t > now]
+        return min(future) - now if future else 60.0
+
+    async def mint(self, entries: list[types_pb2.Entry]) -> int:
+        """Mint SVIDs for `entries` in batches; returns how many were stored."""
+        stored = 0
+        for i in range(0, len(entries), BATCH):
+            chunk = entries[i:i + BATCH]
+            keys = {e.id: x509svid.new_key() for e in chunk}
+            results = await self._sign([(e.id, x509svid.make_csr(keys[e.id])) for e in chunk])
+            revisions = {e.id: e.revision for e in chunk}
+            for r in results:
+                if r.status_code != 0:
+                    log.warning("issuer refused an SVID", entry_id=r.entry_id, error=r.error)
+                    continue
+                current = self.entries.get(r.entry_id)
+                if current is None or not servable(current, time.time()):
+                    continue  # deleted or disabled while we waited
+                cert = pem.split_der(r.cert_chain)[0]
+                self.svids[r.entry_id] = CachedSVID(
+                    entry_id=r.entry_id, spiffe_id=r.spiffe_id, cert=cert,
+                    cert_der=cert.public_bytes(Encoding.DER), key_der=pem.key_pkcs8_der(keys[r.entry_id]),
+                    serial=r.serial, not_before=cert.not_valid_before_utc.timestamp(),
+                    not_after=cert.not_valid_after_utc.timestamp(), revision=revisions[r.entry_id])
+                stored += 1
+            if results:
+                self.bump()
+        return stored
+
+    async def run(self) -> None:
+        """Keep every servable entry's SVID present and fresh, until cancelled."""
+        while True:
+            self._wake.clear()
+            now = time.time()
+            if self._drop_unservable(now):
+                self.bump()
+            due = self._due(now) if self.ready else []
+            delay = self._next_wake(now)
+            if due:
+                try:
+                    if await self.mint(due) == len(due):
+                        continue
+                    delay = RETRY_SECONDS  # some were refused; do not hammer the issuer
+                except Exception as e:  # noqa: BLE001 - issuer unreachable: keep serving what is still valid
+                    log.warning("minting failed; will retry", error=str(e), entries=len(due))
+                    delay = RETRY_SECONDS
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=max(0.05, delay))
+            except asyncio.TimeoutError:
+                pass

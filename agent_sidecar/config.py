@@ -1,0 +1,62 @@
+"""The sidecar's YAML configuration, validated at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tessera.configfile import Section, load_yaml
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    issuer_address: str
+    issuer_bootstrap_address: str
+    trust_bundle: Path
+    join_token: str | None
+    data_dir: Path
+    socket_path: Path
+    socket_mode: int
+    server_name: str
+    exe_hash_max_bytes: int
+    log_level: str
+
+
+def _address(sec: Section, key: str, default=...) -> str:
+    v = sec.str(key, default)
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise sec.fail(key, f"must be HOST:PORT, got {v!r}")
+    return v
+
+
+def load(path: str | Path, join_token: str | None = None) -> SidecarConfig:
+    sec = load_yaml(path)
+    issuer = _address(sec, "issuer_address")
+    host, _, port = issuer.rpartition(":")
+    mode_raw = sec.get("socket_mode", (str, int), "0666")
+    try:
+        mode = int(mode_raw, 8) if isinstance(mode_raw, str) else int(mode_raw)
+    except ValueError:
+        raise sec.fail("socket_mode", f"must be an octal mode like 0660, got {mode_raw!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise sec.fail("socket_mode", "must be between 0000 and 0777")
+    max_hash = sec.get("exe_hash_max_bytes", int, 256 * 1024 * 1024)
+    if max_hash < 0:
+        raise sec.fail("exe_hash_max_bytes", "must not be negative")
+    cfg = SidecarConfig(
+        issuer_address=issuer,
+        issuer_bootstrap_address=_address(sec, "issuer_bootstrap_address", f"{host}:{int(port) + 1}"),
+        trust_bundle=sec.path("trust_bundle"),
+        join_token=join_token or sec.str("join_token", None),
+        data_dir=sec.path("data_dir"),
+        socket_path=sec.path("socket_path"),
+        socket_mode=mode,
+        server_name=sec.str("server_name", "tessera-issuer"),
+        exe_hash_max_bytes=max_hash,
+        log_level=sec.str("log_level", "info"),
+    )
+    if not cfg.socket_path.is_absolute():
+        raise sec.fail("socket_path", "must be an absolute path")
+    sec.reject_unknown()
+    return cfg

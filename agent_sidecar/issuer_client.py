@@ -1,0 +1,136 @@
+"""The sidecar's connection to the issuer: attestation, its own SVID, signing and the sync stream.
+
+The sidecar's key and SVID live in data_dir (key 0600), so a restart comes back
+without a new join token while the saved SVID is still valid.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from tessera import pem, x509svid
+from tessera.v1 import issuer_pb2, issuer_pb2_grpc
+
+
+class SidecarBanned(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class SidecarIdentity:
+    sidecar_id: str
+    chain: tuple[x509.Certificate, ...]
+    key: object
+    bundle: tuple[x509.Certificate, ...]
+
+    @property
+    def not_before(self) -> dt.datetime:
+        return self.chain[0].not_valid_before_utc
+
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.chain[0].not_valid_after_utc
+
+    def renew_at(self) -> dt.datetime:
+        return self.not_before + (self.not_after - self.not_before) / 2
+
+
+class IdentityStore:
+    """The sidecar SVID, its key and the last trust bundle, on disk."""
+
+    def __init__(self, data_dir: Path):
+        self.dir = data_dir
+        self.svid = data_dir / "sidecar-svid.pem"
+        self.key = data_dir / "sidecar-key.pem"
+        self.bundle = data_dir / "bundle.pem"
+
+    def load(self) -> SidecarIdentity | None:
+        if not (self.svid.exists() and self.key.exists()):
+            return None
+        chain = tuple(x509.load_pem_x509_certificates(self.svid.read_bytes()))
+        key = serialization.load_pem_private_key(self.key.read_bytes(), password=None)
+        bundle = tuple(x509.load_pem_x509_certificates(self.bundle.read_bytes())) if self.bundle.exists() else ()
+        sid = str(x509svid.spiffe_id_of(chain[0]))
+        return SidecarIdentity(sid, chain, key, bundle)
+
+    def save(self, ident: SidecarIdentity) -> None:
+        pem.write_atomic(self.key, pem.key_pem(ident.key), 0o600)
+        pem.write_atomic(self.svid, pem.certs_pem(ident.chain), 0o600)
+        self.save_bundle(ident.bundle)
+
+    def save_bundle(self, bundle) -> None:
+        if bundle:
+            pem.write_atomic(self.bundle, pem.certs_pem(bundle), 0o644)
+
+
+def _options(server_name: str) -> list[tuple[str, object]]:
+    return [
+        ("grpc.ssl_target_name_override", server_name),
+        ("grpc.keepalive_time_ms", 10000),
+        ("grpc.keepalive_timeout_ms", 5000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+
+
+class IssuerClient:
+    def __init__(self, address: str, bootstrap_address: str, server_name: str):
+        self.address = address
+        self.bootstrap_address = bootstrap_address
+        self.server_name = server_name
+        self.channel: grpc.aio.Channel | None = None
+        self.stub: issuer_pb2_grpc.IssuerStub | None = None
+
+    async def attest(self, join_token: str, trust_bundle: tuple[x509.Certificate, ...]) -> SidecarIdentity:
+        key = x509svid.new_key()
+        creds = grpc.ssl_channel_credentials(root_certificates=pem.certs_pem(trust_bundle))
+        async with grpc.aio.secure_channel(self.bootstrap_address, creds, options=_options(self.server_name)) as ch:
+            resp = await issuer_pb2_grpc.IssuerStub(ch).AttestSidecar(
+                issuer_pb2.AttestSidecarRequest(join_token=join_token, csr=x509svid.make_csr(key)), timeout=15)
+        return _identity(resp, key)
+
+    async def connect(self, ident: SidecarIdentity) -> None:
+        """(Re)build the mTLS channel with the current sidecar SVID."""
+        old = self.channel
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=pem.certs_pem(ident.bundle), private_key=pem.key_pem(ident.key),
+            certificate_chain=pem.certs_pem(ident.chain))
+        self.channel = grpc.aio.secure_channel(self.address, creds, options=_options(self.server_name))
+        self.stub = issuer_pb2_grpc.IssuerStub(self.channel)
+        if old is not None:
+            await old.close(grace=1.0)
+
+    async def renew(self, ident: SidecarIdentity) -> SidecarIdentity:
+        key = x509svid.new_key()
+        try:
+            resp = await self.stub.RenewSidecar(issuer_pb2.RenewSidecarRequest(csr=x509svid.make_csr(key)), timeout=15)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+                raise SidecarBanned(e.details()) from None
+            raise
+        return _identity(resp, key)
+
+    async def sign(self, items: list[tuple[str, bytes]]) -> list[issuer_pb2.SignedSVID]:
+        req = issuer_pb2.SignX509SVIDsRequest(items=[issuer_pb2.CSRItem(entry_id=e, csr=c) for e, c in items])
+        resp = await self.stub.SignX509SVIDs(req, timeout=30)
+        return list(resp.items)
+
+    def sync(self):
+        return self.stub.Sync(issuer_pb2.SyncRequest())
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close(grace=0.5)
+
+
+def _identity(resp: issuer_pb2.SidecarSVIDResponse, key) -> SidecarIdentity:
+    chain = tuple(pem.split_der(resp.svid_chain))
+    bundle = tuple(pem.split_der(resp.bundle))
+    return SidecarIdentity(resp.sidecar_id, chain, key, bundle)

@@ -1,0 +1,169 @@
+"""The sidecar runtime: identity, issuer sync, the cache and the local socket, on one asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+
+import grpc
+from cryptography import x509
+from grpclib.server import Server
+
+from agent_sidecar.attestation import WorkloadAttestor
+from agent_sidecar.cache import CacheManager
+from agent_sidecar.config import SidecarConfig
+from agent_sidecar.issuer_client import IdentityStore, IssuerClient, SidecarBanned, SidecarIdentity
+from agent_sidecar.workload_api import WorkloadAPI
+from tessera import logs, pem, spiffeid
+from tessera.errors import ConfigError
+from tessera.uds import bind_unix
+
+log = logs.get("sidecar")
+
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
+
+
+def load_trust_bundle(path) -> tuple[x509.Certificate, ...]:
+    try:
+        certs = tuple(x509.load_pem_x509_certificates(open(path, "rb").read()))
+    except OSError as e:
+        raise ConfigError(f"trust_bundle: cannot read {path}: {e.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"trust_bundle: {path} holds no PEM certificate") from None
+    return certs
+
+
+class SidecarRuntime:
+    def __init__(self, cfg: SidecarConfig):
+        self.cfg = cfg
+        self.ids = IdentityStore(cfg.data_dir)
+        self.client = IssuerClient(cfg.issuer_address, cfg.issuer_bootstrap_address, cfg.server_name)
+        self.cache = CacheManager(self.client.sign)
+        self.attestor = WorkloadAttestor(cfg.exe_hash_max_bytes)
+        self.ident: SidecarIdentity | None = None
+        self._sync_call = None
+        self._tasks: list[asyncio.Task] = []
+        self._server: Server | None = None
+        self.stopped = asyncio.Event()
+
+    async def _obtain_identity(self) -> SidecarIdentity:
+        saved = self.ids.load()
+        now = dt.datetime.now(dt.timezone.utc)
+        if saved is not None and saved.not_after > now:
+            log.info("using saved sidecar SVID", sidecar_id=saved.sidecar_id, expires=saved.not_after.isoformat())
+            if not saved.bundle:
+                saved = SidecarIdentity(saved.sidecar_id, saved.chain, saved.key, load_trust_bundle(self.cfg.trust_bundle))
+            return saved
+        if not self.cfg.join_token:
+            raise ConfigError("join_token: no valid saved sidecar SVID in data_dir, so a join token is required "
+                              "(tessera token create --sidecar NAME)")
+        bundle = load_trust_bundle(self.cfg.trust_bundle)
+        delay = BACKOFF_MIN
+        while True:
+            try:
+                ident = await self.client.attest(self.cfg.join_token, bundle)
+                break
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise ConfigError(f"join_token: the issuer refused attestation: {e.details()}") from None
+                log.warning("issuer unreachable for attestation; retrying", error=e.details())
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+        self.ids.save(ident)
+        log.info("attested with join token", sidecar_id=ident.sidecar_id)
+        return ident
+
+    async def start(self) -> None:
+        self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.cfg.data_dir, 0o700)
+        self.ident = await self._obtain_identity()
+        self.cache.bundle_der = pem.der_concat(self.ident.bundle)
+        await self.client.connect(self.ident)
+        td = spiffeid.parse(self.ident.sidecar_id).trust_domain
+        self.workload_api = WorkloadAPI(self.cache, self.attestor, td)
+        self._server = Server(self.services())
+        sock = bind_unix(self.cfg.socket_path, self.cfg.socket_mode)
+        await self._server.start(sock=sock)
+        for coro in (self._sync_loop(), self._renew_loop(), self.cache.run()):
+            self._tasks.append(asyncio.create_task(coro))
+        log.info("sidecar started", sidecar_id=self.ident.sidecar_id, socket=str(self.cfg.socket_path))
+
+    def services(self) -> list:
+        return [self.workload_api]
+
+    async def _sync_loop(self) -> None:
+        delay = BACKOFF_MIN
+        while True:
+            call = self.client.sync()
+            self._sync_call = call
+            try:
+                async for ev in call:
+                    delay = BACKOFF_MIN
+                    self.handle_sync_event(ev)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.CANCELLED and call is not self._sync_call:
+                    continue  # replaced after renewal: reconnect at once
+                log.warning("sync stream lost; reconnecting", code=e.code().name, error=e.details(),
+                            retry_in=round(delay, 2))
+            except asyncio.CancelledError:
+                if call is not self._sync_call and asyncio.current_task().cancelling() == 0:
+                    continue  # the call was cancelled for renewal, not this loop
+                call.cancel()
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    def handle_sync_event(self, ev) -> None:
+        kind = ev.WhichOneof("event")
+        if kind == "snapshot":
+            self.cache.apply_snapshot(ev.snapshot.entries, ev.snapshot.bundle)
+            if ev.snapshot.bundle:
+                self.ids.save_bundle(pem.split_der(ev.snapshot.bundle))
+        elif kind == "entry_upsert":
+            self.cache.apply_upsert(ev.entry_upsert)
+        elif kind == "entry_deleted":
+            self.cache.apply_delete(ev.entry_deleted)
+        elif kind == "bundle":
+            self.cache.apply_bundle(ev.bundle)
+            self.ids.save_bundle(pem.split_der(ev.bundle))
+
+    async def _renew_loop(self) -> None:
+        delay = BACKOFF_MIN
+        while True:
+            wait = (self.ident.renew_at() - dt.datetime.now(dt.timezone.utc)).total_seconds()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                new = await self.client.renew(self.ident)
+            except SidecarBanned as e:
+                log.error("issuer refused to renew this sidecar's SVID", error=str(e))
+                await asyncio.sleep(BACKOFF_MAX)
+                continue
+            except grpc.aio.AioRpcError as e:
+                log.warning("sidecar SVID renewal failed; retrying", error=e.details())
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            delay = BACKOFF_MIN
+            self.ids.save(new)
+            self.ident = new
+            old_call = self._sync_call
+            await self.client.connect(new)
+            if old_call is not None:
+                self._sync_call = None
+                old_call.cancel()
+            log.info("sidecar SVID renewed", expires=new.not_after.isoformat())
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        try:
+            os.unlink(self.cfg.socket_path)
+        except OSError:
+            pass
+        await self.client.close()

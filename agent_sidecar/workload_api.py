@@ -1,0 +1,106 @@
+"""The SPIFFE Workload API on the sidecar's Unix socket (grpclib, for the kernel's peer credentials).
+
+Rules from the SPIFFE standard: the `workload.spiffe.io: true` header is
+mandatory (INVALID_ARGUMENT otherwise); a caller with no identity gets
+PERMISSION_DENIED; streams send the complete state at once and again on every
+change; PERMISSION_DENIED mid-stream means "stop using all SVIDs".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from grpclib import GRPCError
+from grpclib.const import Status
+
+from agent_sidecar.attestation import AttestationError, Workload, WorkloadAttestor
+from agent_sidecar.cache import CacheManager
+from tessera import logs
+from tessera.workload import workload_grpc, workload_pb2
+
+log = logs.get("sidecar.workload_api")
+
+FIRST_SVID_TIMEOUT = 10.0
+
+
+def check_security_header(stream) -> None:
+    values = stream.metadata.getall("workload.spiffe.io", []) if stream.metadata else []
+    if values != ["true"]:
+        raise GRPCError(Status.INVALID_ARGUMENT, "security header missing from request")
+
+
+async def attest(attestor: WorkloadAttestor, stream) -> Workload:
+    sock = stream.peer._transport.get_extra_info("socket")  # grpclib keeps the socket on the transport
+    try:
+        return await asyncio.to_thread(attestor.attest_socket, sock)
+    except AttestationError as e:
+        raise GRPCError(Status.PERMISSION_DENIED, f"workload attestation failed: {e}") from None
+    except OSError as e:
+        raise GRPCError(Status.UNAVAILABLE, f"workload attestation failed: {e}") from None
+
+
+class WorkloadAPI(workload_grpc.SpiffeWorkloadAPIBase):
+    def __init__(self, cache: CacheManager, attestor: WorkloadAttestor, trust_domain: str, crls=lambda: []):
+        self.cache = cache
+        self.trust_domain = trust_domain
+        self.attestor = attestor
+        self.crls = crls  # callable returning the current DER CRLs
+
+    async def _caller(self, stream) -> Workload:
+        check_security_header(stream)
+        await stream.recv_message()
+        if not self.cache.ready:
+            raise GRPCError(Status.UNAVAILABLE, "sidecar is starting: no entries synced from the issuer yet")
+        return await attest(self.attestor, stream)
+
+    async def FetchX509SVID(self, stream) -> None:
+        wl = await self._caller(stream)
+        log.info("workload attested", **wl.describe())
+        last = None
+        deadline = time.monotonic() + FIRST_SVID_TIMEOUT
+        while True:
+            version = self.cache.version
+            entries, svids = self.cache.view(wl.selectors)
+            if not entries:
+                raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
+            crls = list(self.crls())
+            if svids:
+                state = (tuple(s.serial for s in svids), self.cache.bundle_der, tuple(crls))
+                if state != last:
+                    await stream.send_message(workload_pb2.X509SVIDResponse(
+                        svids=[workload_pb2.X509SVID(spiffe_id=s.spiffe_id, x509_svid=s.cert_der,
+                                                     x509_svid_key=s.key_der, bundle=self.cache.bundle_der)
+                               for s in svids],
+                        crl=crls))
+                    last = state
+            timeout = None if last is not None else max(0.0, deadline - time.monotonic())
+            if not await self.cache.wait_change(version, timeout):
+                raise GRPCError(Status.UNAVAILABLE, "identity not yet available from the issuer; retry")
+
+    async def FetchX509Bundles(self, stream) -> None:
+        wl = await self._caller(stream)
+        last = None
+        while True:
+            version = self.cache.version
+            if not self.cache.matching(wl.selectors):
+                raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
+            crls = list(self.crls())
+            state = (self.cache.bundle_der, tuple(crls))
+            if state != last:
+                await stream.send_message(workload_pb2.X509BundlesResponse(
+                    crl=crls, bundles={self.trust_domain: self.cache.bundle_der}))
+                last = state
+            await self.cache.wait_change(version)
+
+    async def FetchJWTSVID(self, stream) -> None:
+        check_security_header(stream)
+        raise GRPCError(Status.UNIMPLEMENTED, "JWT-SVIDs are not supported by this sidecar")
+
+    async def FetchJWTBundles(self, stream) -> None:
+        check_security_header(stream)
+        raise GRPCError(Status.UNIMPLEMENTED, "JWT-SVIDs are not supported by this sidecar")
+
+    async def ValidateJWTSVID(self, stream) -> None:
+        check_security_header(stream)
+        raise GRPCError(Status.UNIMPLEMENTED, "JWT-SVIDs are not supported by this sidecar")
