@@ -22,6 +22,7 @@ from tessera.uds import bind_unix
 log = logs.get("sidecar")
 
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
+STARTUP_SYNC_WAIT = 5.0
 
 
 def load_trust_bundle(path) -> tuple[x509.Certificate, ...]:
@@ -82,11 +83,16 @@ class SidecarRuntime:
         await self.client.connect(self.ident)
         td = spiffeid.parse(self.ident.sidecar_id).trust_domain
         self.workload_api = WorkloadAPI(self.cache, self.attestor, td)
+        for coro in (self._sync_loop(), self._renew_loop(), self.cache.run()):
+            self._tasks.append(asyncio.create_task(coro))
+        # Bind once the first snapshot is in, so a present socket means "ready"; if the issuer is
+        # unreachable, bind anyway after a while and answer UNAVAILABLE until it syncs.
+        deadline = asyncio.get_running_loop().time() + STARTUP_SYNC_WAIT
+        while not self.cache.ready and asyncio.get_running_loop().time() < deadline:
+            await self.cache.wait_change(self.cache.version, timeout=0.5)
         self._server = Server(self.services())
         sock = bind_unix(self.cfg.socket_path, self.cfg.socket_mode)
         await self._server.start(sock=sock)
-        for coro in (self._sync_loop(), self._renew_loop(), self.cache.run()):
-            self._tasks.append(asyncio.create_task(coro))
         log.info("sidecar started", sidecar_id=self.ident.sidecar_id, socket=str(self.cfg.socket_path))
 
     def services(self) -> list:

@@ -1,0 +1,23 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import Deployment  # noqa: E402
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    d = Deployment(tmp_path)
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def running(deployment):
+    """An issuer and one sidecar, 'host-a', with nothing registered yet."""
+    deployment.start_issuer()
+    deployment.start_sidecar("host-a")
+    return deployment

@@ -1,0 +1,263 @@
+"""Real daemons as subprocesses, for end-to-end tests: an issuer, sidecars, the CLI, workloads."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parent.parent
+CLIENTS = Path(__file__).resolve().parent / "clients"
+
+
+def free_ports(n: int) -> list[int]:
+    """n consecutive free TCP ports on 127.0.0.1 (the issuer uses port and port+1)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + n > 65535:
+            continue
+        ok = True
+        for p in range(base, base + n):
+            with socket.socket() as t:
+                try:
+                    t.bind(("127.0.0.1", p))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return list(range(base, base + n))
+    raise RuntimeError("no free ports")
+
+
+def wait_for(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Daemon:
+    def __init__(self, name: str, argv: list[str], log: Path, ready: Path | None, env=None):
+        self.name, self.argv, self.log_path, self.ready = name, argv, log, ready
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> "Daemon":
+        if self.ready is not None and self.ready.exists():
+            self.ready.unlink()
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        if self.ready is not None:
+            deadline = time.monotonic() + timeout
+            while not self.ready.exists():
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{self.name} did not become ready:\n{self.log()}")
+                time.sleep(0.02)
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class LineReader:
+    """Reads a subprocess's JSON lines on a thread so tests can wait with timeouts."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.q: "queue.Queue[dict]" = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            line = line.strip()
+            if line.startswith("{"):
+                self.q.put(json.loads(line))
+
+    def next(self, timeout: float = 10.0) -> dict:
+        try:
+            return self.q.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output within {timeout}s") from None
+
+    def until(self, pred, timeout: float = 10.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.next(max(0.01, deadline - time.monotonic()))
+            if pred(msg):
+                return msg
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
+class Deployment:
+    """An issuer and its sidecars in one temporary directory."""
+
+    def __init__(self, root: Path, trust_domain: str = "example.org"):
+        self.root = root
+        # Workloads started under other uids must reach the sockets; pytest's temp dirs are 0700.
+        os.chmod(root, 0o755)
+        for parent in root.parents:
+            if parent == Path("/tmp") or parent == Path("/"):
+                break
+            os.chmod(parent, os.stat(parent).st_mode | 0o011)
+        self.td = trust_domain
+        self.port, _ = free_ports(2)
+        self.admin_socket = root / "admin.sock"
+        self.issuer_dir = root / "issuer"
+        self.issuer_cfg_path = root / "issuer.yaml"
+        self.bundle_path = root / "bundle.pem"
+        self.issuer: Daemon | None = None
+        self.sidecars: dict[str, Daemon] = {}
+        self.children: list = []
+
+    # -- issuer ---------------------------------------------------------------------
+
+    def issuer_config(self, **extra) -> dict:
+        cfg = {"trust_domain": self.td, "data_dir": str(self.issuer_dir),
+               "listen_address": f"127.0.0.1:{self.port}", "admin_socket": str(self.admin_socket)}
+        cfg.update(extra)
+        return cfg
+
+    def start_issuer(self, **extra) -> Daemon:
+        self.issuer_cfg_path.write_text(yaml.safe_dump(self.issuer_config(**extra)))
+        self.issuer = Daemon("issuer", [str(BIN / "tessera-issuer"), "run", "--config", str(self.issuer_cfg_path)],
+                             self.root / "issuer.log", self.admin_socket).start()
+        self.bundle_path.write_text(self.cli("bundle", "show").stdout)
+        return self.issuer
+
+    def restart_issuer(self, kill9: bool = False) -> Daemon:
+        if kill9:
+            self.issuer.kill9()
+        else:
+            self.issuer.stop()
+        return self.issuer.start()
+
+    # -- CLI ------------------------------------------------------------------------
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+        env = {**os.environ, "TESSERA_ADMIN_SOCKET": str(self.admin_socket)}
+        r = subprocess.run([str(BIN / "tessera"), *args], capture_output=True, text=True, env=env, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"tessera {' '.join(args)} failed ({r.returncode}): {r.stderr}")
+        return r
+
+    def token(self, sidecar: str, ttl: str = "10m") -> str:
+        return self.cli("token", "create", "--sidecar", sidecar, "--ttl", ttl).stdout.strip()
+
+    def sidecar_id(self, name: str) -> str:
+        return f"spiffe://{self.td}/tessera/sidecar/{name}"
+
+    def entry(self, spiffe_path: str, sidecar: str, *selectors: str, owner: str = "alice",
+              purpose: str = "testing", expires_in: str = "30d", **opts) -> str:
+        args = ["entry", "create", "--spiffe-id", f"spiffe://{self.td}{spiffe_path}", "--parent",
+                self.sidecar_id(sidecar), "--owner", owner, "--purpose", purpose, "--expires-in", expires_in]
+        for s in selectors or (f"unix:uid:{os.getuid()}",):
+            args += ["--selector", s]
+        for k, v in opts.items():
+            for item in (v if isinstance(v, (list, tuple)) else [v]):
+                args += [f"--{k.replace('_', '-')}", str(item)]
+        return self.cli(*args).stdout.strip()
+
+    # -- sidecars -----------------------------------------------------------------------
+
+    def sidecar_dir(self, name: str) -> Path:
+        return self.root / f"sidecar-{name}"
+
+    def socket(self, name: str) -> Path:
+        return self.root / f"{name}.sock"
+
+    def start_sidecar(self, name: str, token: str | None = None, **extra) -> Daemon:
+        d = self.sidecar_dir(name)
+        cfg = {"issuer_address": f"127.0.0.1:{self.port}", "trust_bundle": str(self.bundle_path),
+               "data_dir": str(d / "data"), "socket_path": str(self.socket(name))}
+        cfg.update(extra)
+        d.mkdir(exist_ok=True)
+        (d / "sidecar.yaml").write_text(yaml.safe_dump(cfg))
+        argv = [str(BIN / "tessera-sidecar"), "run", "--config", str(d / "sidecar.yaml")]
+        if token is None and name not in self.sidecars:
+            token = self.token(name)
+        if token:
+            argv += ["--join-token", token]
+        daemon = Daemon(f"sidecar-{name}", argv, d / "sidecar.log", self.socket(name)).start()
+        self.sidecars[name] = daemon
+        return daemon
+
+    # -- workloads ------------------------------------------------------------------------
+
+    def workload(self, *args: str, uid: int | None = None) -> list[str]:
+        argv = [sys.executable, str(CLIENTS / "spiffe_client.py"), *args]
+        if uid is not None:
+            argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+        return argv
+
+    def fetch(self, sidecar: str, uid: int | None = None, timeout: float = 30) -> dict:
+        r = subprocess.run(self.workload("fetch", str(self.socket(sidecar)), uid=uid), capture_output=True,
+                           text=True, timeout=timeout)
+        lines = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
+        if not lines:
+            raise AssertionError(f"workload printed nothing: {r.stderr[-2000:]}")
+        return lines[-1]
+
+    def stream(self, sidecar: str, uid: int | None = None) -> LineReader:
+        proc = subprocess.Popen(self.workload("stream", str(self.socket(sidecar)), uid=uid),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        reader = LineReader(proc)
+        self.children.append(reader)
+        return reader
+
+    def spawn(self, *args: str) -> LineReader:
+        proc = subprocess.Popen(self.workload(*args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        reader = LineReader(proc)
+        self.children.append(reader)
+        return reader
+
+    def close(self) -> None:
+        for c in self.children:
+            c.close()
+        for s in self.sidecars.values():
+            s.stop()
+        if self.issuer is not None:
+            self.issuer.stop()
