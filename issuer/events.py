@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any
 
 CLOSE = object()  # tells a stream to end (the sidecar was banned)
+
+
+def _stamp(event: Any) -> Any:
+    # Publishing happens right after the commit: this is the commit time sidecars measure delay from.
+    return (*event, time.time()) if isinstance(event, tuple) else event
 
 
 class Subscription:
@@ -50,12 +56,15 @@ class EventHub:
                 self._subs.pop(sub.sidecar_id, None)
 
     def publish(self, sidecar_id: str, event: Any) -> None:
+        """Queue `event` (a (kind, payload) pair, stamped with the time) for one sidecar's streams."""
+        event = _stamp(event)
         with self._lock:
             subs = list(self._subs.get(sidecar_id, ()))
         for s in subs:
             s.queue.put(event)
 
     def broadcast(self, event: Any) -> None:
+        event = _stamp(event)
         with self._lock:
             subs = [s for group in self._subs.values() for s in group]
         for s in subs:

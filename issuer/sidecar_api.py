@@ -66,13 +66,13 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
             bundle=self.bundle_der()))
 
     def event_message(self, event) -> issuer_pb2.SyncEvent | None:
-        kind, payload = event
+        kind, payload, committed_at = event
         if kind == "entry_upsert":
-            return issuer_pb2.SyncEvent(entry_upsert=entry_pb(payload))
+            return issuer_pb2.SyncEvent(entry_upsert=entry_pb(payload), committed_at=committed_at)
         if kind == "entry_deleted":
-            return issuer_pb2.SyncEvent(entry_deleted=payload)
+            return issuer_pb2.SyncEvent(entry_deleted=payload, committed_at=committed_at)
         if kind == "bundle":
-            return issuer_pb2.SyncEvent(bundle=payload)
+            return issuer_pb2.SyncEvent(bundle=payload, committed_at=committed_at)
         return None
 
     @grpcio_handler
