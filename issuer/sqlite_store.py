@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS issued (
 );
 CREATE INDEX IF NOT EXISTS issued_entry ON issued(entry_id);
 CREATE INDEX IF NOT EXISTS issued_not_after ON issued(not_after);
+CREATE INDEX IF NOT EXISTS issued_task ON issued(task_id);
+CREATE INDEX IF NOT EXISTS issued_spiffe ON issued(spiffe_id);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
     ts REAL NOT NULL,
@@ -327,6 +329,40 @@ class SQLiteDatastore:
         with self._lock:
             row = self._db.execute("SELECT * FROM issued WHERE serial=?", (serial,)).fetchone()
         return _issued(row) if row else None
+
+    def revoke_serials(self, serials: Sequence[str], reason: str, now: int,
+                       audit: AuditEvent | None) -> list[str]:
+        """Mark serials revoked, durably, with the audit record; returns those not revoked before."""
+        with self.transaction() as db:
+            newly = []
+            for serial in serials:
+                cur = db.execute(
+                    "UPDATE issued SET revoked_at=?, revocation_reason=? WHERE serial=? AND revoked_at IS NULL",
+                    (now, reason, serial))
+                if cur.rowcount:
+                    newly.append(serial)
+            self._audit(db, audit)
+        return newly
+
+    def find_issued(self, *, entry_id: str | None = None, task_id: str | None = None,
+                    spiffe_id: str | None = None, sidecar_id: str | None = None,
+                    unexpired_at: int | None = None, revoked: bool | None = None) -> list[IssuedSerial]:
+        """Issued serials matching every given filter."""
+        clauses, args = [], []
+        for col, val in (("entry_id", entry_id), ("task_id", task_id), ("spiffe_id", spiffe_id),
+                         ("sidecar_id", sidecar_id)):
+            if val is not None:
+                clauses.append(f"{col}=?")
+                args.append(val)
+        if unexpired_at is not None:
+            clauses.append("not_after>?")
+            args.append(unexpired_at)
+        if revoked is not None:
+            clauses.append("revoked_at IS NOT NULL" if revoked else "revoked_at IS NULL")
+        q = "SELECT * FROM issued" + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY issued_at"
+        with self._lock:
+            rows = self._db.execute(q, args).fetchall()
+        return [_issued(r) for r in rows]
 
     def count_issued(self) -> int:
         with self._lock:
