@@ -59,3 +59,18 @@ def test_signing_requires_a_sidecar_client_certificate(deployment):
     with pytest.raises(grpc.RpcError) as e:
         sign(bootstrap_stub(deployment), entry)
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_sidecar_renews_its_own_svid_over_mtls_and_keeps_syncing(deployment):
+    deployment.start_issuer(sidecar_svid_ttl="20s")
+    deployment.start_sidecar("host-a")
+    deployment.entry("/agent/a", "host-a")
+    first = (deployment.sidecar_dir("host-a") / "data" / "sidecar-svid.pem").read_bytes()
+    from harness import wait_for
+
+    wait_for(lambda: "sidecar SVID renewed" in deployment.sidecars["host-a"].log(), timeout=25, what="renewal")
+    assert (deployment.sidecar_dir("host-a") / "data" / "sidecar-svid.pem").read_bytes() != first
+    stream = deployment.stream("host-a")
+    assert stream.next(20)["event"] == "update"
+    deployment.entry("/agent/b", "host-a")  # pushed over the sync stream rebuilt with the new SVID
+    stream.until(lambda m: len(m.get("svids", [])) == 2, timeout=5)

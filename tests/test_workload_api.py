@@ -127,10 +127,48 @@ def test_deleted_entry_stream_gets_permission_denied_within_one_second(running):
 
 
 def test_open_stream_receives_rotated_svid_before_the_old_one_expires(running):
-    running.entry("/agent/a", "host-a", x509_ttl="20s")
+    entry_id = running.entry("/agent/a", "host-a", x509_ttl="20s")
     stream = running.stream("host-a")
     first = stream.next(20)["svids"][0]
     assert 15 <= first["not_after"] - first["not_before"] <= 60  # 20 s plus the clock-skew backdate
     rotated = stream.until(lambda m: m["svids"][0]["serial"] != first["serial"], timeout=25)
     assert rotated["t"] < first["not_after"], "the new SVID must arrive before the old one expires"
     assert rotated["svids"][0]["key_pem"] != first["key_pem"]
+    # Rotation happens at half-life, not in a loop: about one new serial per 10 s.
+    import sqlite3
+
+    db = sqlite3.connect(running.issuer_dir / "tessera.db")
+    count = db.execute("SELECT COUNT(*) FROM issued WHERE entry_id=?", (entry_id,)).fetchone()[0]
+    db.close()
+    assert 2 <= count <= 4, f"{count} SVIDs minted for one entry in ~12 s"
+
+
+def test_api_fetch_writes_pem_files_with_a_private_key_file(running, tmp_path):
+    running.entry("/agent/a", "host-a")
+    from harness import BIN
+
+    out = tmp_path / "svid"
+    r = subprocess.run([str(BIN / "tessera-sidecar"), "api", "fetch", "--socket", str(running.socket("host-a")),
+                        "--out", str(out)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "spiffe://example.org/agent/a"
+    assert (out / "key.pem").stat().st_mode & 0o777 == 0o600
+    v = subprocess.run(["openssl", "verify", "-CAfile", str(out / "bundle.pem"), str(out / "svid.pem")],
+                       capture_output=True, text=True)
+    assert v.returncode == 0, v.stderr
+    # The key belongs to the certificate.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate((out / "svid.pem").read_bytes())
+    key = serialization.load_pem_private_key((out / "key.pem").read_bytes(), None)
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+
+
+def test_api_fetch_without_identity_is_one_line_error(running, tmp_path):
+    from harness import BIN
+
+    r = subprocess.run([str(BIN / "tessera-sidecar"), "api", "fetch", "--socket", str(running.socket("host-a")),
+                        "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "no identity issued" in r.stderr and "PERMISSION_DENIED" in r.stderr
