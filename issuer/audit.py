@@ -170,17 +170,26 @@ class AuditFile:
     def _repair_and_last_seq(self) -> int:
         """The last seq in the file, after cutting a torn final line left by a crash."""
         if not self.path.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
             os.close(fd)
             return 0
         with open(self.path, "r+b") as f:
-            data = f.read()
-            end = data.rfind(b"\n") + 1
-            if end != len(data):
-                f.truncate(end)
+            size = f.seek(0, os.SEEK_END)
+            # Read backwards until the tail holds the last complete line and the newline before it.
+            chunk, tail = 65536, b""
+            while True:
+                start = max(0, size - len(tail) - chunk)
+                f.seek(start)
+                tail = f.read(size - start)
+                end = tail.rfind(b"\n") + 1
+                if start == 0 or (end and tail.rfind(b"\n", 0, end - 1) >= 0):
+                    break
+            if end != len(tail):  # a torn final line from a crash mid-write
+                f.truncate(start + end)
                 f.flush()
                 os.fsync(f.fileno())
-            lines = data[:end].splitlines()
+            lines = tail[:end].splitlines()
         return json.loads(lines[-1])["seq"] if lines else 0
 
     def catch_up(self, records: Callable[[int], list[AuditRecord]]) -> int:

@@ -175,11 +175,14 @@ def _record_dict(r: admin_pb2.AuditRecord) -> dict:
             "details": json.loads(r.details_json or "{}"), "prev_hash": r.prev_hash, "hash": r.hash}
 
 
-def _record_row(r: admin_pb2.AuditRecord) -> str:
+AUDIT_HEADERS = ["TIME", "SEQ", "ACTION", "DECISION", "ACTOR", "SUBJECT", "REASON"]
+
+
+def _record_row(r: admin_pb2.AuditRecord) -> list[str]:
     actor = json.loads(r.actor_json or "{}")
-    when = dt.datetime.fromtimestamp(r.ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
-    return "  ".join([when, f"{r.seq:>6}", f"{r.action:<18}", f"{r.decision:<7}",
-                      f"{actor.get('kind', '')}:{actor.get('id', '')}", r.subject or "-", r.reason or ""])
+    when = dt.datetime.fromtimestamp(r.ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return [when, str(r.seq), r.action, r.decision, f"{actor.get('kind', '')}:{actor.get('id', '')}",
+            r.subject or "-", r.reason or "-"]
 
 
 def _print_verification(ok: bool, records: int, last_seq: int, bad_seq: int, problem: str, source: str) -> int:
@@ -318,9 +321,13 @@ def run(args) -> int:
             raise CliError("--lines must not be negative")
         stream = stub.ReadAudit(_audit_query(args, last=args.lines or 0, follow=args.follow),
                                 timeout=None if args.follow else t)
-        for r in stream:
-            print(json.dumps(_record_dict(r), sort_keys=True) if args.output == "json" else _record_row(r),
-                  flush=True)
+        if args.output == "json" or args.follow:
+            # Streamed one line per record, as each arrives.
+            for r in stream:
+                print(json.dumps(_record_dict(r), sort_keys=True) if args.output == "json"
+                      else "  ".join(_record_row(r)), flush=True)
+        else:
+            print(_table([_record_row(r) for r in stream], AUDIT_HEADERS))
     elif g == "audit" and c == "export":
         for r in stub.ReadAudit(_audit_query(args, since_ts=_since(args.since)), timeout=300):
             print(json.dumps(_record_dict(r), sort_keys=True, separators=(",", ":")))

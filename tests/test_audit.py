@@ -267,3 +267,18 @@ def test_audit_file_survives_issuer_kill9_without_duplicates(running):
     records = list(read_jsonl(path))
     assert [r.seq for r in records] == list(range(1, len(records) + 1))
     assert verify_chain(records).ok
+
+
+def test_audit_file_resume_reads_only_the_tail_of_a_large_file(store, tmp_path):
+    path = tmp_path / "audit.jsonl"
+    store.append_audit([AuditEvent("entry.create", OP, "done", reason="x" * 500, subject=f"e{i}") for i in range(400)])
+    f = AuditFile(path)
+    f.catch_up(store.audit_records)
+    f.close()
+    assert path.stat().st_size > 3 * 65536
+    with open(path, "ab") as fh:
+        fh.write(b'{"seq": 401, "torn')
+    f = AuditFile(path)
+    assert f.written_seq == 400
+    f.close()
+    assert [r.seq for r in read_jsonl(path)] == list(range(1, 401))
