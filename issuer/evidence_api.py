@@ -39,7 +39,10 @@ class AuditFeed:
         with self._lock:
             waiters = list(self._waiters)
         for loop, event in waiters:
-            loop.call_soon_threadsafe(event.set)
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass  # the admin loop is shutting down; a listener must never fail the commit
 
     def waiter(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Event]:
         w = (asyncio.get_running_loop(), asyncio.Event())

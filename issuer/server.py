@@ -20,7 +20,7 @@ from issuer.ca import CertificateAuthority
 from issuer.config import IssuerConfig
 from issuer.events import EventHub
 from issuer.evidence_api import Evidence
-from issuer.models import IssuedSerial
+from issuer.models import ISSUER, AuditEvent, IssuedSerial
 from issuer.registration import Registry
 from issuer.sidecar_api import IssuerService
 from issuer.signing import SvidSigner
@@ -50,8 +50,12 @@ class ServingCert:
         sid = spiffeid.parse(f"spiffe://{self.ca.trust_domain}/tessera/issuer")
         signed = self.ca.sign(key.public_key(), sid, SERVING_CERT_TTL, dns_names=[self.server_name])
         now = int(time.time())
-        self.store.record_issued([IssuedSerial(signed.serial_hex, str(sid), "issuer", None, None, now,
-                                               int(signed.not_after.timestamp()))])
+        not_after = int(signed.not_after.timestamp())
+        self.store.record_issued(
+            [IssuedSerial(signed.serial_hex, str(sid), "issuer", None, None, now, not_after)],
+            [AuditEvent("issuer.serving_cert", ISSUER, "allow", reason="issuer TLS serving certificate",
+                        subject=str(sid), details={"serial": signed.serial_hex, "ttl": not_after - now,
+                                                   "kind": "issuer", "dns_names": [self.server_name]})])
         self._renew_at = time.time() + SERVING_CERT_TTL / 2
         return pem.key_pem(key), pem.certs_pem([signed.cert])
 
@@ -101,6 +105,9 @@ class IssuerServer:
         self._admin_error: BaseException | None = None
 
     def start(self) -> None:
+        if self.cfg.metrics_address:
+            # First, so a taken port fails the start before any listener is up.
+            self.metrics_server = metrics.serve(self.cfg.metrics_address)
         serving = ServingCert(self.ca, self.store, self.cfg.server_name)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.cfg.max_workers, thread_name_prefix="grpc"),
@@ -121,8 +128,6 @@ class IssuerServer:
             raise OSError(f"cannot listen on {self.cfg.listen_address} / {self.cfg.bootstrap_address}")
         server.start()
         self._grpc = server
-        if self.cfg.metrics_address:
-            self.metrics_server = metrics.serve(self.cfg.metrics_address)
         self._admin_thread = threading.Thread(target=self._run_admin, name="admin", daemon=True)
         self._admin_thread.start()
         self._admin_ready.wait()

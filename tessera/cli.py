@@ -144,11 +144,27 @@ def build_parser() -> Parser:
     return p
 
 
+AUDIT_FILTER_KEYS = ("action", "decision", "actor", "subject")
+
+
 def _audit_filters(p) -> None:
-    p.add_argument("--action", default="", help="exact action, or a prefix ending in '.' (e.g. svid.)")
-    p.add_argument("--decision", default="", choices=["", "allow", "deny", "pending", "done"])
-    p.add_argument("--actor", default="", help="substring of the actor id")
-    p.add_argument("--subject", default="", help="substring of the subject")
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="repeatable; action=A (or a prefix ending in '.', e.g. svid.), decision=allow|deny|pending|done,"
+                        " actor=SUBSTRING, subject=SUBSTRING")
+
+
+def _parse_filters(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in AUDIT_FILTER_KEYS or not value:
+            raise CliError(f"--filter {item!r}: use KEY=VALUE with KEY one of {', '.join(AUDIT_FILTER_KEYS)}")
+        if key in out:
+            raise CliError(f"--filter {key} given twice")
+        out[key] = value
+    if out.get("decision", "allow") not in ("allow", "deny", "pending", "done"):
+        raise CliError("--filter decision= must be allow, deny, pending or done")
+    return out
 
 
 def _since(value: str | None) -> float:
@@ -165,8 +181,7 @@ def _since(value: str | None) -> float:
 
 
 def _audit_query(args, **kw) -> admin_pb2.AuditQuery:
-    return admin_pb2.AuditQuery(action=args.action, decision=args.decision, actor=args.actor,
-                                subject=args.subject, **kw)
+    return admin_pb2.AuditQuery(**_parse_filters(args.filter), **kw)
 
 
 def _record_dict(r: admin_pb2.AuditRecord) -> dict:

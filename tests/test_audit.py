@@ -198,7 +198,7 @@ def test_each_decision_type_appears_in_the_trail_with_actor_and_reason(running):
         _bootstrap_attest(d, token)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # Issuance: host-a mints the SVID of its entry. Denial: it asks for host-b's entry.
-    wait_for(lambda: find(export(d, "--action", "svid.issue"), subject=f"spiffe://{d.td}/agent/a"), what="issuance")
+    wait_for(lambda: find(export(d, "--filter", "action=svid.issue"), subject=f"spiffe://{d.td}/agent/a"), what="issuance")
     resp = _sign_as(d, "host-a", theirs)
     assert resp.items[0].status_code == grpc.StatusCode.PERMISSION_DENIED.value[0]
 
@@ -237,7 +237,7 @@ def test_audit_tail_follow_prints_records_as_they_commit(running):
     from harness import BIN, LineReader
 
     proc = subprocess.Popen([str(BIN / "tessera"), "audit", "tail", "--follow", "-n", "1", "--output", "json",
-                             "--action", "entry."], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             "--filter", "action=entry."], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env=env)
     reader = LineReader(proc)
     d.children.append(reader)
@@ -249,8 +249,11 @@ def test_audit_tail_follow_prints_records_as_they_commit(running):
 def test_audit_tail_filters_and_bad_arguments_are_one_line_errors(running):
     d = running
     d.entry("/agent/a", "host-a")
-    out = d.cli("audit", "tail", "--decision", "done", "--output", "json").stdout.splitlines()
-    assert out and all(json.loads(x)["decision"] == "done" for x in out)
+    out = d.cli("audit", "tail", "--filter", "decision=done", "--filter", "actor=uid:", "--output", "json").stdout
+    assert out and all(json.loads(x)["decision"] == "done" and json.loads(x)["actor"]["kind"] == "operator"
+                       for x in out.splitlines())
+    bad = d.cli("audit", "tail", "--filter", "colour=blue", check=False)
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
     r = d.cli("audit", "export", "--since", "yesterday-ish", check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert export(d, "--since", "1h") and not export(d, "--since", "2999-01-01T00:00:00Z")
