@@ -15,7 +15,7 @@ import queue
 import re
 import sqlite3
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -67,7 +67,9 @@ def verify_chain(records: Iterable[AuditRecord]) -> ChainCheck:
 
 
 def record_dict(r: AuditRecord) -> dict:
-    return asdict(r)
+    return {"seq": r.seq, "ts": r.ts, "action": r.action, "actor": r.actor, "decision": r.decision,
+            "reason": r.reason, "subject": r.subject, "details": r.details, "prev_hash": r.prev_hash,
+            "hash": r.hash}
 
 
 def record_from_dict(d: dict) -> AuditRecord:
@@ -103,14 +105,26 @@ class AuditFilter:
         return r.ts >= self.since_ts
 
 
+def _json_or_raw(text):
+    # A row edited into invalid JSON must still reach verification (and fail it), not crash the reader.
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return {"unparseable": text}
+
+
 def read_sqlite(path: str | Path) -> Iterator[AuditRecord]:
-    """Audit records straight from an issuer database, read-only (for `tessera audit verify --db`)."""
+    """Audit records straight from an issuer database over a read-only connection.
+
+    Used by `tessera audit verify --db`, and by the issuer's own verification so a long scan
+    never holds the store's write lock (WAL lets readers run beside the writer).
+    """
     db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
     try:
         for row in db.execute("SELECT seq, ts, action, actor, decision, reason, subject, details, prev_hash, hash"
                               " FROM audit ORDER BY seq"):
-            yield AuditRecord(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6],
-                              json.loads(row[7]), row[8], row[9])
+            yield AuditRecord(row[0], row[1], row[2], _json_or_raw(row[3]), row[4], row[5], row[6],
+                              _json_or_raw(row[7]), row[8], row[9])
     finally:
         db.close()
 

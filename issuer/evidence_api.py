@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from issuer import report
-from issuer.audit import AuditFilter, verify_chain
+from issuer.audit import AuditFilter, ChainCheck, read_sqlite, verify_chain
 from issuer.datastore import Datastore
 from issuer.events import EventHub
 from issuer.models import AuditRecord, Entry
@@ -65,6 +65,10 @@ class Evidence:
     hub: EventHub
     feed: AuditFeed = field(default_factory=AuditFeed)
     approval_covers: Callable[[Entry], bool] | None = None
+
+    def verify(self) -> ChainCheck:
+        path = getattr(self.store, "path", None)  # the SQLite store: read beside the writer, not under its lock
+        return verify_chain(read_sqlite(path) if path is not None else self.store.audit_records())
 
     def build_report(self, thresholds: report.Thresholds) -> dict:
         return report.build(
@@ -139,7 +143,7 @@ class EvidenceHandlers:
         await stream.recv_message()
         self.operator(stream)
         ev = self._evidence()
-        check = await asyncio.to_thread(lambda: verify_chain(ev.store.audit_records()))
+        check = await asyncio.to_thread(ev.verify)
         await stream.send_message(admin_pb2.AuditVerification(
             ok=check.ok, records=check.records, last_seq=check.last_seq, bad_seq=check.bad_seq,
             problem=check.problem))

@@ -55,6 +55,15 @@ def test_deleted_record_breaks_the_chain_at_its_successor(store, tmp_path):
     assert not check.ok and check.bad_seq == 3 and "missing" in check.problem
 
 
+def test_row_edited_into_invalid_json_is_named_not_a_crash(store, tmp_path):
+    from issuer.audit import read_sqlite
+
+    fill(store, 3)
+    subprocess.run(["sqlite3", str(tmp_path / "t.db"), "UPDATE audit SET actor='{oops' WHERE seq=2"], check=True)
+    check = verify_chain(read_sqlite(tmp_path / "t.db"))
+    assert not check.ok and check.bad_seq == 2
+
+
 def test_recomputed_hash_does_not_hide_an_edit(store, tmp_path):
     # An attacker who rewrites a record and its own hash still breaks the link from the next record.
     fill(store, 4)
@@ -136,14 +145,14 @@ def test_editing_one_audit_row_with_sqlite3_makes_verify_exit_1_naming_it(runnin
     n = len(export(d))
     assert n >= 3
     db = d.issuer_dir / "tessera.db"
-    subprocess.run(["sqlite3", str(db), "UPDATE audit SET subject='someone-else' WHERE seq=2"], check=True)
+    subprocess.run(["sqlite3", str(db), "UPDATE audit SET subject='someone-else' WHERE seq=3"], check=True)
     bad = d.cli("audit", "verify", check=False)
     assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert "record 2" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert "record 3" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     # The database can also be checked directly, with the issuer down.
     d.issuer.stop()
     direct = d.cli("audit", "verify", "--db", str(db), check=False)
-    assert direct.returncode == 1 and "record 2" in direct.stderr
+    assert direct.returncode == 1 and "record 3" in direct.stderr
 
 
 def test_untouched_store_verifies_from_the_database_and_the_file(running):
