@@ -129,6 +129,14 @@ def read_sqlite(path: str | Path) -> Iterator[AuditRecord]:
         db.close()
 
 
+def newest_seq_sqlite(path: str | Path) -> int:
+    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
+    finally:
+        db.close()
+
+
 def read_jsonl(path: str | Path) -> Iterator[AuditRecord]:
     """Records from an audit JSON-lines file; a torn last line (crash mid-write) is skipped."""
     with open(path, "rb") as f:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from issuer import report
-from issuer.audit import AuditFilter, ChainCheck, read_sqlite, verify_chain
+from issuer.audit import AuditFilter, ChainCheck, newest_seq_sqlite, read_sqlite, verify_chain
 from issuer.datastore import Datastore
 from issuer.events import EventHub
 from issuer.models import AuditRecord, Entry
@@ -70,6 +70,13 @@ class Evidence:
         path = getattr(self.store, "path", None)  # the SQLite store: read beside the writer, not under its lock
         return verify_chain(read_sqlite(path) if path is not None else self.store.audit_records())
 
+    def newest_seq(self) -> int:
+        path = getattr(self.store, "path", None)
+        if path is not None:
+            return newest_seq_sqlite(path)
+        records = self.store.audit_records()
+        return records[-1].seq if records else 0
+
     def build_report(self, thresholds: report.Thresholds) -> dict:
         return report.build(
             entries=self.registry.list(), sidecars=self.attestor.list(), issued=self.store.find_issued(),
@@ -108,7 +115,9 @@ class EvidenceHandlers:
         flt = AuditFilter(action=req.action, decision=req.decision, actor=req.actor, subject=req.subject,
                           since_ts=req.since_ts)
         seq = req.since_seq
-        if req.last:
+        if req.from_end:
+            seq = await asyncio.to_thread(ev.newest_seq)
+        elif req.last:
             records = await asyncio.to_thread(ev.store.audit_records, seq)
             for r in [r for r in records if flt.matches(r)][-req.last:]:
                 await stream.send_message(record_pb(r))

@@ -121,7 +121,7 @@ def build_parser() -> Parser:
 
     au = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="cmd", required=True, parser_class=Parser)
     at = au.add_parser("tail", help="show the latest audit records")
-    at.add_argument("-n", "--lines", type=int, default=20, help="how many of the latest records (default 20)")
+    at.add_argument("-n", "--lines", type=int, default=20, help="how many of the latest records (default 20; 0 with --follow: only new ones)")
     at.add_argument("--follow", "-f", action="store_true", help="keep printing records as they commit")
     _audit_filters(at)
     at.add_argument("--output", choices=["table", "json"], default="table")
@@ -334,7 +334,7 @@ def run(args) -> int:
     elif g == "audit" and c == "tail":
         if args.lines < 0:
             raise CliError("--lines must not be negative")
-        stream = stub.ReadAudit(_audit_query(args, last=args.lines or 0, follow=args.follow),
+        stream = stub.ReadAudit(_audit_query(args, last=args.lines, from_end=args.lines == 0, follow=args.follow),
                                 timeout=None if args.follow else t)
         if args.output == "json" or args.follow:
             # Streamed one line per record, as each arrives.

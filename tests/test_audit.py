@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 
 import grpc
 import pytest
@@ -240,19 +241,30 @@ def test_each_decision_type_appears_in_the_trail_with_actor_and_reason(running):
     assert d.cli("audit", "verify").returncode == 0
 
 
-def test_audit_tail_follow_prints_records_as_they_commit(running):
+def test_audit_tail_follow_prints_only_new_records_as_they_commit(running):
     d = running
     env = {**os.environ, "TESSERA_ADMIN_SOCKET": str(d.admin_socket)}
     from harness import BIN, LineReader
 
-    proc = subprocess.Popen([str(BIN / "tessera"), "audit", "tail", "--follow", "-n", "1", "--output", "json",
-                             "--filter", "action=entry."], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=env)
+    old = d.entry("/agent/old", "host-a")
+    proc = subprocess.Popen([str(BIN / "tessera"), "audit", "tail", "--follow", "-n", "0", "--output", "json",
+                             "--filter", "action=entry."], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env)
     reader = LineReader(proc)
     d.children.append(reader)
-    entry_id = d.entry("/agent/followed", "host-a")
-    rec = reader.until(lambda r: r["action"] == "entry.create", timeout=10)
-    assert rec["subject"] == entry_id
+    # The tail may not be connected yet when an entry commits: keep creating until one shows up.
+    created: list[str] = []
+    deadline = time.monotonic() + 15
+    while True:
+        created.append(d.entry(f"/agent/new{len(created)}", "host-a"))
+        try:
+            first = reader.next(timeout=0.5)
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+    assert first["subject"] in created and first["subject"] != old
+    assert first["action"] == "entry.create" and first["actor"]["kind"] == "operator"
 
 
 def test_audit_tail_filters_and_bad_arguments_are_one_line_errors(running):
