@@ -19,6 +19,9 @@ PROPAGATION_DELAY = Histogram(
 SYNC_EVENTS = Counter("tessera_sidecar_sync_events", "Sync events applied, by kind", ["event"], registry=REGISTRY)
 CACHED_SVIDS = Gauge("tessera_sidecar_cached_svids", "SVIDs held in the cache, ready to serve", registry=REGISTRY)
 CACHED_ENTRIES = Gauge("tessera_sidecar_cached_entries", "Entries this sidecar may serve", registry=REGISTRY)
+CRL_NUMBER = Gauge("tessera_sidecar_crl_number", "CRL number of the CRL this sidecar enforces", registry=REGISTRY)
+CRL_ENTRIES = Gauge("tessera_sidecar_crl_entries", "Revoked serials in the CRL this sidecar enforces",
+                    registry=REGISTRY)
 SYNCED = Gauge("tessera_sidecar_synced", "1 once a snapshot from the issuer has been applied", registry=REGISTRY)
 
 
@@ -28,6 +31,12 @@ def observe_sync_event(kind: str, committed_at: float, now: float | None = None)
     if committed_at > 0:
         # Issuer and sidecar clocks differ slightly; a negative delay means "no measurable delay".
         PROPAGATION_DELAY.labels(kind).observe(max(0.0, (time.time() if now is None else now) - committed_at))
+
+
+def set_crl(number: int, entries: int) -> None:
+    """The sidecar's revocation handling calls this after verifying and applying a CRL."""
+    CRL_NUMBER.set(number)
+    CRL_ENTRIES.set(entries)
 
 
 def watch_cache(svids: Callable[[], int], entries: Callable[[], int], synced: Callable[[], bool]) -> None:
