@@ -234,6 +234,7 @@ def test_each_decision_type_appears_in_the_trail_with_actor_and_reason(running):
     [issued] = find(trail, action="svid.issue", subject=f"spiffe://{d.td}/agent/a")[:1]
     assert issued["actor"] == {"kind": "sidecar", "id": host_a}
     assert issued["details"]["serial"] and issued["details"]["ttl"] > 0 and issued["details"]["sidecar_id"] == host_a
+    assert issued["reason"] == "entry active, unexpired, parent is the caller"
     # Denial: which sidecar asked for what, and why.
     [refused] = find(trail, action="svid.deny", subject=theirs)
     assert refused["actor"]["id"] == host_a and refused["decision"] == "deny"
