@@ -121,7 +121,8 @@ def build_parser() -> Parser:
 
     au = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="cmd", required=True, parser_class=Parser)
     at = au.add_parser("tail", help="show the latest audit records")
-    at.add_argument("-n", "--lines", type=int, default=20, help="how many of the latest records (default 20; 0 with --follow: only new ones)")
+    at.add_argument("-n", "--lines", type=int, default=20,
+                    help="how many of the latest records (default 20; 0 with --follow: only new ones)")
     at.add_argument("--follow", "-f", action="store_true", help="keep printing records as they commit")
     _audit_filters(at)
     at.add_argument("--output", choices=["table", "json"], default="table")
@@ -149,7 +150,8 @@ AUDIT_FILTER_KEYS = ("action", "decision", "actor", "subject")
 
 def _audit_filters(p) -> None:
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
-                   help="repeatable; action=A (or a prefix ending in '.', e.g. svid.), decision=allow|deny|pending|done,"
+                   help="repeatable; action=A (or a prefix ending in '.', e.g. svid.),"
+                        " decision=allow|deny|pending|done,"
                         " actor=SUBSTRING, subject=SUBSTRING")
 
 
@@ -228,9 +230,11 @@ def _print_report(rep: dict) -> None:
          ["ID", "SPIFFE ID", "OWNER", "LAST ISSUED"],
          lambda e: [e["id"], e["spiffe_id"], e["owner"], _ts(e["last_issued_at"] or 0)]),
         (f"Entries expiring within {th['expiring_days']} days", rep["expiring_entries"],
-         ["ID", "SPIFFE ID", "OWNER", "EXPIRES"], lambda e: [e["id"], e["spiffe_id"], e["owner"], _ts(e["expires_at"])]),
+         ["ID", "SPIFFE ID", "OWNER", "EXPIRES"],
+         lambda e: [e["id"], e["spiffe_id"], e["owner"], _ts(e["expires_at"])]),
         ("Entries past expiry", rep["expired_entries"],
-         ["ID", "SPIFFE ID", "OWNER", "EXPIRED"], lambda e: [e["id"], e["spiffe_id"], e["owner"], _ts(e["expires_at"])]),
+         ["ID", "SPIFFE ID", "OWNER", "EXPIRED"],
+         lambda e: [e["id"], e["spiffe_id"], e["owner"], _ts(e["expires_at"])]),
         ("Shared selector sets (one process, several identities)", rep["shared_selector_sets"],
          ["PARENT", "SELECTORS", "ENTRIES"],
          lambda g: [g["parent_id"], ",".join(g["selectors"]), ",".join(g["entries"])]),

@@ -208,7 +208,8 @@ def test_each_decision_type_appears_in_the_trail_with_actor_and_reason(running):
         _bootstrap_attest(d, token)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # Issuance: host-a mints the SVID of its entry. Denial: it asks for host-b's entry.
-    wait_for(lambda: find(export(d, "--filter", "action=svid.issue"), subject=f"spiffe://{d.td}/agent/a"), what="issuance")
+    wait_for(lambda: find(export(d, "--filter", "action=svid.issue"), subject=f"spiffe://{d.td}/agent/a"),
+             what="issuance")
     resp = _sign_as(d, "host-a", theirs)
     assert resp.items[0].status_code == grpc.StatusCode.PERMISSION_DENIED.value[0]
 

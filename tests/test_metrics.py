@@ -45,8 +45,9 @@ def test_allowed_records_with_a_serial_count_as_issuances_by_kind():
 
 
 def test_denial_reasons_are_bounded_labels():
-    a = metrics.denial_reason(rec("svid.deny", "deny", "entry 'e-1' is not registered to spiffe://td/tessera/sidecar/a"))
-    b = metrics.denial_reason(rec("svid.deny", "deny", "entry 'e-2' is not registered to spiffe://td/tessera/sidecar/b"))
+    why = "entry '{}' is not registered to spiffe://td/tessera/sidecar/{}"
+    a = metrics.denial_reason(rec("svid.deny", "deny", why.format("e-1", "a")))
+    b = metrics.denial_reason(rec("svid.deny", "deny", why.format("e-2", "b")))
     assert a == b == "entry <value> is not registered to <spiffe-id>"
     assert metrics.denial_reason(rec("task.deny", "deny", "whatever 123", rule="tier-cap")) == "tier-cap"
 
