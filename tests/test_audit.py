@@ -308,3 +308,13 @@ def test_audit_file_resume_reads_only_the_tail_of_a_large_file(store, tmp_path):
     assert f.written_seq == 400
     f.close()
     assert [r.seq for r in read_jsonl(path)] == list(range(1, 401))
+
+
+def test_sidecar_renewal_is_audited_with_the_sidecar_as_actor(deployment):
+    d = deployment
+    d.start_issuer(sidecar_svid_ttl="6s")  # renewed at half-life, 3 s in
+    d.start_sidecar("host-a")
+    renewed = wait_for(lambda: find(export(d, "--filter", "action=sidecar.renew"), decision="allow"), timeout=20,
+                       what="a renewal record")
+    assert renewed[0]["actor"] == {"kind": "sidecar", "id": d.sidecar_id("host-a")}
+    assert renewed[0]["details"]["serial"] and renewed[0]["details"]["ttl"] == 6
