@@ -118,6 +118,8 @@ class EvidenceHandlers:
         if req.from_end:
             seq = await asyncio.to_thread(ev.newest_seq)
         elif req.last:
+            if flt == AuditFilter():  # unfiltered: read only the last N, not the whole trail
+                seq = max(seq, await asyncio.to_thread(ev.newest_seq) - req.last)
             records = await asyncio.to_thread(ev.store.audit_records, seq)
             for r in [r for r in records if flt.matches(r)][-req.last:]:
                 await stream.send_message(record_pb(r))

@@ -275,6 +275,8 @@ def test_audit_tail_filters_and_bad_arguments_are_one_line_errors(running):
     out = d.cli("audit", "tail", "--filter", "decision=done", "--filter", "actor=uid:", "--output", "json").stdout
     assert out and all(json.loads(x)["decision"] == "done" and json.loads(x)["actor"]["kind"] == "operator"
                        for x in out.splitlines())
+    last2 = [json.loads(x) for x in d.cli("audit", "tail", "-n", "2", "--output", "json").stdout.splitlines()]
+    assert last2 == export(d)[-2:]
     bad = d.cli("audit", "tail", "--filter", "colour=blue", check=False)
     assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
     r = d.cli("audit", "export", "--since", "yesterday-ish", check=False)
