@@ -275,6 +275,7 @@ def test_audit_tail_filters_and_bad_arguments_are_one_line_errors(running):
     out = d.cli("audit", "tail", "--filter", "decision=done", "--filter", "actor=uid:", "--output", "json").stdout
     assert out and all(json.loads(x)["decision"] == "done" and json.loads(x)["actor"]["kind"] == "operator"
                        for x in out.splitlines())
+    wait_for(lambda: export(d, "--filter", "action=svid.issue"), what="the sidecar's issuance")  # then quiet
     last2 = [json.loads(x) for x in d.cli("audit", "tail", "-n", "2", "--output", "json").stdout.splitlines()]
     assert last2 == export(d)[-2:]
     bad = d.cli("audit", "tail", "--filter", "colour=blue", check=False)
