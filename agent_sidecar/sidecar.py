@@ -13,8 +13,8 @@ from grpclib.server import Server
 from agent_sidecar import metrics
 from agent_sidecar.attestation import WorkloadAttestor
 from agent_sidecar.cache import CacheManager
-from agent_sidecar.health import HealthService
 from agent_sidecar.config import SidecarConfig
+from agent_sidecar.health import HealthService
 from agent_sidecar.issuer_client import IdentityStore, IssuerClient, SidecarBanned, SidecarIdentity
 from agent_sidecar.workload_api import WorkloadAPI
 from tessera import logs, pem, spiffeid
