@@ -14,8 +14,8 @@ from grpclib.server import Server as GrpclibServer
 
 from issuer import metrics
 from issuer.admin_api import AdminService
-from issuer.audit import AuditFile
 from issuer.attestation import SidecarAttestor
+from issuer.audit import AuditFile
 from issuer.ca import CertificateAuthority
 from issuer.config import IssuerConfig
 from issuer.events import EventHub
