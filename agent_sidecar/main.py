@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import signal
+
+import grpc
 import sys
 from pathlib import Path
 
@@ -27,6 +29,12 @@ def build_parser() -> Parser:
     fetch.add_argument("--socket", required=True, help="Workload API socket path")
     fetch.add_argument("--out", required=True, help="directory for svid.pem, key.pem, bundle.pem")
     fetch.add_argument("--timeout", type=float, default=15.0)
+
+    hc = sub.add_parser("healthcheck", help="exit 0 when the sidecar is healthy (synced, own SVID valid), 1 if not")
+    where = hc.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", help="the sidecar's socket path")
+    where.add_argument("--config", help="the sidecar's config file (its socket_path)")
+    hc.add_argument("--timeout", type=float, default=5.0)
     return p
 
 
@@ -67,14 +75,43 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_healthcheck(args) -> int:
+    """The standard gRPC health check against the sidecar's socket."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from agent_sidecar.workload_client import socket_target
+
+    socket_path = args.socket
+    if socket_path is None:
+        from agent_sidecar import config as config_mod
+
+        try:
+            socket_path = str(config_mod.load(args.config).socket_path)
+        except ConfigError as e:
+            return fail(PROG, str(e))
+    with grpc.insecure_channel(socket_target(socket_path)) as ch:
+        try:
+            resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+        except grpc.RpcError as e:
+            return fail(PROG, f"unhealthy: {socket_path}: {e.details()}", 1)
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+    if resp.status != health_pb2.HealthCheckResponse.SERVING:
+        return fail(PROG, f"unhealthy: {status}", 1)
+    print(status)
+    return 0
+
+
 def dispatch(args) -> int:
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "healthcheck":
+        return cmd_healthcheck(args)
     return cmd_fetch(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_main(PROG, dispatch, build_parser().parse_args(argv))
+
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ import grpc
 from cryptography import x509
 from grpclib.server import Server
 
+from agent_sidecar import metrics
 from agent_sidecar.attestation import WorkloadAttestor
 from agent_sidecar.cache import CacheManager
 from agent_sidecar.config import SidecarConfig
+from agent_sidecar.health import HealthService
 from agent_sidecar.issuer_client import IdentityStore, IssuerClient, SidecarBanned, SidecarIdentity
 from agent_sidecar.workload_api import WorkloadAPI
 from tessera import logs, pem, spiffeid
@@ -47,6 +49,10 @@ class SidecarRuntime:
         self._tasks: list[asyncio.Task] = []
         self._server: Server | None = None
         self.stopped = asyncio.Event()
+        self.metrics_server = None
+        metrics.watch_cache(lambda: len(self.cache.svids), lambda: len(self.cache.entries), lambda: self.cache.ready)
+        # `tessera-sidecar healthcheck` asks this; see healthy().
+        self.health = HealthService(self.healthy)
 
     async def _obtain_identity(self) -> SidecarIdentity:
         saved = self.ids.load()
@@ -83,6 +89,8 @@ class SidecarRuntime:
         await self.client.connect(self.ident)
         td = spiffeid.parse(self.ident.sidecar_id).trust_domain
         self.workload_api = WorkloadAPI(self.cache, self.attestor, td)
+        if self.cfg.metrics_address:
+            self.metrics_server = metrics.serve(self.cfg.metrics_address)
         for coro in (self._sync_loop(), self._renew_loop(), self.cache.run()):
             self._tasks.append(asyncio.create_task(coro))
         # Bind once the first snapshot is in, so a present socket means "ready"; if the issuer is
@@ -96,7 +104,16 @@ class SidecarRuntime:
         log.info("sidecar started", sidecar_id=self.ident.sidecar_id, socket=str(self.cfg.socket_path))
 
     def services(self) -> list:
-        return [self.workload_api]
+        return [self.workload_api, self.health]
+
+    def healthy(self) -> bool:
+        """Synced with the issuer at least once since start, and holding an unexpired sidecar SVID.
+
+        An issuer outage alone does not make the sidecar unhealthy: it keeps serving valid SVIDs
+        (the design's promise) until its own SVID expires, and then it is unhealthy.
+        """
+        return (self.cache.ready and self.ident is not None
+                and self.ident.not_after > dt.datetime.now(dt.timezone.utc))
 
     async def _sync_loop(self) -> None:
         delay = BACKOFF_MIN
@@ -133,6 +150,8 @@ class SidecarRuntime:
         elif kind == "bundle":
             self.cache.apply_bundle(ev.bundle)
             self.ids.save_bundle(pem.split_der(ev.bundle))
+        # After applying: the delay measured is issuer commit -> applied here.
+        metrics.observe_sync_event(kind, ev.committed_at)
 
     async def _renew_loop(self) -> None:
         delay = BACKOFF_MIN
@@ -168,6 +187,8 @@ class SidecarRuntime:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         try:
             os.unlink(self.cfg.socket_path)
         except OSError:

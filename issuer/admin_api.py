@@ -12,6 +12,7 @@ import time
 from issuer.attestation import SidecarAttestor
 from issuer.convert import entry_pb, sidecar_pb
 from issuer.events import EventHub
+from issuer.evidence_api import EvidenceHandlers
 from issuer.models import Actor
 from issuer.registration import Registry
 from tessera import peercred
@@ -20,7 +21,7 @@ from tessera.rpc import grpclib_handler
 from tessera.v1 import admin_grpc, admin_pb2, types_pb2
 
 
-class AdminService(admin_grpc.AdminBase):
+class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
     def __init__(self, registry: Registry, attestor: SidecarAttestor, hub: EventHub, bundle_pem,
                  allowed_uids: tuple[int, ...]):
         self.registry = registry

@@ -9,14 +9,18 @@ import time
 from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpclib.server import Server as GrpclibServer
 
+from issuer import metrics
 from issuer.admin_api import AdminService
 from issuer.attestation import SidecarAttestor
+from issuer.audit import AuditFile
 from issuer.ca import CertificateAuthority
 from issuer.config import IssuerConfig
 from issuer.events import EventHub
-from issuer.models import IssuedSerial
+from issuer.evidence_api import Evidence
+from issuer.models import ISSUER, AuditEvent, IssuedSerial
 from issuer.registration import Registry
 from issuer.sidecar_api import IssuerService
 from issuer.signing import SvidSigner
@@ -46,8 +50,12 @@ class ServingCert:
         sid = spiffeid.parse(f"spiffe://{self.ca.trust_domain}/tessera/issuer")
         signed = self.ca.sign(key.public_key(), sid, SERVING_CERT_TTL, dns_names=[self.server_name])
         now = int(time.time())
-        self.store.record_issued([IssuedSerial(signed.serial_hex, str(sid), "issuer", None, None, now,
-                                               int(signed.not_after.timestamp()))])
+        not_after = int(signed.not_after.timestamp())
+        self.store.record_issued(
+            [IssuedSerial(signed.serial_hex, str(sid), "issuer", None, None, now, not_after)],
+            [AuditEvent("issuer.serving_cert", ISSUER, "allow", reason="issuer TLS serving certificate",
+                        subject=str(sid), details={"serial": signed.serial_hex, "ttl": not_after - now,
+                                                   "kind": "issuer", "dns_names": [self.server_name]})])
         self._renew_at = time.time() + SERVING_CERT_TTL / 2
         return pem.key_pem(key), pem.certs_pem([signed.cert])
 
@@ -68,6 +76,12 @@ class IssuerServer:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(cfg.data_dir, 0o700)
         self.store = SQLiteDatastore(cfg.data_dir / "tessera.db")
+        # The JSON-lines copy of the trail first catches up with what the database already holds.
+        self.audit_file = AuditFile(cfg.audit_file or cfg.data_dir / "audit.jsonl")
+        self.audit_file.catch_up(self.store.audit_records)
+        self.audit_file.start()
+        self.store.audit_listeners.append(self.audit_file)
+        self.store.audit_listeners.append(metrics.observe_audit)
         self.ca = CertificateAuthority.load_or_create(cfg.trust_domain, cfg.data_dir, cfg.ca_cert, cfg.ca_key,
                                                       cfg.ca_ttl)
         self.hub = EventHub()
@@ -78,6 +92,12 @@ class IssuerServer:
                                      lambda: self.ca.bundle_der, cfg.resync_interval)
         self.admin = AdminService(self.registry, self.attestor, self.hub, lambda: self.ca.bundle_pem,
                                   cfg.admin_uids)
+        self.evidence = Evidence(self.store, self.registry, self.attestor, self.hub)
+        self.store.audit_listeners.append(self.evidence.feed)
+        self.admin.evidence = self.evidence
+        metrics.watch_connected_sidecars(lambda: len(self.hub.connected()))
+        self.health = health.HealthServicer()
+        self.metrics_server = None
         self._grpc: grpc.Server | None = None
         self._admin_loop: asyncio.AbstractEventLoop | None = None
         self._admin_thread: threading.Thread | None = None
@@ -85,6 +105,9 @@ class IssuerServer:
         self._admin_error: BaseException | None = None
 
     def start(self) -> None:
+        if self.cfg.metrics_address:
+            # First, so a taken port fails the start before any listener is up.
+            self.metrics_server = metrics.serve(self.cfg.metrics_address)
         serving = ServingCert(self.ca, self.store, self.cfg.server_name)
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.cfg.max_workers, thread_name_prefix="grpc"),
@@ -93,6 +116,8 @@ class IssuerServer:
                      ("grpc.keepalive_permit_without_calls", 1)],
         )
         issuer_pb2_grpc.add_IssuerServicer_to_server(self.service, server)
+        # Standard gRPC health, on both ports: probes can use the bootstrap port without a client cert.
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         mtls = grpc.dynamic_ssl_server_credentials(serving.config(), serving.fetch,
                                                    require_client_authentication=True)
         tls = grpc.dynamic_ssl_server_credentials(serving.config(), serving.fetch,
@@ -108,6 +133,8 @@ class IssuerServer:
         self._admin_ready.wait()
         if self._admin_error is not None:
             raise self._admin_error
+        for name in ("", "tessera.v1.Issuer"):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("issuer started", trust_domain=self.cfg.trust_domain, listen=self.cfg.listen_address,
                  bootstrap=self.cfg.bootstrap_address, admin_socket=str(self.cfg.admin_socket))
 
@@ -132,6 +159,9 @@ class IssuerServer:
             loop.close()
 
     def stop(self, grace: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
         if self._admin_loop is not None:
@@ -143,4 +173,5 @@ class IssuerServer:
         except OSError:
             pass
         self.store.close()
+        self.audit_file.close()
         log.info("issuer stopped")

@@ -6,6 +6,7 @@ import time
 
 import grpc
 
+from issuer import metrics
 from issuer.attestation import SidecarAttestor
 from issuer.convert import entry_pb
 from issuer.events import CLOSE, EventHub
@@ -44,16 +45,24 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
 
     @grpcio_handler
     def AttestSidecar(self, request, context):
-        return self._svid_response(self.attestor.attest(request.join_token, request.csr, context.peer()))
+        t0 = time.monotonic()
+        svid = self.attestor.attest(request.join_token, request.csr, context.peer())
+        metrics.observe_issuance_latency("sidecar", time.monotonic() - t0)
+        return self._svid_response(svid)
 
     @grpcio_handler
     def RenewSidecar(self, request, context):
-        return self._svid_response(self.attestor.renew(self._caller(context), request.csr))
+        t0 = time.monotonic()
+        svid = self.attestor.renew(self._caller(context), request.csr)
+        metrics.observe_issuance_latency("sidecar", time.monotonic() - t0)
+        return self._svid_response(svid)
 
     @grpcio_handler
     def SignX509SVIDs(self, request, context):
+        t0 = time.monotonic()
         sidecar = self._caller(context)
         results = self.signer.sign_batch(sidecar, [(i.entry_id, i.csr) for i in request.items])
+        metrics.observe_issuance_latency("identity", time.monotonic() - t0, sum(1 for r in results if not r.code))
         return issuer_pb2.SignX509SVIDsResponse(items=[
             issuer_pb2.SignedSVID(entry_id=r.entry_id, spiffe_id=r.spiffe_id, cert_chain=r.cert_der,
                                   serial=r.serial, expires_at=r.expires_at, status_code=r.code, error=r.error)

@@ -70,7 +70,9 @@ class SvidSigner:
                 not_after = int(signed.not_after.timestamp())
                 issued.append(IssuedSerial(signed.serial_hex, entry.spiffe_id, "identity", entry.id,
                                            sidecar.id, now, not_after))
-                audits.append(AuditEvent("svid.issue", actor, "allow", subject=entry.spiffe_id, details={
+                audits.append(AuditEvent(
+                    "svid.issue", actor, "allow", reason="entry active, unexpired, parent is the caller",
+                    subject=entry.spiffe_id, details={
                     "serial": signed.serial_hex, "entry_id": entry.id, "sidecar_id": sidecar.id,
                     "ttl": not_after - now, "kind": "identity"}))
                 results.append(SignResult(entry.id, entry.spiffe_id, signed.cert.public_bytes(Encoding.DER),

@@ -119,9 +119,148 @@ def build_parser() -> Parser:
     ss.add_argument("id", help="sidecar SPIFFE ID or name")
     ss.add_argument("--output", choices=["text", "json"], default="text")
 
+    au = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    at = au.add_parser("tail", help="show the latest audit records")
+    at.add_argument("-n", "--lines", type=int, default=20,
+                    help="how many of the latest records (default 20; 0 with --follow: only new ones)")
+    at.add_argument("--follow", "-f", action="store_true", help="keep printing records as they commit")
+    _audit_filters(at)
+    at.add_argument("--output", choices=["table", "json"], default="table")
+    ax = au.add_parser("export", help="print audit records as JSON lines")
+    ax.add_argument("--since", default=None, help="a time (2026-01-31T00:00:00Z) or an age (24h, 7d); default: all")
+    _audit_filters(ax)
+    av = au.add_parser("verify", help="recompute the hash chain; exit 0 intact, 1 naming the first bad record")
+    src = av.add_mutually_exclusive_group()
+    src.add_argument("--db", help="read this issuer database directly (read-only) instead of asking the issuer")
+    src.add_argument("--file", help="verify an audit JSON-lines file (the issuer's audit_file) instead")
+
+    rp = sub.add_parser("report", help="the trust-debt report")
+    rp.add_argument("--unused-days", type=int, default=0, help="entries with no issuance in N days (default 30)")
+    rp.add_argument("--expiring-days", type=int, default=0, help="entries expiring within N days (default 14)")
+    rp.add_argument("--silent-hours", type=int, default=0, help="sidecars not seen for N hours (default 24)")
+    rp.add_argument("--output", choices=["table", "json"], default="table")
+
     bd = sub.add_parser("bundle", help="trust bundle").add_subparsers(dest="cmd", required=True, parser_class=Parser)
     bd.add_parser("show", help="print the PEM trust bundle")
     return p
+
+
+AUDIT_FILTER_KEYS = ("action", "decision", "actor", "subject")
+
+
+def _audit_filters(p) -> None:
+    p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="repeatable; action=A (or a prefix ending in '.', e.g. svid.),"
+                        " decision=allow|deny|pending|done,"
+                        " actor=SUBSTRING, subject=SUBSTRING")
+
+
+def _parse_filters(items: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in AUDIT_FILTER_KEYS or not value:
+            raise CliError(f"--filter {item!r}: use KEY=VALUE with KEY one of {', '.join(AUDIT_FILTER_KEYS)}")
+        if key in out:
+            raise CliError(f"--filter {key} given twice")
+        out[key] = value
+    if out.get("decision", "allow") not in ("allow", "deny", "pending", "done"):
+        raise CliError("--filter decision= must be allow, deny, pending or done")
+    return out
+
+
+def _since(value: str | None) -> float:
+    if not value:
+        return 0.0
+    try:
+        return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        pass
+    try:
+        return time.time() - parse_duration(value)
+    except InvalidArgument:
+        raise CliError(f"--since {value!r}: give a time like 2026-01-31T00:00:00Z or an age like 24h") from None
+
+
+def _audit_query(args, **kw) -> admin_pb2.AuditQuery:
+    return admin_pb2.AuditQuery(**_parse_filters(args.filter), **kw)
+
+
+def _record_dict(r: admin_pb2.AuditRecord) -> dict:
+    return {"seq": r.seq, "ts": r.ts, "action": r.action, "actor": json.loads(r.actor_json or "{}"),
+            "decision": r.decision, "reason": r.reason, "subject": r.subject,
+            "details": json.loads(r.details_json or "{}"), "prev_hash": r.prev_hash, "hash": r.hash}
+
+
+AUDIT_HEADERS = ["TIME", "SEQ", "ACTION", "DECISION", "ACTOR", "SUBJECT", "REASON"]
+
+
+def _record_row(r: admin_pb2.AuditRecord) -> list[str]:
+    actor = json.loads(r.actor_json or "{}")
+    when = dt.datetime.fromtimestamp(r.ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    return [when, str(r.seq), r.action, r.decision, f"{actor.get('kind', '')}:{actor.get('id', '')}",
+            r.subject or "-", r.reason or "-"]
+
+
+def _print_verification(ok: bool, records: int, last_seq: int, bad_seq: int, problem: str, source: str) -> int:
+    if ok:
+        print(f"audit trail intact: {records} records, last seq {last_seq} ({source})")
+        return 0
+    return fail(PROG, f"audit trail broken at record {bad_seq}: {problem} ({source})", 1)
+
+
+def _verify_local(args) -> int:
+    from issuer.audit import read_jsonl, read_sqlite, verify_chain
+    import sqlite3
+
+    path = args.db or args.file
+    if not os.path.exists(path):
+        raise CliError(f"{path} does not exist")
+    try:
+        check = verify_chain(read_sqlite(path) if args.db else read_jsonl(path))
+    except (sqlite3.Error, OSError, ValueError, KeyError, TypeError) as e:
+        raise CliError(f"cannot read audit records from {path}: {e}", 1) from None
+    return _print_verification(check.ok, check.records, check.last_seq, check.bad_seq, check.problem, path)
+
+
+def _print_report(rep: dict) -> None:
+    th = rep["thresholds"]
+    sections = [
+        (f"Entries with no issuance in {th['unused_days']} days", rep["unused_entries"],
+         ["ID", "SPIFFE ID", "OWNER", "LAST ISSUED"],
+         lambda e: [e["id"], e["spiffe_id"], e["owner"], _ts(e["last_issued_at"] or 0)]),
+        (f"Entries expiring within {th['expiring_days']} days", rep["expiring_entries"],
+         ["ID", "SPIFFE ID", "OWNER", "EXPIRES"],
+         lambda e: [e["id"], e["spiffe_id"], e["owner"], _ts(e["expires_at"])]),
+        ("Entries past expiry", rep["expired_entries"],
+         ["ID", "SPIFFE ID", "OWNER", "EXPIRED"],
+         lambda e: [e["id"], e["spiffe_id"], e["owner"], _ts(e["expires_at"])]),
+        ("Shared selector sets (one process, several identities)", rep["shared_selector_sets"],
+         ["PARENT", "SELECTORS", "ENTRIES"],
+         lambda g: [g["parent_id"], ",".join(g["selectors"]), ",".join(g["entries"])]),
+        (f"Sidecars silent for {th['silent_hours']} hours", rep["silent_sidecars"],
+         ["ID", "LAST SEEN"], lambda s: [s["id"], _ts(s["last_seen"])]),
+        ("Denials by reason", rep["denials_by_reason"], ["COUNT", "ACTION", "REASON"],
+         lambda d: [d["count"], d["action"], d["reason"]]),
+    ]
+    for title, items, headers, row in sections:
+        print(f"== {title}: {len(items)}")
+        if items:
+            print(_table([[str(c) for c in row(i)] for i in items], headers))
+        print()
+    hi = rep["uncovered_high_tier_entries"]
+    if hi["available"]:
+        print(f"== High-tier entries no approval rule covers: {len(hi['entries'])}")
+        if hi["entries"]:
+            print(_table([[e["id"], e["spiffe_id"], e["tier"], e["owner"]] for e in hi["entries"]],
+                         ["ID", "SPIFFE ID", "TIER", "OWNER"]))
+    else:
+        print(f"== High-tier entries no approval rule covers: unavailable ({hi['reason']})")
+    print()
+    ttc = rep["time_to_credential"]
+    fmt = lambda v: "-" if v is None else f"{v:.1f} ms"  # noqa: E731
+    print(f"== Time to credential: {ttc['count']} credentials, median {fmt(ttc['median_ms'])}, "
+          f"p95 {fmt(ttc['p95_ms'])}")
 
 
 def _stub(socket_path: str) -> admin_pb2_grpc.AdminStub:
@@ -132,10 +271,12 @@ def _stub(socket_path: str) -> admin_pb2_grpc.AdminStub:
 
 
 def run(args) -> int:
+    if args.group == "audit" and args.cmd == "verify" and (args.db or args.file):
+        return _verify_local(args)
     socket_path = args.admin_socket or os.environ.get("TESSERA_ADMIN_SOCKET") or DEFAULT_SOCKET
     stub = _stub(socket_path)
     t = 30
-    g, c = args.group, args.cmd
+    g, c = args.group, getattr(args, "cmd", None)
     if g == "token" and c == "create":
         r = stub.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(sidecar_name=args.sidecar,
                                                                   ttl_seconds=_duration(args.ttl)), timeout=t)
@@ -194,6 +335,35 @@ def run(args) -> int:
         d = _sidecar_dict(s)
         print(json.dumps(d, indent=2) if args.output == "json" else
               "\n".join(f"{k + ':':<16} {v}" for k, v in d.items()))
+    elif g == "audit" and c == "tail":
+        if args.lines < 0:
+            raise CliError("--lines must not be negative")
+        stream = stub.ReadAudit(_audit_query(args, last=args.lines, from_end=args.lines == 0, follow=args.follow),
+                                timeout=None if args.follow else t)
+        if args.output == "json" or args.follow:
+            # Streamed one line per record, as each arrives.
+            for r in stream:
+                print(json.dumps(_record_dict(r), sort_keys=True) if args.output == "json"
+                      else "  ".join(_record_row(r)), flush=True)
+        else:
+            print(_table([_record_row(r) for r in stream], AUDIT_HEADERS))
+    elif g == "audit" and c == "export":
+        for r in stub.ReadAudit(_audit_query(args, since_ts=_since(args.since)), timeout=300):
+            print(json.dumps(_record_dict(r), sort_keys=True, separators=(",", ":")))
+    elif g == "audit" and c == "verify":
+        v = stub.VerifyAudit(types_pb2.Empty(), timeout=300)
+        return _print_verification(v.ok, v.records, v.last_seq, v.bad_seq, v.problem, "issuer database")
+    elif g == "report":
+        for name in ("unused_days", "expiring_days", "silent_hours"):
+            if getattr(args, name) < 0:
+                raise CliError(f"--{name.replace('_', '-')} must not be negative")
+        rep = json.loads(stub.Report(admin_pb2.ReportRequest(
+            unused_days=args.unused_days, expiring_days=args.expiring_days, silent_hours=args.silent_hours),
+            timeout=120).json)
+        if args.output == "json":
+            print(json.dumps(rep, indent=2, sort_keys=True))
+        else:
+            _print_report(rep)
     elif g == "bundle" and c == "show":
         sys.stdout.write(stub.GetBundle(types_pb2.Empty(), timeout=t).pem)
     return 0

@@ -1,0 +1,172 @@
+"""Admin API handlers for the evidence: reading and verifying the audit trail, and the trust-debt report.
+
+A mixin of AdminService (which supplies `operator()` and the `evidence` attribute),
+kept apart so the audit and report handlers live next to what they serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from issuer import report
+from issuer.audit import AuditFilter, ChainCheck, newest_seq_sqlite, read_sqlite, verify_chain
+from issuer.datastore import Datastore
+from issuer.events import EventHub
+from issuer.models import AuditRecord, Entry
+from tessera.errors import FailedPrecondition, InvalidArgument
+from tessera.rpc import grpclib_handler
+from tessera.v1 import admin_pb2
+
+FOLLOW_POLL = 1.0  # a missed wake-up costs at most this long
+PAGE = 1000
+
+
+class AuditFeed:
+    """Wakes followers of the trail when records commit (an audit listener; called from any thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = set()
+
+    def __call__(self, records: list[AuditRecord]) -> None:
+        if not records:
+            return
+        with self._lock:
+            waiters = list(self._waiters)
+        for loop, event in waiters:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass  # the admin loop is shutting down; a listener must never fail the commit
+
+    def waiter(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Event]:
+        w = (asyncio.get_running_loop(), asyncio.Event())
+        with self._lock:
+            self._waiters.add(w)
+        return w
+
+    def forget(self, w) -> None:
+        with self._lock:
+            self._waiters.discard(w)
+
+
+@dataclass
+class Evidence:
+    """What the evidence handlers read. `approval_covers` is wired in once the policy engine is."""
+
+    store: Datastore
+    registry: object  # issuer.registration.Registry
+    attestor: object  # issuer.attestation.SidecarAttestor
+    hub: EventHub
+    feed: AuditFeed = field(default_factory=AuditFeed)
+    approval_covers: Callable[[Entry], bool] | None = None
+
+    def verify(self) -> ChainCheck:
+        path = getattr(self.store, "path", None)  # the SQLite store: read beside the writer, not under its lock
+        return verify_chain(read_sqlite(path) if path is not None else self.store.audit_records())
+
+    def newest_seq(self) -> int:
+        path = getattr(self.store, "path", None)
+        if path is not None:
+            return newest_seq_sqlite(path)
+        records = self.store.audit_records()
+        return records[-1].seq if records else 0
+
+    def build_report(self, thresholds: report.Thresholds) -> dict:
+        return report.build(
+            entries=self.registry.list(), sidecars=self.attestor.list(), issued=self.store.find_issued(),
+            audit=self.store.audit_records(), connected=self.hub.connected(), now=int(time.time()),
+            thresholds=thresholds, approval_covers=self.approval_covers)
+
+
+def record_pb(r: AuditRecord) -> admin_pb2.AuditRecord:
+    return admin_pb2.AuditRecord(
+        seq=r.seq, ts=r.ts, action=r.action, actor_json=json.dumps(r.actor, sort_keys=True),
+        decision=r.decision, reason=r.reason, subject=r.subject,
+        details_json=json.dumps(r.details, sort_keys=True), prev_hash=r.prev_hash, hash=r.hash)
+
+
+def _positive(name: str, value: int, default: int) -> int:
+    if value < 0:
+        raise InvalidArgument(f"{name} must not be negative")
+    return value or default
+
+
+class EvidenceHandlers:
+    evidence: Evidence | None = None
+
+    def _evidence(self) -> Evidence:
+        if self.evidence is None:
+            raise FailedPrecondition("this issuer has no audit store wired in")
+        return self.evidence
+
+    @grpclib_handler
+    async def ReadAudit(self, stream):
+        req = await stream.recv_message()
+        self.operator(stream)
+        ev = self._evidence()
+        if req.last < 0 or req.since_seq < 0:
+            raise InvalidArgument("last and since_seq must not be negative")
+        flt = AuditFilter(action=req.action, decision=req.decision, actor=req.actor, subject=req.subject,
+                          since_ts=req.since_ts)
+        seq = req.since_seq
+        if req.from_end:
+            seq = await asyncio.to_thread(ev.newest_seq)
+        elif req.last:
+            if flt == AuditFilter():  # unfiltered: read only the last N, not the whole trail
+                seq = max(seq, await asyncio.to_thread(ev.newest_seq) - req.last)
+            records = await asyncio.to_thread(ev.store.audit_records, seq)
+            for r in [r for r in records if flt.matches(r)][-req.last:]:
+                await stream.send_message(record_pb(r))
+            if records:
+                seq = records[-1].seq
+        else:
+            seq = await self._send_since(stream, ev, flt, seq)
+        while req.follow:
+            w = ev.feed.waiter()
+            try:
+                seq = await self._send_since(stream, ev, flt, seq)
+                try:
+                    await asyncio.wait_for(w[1].wait(), FOLLOW_POLL)
+                except asyncio.TimeoutError:
+                    pass
+            finally:
+                ev.feed.forget(w)
+
+    async def _send_since(self, stream, ev: Evidence, flt: AuditFilter, seq: int) -> int:
+        while True:
+            page = await asyncio.to_thread(ev.store.audit_records, seq, PAGE)
+            for r in page:
+                if flt.matches(r):
+                    await stream.send_message(record_pb(r))
+            if page:
+                seq = page[-1].seq
+            if len(page) < PAGE:
+                return seq
+
+    @grpclib_handler
+    async def VerifyAudit(self, stream):
+        await stream.recv_message()
+        self.operator(stream)
+        ev = self._evidence()
+        check = await asyncio.to_thread(ev.verify)
+        await stream.send_message(admin_pb2.AuditVerification(
+            ok=check.ok, records=check.records, last_seq=check.last_seq, bad_seq=check.bad_seq,
+            problem=check.problem))
+
+    @grpclib_handler
+    async def Report(self, stream):
+        req = await stream.recv_message()
+        self.operator(stream)
+        ev = self._evidence()
+        d = report.Thresholds()
+        th = report.Thresholds(unused_days=_positive("unused_days", req.unused_days, d.unused_days),
+                               expiring_days=_positive("expiring_days", req.expiring_days, d.expiring_days),
+                               silent_hours=_positive("silent_hours", req.silent_hours, d.silent_hours))
+        data = await asyncio.to_thread(ev.build_report, th)
+        await stream.send_message(admin_pb2.ReportResponse(json=json.dumps(data, sort_keys=True)))

@@ -1,0 +1,109 @@
+"""The issuer's Prometheus metrics: every family in one place, and the functions that feed them.
+
+Issuances, denials and time to credential are derived from committed audit
+records (`observe_audit`, an audit listener), so every decision any part of
+the issuer audits is counted the same way and nothing is counted that did not
+commit. Latency, gauges and the CRL are fed by the code that knows them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from issuer.audit import denial_reason
+from issuer.models import AuditRecord
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Time to credential includes a human approving, so it spans seconds to hours.
+_TTC_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
+
+ISSUANCES = Counter("tessera_issuer_issuances", "Certificates issued, by kind (identity, task, sidecar)",
+                    ["kind"], registry=REGISTRY)
+ISSUANCE_LATENCY = Histogram("tessera_issuer_issuance_latency_seconds",
+                             "Time from receiving a signing request to the durable, signed answer, by kind",
+                             ["kind"], buckets=_LATENCY_BUCKETS, registry=REGISTRY)
+DENIALS = Counter("tessera_issuer_denials", "Refused requests, by audited action and reason",
+                  ["action", "reason"], registry=REGISTRY)
+TIME_TO_CREDENTIAL = Histogram("tessera_issuer_time_to_credential_seconds",
+                               "Time from a credential request to the credential, approvals included, by kind",
+                               ["kind"], buckets=_TTC_BUCKETS, registry=REGISTRY)
+PENDING_APPROVALS = Gauge("tessera_issuer_pending_approvals", "Task requests waiting for an operator's approval",
+                          registry=REGISTRY)
+REVOCATIONS = Counter("tessera_issuer_revocations", "Serials revoked, by what the revocation targeted",
+                      ["target"], registry=REGISTRY)
+CRL_NUMBER = Gauge("tessera_issuer_crl_number", "CRL number of the latest published CRL", registry=REGISTRY)
+CRL_SIZE_BYTES = Gauge("tessera_issuer_crl_size_bytes", "DER size of the latest published CRL", registry=REGISTRY)
+CRL_ENTRIES = Gauge("tessera_issuer_crl_entries", "Revoked serials listed in the latest published CRL",
+                    registry=REGISTRY)
+CONNECTED_SIDECARS = Gauge("tessera_issuer_connected_sidecars", "Sidecars with an open sync stream",
+                           registry=REGISTRY)
+AUDIT_RECORDS = Counter("tessera_issuer_audit_records", "Audit records committed", registry=REGISTRY)
+
+
+# -- fed from the audit trail ----------------------------------------------------------------
+
+def issuance_kind(record: AuditRecord) -> str | None:
+    """The kind of certificate an allowed audit record issued, or None when it issued none."""
+    d = record.details if isinstance(record.details, dict) else {}
+    if record.decision != "allow" or "serial" not in d:
+        return None
+    if d.get("kind"):
+        return str(d["kind"])
+    return "sidecar" if record.action.startswith("sidecar.") else record.action.split(".")[0]
+
+
+def observe_audit(records: Iterable[AuditRecord]) -> None:
+    """Audit listener: count issuances and denials, and observe time to credential."""
+    for r in records:
+        AUDIT_RECORDS.inc()
+        kind = issuance_kind(r)
+        if kind is not None:
+            ISSUANCES.labels(kind).inc()
+            latency_ms = r.details.get("latency_ms")
+            if isinstance(latency_ms, (int, float)):
+                TIME_TO_CREDENTIAL.labels(kind).observe(latency_ms / 1000.0)
+        elif r.decision == "deny":
+            DENIALS.labels(r.action, denial_reason(r)).inc()
+
+
+# -- fed by the features that own the state ------------------------------------------------
+
+
+def observe_issuance_latency(kind: str, seconds: float, count: int = 1) -> None:
+    """Signing paths call this once per request with how many certificates it produced."""
+    h = ISSUANCE_LATENCY.labels(kind)
+    for _ in range(count):
+        h.observe(seconds)
+
+
+def set_pending_approvals(n: int) -> None:
+    """The approval queue calls this whenever its length changes."""
+    PENDING_APPROVALS.set(n)
+
+
+def count_revocations(target: str, serials: int) -> None:
+    """The revocation service calls this after committing: target is serial|task|entry|spiffe_id|sidecar|owner."""
+    if serials:
+        REVOCATIONS.labels(target).inc(serials)
+
+
+def set_crl(number: int, size_bytes: int, entries: int) -> None:
+    """The CRL publisher calls this after publishing a CRL."""
+    CRL_NUMBER.set(number)
+    CRL_SIZE_BYTES.set(size_bytes)
+    CRL_ENTRIES.set(entries)
+
+
+def watch_connected_sidecars(count: Callable[[], int]) -> None:
+    CONNECTED_SIDECARS.set_function(count)
+
+
+def serve(address: str):
+    """Serve /metrics on HOST:PORT; returns the HTTP server (its port is server.server_port)."""
+    host, _, port = address.rpartition(":")
+    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=REGISTRY)
+    return server

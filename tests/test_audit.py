@@ -1,0 +1,323 @@
+"""The audit trail: hash chain verification, the JSON-lines file, and every decision audited end to end."""
+
+import json
+import os
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+
+from harness import wait_for
+from issuer.audit import AuditFile, read_jsonl, verify_chain
+from issuer.models import Actor, AuditEvent
+from issuer.sqlite_store import SQLiteDatastore
+from tessera import pem, x509svid
+from tessera.v1 import issuer_pb2, issuer_pb2_grpc
+
+OP = Actor("operator", "uid:0")
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SQLiteDatastore(tmp_path / "t.db")
+    yield s
+    s.close()
+
+
+def fill(store, n):
+    for i in range(n):
+        store.append_audit([AuditEvent("entry.create", OP, "done", reason=f"r{i}", subject=f"e{i}")])
+
+
+# -- verification --------------------------------------------------------------------------
+
+
+def test_untouched_chain_verifies(store):
+    fill(store, 5)
+    check = verify_chain(store.audit_records())
+    assert check.ok and check.records == 5 and check.last_seq == 5 and check.bad_seq == 0
+
+
+def test_edited_record_is_named_as_the_first_bad_one(store, tmp_path):
+    fill(store, 5)
+    subprocess.run(["sqlite3", str(tmp_path / "t.db"), "UPDATE audit SET reason='nothing to see' WHERE seq=3"],
+                   check=True)
+    check = verify_chain(store.audit_records())
+    assert not check.ok and check.bad_seq == 3 and check.last_seq == 2
+    assert "altered" in check.problem
+
+
+def test_deleted_record_breaks_the_chain_at_its_successor(store, tmp_path):
+    fill(store, 5)
+    subprocess.run(["sqlite3", str(tmp_path / "t.db"), "DELETE FROM audit WHERE seq=2"], check=True)
+    check = verify_chain(store.audit_records())
+    assert not check.ok and check.bad_seq == 3 and "missing" in check.problem
+
+
+def test_row_edited_into_invalid_json_is_named_not_a_crash(store, tmp_path):
+    from issuer.audit import read_sqlite
+
+    fill(store, 3)
+    subprocess.run(["sqlite3", str(tmp_path / "t.db"), "UPDATE audit SET actor='{oops' WHERE seq=2"], check=True)
+    check = verify_chain(read_sqlite(tmp_path / "t.db"))
+    assert not check.ok and check.bad_seq == 2
+
+
+def test_recomputed_hash_does_not_hide_an_edit(store, tmp_path):
+    # An attacker who rewrites a record and its own hash still breaks the link from the next record.
+    fill(store, 4)
+    recs = store.audit_records()
+    from issuer.datastore import audit_hash
+
+    r = recs[1]
+    forged = audit_hash(r.prev_hash, r.seq, r.ts, r.action, r.actor, r.decision, "forged", r.subject, r.details)
+    subprocess.run(["sqlite3", str(tmp_path / "t.db"),
+                    f"UPDATE audit SET reason='forged', hash='{forged}' WHERE seq=2"], check=True)
+    check = verify_chain(store.audit_records())
+    assert not check.ok and check.bad_seq == 3 and "does not point" in check.problem
+
+
+# -- the JSON-lines file ---------------------------------------------------------------------
+
+
+def test_audit_file_holds_every_record_in_order_with_concurrent_writers(store, tmp_path):
+    f = AuditFile(tmp_path / "audit.jsonl")
+    f.catch_up(store.audit_records)
+    f.start()
+    store.audit_listeners.append(f)
+
+    def worker(k):
+        for i in range(40):
+            store.append_audit([AuditEvent("svid.issue", OP, "allow", subject=f"{k}-{i}")])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    f.close()
+    lines = list(read_jsonl(tmp_path / "audit.jsonl"))
+    assert [r.seq for r in lines] == list(range(1, 241))
+    assert verify_chain(lines).ok
+    assert lines == store.audit_records()
+    assert os.stat(tmp_path / "audit.jsonl").st_mode & 0o777 == 0o600
+
+
+def test_audit_file_resumes_after_restart_without_duplicates_or_gaps(store, tmp_path):
+    path = tmp_path / "audit.jsonl"
+    fill(store, 3)
+    f = AuditFile(path)
+    assert f.catch_up(store.audit_records) == 3
+    f.close()
+    # Committed while no file writer ran (the issuer died between commit and file write).
+    fill(store, 2)
+    # And a torn last line from a crash mid-write.
+    with open(path, "ab") as fh:
+        fh.write(b'{"seq": 4, "trunc')
+    f = AuditFile(path)
+    assert f.written_seq == 3
+    assert f.catch_up(store.audit_records) == 2
+    f.close()
+    f = AuditFile(path)
+    assert f.catch_up(store.audit_records) == 0
+    f.close()
+    records = list(read_jsonl(path))
+    assert [r.seq for r in records] == [1, 2, 3, 4, 5] and verify_chain(records).ok
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+
+def export(d, *args) -> list[dict]:
+    return [json.loads(x) for x in d.cli("audit", "export", *args).stdout.splitlines()]
+
+
+def find(records, **want):
+    return [r for r in records if all(r.get(k) == v for k, v in want.items())]
+
+
+def test_editing_one_audit_row_with_sqlite3_makes_verify_exit_1_naming_it(running):
+    d = running
+    d.entry("/agent/a", "host-a")
+    ok = d.cli("audit", "verify")
+    assert ok.returncode == 0 and "intact" in ok.stdout
+    n = len(export(d))
+    assert n >= 3
+    db = d.issuer_dir / "tessera.db"
+    subprocess.run(["sqlite3", str(db), "UPDATE audit SET subject='someone-else' WHERE seq=3"], check=True)
+    bad = d.cli("audit", "verify", check=False)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "record 3" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    # The database can also be checked directly, with the issuer down.
+    d.issuer.stop()
+    direct = d.cli("audit", "verify", "--db", str(db), check=False)
+    assert direct.returncode == 1 and "record 3" in direct.stderr
+
+
+def test_untouched_store_verifies_from_the_database_and_the_file(running):
+    d = running
+    d.entry("/agent/a", "host-a")
+    assert d.cli("audit", "verify").returncode == 0
+    n = len(export(d))
+    path = d.issuer_dir / "audit.jsonl"
+    wait_for(lambda: path.exists() and len(path.read_text().splitlines()) >= n, what="the audit file")
+    r = d.cli("audit", "verify", "--file", str(path))
+    assert r.returncode == 0 and "intact" in r.stdout
+    d.issuer.stop()
+    assert d.cli("audit", "verify", "--db", str(d.issuer_dir / "tessera.db")).returncode == 0
+
+
+def _bootstrap_attest(d, token: str):
+    key = x509svid.new_key()
+    creds = grpc.ssl_channel_credentials(root_certificates=d.bundle_path.read_bytes())
+    with grpc.secure_channel(f"127.0.0.1:{d.port + 1}", creds,
+                             options=[("grpc.ssl_target_name_override", "tessera-issuer")]) as ch:
+        return issuer_pb2_grpc.IssuerStub(ch).AttestSidecar(
+            issuer_pb2.AttestSidecarRequest(join_token=token, csr=x509svid.make_csr(key)), timeout=10)
+
+
+def _sign_as(d, sidecar: str, entry_id: str):
+    from agent_sidecar.issuer_client import IdentityStore
+
+    ident = IdentityStore(d.sidecar_dir(sidecar) / "data").load()
+    creds = grpc.ssl_channel_credentials(root_certificates=d.bundle_path.read_bytes(),
+                                         private_key=pem.key_pem(ident.key),
+                                         certificate_chain=pem.certs_pem(ident.chain))
+    with grpc.secure_channel(f"127.0.0.1:{d.port}", creds,
+                             options=[("grpc.ssl_target_name_override", "tessera-issuer")]) as ch:
+        return issuer_pb2_grpc.IssuerStub(ch).SignX509SVIDs(issuer_pb2.SignX509SVIDsRequest(items=[
+            issuer_pb2.CSRItem(entry_id=entry_id, csr=x509svid.make_csr(x509svid.new_key()))]), timeout=10)
+
+
+def test_each_decision_type_appears_in_the_trail_with_actor_and_reason(running):
+    d = running
+    uid = f"uid:{os.getuid()}"
+    host_a = d.sidecar_id("host-a")
+    # Admin changes.
+    token = d.token("host-b")
+    mine = d.entry("/agent/a", "host-a")
+    d.cli("entry", "update", mine, "--expires-in", "60d", "--reason", "project extended")
+    theirs = d.entry("/agent/b", "host-b")
+    doomed = d.entry("/agent/c", "host-a")
+    d.cli("entry", "delete", doomed)
+    # A sidecar attests with a token; reusing the token is refused.
+    _bootstrap_attest(d, token)
+    with pytest.raises(grpc.RpcError) as e:
+        _bootstrap_attest(d, token)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # Issuance: host-a mints the SVID of its entry. Denial: it asks for host-b's entry.
+    wait_for(lambda: find(export(d, "--filter", "action=svid.issue"), subject=f"spiffe://{d.td}/agent/a"),
+             what="issuance")
+    resp = _sign_as(d, "host-a", theirs)
+    assert resp.items[0].status_code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+
+    trail = export(d)
+    # token create and entry changes: the operator's uid from the kernel.
+    [tok] = find(trail, action="join_token.create", subject=d.sidecar_id("host-b"))
+    assert tok["actor"]["kind"] == "operator" and tok["actor"]["id"] == uid and tok["decision"] == "done"
+    [created] = find(trail, action="entry.create", subject=mine)
+    assert created["actor"]["id"] == uid and created["details"]["owner"] == "alice"
+    [updated] = find(trail, action="entry.update", subject=mine)
+    assert updated["actor"]["id"] == uid and updated["reason"] == "project extended"
+    assert "expires_at" in updated["details"]["changed"]
+    [deleted] = find(trail, action="entry.delete", subject=doomed)
+    assert deleted["actor"]["id"] == uid
+    # Attestation allowed (join token) and denied (reused token), with the peer address.
+    allowed = find(trail, action="sidecar.attest", decision="allow", subject=d.sidecar_id("host-b"))
+    assert allowed and allowed[0]["actor"] == {"kind": "sidecar", "id": d.sidecar_id("host-b"),
+                                               "details": {"peer": allowed[0]["actor"]["details"]["peer"]}}
+    assert allowed[0]["reason"] == "join token" and allowed[0]["details"]["serial"]
+    [denied] = find(trail, action="sidecar.attest", decision="deny")
+    assert denied["reason"] == "join token was already used" and "peer" in denied["actor"]["details"]
+    # Issuance: serial, SPIFFE ID, sidecar, TTL; by the sidecar.
+    [issued] = find(trail, action="svid.issue", subject=f"spiffe://{d.td}/agent/a")[:1]
+    assert issued["actor"] == {"kind": "sidecar", "id": host_a}
+    assert issued["details"]["serial"] and issued["details"]["ttl"] > 0 and issued["details"]["sidecar_id"] == host_a
+    assert issued["reason"] == "entry active, unexpired, parent is the caller"
+    # Denial: which sidecar asked for what, and why.
+    [refused] = find(trail, action="svid.deny", subject=theirs)
+    assert refused["actor"]["id"] == host_a and refused["decision"] == "deny"
+    assert "not registered to" in refused["reason"]
+    assert d.cli("audit", "verify").returncode == 0
+
+
+def test_audit_tail_follow_prints_only_new_records_as_they_commit(running):
+    d = running
+    env = {**os.environ, "TESSERA_ADMIN_SOCKET": str(d.admin_socket)}
+    from harness import BIN, LineReader
+
+    old = d.entry("/agent/old", "host-a")
+    proc = subprocess.Popen([str(BIN / "tessera"), "audit", "tail", "--follow", "-n", "0", "--output", "json",
+                             "--filter", "action=entry."], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env)
+    reader = LineReader(proc)
+    d.children.append(reader)
+    # The tail may not be connected yet when an entry commits: keep creating until one shows up.
+    created: list[str] = []
+    deadline = time.monotonic() + 15
+    while True:
+        created.append(d.entry(f"/agent/new{len(created)}", "host-a"))
+        try:
+            first = reader.next(timeout=0.5)
+            break
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+    assert first["subject"] in created and first["subject"] != old
+    assert first["action"] == "entry.create" and first["actor"]["kind"] == "operator"
+
+
+def test_audit_tail_filters_and_bad_arguments_are_one_line_errors(running):
+    d = running
+    d.entry("/agent/a", "host-a")
+    out = d.cli("audit", "tail", "--filter", "decision=done", "--filter", "actor=uid:", "--output", "json").stdout
+    assert out and all(json.loads(x)["decision"] == "done" and json.loads(x)["actor"]["kind"] == "operator"
+                       for x in out.splitlines())
+    wait_for(lambda: export(d, "--filter", "action=svid.issue"), what="the sidecar's issuance")  # then quiet
+    last2 = [json.loads(x) for x in d.cli("audit", "tail", "-n", "2", "--output", "json").stdout.splitlines()]
+    assert last2 == export(d)[-2:]
+    bad = d.cli("audit", "tail", "--filter", "colour=blue", check=False)
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+    r = d.cli("audit", "export", "--since", "yesterday-ish", check=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert export(d, "--since", "1h") and not export(d, "--since", "2999-01-01T00:00:00Z")
+
+
+def test_audit_file_survives_issuer_kill9_without_duplicates(running):
+    d = running
+    d.entry("/agent/a", "host-a")
+    d.restart_issuer(kill9=True)
+    d.entry("/agent/b", "host-a")
+    n = len(export(d))
+    path = d.issuer_dir / "audit.jsonl"
+    wait_for(lambda: len(path.read_text().splitlines()) >= n, what="the audit file to catch up")
+    records = list(read_jsonl(path))
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))
+    assert verify_chain(records).ok
+
+
+def test_audit_file_resume_reads_only_the_tail_of_a_large_file(store, tmp_path):
+    path = tmp_path / "audit.jsonl"
+    store.append_audit([AuditEvent("entry.create", OP, "done", reason="x" * 500, subject=f"e{i}") for i in range(400)])
+    f = AuditFile(path)
+    f.catch_up(store.audit_records)
+    f.close()
+    assert path.stat().st_size > 3 * 65536
+    with open(path, "ab") as fh:
+        fh.write(b'{"seq": 401, "torn')
+    f = AuditFile(path)
+    assert f.written_seq == 400
+    f.close()
+    assert [r.seq for r in read_jsonl(path)] == list(range(1, 401))
+
+
+def test_sidecar_renewal_is_audited_with_the_sidecar_as_actor(deployment):
+    d = deployment
+    d.start_issuer(sidecar_svid_ttl="6s")  # renewed at half-life, 3 s in
+    d.start_sidecar("host-a")
+    renewed = wait_for(lambda: find(export(d, "--filter", "action=sidecar.renew"), decision="allow"), timeout=20,
+                       what="a renewal record")
+    assert renewed[0]["actor"] == {"kind": "sidecar", "id": d.sidecar_id("host-a")}
+    assert renewed[0]["details"]["serial"] and renewed[0]["details"]["ttl"] == 6

@@ -1,0 +1,117 @@
+"""Prometheus metrics on issuer and sidecar, the issuer's gRPC health service, and `tessera-sidecar healthcheck`."""
+
+import subprocess
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from harness import BIN, free_ports, wait_for
+from test_audit import _bootstrap_attest
+from issuer import metrics
+from issuer.models import AuditRecord
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def rec(action, decision, reason="", **details) -> AuditRecord:
+    return AuditRecord(1, 1.0, action, {"kind": "sidecar", "id": "x"}, decision, reason, "", details, "", "")
+
+
+# -- unit: what the audit listener counts -----------------------------------------------------
+
+
+def test_allowed_records_with_a_serial_count_as_issuances_by_kind():
+    before = metrics.ISSUANCES.labels("task")._value.get()
+    ttc = metrics.TIME_TO_CREDENTIAL.labels("task")._sum.get()
+    metrics.observe_audit([rec("task.issue", "allow", serial="ab", kind="task", latency_ms=250)])
+    metrics.observe_audit([rec("task.request", "pending")])
+    assert metrics.ISSUANCES.labels("task")._value.get() == before + 1
+    assert metrics.TIME_TO_CREDENTIAL.labels("task")._sum.get() == pytest.approx(ttc + 0.25)
+    assert metrics.issuance_kind(rec("sidecar.attest", "allow", serial="cd")) == "sidecar"
+
+
+def test_denial_reasons_are_bounded_labels():
+    why = "entry '{}' is not registered to spiffe://td/tessera/sidecar/{}"
+    a = metrics.denial_reason(rec("svid.deny", "deny", why.format("e-1", "a")))
+    b = metrics.denial_reason(rec("svid.deny", "deny", why.format("e-2", "b")))
+    assert a == b == "entry <value> is not registered to <spiffe-id>"
+    assert metrics.denial_reason(rec("task.deny", "deny", "whatever 123", rule="tier-cap")) == "tier-cap"
+
+
+# -- end to end ------------------------------------------------------------------------------
+
+
+def test_metrics_show_issuances_and_propagation_delay(deployment):
+    d = deployment
+    issuer_port, sidecar_port = free_ports(2)
+    d.start_issuer(metrics_address=f"127.0.0.1:{issuer_port}")
+    d.start_sidecar("host-a", metrics_address=f"127.0.0.1:{sidecar_port}")
+    d.entry("/agent/a", "host-a")  # pushed to the sidecar: one entry_upsert with its commit time
+    assert d.fetch("host-a")["event"] == "update"
+
+    s = wait_for(lambda: (m := scrape(issuer_port)) and
+                 value(m, "tessera_issuer_issuances_total", kind="identity") >= 1 and m, what="issuance metric")
+    assert value(s, "tessera_issuer_issuances_total", kind="sidecar") >= 1
+    assert value(s, "tessera_issuer_issuance_latency_seconds_count", kind="identity") >= 1
+    assert value(s, "tessera_issuer_connected_sidecars") == 1
+    for family in ("tessera_issuer_pending_approvals", "tessera_issuer_crl_number", "tessera_issuer_crl_size_bytes"):
+        assert (family, ()) in s, family
+
+    sc = wait_for(lambda: (m := scrape(sidecar_port)) and value(m, "tessera_sidecar_cached_svids") >= 1 and m,
+                  what="sidecar cache metric")
+    assert value(sc, "tessera_sidecar_propagation_delay_seconds_count", event="entry_upsert") >= 1
+    assert value(sc, "tessera_sidecar_synced") == 1
+
+    # A denial shows up by reason.
+    with pytest.raises(grpc.RpcError):
+        _bootstrap_attest(d, "not-a-token")
+    s = scrape(issuer_port)
+    assert value(s, "tessera_issuer_denials_total", action="sidecar.attest", reason="join token is not valid") == 1
+
+
+def test_issuer_serves_standard_grpc_health(running):
+    creds = grpc.ssl_channel_credentials(root_certificates=running.bundle_path.read_bytes())
+    # The bootstrap port needs no client certificate, so a plain probe can use it.
+    with grpc.secure_channel(f"127.0.0.1:{running.port + 1}", creds,
+                             options=[("grpc.ssl_target_name_override", "tessera-issuer")]) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        r = stub.Check(health_pb2.HealthCheckRequest(service="tessera.v1.Issuer"), timeout=5)
+        assert r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_sidecar_healthcheck_exits_0_when_synced_and_1_when_down(running):
+    d = running
+    ok = subprocess.run([str(BIN / "tessera-sidecar"), "healthcheck", "--socket", str(d.socket("host-a"))],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip() == "SERVING", ok.stderr
+    by_config = subprocess.run([str(BIN / "tessera-sidecar"), "healthcheck", "--config",
+                                str(d.sidecar_dir("host-a") / "sidecar.yaml")], capture_output=True, text=True)
+    assert by_config.returncode == 0, by_config.stderr
+    d.sidecars["host-a"].stop()
+    down = subprocess.run([str(BIN / "tessera-sidecar"), "healthcheck", "--socket", str(d.socket("host-a"))],
+                          capture_output=True, text=True)
+    assert down.returncode == 1 and len(down.stderr.strip().splitlines()) == 1
+
+
+def test_bad_metrics_address_names_the_key(deployment, tmp_path):
+    import yaml
+
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(deployment.issuer_config(metrics_address="nowhere")))
+    r = subprocess.run([str(BIN / "tessera-issuer"), "run", "--config", str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 2 and "metrics_address" in r.stderr
