@@ -49,7 +49,7 @@ def load(path: str | Path, join_token: str | None = None) -> SidecarConfig:
         server_name=sec.str("server_name", "tessera-issuer"),
         exe_hash_max_bytes=max_hash,
         log_level=sec.str("log_level", "info"),
-        metrics_address=_address(sec, "metrics_address") if sec.get("metrics_address", str, None) else None,
+        metrics_address=sec.address("metrics_address") if sec.get("metrics_address", str, None) else None,
     )
     if not cfg.socket_path.is_absolute():
         raise sec.fail("socket_path", "must be an absolute path")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
-
-import grpc
 import sys
 from pathlib import Path
+
+import grpc
 
 from tessera import logs, pem
 from tessera.cliutil import Parser, fail, run_main

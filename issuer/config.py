@@ -61,7 +61,7 @@ def load(path: str | Path) -> IssuerConfig:
         max_workers=sec.get("max_workers", int, 256),
         log_level=sec.str("log_level", "info"),
         audit_file=sec.path("audit_file", str(data_dir / "audit.jsonl")),
-        metrics_address=_address(sec, "metrics_address") if sec.get("metrics_address", str, None) else None,
+        metrics_address=sec.address("metrics_address") if sec.get("metrics_address", str, None) else None,
     )
     if (cfg.ca_cert is None) != (cfg.ca_key is None):
         raise sec.fail("ca_key" if cfg.ca_key is None else "ca_cert", "ca_cert and ca_key must be given together")

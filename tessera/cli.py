@@ -10,7 +10,7 @@ import time
 
 import grpc
 
-from tessera.cliutil import CliError, Parser, run_main
+from tessera.cliutil import CliError, Parser, fail, run_main
 from tessera.durations import format_duration, parse_duration
 from tessera.errors import InvalidArgument
 from tessera.v1 import admin_pb2, admin_pb2_grpc, types_pb2
