@@ -14,6 +14,7 @@ from agent_sidecar.attestation import WorkloadAttestor
 from agent_sidecar.cache import CacheManager
 from agent_sidecar.config import SidecarConfig
 from agent_sidecar.issuer_client import IdentityStore, IssuerClient, SidecarBanned, SidecarIdentity
+from agent_sidecar.task_api import TaskAPI
 from agent_sidecar.workload_api import WorkloadAPI
 from tessera import logs, pem, spiffeid
 from tessera.errors import ConfigError
@@ -83,6 +84,7 @@ class SidecarRuntime:
         await self.client.connect(self.ident)
         td = spiffeid.parse(self.ident.sidecar_id).trust_domain
         self.workload_api = WorkloadAPI(self.cache, self.attestor, td)
+        self.task_api = TaskAPI(self.cache, self.attestor, self.client)
         for coro in (self._sync_loop(), self._renew_loop(), self.cache.run()):
             self._tasks.append(asyncio.create_task(coro))
         # Bind once the first snapshot is in, so a present socket means "ready"; if the issuer is
@@ -96,7 +98,7 @@ class SidecarRuntime:
         log.info("sidecar started", sidecar_id=self.ident.sidecar_id, socket=str(self.cfg.socket_path))
 
     def services(self) -> list:
-        return [self.workload_api]
+        return [self.workload_api, self.task_api]
 
     async def _sync_loop(self) -> None:
         delay = BACKOFF_MIN
@@ -168,6 +170,7 @@ class SidecarRuntime:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+            self.task_api.close()
         try:
             os.unlink(self.cfg.socket_path)
         except OSError:

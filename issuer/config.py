@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
+
+from issuer import policy as policy_mod
 
 from tessera import spiffeid
 from tessera.configfile import Section, load_yaml
@@ -28,6 +31,8 @@ class IssuerConfig:
     resync_interval: int
     max_workers: int
     log_level: str
+    # Tiers and task rules (issuer/policy.py); the default has the standard tiers and no rules.
+    policy: policy_mod.Policy = field(default_factory=lambda: policy_mod.DEFAULT_POLICY)
 
 
 def _address(sec: Section, key: str, default=...) -> str:
@@ -65,6 +70,7 @@ def load(path: str | Path) -> IssuerConfig:
         resync_interval=sec.duration("resync_interval", "5m"),
         max_workers=sec.get("max_workers", int, 256),
         log_level=sec.str("log_level", "info"),
+        policy=policy_mod.load(sec),
     )
     if (cfg.ca_cert is None) != (cfg.ca_key is None):
         raise sec.fail("ca_key" if cfg.ca_key is None else "ca_cert", "ca_cert and ca_key must be given together")

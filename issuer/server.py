@@ -12,6 +12,7 @@ import grpc
 from grpclib.server import Server as GrpclibServer
 
 from issuer.admin_api import AdminService
+from issuer.approvals import Approvals
 from issuer.attestation import SidecarAttestor
 from issuer.ca import CertificateAuthority
 from issuer.config import IssuerConfig
@@ -20,6 +21,7 @@ from issuer.models import IssuedSerial
 from issuer.registration import Registry
 from issuer.sidecar_api import IssuerService
 from issuer.signing import SvidSigner
+from issuer.tasks import TaskService
 from issuer.sqlite_store import SQLiteDatastore
 from tessera import logs, pem, spiffeid, x509svid
 from tessera.uds import bind_unix
@@ -71,13 +73,17 @@ class IssuerServer:
         self.ca = CertificateAuthority.load_or_create(cfg.trust_domain, cfg.data_dir, cfg.ca_cert, cfg.ca_key,
                                                       cfg.ca_ttl)
         self.hub = EventHub()
-        self.registry = Registry(self.store, self.hub, cfg.trust_domain, cfg.default_x509_ttl)
+        self.registry = Registry(self.store, self.hub, cfg.trust_domain, cfg.default_x509_ttl,
+                                 tier_names=cfg.policy.tier_names)
         self.attestor = SidecarAttestor(self.store, self.ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl)
-        self.signer = SvidSigner(self.store, self.ca, self.registry)
+        self.signer = SvidSigner(self.store, self.ca, self.registry, identity_ttl=cfg.policy.identity_ttl)
+        self.approvals = Approvals(self.store, cfg.policy.approval_timeout)
+        self.tasks = TaskService(self.store, self.ca, self.registry, cfg.policy, self.approvals,
+                                 check_entry_allowed=lambda e: self.signer.check_entry_allowed(e))
         self.service = IssuerService(self.attestor, self.signer, self.registry, self.hub,
-                                     lambda: self.ca.bundle_der, cfg.resync_interval)
+                                     lambda: self.ca.bundle_der, cfg.resync_interval, tasks=self.tasks)
         self.admin = AdminService(self.registry, self.attestor, self.hub, lambda: self.ca.bundle_pem,
-                                  cfg.admin_uids)
+                                  cfg.admin_uids, approvals=self.approvals)
         self._grpc: grpc.Server | None = None
         self._admin_loop: asyncio.AbstractEventLoop | None = None
         self._admin_thread: threading.Thread | None = None
