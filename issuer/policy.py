@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -35,6 +36,7 @@ from tessera.errors import ConfigError
 EFFECTS = ("allow", "deny", "require_approval")
 DEFAULT_APPROVAL_TIMEOUT = 300
 MAX_TASK_TTL_LIMIT = 7 * 86400
+_TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")  # as entries' tiers (issuer/registration.py)
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ def _one_line(text: str) -> str:
 
 
 def _tier(sec: Section, name: str) -> Tier:
+    if not _TIER_NAME.match(name):
+        raise sec.fail(name, "tier names are lowercase letters, digits, _ and - (at most 32)")
     s = sec.section(name)
     t = Tier(name, s.duration("max_task_ttl"), s.duration("max_identity_ttl"), s.get("approval", bool, False))
     if not 0 < t.max_task_ttl <= MAX_TASK_TTL_LIMIT:
