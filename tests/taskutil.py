@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 
 from harness import BIN, CLIENTS
-
-import sys
 
 TIERS = {
     "low": {"max_task_ttl": "10m", "max_identity_ttl": "1h"},
@@ -70,7 +68,3 @@ def spiffe_parse(out: Path, td: str = "example.org") -> dict:
 def openssl_verify(out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(["openssl", "verify", "-CAfile", str(out / "bundle.pem"), str(out / "svid.pem")],
                           capture_output=True, text=True)
-
-
-def uid_selector() -> str:
-    return f"unix:uid:{os.getuid()}"

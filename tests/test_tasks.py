@@ -9,8 +9,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from harness import wait_for
+from issuer.approvals import Approvals
+from issuer.ca import CertificateAuthority
+from issuer.events import EventHub
+from issuer.models import Actor, Sidecar
+from issuer.policy import load_section
+from issuer.registration import Registry
+from issuer.sqlite_store import SQLiteDatastore
+from issuer.tasks import TaskService, TaskSpec
 from taskutil import audit, end_task, issued, openssl_verify, policy, spiffe_parse, start_task, task_argv
-from tessera import taskext
+from tessera import taskext, x509svid
+from tessera.configfile import Section
+from tessera.errors import NotFound, PermissionDenied
 
 
 @pytest.fixture
@@ -131,3 +141,40 @@ def test_process_exit_ends_its_tasks(tasks, tmp_path):
     row = wait_for(lambda: (r := issued(tasks, serial))["revoked_at"] is not None and r, timeout=10,
                    what="the serial revoked after the process exited")
     assert "exited" in row["revocation_reason"]
+
+
+# -- the issuer's own checks, against a real datastore and CA (no sidecar can be made to lie here) --
+
+
+def issuer_tasks(tmp_path):
+    store = SQLiteDatastore(tmp_path / "t.db")
+    ca = CertificateAuthority.load_or_create("example.org", tmp_path)
+    pol = load_section(Section(policy(), "policy.", "test"))
+    registry = Registry(store, EventHub(), "example.org", 600, tier_names=pol.tier_names)
+    svc = TaskService(store, ca, registry, pol, Approvals(store, pol.approval_timeout))
+    entry = registry.create(spiffe_id="spiffe://example.org/agent/a", parent="host-a", selectors=["unix:uid:7"],
+                            owner="o", purpose="p", expires_at=int(time.time()) + 3600, actor=Actor("operator", "t"),
+                            scopes=["repo:read"])
+    side = {n: Sidecar(f"spiffe://example.org/tessera/sidecar/{n}", n, "active", 0, 0, "", 0)
+            for n in ("host-a", "host-b")}
+    return svc, store, entry, side
+
+
+def spec(entry_id, selectors=("unix:uid:7",), task_id="t1"):
+    return TaskSpec(entry_id, task_id, ("repo:read",), 60, {}, x509svid.make_csr(x509svid.new_key()),
+                    frozenset(selectors))
+
+
+def test_issuer_refuses_tasks_for_another_sidecars_entry_or_unmatched_selectors(tmp_path):
+    svc, store, entry, side = issuer_tasks(tmp_path)
+    with pytest.raises(PermissionDenied, match="not registered to"):
+        list(svc.request(side["host-b"], spec(entry.id)))
+    with pytest.raises(PermissionDenied, match="does not match the selectors"):
+        list(svc.request(side["host-a"], spec(entry.id, ("unix:uid:8",))))
+    [(kind, svid)] = list(svc.request(side["host-a"], spec(entry.id)))
+    assert kind == "svid" and store.get_issued(svid.serial).kind == "task"
+    # Another sidecar cannot end it either.
+    with pytest.raises(NotFound):
+        svc.end(side["host-b"], "t1", "", "", Actor("sidecar", side["host-b"].id))
+    assert store.get_issued(svid.serial).revoked_at is None
+    store.close()
