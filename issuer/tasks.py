@@ -122,7 +122,15 @@ class TaskService:
         except ValueError as e:
             raise InvalidArgument(f"invalid CSR: {e}") from None
         now = time.time()
-        entry = self._entry_for(sidecar, spec, now)
+        try:
+            entry = self._entry_for(sidecar, spec, now)
+        except PermissionDenied as e:
+            self.store.append_audit([AuditEvent(
+                "task.deny", Actor("workload", "unknown", {**spec.workload, "sidecar_id": sidecar.id}), "deny",
+                reason=e.message, subject=spec.entry_id,
+                details={"task_id": spec.task_id, "entry_id": spec.entry_id, "scopes": list(scopes),
+                         "requested_ttl": spec.ttl, "context": context, "rule": "entry"})])
+            raise
         actor = Actor("workload", entry.spiffe_id, {**spec.workload, "sidecar_id": sidecar.id})
         key = (entry.id, spec.task_id)
         with self._lock:

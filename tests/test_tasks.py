@@ -1,14 +1,16 @@
 """Per-task credentials end to end: real issuer and sidecar processes, the shell task commands,
 standard verifiers (openssl, the unmodified `spiffe` package), the issuer's SQLite datastore."""
 
+import json
 import subprocess
+import sys
 import time
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from harness import wait_for
+from harness import CLIENTS, wait_for
 from issuer.approvals import Approvals
 from issuer.ca import CertificateAuthority
 from issuer.events import EventHub
@@ -107,7 +109,7 @@ def test_expired_entry_is_permission_denied_on_both_apis(tasks, tmp_path):
     time.sleep(3.5)
     assert "short" in tasks.cli("entry", "list", "--expired").stdout
     ctx = tasks.fetch("host-a")
-    assert ctx["event"] == "error" and "PERMISSION_DENIED" in ctx["error"].upper().replace(" ", "_"), ctx
+    assert ctx["event"] == "error" and "PERMISSION_DENIED" in ctx["error"], ctx
     r = start_task(tasks, "late", tmp_path / "t", "repo:read")
     assert r.returncode == 2 and "PERMISSION_DENIED" in r.stderr and "no identity issued" in r.stderr
 
@@ -124,6 +126,21 @@ def test_end_task_revokes_its_serial_in_the_datastore(tasks, tmp_path):
     (ev,) = audit(tasks, "task.end")
     assert ev["details"]["serials"] == [serial]
     assert end_task(tasks, "ending").returncode == 2  # no longer live
+
+
+def test_exit_of_the_calling_process_ends_its_tasks(tasks, tmp_path):
+    client = subprocess.Popen([sys.executable, str(CLIENTS / "task_client.py"), str(tasks.socket("host-a")),
+                               "own-task", "repo:read"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = json.loads(client.stdout.readline())
+        assert "serial" in line, line
+        assert issued(tasks, line["serial"])["revoked_at"] is None
+    finally:
+        client.stdin.close()  # the client exits when its stdin closes
+        client.wait(timeout=10)
+    row = wait_for(lambda: (r := issued(tasks, line["serial"]))["revoked_at"] is not None and r, timeout=10,
+                   what="the serial revoked after the process exited")
+    assert row["revocation_reason"] == f"process {client.pid} exited"
 
 
 def test_process_exit_ends_its_tasks(tasks, tmp_path):
@@ -171,6 +188,9 @@ def test_issuer_refuses_tasks_for_another_sidecars_entry_or_unmatched_selectors(
         list(svc.request(side["host-b"], spec(entry.id)))
     with pytest.raises(PermissionDenied, match="does not match the selectors"):
         list(svc.request(side["host-a"], spec(entry.id, ("unix:uid:8",))))
+    assert [r.reason for r in store.audit_records() if r.action == "task.deny"] == [
+        f"entry {entry.id!r} is not registered to {side['host-b'].id}",
+        f"the calling workload does not match the selectors of entry {entry.id}"]
     [(kind, svid)] = list(svc.request(side["host-a"], spec(entry.id)))
     assert kind == "svid" and store.get_issued(svid.serial).kind == "task"
     # Another sidecar cannot end it either.
