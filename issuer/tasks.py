@@ -29,6 +29,7 @@ from tessera.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, Not
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 _CONTEXT_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_CONTEXT = 32
+MAX_SCOPES = 64  # they all go into the certificate
 MAX_CONTEXT_VALUE = 256
 
 
@@ -112,7 +113,9 @@ class TaskService:
         """Yields ("pending", ApprovalRequest) while a human decides, then ("svid", TaskSVID). Raises on refusal."""
         started = time.monotonic()
         if not _TASK_ID.match(spec.task_id or ""):
-            raise InvalidArgument("invalid task_id: 1-128 of letters, digits and . _ : @ / - ")
+            raise InvalidArgument("invalid task_id: use 1-128 letters, digits and . _ : @ / -")
+        if len(spec.scopes) > MAX_SCOPES:
+            raise InvalidArgument(f"at most {MAX_SCOPES} scopes per task")
         scopes = validate_scopes(spec.scopes)
         context = validate_context(spec.context)
         if spec.ttl <= 0:
