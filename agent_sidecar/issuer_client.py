@@ -124,6 +124,15 @@ class IssuerClient:
         resp = await self.stub.SignX509SVIDs(req, timeout=30)
         return list(resp.items)
 
+    def request_task(self, req: issuer_pb2.TaskSVIDRequest):
+        """A server stream of TaskSVIDUpdate; no deadline, since a human may be deciding."""
+        return self.stub.RequestTaskSVID(req)
+
+    async def end_task(self, task_id: str, entry_id: str, reason: str) -> list[str]:
+        resp = await self.stub.EndTask(issuer_pb2.EndTaskSVIDRequest(task_id=task_id, entry_id=entry_id,
+                                                                     reason=reason), timeout=30)
+        return list(resp.revoked_serials)
+
     def sync(self):
         return self.stub.Sync(issuer_pb2.SyncRequest())
 

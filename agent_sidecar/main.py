@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from tessera import logs, pem
-from tessera.cliutil import Parser, fail, run_main
+from tessera.cliutil import CliError, Parser, fail, run_main
 from tessera.errors import ConfigError, TesseraError
 
 PROG = "tessera-sidecar"
@@ -35,7 +35,60 @@ def build_parser() -> Parser:
     where.add_argument("--socket", help="the sidecar's socket path")
     where.add_argument("--config", help="the sidecar's config file (its socket_path)")
     hc.add_argument("--timeout", type=float, default=5.0)
+    task = sub.add_parser("task", help="per-task credentials from the shell").add_subparsers(
+        dest="task_cmd", required=True, parser_class=Parser)
+    ts = task.add_parser("start", help="obtain a task credential into PEM files; prints the serial. "
+                                       "The task ends when the calling shell (this command's parent) exits")
+    ts.add_argument("--socket", required=True, help="sidecar socket path")
+    ts.add_argument("--task-id", required=True)
+    ts.add_argument("--scope", action="append", default=[], help="repeatable")
+    ts.add_argument("--ttl", default="5m", help="requested lifetime (capped by policy)")
+    ts.add_argument("--context", action="append", default=[], help="KEY=VALUE, repeatable")
+    ts.add_argument("--spiffe-id", default="", help="which identity, if the caller has several")
+    ts.add_argument("--out", required=True, help="directory for svid.pem, key.pem, bundle.pem")
+    ts.add_argument("--wait", default="2m", help="how long to wait, including for a human approval")
+    te = task.add_parser("end", help="end a task: its credential is revoked at once")
+    te.add_argument("--socket", required=True)
+    te.add_argument("--task-id", required=True)
     return p
+
+
+def _seconds(value: str, flag: str) -> int:
+    from tessera.durations import parse_duration
+    from tessera.errors import InvalidArgument
+
+    try:
+        return parse_duration(value)
+    except InvalidArgument as e:
+        raise CliError(f"{flag}: {e.message}") from None
+
+
+def cmd_task_start(args) -> int:
+    from agent_sidecar.workload_client import start_task, write_svid_files
+
+    context = {}
+    for item in args.context:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise CliError(f"--context must be KEY=VALUE, got {item!r}")
+        context[k] = v
+    cred = start_task(
+        args.socket, args.task_id, args.scope, _seconds(args.ttl, "--ttl"), context, _seconds(args.wait, "--wait"),
+        spiffe_id=args.spiffe_id, bind_to_parent=True,
+        on_pending=lambda p: print(f"pending approval {p.approval_id}: {p.reason}", file=sys.stderr, flush=True))
+    write_svid_files(Path(args.out), cred.cert_chain, cred.key, cred.bundle)
+    print(cred.serial)
+    print(f"task {cred.task_id} {cred.spiffe_id} scopes {','.join(cred.scopes) or '-'} expires "
+          f"{pem.split_der(cred.cert_chain)[0].not_valid_after_utc.isoformat()}", file=sys.stderr)
+    return 0
+
+
+def cmd_task_end(args) -> int:
+    from agent_sidecar.workload_client import end_task
+
+    for serial in end_task(args.socket, args.task_id):
+        print(serial)
+    return 0
 
 
 async def _run(cfg) -> int:
@@ -106,12 +159,13 @@ def dispatch(args) -> int:
         return cmd_run(args)
     if args.command == "healthcheck":
         return cmd_healthcheck(args)
+    if args.command == "task":
+        return cmd_task_start(args) if args.task_cmd == "start" else cmd_task_end(args)
     return cmd_fetch(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_main(PROG, dispatch, build_parser().parse_args(argv))
-
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from agent_sidecar.cache import CacheManager
 from agent_sidecar.config import SidecarConfig
 from agent_sidecar.health import HealthService
 from agent_sidecar.issuer_client import IdentityStore, IssuerClient, SidecarBanned, SidecarIdentity
+from agent_sidecar.task_api import TaskAPI
 from agent_sidecar.workload_api import WorkloadAPI
 from tessera import logs, pem, spiffeid
 from tessera.errors import ConfigError
@@ -91,6 +92,7 @@ class SidecarRuntime:
         self.workload_api = WorkloadAPI(self.cache, self.attestor, td)
         if self.cfg.metrics_address:
             self.metrics_server = metrics.serve(self.cfg.metrics_address)
+        self.task_api = TaskAPI(self.cache, self.attestor, self.client)
         for coro in (self._sync_loop(), self._renew_loop(), self.cache.run()):
             self._tasks.append(asyncio.create_task(coro))
         # Bind once the first snapshot is in, so a present socket means "ready"; if the issuer is
@@ -104,7 +106,7 @@ class SidecarRuntime:
         log.info("sidecar started", sidecar_id=self.ident.sidecar_id, socket=str(self.cfg.socket_path))
 
     def services(self) -> list:
-        return [self.workload_api, self.health]
+        return [self.workload_api, self.task_api, self.health]
 
     def healthy(self) -> bool:
         """Synced with the issuer at least once since start, and holding an unexpired sidecar SVID.
@@ -187,6 +189,7 @@ class SidecarRuntime:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        self.task_api.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from issuer.approvals import ApprovalRequest, Approvals
 from issuer.attestation import SidecarAttestor
 from issuer.convert import entry_pb, sidecar_pb
 from issuer.events import EventHub
@@ -23,12 +24,13 @@ from tessera.v1 import admin_grpc, admin_pb2, types_pb2
 
 class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
     def __init__(self, registry: Registry, attestor: SidecarAttestor, hub: EventHub, bundle_pem,
-                 allowed_uids: tuple[int, ...]):
+                 allowed_uids: tuple[int, ...], approvals: Approvals | None = None):
         self.registry = registry
         self.attestor = attestor
         self.hub = hub
         self.bundle_pem = bundle_pem
         self.allowed_uids = set(allowed_uids)
+        self.approvals = approvals
 
     def operator(self, stream) -> Actor:
         cred = peercred.from_grpclib_stream(stream)
@@ -113,3 +115,26 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
         await stream.recv_message()
         self.operator(stream)
         await stream.send_message(admin_pb2.Bundle(pem=self.bundle_pem().decode()))
+
+    @grpclib_handler
+    async def ListApprovals(self, stream):
+        await stream.recv_message()
+        self.operator(stream)
+        await stream.send_message(admin_pb2.ListApprovalsResponse(
+            approvals=[approval_pb(a) for a in self.approvals.list()]))
+
+    @grpclib_handler
+    async def DecideApproval(self, stream):
+        req = await stream.recv_message()
+        actor = self.operator(stream)
+        a = await asyncio.to_thread(self.approvals.decide, req.id, req.approve, actor, req.reason)
+        await stream.send_message(approval_pb(a))
+
+
+def approval_pb(a: ApprovalRequest) -> admin_pb2.Approval:
+    return admin_pb2.Approval(
+        id=a.id, task_id=a.task_id, entry_id=a.entry_id, spiffe_id=a.spiffe_id, owner=a.owner, tier=a.tier,
+        scopes=list(a.scopes), ttl_seconds=a.ttl, context=a.context, sidecar_id=a.sidecar_id,
+        pid=int(a.workload.get("pid") or 0), uid=int(a.workload.get("uid") or 0), exe=a.workload.get("exe") or "",
+        reason=a.reason, created_at=a.created_at, expires_at=a.expires_at, state=a.state,
+        decided_by=a.decided_by, decision_reason=a.decision_reason)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
+
+from issuer import policy as policy_mod
 
 from tessera import spiffeid
 from tessera.configfile import load_yaml
@@ -30,6 +33,8 @@ class IssuerConfig:
     log_level: str
     audit_file: Path | None = None  # JSON-lines copy of the audit trail
     metrics_address: str | None = None  # HOST:PORT for Prometheus /metrics; off when unset
+    # Tiers and task rules (issuer/policy.py); the default has the standard tiers and no rules.
+    policy: policy_mod.Policy = field(default_factory=lambda: policy_mod.DEFAULT_POLICY)
 
 
 
@@ -62,6 +67,7 @@ def load(path: str | Path) -> IssuerConfig:
         log_level=sec.str("log_level", "info"),
         audit_file=sec.path("audit_file", str(data_dir / "audit.jsonl")),
         metrics_address=sec.address("metrics_address") if sec.get("metrics_address", str, None) else None,
+        policy=policy_mod.load(sec),
     )
     if (cfg.ca_cert is None) != (cfg.ca_key is None):
         raise sec.fail("ca_key" if cfg.ca_key is None else "ca_cert", "ca_cert and ca_key must be given together")

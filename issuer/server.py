@@ -13,7 +13,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpclib.server import Server as GrpclibServer
 
 from issuer import metrics
+from issuer import policy as policy_mod
 from issuer.admin_api import AdminService
+from issuer.approvals import Approvals
 from issuer.attestation import SidecarAttestor
 from issuer.audit import AuditFile
 from issuer.ca import CertificateAuthority
@@ -25,6 +27,7 @@ from issuer.registration import Registry
 from issuer.sidecar_api import IssuerService
 from issuer.signing import SvidSigner
 from issuer.sqlite_store import SQLiteDatastore
+from issuer.tasks import TaskService, entry_view
 from tessera import logs, pem, spiffeid, x509svid
 from tessera.uds import bind_unix
 from tessera.v1 import issuer_pb2_grpc
@@ -85,16 +88,21 @@ class IssuerServer:
         self.ca = CertificateAuthority.load_or_create(cfg.trust_domain, cfg.data_dir, cfg.ca_cert, cfg.ca_key,
                                                       cfg.ca_ttl)
         self.hub = EventHub()
-        self.registry = Registry(self.store, self.hub, cfg.trust_domain, cfg.default_x509_ttl)
+        self.registry = Registry(self.store, self.hub, cfg.trust_domain, cfg.default_x509_ttl,
+                                 tier_names=cfg.policy.tier_names)
         self.attestor = SidecarAttestor(self.store, self.ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl)
-        self.signer = SvidSigner(self.store, self.ca, self.registry)
+        self.signer = SvidSigner(self.store, self.ca, self.registry, identity_ttl=cfg.policy.identity_ttl)
+        self.approvals = Approvals(self.store, cfg.policy.approval_timeout)
+        self.tasks = TaskService(self.store, self.ca, self.registry, cfg.policy, self.approvals,
+                                 check_entry_allowed=lambda e: self.signer.check_entry_allowed(e))
         self.service = IssuerService(self.attestor, self.signer, self.registry, self.hub,
-                                     lambda: self.ca.bundle_der, cfg.resync_interval)
+                                     lambda: self.ca.bundle_der, cfg.resync_interval, tasks=self.tasks)
         self.admin = AdminService(self.registry, self.attestor, self.hub, lambda: self.ca.bundle_pem,
-                                  cfg.admin_uids)
+                                  cfg.admin_uids, approvals=self.approvals)
         self.evidence = Evidence(self.store, self.registry, self.attestor, self.hub)
         self.store.audit_listeners.append(self.evidence.feed)
         self.admin.evidence = self.evidence
+        self.evidence.approval_covers = lambda e: policy_mod.approval_covers(cfg.policy, entry_view(e), time.time())
         metrics.watch_connected_sidecars(lambda: len(self.hub.connected()))
         self.health = health.HealthServicer()
         self.metrics_server = None

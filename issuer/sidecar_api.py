@@ -10,13 +10,14 @@ from issuer import metrics
 from issuer.attestation import SidecarAttestor
 from issuer.convert import entry_pb
 from issuer.events import CLOSE, EventHub
-from issuer.models import Sidecar
+from issuer.models import Actor, Sidecar
 from issuer.registration import Registry
 from issuer.signing import SvidSigner
+from issuer.tasks import TaskService, TaskSpec
 from tessera import pem
 from tessera.errors import PermissionDenied
 from tessera.rpc import grpcio_handler
-from tessera.v1 import issuer_pb2, issuer_pb2_grpc
+from tessera.v1 import issuer_pb2, issuer_pb2_grpc, task_pb2
 
 
 def peer_cert_pem(context: grpc.ServicerContext) -> bytes | None:
@@ -26,13 +27,14 @@ def peer_cert_pem(context: grpc.ServicerContext) -> bytes | None:
 
 class IssuerService(issuer_pb2_grpc.IssuerServicer):
     def __init__(self, attestor: SidecarAttestor, signer: SvidSigner, registry: Registry, hub: EventHub,
-                 bundle_der, resync_interval: int):
+                 bundle_der, resync_interval: int, tasks: TaskService | None = None):
         self.attestor = attestor
         self.signer = signer
         self.registry = registry
         self.hub = hub
         self.bundle_der = bundle_der  # callable returning the current bundle
         self.resync_interval = resync_interval
+        self.tasks = tasks
 
     def _caller(self, context) -> Sidecar:
         sidecar = self.attestor.authenticate(peer_cert_pem(context))
@@ -110,3 +112,30 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
                     yield msg
         finally:
             sub.close()
+
+    @grpcio_handler
+    def RequestTaskSVID(self, request, context):
+        sidecar = self._caller(context)
+        w = request.workload
+        spec = TaskSpec(entry_id=request.entry_id, task_id=request.task_id, scopes=tuple(request.scopes),
+                        ttl=request.ttl_seconds, context=dict(request.context), csr=request.csr,
+                        selectors=frozenset(request.selectors),
+                        workload={"pid": w.pid, "uid": w.uid, "gid": w.gid, "exe": w.exe})
+        for kind, value in self.tasks.request(sidecar, spec):
+            if kind == "pending":
+                # A caller that goes away stops the wait (and the pending request) at once.
+                context.add_callback(lambda a=value.id: self.tasks.approvals.cancel(a, "caller went away"))
+                yield issuer_pb2.TaskSVIDUpdate(pending=task_pb2.TaskPending(
+                    approval_id=value.id, reason=value.reason, expires_at=value.expires_at))
+            else:
+                yield issuer_pb2.TaskSVIDUpdate(svid=issuer_pb2.SignedTaskSVID(
+                    entry_id=value.entry_id, spiffe_id=value.spiffe_id, cert_chain=value.cert_der,
+                    serial=value.serial, expires_at=value.expires_at, scopes=list(value.scopes),
+                    task_id=value.task_id))
+
+    @grpcio_handler
+    def EndTask(self, request, context):
+        sidecar = self._caller(context)
+        revoked = self.tasks.end(sidecar, request.task_id, request.entry_id, request.reason,
+                                 Actor("sidecar", sidecar.id))
+        return task_pb2.EndTaskResponse(revoked_serials=revoked)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -35,10 +35,12 @@ class SignResult:
 
 
 class SvidSigner:
-    def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry):
+    def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry,
+                 identity_ttl: Callable[[str, int], int] = lambda tier, ttl: ttl):
         self.store = store
         self.ca = ca
         self.registry = registry
+        self.identity_ttl = identity_ttl  # (tier, x509_ttl) -> TTL capped by the tier's max identity TTL
 
     def sign_batch(self, sidecar: Sidecar, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
         if len(items) > MAX_BATCH:
@@ -64,7 +66,7 @@ class SvidSigner:
                 except ValueError as e:
                     raise InvalidArgument(f"invalid CSR for entry {entry_id}: {e}") from None
                 signed = self.ca.sign(
-                    public_key, spiffeid.parse(entry.spiffe_id), entry.x509_ttl,
+                    public_key, spiffeid.parse(entry.spiffe_id), self.identity_ttl(entry.tier, entry.x509_ttl),
                     not_after_cap=dt.datetime.fromtimestamp(entry.expires_at, dt.timezone.utc),
                 )
                 not_after = int(signed.not_after.timestamp())

@@ -2,24 +2,57 @@
 
 An issuer (SQLite datastore) and a sidecar start as real processes; an entry is
 registered for the current user; the unmodified `spiffe` client fetches an
-X.509-SVID over the Workload API. Everything is stopped at the end.
+X.509-SVID over the Workload API; then a task credential is started (its own
+serial and scopes, decided by policy) and ended. Everything is stopped at the end.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import Deployment  # noqa: E402  (the same harness the end-to-end tests drive)
+from harness import BIN, Deployment  # noqa: E402  (the same harness the end-to-end tests drive)
+
+# Tasks are denied unless a rule allows them: the demo allows the scopes an entry grants.
+DEMO_POLICY = {"rules": [{"name": "allow-entry-scopes", "effect": "allow", "condition": "true",
+                          "reason": "agents may use the scopes their entry grants"}]}
 
 
 def step(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
+
+
+def task_step(d: Deployment, out: Path) -> bool:
+    from cryptography import x509
+
+    from tessera import taskext
+
+    sidecar = [str(BIN / "tessera-sidecar"), "task"]
+    sock = ["--socket", str(d.socket("host-a")), "--task-id", "review-pr-7"]
+    r = subprocess.run([*sidecar, "start", *sock, "--scope", "repo:read", "--ttl", "5m", "--context", "pr=7",
+                        "--out", str(out)], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"task start failed: {r.stderr}", file=sys.stderr)
+        return False
+    cert = x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())[0]
+    binding = taskext.read(cert)
+    print(f"task:      {binding.task_id}")
+    print(f"serial:    {r.stdout.strip()}")
+    print(f"scopes:    {', '.join(binding.scopes)}")
+    print(f"expires:   {cert.not_valid_after_utc.isoformat()}")
+    step("end the task: its serial is revoked at once")
+    r = subprocess.run([*sidecar, "end", *sock], capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"task end failed: {r.stderr}", file=sys.stderr)
+        return False
+    print(f"revoked:   {r.stdout.strip()}")
+    return True
 
 
 def main() -> int:
@@ -27,7 +60,7 @@ def main() -> int:
         d = Deployment(Path(tmp))
         try:
             step("start the issuer (CA + SQLite datastore)")
-            d.start_issuer()
+            d.start_issuer(policy=DEMO_POLICY)
             print(f"issuer listening on 127.0.0.1:{d.port}; admin socket {d.admin_socket}")
 
             step("create a join token and start a sidecar with it")
@@ -36,7 +69,7 @@ def main() -> int:
 
             step(f"register an identity for uid {os.getuid()}")
             entry_id = d.entry("/agent/demo", "host-a", f"unix:uid:{os.getuid()}", owner="demo-team",
-                               purpose="show the main job", x509_ttl="10m")
+                               purpose="show the main job", x509_ttl="10m", scope=["repo:read", "repo:write"])
             print(f"entry {entry_id}")
 
             step("fetch an X.509-SVID with the unmodified `spiffe` client")
@@ -48,6 +81,10 @@ def main() -> int:
             print(f"SPIFFE ID: {svid['spiffe_id']}")
             print(f"serial:    {svid['serial']}")
             print(f"expires:   {dt.datetime.fromtimestamp(svid['not_after'], dt.timezone.utc).isoformat()}")
+
+            step("start a task: its own key, serial, scopes and a 5m lifetime")
+            if not task_step(d, Path(tmp) / "task"):
+                return 1
         finally:
             step("stop everything")
             d.close()

@@ -46,6 +46,14 @@ def _sidecar_dict(s: types_pb2.Sidecar) -> dict:
             "svid_expires_at": s.svid_expires_at}
 
 
+def _approval_dict(a: admin_pb2.Approval) -> dict:
+    return {"id": a.id, "task_id": a.task_id, "entry_id": a.entry_id, "spiffe_id": a.spiffe_id, "owner": a.owner,
+            "tier": a.tier, "scopes": list(a.scopes), "ttl": a.ttl_seconds, "context": dict(a.context),
+            "sidecar_id": a.sidecar_id, "workload": {"pid": a.pid, "uid": a.uid, "exe": a.exe},
+            "reason": a.reason, "created_at": a.created_at, "expires_at": a.expires_at, "state": a.state,
+            "decided_by": a.decided_by, "decision_reason": a.decision_reason}
+
+
 def _table(rows: list[list[str]], headers: list[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [len(h) for h in headers]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
@@ -139,6 +147,15 @@ def build_parser() -> Parser:
     rp.add_argument("--expiring-days", type=int, default=0, help="entries expiring within N days (default 14)")
     rp.add_argument("--silent-hours", type=int, default=0, help="sidecars not seen for N hours (default 24)")
     rp.add_argument("--output", choices=["table", "json"], default="table")
+    ap = sub.add_parser("approval", help="task requests awaiting a human decision").add_subparsers(
+        dest="cmd", required=True, parser_class=Parser)
+    al = ap.add_parser("list", help="list pending approvals")
+    al.add_argument("--output", choices=["table", "json"], default="table")
+    for verb in ("approve", "deny"):
+        av = ap.add_parser(verb, help=f"{verb} a pending task request")
+        av.add_argument("id")
+        av.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+        av.add_argument("--output", choices=["text", "json"], default="text")
 
     bd = sub.add_parser("bundle", help="trust bundle").add_subparsers(dest="cmd", required=True, parser_class=Parser)
     bd.add_parser("show", help="print the PEM trust bundle")
@@ -364,6 +381,20 @@ def run(args) -> int:
             print(json.dumps(rep, indent=2, sort_keys=True))
         else:
             _print_report(rep)
+    elif g == "approval" and c == "list":
+        approvals = stub.ListApprovals(types_pb2.Empty(), timeout=t).approvals
+        if args.output == "json":
+            print(json.dumps([_approval_dict(a) for a in approvals], indent=2))
+        else:
+            print(_table([[a.id, a.task_id, a.spiffe_id, ",".join(a.scopes), a.tier, _ts(a.expires_at), a.reason]
+                          for a in approvals], ["ID", "TASK", "SPIFFE ID", "SCOPES", "TIER", "EXPIRES", "WHY"]))
+    elif g == "approval" and c in ("approve", "deny"):
+        if not args.reason.strip():
+            raise CliError("--reason must not be empty")
+        a = stub.DecideApproval(admin_pb2.DecideApprovalRequest(id=args.id, approve=c == "approve",
+                                                                reason=args.reason), timeout=t)
+        d = _approval_dict(a)
+        print(json.dumps(d, indent=2) if args.output == "json" else f"{a.id} {a.state} by {a.decided_by}")
     elif g == "bundle" and c == "show":
         sys.stdout.write(stub.GetBundle(types_pb2.Empty(), timeout=t).pem)
     return 0

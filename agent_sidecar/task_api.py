@@ -1,0 +1,201 @@
+"""Tessera's task API on the sidecar's socket: per-task credentials for attested workloads.
+
+The caller is attested from the kernel as for the Workload API; the sidecar
+picks the caller's entry from those selectors (the request may name one of its
+SPIFFE IDs), generates the task key here, and forwards the request with the
+selectors and process details to the issuer, which decides. Pending updates are
+relayed as they come, so a caller waiting for approval holds one stream and
+never polls.
+
+Each task is tied to a process (the caller, or its parent for shell helpers),
+watched with a pidfd on the event loop: when it exits, its tasks end and their
+serials are revoked on the issuer. The table lives in memory: tasks started
+before a sidecar restart are bounded by their TTL only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass
+
+import grpc
+from grpclib import GRPCError
+from grpclib.const import Status
+
+from agent_sidecar.attestation import Workload, WorkloadAttestor, _alive
+from agent_sidecar.cache import CacheManager
+from agent_sidecar.issuer_client import IssuerClient
+from agent_sidecar.workload_api import attest, check_security_header
+from tessera import logs, pem, x509svid
+from tessera.v1 import issuer_pb2, task_grpc, task_pb2
+
+log = logs.get("sidecar.task_api")
+
+END_RETRIES = 5
+
+
+@dataclass(frozen=True)
+class LiveTask:
+    task_id: str
+    entry_id: str
+    serial: str
+    pid: int
+    expires_at: int
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    # The command name may hold spaces and parentheses: fields resume after the last ')'.
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def owner_pidfd(wl: Workload, parent: bool) -> tuple[int, int]:
+    """(pid, pidfd) of the process a task is tied to: the caller, or the caller's parent."""
+    pid = wl.pid
+    if parent:
+        pid = _ppid(wl.pid)
+    fd = os.pidfd_open(pid)
+    # pidfd_open by number could name a recycled pid: re-check the relation while holding the fd.
+    if parent and _ppid(wl.pid) != pid:
+        os.close(fd)
+        raise GRPCError(Status.PERMISSION_DENIED, "the calling process's parent changed during the request")
+    return pid, fd
+
+
+def _issuer_error(e: grpc.aio.AioRpcError) -> GRPCError:
+    """Relay the issuer's status and message; the issuer's words are the rule's reason."""
+    code = e.code()
+    status = Status(code.value[0]) if code is not None else Status.UNKNOWN
+    return GRPCError(status, e.details() or code.name)
+
+
+class TaskAPI(task_grpc.TasksBase):
+    def __init__(self, cache: CacheManager, attestor: WorkloadAttestor, client: IssuerClient):
+        self.cache = cache
+        self.attestor = attestor
+        self.client = client
+        self.tasks: dict[tuple[str, str], LiveTask] = {}  # (entry_id, task_id) -> task
+        self._watched: dict[int, int] = {}  # pid -> pidfd
+
+    async def _caller(self, stream):
+        check_security_header(stream)
+        req = await stream.recv_message()
+        if not self.cache.ready:
+            raise GRPCError(Status.UNAVAILABLE, "sidecar is starting: no entries synced from the issuer yet")
+        return req, await attest(self.attestor, stream)
+
+    def _entry(self, wl: Workload, spiffe_id: str):
+        entries = self.cache.matching(wl.selectors)
+        if spiffe_id:
+            entries = [e for e in entries if e.spiffe_id == spiffe_id]
+        if not entries:
+            raise GRPCError(Status.PERMISSION_DENIED, "no identity issued" + (f" for {spiffe_id}" if spiffe_id else ""))
+        return entries[0]
+
+    async def StartTask(self, stream) -> None:
+        req, wl = await self._caller(stream)
+        entry = self._entry(wl, req.spiffe_id)
+        try:
+            pid, pidfd = owner_pidfd(wl, req.bind_to_parent)
+        except OSError as e:
+            raise GRPCError(Status.PERMISSION_DENIED, f"cannot watch the task's process: {e}") from None
+        try:
+            key = x509svid.new_key()
+            call = self.client.request_task(issuer_pb2.TaskSVIDRequest(
+                entry_id=entry.id, task_id=req.task_id, scopes=list(req.scopes), ttl_seconds=req.ttl_seconds,
+                context=dict(req.context), csr=x509svid.make_csr(key), selectors=sorted(wl.selectors),
+                workload=issuer_pb2.WorkloadInfo(pid=wl.pid, uid=wl.uid, gid=wl.gid, exe=wl.exe or "")))
+            try:
+                async for update in call:
+                    if update.WhichOneof("update") == "pending":
+                        log.info("task awaiting approval", task_id=req.task_id, approval_id=update.pending.approval_id)
+                        await stream.send_message(task_pb2.TaskUpdate(pending=update.pending))
+                        continue
+                    svid = update.svid
+                    task = LiveTask(svid.task_id, svid.entry_id, svid.serial, pid, svid.expires_at)
+                    self.tasks[(task.entry_id, task.task_id)] = task
+                    self._watch(pid, pidfd)
+                    pidfd = -1
+                    log.info("task credential issued", task_id=task.task_id, serial=task.serial, pid=pid)
+                    await stream.send_message(task_pb2.TaskUpdate(credential=task_pb2.TaskCredential(
+                        task_id=svid.task_id, spiffe_id=svid.spiffe_id, cert_chain=svid.cert_chain,
+                        key=pem.key_pkcs8_der(key), bundle=self.cache.bundle_der, serial=svid.serial,
+                        expires_at=svid.expires_at, scopes=list(svid.scopes), entry_id=svid.entry_id)))
+                    return
+            except grpc.aio.AioRpcError as e:
+                raise _issuer_error(e) from None
+            finally:
+                call.cancel()  # the caller left: the issuer withdraws a pending request
+            raise GRPCError(Status.UNAVAILABLE, "the issuer ended the task request without an answer")
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    async def EndTask(self, stream) -> None:
+        req, wl = await self._caller(stream)
+        mine = {e.id for e in self.cache.matching(wl.selectors)}
+        found = [t for (eid, tid), t in self.tasks.items() if tid == req.task_id and eid in mine]
+        if not found:
+            raise GRPCError(Status.NOT_FOUND, f"no task {req.task_id!r} of yours is live on this sidecar")
+        revoked: list[str] = []
+        for t in found:
+            revoked += await self._end(t, "task ended by the workload")
+        await stream.send_message(task_pb2.EndTaskResponse(revoked_serials=revoked))
+
+    async def _end(self, task: LiveTask, reason: str) -> list[str]:
+        try:
+            revoked = await self.client.end_task(task.task_id, task.entry_id, reason)
+        except grpc.aio.AioRpcError as e:
+            raise _issuer_error(e) from None
+        self.tasks.pop((task.entry_id, task.task_id), None)
+        log.info("task ended", task_id=task.task_id, serial=task.serial, reason=reason)
+        return revoked
+
+    # -- process exit ----------------------------------------------------------------------
+
+    def _watch(self, pid: int, pidfd: int) -> None:
+        if pid in self._watched:
+            os.close(pidfd)
+            return
+        if not _alive(pidfd):
+            self._watched[pid] = pidfd
+            asyncio.get_running_loop().call_soon(self._exited, pid)
+            return
+        self._watched[pid] = pidfd
+        # A pidfd becomes readable when its process exits.
+        asyncio.get_running_loop().add_reader(pidfd, self._exited, pid)
+
+    def _exited(self, pid: int) -> None:
+        fd = self._watched.pop(pid, None)
+        if fd is None:
+            return
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(fd)
+        os.close(fd)
+        tasks = [t for t in self.tasks.values() if t.pid == pid]
+        if tasks:
+            loop.create_task(self._end_for_exit(pid, tasks))
+
+    async def _end_for_exit(self, pid: int, tasks: list[LiveTask]) -> None:
+        for t in tasks:
+            for attempt in range(END_RETRIES):
+                try:
+                    await self._end(t, f"process {pid} exited")
+                    break
+                except GRPCError as e:
+                    if e.status == Status.NOT_FOUND or t.expires_at <= time.time():
+                        self.tasks.pop((t.entry_id, t.task_id), None)
+                        break
+                    log.warning("could not end task after process exit; retrying", task_id=t.task_id,
+                                error=e.message)
+                    await asyncio.sleep(min(5.0, 0.5 * 2 ** attempt))
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for pid, fd in list(self._watched.items()):
+            loop.remove_reader(fd)
+            os.close(fd)
+        self._watched.clear()

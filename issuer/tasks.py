@@ -1,0 +1,211 @@
+"""Task credentials: decide by policy (and a human where required), sign with the task binding, revoke on end.
+
+A sidecar may request tasks only for entries whose parent it is, and only for
+workloads whose kernel-attested selectors (which it forwards) match the entry.
+Each issued task serial is recorded (kind "task") before the credential leaves.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from issuer import policy as pol
+from issuer.approvals import ApprovalRequest, Approvals
+from issuer.ca import CertificateAuthority
+from issuer.datastore import Datastore
+from issuer.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar
+from issuer.registration import Registry, validate_scopes
+from tessera import selectors as sel
+from tessera import spiffeid, taskext, x509svid
+from tessera.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied
+
+_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+_CONTEXT_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+MAX_CONTEXT = 32
+MAX_SCOPES = 64  # they all go into the certificate
+MAX_CONTEXT_VALUE = 256
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task request as the sidecar forwards it."""
+
+    entry_id: str
+    task_id: str
+    scopes: tuple[str, ...]
+    ttl: int
+    context: dict[str, str]
+    csr: bytes
+    selectors: frozenset[str]
+    workload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskSVID:
+    entry_id: str
+    spiffe_id: str
+    task_id: str
+    scopes: tuple[str, ...]
+    cert_der: bytes
+    serial: str
+    expires_at: int
+
+
+def revoke_task_serials(store: Datastore, serials: Sequence[str], reason: str, now: int,
+                        audit: AuditEvent) -> list[str]:
+    """The one way task credentials are revoked (the revocation service takes this over when merged)."""
+    return store.revoke_serials(list(serials), reason, now, audit)
+
+
+def validate_context(context: dict[str, str]) -> dict[str, str]:
+    if len(context) > MAX_CONTEXT:
+        raise InvalidArgument(f"at most {MAX_CONTEXT} context entries")
+    for k, v in context.items():
+        if not _CONTEXT_KEY.match(k):
+            raise InvalidArgument(f"invalid context key {k!r}: use letters, digits and _ (not first a digit)")
+        if len(v) > MAX_CONTEXT_VALUE:
+            raise InvalidArgument(f"context value for {k!r} is longer than {MAX_CONTEXT_VALUE} characters")
+    return dict(context)
+
+
+def entry_view(e: Entry) -> dict[str, Any]:
+    """What policy rules see of an entry."""
+    return {"id": e.id, "spiffe_id": e.spiffe_id, "owner": e.owner, "purpose": e.purpose, "tier": e.tier,
+            "scopes": list(e.scopes), "selectors": list(e.selectors), "state": e.state,
+            "expires_at": e.expires_at, "parent_id": e.parent_id}
+
+
+class TaskService:
+    def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry,
+                 policy: pol.Policy, approvals: Approvals,
+                 check_entry_allowed: Callable[[Entry], None] = lambda e: None):
+        self.store = store
+        self.ca = ca
+        self.registry = registry
+        self.policy = policy
+        self.approvals = approvals
+        self.check_entry_allowed = check_entry_allowed  # the revocation service's hook, as for identity SVIDs
+        self._lock = threading.Lock()
+        self._in_flight: set[tuple[str, str]] = set()
+
+    def _entry_for(self, sidecar: Sidecar, spec: TaskSpec, now: float) -> Entry:
+        entry = self.registry.get(spec.entry_id)
+        # Same answer for "no such entry" and "not yours", as for identity SVIDs.
+        if entry is None or entry.parent_id != sidecar.id:
+            raise PermissionDenied(f"entry {spec.entry_id!r} is not registered to {sidecar.id}")
+        if not sel.matches(entry.selectors, spec.selectors):
+            raise PermissionDenied(f"the calling workload does not match the selectors of entry {entry.id}")
+        if entry.state != "active":
+            raise PermissionDenied(f"entry {entry.id} is {entry.state}")
+        if entry.expires_at <= now:
+            raise PermissionDenied(f"entry {entry.id} expired")
+        self.check_entry_allowed(entry)
+        return entry
+
+    def request(self, sidecar: Sidecar, spec: TaskSpec) -> Iterator[tuple[str, Any]]:
+        """Yields ("pending", ApprovalRequest) while a human decides, then ("svid", TaskSVID). Raises on refusal."""
+        started = time.monotonic()
+        if not _TASK_ID.match(spec.task_id or ""):
+            raise InvalidArgument("invalid task_id: use 1-128 letters, digits and . _ : @ / -")
+        if len(spec.scopes) > MAX_SCOPES:
+            raise InvalidArgument(f"at most {MAX_SCOPES} scopes per task")
+        scopes = validate_scopes(spec.scopes)
+        context = validate_context(spec.context)
+        if spec.ttl <= 0:
+            raise InvalidArgument("ttl_seconds must be positive")
+        try:
+            public_key = x509svid.load_csr(spec.csr).public_key()
+        except ValueError as e:
+            raise InvalidArgument(f"invalid CSR: {e}") from None
+        now = time.time()
+        try:
+            entry = self._entry_for(sidecar, spec, now)
+        except PermissionDenied as e:
+            self.store.append_audit([AuditEvent(
+                "task.deny", Actor("workload", "unknown", {**spec.workload, "sidecar_id": sidecar.id}), "deny",
+                reason=e.message, subject=spec.entry_id,
+                details={"task_id": spec.task_id, "entry_id": spec.entry_id, "scopes": list(scopes),
+                         "requested_ttl": spec.ttl, "context": context, "rule": "entry"})])
+            raise
+        actor = Actor("workload", entry.spiffe_id, {**spec.workload, "sidecar_id": sidecar.id})
+        key = (entry.id, spec.task_id)
+        with self._lock:
+            if key in self._in_flight:
+                raise AlreadyExists(f"task {spec.task_id!r} is already being requested")
+            self._in_flight.add(key)
+        try:
+            if self.store.find_issued(entry_id=entry.id, task_id=spec.task_id, unexpired_at=int(now), revoked=False):
+                raise AlreadyExists(f"task {spec.task_id!r} already has a live credential; end it first")
+            req = pol.TaskRequest(entry_view(entry), {"id": sidecar.id, "name": sidecar.name}, dict(spec.workload),
+                                  spec.task_id, scopes, spec.ttl, context, now)
+            decision = pol.evaluate(self.policy, req)
+            details = {"task_id": spec.task_id, "entry_id": entry.id, "scopes": list(scopes),
+                       "requested_ttl": spec.ttl, "context": context, "rule": decision.rule}
+            if decision.effect == "deny":
+                self.store.append_audit([AuditEvent("task.deny", actor, "deny", reason=decision.reason,
+                                                    subject=entry.spiffe_id, details=details)])
+                raise PermissionDenied(f"task denied by rule {decision.rule}: {decision.reason}")
+            approval = None
+            if decision.effect == "require_approval":
+                approval = self.approvals.submit(ApprovalRequest(
+                    "", spec.task_id, entry.id, entry.spiffe_id, entry.owner, entry.tier, scopes, decision.ttl,
+                    context, sidecar.id, dict(spec.workload), decision.reason, decision.rule, 0, 0), actor)
+                yield "pending", approval
+                final = self.approvals.wait(approval)
+                if final.state == "denied":
+                    raise PermissionDenied(f"approval {final.id} denied by {final.decided_by}: {final.decision_reason}")
+                if final.state == "expired":
+                    raise DeadlineExceeded(f"approval {final.id} expired: nobody decided within "
+                                           f"{self.approvals.timeout}s")
+                if final.state != "approved":
+                    return
+                now = time.time()
+                entry = self._entry_for(sidecar, spec, now)  # it may have changed while a human decided
+                details["approval_id"] = final.id
+                details["approved_by"] = final.decided_by
+            yield "svid", self._issue(sidecar, entry, spec.task_id, scopes, decision.ttl, public_key, actor,
+                                      decision.reason, details, started)
+        finally:
+            with self._lock:
+                self._in_flight.discard(key)
+
+    def _issue(self, sidecar: Sidecar, entry: Entry, task_id: str, scopes: tuple[str, ...], ttl: int,
+               public_key, actor: Actor, reason: str, details: dict, started: float) -> TaskSVID:
+        binding = taskext.TaskBinding(task_id, scopes, entry.id, entry.owner)
+        signed = self.ca.sign(public_key, spiffeid.parse(entry.spiffe_id), ttl,
+                              not_after_cap=dt.datetime.fromtimestamp(entry.expires_at, dt.timezone.utc),
+                              extra_extensions=[taskext.encode(binding)])
+        now = int(time.time())
+        not_after = int(signed.not_after.timestamp())
+        latency_ms = round((time.monotonic() - started) * 1000, 3)
+        self.store.record_issued(
+            [IssuedSerial(signed.serial_hex, entry.spiffe_id, "task", entry.id, sidecar.id, now, not_after,
+                          task_id=task_id)],
+            [AuditEvent("task.issue", actor, "allow", reason=reason, subject=entry.spiffe_id,
+                        details={**details, "serial": signed.serial_hex, "ttl": not_after - now,
+                                 "kind": "task", "latency_ms": latency_ms})])
+        return TaskSVID(entry.id, entry.spiffe_id, task_id, scopes,
+                        signed.cert.public_bytes(Encoding.DER), signed.serial_hex, not_after)
+
+    def end(self, sidecar: Sidecar, task_id: str, entry_id: str, reason: str, actor: Actor) -> list[str]:
+        """Revoke the live credentials of one of this sidecar's tasks; returns the serials revoked now."""
+        if not task_id:
+            raise InvalidArgument("task_id is required")
+        issued = [i for i in self.store.find_issued(task_id=task_id, sidecar_id=sidecar.id, entry_id=entry_id or None)
+                  if i.kind == "task"]
+        if not issued:
+            raise NotFound(f"no task {task_id!r} was issued through {sidecar.id}")
+        live = [i.serial for i in issued if i.revoked_at is None]
+        if not live:
+            return []
+        reason = reason or "task ended"
+        return revoke_task_serials(self.store, live, reason, int(time.time()), AuditEvent(
+            "task.end", actor, "done", reason=reason, subject=issued[0].spiffe_id,
+            details={"task_id": task_id, "serials": live, "entry_id": issued[0].entry_id}))

@@ -1,0 +1,84 @@
+"""The task binding extension on task SVIDs: encode it for the CA, read it back for verifiers.
+
+OID 2.25.86539311207409726924553800820856048122 (a UUID-derived OID, ITU-T X.667),
+always non-critical so standard SPIFFE verifiers, which do not know it, still
+accept the certificate. extnValue holds a DER UTF8String whose text is compact
+JSON with sorted keys:
+
+    {"entry_id": "...", "owner": "...", "scopes": ["a", "b"], "task_id": "...", "v": 1}
+
+JSON inside a UTF8String keeps the encoding readable with `openssl x509 -text`
+and decodable without an ASN.1 schema; `v` versions the layout.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from cryptography import x509
+
+TASK_OID = x509.ObjectIdentifier("2.25.86539311207409726924553800820856048122")
+VERSION = 1
+_UTF8STRING = 0x0C
+
+
+@dataclass(frozen=True)
+class TaskBinding:
+    task_id: str
+    scopes: tuple[str, ...]
+    entry_id: str
+    owner: str
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
+def encode(binding: TaskBinding) -> x509.UnrecognizedExtension:
+    text = json.dumps({"v": VERSION, "task_id": binding.task_id, "scopes": list(binding.scopes),
+                       "entry_id": binding.entry_id, "owner": binding.owner},
+                      sort_keys=True, separators=(",", ":")).encode()
+    return x509.UnrecognizedExtension(TASK_OID, bytes([_UTF8STRING]) + _der_length(len(text)) + text)
+
+
+def decode_value(value: bytes) -> TaskBinding:
+    """The binding from an extnValue; ValueError if it is not one."""
+    if len(value) < 2 or value[0] != _UTF8STRING:
+        raise ValueError("task extension is not a DER UTF8String")
+    first = value[1]
+    if first < 0x80:
+        length, start = first, 2
+    else:
+        n = first & 0x7F
+        if n == 0 or n > 4 or len(value) < 2 + n:
+            raise ValueError("task extension has a bad DER length")
+        length, start = int.from_bytes(value[2:2 + n], "big"), 2 + n
+    if start + length != len(value):
+        raise ValueError("task extension length does not match its content")
+    try:
+        data = json.loads(value[start:].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"task extension is not JSON: {e}") from None
+    if not isinstance(data, dict) or data.get("v") != VERSION:
+        raise ValueError("task extension has an unknown version")
+    scopes = data.get("scopes")
+    fields = (data.get("task_id"), data.get("entry_id"), data.get("owner"))
+    if not all(isinstance(f, str) for f in fields) or not isinstance(scopes, list) or \
+            not all(isinstance(s, str) for s in scopes):
+        raise ValueError("task extension is missing fields")
+    return TaskBinding(data["task_id"], tuple(scopes), data["entry_id"], data["owner"])
+
+
+def read(cert: x509.Certificate) -> TaskBinding | None:
+    """The task a certificate was issued for; None for an identity SVID; ValueError if malformed."""
+    try:
+        ext = cert.extensions.get_extension_for_oid(TASK_OID)
+    except x509.ExtensionNotFound:
+        return None
+    if ext.critical:
+        raise ValueError("task extension must not be critical")
+    return decode_value(ext.value.value)

@@ -1,0 +1,200 @@
+"""Per-task credentials end to end: real issuer and sidecar processes, the shell task commands,
+standard verifiers (openssl, the unmodified `spiffe` package), the issuer's SQLite datastore."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from harness import CLIENTS, wait_for
+from issuer.approvals import Approvals
+from issuer.ca import CertificateAuthority
+from issuer.events import EventHub
+from issuer.models import Actor, Sidecar
+from issuer.policy import load_section
+from issuer.registration import Registry
+from issuer.sqlite_store import SQLiteDatastore
+from issuer.tasks import TaskService, TaskSpec
+from taskutil import audit, end_task, issued, openssl_verify, policy, spiffe_parse, start_task, task_argv
+from tessera import taskext, x509svid
+from tessera.configfile import Section
+from tessera.errors import NotFound, PermissionDenied
+
+
+@pytest.fixture
+def tasks(deployment):
+    deployment.start_issuer(policy=policy())
+    deployment.start_sidecar("host-a")
+    deployment.entry_id = deployment.entry("/agent/a", "host-a", scope=["repo:read", "payments:write"],
+                                           tier="low")
+    return deployment
+
+
+def leaf(out):
+    return x509.load_pem_x509_certificates((out / "svid.pem").read_bytes())[0]
+
+
+def test_two_tasks_get_distinct_keys_and_serials_and_carry_their_binding(tasks, tmp_path):
+    r1 = start_task(tasks, "task-1", tmp_path / "t1", "repo:read")
+    r2 = start_task(tasks, "task-2", tmp_path / "t2", "repo:read", "payments:write")
+    assert r1.returncode == 0, r1.stderr
+    assert r2.returncode == 0, r2.stderr
+    c1, c2 = leaf(tmp_path / "t1"), leaf(tmp_path / "t2")
+    assert r1.stdout.strip() == format(c1.serial_number, "x")
+    assert c1.serial_number != c2.serial_number
+    pub = lambda c: c.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)  # noqa: E731
+    assert pub(c1) != pub(c2)
+    assert taskext.read(c1) == taskext.TaskBinding("task-1", ("repo:read",), tasks.entry_id, "alice")
+    assert taskext.read(c2) == taskext.TaskBinding("task-2", ("payments:write", "repo:read"), tasks.entry_id,
+                                                   "alice")
+    assert not c1.extensions.get_extension_for_oid(taskext.TASK_OID).critical
+    assert (tmp_path / "t1" / "key.pem").stat().st_mode & 0o777 == 0o600
+    for out, cert in ((tmp_path / "t1", c1), (tmp_path / "t2", c2)):
+        v = openssl_verify(out)
+        assert v.returncode == 0 and ": OK" in v.stdout, v.stdout + v.stderr
+        parsed = spiffe_parse(out)
+        assert parsed == {"spiffe_id": "spiffe://example.org/agent/a", "serial": format(cert.serial_number, "x"),
+                          "verified": True}
+    rows = [issued(tasks, format(c.serial_number, "x")) for c in (c1, c2)]
+    assert [(r["kind"], r["task_id"], r["entry_id"]) for r in rows] == [
+        ("task", "task-1", tasks.entry_id), ("task", "task-2", tasks.entry_id)]
+
+
+def test_issued_task_is_audited_with_workload_and_latency(tasks, tmp_path):
+    r = start_task(tasks, "audited", tmp_path / "t", "repo:read", context={"ticket": "OPS-1"})
+    assert r.returncode == 0, r.stderr
+    (ev,) = [e for e in audit(tasks, "task.issue") if e["details"]["task_id"] == "audited"]
+    assert ev["decision"] == "allow" and ev["details"]["serial"] == r.stdout.strip()
+    assert ev["details"]["latency_ms"] > 0
+    assert ev["details"]["context"] == {"ticket": "OPS-1"}
+    assert ev["details"]["rule"] == "allow-entry-scopes"
+    actor = ev["actor"]
+    assert actor["kind"] == "workload" and actor["id"] == "spiffe://example.org/agent/a"
+    assert actor["details"]["pid"] > 0 and actor["details"]["exe"]
+    assert actor["details"]["sidecar_id"] == tasks.sidecar_id("host-a")
+
+
+def test_scope_outside_the_entry_is_denied_with_the_reason(tasks, tmp_path):
+    r = start_task(tasks, "greedy", tmp_path / "t", "repo:read", "admin:all")
+    assert r.returncode == 2
+    assert "PERMISSION_DENIED" in r.stderr and "'admin:all' is not among the scopes" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "t" / "svid.pem").exists()
+    (ev,) = audit(tasks, "task.deny")
+    assert ev["details"]["scopes"] == ["admin:all", "repo:read"] and ev["details"]["rule"] == "scopes"
+
+
+def test_ttl_above_the_tier_cap_is_capped(tasks, tmp_path):
+    r = start_task(tasks, "long", tmp_path / "t", "repo:read", ttl="2h")
+    assert r.returncode == 0, r.stderr
+    c = leaf(tmp_path / "t")
+    lifetime = c.not_valid_after_utc.timestamp() - time.time()
+    assert 0 < lifetime <= 600  # tier low caps tasks at 10m
+
+
+def test_same_task_id_cannot_be_live_twice(tasks, tmp_path):
+    assert start_task(tasks, "dup", tmp_path / "t1", "repo:read").returncode == 0
+    r = start_task(tasks, "dup", tmp_path / "t2", "repo:read")
+    assert r.returncode == 2 and "already has a live credential" in r.stderr
+
+
+def test_expired_entry_is_permission_denied_on_both_apis(tasks, tmp_path):
+    tasks.entry("/agent/short", "host-a", expires_in="3s", scope=["repo:read"])
+    # Only the short-lived entry may answer: disable the long-lived one.
+    tasks.cli("entry", "update", tasks.entry_id, "--state", "disabled")
+    time.sleep(3.5)
+    assert "short" in tasks.cli("entry", "list", "--expired").stdout
+    ctx = tasks.fetch("host-a")
+    assert ctx["event"] == "error" and "PERMISSION_DENIED" in ctx["error"], ctx
+    r = start_task(tasks, "late", tmp_path / "t", "repo:read")
+    assert r.returncode == 2 and "PERMISSION_DENIED" in r.stderr and "no identity issued" in r.stderr
+
+
+def test_end_task_revokes_its_serial_in_the_datastore(tasks, tmp_path):
+    r = start_task(tasks, "ending", tmp_path / "t", "repo:read")
+    serial = r.stdout.strip()
+    assert issued(tasks, serial)["revoked_at"] is None
+    e = end_task(tasks, "ending")
+    assert e.returncode == 0, e.stderr
+    assert e.stdout.split() == [serial]
+    row = issued(tasks, serial)
+    assert row["revoked_at"] is not None and row["revocation_reason"] == "task ended by the workload"
+    (ev,) = audit(tasks, "task.end")
+    assert ev["details"]["serials"] == [serial]
+    assert end_task(tasks, "ending").returncode == 2  # no longer live
+
+
+def test_exit_of_the_calling_process_ends_its_tasks(tasks, tmp_path):
+    client = subprocess.Popen([sys.executable, str(CLIENTS / "task_client.py"), str(tasks.socket("host-a")),
+                               "own-task", "repo:read"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = json.loads(client.stdout.readline())
+        assert "serial" in line, line
+        assert issued(tasks, line["serial"])["revoked_at"] is None
+    finally:
+        client.stdin.close()  # the client exits when its stdin closes
+        client.wait(timeout=10)
+    row = wait_for(lambda: (r := issued(tasks, line["serial"]))["revoked_at"] is not None and r, timeout=10,
+                   what="the serial revoked after the process exited")
+    assert row["revocation_reason"] == f"process {client.pid} exited"
+
+
+def test_process_exit_ends_its_tasks(tasks, tmp_path):
+    argv = task_argv(tasks, "shell-task", tmp_path / "t", "repo:read")
+    script = " ".join(f"'{a}'" for a in argv) + " > " + str(tmp_path / "serial") + " && sleep 600"
+    shell = subprocess.Popen(["sh", "-c", script])
+    try:
+        serial = wait_for(lambda: (tmp_path / "serial").exists() and (tmp_path / "serial").read_text().strip(),
+                          timeout=30, what="task credential")
+        row = issued(tasks, serial)
+        assert row["kind"] == "task" and row["revoked_at"] is None
+    finally:
+        shell.kill()
+        shell.wait()
+    row = wait_for(lambda: (r := issued(tasks, serial))["revoked_at"] is not None and r, timeout=10,
+                   what="the serial revoked after the process exited")
+    assert "exited" in row["revocation_reason"]
+
+
+# -- the issuer's own checks, against a real datastore and CA (no sidecar can be made to lie here) --
+
+
+def issuer_tasks(tmp_path):
+    store = SQLiteDatastore(tmp_path / "t.db")
+    ca = CertificateAuthority.load_or_create("example.org", tmp_path)
+    pol = load_section(Section(policy(), "policy.", "test"))
+    registry = Registry(store, EventHub(), "example.org", 600, tier_names=pol.tier_names)
+    svc = TaskService(store, ca, registry, pol, Approvals(store, pol.approval_timeout))
+    entry = registry.create(spiffe_id="spiffe://example.org/agent/a", parent="host-a", selectors=["unix:uid:7"],
+                            owner="o", purpose="p", expires_at=int(time.time()) + 3600, actor=Actor("operator", "t"),
+                            scopes=["repo:read"])
+    side = {n: Sidecar(f"spiffe://example.org/tessera/sidecar/{n}", n, "active", 0, 0, "", 0)
+            for n in ("host-a", "host-b")}
+    return svc, store, entry, side
+
+
+def spec(entry_id, selectors=("unix:uid:7",), task_id="t1"):
+    return TaskSpec(entry_id, task_id, ("repo:read",), 60, {}, x509svid.make_csr(x509svid.new_key()),
+                    frozenset(selectors))
+
+
+def test_issuer_refuses_tasks_for_another_sidecars_entry_or_unmatched_selectors(tmp_path):
+    svc, store, entry, side = issuer_tasks(tmp_path)
+    with pytest.raises(PermissionDenied, match="not registered to"):
+        list(svc.request(side["host-b"], spec(entry.id)))
+    with pytest.raises(PermissionDenied, match="does not match the selectors"):
+        list(svc.request(side["host-a"], spec(entry.id, ("unix:uid:8",))))
+    assert [r.reason for r in store.audit_records() if r.action == "task.deny"] == [
+        f"entry {entry.id!r} is not registered to {side['host-b'].id}",
+        f"the calling workload does not match the selectors of entry {entry.id}"]
+    [(kind, svid)] = list(svc.request(side["host-a"], spec(entry.id)))
+    assert kind == "svid" and store.get_issued(svid.serial).kind == "task"
+    # Another sidecar cannot end it either.
+    with pytest.raises(NotFound):
+        svc.end(side["host-b"], "t1", "", "", Actor("sidecar", side["host-b"].id))
+    assert store.get_issued(svid.serial).revoked_at is None
+    store.close()
