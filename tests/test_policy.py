@@ -238,3 +238,22 @@ def test_invalid_effect_and_duplicate_names_are_config_errors():
         load([{**ALLOW_ALL, "effect": "maybe"}])
     with pytest.raises(ConfigError, match="duplicate rule name"):
         load([ALLOW_ALL, ALLOW_ALL])
+
+
+def test_approval_coverage_counts_approval_tiers_and_context_free_rules_only():
+    def load(rules, high_approval):
+        return pol.load_section(Section({
+            "tiers": {"high": {"max_task_ttl": "15m", "max_identity_ttl": "30m", "approval": high_approval}},
+            "rules": rules}))
+
+    entry = {"id": "e", "spiffe_id": "spiffe://example.org/a", "tier": "high", "scopes": ["payments:write"],
+             "state": "active", "expires_at": time.time() + 3600, "parent_id": "p", "owner": "o", "purpose": "p",
+             "selectors": []}
+    assert pol.approval_covers(load([], True), entry, time.time())
+    assert not pol.approval_covers(load([], False), entry, time.time())
+    by_scope = [{"name": "pay", "effect": "require_approval", "condition": '"payments:write" in scopes',
+                 "reason": "r"}]
+    assert pol.approval_covers(load(by_scope, False), entry, time.time())
+    only_prod = [{"name": "prod", "effect": "require_approval",
+                  "condition": 'has(context.env) && context.env == "prod"', "reason": "r"}]
+    assert not pol.approval_covers(load(only_prod, False), entry, time.time())

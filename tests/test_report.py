@@ -124,13 +124,21 @@ def test_tessera_report_json_on_a_seeded_store_lists_every_debt(deployment):
     store = SQLiteDatastore(d.issuer_dir / "tessera.db")
     seed(store, int(time.time()))
     store.close()
-    d.start_issuer()
+    # A policy whose high tier needs no human and whose only approval rule is about prod:
+    # the seeded high-tier entry is then access no approval rule covers.
+    d.start_issuer(policy={"tiers": {"low": {"max_task_ttl": "1h", "max_identity_ttl": "1h"},
+                                     "high": {"max_task_ttl": "15m", "max_identity_ttl": "30m"}},
+                           "rules": [{"name": "prod-needs-a-human", "effect": "require_approval",
+                                      "condition": 'has(context.env) && context.env == "prod"',
+                                      "reason": "prod needs a human"},
+                                     {"name": "allow", "effect": "allow", "condition": "true", "reason": "ok"}]})
     rep = json.loads(d.cli("report", "--output", "json").stdout)
     check_every_debt(rep)
-    assert rep["uncovered_high_tier_entries"]["available"] is False
+    assert rep["uncovered_high_tier_entries"]["available"] is True
+    assert ids(rep["uncovered_high_tier_entries"]["entries"]) == ["id-high"]
     table = d.cli("report").stdout
     for needle in ("id-unused", "id-expiring", "id-expired", "id-twin-1", "host-silent", "scope-cap",
-                   "median 300.0 ms", "unavailable"):
+                   "median 300.0 ms", "id-high"):
         assert needle in table, needle
     bad = d.cli("report", "--unused-days", "-1", check=False)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
