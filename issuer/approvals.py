@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from issuer import metrics
 from issuer.datastore import Datastore
 from issuer.models import Actor, AuditEvent
 from tessera.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -67,6 +68,7 @@ class Approvals:
                                             subject=req.spiffe_id, details=req.details())])
         with self._lock:
             self._slots[req.id] = _Slot(req)
+            metrics.set_pending_approvals(len(self._slots))
         return req
 
     def list(self) -> list[ApprovalRequest]:
@@ -83,6 +85,7 @@ class Approvals:
             self.store.append_audit([audit])
             slot.req = replace(slot.req, state=state, decided_by=by, decision_reason=why)
             del self._slots[approval_id]
+            metrics.set_pending_approvals(len(self._slots))
         slot.done.set()
         return slot.req
 

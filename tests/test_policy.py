@@ -257,3 +257,22 @@ def test_approval_coverage_counts_approval_tiers_and_context_free_rules_only():
     only_prod = [{"name": "prod", "effect": "require_approval",
                   "condition": 'has(context.env) && context.env == "prod"', "reason": "r"}]
     assert not pol.approval_covers(load(only_prod, False), entry, time.time())
+
+
+def test_metrics_show_pending_approvals_and_task_time_to_credential(deployment, tmp_path):
+    from harness import free_ports
+    from test_metrics import scrape, value
+
+    port = free_ports(1)[0]
+    deployment.start_issuer(policy=policy(timeout="60s"), metrics_address=f"127.0.0.1:{port}")
+    deployment.start_sidecar("host-a")
+    deployment.entry("/agent/risky", "host-a", scope=["payments:write"], tier="high")
+    proc = start_background(deployment, tmp_path, "pay-m", "payments:write", wait="60s")
+    a = wait_pending(deployment, "pay-m")
+    assert value(scrape(port), "tessera_issuer_pending_approvals") == 1
+    deployment.cli("approval", "approve", a["id"], "--reason", "ok")
+    assert proc.wait(30) == 0
+    samples = scrape(port)
+    assert value(samples, "tessera_issuer_pending_approvals") == 0
+    assert value(samples, "tessera_issuer_issuances_total", kind="task") == 1
+    assert value(samples, "tessera_issuer_time_to_credential_seconds_count", kind="task") == 1
