@@ -28,6 +28,7 @@ class IssuerConfig:
     resync_interval: int
     max_workers: int
     log_level: str
+    crl_validity: int = 600
 
 
 def _address(sec: Section, key: str, default=...) -> str:
@@ -65,9 +66,12 @@ def load(path: str | Path) -> IssuerConfig:
         resync_interval=sec.duration("resync_interval", "5m"),
         max_workers=sec.get("max_workers", int, 256),
         log_level=sec.str("log_level", "info"),
+        crl_validity=sec.duration("crl_validity", "10m"),
     )
     if (cfg.ca_cert is None) != (cfg.ca_key is None):
         raise sec.fail("ca_key" if cfg.ca_key is None else "ca_cert", "ca_cert and ca_key must be given together")
+    if cfg.crl_validity < 10:
+        raise sec.fail("crl_validity", "must be at least 10s (the CRL is re-signed at half of it)")
     if cfg.max_workers < 8:
         raise sec.fail("max_workers", "must be at least 8")
     sec.reject_unknown()

@@ -18,6 +18,7 @@ from issuer.config import IssuerConfig
 from issuer.events import EventHub
 from issuer.models import IssuedSerial
 from issuer.registration import Registry
+from issuer.revocation import RevocationService
 from issuer.sidecar_api import IssuerService
 from issuer.signing import SvidSigner
 from issuer.sqlite_store import SQLiteDatastore
@@ -74,10 +75,16 @@ class IssuerServer:
         self.registry = Registry(self.store, self.hub, cfg.trust_domain, cfg.default_x509_ttl)
         self.attestor = SidecarAttestor(self.store, self.ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl)
         self.signer = SvidSigner(self.store, self.ca, self.registry)
+        self.revocation = RevocationService(self.store, self.ca, self.registry, self.attestor, self.hub,
+                                            cfg.crl_validity)
+        # Revoked sidecar SVIDs fail authentication; identities revoked as a whole get no new SVIDs.
+        self.attestor.is_revoked = self.revocation.is_revoked
+        self.signer.check_entry_allowed = self.revocation.check_entry
         self.service = IssuerService(self.attestor, self.signer, self.registry, self.hub,
-                                     lambda: self.ca.bundle_der, cfg.resync_interval)
+                                     lambda: self.ca.bundle_der, cfg.resync_interval,
+                                     crl_der=self.revocation.crl_der)
         self.admin = AdminService(self.registry, self.attestor, self.hub, lambda: self.ca.bundle_pem,
-                                  cfg.admin_uids)
+                                  cfg.admin_uids, revocation=self.revocation)
         self._grpc: grpc.Server | None = None
         self._admin_loop: asyncio.AbstractEventLoop | None = None
         self._admin_thread: threading.Thread | None = None
@@ -103,6 +110,7 @@ class IssuerServer:
             raise OSError(f"cannot listen on {self.cfg.listen_address} / {self.cfg.bootstrap_address}")
         server.start()
         self._grpc = server
+        self.revocation.start()
         self._admin_thread = threading.Thread(target=self._run_admin, name="admin", daemon=True)
         self._admin_thread.start()
         self._admin_ready.wait()
@@ -132,6 +140,7 @@ class IssuerServer:
             loop.close()
 
     def stop(self, grace: float = 2.0) -> None:
+        self.revocation.stop()
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
         if self._admin_loop is not None:
