@@ -20,6 +20,8 @@ class SidecarConfig:
     server_name: str
     exe_hash_max_bytes: int
     log_level: str
+    output_dir: Path | None = None  # bundle.pem and crl.pem for nginx, openssl and friends
+    crl_check_interval: int = 60    # periodic full CRL fetch (anti-entropy; changes arrive pushed)
 
 
 def _address(sec: Section, key: str, default=...) -> str:
@@ -55,8 +57,12 @@ def load(path: str | Path, join_token: str | None = None) -> SidecarConfig:
         server_name=sec.str("server_name", "tessera-issuer"),
         exe_hash_max_bytes=max_hash,
         log_level=sec.str("log_level", "info"),
+        output_dir=sec.path("output_dir", None),
+        crl_check_interval=sec.duration("crl_check_interval", "60s"),
     )
     if not cfg.socket_path.is_absolute():
         raise sec.fail("socket_path", "must be an absolute path")
+    if cfg.crl_check_interval < 1:
+        raise sec.fail("crl_check_interval", "must be at least 1s")
     sec.reject_unknown()
     return cfg

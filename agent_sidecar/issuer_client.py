@@ -122,6 +122,10 @@ class IssuerClient:
         resp = await self.stub.SignX509SVIDs(req, timeout=30)
         return list(resp.items)
 
+    async def fetch_crl(self) -> bytes:
+        resp = await self.stub.FetchCRL(issuer_pb2.FetchCRLRequest(), timeout=15)
+        return resp.crl
+
     def sync(self):
         return self.stub.Sync(issuer_pb2.SyncRequest())
 
