@@ -169,7 +169,7 @@ def run(args) -> int:
     socket_path = args.admin_socket or os.environ.get("TESSERA_ADMIN_SOCKET") or DEFAULT_SOCKET
     stub = _stub(socket_path)
     t = 30
-    g, c = args.group, args.cmd
+    g, c = args.group, getattr(args, "cmd", None)
     if g == "token" and c == "create":
         r = stub.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(sidecar_name=args.sidecar,
                                                                   ttl_seconds=_duration(args.ttl)), timeout=t)
