@@ -301,3 +301,133 @@ def test_crl_show_prints_a_signed_v2_crl_with_number_and_authority_key_id(deploy
     der = subprocess.run([str(Path(d.issuer.argv[0]).parent / "tessera"), "crl", "show", "--der"],
                          capture_output=True, env={**os.environ, "TESSERA_ADMIN_SOCKET": str(d.admin_socket)}).stdout
     assert crl_mod.pem(crl_mod.load(der)).decode() == pem_text
+
+
+# -- the issuer's revocation service in-process (task credentials, the EndTask entry point) ---------
+
+from issuer.attestation import SidecarAttestor  # noqa: E402
+from issuer.ca import CertificateAuthority  # noqa: E402
+from issuer.events import EventHub  # noqa: E402
+from issuer.models import Actor, IssuedSerial  # noqa: E402
+from issuer.registration import Registry  # noqa: E402
+from issuer.revocation import RevocationService  # noqa: E402
+from issuer.sqlite_store import SQLiteDatastore  # noqa: E402
+from tessera import spiffeid, x509svid  # noqa: E402
+from tessera.errors import PermissionDenied  # noqa: E402
+
+OPERATOR = Actor("operator", "uid:0")
+HOST = "spiffe://example.org/tessera/sidecar/h"
+
+
+class Issuer:
+    def __init__(self, root: Path):
+        self.root = root
+        self.store = SQLiteDatastore(root / "tessera.db")
+        self.ca = CertificateAuthority.load_or_create("example.org", root, None, None, 86400)
+        self.hub = EventHub()
+        self.registry = Registry(self.store, self.hub, "example.org", 600)
+        self.attestor = SidecarAttestor(self.store, self.ca, 3600, 600)
+        self.revocation = RevocationService(self.store, self.ca, self.registry, self.attestor, self.hub, 600)
+
+    def issue(self, kind="identity", task_id=None, path="/agent/a") -> str:
+        signed = self.ca.sign(x509svid.new_key().public_key(), spiffeid.parse(f"spiffe://example.org{path}"), 600)
+        now = int(time.time())
+        self.store.record_issued([IssuedSerial(signed.serial_hex, f"spiffe://example.org{path}", kind, "e1", HOST,
+                                               now, int(signed.not_after.timestamp()), task_id=task_id)])
+        return signed.serial_hex
+
+    def crl(self):
+        return crl_mod.load(self.revocation.rebuild_crl().der)
+
+    def close(self):
+        self.store.close()
+
+
+@pytest.fixture
+def issuer(tmp_path):
+    i = Issuer(tmp_path)
+    yield i
+    i.close()
+
+
+def test_revoking_a_task_ends_only_that_tasks_certificates(issuer):
+    identity = issuer.issue()
+    t1 = [issuer.issue("task", "t1"), issuer.issue("task", "t1")]
+    t2 = issuer.issue("task", "t2")
+    sub = issuer.hub.subscribe(HOST)
+    result = issuer.revocation.revoke("task", "t1", "task aborted", OPERATOR)
+    assert sorted(result.serials) == sorted(t1)
+    assert crl_mod.serials(issuer.crl()) == set(t1)
+    assert not issuer.revocation.is_revoked(identity) and not issuer.revocation.is_revoked(t2)
+    kind, event, _ = sub.get(timeout=1)
+    assert kind == "revocation" and sorted(event.serials) == sorted(t1) and event.seq == result.seq
+    # The CRL entries say why: a task ending is cessationOfOperation.
+    entry = issuer.crl().get_revoked_certificate_by_serial_number(int(t1[0], 16))
+    assert entry.extensions.get_extension_for_class(crl_mod.x509.CRLReason).value.reason.name == \
+        "cessation_of_operation"
+
+
+def test_revoke_serials_is_the_entry_point_for_ending_a_task(issuer):
+    t = issuer.issue("task", "t9")
+    result = issuer.revocation.revoke_serials([t, "abc123"], "task ended", Actor("workload", "pid:1"))
+    assert result.serials == (t,) and issuer.store.get_issued(t).revoked_at is not None
+    assert issuer.revocation.revoke_serials([t], "again", OPERATOR).serials == ()
+
+
+def test_crl_number_and_revoked_set_survive_a_restart(issuer):
+    s = issuer.issue()
+    issuer.revocation.revoke("serial", s, "stolen", OPERATOR)
+    before = crl_mod.number_of(issuer.crl())
+    issuer.close()
+    again = Issuer(issuer.root)
+    try:
+        assert again.revocation.is_revoked(s)
+        c = crl_mod.load(again.revocation.crl_der())
+        assert crl_mod.number_of(c) > before and s in crl_mod.serials(c)
+    finally:
+        again.close()
+
+
+def test_revoked_identity_gets_no_new_certificates_even_from_a_new_entry(issuer):
+    e = issuer.registry.create(spiffe_id="spiffe://example.org/agent/x", parent=HOST, selectors=["unix:uid:1"],
+                               owner="bob", purpose="p", expires_at=int(time.time()) + 3600, actor=OPERATOR)
+    issuer.revocation.revoke("spiffe_id", e.spiffe_id, "compromised", OPERATOR)
+    assert issuer.registry.get(e.id).state == "revoked"
+    later = issuer.registry.create(spiffe_id=e.spiffe_id, parent=HOST, selectors=["unix:uid:1"], owner="carol",
+                                   purpose="p", expires_at=int(time.time()) + 3600, actor=OPERATOR)
+    with pytest.raises(PermissionDenied, match="revoked"):
+        issuer.revocation.check_entry(later)
+
+
+# -- the sidecar's CRL rules -----------------------------------------------------------------------
+
+def _sidecar_state(tmp_path, ca):
+    from agent_sidecar.revocation import RevocationState
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "out").mkdir()
+    return RevocationState(lambda: [ca.cert], tmp_path / "data", tmp_path / "out")
+
+
+def test_sidecar_refuses_a_crl_signed_by_another_key_or_with_a_lower_number(issuer, tmp_path):
+    import datetime as dt
+
+    (tmp_path / "sc").mkdir()
+    state = _sidecar_state(tmp_path / "sc", issuer.ca)
+    revoked = issuer.issue()
+    good = crl_mod.build(issuer.ca.cert, issuer.ca.key, [crl_mod.Revoked(revoked, int(time.time()))], 5,
+                         time.time(), time.time() + 600)
+    assert state.apply(crl_mod.der(good))
+    on_disk = (tmp_path / "sc" / "out" / "crl.pem").read_bytes()
+    # Same subject name, different key: a forger's CRL with a higher number and nothing revoked.
+    other_key = x509svid.new_key()
+    other_ca = x509svid.build_ca(other_key, "example.org", dt.timedelta(days=1))
+    assert other_ca.subject == issuer.ca.cert.subject
+    forged = crl_mod.build(other_ca, other_key, [], 9, time.time(), time.time() + 600)
+    older = crl_mod.build(issuer.ca.cert, issuer.ca.key, [], 4, time.time(), time.time() + 600)
+    for bad in (forged, older):
+        with pytest.raises(crl_mod.CrlError):
+            state.apply(crl_mod.der(bad))
+        assert state.number == 5 and state.is_revoked(revoked)
+        assert (tmp_path / "sc" / "out" / "crl.pem").read_bytes() == on_disk
+    assert state.refused == 2
