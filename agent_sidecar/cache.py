@@ -82,6 +82,7 @@ class CacheManager:
 
     def apply_snapshot(self, entries: Iterable[types_pb2.Entry], bundle_der: bytes) -> None:
         self.entries = {e.id: e for e in entries}
+        self.cut = False  # the issuer accepts this sidecar again
         for gone in set(self.svids) - set(self.entries):
             del self.svids[gone]
         if bundle_der:

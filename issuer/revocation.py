@@ -242,9 +242,20 @@ class RevocationService:
                     self._blocked_owners.add(target)
             event = RevocationEvent(seq, tuple(newly), entry_ids, spiffe_ids, reason)
             self.hub.broadcast(("revocation", event))
+        self._close_sidecars_with_revoked_svid([candidates[s] for s in newly if candidates[s].kind == "sidecar"])
         self._dirty.set()
         log.info("revoked", kind=kind, target=target, seq=seq, count=len(newly), reason_code=code)
         return RevokeResult(seq, tuple(newly), entry_ids)
+
+    def _close_sidecars_with_revoked_svid(self, revoked: list[IssuedSerial]) -> None:
+        # A sidecar whose current SVID is revoked cannot renew: end its stream now, as for a ban.
+        for s in revoked:
+            try:
+                current = self.attestor.get(s.sidecar_id or s.spiffe_id)
+            except NotFound:
+                continue
+            if current.svid_serial == s.serial:
+                self.hub.publish(current.id, CLOSE)
 
     # -- the CRL ---------------------------------------------------------------------------
 
