@@ -288,6 +288,17 @@ def test_banned_sidecar_is_cut_off_and_everything_it_obtained_is_revoked(deploym
     assert d.fetch("host-a", uid=AGENT_UID)["event"] == "update"
 
 
+def test_revoking_a_sidecars_own_svid_cuts_it_off(deployment):
+    d = start(deployment, "host-a")
+    d.entry("/agent/a", "host-a", f"unix:uid:{AGENT_UID}")
+    reader, _ = agent_stream(d)
+    serial = json.loads(d.cli("sidecar", "show", "host-a", "--output", "json").stdout)["svid_serial"]
+    revoke(d, "--serial", serial)
+    err = reader.until(lambda m: m["event"] == "error", timeout=5)
+    assert "PERMISSION_DENIED" in err["error"] or "revoked" in err["error"], err
+    assert d.fetch("host-a", uid=AGENT_UID)["event"] == "error"
+
+
 def test_crl_show_prints_a_signed_v2_crl_with_number_and_authority_key_id(deployment, tmp_path):
     d = start(deployment)
     pem_text = d.cli("crl", "show").stdout
