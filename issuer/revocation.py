@@ -18,10 +18,11 @@ from issuer.attestation import SidecarAttestor
 from issuer.ca import CertificateAuthority
 from issuer.datastore import Datastore
 from issuer.events import CLOSE, EventHub
-from issuer.models import Actor, AuditEvent, Entry, IssuedSerial, Revocation
+from issuer.models import ISSUER, Actor, AuditEvent, Entry, IssuedSerial, Revocation
 from issuer.registration import Registry
+from issuer.signing import SignResult
 from tessera import crl, logs, spiffeid
-from tessera.errors import InvalidArgument, NotFound, PermissionDenied
+from tessera.errors import Code, InvalidArgument, NotFound, PermissionDenied
 
 log = logs.get("issuer.revocation")
 
@@ -127,6 +128,35 @@ class RevocationService:
             raise PermissionDenied(f"identity {entry.spiffe_id} is revoked")
         if entry.owner in self._blocked_owners:
             raise PermissionDenied(f"identities of owner {entry.owner!r} are revoked")
+
+    def recheck_issued(self, results: list) -> list:
+        """After the signer recorded a batch: serials of entries revoked meanwhile are revoked and withheld.
+
+        The signer checks the entry, signs, then records; a revocation sets the entry's state, then
+        looks up its serials. Checking again after the record closes the gap: either this check sees
+        the new state, or the revocation's lookup sees the recorded serial.
+        """
+        late: list[str] = []
+        out = []
+        for r in results:
+            entry = self.registry.get(r.entry_id) if r.serial else None
+            refused = None
+            if entry is not None:
+                try:
+                    if entry.state != "active":
+                        raise PermissionDenied(f"entry {entry.id} is {entry.state}")
+                    self.check_entry(entry)
+                except PermissionDenied as e:
+                    refused = e.message
+            if refused is None:
+                out.append(r)
+            else:
+                late.append(r.serial)
+                out.append(SignResult(r.entry_id, code=int(Code.PERMISSION_DENIED), error=refused))
+        if late:
+            self.revoke_serials(late, "entry revoked while its SVID was being signed", ISSUER,
+                                reason_code="privilegeWithdrawn", kind="serial", target=",".join(late))
+        return out
 
     def crl_info(self) -> CrlInfo:
         assert self._crl is not None

@@ -80,6 +80,7 @@ class IssuerServer:
         # Revoked sidecar SVIDs fail authentication; identities revoked as a whole get no new SVIDs.
         self.attestor.is_revoked = self.revocation.is_revoked
         self.signer.check_entry_allowed = self.revocation.check_entry
+        self.signer.recheck_issued = self.revocation.recheck_issued
         self.service = IssuerService(self.attestor, self.signer, self.registry, self.hub,
                                      lambda: self.ca.bundle_der, cfg.resync_interval,
                                      crl_der=self.revocation.crl_der)

@@ -442,3 +442,15 @@ def test_sidecar_refuses_a_crl_signed_by_another_key_or_with_a_lower_number(issu
         assert state.number == 5 and state.is_revoked(revoked)
         assert (tmp_path / "sc" / "out" / "crl.pem").read_bytes() == on_disk
     assert state.refused == 2
+
+
+def test_svid_signed_while_its_entry_was_being_revoked_is_revoked_and_withheld(issuer):
+    from issuer.signing import SignResult
+
+    e = issuer.registry.create(spiffe_id="spiffe://example.org/agent/r", parent=HOST, selectors=["unix:uid:1"],
+                               owner="bob", purpose="p", expires_at=int(time.time()) + 3600, actor=OPERATOR)
+    racing = issuer.issue(path="/agent/r")  # recorded by a batch that checked the entry before the revocation
+    issuer.registry.set_state(e.id, "revoked", OPERATOR, "revoked meanwhile")
+    out = issuer.revocation.recheck_issued([SignResult(e.id, e.spiffe_id, b"der", racing, 1)])
+    assert out[0].code == 7 and not out[0].serial
+    assert issuer.revocation.is_revoked(racing) and racing in crl_mod.serials(issuer.crl())
