@@ -9,6 +9,7 @@ the signed CRL that includes them arrives. Lookups are set membership.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -17,6 +18,9 @@ from cryptography import x509
 from tessera import crl, logs, pem
 
 log = logs.get("sidecar.revocation")
+
+# A pushed serial that no CRL lists after this long was left out by the issuer because it expired.
+PUSHED_KEEP_SECONDS = 3600
 
 
 class RevocationState:
@@ -28,7 +32,7 @@ class RevocationState:
         self.der: bytes = b""
         self.number: int | None = None
         self.crl_serials: frozenset[str] = frozenset()
-        self.pushed: set[str] = set()  # revoked by a pushed event, not yet in a CRL we hold
+        self.pushed: dict[str, float] = {}  # revoked by a pushed event, not yet in a CRL we hold (-> when)
         self.seq = 0  # last revocation sequence number seen
         self.refused = 0  # CRLs refused (bad signature or lower number), for tests and metrics
 
@@ -71,7 +75,8 @@ class RevocationState:
             return False
         self.der, self.number = der, number
         self.crl_serials = crl.serials(parsed)
-        self.pushed -= self.crl_serials
+        cutoff = time.time() - PUSHED_KEEP_SECONDS
+        self.pushed = {s: t for s, t in self.pushed.items() if s not in self.crl_serials and t > cutoff}
         if persist:
             text = crl.pem(parsed)
             pem.write_atomic(self.saved, text, 0o644)
@@ -84,7 +89,8 @@ class RevocationState:
         """Apply a pushed revocation; True if revocations were missed (fetch the CRL)."""
         gap = self.seq != 0 and seq > self.seq + 1
         self.seq = max(self.seq, seq)
-        self.pushed.update(s for s in serials if s not in self.crl_serials)
+        now = time.time()
+        self.pushed.update((s, now) for s in serials if s not in self.crl_serials)
         return gap
 
     def write_bundle(self, bundle_der: bytes) -> None:

@@ -137,6 +137,7 @@ class Verifier:
         self.task_scopes = task_scopes
         self.state = TrustState()
         self.svid: OwnSVID | None = None
+        self.generation = 0  # bumped on every update: rebuild TLS contexts when it moves (SVID rotation)
         self._changed = threading.Condition()
         self._source = None
 
@@ -182,6 +183,7 @@ class Verifier:
             self.state = TrustState(new_bundle, crl_der, number, revoked)
             if svid is not None:
                 self.svid = svid
+            self.generation += 1
             self._changed.notify_all()
 
     def wait_ready(self, timeout: float = 10.0, need_svid: bool = False) -> None:
