@@ -37,10 +37,13 @@ class CachedSVID:
     not_before: float
     not_after: float
     revision: int
+    received_at: float
 
     @property
     def rotate_at(self) -> float:
-        return self.not_before + (self.not_after - self.not_before) / 2
+        # Half of the lifetime left when it arrived (notBefore is backdated for clock skew).
+        start = max(self.not_before, min(self.received_at, self.not_after))
+        return start + (self.not_after - start) / 2
 
 
 def servable(entry: types_pb2.Entry, now: float) -> bool:
@@ -191,7 +194,8 @@ class CacheManager:
                     entry_id=r.entry_id, spiffe_id=r.spiffe_id, cert=cert,
                     cert_der=cert.public_bytes(Encoding.DER), key_der=pem.key_pkcs8_der(keys[r.entry_id]),
                     serial=r.serial, not_before=cert.not_valid_before_utc.timestamp(),
-                    not_after=cert.not_valid_after_utc.timestamp(), revision=revisions[r.entry_id])
+                    not_after=cert.not_valid_after_utc.timestamp(), revision=revisions[r.entry_id],
+                    received_at=time.time())
                 stored += 1
             if results:
                 self.bump()

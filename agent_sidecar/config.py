@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tessera.configfile import Section, load_yaml
+from tessera.configfile import load_yaml
 
 
 @dataclass(frozen=True)
@@ -24,17 +24,10 @@ class SidecarConfig:
     crl_check_interval: int = 60    # periodic full CRL fetch (anti-entropy; changes arrive pushed)
 
 
-def _address(sec: Section, key: str, default=...) -> str:
-    v = sec.str(key, default)
-    host, sep, port = v.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise sec.fail(key, f"must be HOST:PORT, got {v!r}")
-    return v
-
 
 def load(path: str | Path, join_token: str | None = None) -> SidecarConfig:
     sec = load_yaml(path)
-    issuer = _address(sec, "issuer_address")
+    issuer = sec.address("issuer_address")
     host, _, port = issuer.rpartition(":")
     mode_raw = sec.get("socket_mode", (str, int), "0666")
     try:
@@ -48,7 +41,7 @@ def load(path: str | Path, join_token: str | None = None) -> SidecarConfig:
         raise sec.fail("exe_hash_max_bytes", "must not be negative")
     cfg = SidecarConfig(
         issuer_address=issuer,
-        issuer_bootstrap_address=_address(sec, "issuer_bootstrap_address", f"{host}:{int(port) + 1}"),
+        issuer_bootstrap_address=sec.address("issuer_bootstrap_address", f"{host}:{int(port) + 1}"),
         trust_bundle=sec.path("trust_bundle"),
         join_token=join_token or sec.str("join_token", None),
         data_dir=sec.path("data_dir"),

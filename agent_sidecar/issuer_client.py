@@ -37,8 +37,10 @@ class SidecarIdentity:
     def not_after(self) -> dt.datetime:
         return self.chain[0].not_valid_after_utc
 
-    def renew_at(self) -> dt.datetime:
-        return self.not_before + (self.not_after - self.not_before) / 2
+    def renew_delay(self, now: dt.datetime) -> float:
+        """Seconds until renewal: half of the lifetime still ahead, at least a second from now."""
+        start = max(self.not_before, min(now, self.not_after))
+        return max(1.0, ((start + (self.not_after - start) / 2) - now).total_seconds()) if self.not_after > now else 0.0
 
 
 class IdentityStore:

@@ -7,10 +7,8 @@ import signal
 import sys
 from pathlib import Path
 
-import grpc
-
 from tessera import logs, pem
-from tessera.cliutil import CliError, Parser, fail, rpc_error_line
+from tessera.cliutil import Parser, fail, run_main
 from tessera.errors import ConfigError, TesseraError
 
 PROG = "tessera-sidecar"
@@ -69,21 +67,14 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def dispatch(args) -> int:
+    if args.command == "run":
+        return cmd_run(args)
+    return cmd_fetch(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "api":
-            return cmd_fetch(args)
-    except CliError as e:
-        return fail(PROG, e.message, e.code)
-    except grpc.RpcError as e:
-        msg, code = rpc_error_line(e)
-        return fail(PROG, msg, code)
-    except OSError as e:
-        return fail(PROG, str(e))
-    return 2
+    return run_main(PROG, dispatch, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

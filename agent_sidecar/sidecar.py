@@ -182,7 +182,7 @@ class SidecarRuntime:
     async def _renew_loop(self) -> None:
         delay = BACKOFF_MIN
         while True:
-            wait = (self.ident.renew_at() - dt.datetime.now(dt.timezone.utc)).total_seconds()
+            wait = self.ident.renew_delay(dt.datetime.now(dt.timezone.utc))
             if wait > 0:
                 await asyncio.sleep(wait)
             try:

@@ -106,8 +106,9 @@ class SidecarAttestor:
                audit: AuditEvent) -> SidecarSVID:
         signed = self.ca.sign(public_key, spiffeid.parse(sid), self.svid_ttl)
         not_after = int(signed.not_after.timestamp())
-        sidecar = Sidecar(sid, name, "active", existing.attested_at if existing and audit.action == "sidecar.renew"
-                          else now, now, signed.serial_hex, not_after)
+        renewing = existing is not None and audit.action == "sidecar.renew"
+        attested_at = existing.attested_at if renewing else now
+        sidecar = Sidecar(sid, name, "active", attested_at, now, signed.serial_hex, not_after)
         self.store.record_issued([IssuedSerial(signed.serial_hex, sid, "sidecar", None, sid, now, not_after)])
         self.store.upsert_sidecar(sidecar, replace(audit, details={"serial": signed.serial_hex, "ttl": self.svid_ttl}))
         with self._lock:

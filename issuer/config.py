@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tessera import spiffeid
-from tessera.configfile import Section, load_yaml
+from tessera.configfile import load_yaml
 
 
 @dataclass(frozen=True)
@@ -31,21 +31,14 @@ class IssuerConfig:
     crl_validity: int = 600
 
 
-def _address(sec: Section, key: str, default=...) -> str:
-    v = sec.str(key, default)
-    host, sep, port = v.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise sec.fail(key, f"must be HOST:PORT, got {v!r}")
-    return v
-
 
 def load(path: str | Path) -> IssuerConfig:
     sec = load_yaml(path)
     td = sec.checked("trust_domain", spiffeid.validate_trust_domain, sec.str("trust_domain"))
     data_dir = sec.path("data_dir")
-    listen = _address(sec, "listen_address")
+    listen = sec.address("listen_address")
     host, _, port = listen.rpartition(":")
-    bootstrap = _address(sec, "bootstrap_address", f"{host}:{int(port) + 1 if int(port) else 0}")
+    bootstrap = sec.address("bootstrap_address", f"{host}:{int(port) + 1 if int(port) else 0}")
     admin_uids = sec.get("admin_uids", list, [])
     if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in admin_uids):
         raise sec.fail("admin_uids", "must be a list of numeric uids")

@@ -10,7 +10,7 @@ import time
 
 import grpc
 
-from tessera.cliutil import CliError, Parser, fail, rpc_error_line
+from tessera.cliutil import CliError, Parser, run_main
 from tessera.durations import format_duration, parse_duration
 from tessera.errors import InvalidArgument
 from tessera.v1 import admin_pb2, admin_pb2_grpc, types_pb2
@@ -259,16 +259,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except CliError as e:
-        return fail(PROG, e.message, e.code)
-    except grpc.RpcError as e:
-        msg, code = rpc_error_line(e)
-        return fail(PROG, msg, code)
-    except KeyboardInterrupt:
-        return 130
+    return run_main(PROG, run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -40,3 +40,20 @@ def rpc_error_line(err) -> tuple[str, int]:
         return f"timed out: {details}", EXIT_UNAVAILABLE
     name = code.name if code is not None else "ERROR"
     return f"{details} ({name})", EXIT_BAD_INPUT
+
+
+def run_main(prog: str, fn, args) -> int:
+    """The CLIs' one error boundary: typed and RPC errors become one line and an exit code."""
+    import grpc
+
+    try:
+        return fn(args)
+    except CliError as e:
+        return fail(prog, e.message, e.code)
+    except grpc.RpcError as e:
+        msg, code = rpc_error_line(e)
+        return fail(prog, msg, code)
+    except OSError as e:
+        return fail(prog, str(e))
+    except KeyboardInterrupt:
+        return 130

@@ -66,6 +66,14 @@ class Section:
         v = self.str(key, default)
         return Path(v) if isinstance(v, str) else v
 
+    def address(self, key: str, default: Any = ...) -> str:
+        """HOST:PORT."""
+        v = self.str(key, default)
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise self.fail(key, f"must be HOST:PORT, got {v!r}")
+        return v
+
     def checked(self, key: str, fn: Callable[[Any], Any], raw: Any) -> Any:
         try:
             return fn(raw)

@@ -85,6 +85,9 @@ def build_leaf(
 ) -> x509.Certificate:
     """Sign an X.509-SVID for `spiffe_id`. The subject is empty, so the SAN is critical."""
     now = _now()
+    # Backdate for clock skew, but never by more than a tenth of the lifetime: a short-lived SVID
+    # must not spend most of its validity in the past.
+    backdate = min(CLOCK_SKEW, max(dt.timedelta(0), (not_after - now) / 10))
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
     sans += [x509.DNSName(d) for d in dns_names]
     b = (
@@ -93,7 +96,7 @@ def build_leaf(
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(serial)
-        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_before(now - backdate)
         .not_valid_after(min(not_after, ca_cert.not_valid_after_utc))
         .add_extension(_LEAF_BC, critical=True)
         .add_extension(_LEAF_KU, critical=True)

@@ -249,7 +249,11 @@ class Deployment:
         return reader
 
     def spawn(self, *args: str) -> LineReader:
-        proc = subprocess.Popen(self.workload(*args), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return self.spawn_as(None, *args)
+
+    def spawn_as(self, uid: int | None, *args: str) -> LineReader:
+        proc = subprocess.Popen(self.workload(*args, uid=uid), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True)
         reader = LineReader(proc)
         self.children.append(reader)
         return reader

@@ -1,0 +1,42 @@
+"""Speak the issuer's sidecar protocol directly, as a sidecar would (for tests and benchmarks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from tessera import x509svid
+from tessera.v1 import issuer_pb2, issuer_pb2_grpc
+
+OPTIONS = [("grpc.ssl_target_name_override", "tessera-issuer")]
+
+
+def mtls_stub(address: str, bundle_pem: bytes, key_pem: bytes, cert_pem: bytes) -> issuer_pb2_grpc.IssuerStub:
+    creds = grpc.ssl_channel_credentials(bundle_pem, key_pem, cert_pem)
+    return issuer_pb2_grpc.IssuerStub(grpc.secure_channel(address, creds, options=OPTIONS))
+
+
+def sidecar_stub(deployment, sidecar: str) -> issuer_pb2_grpc.IssuerStub:
+    """A stub holding the real credentials a running sidecar saved in its data dir."""
+    data = deployment.sidecar_dir(sidecar) / "data"
+    return mtls_stub(f"127.0.0.1:{deployment.port}", deployment.bundle_path.read_bytes(),
+                     (data / "sidecar-key.pem").read_bytes(), (data / "sidecar-svid.pem").read_bytes())
+
+
+def bootstrap_stub(deployment) -> issuer_pb2_grpc.IssuerStub:
+    creds = grpc.ssl_channel_credentials(deployment.bundle_path.read_bytes())
+    return issuer_pb2_grpc.IssuerStub(grpc.secure_channel(f"127.0.0.1:{deployment.port + 1}", creds, options=OPTIONS))
+
+
+def attest(deployment, token: str) -> issuer_pb2.SidecarSVIDResponse:
+    key = x509svid.new_key()
+    return bootstrap_stub(deployment).AttestSidecar(
+        issuer_pb2.AttestSidecarRequest(join_token=token, csr=x509svid.make_csr(key)), timeout=10)
+
+
+def sign(stub, entry_id: str) -> issuer_pb2.SignedSVID:
+    key = x509svid.new_key()
+    resp = stub.SignX509SVIDs(issuer_pb2.SignX509SVIDsRequest(
+        items=[issuer_pb2.CSRItem(entry_id=entry_id, csr=x509svid.make_csr(key))]), timeout=10)
+    return resp.items[0]

@@ -1,0 +1,50 @@
+"""Restarts: sidecars ride out an issuer restart; a sidecar comes back from its saved SVID; nothing recorded is lost."""
+
+import sqlite3
+
+from harness import wait_for
+
+
+def issued_serials(deployment) -> set[str]:
+    db = sqlite3.connect(deployment.issuer_dir / "tessera.db")
+    try:
+        return {r[0] for r in db.execute("SELECT serial FROM issued")}
+    finally:
+        db.close()
+
+
+def test_sidecar_keeps_serving_while_issuer_is_down_and_resyncs_after_restart(running):
+    running.entry("/agent/a", "host-a")
+    before = running.fetch("host-a")
+    assert before["event"] == "update"
+    running.issuer.stop()
+    during = running.fetch("host-a")
+    assert during["event"] == "update" and during["svids"][0]["serial"] == before["svids"][0]["serial"]
+    running.issuer.start()
+    stream = running.stream("host-a")
+    assert stream.next(20)["event"] == "update"
+    running.entry("/agent/b", "host-a")  # reaches the workload only if the sidecar reconnected
+    stream.until(lambda m: len(m.get("svids", [])) == 2, timeout=15)
+
+
+def test_sidecar_restart_comes_back_from_its_saved_svid_without_a_token(running):
+    running.entry("/agent/a", "host-a")
+    assert running.fetch("host-a")["event"] == "update"
+    sidecar = running.sidecars["host-a"]
+    sidecar.stop()
+    assert "--join-token" in sidecar.argv
+    sidecar.argv = sidecar.argv[: sidecar.argv.index("--join-token")]
+    sidecar.start()
+    after = running.fetch("host-a")
+    assert after["event"] == "update" and after["svids"][0]["spiffe_id"] == "spiffe://example.org/agent/a"
+    assert "using saved sidecar SVID" in sidecar.log()
+
+
+def test_issued_serials_survive_kill_9_of_the_issuer(running):
+    running.entry("/agent/a", "host-a")
+    serial = running.fetch("host-a")["svids"][0]["serial"]
+    running.restart_issuer(kill9=True)
+    assert serial in issued_serials(running)
+    listed = running.cli("entry", "list", "--output", "json").stdout
+    assert "spiffe://example.org/agent/a" in listed
+    wait_for(lambda: running.fetch("host-a")["event"] == "update", timeout=15, what="serving after restart")

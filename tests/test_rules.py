@@ -1,0 +1,93 @@
+"""Pure rules: SPIFFE ID syntax, selectors, durations, and the X.509-SVID profile."""
+
+import datetime as dt
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from issuer.ca import CertificateAuthority
+from tessera import spiffeid, x509svid
+from tessera.durations import parse_duration
+from tessera.errors import InvalidArgument
+from tessera.selectors import matches, parse_selector
+
+
+@pytest.mark.parametrize("value", [
+    "spiffe://example.org/a", "spiffe://example.org", "spiffe://a.b-c_d/x/Y.z-_", "spiffe://td/" + "a" * 2000,
+])
+def test_valid_spiffe_ids_parse(value):
+    assert str(spiffeid.parse(value)) == value
+
+
+@pytest.mark.parametrize("value", [
+    "", "spiffe://", "spiffe://Example.org/a", "spiffe://example.org/", "spiffe://example.org//a",
+    "spiffe://example.org/a/./b", "spiffe://example.org/a/../b", "spiffe://example.org/a%20b",
+    "spiffe://user@example.org/a", "spiffe://example.org:443/a", "spiffe://example.org/a?q=1",
+    "spiffe://example.org/a#f", "SPIFFE://example.org/a", "spiffe://td/" + "a" * 2050,
+])
+def test_invalid_spiffe_ids_are_rejected(value):
+    with pytest.raises(InvalidArgument):
+        spiffeid.parse(value)
+
+
+def test_workload_ids_need_a_path():
+    with pytest.raises(InvalidArgument, match="needs a path"):
+        spiffeid.parse("spiffe://example.org", require_path=True)
+
+
+def test_selectors_are_canonical_and_match_only_as_a_whole_set():
+    assert parse_selector("unix:sha256:" + "AB" * 32) == "unix:sha256:" + "ab" * 32
+    assert parse_selector("unix:path:/usr/bin/python3:odd") == "unix:path:/usr/bin/python3:odd"
+    have = frozenset({"unix:uid:1000", "unix:gid:1000"})
+    assert matches(("unix:uid:1000",), have)
+    assert not matches(("unix:uid:1000", "unix:user:bob"), have)
+    assert not matches((), have)
+
+
+@pytest.mark.parametrize("text, seconds", [("30s", 30), ("10m", 600), ("24h", 86400), ("30d", 2592000), (45, 45)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "10", "-5m", "0s", "1w", "1.5h", True])
+def test_bad_durations(text):
+    with pytest.raises(InvalidArgument):
+        parse_duration(text)
+
+
+def test_leaf_profile_matches_the_x509_svid_standard(tmp_path):
+    ca = CertificateAuthority.load_or_create("example.org", tmp_path)
+    key = x509svid.new_key()
+    signed = ca.sign(key.public_key(), spiffeid.parse("spiffe://example.org/agent/a"), 600)
+    cert = signed.cert
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert san.critical and san.value.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://example.org/agent/a"]
+    assert cert.subject == x509.Name([])
+    bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert bc.critical and bc.value.ca is False
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage)
+    assert ku.critical and ku.value.digital_signature and not ku.value.key_cert_sign and not ku.value.crl_sign
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    assert cert.serial_number.bit_length() >= 64
+    now = dt.datetime.now(dt.timezone.utc)
+    assert cert.not_valid_before_utc < now - dt.timedelta(seconds=10)  # backdated for clock skew
+    assert abs((cert.not_valid_after_utc - now).total_seconds() - 600) < 5
+    cert.verify_directly_issued_by(ca.cert)
+
+
+def test_leaf_lifetime_never_exceeds_the_cap(tmp_path):
+    ca = CertificateAuthority.load_or_create("example.org", tmp_path)
+    cap = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(seconds=60)
+    signed = ca.sign(x509svid.new_key().public_key(), spiffeid.parse("spiffe://example.org/a"), 3600,
+                     not_after_cap=cap)
+    assert signed.not_after == cap
+
+
+def test_ca_key_file_is_private(tmp_path):
+    CertificateAuthority.load_or_create("example.org", tmp_path)
+    assert (tmp_path / "ca-key.pem").stat().st_mode & 0o777 == 0o600
+    cert = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
