@@ -454,3 +454,19 @@ def test_svid_signed_while_its_entry_was_being_revoked_is_revoked_and_withheld(i
     out = issuer.revocation.recheck_issued([SignResult(e.id, e.spiffe_id, b"der", racing, 1)])
     assert out[0].code == 7 and not out[0].serial
     assert issuer.revocation.is_revoked(racing) and racing in crl_mod.serials(issuer.crl())
+
+
+def test_sidecar_restarted_while_the_issuer_is_down_enforces_its_saved_crl(issuer, tmp_path):
+    (tmp_path / "sc").mkdir()
+    revoked = issuer.issue()
+    issuer.revocation.revoke("serial", revoked, "stolen", OPERATOR)
+    issuer.crl()  # the rebuild the CRL worker would do
+    assert _sidecar_state(tmp_path / "sc", issuer.ca).apply(issuer.revocation.crl_der())
+    (tmp_path / "sc" / "out" / "crl.pem").unlink()
+    from agent_sidecar.revocation import RevocationState
+
+    restarted = RevocationState(lambda: [issuer.ca.cert], tmp_path / "sc" / "data", tmp_path / "sc" / "out")
+    restarted.load_saved()
+    restarted.write_outputs(issuer.ca.bundle_der)
+    assert restarted.is_revoked(revoked) and restarted.crls() == [issuer.revocation.crl_der()]
+    assert revoked in crl_mod.serials(crl_mod.load((tmp_path / "sc" / "out" / "crl.pem").read_bytes()))
