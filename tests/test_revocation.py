@@ -104,11 +104,14 @@ def service_verifier(d, sidecar="host-a") -> Verifier:
     return v
 
 
+def crl_der(d) -> bytes:
+    return subprocess.run([str(Path(d.issuer.argv[0]).parent / "tessera"), "crl", "show", "--der"],
+                          capture_output=True, env={**os.environ, "TESSERA_ADMIN_SOCKET": str(d.admin_socket)},
+                          check=True).stdout
+
+
 def crl_serials(d) -> set[str]:
-    der = subprocess.run([str(Path(d.issuer.argv[0]).parent / "tessera"), "crl", "show", "--der"],
-                         capture_output=True, env={**os.environ, "TESSERA_ADMIN_SOCKET": str(d.admin_socket)},
-                         check=True).stdout
-    return set(crl_mod.serials(crl_mod.load(der)))
+    return set(crl_mod.serials(crl_mod.load(crl_der(d))))
 
 
 def revoke(d, *args) -> float:
@@ -203,7 +206,12 @@ def test_sidecar_keeps_its_last_good_crl_while_the_issuer_is_down_or_goes_backwa
     revoke(d, "--entry", entry)
     out = out_dir(d, "host-a")
     wait_for(lambda: openssl_says_revoked(out, cert), 5, what="crl.pem lists the serial")
-    number = crl_mod.number_of(crl_mod.load((out / "crl.pem").read_bytes()))
+
+    def settled():  # the sidecar holds the issuer's latest CRL (both revocations may take two)
+        latest = crl_mod.number_of(crl_mod.load(crl_der(d)))
+        return latest if crl_mod.number_of(crl_mod.load((out / "crl.pem").read_bytes())) == latest else None
+
+    number = wait_for(settled, 5, what="the sidecar holding the latest CRL")
 
     # Issuer down: the sidecar keeps enforcing (revoked identity denied, CRL still on disk).
     d.issuer.stop()
@@ -218,7 +226,7 @@ def test_sidecar_keeps_its_last_good_crl_while_the_issuer_is_down_or_goes_backwa
     db.close()
     d.issuer.start()
     log = d.sidecar_dir("host-a") / "sidecar.log"
-    wait_for(lambda: "lower than the current" in log.read_text(), 10, what="sidecar refusing the lower CRL number")
+    wait_for(lambda: "lower than the current" in log.read_text(), 20, what="sidecar refusing the lower CRL number")
     assert crl_mod.number_of(crl_mod.load((out / "crl.pem").read_bytes())) == number
     assert openssl_says_revoked(out, cert)
 
@@ -309,9 +317,7 @@ def test_crl_show_prints_a_signed_v2_crl_with_number_and_authority_key_id(deploy
     assert "verify OK" in r.stderr + r.stdout
     assert "Version 2" in r.stdout and "CRL Number" in r.stdout and "Authority Key Identifier" in r.stdout
     assert "Next Update" in r.stdout
-    der = subprocess.run([str(Path(d.issuer.argv[0]).parent / "tessera"), "crl", "show", "--der"],
-                         capture_output=True, env={**os.environ, "TESSERA_ADMIN_SOCKET": str(d.admin_socket)}).stdout
-    assert crl_mod.pem(crl_mod.load(der)).decode() == pem_text
+    assert crl_mod.pem(crl_mod.load(crl_der(d))).decode() == pem_text
 
 
 # -- the issuer's revocation service in-process (task credentials, the EndTask entry point) ---------
