@@ -60,6 +60,7 @@ class CacheManager:
         self.svids: dict[str, CachedSVID] = {}
         self.bundle_der: bytes = b""
         self.ready = False
+        self.cut = False  # banned: nothing is served any more
         self.version = 0
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()
@@ -84,6 +85,7 @@ class CacheManager:
 
     def apply_snapshot(self, entries: Iterable[types_pb2.Entry], bundle_der: bytes) -> None:
         self.entries = {e.id: e for e in entries}
+        self.cut = False  # the issuer accepts this sidecar again
         for gone in set(self.svids) - set(self.entries):
             del self.svids[gone]
         if bundle_der:
@@ -104,6 +106,26 @@ class CacheManager:
         if bundle_der and bundle_der != self.bundle_der:
             self.bundle_der = bundle_der
             self.bump()
+
+    def drop_revoked(self, is_revoked: Callable[[str], bool]) -> int:
+        """Drop SVIDs whose serial is revoked; the minting loop replaces those whose entry is still servable."""
+        gone = [eid for eid, s in self.svids.items() if is_revoked(s.serial)]
+        for eid in gone:
+            del self.svids[eid]
+        if gone:
+            self._changed_entries()
+        return len(gone)
+
+    def cut_off(self) -> None:
+        """This sidecar is banned (or its own SVID revoked): serve nothing more."""
+        self.cut = True
+        self.entries.clear()
+        self.svids.clear()
+        self._changed_entries()
+
+    def entry_revoked(self, entry_id: str) -> bool:
+        e = self.entries.get(entry_id)
+        return e is not None and e.state == "revoked"
 
     def _changed_entries(self) -> None:
         self._drop_unservable(time.time())

@@ -21,6 +21,8 @@ class SidecarConfig:
     exe_hash_max_bytes: int
     log_level: str
     metrics_address: str | None = None  # HOST:PORT for Prometheus /metrics; off when unset
+    output_dir: Path | None = None  # bundle.pem and crl.pem for nginx, openssl and friends
+    crl_check_interval: int = 60    # periodic full CRL fetch (anti-entropy; changes arrive pushed)
 
 
 
@@ -50,8 +52,12 @@ def load(path: str | Path, join_token: str | None = None) -> SidecarConfig:
         exe_hash_max_bytes=max_hash,
         log_level=sec.str("log_level", "info"),
         metrics_address=sec.address("metrics_address") if sec.get("metrics_address", str, None) else None,
+        output_dir=sec.path("output_dir", None),
+        crl_check_interval=sec.duration("crl_check_interval", "60s"),
     )
     if not cfg.socket_path.is_absolute():
         raise sec.fail("socket_path", "must be an absolute path")
+    if cfg.crl_check_interval < 1:
+        raise sec.fail("crl_check_interval", "must be at least 1s")
     sec.reject_unknown()
     return cfg

@@ -79,6 +79,8 @@ def _options(server_name: str) -> list[tuple[str, object]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        # A CRL of 100k serials is ~2.2 MB; the default 4 MB cap would cut sidecars off near 200k.
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ]
 
 
@@ -132,6 +134,9 @@ class IssuerClient:
         resp = await self.stub.EndTask(issuer_pb2.EndTaskSVIDRequest(task_id=task_id, entry_id=entry_id,
                                                                      reason=reason), timeout=30)
         return list(resp.revoked_serials)
+    async def fetch_crl(self) -> bytes:
+        resp = await self.stub.FetchCRL(issuer_pb2.FetchCRLRequest(), timeout=15)
+        return resp.crl
 
     def sync(self):
         return self.stub.Sync(issuer_pb2.SyncRequest())

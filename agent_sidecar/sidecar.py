@@ -17,8 +17,9 @@ from agent_sidecar.config import SidecarConfig
 from agent_sidecar.health import HealthService
 from agent_sidecar.issuer_client import IdentityStore, IssuerClient, SidecarBanned, SidecarIdentity
 from agent_sidecar.task_api import TaskAPI
+from agent_sidecar.revocation import RevocationState
 from agent_sidecar.workload_api import WorkloadAPI
-from tessera import logs, pem, spiffeid
+from tessera import crl, logs, pem, spiffeid
 from tessera.errors import ConfigError
 from tessera.uds import bind_unix
 
@@ -45,6 +46,7 @@ class SidecarRuntime:
         self.client = IssuerClient(cfg.issuer_address, cfg.issuer_bootstrap_address, cfg.server_name)
         self.cache = CacheManager(self.client.sign)
         self.attestor = WorkloadAttestor(cfg.exe_hash_max_bytes)
+        self.revocation = RevocationState(lambda: pem.split_der(self.cache.bundle_der), cfg.data_dir, cfg.output_dir)
         self.ident: SidecarIdentity | None = None
         self._sync_call = None
         self._tasks: list[asyncio.Task] = []
@@ -87,13 +89,16 @@ class SidecarRuntime:
         os.chmod(self.cfg.data_dir, 0o700)
         self.ident = await self._obtain_identity()
         self.cache.bundle_der = pem.der_concat(self.ident.bundle)
+        # The last good CRL stays in force from the first moment, issuer reachable or not.
+        self.revocation.load_saved()
+        self.revocation.write_outputs(self.cache.bundle_der)
         await self.client.connect(self.ident)
         td = spiffeid.parse(self.ident.sidecar_id).trust_domain
-        self.workload_api = WorkloadAPI(self.cache, self.attestor, td)
+        self.workload_api = WorkloadAPI(self.cache, self.attestor, td, crls=self.revocation.crls)
         if self.cfg.metrics_address:
             self.metrics_server = metrics.serve(self.cfg.metrics_address)
         self.task_api = TaskAPI(self.cache, self.attestor, self.client)
-        for coro in (self._sync_loop(), self._renew_loop(), self.cache.run()):
+        for coro in (self._sync_loop(), self._renew_loop(), self.cache.run(), self._crl_check_loop()):
             self._tasks.append(asyncio.create_task(coro))
         # Bind once the first snapshot is in, so a present socket means "ready"; if the issuer is
         # unreachable, bind anyway after a while and answer UNAVAILABLE until it syncs.
@@ -129,6 +134,10 @@ class SidecarRuntime:
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.CANCELLED and call is not self._sync_call:
                     continue  # replaced after renewal: reconnect at once
+                if e.code() == grpc.StatusCode.PERMISSION_DENIED and not self.cache.cut:
+                    # Banned, or this sidecar's own SVID revoked: every serial it obtained is revoked too.
+                    log.error("the issuer cut this sidecar off; serving nothing more", error=e.details())
+                    self.cache.cut_off()
                 log.warning("sync stream lost; reconnecting", code=e.code().name, error=e.details(),
                             retry_in=round(delay, 2))
             except asyncio.CancelledError:
@@ -152,8 +161,45 @@ class SidecarRuntime:
         elif kind == "bundle":
             self.cache.apply_bundle(ev.bundle)
             self.ids.save_bundle(pem.split_der(ev.bundle))
+            self.revocation.write_bundle(ev.bundle)
+        elif kind == "revocation":
+            self.handle_revocation(ev.revocation)
+        elif kind == "crl":
+            self.apply_crl(ev.crl)
+        if kind == "snapshot" and ev.snapshot.bundle:
+            self.revocation.write_bundle(ev.snapshot.bundle)
+
         # After applying: the delay measured is issuer commit -> applied here.
         metrics.observe_sync_event(kind, ev.committed_at)
+
+    def handle_revocation(self, rev) -> None:
+        if self.revocation.note_revocation(rev.seq, rev.serials):
+            log.warning("missed revocations; fetching the CRL", seq=rev.seq)
+            self._tasks.append(asyncio.create_task(self._fetch_crl()))
+        # Revoked identities arrive as entry_upsert (state revoked); single serials are replaced here.
+        self.cache.drop_revoked(self.revocation.is_revoked)
+
+    def apply_crl(self, data: bytes) -> None:
+        try:
+            if not self.revocation.apply(data):
+                return
+        except crl.CrlError:
+            return  # refused and logged; the last good CRL stays in force
+        self.cache.drop_revoked(self.revocation.is_revoked)
+        self.cache.bump()  # streams resend with the new `crl` field
+
+    async def _fetch_crl(self) -> None:
+        try:
+            self.apply_crl(await self.client.fetch_crl())
+        except grpc.aio.AioRpcError as e:
+            log.warning("CRL fetch failed; keeping the last good CRL", code=e.code().name, error=e.details())
+
+    async def _crl_check_loop(self) -> None:
+        """Anti-entropy: fetch the full CRL now and then, whatever the stream said."""
+        while True:
+            await asyncio.sleep(self.cfg.crl_check_interval)
+            if not self.cache.cut:
+                await self._fetch_crl()
 
     async def _renew_loop(self) -> None:
         delay = BACKOFF_MIN

@@ -58,10 +58,16 @@ class WorkloadAPI(workload_grpc.SpiffeWorkloadAPIBase):
         wl = await self._caller(stream)
         log.info("workload attested", **wl.describe())
         last = None
+        served: set[str] = set()  # entries whose SVIDs this stream handed out
         deadline = time.monotonic() + FIRST_SVID_TIMEOUT
         while True:
             version = self.cache.version
             entries, svids = self.cache.view(wl.selectors)
+            revoked = sorted(eid for eid in served if self.cache.entry_revoked(eid))
+            if revoked or self.cache.cut:
+                # "Stop using all SVIDs": the client must drop the revoked identity's credentials now.
+                log.info("identity revoked; ending workload stream", entry_ids=revoked, **wl.describe())
+                raise GRPCError(Status.PERMISSION_DENIED, "identity revoked")
             if not entries:
                 raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
             crls = list(self.crls())
@@ -74,6 +80,7 @@ class WorkloadAPI(workload_grpc.SpiffeWorkloadAPIBase):
                                for s in svids],
                         crl=crls))
                     last = state
+                    served.update(s.entry_id for s in svids)
             timeout = None if last is not None else max(0.0, deadline - time.monotonic())
             if not await self.cache.wait_change(version, timeout):
                 raise GRPCError(Status.UNAVAILABLE, "identity not yet available from the issuer; retry")

@@ -17,20 +17,21 @@ from issuer.evidence_api import EvidenceHandlers
 from issuer.models import Actor
 from issuer.registration import Registry
 from tessera import peercred
-from tessera.errors import PermissionDenied
+from tessera.errors import InvalidArgument, PermissionDenied
 from tessera.rpc import grpclib_handler
 from tessera.v1 import admin_grpc, admin_pb2, types_pb2
 
 
 class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
     def __init__(self, registry: Registry, attestor: SidecarAttestor, hub: EventHub, bundle_pem,
-                 allowed_uids: tuple[int, ...], approvals: Approvals | None = None):
+                 allowed_uids: tuple[int, ...], approvals: Approvals | None = None, revocation=None):
         self.registry = registry
         self.attestor = attestor
         self.hub = hub
         self.bundle_pem = bundle_pem
         self.allowed_uids = set(allowed_uids)
         self.approvals = approvals
+        self.revocation = revocation  # issuer.revocation.RevocationService
 
     def operator(self, stream) -> Actor:
         cred = peercred.from_grpclib_stream(stream)
@@ -129,6 +130,41 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
         actor = self.operator(stream)
         a = await asyncio.to_thread(self.approvals.decide, req.id, req.approve, actor, req.reason)
         await stream.send_message(approval_pb(a))
+
+
+    # -- revocation -----------------------------------------------------------------------
+
+    @staticmethod
+    def _revoke_response(result) -> admin_pb2.RevokeResponse:
+        return admin_pb2.RevokeResponse(count=len(result.serials), serials=list(result.serials),
+                                        entry_ids=list(result.entry_ids), seq=result.seq)
+
+    @grpclib_handler
+    async def Revoke(self, stream):
+        req = await stream.recv_message()
+        actor = self.operator(stream)
+        which = req.WhichOneof("target")
+        if which is None:
+            raise InvalidArgument("name exactly one thing to revoke: serial, task, entry, SPIFFE ID, sidecar or owner")
+        kind = {"task_id": "task", "entry_id": "entry"}.get(which, which)
+        result = await asyncio.to_thread(self.revocation.revoke, kind, getattr(req, which), req.reason, actor,
+                                         req.reason_code)
+        await stream.send_message(self._revoke_response(result))
+
+    @grpclib_handler
+    async def BanSidecar(self, stream):
+        req = await stream.recv_message()
+        actor = self.operator(stream)
+        result = await asyncio.to_thread(self.revocation.ban_sidecar, req.sidecar, req.reason, actor)
+        await stream.send_message(self._revoke_response(result))
+
+    @grpclib_handler
+    async def GetCRL(self, stream):
+        await stream.recv_message()
+        self.operator(stream)
+        info = self.revocation.crl_info()
+        await stream.send_message(admin_pb2.CRL(der=info.der, number=info.number, this_update=info.this_update,
+                                                next_update=info.next_update, entries=info.entries))
 
 
 def approval_pb(a: ApprovalRequest) -> admin_pb2.Approval:

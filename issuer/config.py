@@ -35,6 +35,7 @@ class IssuerConfig:
     metrics_address: str | None = None  # HOST:PORT for Prometheus /metrics; off when unset
     # Tiers and task rules (issuer/policy.py); the default has the standard tiers and no rules.
     policy: policy_mod.Policy = field(default_factory=lambda: policy_mod.DEFAULT_POLICY)
+    crl_validity: int = 600
 
 
 
@@ -68,9 +69,12 @@ def load(path: str | Path) -> IssuerConfig:
         audit_file=sec.path("audit_file", str(data_dir / "audit.jsonl")),
         metrics_address=sec.address("metrics_address") if sec.get("metrics_address", str, None) else None,
         policy=policy_mod.load(sec),
+        crl_validity=sec.duration("crl_validity", "10m"),
     )
     if (cfg.ca_cert is None) != (cfg.ca_key is None):
         raise sec.fail("ca_key" if cfg.ca_key is None else "ca_cert", "ca_cert and ca_key must be given together")
+    if cfg.crl_validity < 10:
+        raise sec.fail("crl_validity", "must be at least 10s (the CRL is re-signed at half of it)")
     if cfg.max_workers < 8:
         raise sec.fail("max_workers", "must be at least 8")
     sec.reject_unknown()

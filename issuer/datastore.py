@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Iterable, Protocol, Sequence
 
-from issuer.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Sidecar
+from issuer.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
 
 GENESIS_HASH = "0" * 64
 
@@ -51,6 +51,12 @@ class Datastore(Protocol):
     def find_issued(self, *, entry_id: str | None = None, task_id: str | None = None,
                     spiffe_id: str | None = None, sidecar_id: str | None = None,
                     unexpired_at: int | None = None, revoked: bool | None = None) -> list[IssuedSerial]: ...
+
+    # revocation log and CRL numbers
+    def record_revocation(self, rec: Revocation) -> int: ...
+    def revocations(self, kinds: Sequence[str] | None = None, since_seq: int = 0) -> list[Revocation]: ...
+    def last_revocation_seq(self) -> int: ...
+    def next_crl_number(self) -> int: ...
 
     # audit
     def append_audit(self, events: Iterable[AuditEvent]) -> None: ...

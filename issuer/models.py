@@ -66,6 +66,20 @@ class IssuedSerial:
 
 
 @dataclass(frozen=True)
+class Revocation:
+    """One operator (or task-end) revocation, as logged: what was named, why, and what it hit."""
+
+    seq: int  # 0 until stored
+    ts: int
+    kind: str  # serial | task | entry | spiffe_id | sidecar | owner
+    target: str
+    reason: str
+    reason_code: str  # RFC 5280 CRLReason name
+    serials: tuple[str, ...]
+    entry_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Actor:
     """Who did something: an operator (uid from the kernel), a sidecar (its SVID), a workload, the issuer."""
 

@@ -24,6 +24,7 @@ from issuer.events import EventHub
 from issuer.evidence_api import Evidence
 from issuer.models import ISSUER, AuditEvent, IssuedSerial
 from issuer.registration import Registry
+from issuer.revocation import RevocationService
 from issuer.sidecar_api import IssuerService
 from issuer.signing import SvidSigner
 from issuer.sqlite_store import SQLiteDatastore
@@ -92,13 +93,21 @@ class IssuerServer:
                                  tier_names=cfg.policy.tier_names)
         self.attestor = SidecarAttestor(self.store, self.ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl)
         self.signer = SvidSigner(self.store, self.ca, self.registry, identity_ttl=cfg.policy.identity_ttl)
+        self.revocation = RevocationService(self.store, self.ca, self.registry, self.attestor, self.hub,
+                                            cfg.crl_validity)
+        # Revoked sidecar SVIDs fail authentication; identities revoked as a whole get no new SVIDs.
+        self.attestor.is_revoked = self.revocation.is_revoked
+        self.signer.check_entry_allowed = self.revocation.check_entry
+        self.signer.recheck_issued = self.revocation.recheck_issued
         self.approvals = Approvals(self.store, cfg.policy.approval_timeout)
         self.tasks = TaskService(self.store, self.ca, self.registry, cfg.policy, self.approvals,
-                                 check_entry_allowed=lambda e: self.signer.check_entry_allowed(e))
+                                 check_entry_allowed=self.revocation.check_entry,
+                                 revoke=self.revocation.end_task)
         self.service = IssuerService(self.attestor, self.signer, self.registry, self.hub,
-                                     lambda: self.ca.bundle_der, cfg.resync_interval, tasks=self.tasks)
+                                     lambda: self.ca.bundle_der, cfg.resync_interval, tasks=self.tasks,
+                                     crl_der=self.revocation.crl_der)
         self.admin = AdminService(self.registry, self.attestor, self.hub, lambda: self.ca.bundle_pem,
-                                  cfg.admin_uids, approvals=self.approvals)
+                                  cfg.admin_uids, approvals=self.approvals, revocation=self.revocation)
         self.evidence = Evidence(self.store, self.registry, self.attestor, self.hub)
         self.store.audit_listeners.append(self.evidence.feed)
         self.admin.evidence = self.evidence
@@ -136,6 +145,7 @@ class IssuerServer:
             raise OSError(f"cannot listen on {self.cfg.listen_address} / {self.cfg.bootstrap_address}")
         server.start()
         self._grpc = server
+        self.revocation.start()
         self._admin_thread = threading.Thread(target=self._run_admin, name="admin", daemon=True)
         self._admin_thread.start()
         self._admin_ready.wait()
@@ -170,6 +180,7 @@ class IssuerServer:
         self.health.enter_graceful_shutdown()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+        self.revocation.stop()
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
         if self._admin_loop is not None:

@@ -15,7 +15,7 @@ from issuer.registration import Registry
 from issuer.signing import SvidSigner
 from issuer.tasks import TaskService, TaskSpec
 from tessera import pem
-from tessera.errors import PermissionDenied
+from tessera.errors import PermissionDenied, Unavailable
 from tessera.rpc import grpcio_handler
 from tessera.v1 import issuer_pb2, issuer_pb2_grpc, task_pb2
 
@@ -27,7 +27,7 @@ def peer_cert_pem(context: grpc.ServicerContext) -> bytes | None:
 
 class IssuerService(issuer_pb2_grpc.IssuerServicer):
     def __init__(self, attestor: SidecarAttestor, signer: SvidSigner, registry: Registry, hub: EventHub,
-                 bundle_der, resync_interval: int, tasks: TaskService | None = None):
+                 bundle_der, resync_interval: int, tasks: TaskService | None = None, crl_der=None):
         self.attestor = attestor
         self.signer = signer
         self.registry = registry
@@ -35,6 +35,7 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
         self.bundle_der = bundle_der  # callable returning the current bundle
         self.resync_interval = resync_interval
         self.tasks = tasks
+        self.crl_der = crl_der  # callable returning the current signed CRL (DER)
 
     def _caller(self, context) -> Sidecar:
         sidecar = self.attestor.authenticate(peer_cert_pem(context))
@@ -84,7 +85,24 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
             return issuer_pb2.SyncEvent(entry_deleted=payload, committed_at=committed_at)
         if kind == "bundle":
             return issuer_pb2.SyncEvent(bundle=payload, committed_at=committed_at)
+        if kind == "revocation":
+            return issuer_pb2.SyncEvent(revocation=issuer_pb2.Revocation(
+                seq=payload.seq, serials=payload.serials, entry_ids=payload.entry_ids,
+                spiffe_ids=payload.spiffe_ids, reason=payload.reason), committed_at=committed_at)
+        if kind == "crl":
+            return issuer_pb2.SyncEvent(crl=payload, committed_at=committed_at)
         return None
+
+    def crl_event(self) -> list[issuer_pb2.SyncEvent]:
+        """The current CRL, sent after every snapshot: how a sidecar that was offline catches up."""
+        return [issuer_pb2.SyncEvent(crl=self.crl_der())] if self.crl_der is not None else []
+
+    @grpcio_handler
+    def FetchCRL(self, request, context):
+        self._caller(context)
+        if self.crl_der is None:
+            raise Unavailable("no CRL yet")
+        return issuer_pb2.FetchCRLResponse(crl=self.crl_der())
 
     @grpcio_handler
     def Sync(self, request, context):
@@ -94,6 +112,7 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
         context.add_callback(lambda: (sub.close(), sub.queue.put(CLOSE)))
         try:
             yield self.snapshot(sidecar.id)
+            yield from self.crl_event()
             next_resync = time.monotonic() + self.resync_interval
             while context.is_active():
                 event = sub.get(timeout=max(0.0, min(1.0, next_resync - time.monotonic())))
@@ -105,6 +124,7 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
                     if time.monotonic() >= next_resync:
                         # Anti-entropy only: changes already arrive pushed.
                         yield self.snapshot(sidecar.id)
+                        yield from self.crl_event()
                         next_resync = time.monotonic() + self.resync_interval
                     continue
                 msg = self.event_message(event)

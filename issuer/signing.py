@@ -85,7 +85,11 @@ class SvidSigner:
                 results.append(SignResult(entry_id, code=int(e.code), error=e.message))
         if issued or audits:
             self.store.record_issued(issued, audits)
-        return results
+        return self.recheck_issued(results) if issued else results
 
     def check_entry_allowed(self, entry) -> None:
         """Hook for the revocation service: refuse entries whose identity is revoked."""
+
+    def recheck_issued(self, results: list[SignResult]) -> list[SignResult]:
+        """Hook for the revocation service: an entry revoked while its batch was signed must not get through."""
+        return results

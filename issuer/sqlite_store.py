@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from issuer.datastore import GENESIS_HASH, audit_hash
-from issuer.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Sidecar
+from issuer.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
 from tessera.errors import AlreadyExists, NotFound, PermissionDenied
 
 SCHEMA = """
@@ -72,6 +72,20 @@ CREATE INDEX IF NOT EXISTS issued_entry ON issued(entry_id);
 CREATE INDEX IF NOT EXISTS issued_not_after ON issued(not_after);
 CREATE INDEX IF NOT EXISTS issued_task ON issued(task_id);
 CREATE INDEX IF NOT EXISTS issued_spiffe ON issued(spiffe_id);
+CREATE TABLE IF NOT EXISTS revocations (
+    seq INTEGER PRIMARY KEY,
+    ts INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    target TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    reason_code TEXT NOT NULL,
+    serials TEXT NOT NULL,
+    entry_ids TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
     ts REAL NOT NULL,
@@ -363,6 +377,39 @@ class SQLiteDatastore:
         with self._lock:
             rows = self._db.execute(q, args).fetchall()
         return [_issued(r) for r in rows]
+
+    # -- revocation log and CRL numbers -------------------------------------------------------
+
+    def record_revocation(self, rec: Revocation) -> int:
+        """Append one revocation to the log (join the caller's transaction); returns its seq."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO revocations (ts, kind, target, reason, reason_code, serials, entry_ids)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (rec.ts, rec.kind, rec.target, rec.reason, rec.reason_code, _dumps(list(rec.serials)),
+                 _dumps(list(rec.entry_ids))))
+            return cur.lastrowid
+
+    def revocations(self, kinds: Sequence[str] | None = None, since_seq: int = 0) -> list[Revocation]:
+        q, args = "SELECT * FROM revocations WHERE seq > ?", [since_seq]
+        if kinds:
+            q += f" AND kind IN ({','.join('?' * len(kinds))})"
+            args += list(kinds)
+        with self._lock:
+            rows = self._db.execute(q + " ORDER BY seq", args).fetchall()
+        return [Revocation(r["seq"], r["ts"], r["kind"], r["target"], r["reason"], r["reason_code"],
+                           tuple(json.loads(r["serials"])), tuple(json.loads(r["entry_ids"]))) for r in rows]
+
+    def last_revocation_seq(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM revocations").fetchone()[0]
+
+    def next_crl_number(self) -> int:
+        """Take the next CRL number, durably: a number is never handed out twice, even across crashes."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO meta VALUES ('crl_number', 1)"
+                       " ON CONFLICT(key) DO UPDATE SET value = value + 1")
+            return db.execute("SELECT value FROM meta WHERE key='crl_number'").fetchone()[0]
 
     def count_issued(self) -> int:
         with self._lock:

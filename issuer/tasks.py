@@ -58,12 +58,6 @@ class TaskSVID:
     expires_at: int
 
 
-def revoke_task_serials(store: Datastore, serials: Sequence[str], reason: str, now: int,
-                        audit: AuditEvent) -> list[str]:
-    """The one way task credentials are revoked (the revocation service takes this over when merged)."""
-    return store.revoke_serials(list(serials), reason, now, audit)
-
-
 def validate_context(context: dict[str, str]) -> dict[str, str]:
     if len(context) > MAX_CONTEXT:
         raise InvalidArgument(f"at most {MAX_CONTEXT} context entries")
@@ -85,13 +79,15 @@ def entry_view(e: Entry) -> dict[str, Any]:
 class TaskService:
     def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry,
                  policy: pol.Policy, approvals: Approvals,
-                 check_entry_allowed: Callable[[Entry], None] = lambda e: None):
+                 check_entry_allowed: Callable[[Entry], None],
+                 revoke: Callable[[list[str], str, Actor, str], list[str]]):
         self.store = store
         self.ca = ca
         self.registry = registry
         self.policy = policy
         self.approvals = approvals
         self.check_entry_allowed = check_entry_allowed  # the revocation service's hook, as for identity SVIDs
+        self.revoke = revoke  # the revocation service: durable, in the CRL, pushed to sidecars
         self._lock = threading.Lock()
         self._in_flight: set[tuple[str, str]] = set()
 
@@ -205,7 +201,4 @@ class TaskService:
         live = [i.serial for i in issued if i.revoked_at is None]
         if not live:
             return []
-        reason = reason or "task ended"
-        return revoke_task_serials(self.store, live, reason, int(time.time()), AuditEvent(
-            "task.end", actor, "done", reason=reason, subject=issued[0].spiffe_id,
-            details={"task_id": task_id, "serials": live, "entry_id": issued[0].entry_id}))
+        return self.revoke(live, reason or "task ended", actor, task_id)

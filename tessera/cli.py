@@ -16,6 +16,10 @@ from tessera.errors import InvalidArgument
 from tessera.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 PROG = "tessera"
+REASON_CODE_NAMES = ("unspecified", "keyCompromise", "affiliationChanged", "superseded", "cessationOfOperation",
+                     "privilegeWithdrawn")
+REVOKE_TARGETS = (("serial", "serial"), ("task", "task_id"), ("entry", "entry_id"), ("spiffe_id", "spiffe_id"),
+                  ("sidecar", "sidecar"), ("owner", "owner"))
 DEFAULT_SOCKET = "/run/tessera/admin.sock"
 
 
@@ -76,6 +80,15 @@ def _print_entry(e: types_pb2.Entry, output: str) -> None:
         print(f"{k + ':':<12} {v}")
 
 
+def _print_revoked(r: admin_pb2.RevokeResponse, output: str, what: str) -> None:
+    if output == "json":
+        print(json.dumps({"count": r.count, "serials": list(r.serials), "entry_ids": list(r.entry_ids),
+                          "seq": r.seq}, indent=2))
+        return
+    extra = f", {len(r.entry_ids)} entr{'y' if len(r.entry_ids) == 1 else 'ies'} revoked" if r.entry_ids else ""
+    print(f"{what}: {r.count} certificate{'' if r.count == 1 else 's'} revoked{extra} (revocation {r.seq})")
+
+
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Operate a Tessera issuer over its admin socket.")
     p.add_argument("--admin-socket", default=None,
@@ -126,6 +139,27 @@ def build_parser() -> Parser:
     ss = sc.add_parser("show")
     ss.add_argument("id", help="sidecar SPIFFE ID or name")
     ss.add_argument("--output", choices=["text", "json"], default="text")
+    sb = sc.add_parser("ban", help="ban a sidecar: streams closed, no renewal or re-attestation, its serials revoked")
+    sb.add_argument("id", help="sidecar SPIFFE ID or name")
+    sb.add_argument("--reason", required=True, help="why (audited)")
+    sb.add_argument("--output", choices=["text", "json"], default="text")
+
+    rv = sub.add_parser("revoke", help="revoke credentials; returns once the revocation is on disk")
+    target = rv.add_mutually_exclusive_group(required=True)
+    target.add_argument("--serial", help="one certificate, by hex serial")
+    target.add_argument("--task", help="every credential of one task")
+    target.add_argument("--entry", help="an entry: its certificates, and no more issuance")
+    target.add_argument("--spiffe-id", help="an identity: every entry and certificate with this SPIFFE ID")
+    target.add_argument("--sidecar", help="a sidecar (name or SPIFFE ID): bans it and revokes all it obtained")
+    target.add_argument("--owner", help="everything the owner's entries hold")
+    rv.add_argument("--reason", required=True, help="why (audited)")
+    rv.add_argument("--reason-code", default="", choices=["", *REASON_CODE_NAMES],
+                    help="RFC 5280 reason code for the CRL (default depends on the target)")
+    rv.add_argument("--output", choices=["text", "json"], default="text")
+
+    crl = sub.add_parser("crl", help="the signed CRL").add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    cs = crl.add_parser("show", help="print the current CRL (PEM)")
+    cs.add_argument("--der", action="store_true", help="write DER instead of PEM")
 
     au = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="cmd", required=True, parser_class=Parser)
     at = au.add_parser("tail", help="show the latest audit records")
@@ -395,6 +429,31 @@ def run(args) -> int:
                                                                 reason=args.reason), timeout=t)
         d = _approval_dict(a)
         print(json.dumps(d, indent=2) if args.output == "json" else f"{a.id} {a.state} by {a.decided_by}")
+    elif g == "sidecar" and c == "ban":
+        if not args.reason.strip():
+            raise CliError("--reason must not be empty")
+        _print_revoked(stub.BanSidecar(admin_pb2.BanSidecarRequest(sidecar=args.id, reason=args.reason), timeout=t),
+                       args.output, f"banned sidecar {args.id}")
+    elif g == "revoke":
+        if not args.reason.strip():
+            raise CliError("--reason must not be empty")
+        req = admin_pb2.RevokeRequest(reason=args.reason, reason_code=args.reason_code)
+        for arg, field in REVOKE_TARGETS:
+            value = getattr(args, arg)
+            if value is not None:
+                if not value.strip():
+                    raise CliError(f"--{arg.replace('_', '-')} must not be empty")
+                setattr(req, field, value)
+                what = f"{arg.replace('_', ' ')} {value}"
+        _print_revoked(stub.Revoke(req, timeout=t), args.output, f"revoked {what}")
+    elif g == "crl" and c == "show":
+        crl = stub.GetCRL(types_pb2.Empty(), timeout=t)
+        if args.der:
+            sys.stdout.buffer.write(crl.der)
+        else:
+            from tessera import crl as crl_mod
+
+            sys.stdout.write(crl_mod.pem(crl_mod.load(crl.der)).decode())
     elif g == "bundle" and c == "show":
         sys.stdout.write(stub.GetBundle(types_pb2.Empty(), timeout=t).pem)
     return 0

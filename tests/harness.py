@@ -184,6 +184,13 @@ class Deployment:
             raise AssertionError(f"tessera {' '.join(args)} failed ({r.returncode}): {r.stderr}")
         return r
 
+    def cli_bytes(self, *args: str) -> bytes:
+        env = {**os.environ, "TESSERA_ADMIN_SOCKET": str(self.admin_socket)}
+        r = subprocess.run([str(BIN / "tessera"), *args], capture_output=True, env=env, timeout=30)
+        if r.returncode != 0:
+            raise AssertionError(f"tessera {' '.join(args)} failed ({r.returncode}): {r.stderr!r}")
+        return r.stdout
+
     def token(self, sidecar: str, ttl: str = "10m") -> str:
         return self.cli("token", "create", "--sidecar", sidecar, "--ttl", ttl).stdout.strip()
 

@@ -12,7 +12,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from harness import CLIENTS, wait_for
 from issuer.approvals import Approvals
+from issuer.attestation import SidecarAttestor
 from issuer.ca import CertificateAuthority
+from issuer.revocation import RevocationService
 from issuer.events import EventHub
 from issuer.models import Actor, Sidecar
 from issuer.policy import load_section
@@ -122,9 +124,14 @@ def test_end_task_revokes_its_serial_in_the_datastore(tasks, tmp_path):
     assert e.returncode == 0, e.stderr
     assert e.stdout.split() == [serial]
     row = issued(tasks, serial)
-    assert row["revoked_at"] is not None and row["revocation_reason"] == "task ended by the workload"
-    (ev,) = audit(tasks, "task.end")
+    # One revocation path: the serial is revoked as cessationOfOperation, in the CRL, audited with why.
+    assert row["revoked_at"] is not None and row["revocation_reason"] == "cessationOfOperation"
+    (ev,) = audit(tasks, "revoke")
+    assert ev["subject"] == "task:ending" and ev["reason"] == "task ended by the workload"
     assert ev["details"]["serials"] == [serial]
+    crl = subprocess.run(["openssl", "crl", "-inform", "DER", "-noout", "-text"],
+                         input=tasks.cli_bytes("crl", "show", "--der"), capture_output=True)
+    assert serial.upper() in crl.stdout.decode().upper().replace(":", "")
     assert end_task(tasks, "ending").returncode == 2  # no longer live
 
 
@@ -140,7 +147,9 @@ def test_exit_of_the_calling_process_ends_its_tasks(tasks, tmp_path):
         client.wait(timeout=10)
     row = wait_for(lambda: (r := issued(tasks, line["serial"]))["revoked_at"] is not None and r, timeout=10,
                    what="the serial revoked after the process exited")
-    assert row["revocation_reason"] == f"process {client.pid} exited"
+    assert row["revocation_reason"] == "cessationOfOperation"
+    (ev,) = [e for e in audit(tasks, "revoke") if e["subject"] == "task:own-task"]
+    assert ev["reason"] == f"process {client.pid} exited" and ev["details"]["serials"] == [line["serial"]]
 
 
 def test_process_exit_ends_its_tasks(tasks, tmp_path):
@@ -157,7 +166,9 @@ def test_process_exit_ends_its_tasks(tasks, tmp_path):
         shell.wait()
     row = wait_for(lambda: (r := issued(tasks, serial))["revoked_at"] is not None and r, timeout=10,
                    what="the serial revoked after the process exited")
-    assert "exited" in row["revocation_reason"]
+    assert row["revocation_reason"] == "cessationOfOperation"
+    (ev,) = [e for e in audit(tasks, "revoke") if e["subject"] == "task:shell-task"]
+    assert "exited" in ev["reason"]
 
 
 # -- the issuer's own checks, against a real datastore and CA (no sidecar can be made to lie here) --
@@ -168,7 +179,10 @@ def issuer_tasks(tmp_path):
     ca = CertificateAuthority.load_or_create("example.org", tmp_path)
     pol = load_section(Section(policy(), "policy.", "test"))
     registry = Registry(store, EventHub(), "example.org", 600, tier_names=pol.tier_names)
-    svc = TaskService(store, ca, registry, pol, Approvals(store, pol.approval_timeout))
+    hub = registry.hub
+    revocation = RevocationService(store, ca, registry, SidecarAttestor(store, ca, 3600, 600), hub, 600)
+    svc = TaskService(store, ca, registry, pol, Approvals(store, pol.approval_timeout),
+                      check_entry_allowed=revocation.check_entry, revoke=revocation.end_task)
     entry = registry.create(spiffe_id="spiffe://example.org/agent/a", parent="host-a", selectors=["unix:uid:7"],
                             owner="o", purpose="p", expires_at=int(time.time()) + 3600, actor=Actor("operator", "t"),
                             scopes=["repo:read"])

@@ -1,0 +1,107 @@
+"""The sidecar's revocation state: the last good signed CRL, plus serials pushed ahead of it.
+
+A CRL is applied only if its signature verifies against the trust bundle and its
+CRL number is not lower than the one held; anything else is refused and the last
+good CRL stays in force (also while the issuer is unreachable, and across
+restarts: it is kept in data_dir). Pushed revocations take effect at once, before
+the signed CRL that includes them arrives. Lookups are set membership.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from cryptography import x509
+
+from tessera import crl, logs, pem
+
+log = logs.get("sidecar.revocation")
+
+# A pushed serial that no CRL lists after this long was left out by the issuer because it expired.
+PUSHED_KEEP_SECONDS = 3600
+
+
+class RevocationState:
+    def __init__(self, bundle: Callable[[], Sequence[x509.Certificate]], data_dir: Path,
+                 output_dir: Path | None = None):
+        self._bundle = bundle
+        self.saved = data_dir / "crl.pem"
+        self.output_dir = output_dir
+        self.der: bytes = b""
+        self.number: int | None = None
+        self.crl_serials: frozenset[str] = frozenset()
+        self.pushed: dict[str, float] = {}  # revoked by a pushed event, not yet in a CRL we hold (-> when)
+        self.seq = 0  # last revocation sequence number seen
+        self.refused = 0  # CRLs refused (bad signature or lower number), for tests and metrics
+
+    # -- lookups ------------------------------------------------------------------------
+
+    def is_revoked(self, serial_hex: str) -> bool:
+        return serial_hex in self.crl_serials or serial_hex in self.pushed
+
+    def crls(self) -> list[bytes]:
+        """For the Workload API's `crl` fields."""
+        return [self.der] if self.der else []
+
+    # -- updates --------------------------------------------------------------------------
+
+    def load_saved(self) -> None:
+        """The CRL kept from the last run, if it still verifies."""
+        if not self.saved.exists():
+            return
+        try:
+            self.apply(self.saved.read_bytes(), persist=False)
+        except crl.CrlError as e:
+            log.warning("ignoring the saved CRL", path=str(self.saved), error=str(e))
+
+    def apply(self, data: bytes, persist: bool = True) -> bool:
+        """Install a CRL; False if it is the one already held, CrlError if it must be refused."""
+        try:
+            parsed = crl.load(data)
+            crl.verify(parsed, self._bundle())
+            number = crl.check_newer(parsed, self.number)
+        except crl.CrlError as e:
+            self.refused += 1
+            log.warning("refused a CRL; keeping the last good one", error=str(e), current_number=self.number)
+            raise
+        der = crl.der(parsed)
+        if number == self.number:
+            if der != self.der:
+                self.refused += 1
+                log.warning("refused a CRL that reuses the current CRL number with other content", number=number)
+                raise crl.CrlError(f"CRL number {number} reused with different content")
+            return False
+        self.der, self.number = der, number
+        self.crl_serials = crl.serials(parsed)
+        cutoff = time.time() - PUSHED_KEEP_SECONDS
+        self.pushed = {s: t for s, t in self.pushed.items() if s not in self.crl_serials and t > cutoff}
+        if persist:
+            text = crl.pem(parsed)
+            pem.write_atomic(self.saved, text, 0o644)
+            if self.output_dir is not None:
+                pem.write_atomic(self.output_dir / "crl.pem", text, 0o644)
+        log.info("CRL applied", number=number, entries=len(self.crl_serials))
+        return True
+
+    def note_revocation(self, seq: int, serials: Iterable[str]) -> bool:
+        """Apply a pushed revocation; True if revocations were missed (fetch the CRL)."""
+        gap = self.seq != 0 and seq > self.seq + 1
+        self.seq = max(self.seq, seq)
+        now = time.time()
+        self.pushed.update((s, now) for s in serials if s not in self.crl_serials)
+        return gap
+
+    def write_bundle(self, bundle_der: bytes) -> None:
+        if self.output_dir is not None and bundle_der:
+            pem.write_atomic(self.output_dir / "bundle.pem", pem.certs_pem(pem.split_der(bundle_der)), 0o644)
+
+    def write_outputs(self, bundle_der: bytes) -> None:
+        """bundle.pem and crl.pem in output_dir, e.g. at start."""
+        if self.output_dir is None:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.write_bundle(bundle_der)
+        if self.der:
+            pem.write_atomic(self.output_dir / "crl.pem", crl.pem(crl.load(self.der)), 0o644)

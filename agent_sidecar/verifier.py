@@ -1,0 +1,405 @@
+"""Verifying mTLS peers for services, with the trust bundle and CRL the local sidecar keeps current.
+
+A service gets its bundle, the signed CRL and its own SVID from the sidecar
+(over the Workload API stream, or from the sidecar's bundle.pem and crl.pem) and
+checks each peer: issued by a bundle CA, within its validity, not revoked, an
+allowed SPIFFE ID, and (optionally) a task credential whose scopes cover the
+call. The revoked set is rebuilt only when a new CRL arrives; a check is a set
+lookup, never a call to the sidecar or issuer per handshake.
+
+    v = Verifier.from_sidecar("/run/tessera/workload.sock", PeerPolicy.trust_domain("example.org"))
+    v.wait_ready(10)
+    ctx = v.server_context()           # chain to the bundle, client certificate required
+    conn, _ = ctx.wrap_socket(listener, server_side=True).accept()
+    peer_id = v.check_peer(conn)       # CRL, SPIFFE ID, scope; raises Rejected
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import ssl
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from tessera import crl, logs, pem, spiffeid, taskext, x509svid
+
+log = logs.get("verifier")
+
+HEADER = (("workload.spiffe.io", "true"),)
+
+
+class Rejected(Exception):
+    """The peer must not be trusted; the message says why."""
+
+
+def read_task_scopes(cert: x509.Certificate) -> frozenset[str] | None:
+    """Scopes granted by a task credential's extension (tessera.taskext); None for an identity SVID.
+
+    A malformed extension grants nothing, so a check that requires scopes fails closed.
+    """
+    try:
+        binding = taskext.read(cert)
+    except ValueError:
+        return None
+    return frozenset(binding.scopes) if binding is not None else None
+
+
+@dataclass(frozen=True)
+class PeerPolicy:
+    """Which peers to accept: exact SPIFFE IDs and/or members of trust domains, and required task scopes."""
+
+    spiffe_ids: frozenset[str] = frozenset()
+    trust_domains: frozenset[str] = frozenset()
+    required_scopes: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def exact(cls, *ids: str, required_scopes: Iterable[str] = ()) -> "PeerPolicy":
+        return cls(frozenset(str(spiffeid.parse(i)) for i in ids), frozenset(), frozenset(required_scopes))
+
+    @classmethod
+    def trust_domain(cls, *tds: str, required_scopes: Iterable[str] = ()) -> "PeerPolicy":
+        return cls(frozenset(), frozenset(spiffeid.validate_trust_domain(t) for t in tds), frozenset(required_scopes))
+
+    def allows(self, sid: spiffeid.SpiffeId) -> bool:
+        if str(sid) in self.spiffe_ids:
+            return True
+        return any(sid.member_of(td) for td in self.trust_domains)
+
+
+@dataclass(frozen=True)
+class TrustState:
+    """One consistent view, swapped whole: readers never see a bundle from one update and a CRL from another."""
+
+    bundle: tuple[x509.Certificate, ...] = ()
+    crl_der: bytes = b""
+    crl_number: int | None = None
+    revoked: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class OwnSVID:
+    spiffe_id: str
+    chain: tuple[x509.Certificate, ...]
+    key_der: bytes
+
+
+def check_certificate(state: TrustState, cert: x509.Certificate, policy: PeerPolicy,
+                      task_scopes: Callable[[x509.Certificate], frozenset[str] | None] = read_task_scopes,
+                      now: dt.datetime | None = None) -> str:
+    """The peer's SPIFFE ID if `cert` passes every rule; Rejected otherwise. Pure: all input is given."""
+    if not state.bundle:
+        raise Rejected("no trust bundle yet")
+    for ca in state.bundle:
+        try:
+            cert.verify_directly_issued_by(ca)
+            break
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    else:
+        raise Rejected("certificate does not chain to the trust bundle")
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise Rejected("certificate is expired or not yet valid")
+    serial = x509svid.serial_hex(cert.serial_number)
+    if serial in state.revoked:
+        raise Rejected(f"certificate {serial} is revoked")
+    try:
+        sid = x509svid.spiffe_id_of(cert)
+    except ValueError as e:
+        raise Rejected(f"not an X.509-SVID: {e}") from None
+    if not policy.allows(sid):
+        raise Rejected(f"SPIFFE ID {sid} is not allowed")
+    if policy.required_scopes:
+        scopes = task_scopes(cert)
+        if scopes is None:
+            raise Rejected("a task credential is required")
+        missing = policy.required_scopes - scopes
+        if missing:
+            raise Rejected(f"task scope does not cover {', '.join(sorted(missing))}")
+    return str(sid)
+
+
+class Verifier:
+    def __init__(self, policy: PeerPolicy,
+                 task_scopes: Callable[[x509.Certificate], frozenset[str] | None] = read_task_scopes):
+        self.policy = policy
+        self.task_scopes = task_scopes
+        self.state = TrustState()
+        self.svid: OwnSVID | None = None
+        self.generation = 0  # bumped on every update: rebuild TLS contexts when it moves (SVID rotation)
+        self._changed = threading.Condition()
+        self._source = None
+
+    # -- sources ------------------------------------------------------------------------
+
+    @classmethod
+    def from_sidecar(cls, socket_path: str, policy: PeerPolicy, **kw) -> "Verifier":
+        """Kept current by a Workload API stream to the local sidecar (also gives this service its SVID)."""
+        v = cls(policy, **kw)
+        v._source = _WorkloadSource(v, socket_path)
+        return v
+
+    @classmethod
+    def from_files(cls, bundle_path: str | Path, crl_path: str | Path, policy: PeerPolicy,
+                   poll: float = 0.2, **kw) -> "Verifier":
+        """Kept current from the sidecar's bundle.pem and crl.pem (re-read when they are replaced)."""
+        v = cls(policy, **kw)
+        v._source = _FileSource(v, Path(bundle_path), Path(crl_path), poll)
+        return v
+
+    def close(self) -> None:
+        if self._source is not None:
+            self._source.stop()
+
+    def update(self, bundle: Iterable[x509.Certificate] | None = None, crls: Iterable[bytes] = (),
+               svid: OwnSVID | None = None) -> None:
+        """Apply what the sidecar sent; a CRL that fails to verify or goes backwards is ignored."""
+        st = self.state
+        new_bundle = tuple(bundle) if bundle else st.bundle
+        crl_der, number, revoked = st.crl_der, st.crl_number, st.revoked
+        for data in crls:
+            if data == crl_der:
+                continue
+            try:
+                parsed = crl.load(data)
+                crl.verify(parsed, new_bundle)
+                n = crl.check_newer(parsed, number)
+            except crl.CrlError as e:
+                log.warning("ignoring a CRL", error=str(e))
+                continue
+            crl_der, number, revoked = data, n, crl.serials(parsed)
+        with self._changed:
+            self.state = TrustState(new_bundle, crl_der, number, revoked)
+            if svid is not None:
+                self.svid = svid
+            self.generation += 1
+            self._changed.notify_all()
+
+    def wait_ready(self, timeout: float = 10.0, need_svid: bool = False) -> None:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not self.state.bundle or (need_svid and self.svid is None):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("no trust bundle from the sidecar yet")
+                self._changed.wait(left)
+
+    # -- checks --------------------------------------------------------------------------
+
+    def check(self, cert: x509.Certificate | bytes, policy: PeerPolicy | None = None) -> str:
+        """The peer's SPIFFE ID; Rejected if it must not be trusted. `cert` may be DER or PEM bytes."""
+        if isinstance(cert, bytes):
+            try:
+                cert = (x509.load_pem_x509_certificate(cert) if cert.lstrip().startswith(b"-----")
+                        else x509.load_der_x509_certificate(cert))
+            except ValueError as e:
+                raise Rejected(f"unreadable certificate: {e}") from None
+        return check_certificate(self.state, cert, policy or self.policy, self.task_scopes)
+
+    def check_peer(self, conn: ssl.SSLSocket | ssl.SSLObject, policy: PeerPolicy | None = None) -> str:
+        """After the handshake: the peer's SPIFFE ID, or Rejected."""
+        der = conn.getpeercert(binary_form=True)
+        if not der:
+            raise Rejected("the peer presented no certificate")
+        return self.check(der, policy)
+
+    # -- TLS contexts -----------------------------------------------------------------------
+
+    def _base(self, protocol: int) -> ssl.SSLContext:
+        st = self.state
+        if not st.bundle:
+            raise Rejected("no trust bundle yet")
+        ctx = ssl.SSLContext(protocol)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cadata=pem.certs_pem(st.bundle).decode())
+        if self.svid is not None:
+            _load_chain(ctx, self.svid)
+        return ctx
+
+    def server_context(self) -> ssl.SSLContext:
+        """Requires a client certificate chaining to the bundle; call check_peer after the handshake."""
+        return self._base(ssl.PROTOCOL_TLS_SERVER)
+
+    def client_context(self) -> ssl.SSLContext:
+        """Verifies the server's chain (SPIFFE IDs are not host names: check_peer does the naming)."""
+        ctx = self._base(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    def grpc_server_credentials(self) -> grpc.ServerCredentials:
+        """mTLS credentials for a grpcio server, following SVID rotation; pair with `interceptor()`."""
+        def config():
+            svid, st = self.svid, self.state
+            if svid is None:
+                raise Rejected("no SVID from the sidecar yet")
+            return grpc.ssl_server_certificate_configuration(
+                [(_key_pem(svid.key_der), pem.certs_pem(svid.chain))], root_certificates=pem.certs_pem(st.bundle))
+
+        current = {"svid": self.svid}
+
+        def fetch():
+            if self.svid is current["svid"]:
+                return None
+            current["svid"] = self.svid
+            return config()
+
+        return grpc.dynamic_ssl_server_credentials(config(), fetch, require_client_authentication=True)
+
+    def interceptor(self, policy: PeerPolicy | None = None) -> "VerifyingInterceptor":
+        return VerifyingInterceptor(self, policy)
+
+
+class VerifyingInterceptor(grpc.ServerInterceptor):
+    """Checks the caller's client certificate (CRL, SPIFFE ID, scope) before any grpcio handler runs."""
+
+    def __init__(self, verifier: Verifier, policy: PeerPolicy | None = None):
+        self.verifier = verifier
+        self.policy = policy
+
+    def _check(self, context: grpc.ServicerContext) -> None:
+        certs = context.auth_context().get("x509_pem_cert")
+        if not certs:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        try:
+            self.verifier.check(certs[0], self.policy)
+        except Rejected as e:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        check = self._check
+
+        def guard(behavior):
+            def guarded(request, context):
+                check(context)
+                return behavior(request, context)
+            return guarded
+
+        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler))
+        for attr, make in kinds:
+            behavior = getattr(handler, attr)
+            if behavior is not None:
+                return make(guard(behavior), request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+        return handler
+
+
+def _key_pem(key_der: bytes) -> bytes:
+    return pem.key_pem(serialization.load_der_private_key(key_der, password=None))
+
+
+def _load_chain(ctx: ssl.SSLContext, svid: OwnSVID) -> None:
+    # ssl loads keys only from files: a private 0700 directory, removed at once.
+    with tempfile.TemporaryDirectory(prefix="tessera-svid-") as d:
+        cert_path, key_path = Path(d) / "svid.pem", Path(d) / "key.pem"
+        pem.write_atomic(cert_path, pem.certs_pem(svid.chain), 0o600)
+        pem.write_atomic(key_path, _key_pem(svid.key_der), 0o600)
+        ctx.load_cert_chain(str(cert_path), str(key_path))
+
+
+class _WorkloadSource:
+    """A background Workload API stream (FetchX509SVID): SVID, bundle and CRL as the sidecar changes them."""
+
+    def __init__(self, verifier: Verifier, socket_path: str):
+        from agent_sidecar.workload_client import socket_target
+
+        self.verifier = verifier
+        self.target = socket_target(socket_path)
+        self._stop = threading.Event()
+        self._call = None
+        self._thread = threading.Thread(target=self._run, name="verifier-source", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from tessera.workload import workload_pb2, workload_pb2_grpc
+
+        delay = 0.1
+        while not self._stop.is_set():
+            try:
+                with grpc.insecure_channel(self.target) as ch:
+                    call = workload_pb2_grpc.SpiffeWorkloadAPIStub(ch).FetchX509SVID(
+                        workload_pb2.X509SVIDRequest(), metadata=HEADER)
+                    self._call = call
+                    for resp in call:
+                        delay = 0.1
+                        s = resp.svids[0]
+                        chain = tuple(pem.split_der(s.x509_svid))
+                        self.verifier.update(pem.split_der(s.bundle), list(resp.crl),
+                                             OwnSVID(s.spiffe_id, chain, s.x509_svid_key))
+            except grpc.RpcError as e:
+                if self._stop.is_set():
+                    return
+                if e.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    self.verifier.svid = None  # "stop using all SVIDs"
+                log.warning("workload API stream ended; reconnecting", code=e.code().name, error=e.details())
+            self._stop.wait(delay)
+            delay = min(delay * 2, 2.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._call is not None:
+            self._call.cancel()
+        self._thread.join(timeout=5)
+
+
+class _FileSource:
+    """Re-reads bundle.pem and crl.pem when the sidecar replaces them (atomic renames: new inode)."""
+
+    def __init__(self, verifier: Verifier, bundle: Path, crl_path: Path, poll: float):
+        self.verifier, self.bundle, self.crl, self.poll = verifier, bundle, crl_path, poll
+        self._seen: tuple = ()
+        self._stop = threading.Event()
+        self._load()
+        self._thread = threading.Thread(target=self._run, name="verifier-files", daemon=True)
+        self._thread.start()
+
+    def _stamp(self) -> tuple:
+        out = []
+        for p in (self.bundle, self.crl):
+            try:
+                st = os.stat(p)
+                out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def _load(self) -> None:
+        stamp = self._stamp()
+        if stamp == self._seen:
+            return
+        self._seen = stamp
+        try:
+            bundle = pem.load_pem_certs(self.bundle.read_bytes())
+        except (OSError, ValueError):
+            return
+        crls = []
+        try:
+            crls.append(crl.der(crl.load(self.crl.read_bytes())))
+        except (OSError, crl.CrlError):
+            pass
+        self.verifier.update(bundle, crls)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll):
+            self._load()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,325 @@
+"""Revocation on the issuer: commit durably, push to every sidecar, keep a signed CRL current.
+
+A revocation is on disk (serials marked, a row in the revocation log, the audit
+record, all in one transaction) before the caller hears back. It is then pushed
+to every connected sidecar with its sequence number, and a CRL rebuild is
+scheduled; rebuilds are coalesced so a burst of revocations signs one CRL, not
+one per revocation. The revoked set is held in memory (loaded at start), so
+checking a serial is a dict lookup and the CRL never needs the database.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from issuer.attestation import SidecarAttestor
+from issuer.ca import CertificateAuthority
+from issuer.datastore import Datastore
+from issuer.events import CLOSE, EventHub
+from issuer.models import ISSUER, Actor, AuditEvent, Entry, IssuedSerial, Revocation
+from issuer.registration import Registry
+from issuer.signing import SignResult
+from tessera import crl, logs, spiffeid
+from tessera.errors import Code, InvalidArgument, NotFound, PermissionDenied
+
+log = logs.get("issuer.revocation")
+
+KINDS = ("serial", "task", "entry", "spiffe_id", "sidecar", "owner")
+# What a revocation means when the operator gives no RFC 5280 reason code.
+DEFAULT_CODES = {"serial": "unspecified", "task": "cessationOfOperation", "entry": "privilegeWithdrawn",
+                 "spiffe_id": "privilegeWithdrawn", "owner": "privilegeWithdrawn", "sidecar": "keyCompromise"}
+COALESCE_SECONDS = 0.02  # a burst of revocations within this window signs one CRL
+# Identities revoked as a whole stay refused for new issuance, even for entries created later.
+BLOCKING_KINDS = ("spiffe_id", "owner")
+
+
+@dataclass(frozen=True)
+class RevokeResult:
+    seq: int
+    serials: tuple[str, ...]
+    entry_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RevocationEvent:
+    seq: int
+    serials: tuple[str, ...]
+    entry_ids: tuple[str, ...]
+    spiffe_ids: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class CrlInfo:
+    der: bytes
+    number: int
+    this_update: int
+    next_update: int
+    entries: int
+
+
+def normalize_serial(value: str) -> str:
+    """Lowercase hex without leading zeros; accepts 0x and colon-separated forms."""
+    v = (value or "").strip().lower().replace(":", "")
+    v = v[2:] if v.startswith("0x") else v
+    try:
+        n = int(v, 16)
+    except ValueError:
+        raise InvalidArgument(f"invalid serial {value!r}: expected hexadecimal") from None
+    return format(n, "x")
+
+
+def _text(name: str, value: str) -> str:
+    if not value or not value.strip():
+        raise InvalidArgument(f"{name} is required")
+    if len(value) > 1024:
+        raise InvalidArgument(f"{name} is longer than 1024 characters")
+    return value.strip()
+
+
+class RevocationService:
+    def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry, attestor: SidecarAttestor,
+                 hub: EventHub, crl_validity: int):
+        self.store = store
+        self.ca = ca
+        self.registry = registry
+        self.attestor = attestor
+        self.hub = hub
+        self.crl_validity = crl_validity
+        self._write_lock = threading.Lock()  # one revocation at a time: seq order is push order
+        self._lock = threading.Lock()
+        now = int(time.time())
+        self._revoked: dict[str, tuple[crl.Revoked, int]] = {
+            s.serial: (crl.Revoked(s.serial, s.revoked_at or now, s.revocation_reason or "unspecified"), s.not_after)
+            for s in store.find_issued(revoked=True, unexpired_at=now)}
+        blocked = store.revocations(BLOCKING_KINDS)
+        self._blocked_ids = {r.target for r in blocked if r.kind == "spiffe_id"}
+        self._blocked_owners = {r.target for r in blocked if r.kind == "owner"}
+        self.seq = store.last_revocation_seq()
+        self._crl: CrlInfo | None = None
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._refresh_at = 0.0
+        self._thread: threading.Thread | None = None
+        self.rebuild_crl()  # at start, from what is on disk: nothing acknowledged is missing
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._crl_loop, name="crl", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._dirty.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # -- checks used by the other services (memory only) ------------------------------------
+
+    def is_revoked(self, serial_hex: str) -> bool:
+        return serial_hex in self._revoked
+
+    def check_entry(self, entry: Entry) -> None:
+        """Refuse issuance for an identity or owner revoked as a whole."""
+        if entry.spiffe_id in self._blocked_ids:
+            raise PermissionDenied(f"identity {entry.spiffe_id} is revoked")
+        if entry.owner in self._blocked_owners:
+            raise PermissionDenied(f"identities of owner {entry.owner!r} are revoked")
+
+    def recheck_issued(self, results: list) -> list:
+        """After the signer recorded a batch: serials of entries revoked meanwhile are revoked and withheld.
+
+        The signer checks the entry, signs, then records; a revocation sets the entry's state, then
+        looks up its serials. Checking again after the record closes the gap: either this check sees
+        the new state, or the revocation's lookup sees the recorded serial.
+        """
+        late: list[str] = []
+        out = []
+        for r in results:
+            entry = self.registry.get(r.entry_id) if r.serial else None
+            refused = None
+            if entry is not None:
+                try:
+                    if entry.state != "active":
+                        raise PermissionDenied(f"entry {entry.id} is {entry.state}")
+                    self.check_entry(entry)
+                except PermissionDenied as e:
+                    refused = e.message
+            if refused is None:
+                out.append(r)
+            else:
+                late.append(r.serial)
+                out.append(SignResult(r.entry_id, code=int(Code.PERMISSION_DENIED), error=refused))
+        if late:
+            self.revoke_serials(late, "entry revoked while its SVID was being signed", ISSUER,
+                                reason_code="privilegeWithdrawn", kind="serial", target=",".join(late))
+        return out
+
+    def crl_info(self) -> CrlInfo:
+        assert self._crl is not None
+        return self._crl
+
+    def crl_der(self) -> bytes:
+        return self.crl_info().der
+
+    # -- revoking ---------------------------------------------------------------------
+
+    def revoke(self, kind: str, target: str, reason: str, actor: Actor, reason_code: str = "") -> RevokeResult:
+        """Revoke by one selector; returns once the revocation is durable."""
+        if kind not in KINDS:
+            raise InvalidArgument(f"unknown revocation target {kind!r}: use one of {', '.join(KINDS)}")
+        reason = _text("reason", reason)
+        code = reason_code or DEFAULT_CODES[kind]
+        if code not in crl.REASON_CODES:
+            raise InvalidArgument(f"unknown reason code {code!r}: use one of {', '.join(crl.REASON_CODES)}")
+        target = (target or "").strip()
+        if not target:
+            raise InvalidArgument(f"a {kind.replace('_', ' ')} to revoke is required")
+        return getattr(self, f"_revoke_{kind}")(target, reason, code, actor)
+
+    def revoke_serials(self, serials, reason: str, actor: Actor, reason_code: str = "cessationOfOperation",
+                       kind: str = "task", target: str = "") -> RevokeResult:
+        """Revoke known serials (e.g. when a task ends); unknown ones are skipped."""
+        found = [s for s in (self.store.get_issued(normalize_serial(x)) for x in serials) if s is not None]
+        target = target or next((s.task_id for s in found if s.task_id), "") or "serials"
+        return self._commit(kind, target, _text("reason", reason), reason_code, found, (), actor)
+
+    def end_task(self, serials: list[str], reason: str, actor: Actor, task_id: str) -> list[str]:
+        """Ending a task is a revocation like any other: durable, in the CRL, pushed to every sidecar."""
+        return list(self.revoke_serials(serials, reason, actor, kind="task", target=task_id).serials)
+
+    def _revoke_serial(self, target, reason, code, actor) -> RevokeResult:
+        serial = normalize_serial(target)
+        issued = self.store.get_issued(serial)
+        if issued is None:
+            raise NotFound(f"no certificate with serial {serial} was issued by this issuer")
+        return self._commit("serial", serial, reason, code, [issued], (), actor)
+
+    def _revoke_task(self, target, reason, code, actor) -> RevokeResult:
+        issued = self.store.find_issued(task_id=target)
+        if not issued:
+            raise NotFound(f"no credential was issued for task {target!r}")
+        return self._commit("task", target, reason, code, issued, (), actor)
+
+    def _revoke_entry(self, target, reason, code, actor) -> RevokeResult:
+        entry = self.registry.require(target)
+        self._revoke_entries([entry], reason, actor)
+        issued = self.store.find_issued(entry_id=entry.id)
+        return self._commit("entry", entry.id, reason, code, issued, (entry.id,), actor)
+
+    def _revoke_spiffe_id(self, target, reason, code, actor) -> RevokeResult:
+        sid = str(spiffeid.parse(target, require_path=True))
+        entries = [e for e in self.registry.list() if e.spiffe_id == sid]
+        issued = self.store.find_issued(spiffe_id=sid)
+        if not entries and not issued:
+            raise NotFound(f"no entry or certificate has SPIFFE ID {sid}")
+        self._revoke_entries(entries, reason, actor)
+        return self._commit("spiffe_id", sid, reason, code, issued, tuple(e.id for e in entries), actor,
+                            spiffe_ids=(sid,))
+
+    def _revoke_owner(self, target, reason, code, actor) -> RevokeResult:
+        entries = [e for e in self.registry.list() if e.owner == target]
+        if not entries:
+            raise NotFound(f"no entry is owned by {target!r}")
+        self._revoke_entries(entries, reason, actor)
+        issued = [s for e in entries for s in self.store.find_issued(entry_id=e.id)]
+        return self._commit("owner", target, reason, code, issued, tuple(e.id for e in entries), actor,
+                            spiffe_ids=tuple(sorted({e.spiffe_id for e in entries})))
+
+    def _revoke_sidecar(self, target, reason, code, actor) -> RevokeResult:
+        return self.ban_sidecar(target, reason, actor, code)
+
+    def ban_sidecar(self, ref: str, reason: str, actor: Actor, reason_code: str = "keyCompromise") -> RevokeResult:
+        """Ban a sidecar (no renewal, no re-attestation, streams closed) and revoke every serial it obtained."""
+        reason = _text("reason", reason)
+        if not (ref or "").strip():
+            raise InvalidArgument("a sidecar name or SPIFFE ID is required")
+        sidecar = self.attestor.get(ref.strip())
+        if sidecar.state != "banned":
+            self.attestor.set_banned(sidecar, AuditEvent("sidecar.ban", actor, "done", reason=reason,
+                                                         subject=sidecar.id))
+        # Close its sync streams now; authentication refuses it from here on.
+        self.hub.publish(sidecar.id, CLOSE)
+        issued = self.store.find_issued(sidecar_id=sidecar.id)
+        return self._commit("sidecar", sidecar.id, reason, reason_code, issued, (), actor)
+
+    def _revoke_entries(self, entries: list[Entry], reason: str, actor: Actor) -> None:
+        # Through the registry: the entry_upsert push makes sidecars stop serving at once.
+        for e in entries:
+            if e.state != "revoked":
+                self.registry.set_state(e.id, "revoked", actor, reason)
+
+    def _commit(self, kind: str, target: str, reason: str, code: str, issued: list[IssuedSerial],
+                entry_ids: tuple[str, ...], actor: Actor, spiffe_ids: tuple[str, ...] = ()) -> RevokeResult:
+        now = int(time.time())
+        # Expired certificates are no threat and need no CRL entry.
+        candidates = {s.serial: s for s in issued if s.revoked_at is None and s.not_after > now}
+        with self._write_lock:
+            with self.store.transaction():
+                newly = self.store.revoke_serials(list(candidates), code, now, None)
+                seq = self.store.record_revocation(Revocation(0, now, kind, target, reason, code, tuple(newly),
+                                                              entry_ids))
+                self.store.append_audit([AuditEvent(
+                    "revoke", actor, "done", reason=reason, subject=f"{kind}:{target}",
+                    details={"seq": seq, "count": len(newly), "serials": newly[:1000], "entry_ids": list(entry_ids),
+                             "reason_code": code})])
+            self.seq = seq
+            with self._lock:
+                for s in newly:
+                    self._revoked[s] = (crl.Revoked(s, now, code), candidates[s].not_after)
+                if kind == "spiffe_id":
+                    self._blocked_ids.add(target)
+                elif kind == "owner":
+                    self._blocked_owners.add(target)
+            event = RevocationEvent(seq, tuple(newly), entry_ids, spiffe_ids, reason)
+            self.hub.broadcast(("revocation", event))
+        self._close_sidecars_with_revoked_svid([candidates[s] for s in newly if candidates[s].kind == "sidecar"])
+        self._dirty.set()
+        log.info("revoked", kind=kind, target=target, seq=seq, count=len(newly), reason_code=code)
+        return RevokeResult(seq, tuple(newly), entry_ids)
+
+    def _close_sidecars_with_revoked_svid(self, revoked: list[IssuedSerial]) -> None:
+        # A sidecar whose current SVID is revoked cannot renew: end its stream now, as for a ban.
+        for s in revoked:
+            try:
+                current = self.attestor.get(s.sidecar_id or s.spiffe_id)
+            except NotFound:
+                continue
+            if current.svid_serial == s.serial:
+                self.hub.publish(current.id, CLOSE)
+
+    # -- the CRL ---------------------------------------------------------------------------
+
+    def rebuild_crl(self) -> CrlInfo:
+        now = time.time()
+        with self._lock:
+            for s in [s for s, (_, not_after) in self._revoked.items() if not_after <= now]:
+                del self._revoked[s]  # expired certificates need no CRL entry
+            items = [r for r, _ in self._revoked.values()]
+        number = self.store.next_crl_number()
+        signed = crl.build(self.ca.cert, self.ca.key, items, number, now, now + self.crl_validity)
+        info = CrlInfo(crl.der(signed), number, int(now), int(now + self.crl_validity), len(items))
+        self._crl = info
+        self._refresh_at = now + self.crl_validity / 2
+        self.hub.broadcast(("crl", info.der))
+        log.info("CRL published", number=number, entries=len(items), bytes=len(info.der),
+                 ms=round((time.time() - now) * 1000, 1))
+        return info
+
+    def _crl_loop(self) -> None:
+        while not self._stop.is_set():
+            changed = self._dirty.wait(timeout=max(0.0, self._refresh_at - time.time()))
+            if self._stop.is_set():
+                return
+            if changed:
+                time.sleep(COALESCE_SECONDS)
+            self._dirty.clear()
+            try:
+                self.rebuild_crl()
+            except Exception:  # noqa: BLE001 - keep the last CRL; try again shortly
+                log.exception("CRL rebuild failed; retrying")
+                time.sleep(1.0)
+                self._dirty.set()

@@ -1,0 +1,166 @@
+"""Tessera's verifier for services: the peer rules, CRL updates, files from the sidecar, and the gRPC interceptor."""
+
+import datetime as dt
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+from cryptography import x509
+
+from agent_sidecar.verifier import OwnSVID, PeerPolicy, Rejected, TrustState, Verifier, check_certificate
+from harness import wait_for
+from tessera import crl, pem, spiffeid, x509svid
+
+TD = "example.org"
+
+
+class CA:
+    def __init__(self):
+        self.key = x509svid.new_key()
+        self.cert = x509svid.build_ca(self.key, TD, dt.timedelta(days=1))
+        self.aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
+        self.number = 0
+
+    def leaf(self, path: str, ttl: int = 600, dns=(), extensions=()):
+        key = x509svid.new_key()
+        cert = x509svid.build_leaf(public_key=key.public_key(), spiffe_id=spiffeid.parse(f"spiffe://{TD}{path}"),
+                                   not_after=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=ttl),
+                                   ca_cert=self.cert, ca_key=self.key, serial=x509.random_serial_number(),
+                                   ca_aki=self.aki, dns_names=dns, extra_extensions=extensions)
+        return cert, key
+
+    def crl(self, *certs) -> bytes:
+        self.number += 1
+        revoked = [crl.Revoked(x509svid.serial_hex(c.serial_number), int(time.time())) for c in certs]
+        return crl.der(crl.build(self.cert, self.key, revoked, self.number, time.time(), time.time() + 600))
+
+
+@pytest.fixture
+def ca():
+    return CA()
+
+
+def state(ca, *revoked) -> TrustState:
+    return TrustState((ca.cert,), b"", None, frozenset(x509svid.serial_hex(c.serial_number) for c in revoked))
+
+
+def test_peer_from_the_trust_domain_is_accepted(ca):
+    cert, _ = ca.leaf("/agent/a")
+    assert check_certificate(state(ca), cert, PeerPolicy.trust_domain(TD)) == "spiffe://example.org/agent/a"
+
+
+def test_peer_from_another_ca_is_rejected(ca):
+    cert, _ = CA().leaf("/agent/a")
+    with pytest.raises(Rejected, match="does not chain"):
+        check_certificate(state(ca), cert, PeerPolicy.trust_domain(TD))
+
+
+def test_revoked_peer_is_rejected(ca):
+    cert, _ = ca.leaf("/agent/a")
+    with pytest.raises(Rejected, match="revoked"):
+        check_certificate(state(ca, cert), cert, PeerPolicy.trust_domain(TD))
+
+
+def test_spiffe_id_must_match_exactly_or_be_in_an_allowed_trust_domain(ca):
+    cert, _ = ca.leaf("/agent/a")
+    assert check_certificate(state(ca), cert, PeerPolicy.exact("spiffe://example.org/agent/a"))
+    with pytest.raises(Rejected, match="not allowed"):
+        check_certificate(state(ca), cert, PeerPolicy.exact("spiffe://example.org/agent/b"))
+    with pytest.raises(Rejected, match="not allowed"):
+        check_certificate(state(ca), cert, PeerPolicy.trust_domain("other.org"))
+
+
+def test_expired_peer_is_rejected(ca):
+    cert, _ = ca.leaf("/agent/a", ttl=60)
+    later = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=120)
+    with pytest.raises(Rejected, match="expired"):
+        check_certificate(state(ca), cert, PeerPolicy.trust_domain(TD), now=later)
+
+
+def test_required_scopes_need_a_task_credential_covering_them(ca):
+    cert, _ = ca.leaf("/agent/a")
+    pol = PeerPolicy.trust_domain(TD, required_scopes=["db:read", "db:write"])
+    with pytest.raises(Rejected, match="task credential is required"):
+        check_certificate(state(ca), cert, pol, task_scopes=lambda c: None)
+    with pytest.raises(Rejected, match="does not cover db:write"):
+        check_certificate(state(ca), cert, pol, task_scopes=lambda c: frozenset({"db:read"}))
+    assert check_certificate(state(ca), cert, pol, task_scopes=lambda c: frozenset({"db:read", "db:write", "x"}))
+
+
+def test_scopes_are_read_from_the_task_binding_extension(ca):
+    from tessera import taskext
+
+    binding = taskext.TaskBinding("t-1", ("db:read", "db:write"), "entry-1", "alice")
+    task_cert, _ = ca.leaf("/agent/a", extensions=[taskext.encode(binding)])
+    identity_cert, _ = ca.leaf("/agent/a")
+    pol = PeerPolicy.trust_domain(TD, required_scopes=["db:write"])
+    assert check_certificate(state(ca), task_cert, pol) == "spiffe://example.org/agent/a"
+    with pytest.raises(Rejected, match="task credential is required"):
+        check_certificate(state(ca), identity_cert, pol)
+    with pytest.raises(Rejected, match="does not cover"):
+        check_certificate(state(ca), task_cert, PeerPolicy.trust_domain(TD, required_scopes=["db:admin"]))
+
+
+def test_verifier_ignores_forged_and_older_crls(ca):
+    cert, _ = ca.leaf("/agent/a")
+    v = Verifier(PeerPolicy.trust_domain(TD))
+    v.update([ca.cert], [ca.crl(cert)])
+    forger = CA()
+    forger.number = 100
+    v.update(None, [forger.crl()])  # a higher number, nothing revoked, wrong key: ignored
+    assert v.state.crl_number == 1
+    with pytest.raises(Rejected, match="revoked"):
+        v.check(cert)
+    older, newer = ca.crl(), ca.crl(cert)
+    v.update(None, [newer])
+    v.update(None, [older])  # lower number, nothing revoked: ignored
+    assert v.state.crl_number == 3
+    with pytest.raises(Rejected, match="revoked"):
+        v.check(cert)
+
+
+def test_file_source_follows_the_sidecars_atomic_replacements(ca, tmp_path):
+    cert, _ = ca.leaf("/agent/a")
+    pem.write_atomic(tmp_path / "bundle.pem", pem.certs_pem([ca.cert]))
+    pem.write_atomic(tmp_path / "crl.pem", crl.pem(crl.load(ca.crl())))
+    v = Verifier.from_files(tmp_path / "bundle.pem", tmp_path / "crl.pem", PeerPolicy.trust_domain(TD), poll=0.05)
+    try:
+        assert v.check(cert) == "spiffe://example.org/agent/a"
+        pem.write_atomic(tmp_path / "crl.pem", crl.pem(crl.load(ca.crl(cert))))
+        wait_for(lambda: x509svid.serial_hex(cert.serial_number) in v.state.revoked, 5, what="new crl.pem read")
+        with pytest.raises(Rejected, match="revoked"):
+            v.check(cert)
+    finally:
+        v.close()
+
+
+def test_grpc_interceptor_refuses_revoked_and_unknown_callers(ca):
+    server_cert, server_key = ca.leaf("/svc/api", dns=["svc.test"])
+    good, good_key = ca.leaf("/agent/good")
+    bad, bad_key = ca.leaf("/agent/revoked")
+    v = Verifier(PeerPolicy.trust_domain(TD))
+    v.update([ca.cert], [ca.crl(bad)], OwnSVID("spiffe://example.org/svc/api", (server_cert,),
+                                               pem.key_pkcs8_der(server_key)))
+    handler = grpc.method_handlers_generic_handler("test.Echo", {
+        "Say": grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"echo:" + req)})
+    server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=[v.interceptor()], handlers=[handler])
+    port = server.add_secure_port("127.0.0.1:0", v.grpc_server_credentials())
+    server.start()
+    try:
+        def call(cert, key):
+            creds = grpc.ssl_channel_credentials(pem.certs_pem([ca.cert]), pem.key_pem(key), pem.certs_pem([cert]))
+            with grpc.secure_channel(f"127.0.0.1:{port}", creds,
+                                     options=[("grpc.ssl_target_name_override", "svc.test")]) as ch:
+                return ch.unary_unary("/test.Echo/Say")(b"hi", timeout=10)
+
+        assert call(good, good_key) == b"echo:hi"
+        with pytest.raises(grpc.RpcError) as e:
+            call(bad, bad_key)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in e.value.details()
+        v.policy = PeerPolicy.exact("spiffe://example.org/agent/other")
+        with pytest.raises(grpc.RpcError) as e:
+            call(good, good_key)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "not allowed" in e.value.details()
+    finally:
+        server.stop(0)
