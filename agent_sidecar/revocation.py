@@ -15,6 +15,7 @@ from typing import Callable, Iterable, Sequence
 
 from cryptography import x509
 
+from agent_sidecar import metrics
 from tessera import crl, logs, pem
 
 log = logs.get("sidecar.revocation")
@@ -82,6 +83,7 @@ class RevocationState:
             pem.write_atomic(self.saved, text, 0o644)
             if self.output_dir is not None:
                 pem.write_atomic(self.output_dir / "crl.pem", text, 0o644)
+        metrics.set_crl(number, len(self.crl_serials))
         log.info("CRL applied", number=number, entries=len(self.crl_serials))
         return True
 

@@ -14,6 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from issuer import metrics
 from issuer.attestation import SidecarAttestor
 from issuer.ca import CertificateAuthority
 from issuer.datastore import Datastore
@@ -278,6 +279,7 @@ class RevocationService:
             self.hub.broadcast(("revocation", event))
         self._close_sidecars_with_revoked_svid([candidates[s] for s in newly if candidates[s].kind == "sidecar"])
         self._dirty.set()
+        metrics.count_revocations(kind, len(newly))
         log.info("revoked", kind=kind, target=target, seq=seq, count=len(newly), reason_code=code)
         return RevokeResult(seq, tuple(newly), entry_ids)
 
@@ -305,6 +307,7 @@ class RevocationService:
         self._crl = info
         self._refresh_at = now + self.crl_validity / 2
         self.hub.broadcast(("crl", info.der))
+        metrics.set_crl(number, len(info.der), len(items))
         log.info("CRL published", number=number, entries=len(items), bytes=len(info.der),
                  ms=round((time.time() - now) * 1000, 1))
         return info

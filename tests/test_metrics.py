@@ -115,3 +115,23 @@ def test_bad_metrics_address_names_the_key(deployment, tmp_path):
     cfg.write_text(yaml.safe_dump(deployment.issuer_config(metrics_address="nowhere")))
     r = subprocess.run([str(BIN / "tessera-issuer"), "run", "--config", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 2 and "metrics_address" in r.stderr
+
+
+def test_metrics_show_revocations_crl_and_revocation_propagation_delay(deployment):
+    d = deployment
+    issuer_port, sidecar_port = free_ports(2)
+    d.start_issuer(metrics_address=f"127.0.0.1:{issuer_port}")
+    d.start_sidecar("host-a", metrics_address=f"127.0.0.1:{sidecar_port}")
+    entry_id = d.entry("/agent/a", "host-a")
+    assert d.fetch("host-a")["event"] == "update"
+    d.cli("revoke", "--entry", entry_id, "--reason", "agent retired")
+
+    s = wait_for(lambda: (m := scrape(issuer_port)) and
+                 value(m, "tessera_issuer_revocations_total", target="entry") >= 1 and m, what="revocation metric")
+    assert value(s, "tessera_issuer_crl_entries") >= 1 and value(s, "tessera_issuer_crl_number") >= 2
+    assert value(s, "tessera_issuer_crl_size_bytes") > 0
+    sc = wait_for(lambda: (m := scrape(sidecar_port)) and
+                  value(m, "tessera_sidecar_propagation_delay_seconds_count", event="revocation") >= 1 and m,
+                  what="revocation propagation delay on the sidecar")
+    assert value(sc, "tessera_sidecar_crl_entries") >= 1
+    assert value(sc, "tessera_sidecar_crl_number") == value(s, "tessera_issuer_crl_number")

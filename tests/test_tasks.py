@@ -212,3 +212,25 @@ def test_issuer_refuses_tasks_for_another_sidecars_entry_or_unmatched_selectors(
         svc.end(side["host-b"], "t1", "", "", Actor("sidecar", side["host-b"].id))
     assert store.get_issued(svid.serial).revoked_at is None
     store.close()
+
+
+def test_revoke_task_ends_only_that_task_while_the_identity_and_other_tasks_keep_working(tasks, tmp_path):
+    identity = tasks.fetch("host-a")["svids"][0]["serial"]
+    first = start_task(tasks, "t-1", tmp_path / "t1", "repo:read").stdout.strip()
+    second = start_task(tasks, "t-2", tmp_path / "t2", "repo:read").stdout.strip()
+    r = tasks.cli("revoke", "--task", "t-1", "--reason", "task hijacked", "--output", "json")
+    assert json.loads(r.stdout)["serials"] == [first]
+    assert issued(tasks, first)["revoked_at"] is not None
+    assert issued(tasks, second)["revoked_at"] is None
+
+    (tmp_path / "crl.pem").write_text(tasks.cli("crl", "show").stdout)
+
+    def verify(pem_path):
+        return subprocess.run(["openssl", "verify", "-crl_check", "-CAfile", str(tasks.bundle_path),
+                               "-CRLfile", str(tmp_path / "crl.pem"), str(pem_path)], capture_output=True, text=True)
+
+    revoked = verify(tmp_path / "t1" / "svid.pem")
+    assert revoked.returncode != 0 and "certificate revoked" in revoked.stdout + revoked.stderr
+    assert verify(tmp_path / "t2" / "svid.pem").returncode == 0
+    assert tasks.fetch("host-a")["svids"][0]["serial"] == identity  # the identity SVID is untouched
+    assert end_task(tasks, "t-2").stdout.split() == [second]  # the other task still ends normally
