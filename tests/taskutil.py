@@ -23,9 +23,11 @@ def policy(*rules: dict, timeout: str = "60s") -> dict:
 
 
 def task_argv(d, task_id: str, out: Path, *scopes: str, ttl: str = "5m", context: dict | None = None,
-              wait: str = "30s", sidecar: str = "host-a") -> list[str]:
+              wait: str = "30s", sidecar: str = "host-a", spiffe_id: str = "") -> list[str]:
     argv = [str(BIN / "tessera-sidecar"), "task", "start", "--socket", str(d.socket(sidecar)), "--task-id", task_id,
             "--ttl", ttl, "--out", str(out), "--wait", wait]
+    if spiffe_id:
+        argv += ["--spiffe-id", spiffe_id]
     for s in scopes:
         argv += ["--scope", s]
     for k, v in (context or {}).items():

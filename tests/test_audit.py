@@ -321,3 +321,55 @@ def test_sidecar_renewal_is_audited_with_the_sidecar_as_actor(deployment):
                        what="a renewal record")
     assert renewed[0]["actor"] == {"kind": "sidecar", "id": d.sidecar_id("host-a")}
     assert renewed[0]["details"]["serial"] and renewed[0]["details"]["ttl"] == 6
+
+
+def test_task_policy_approval_and_revocation_decisions_are_in_the_trail(deployment, tmp_path):
+    import subprocess
+
+    from taskutil import ALLOW_ALL, policy, start_task, task_argv
+
+    d = deployment
+    uid = f"uid:{os.getuid()}"
+    deny_prod = {"name": "no-prod-writes", "effect": "deny", "condition": 'has(context.env) && context.env == "prod"',
+                 "reason": "agents do not write to prod"}
+    d.start_issuer(policy=policy(deny_prod, ALLOW_ALL))
+    d.start_sidecar("host-a")
+    low = d.entry("/agent/low", "host-a", scope=["repo:read"], tier="low")
+    d.entry("/agent/high", "host-a", "unix:uid:0", "unix:gid:0", scope=["pay:write"], tier="high")
+    # Policy denial, with the rule and the request.
+    low_id, high_id = f"spiffe://{d.td}/agent/low", f"spiffe://{d.td}/agent/high"
+    denied = start_task(d, "t-deny", tmp_path / "x", "repo:read", context={"env": "prod"}, spiffe_id=low_id)
+    assert denied.returncode != 0 and "agents do not write to prod" in denied.stderr
+    # Issuance by policy, for a workload the kernel described.
+    ok = start_task(d, "t-ok", tmp_path / "ok", "repo:read", spiffe_id=low_id)
+    assert ok.returncode == 0, ok.stderr
+    # Approval: pending, then approved by an operator with a reason.
+    waiting = subprocess.Popen(task_argv(d, "t-high", tmp_path / "h", "pay:write", wait="60s", spiffe_id=high_id),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pending = wait_for(lambda: json.loads(d.cli("approval", "list", "--output", "json").stdout), what="pending")
+    d.cli("approval", "approve", pending[0]["id"], "--reason", "ticket OPS-9")
+    assert waiting.wait(30) == 0
+    # Revocation by an operator, and a sidecar ban.
+    d.cli("revoke", "--entry", low, "--reason", "agent retired")
+    d.cli("sidecar", "ban", "host-a", "--reason", "host compromised")
+
+    trail = export(d)
+    [deny] = find(trail, action="task.deny")
+    assert deny["decision"] == "deny" and deny["reason"] == "agents do not write to prod"
+    assert deny["details"]["rule"] == "no-prod-writes" and deny["details"]["context"] == {"env": "prod"}
+    assert deny["actor"]["kind"] == "workload" and deny["actor"]["details"]["uid"] == os.getuid()
+    issued = find(trail, action="task.issue")
+    assert {i["details"]["task_id"] for i in issued} == {"t-ok", "t-high"}
+    ok_rec = next(i for i in issued if i["details"]["task_id"] == "t-ok")
+    assert ok_rec["actor"]["details"]["pid"] > 0 and ok_rec["actor"]["details"]["exe"]
+    assert ok_rec["details"]["rule"] == "allow-entry-scopes" and ok_rec["details"]["serial"]
+    [req] = find(trail, action="task.approval_request")
+    assert req["decision"] == "pending" and "requires approval" in req["reason"]
+    [approve] = find(trail, action="task.approve")
+    assert approve["actor"]["id"] == uid and approve["reason"] == "ticket OPS-9"
+    revokes = find(trail, action="revoke")
+    by_entry = next(r for r in revokes if r["subject"] == f"entry:{low}")
+    assert by_entry["actor"]["id"] == uid and by_entry["reason"] == "agent retired" and by_entry["details"]["count"] >= 1
+    ban = [r for r in trail if r["action"].startswith("sidecar.ban") or r["subject"].startswith("sidecar:")]
+    assert ban and all(r["actor"]["id"] == uid for r in ban) and any(r["reason"] == "host compromised" for r in ban)
+    assert d.cli("audit", "verify").returncode == 0
