@@ -2,8 +2,10 @@
 
 An issuer (SQLite datastore) and a sidecar start as real processes; an entry is
 registered for the current user; the unmodified `spiffe` client fetches an
-X.509-SVID over the Workload API; then a task credential is started (its own
-serial and scopes, decided by policy) and ended. Everything is stopped at the end.
+X.509-SVID over the Workload API; a task credential is started (its own serial
+and scopes, decided by policy) and ended; openssl rejects the ended task's
+certificate from the sidecar's crl.pem; and revoking the entry cuts off an open
+Workload API stream. Everything is stopped at the end.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -55,6 +58,41 @@ def task_step(d: Deployment, out: Path) -> bool:
     return True
 
 
+def openssl_crl_check(d: Deployment, crl_dir: Path, cert: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["openssl", "verify", "-crl_check", "-CAfile", str(crl_dir / "bundle.pem"),
+                           "-CRLfile", str(crl_dir / "crl.pem"), str(cert)], capture_output=True, text=True)
+
+
+def revocation_steps(d: Deployment, tmp: Path, entry_id: str) -> bool:
+    out = tmp / "host-a-out"
+    step("openssl, with only the sidecar's bundle.pem and crl.pem, rejects the ended task's certificate")
+    deadline = time.monotonic() + 5
+    while True:
+        r = openssl_crl_check(d, out, tmp / "task" / "svid.pem")
+        if "revoked" in r.stdout + r.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    text = r.stdout + r.stderr
+    print(next((line for line in text.splitlines() if "revoked" in line), text.strip()))
+    if "revoked" not in text:
+        return False
+
+    step("kill switch: revoke the agent's entry while a `spiffe` client holds an open stream")
+    stream = d.stream("host-a")
+    stream.next(20)
+    started = time.time()
+    print(d.cli("revoke", "--entry", entry_id, "--reason", "demo: agent retired").stdout.strip())
+    returned = time.time()
+    msg = stream.until(lambda m: m["event"] == "error", timeout=10)
+    print(f"revoke returned after {1000 * (returned - started):.0f} ms (on disk)")
+    lag = msg["t"] - returned
+    when = f"{1000 * lag:.0f} ms after that" if lag > 0 else "before the CLI had even printed"
+    print(f"open stream told to stop using its SVIDs {when}: {msg['error']}")
+    after = d.fetch("host-a")
+    print(f"a new fetch: {after.get('error', after.get('event'))}")
+    return after.get("event") == "error"
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tessera-demo-") as tmp:
         d = Deployment(Path(tmp))
@@ -64,7 +102,7 @@ def main() -> int:
             print(f"issuer listening on 127.0.0.1:{d.port}; admin socket {d.admin_socket}")
 
             step("create a join token and start a sidecar with it")
-            d.start_sidecar("host-a")
+            d.start_sidecar("host-a", output_dir=str(Path(tmp) / "host-a-out"))
             print(f"sidecar attested as {d.sidecar_id('host-a')}; Workload API at {d.socket('host-a')}")
 
             step(f"register an identity for uid {os.getuid()}")
@@ -84,6 +122,8 @@ def main() -> int:
 
             step("start a task: its own key, serial, scopes and a 5m lifetime")
             if not task_step(d, Path(tmp) / "task"):
+                return 1
+            if not revocation_steps(d, Path(tmp), entry_id):
                 return 1
         finally:
             step("stop everything")
