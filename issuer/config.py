@@ -27,6 +27,7 @@ class IssuerConfig:
     server_name: str
     resync_interval: int
     max_workers: int
+    signing_workers: int
     log_level: str
 
 
@@ -64,11 +65,15 @@ def load(path: str | Path) -> IssuerConfig:
         server_name=sec.str("server_name", "tessera-issuer"),
         resync_interval=sec.duration("resync_interval", "5m"),
         max_workers=sec.get("max_workers", int, 256),
+        # Processes that verify CSRs and sign certificates; 0 signs in the main process.
+        signing_workers=sec.get("signing_workers", int, os.cpu_count() or 1),
         log_level=sec.str("log_level", "info"),
     )
     if (cfg.ca_cert is None) != (cfg.ca_key is None):
         raise sec.fail("ca_key" if cfg.ca_key is None else "ca_cert", "ca_cert and ca_key must be given together")
     if cfg.max_workers < 8:
         raise sec.fail("max_workers", "must be at least 8")
+    if not 0 <= cfg.signing_workers <= 64:
+        raise sec.fail("signing_workers", "must be between 0 (sign in the main process) and 64")
     sec.reject_unknown()
     return cfg

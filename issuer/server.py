@@ -20,6 +20,7 @@ from issuer.models import IssuedSerial
 from issuer.registration import Registry
 from issuer.sidecar_api import IssuerService
 from issuer.signing import SvidSigner
+from issuer.signing_pool import SigningPool
 from issuer.sqlite_store import SQLiteDatastore
 from tessera import logs, pem, spiffeid, x509svid
 from tessera.uds import bind_unix
@@ -73,7 +74,8 @@ class IssuerServer:
         self.hub = EventHub()
         self.registry = Registry(self.store, self.hub, cfg.trust_domain, cfg.default_x509_ttl)
         self.attestor = SidecarAttestor(self.store, self.ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl)
-        self.signer = SvidSigner(self.store, self.ca, self.registry)
+        self.signing_pool = SigningPool(self.ca, cfg.signing_workers) if cfg.signing_workers else None
+        self.signer = SvidSigner(self.store, self.ca, self.registry, self.signing_pool)
         self.service = IssuerService(self.attestor, self.signer, self.registry, self.hub,
                                      lambda: self.ca.bundle_der, cfg.resync_interval)
         self.admin = AdminService(self.registry, self.attestor, self.hub, lambda: self.ca.bundle_pem,
@@ -134,6 +136,8 @@ class IssuerServer:
     def stop(self, grace: float = 2.0) -> None:
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
+        if self.signing_pool is not None:
+            self.signing_pool.close()
         if self._admin_loop is not None:
             self._admin_loop.call_soon_threadsafe(self._admin_loop.stop)
             if self._admin_thread:

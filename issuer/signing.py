@@ -6,18 +6,16 @@ while the entry is active and unexpired.
 
 from __future__ import annotations
 
-import datetime as dt
+import functools
 import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from issuer.ca import CertificateAuthority
 from issuer.datastore import Datastore
-from issuer.models import Actor, AuditEvent, IssuedSerial, Sidecar
+from issuer.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar
 from issuer.registration import Registry
-from tessera import spiffeid, x509svid
+from issuer.signing_pool import Signed, SigningPool, SignJob, sign_jobs
 from tessera.errors import Code, InvalidArgument, PermissionDenied, TesseraError
 
 MAX_BATCH = 1000
@@ -35,19 +33,23 @@ class SignResult:
 
 
 class SvidSigner:
-    def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry):
+    def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry,
+                 pool: SigningPool | None = None):
         self.store = store
         self.ca = ca
         self.registry = registry
+        # The crypto runs in worker processes when there is a pool, else here; the same code either way.
+        self._sign_jobs = pool.sign if pool is not None else functools.partial(sign_jobs, ca)
 
     def sign_batch(self, sidecar: Sidecar, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
         if len(items) > MAX_BATCH:
             raise InvalidArgument(f"at most {MAX_BATCH} CSRs per call")
         now = int(time.time())
         actor = Actor("sidecar", sidecar.id)
-        results: list[SignResult] = []
-        issued: list[IssuedSerial] = []
-        audits: list[AuditEvent] = []
+        # Authorize every item first; only the allowed ones go to the signers, all in one go.
+        outcomes: list[TesseraError | tuple[Entry, Signed]] = []
+        allowed: list[tuple[int, Entry]] = []
+        jobs: list[SignJob] = []
         for entry_id, csr_der in items:
             try:
                 entry = self.registry.get(entry_id)
@@ -59,26 +61,32 @@ class SvidSigner:
                 if entry.expires_at <= now:
                     raise PermissionDenied(f"entry {entry_id} expired")
                 self.check_entry_allowed(entry)
-                try:
-                    public_key = x509svid.load_csr(csr_der).public_key()
-                except ValueError as e:
-                    raise InvalidArgument(f"invalid CSR for entry {entry_id}: {e}") from None
-                signed = self.ca.sign(
-                    public_key, spiffeid.parse(entry.spiffe_id), entry.x509_ttl,
-                    not_after_cap=dt.datetime.fromtimestamp(entry.expires_at, dt.timezone.utc),
-                )
-                not_after = int(signed.not_after.timestamp())
-                issued.append(IssuedSerial(signed.serial_hex, entry.spiffe_id, "identity", entry.id,
-                                           sidecar.id, now, not_after))
-                audits.append(AuditEvent("svid.issue", actor, "allow", subject=entry.spiffe_id, details={
-                    "serial": signed.serial_hex, "entry_id": entry.id, "sidecar_id": sidecar.id,
-                    "ttl": not_after - now, "kind": "identity"}))
-                results.append(SignResult(entry.id, entry.spiffe_id, signed.cert.public_bytes(Encoding.DER),
-                                          signed.serial_hex, not_after))
             except TesseraError as e:
-                if e.code == Code.PERMISSION_DENIED:
-                    audits.append(AuditEvent("svid.deny", actor, "deny", reason=e.message, subject=entry_id))
-                results.append(SignResult(entry_id, code=int(e.code), error=e.message))
+                outcomes.append(e)
+                continue
+            allowed.append((len(outcomes), entry))
+            outcomes.append(InvalidArgument("not signed"))  # replaced below by the signer's answer
+            jobs.append(SignJob(csr_der, entry.spiffe_id, entry.x509_ttl, entry.expires_at))
+        for (i, entry), signed in zip(allowed, self._sign_jobs(jobs)):
+            outcomes[i] = (InvalidArgument(f"invalid CSR for entry {entry.id}: {signed.error}") if signed.error
+                           else (entry, signed))
+        results: list[SignResult] = []
+        issued: list[IssuedSerial] = []
+        audits: list[AuditEvent] = []
+        for (entry_id, _), outcome in zip(items, outcomes):
+            if isinstance(outcome, TesseraError):
+                if outcome.code == Code.PERMISSION_DENIED:
+                    audits.append(AuditEvent("svid.deny", actor, "deny", reason=outcome.message, subject=entry_id))
+                results.append(SignResult(entry_id, code=int(outcome.code), error=outcome.message))
+                continue
+            entry, signed = outcome
+            issued.append(IssuedSerial(signed.serial_hex, entry.spiffe_id, "identity", entry.id,
+                                       sidecar.id, now, signed.not_after))
+            audits.append(AuditEvent("svid.issue", actor, "allow", subject=entry.spiffe_id, details={
+                "serial": signed.serial_hex, "entry_id": entry.id, "sidecar_id": sidecar.id,
+                "ttl": signed.not_after - now, "kind": "identity"}))
+            results.append(SignResult(entry.id, entry.spiffe_id, signed.cert_der, signed.serial_hex,
+                                      signed.not_after))
         if issued or audits:
             self.store.record_issued(issued, audits)
         return results

@@ -1,0 +1,216 @@
+"""CSR verification and certificate signing in worker processes, so every core signs.
+
+The issuer's main process serves gRPC and holds the GIL for that; the per-CSR
+crypto (verify the CSR, build and sign the leaf with the one profile builder via
+CertificateAuthority.sign, DER-encode) runs in spawned workers that hold the CA
+key in memory. Jobs from concurrent callers are coalesced into chunks, so a
+unary call costs the main process a queue append and one wake-up, not a
+round trip of its own to a worker.
+
+Authorization and recording stay in the main process (issuer/signing.py): a
+worker only turns (CSR, SPIFFE ID, TTL) into a certificate.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import datetime as dt
+import multiprocessing
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from issuer.ca import CertificateAuthority
+from tessera import pem, spiffeid, x509svid
+
+CHUNK_MAX = 256  # CSRs per trip to a worker: large enough to amortise the trip, small enough to spread
+
+
+@dataclass(frozen=True)
+class SignJob:
+    csr_der: bytes
+    spiffe_id: str
+    ttl: int
+    not_after_cap: int  # unix seconds
+
+
+@dataclass(frozen=True)
+class Signed:
+    cert_der: bytes = b""
+    serial: int = 0
+    not_after: int = 0
+    error: str = ""  # set when the CSR is invalid; nothing was signed
+
+    @property
+    def serial_hex(self) -> str:
+        return x509svid.serial_hex(self.serial)
+
+
+def sign_jobs(ca: CertificateAuthority, jobs: Sequence[SignJob]) -> list[Signed]:
+    """The per-CSR work, the same in a worker and in-process."""
+    out = []
+    for job in jobs:
+        try:
+            public_key = x509svid.load_csr(job.csr_der).public_key()
+        except ValueError as e:
+            out.append(Signed(error=str(e)))
+            continue
+        signed = ca.sign(public_key, spiffeid.parse(job.spiffe_id), job.ttl,
+                         not_after_cap=dt.datetime.fromtimestamp(job.not_after_cap, dt.timezone.utc))
+        out.append(Signed(signed.cert.public_bytes(Encoding.DER), signed.serial,
+                          int(signed.not_after.timestamp())))
+    return out
+
+
+# -- worker side ------------------------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    # A worker holds the CA key: it must not outlive the issuer, even after kill -9.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the issuer decides when workers stop
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    ca = CertificateAuthority(x509.load_pem_x509_certificate(cert_pem), key, trust_domain)
+    del key_pem
+    while True:
+        try:
+            jobs = conn.recv()
+        except (EOFError, OSError):
+            return  # the issuer closed the pipe: stop
+        try:
+            conn.send(sign_jobs(ca, jobs))
+        except Exception as e:  # noqa: BLE001 - reported to the caller, the worker carries on
+            conn.send(RuntimeError(f"signing worker failed: {e!r}"))
+
+
+# -- main-process side --------------------------------------------------------------------------
+
+class _Request:
+    __slots__ = ("jobs", "results", "done", "error")
+
+    def __init__(self, jobs: list[SignJob]):
+        self.jobs = jobs
+        self.results: list[Signed] = []
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class SigningPool:
+    """Signs jobs in `workers` processes; `sign()` blocks the calling thread until its jobs are done.
+
+    Each worker process has one feeding thread here that takes whatever requests are
+    queued (up to CHUNK_MAX jobs), sends them down the worker's pipe and hands the
+    answers back: one wake-up for the caller, no executor machinery in between.
+    """
+
+    def __init__(self, ca: CertificateAuthority, workers: int):
+        self.workers = workers
+        self._ctx = multiprocessing.get_context("spawn")  # not fork: gRPC threads do not survive a fork
+        key_pem = ca.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
+        self._args = (pem.certs_pem([ca.cert]), key_pem, ca.trust_domain)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._closed = False
+        self._procs: list = []
+        self._conns: list = []
+        self._threads: list[threading.Thread] = []
+        for i in range(workers):
+            conn, proc = self._spawn(i)
+            self._conns.append(conn)
+            self._procs.append(proc)
+            t = threading.Thread(target=self._feed, args=(i,), name=f"signing-feed-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _spawn(self, i: int):
+        parent, child = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_worker_main, args=(child, *self._args), name=f"tessera-signer-{i}",
+                                 daemon=True)
+        proc.start()
+        child.close()
+        return parent, proc
+
+    def sign(self, jobs: Sequence[SignJob]) -> list[Signed]:
+        if not jobs:
+            return []
+        req = _Request(list(jobs))
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("signing pool is closed")
+            self._queue.append(req)
+            self._cond.notify()
+        req.done.wait()
+        if req.error is not None:
+            raise req.error
+        return req.results
+
+    def _take(self) -> list[_Request] | None:
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            # Coalesce whole requests up to CHUNK_MAX jobs (a larger request goes alone).
+            batch = [self._queue.popleft()]
+            size = len(batch[0].jobs)
+            while self._queue and size + len(self._queue[0].jobs) <= CHUNK_MAX:
+                size += len(self._queue[0].jobs)
+                batch.append(self._queue.popleft())
+            return batch
+
+    def _feed(self, i: int) -> None:
+        while (batch := self._take()) is not None:
+            error: BaseException | None = None
+            results: list[Signed] = []
+            try:
+                self._conns[i].send([j for r in batch for j in r.jobs])
+                answer = self._conns[i].recv()
+                if isinstance(answer, BaseException):
+                    error = answer
+                else:
+                    results = answer
+            except (EOFError, OSError) as e:
+                error = RuntimeError(f"signing worker {i} died: {e!r}")
+                if not self._closed:  # replace it; the callers of this batch get the error
+                    self._conns[i].close()
+                    self._conns[i], self._procs[i] = self._spawn(i)
+            k = 0
+            for r in batch:
+                if error is not None:
+                    r.error = error
+                else:
+                    r.results = results[k:k + len(r.jobs)]
+                    k += len(r.jobs)
+                r.done.set()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            pending, self._queue = list(self._queue), collections.deque()
+            self._cond.notify_all()
+        for r in pending:
+            r.error = RuntimeError("signing pool is closed")
+            r.done.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        for conn in self._conns:
+            conn.close()  # the worker sees EOF and exits
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
