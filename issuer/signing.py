@@ -39,13 +39,18 @@ class SvidSigner:
         self.ca = ca
         self.registry = registry
         # The crypto runs in worker processes when there is a pool, else here; the same code either way.
-        self._sign_jobs = pool.sign if pool is not None else functools.partial(sign_jobs, ca)
+        self._sign_and_record = pool.sign_and_record if pool is not None else self._sign_and_record_here
+
+    def _sign_and_record_here(self, jobs: list[SignJob], finish):
+        issued, audits, answer = finish(sign_jobs(self.ca, jobs))
+        if issued or audits:
+            self.store.record_issued(issued, audits)
+        return answer
 
     def sign_batch(self, sidecar: Sidecar, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
         if len(items) > MAX_BATCH:
             raise InvalidArgument(f"at most {MAX_BATCH} CSRs per call")
         now = int(time.time())
-        actor = Actor("sidecar", sidecar.id)
         # Authorize every item first; only the allowed ones go to the signers, all in one go.
         outcomes: list[TesseraError | tuple[Entry, Signed]] = []
         allowed: list[tuple[int, Entry]] = []
@@ -67,7 +72,14 @@ class SvidSigner:
             allowed.append((len(outcomes), entry))
             outcomes.append(InvalidArgument("not signed"))  # replaced below by the signer's answer
             jobs.append(SignJob(csr_der, entry.spiffe_id, entry.x509_ttl, entry.expires_at))
-        for (i, entry), signed in zip(allowed, self._sign_jobs(jobs)):
+        return self._sign_and_record(jobs, functools.partial(self._records, sidecar, items, now, outcomes, allowed))
+
+    @staticmethod
+    def _records(sidecar: Sidecar, items: Sequence[tuple[str, bytes]], now: int,
+                 outcomes: list, allowed: list[tuple[int, Entry]], signed_jobs: list[Signed]):
+        """The serials and audit events to commit for one call, and its answer (returned once committed)."""
+        actor = Actor("sidecar", sidecar.id)
+        for (i, entry), signed in zip(allowed, signed_jobs):
             outcomes[i] = (InvalidArgument(f"invalid CSR for entry {entry.id}: {signed.error}") if signed.error
                            else (entry, signed))
         results: list[SignResult] = []
@@ -87,9 +99,7 @@ class SvidSigner:
                 "ttl": signed.not_after - now, "kind": "identity"}))
             results.append(SignResult(entry.id, entry.spiffe_id, signed.cert_der, signed.serial_hex,
                                       signed.not_after))
-        if issued or audits:
-            self.store.record_issued(issued, audits)
-        return results
+        return issued, audits, results
 
     def check_entry_allowed(self, entry) -> None:
         """Hook for the revocation service: refuse entries whose identity is revoked."""

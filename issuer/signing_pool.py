@@ -7,8 +7,9 @@ key in memory. Jobs from concurrent callers are coalesced into chunks, so a
 unary call costs the main process a queue append and one wake-up, not a
 round trip of its own to a worker.
 
-Authorization and recording stay in the main process (issuer/signing.py): a
-worker only turns (CSR, SPIFFE ID, TTL) into a certificate.
+Authorization stays in the main process (issuer/signing.py), and so does
+recording: a worker only turns (CSR, SPIFFE ID, TTL) into a certificate, and
+no certificate is handed back to a caller before its serial is committed.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import collections
 import ctypes
 import datetime as dt
 import multiprocessing
+import queue
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -98,26 +100,34 @@ def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str) -> No
 
 # -- main-process side --------------------------------------------------------------------------
 
-class _Request:
-    __slots__ = ("jobs", "results", "done", "error")
+Finish = Callable[[list[Signed]], tuple[list, list, object]]  # signed -> (issued serials, audit events, answer)
+Record = Callable[[list, list], None]  # durably record issued serials and audit events
 
-    def __init__(self, jobs: list[SignJob]):
+
+class _Request:
+    __slots__ = ("jobs", "finish", "value", "done", "error")
+
+    def __init__(self, jobs: list[SignJob], finish: Finish):
         self.jobs = jobs
-        self.results: list[Signed] = []
+        self.finish = finish
+        self.value: object = None
         self.done = threading.Event()
         self.error: BaseException | None = None
 
 
 class SigningPool:
-    """Signs jobs in `workers` processes; `sign()` blocks the calling thread until its jobs are done.
+    """Signs jobs in `workers` processes and records what was signed before anyone sees it.
 
-    Each worker process has one feeding thread here that takes whatever requests are
-    queued (up to CHUNK_MAX jobs), sends them down the worker's pipe and hands the
-    answers back: one wake-up for the caller, no executor machinery in between.
+    Per worker process, a feeding thread takes whatever requests are queued (up to
+    CHUNK_MAX jobs), sends them down the worker's pipe and passes the answers to a
+    finishing thread, which turns them into records with each request's `finish`,
+    records the whole chunk in one group commit, and only then wakes the callers.
+    A caller costs one queue append and one wake-up; a chunk, one commit.
     """
 
-    def __init__(self, ca: CertificateAuthority, workers: int):
+    def __init__(self, ca: CertificateAuthority, workers: int, record: Record):
         self.workers = workers
+        self._record = record
         self._ctx = multiprocessing.get_context("spawn")  # not fork: gRPC threads do not survive a fork
         key_pem = ca.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption())
@@ -132,9 +142,11 @@ class SigningPool:
             conn, proc = self._spawn(i)
             self._conns.append(conn)
             self._procs.append(proc)
-            t = threading.Thread(target=self._feed, args=(i,), name=f"signing-feed-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+            done: queue.SimpleQueue = queue.SimpleQueue()
+            for target, name in ((self._feed, "feed"), (self._finish, "finish")):
+                t = threading.Thread(target=target, args=(i, done), name=f"signing-{name}-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
 
     def _spawn(self, i: int):
         parent, child = self._ctx.Pipe()
@@ -144,19 +156,21 @@ class SigningPool:
         child.close()
         return parent, proc
 
-    def sign(self, jobs: Sequence[SignJob]) -> list[Signed]:
-        if not jobs:
-            return []
-        req = _Request(list(jobs))
-        with self._cond:
-            if self._closed:
-                raise RuntimeError("signing pool is closed")
-            self._queue.append(req)
-            self._cond.notify()
+    def sign_and_record(self, jobs: Sequence[SignJob], finish: Finish):
+        """Sign `jobs`, record what `finish` makes of the results, and return its answer."""
+        req = _Request(list(jobs), finish)
+        if not req.jobs:  # nothing to sign (e.g. every item denied): no trip to a worker
+            self._complete([req], [])
+        else:
+            with self._cond:
+                if self._closed:
+                    raise RuntimeError("signing pool is closed")
+                self._queue.append(req)
+                self._cond.notify()
         req.done.wait()
         if req.error is not None:
             raise req.error
-        return req.results
+        return req.value
 
     def _take(self) -> list[_Request] | None:
         with self._cond:
@@ -172,30 +186,49 @@ class SigningPool:
                 batch.append(self._queue.popleft())
             return batch
 
-    def _feed(self, i: int) -> None:
+    def _feed(self, i: int, done: queue.SimpleQueue) -> None:
         while (batch := self._take()) is not None:
-            error: BaseException | None = None
-            results: list[Signed] = []
             try:
                 self._conns[i].send([j for r in batch for j in r.jobs])
                 answer = self._conns[i].recv()
-                if isinstance(answer, BaseException):
-                    error = answer
-                else:
-                    results = answer
             except (EOFError, OSError) as e:
-                error = RuntimeError(f"signing worker {i} died: {e!r}")
+                answer = RuntimeError(f"signing worker {i} died: {e!r}")
                 if not self._closed:  # replace it; the callers of this batch get the error
                     self._conns[i].close()
                     self._conns[i], self._procs[i] = self._spawn(i)
-            k = 0
-            for r in batch:
-                if error is not None:
-                    r.error = error
-                else:
-                    r.results = results[k:k + len(r.jobs)]
-                    k += len(r.jobs)
-                r.done.set()
+            done.put((batch, answer))
+        done.put(None)
+
+    def _finish(self, i: int, done: queue.SimpleQueue) -> None:
+        while (item := done.get()) is not None:
+            self._complete(*item)
+
+    def _complete(self, batch: list[_Request], answer: list[Signed] | BaseException) -> None:
+        issued: list = []
+        audits: list = []
+        ok: list[_Request] = []
+        k = 0
+        for r in batch:
+            if isinstance(answer, BaseException):
+                r.error = answer
+                continue
+            try:
+                r_issued, r_audits, r.value = r.finish(answer[k:k + len(r.jobs)])
+            except Exception as e:  # noqa: BLE001 - this caller's error only
+                r.error = e
+            else:
+                issued += r_issued
+                audits += r_audits
+                ok.append(r)
+            k += len(r.jobs)
+        if issued or audits:
+            try:
+                self._record(issued, audits)
+            except BaseException as e:  # noqa: BLE001 - nothing of this chunk leaves unrecorded
+                for r in ok:
+                    r.error = e
+        for r in batch:
+            r.done.set()
 
     def close(self) -> None:
         with self._cond:

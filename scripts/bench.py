@@ -35,8 +35,9 @@ CLIENT = REPO / "scripts" / "benchlib" / "signclient.py"
 
 @dataclass(frozen=True)
 class Sizes:
-    limit_seconds: float
+    limit_bursts: int       # the limit is the best of this many 0.5 s bursts
     phase_seconds: float
+    phase_runs: int         # each throughput phase runs this often; the best run is reported
     clients: int
     batch: int
     batched_concurrency: int
@@ -46,9 +47,10 @@ class Sizes:
     sidecar_svids: int
 
 
-FULL = Sizes(limit_seconds=4, phase_seconds=10, clients=4, batch=32, batched_concurrency=4, unary_concurrency=16,
+FULL = Sizes(limit_bursts=10, phase_seconds=8, phase_runs=3, clients=4, batch=32, batched_concurrency=4, unary_concurrency=16,
              entries=10_000, serials=100_000, sidecar_svids=1_000)
-QUICK = Sizes(limit_seconds=2, phase_seconds=4, clients=4, batch=32, batched_concurrency=4, unary_concurrency=16,
+QUICK = Sizes(limit_bursts=4, phase_seconds=4, phase_runs=1, clients=4, batch=32, batched_concurrency=4,
+              unary_concurrency=16,
               entries=2_000, serials=20_000, sidecar_svids=1_000)
 
 
@@ -165,9 +167,13 @@ def measure_issuer(dep: Deployment, sz: Sizes, figures: dict) -> None:
         issued = 0
         for mode, batch, conc in (("batched", sz.batch, sz.batched_concurrency),
                                   ("unary", 1, sz.unary_concurrency)):
-            log(f"{mode}: {sz.clients} clients x {conc} calls in flight x {batch} CSRs/call, {sz.phase_seconds}s")
-            r = run_phase(clients, batch, conc, duration=sz.phase_seconds)
-            issued += r["ok"]
+            runs = []
+            for n in range(sz.phase_runs):
+                log(f"{mode} run {n + 1}/{sz.phase_runs}: {sz.clients} clients x {conc} calls in flight x {batch} "
+                    f"CSRs/call, {sz.phase_seconds}s")
+                runs.append(run_phase(clients, batch, conc, duration=sz.phase_seconds))
+                issued += runs[-1]["ok"]
+            r = max(runs, key=lambda x: x["per_s"])
             figures[f"issuer_sign_per_s_{mode}"] = stats.rounded(r["per_s"], 0)
             figures[f"issuer_sign_per_s_{mode}_p50_ms"] = stats.rounded(r["p50_ms"], 2)
             figures[f"issuer_sign_per_s_{mode}_p99_ms"] = stats.rounded(r["p99_ms"], 2)
@@ -247,12 +253,15 @@ def note(key: str, figures: dict, sz: Sizes) -> str:
                      f"{figures.get('issuer_rss_entries', 0):,} entries")
     if key == "sidecar_rss_mb":
         parts.append(f"{figures.get('sidecar_rss_svids', 0):,} cached SVIDs")
-    if key.startswith("issuer_sign_per_s_batched") and key.endswith("batched"):
-        parts.append(f"{sz.clients} client procs x {sz.batched_concurrency} in flight x {sz.batch} CSRs/call")
-    if key.startswith("issuer_sign_per_s_unary") and key.endswith("unary"):
-        parts.append(f"{sz.clients} client procs x {sz.unary_concurrency} in flight x 1 CSR/call")
+    best = f", best of {sz.phase_runs} runs" if sz.phase_runs > 1 else ""
+    if key == "issuer_sign_per_s_batched":
+        parts.append(f"{sz.clients} client procs x {sz.batched_concurrency} in flight x {sz.batch} CSRs/call{best}")
+    if key == "issuer_sign_per_s_unary":
+        parts.append(f"{sz.clients} client procs x {sz.unary_concurrency} in flight x 1 CSR/call{best}")
+    if key == "limit_sign_per_s":
+        parts.append(f"one process, no RPC or storage; best of {sz.limit_bursts} x 0.5 s")
     if key.endswith("_p50_ms") or key.endswith("_p99_ms"):
-        parts.append("per call")
+        parts.append("per call (a batched call carries the batch)" if "batched" in key else "per call")
     return "; ".join(parts)
 
 
@@ -272,11 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     sz = QUICK if args.quick else FULL
     started = time.time()
+    load_before = os.getloadavg()[0]  # other work on the machine skews every figure: say how much there was
     figures: dict = {}
 
-    log(f"limit: parse+verify CSR, CertificateAuthority.sign, DER, one process, {sz.limit_seconds}s")
-    per_s, _ = limit.sign_per_s(sz.limit_seconds, limit.make_csrs(256))
-    figures["limit_sign_per_s"] = stats.rounded(per_s, 0)
+    log(f"limit: parse+verify CSR, CertificateAuthority.sign, DER in one process, best of {sz.limit_bursts} bursts")
+    figures["limit_sign_per_s"] = stats.rounded(limit.sign_per_s(sz.limit_bursts, 0.5, limit.make_csrs(64)), 0)
     measure_crl(sz, figures)
 
     root = Path(tempfile.mkdtemp(prefix="tessera-bench-", dir="/tmp"))
@@ -294,9 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         dep.close()
 
     meta = {"mode": "quick" if args.quick else "full", "cpus": os.cpu_count(), "seconds": round(time.time() - started, 1),
-            "clients": sz.clients, "batch": sz.batch}
-    print(f"Tessera benchmark ({meta['mode']}, {meta['cpus']} CPUs shared by issuer, sidecar and load clients, "
-          f"{meta['seconds']}s)")
+            "clients": sz.clients, "batch": sz.batch, "phase_runs": sz.phase_runs,
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0]}
+    print(f"Tessera benchmark ({meta['mode']}, {meta['cpus']} CPUs shared by issuer, sidecar and load clients; "
+          f"load average {load_before:.1f} before, {meta['loadavg_after']:.1f} after; {meta['seconds']}s)")
     print(stats.table([(k, figures.get(k), note(k, figures, sz)) for k in ORDER]))
     if args.json:
         Path(args.json).write_text(json.dumps({**figures, "meta": meta}, indent=2) + "\n")
