@@ -21,6 +21,7 @@ import multiprocessing
 import queue
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -32,6 +33,10 @@ from issuer.ca import CertificateAuthority
 from tessera import pem, spiffeid, x509svid
 
 CHUNK_MAX = 256  # CSRs per trip to a worker: large enough to amortise the trip, small enough to spread
+# Under load, a chunk smaller than CHUNK_MIN waits up to COALESCE_SECONDS for more requests: a trip to
+# a worker costs several thread wake-ups, which is what bounds unary calls. Idle, nothing waits.
+CHUNK_MIN = 32
+COALESCE_SECONDS = 0.002
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,7 @@ class SigningPool:
         self._cond = threading.Condition()
         self._queue: collections.deque[_Request] = collections.deque()
         self._closed = False
+        self._busy = 0  # feeders with a chunk at their worker
         self._procs: list = []
         self._conns: list = []
         self._threads: list[threading.Thread] = []
@@ -178,16 +184,28 @@ class SigningPool:
                 self._cond.wait()
             if self._closed:
                 return None
+            if self._busy:  # another worker is busy, so there is load: wait a moment for company
+                deadline = time.monotonic() + COALESCE_SECONDS
+                while (not self._closed and self._queue and sum(len(r.jobs) for r in self._queue) < CHUNK_MIN
+                       and (left := deadline - time.monotonic()) > 0):
+                    self._cond.wait(left)
+                if self._closed:
+                    return None
+                if not self._queue:
+                    return []  # another feeder took them
             # Coalesce whole requests up to CHUNK_MAX jobs (a larger request goes alone).
             batch = [self._queue.popleft()]
             size = len(batch[0].jobs)
             while self._queue and size + len(self._queue[0].jobs) <= CHUNK_MAX:
                 size += len(self._queue[0].jobs)
                 batch.append(self._queue.popleft())
+            self._busy += 1
             return batch
 
     def _feed(self, i: int, done: queue.SimpleQueue) -> None:
         while (batch := self._take()) is not None:
+            if not batch:
+                continue
             try:
                 self._conns[i].send([j for r in batch for j in r.jobs])
                 answer = self._conns[i].recv()
@@ -196,6 +214,8 @@ class SigningPool:
                 if not self._closed:  # replace it; the callers of this batch get the error
                     self._conns[i].close()
                     self._conns[i], self._procs[i] = self._spawn(i)
+            with self._cond:
+                self._busy -= 1
             done.put((batch, answer))
         done.put(None)
 

@@ -220,7 +220,7 @@ class Deployment:
         if token is None and name not in self.sidecars:
             token = self.token(name)
         if token:
-            argv += ["--join-token", token]
+            argv.append(f"--join-token={token}")  # a token may begin with "-"
         daemon = Daemon(f"sidecar-{name}", argv, d / "sidecar.log", self.socket(name)).start()
         self.sidecars[name] = daemon
         return daemon
