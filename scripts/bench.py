@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -327,11 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         measure_sidecar(dep, sz, figures)
         measure_task_credential(dep, sz, figures)
         measure_revocation_propagation(dep, sz, figures)
-    except Exception:
+    except BaseException:
+        dep.close()
         log(f"failed; daemon logs are in {root}")
         raise
-    finally:
-        dep.close()
+    dep.close()
+    shutil.rmtree(root, ignore_errors=True)
 
     meta = {"mode": "quick" if args.quick else "full", "cpus": os.cpu_count(), "seconds": round(time.time() - started, 1),
             "clients": sz.clients, "batch": sz.batch, "phase_runs": sz.phase_runs,
