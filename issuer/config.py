@@ -30,6 +30,7 @@ class IssuerConfig:
     server_name: str
     resync_interval: int
     max_workers: int
+    signing_workers: int
     log_level: str
     audit_file: Path | None = None  # JSON-lines copy of the audit trail
     metrics_address: str | None = None  # HOST:PORT for Prometheus /metrics; off when unset
@@ -65,6 +66,8 @@ def load(path: str | Path) -> IssuerConfig:
         server_name=sec.str("server_name", "tessera-issuer"),
         resync_interval=sec.duration("resync_interval", "5m"),
         max_workers=sec.get("max_workers", int, 256),
+        # Processes that verify CSRs and sign certificates; 0 signs in the main process.
+        signing_workers=sec.get("signing_workers", int, os.cpu_count() or 1),
         log_level=sec.str("log_level", "info"),
         audit_file=sec.path("audit_file", str(data_dir / "audit.jsonl")),
         metrics_address=sec.address("metrics_address") if sec.get("metrics_address", str, None) else None,
@@ -77,5 +80,7 @@ def load(path: str | Path) -> IssuerConfig:
         raise sec.fail("crl_validity", "must be at least 10s (the CRL is re-signed at half of it)")
     if cfg.max_workers < 8:
         raise sec.fail("max_workers", "must be at least 8")
+    if not 0 <= cfg.signing_workers <= 64:
+        raise sec.fail("signing_workers", "must be between 0 (sign in the main process) and 64")
     sec.reject_unknown()
     return cfg

@@ -6,18 +6,16 @@ while the entry is active and unexpired.
 
 from __future__ import annotations
 
-import datetime as dt
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from issuer.ca import CertificateAuthority
 from issuer.datastore import Datastore
-from issuer.models import Actor, AuditEvent, IssuedSerial, Sidecar
+from issuer.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar
 from issuer.registration import Registry
-from tessera import spiffeid, x509svid
+from issuer.signing_pool import Signed, SigningPool, SignJob, sign_jobs
 from tessera.errors import Code, InvalidArgument, PermissionDenied, TesseraError
 
 MAX_BATCH = 1000
@@ -36,20 +34,29 @@ class SignResult:
 
 class SvidSigner:
     def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry,
+                 pool: SigningPool | None = None,
                  identity_ttl: Callable[[str, int], int] = lambda tier, ttl: ttl):
         self.store = store
         self.ca = ca
         self.registry = registry
         self.identity_ttl = identity_ttl  # (tier, x509_ttl) -> TTL capped by the tier's max identity TTL
+        # The crypto runs in worker processes when there is a pool, else here; the same code either way.
+        self._sign_and_record = pool.sign_and_record if pool is not None else self._sign_and_record_here
+
+    def _sign_and_record_here(self, jobs: list[SignJob], finish):
+        issued, audits, answer = finish(sign_jobs(self.ca, jobs))
+        if issued or audits:
+            self.store.record_issued(issued, audits)
+        return answer
 
     def sign_batch(self, sidecar: Sidecar, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
         if len(items) > MAX_BATCH:
             raise InvalidArgument(f"at most {MAX_BATCH} CSRs per call")
         now = int(time.time())
-        actor = Actor("sidecar", sidecar.id)
-        results: list[SignResult] = []
-        issued: list[IssuedSerial] = []
-        audits: list[AuditEvent] = []
+        # Authorize every item first; only the allowed ones go to the signers, all in one go.
+        outcomes: list[TesseraError | tuple[Entry, Signed]] = []
+        allowed: list[tuple[int, Entry]] = []
+        jobs: list[SignJob] = []
         for entry_id, csr_der in items:
             try:
                 entry = self.registry.get(entry_id)
@@ -61,31 +68,45 @@ class SvidSigner:
                 if entry.expires_at <= now:
                     raise PermissionDenied(f"entry {entry_id} expired")
                 self.check_entry_allowed(entry)
-                try:
-                    public_key = x509svid.load_csr(csr_der).public_key()
-                except ValueError as e:
-                    raise InvalidArgument(f"invalid CSR for entry {entry_id}: {e}") from None
-                signed = self.ca.sign(
-                    public_key, spiffeid.parse(entry.spiffe_id), self.identity_ttl(entry.tier, entry.x509_ttl),
-                    not_after_cap=dt.datetime.fromtimestamp(entry.expires_at, dt.timezone.utc),
-                )
-                not_after = int(signed.not_after.timestamp())
-                issued.append(IssuedSerial(signed.serial_hex, entry.spiffe_id, "identity", entry.id,
-                                           sidecar.id, now, not_after))
-                audits.append(AuditEvent(
-                    "svid.issue", actor, "allow", reason="entry active, unexpired, parent is the caller",
-                    subject=entry.spiffe_id, details={
-                    "serial": signed.serial_hex, "entry_id": entry.id, "sidecar_id": sidecar.id,
-                    "ttl": not_after - now, "kind": "identity"}))
-                results.append(SignResult(entry.id, entry.spiffe_id, signed.cert.public_bytes(Encoding.DER),
-                                          signed.serial_hex, not_after))
             except TesseraError as e:
-                if e.code == Code.PERMISSION_DENIED:
-                    audits.append(AuditEvent("svid.deny", actor, "deny", reason=e.message, subject=entry_id))
-                results.append(SignResult(entry_id, code=int(e.code), error=e.message))
-        if issued or audits:
-            self.store.record_issued(issued, audits)
-        return self.recheck_issued(results) if issued else results
+                outcomes.append(e)
+                continue
+            allowed.append((len(outcomes), entry))
+            outcomes.append(InvalidArgument("not signed"))  # replaced below by the signer's answer
+            jobs.append(SignJob(csr_der, entry.spiffe_id, self.identity_ttl(entry.tier, entry.x509_ttl),
+                                entry.expires_at))
+        results = self._sign_and_record(jobs, functools.partial(self._records, sidecar, items, now, outcomes,
+                                                                allowed))
+        return self.recheck_issued(results) if jobs else results
+
+    @staticmethod
+    def _records(sidecar: Sidecar, items: Sequence[tuple[str, bytes]], now: int,
+                 outcomes: list, allowed: list[tuple[int, Entry]], signed_jobs: list[Signed]):
+        """The serials and audit events to commit for one call, and its answer (returned once committed)."""
+        actor = Actor("sidecar", sidecar.id)
+        for (i, entry), signed in zip(allowed, signed_jobs):
+            outcomes[i] = (InvalidArgument(f"invalid CSR for entry {entry.id}: {signed.error}") if signed.error
+                           else (entry, signed))
+        results: list[SignResult] = []
+        issued: list[IssuedSerial] = []
+        audits: list[AuditEvent] = []
+        for (entry_id, _), outcome in zip(items, outcomes):
+            if isinstance(outcome, TesseraError):
+                if outcome.code == Code.PERMISSION_DENIED:
+                    audits.append(AuditEvent("svid.deny", actor, "deny", reason=outcome.message, subject=entry_id))
+                results.append(SignResult(entry_id, code=int(outcome.code), error=outcome.message))
+                continue
+            entry, signed = outcome
+            issued.append(IssuedSerial(signed.serial_hex, entry.spiffe_id, "identity", entry.id,
+                                       sidecar.id, now, signed.not_after))
+            audits.append(AuditEvent(
+                "svid.issue", actor, "allow", reason="entry active, unexpired, parent is the caller",
+                subject=entry.spiffe_id, details={
+                "serial": signed.serial_hex, "entry_id": entry.id, "sidecar_id": sidecar.id,
+                "ttl": signed.not_after - now, "kind": "identity"}))
+            results.append(SignResult(entry.id, entry.spiffe_id, signed.cert_der, signed.serial_hex,
+                                      signed.not_after))
+        return issued, audits, results
 
     def check_entry_allowed(self, entry) -> None:
         """Hook for the revocation service: refuse entries whose identity is revoked."""

@@ -4,6 +4,8 @@ One connection guarded by a lock; writes are serialised, and `transaction()`
 lets a caller group several writes (and their audit records) into one commit.
 Issued serials use group commit: concurrent callers of `record_issued` share
 one transaction and one fsync, and each returns only after its rows are durable.
+A committer thread writes each group, so waiting callers sleep on their group's
+event instead of queueing one by one on the connection lock.
 """
 
 from __future__ import annotations
@@ -124,12 +126,21 @@ def _issued(row: sqlite3.Row) -> IssuedSerial:
 
 
 class _PendingSerials:
-    __slots__ = ("serials", "audits", "done", "error")
+    __slots__ = ("serials", "audits")
 
     def __init__(self, serials, audits):
         self.serials = serials
         self.audits = audits
-        self.done = False
+
+
+class _Group:
+    """Serials from concurrent callers that commit together; `done` is set once they are durable."""
+
+    __slots__ = ("items", "done", "error")
+
+    def __init__(self):
+        self.items: list[_PendingSerials] = []
+        self.done = threading.Event()
         self.error: BaseException | None = None
 
 
@@ -145,8 +156,11 @@ class SQLiteDatastore:
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
         self._depth = 0
-        self._pending: list[_PendingSerials] = []
-        self._pending_lock = threading.Lock()
+        self._owner: int | None = None  # the thread inside transaction()
+        self._group = _Group()
+        self._group_cond = threading.Condition(threading.Lock())
+        self._committer: threading.Thread | None = None
+        self._closing = False
         row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         self._audit_seq, self._audit_hash = (row["seq"], row["hash"]) if row else (0, GENESIS_HASH)
         self.audit_listeners: list = []  # called with committed AuditRecords (e.g. the JSON-lines file)
@@ -165,6 +179,7 @@ class SQLiteDatastore:
                     self._depth -= 1
                 return
             self._depth = 1
+            self._owner = threading.get_ident()
             seq, h = self._audit_seq, self._audit_hash
             self._new_records: list[AuditRecord] = []
             self._db.execute("BEGIN IMMEDIATE")
@@ -177,26 +192,31 @@ class SQLiteDatastore:
                 raise
             finally:
                 self._depth = 0
+                self._owner = None
             records, self._new_records = self._new_records, []
         for listener in self.audit_listeners:
             listener(records)
 
     def _audit(self, db: sqlite3.Connection, event: AuditEvent | None) -> None:
-        if event is None:
-            return
-        seq = self._audit_seq + 1
-        ts = round(time.time(), 6)
-        actor = event.actor.as_dict()
-        h = audit_hash(self._audit_hash, seq, ts, event.action, actor, event.decision,
-                       event.reason, event.subject, event.details)
-        db.execute(
-            "INSERT INTO audit VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (seq, ts, event.action, _dumps(actor), event.decision, event.reason, event.subject,
-             _dumps(event.details), self._audit_hash, h),
-        )
-        self._new_records.append(AuditRecord(seq, ts, event.action, actor, event.decision, event.reason,
-                                             event.subject, event.details, self._audit_hash, h))
-        self._audit_seq, self._audit_hash = seq, h
+        if event is not None:
+            self._audit_many(db, [event])
+
+    def _audit_many(self, db: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
+        """Chain and insert audit records; one statement for many keeps the group commit short."""
+        rows = []
+        for event in events:
+            seq = self._audit_seq + 1
+            ts = round(time.time(), 6)
+            actor = event.actor.as_dict()
+            h = audit_hash(self._audit_hash, seq, ts, event.action, actor, event.decision,
+                           event.reason, event.subject, event.details)
+            rows.append((seq, ts, event.action, _dumps(actor), event.decision, event.reason, event.subject,
+                         _dumps(event.details), self._audit_hash, h))
+            self._new_records.append(AuditRecord(seq, ts, event.action, actor, event.decision, event.reason,
+                                                 event.subject, event.details, self._audit_hash, h))
+            self._audit_seq, self._audit_hash = seq, h
+        if rows:
+            db.executemany("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
 
     def append_audit(self, events: Iterable[AuditEvent]) -> None:
         with self.transaction() as db:
@@ -307,37 +327,45 @@ class SQLiteDatastore:
     def record_issued(self, serials: Sequence[IssuedSerial], audits: Sequence[AuditEvent] = ()) -> None:
         """Durably record issued serials before their certificates leave the issuer."""
         mine = _PendingSerials(list(serials), list(audits))
-        with self._lock:
-            if self._depth:
+        if self._depth and self._owner == threading.get_ident():
+            with self._lock:
                 # Inside this thread's own transaction: its commit is the one that counts.
                 self._insert_issued(self._db, [mine])
                 return
-        with self._pending_lock:
-            self._pending.append(mine)
-        with self._lock:
-            if not mine.done:
-                with self._pending_lock:
-                    group, self._pending = self._pending, []
-                try:
-                    with self.transaction() as db:
-                        self._insert_issued(db, group)
-                except BaseException as e:
-                    for p in group:
-                        p.error = e
-                for p in group:
-                    p.done = True
-        if mine.error is not None:
-            raise mine.error
+        with self._group_cond:
+            if self._closing:
+                raise RuntimeError("datastore is closed")
+            if self._committer is None:
+                self._committer = threading.Thread(target=self._commit_groups, name="group-commit", daemon=True)
+                self._committer.start()
+            group = self._group
+            group.items.append(mine)
+            self._group_cond.notify()
+        group.done.wait()
+        if group.error is not None:
+            raise group.error
+
+    def _commit_groups(self) -> None:
+        while True:
+            with self._group_cond:
+                while not self._group.items and not self._closing:
+                    self._group_cond.wait()
+                if not self._group.items:
+                    return
+                group, self._group = self._group, _Group()
+            try:
+                with self.transaction() as db:
+                    self._insert_issued(db, group.items)
+            except BaseException as e:  # noqa: BLE001 - every caller in the group gets it
+                group.error = e
+            group.done.set()
 
     def _insert_issued(self, db: sqlite3.Connection, group: list[_PendingSerials]) -> None:
-        for p in group:
-            db.executemany(
-                "INSERT INTO issued VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [(s.serial, s.spiffe_id, s.kind, s.entry_id, s.sidecar_id, s.task_id,
-                  s.issued_at, s.not_after, s.revoked_at, s.revocation_reason) for s in p.serials],
-            )
-            for a in p.audits:
-                self._audit(db, a)
+        rows = [(s.serial, s.spiffe_id, s.kind, s.entry_id, s.sidecar_id, s.task_id, s.issued_at, s.not_after,
+                 s.revoked_at, s.revocation_reason) for p in group for s in p.serials]
+        if rows:
+            db.executemany("INSERT INTO issued VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+        self._audit_many(db, [a for p in group for a in p.audits])
 
     def get_issued(self, serial: str) -> IssuedSerial | None:
         with self._lock:
@@ -432,5 +460,10 @@ class SQLiteDatastore:
         ]
 
     def close(self) -> None:
+        with self._group_cond:
+            self._closing = True
+            self._group_cond.notify_all()
+        if self._committer is not None:
+            self._committer.join()
         with self._lock:
             self._db.close()

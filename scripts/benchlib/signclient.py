@@ -1,0 +1,145 @@
+"""A sidecar-protocol load client, run as its own process by scripts/bench.py.
+
+It attests with a join token exactly like a sidecar (AttestSidecar on the bootstrap
+port), then calls SignX509SVIDs over mTLS with its sidecar SVID for entries parented
+to it. CSRs are generated before any timed phase, so the client's own CPU goes to
+gRPC, not to key generation. Commands arrive as JSON lines on stdin; results leave
+as JSON lines on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from cryptography import x509
+
+from agent_sidecar.issuer_client import IssuerClient
+from tessera import pem, x509svid
+from tessera.v1 import issuer_pb2
+
+
+def emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class LoadClient:
+    def __init__(self, client: IssuerClient, csrs: list[bytes]):
+        self.client = client
+        self.csrs = csrs
+        self.entry_ids: list[str] = []
+        self.expected_ids: dict[str, str] = {}
+
+    def requests(self, batch: int, n: int = 64) -> list[issuer_pb2.SignX509SVIDsRequest]:
+        out, j = [], 0
+        for _ in range(n):
+            items = []
+            for _ in range(batch):
+                items.append(issuer_pb2.CSRItem(entry_id=self.entry_ids[j % len(self.entry_ids)],
+                                                csr=self.csrs[j % len(self.csrs)]))
+                j += 1
+            out.append(issuer_pb2.SignX509SVIDsRequest(items=items))
+        return out
+
+    async def run(self, batch: int, concurrency: int, start_at: float, duration: float | None,
+                  count: int | None) -> dict:
+        reqs = self.requests(batch)
+        stub = self.client.stub
+        ok = errors = 0
+        first_error = ""
+        lat: list[float] = []
+        checked = False
+        end = start_at + duration if duration else float("inf")
+        remaining = [count if count is not None else -1]
+
+        async def worker(w: int) -> None:
+            nonlocal ok, errors, first_error, checked
+            i = w
+            while True:
+                if remaining[0] == 0:
+                    return
+                if remaining[0] > 0:
+                    remaining[0] -= 1
+                t0 = time.time()
+                if t0 >= end:
+                    return
+                try:
+                    resp = await stub.SignX509SVIDs(reqs[i % len(reqs)], timeout=60)
+                except Exception as e:  # noqa: BLE001 - reported, and the bench fails on errors
+                    errors += batch
+                    first_error = first_error or repr(e)[:300]
+                    i += concurrency
+                    continue
+                t1 = time.time()
+                i += concurrency
+                if t1 > end:
+                    return
+                lat.append((t1 - t0) * 1000)
+                for item in resp.items:
+                    if item.status_code == 0 and item.cert_chain:
+                        ok += 1
+                    else:
+                        errors += 1
+                        first_error = first_error or f"{item.status_code}: {item.error}"
+                if not checked and resp.items and resp.items[0].status_code == 0:
+                    checked = True
+                    leaf = pem.split_der(resp.items[0].cert_chain)[0]
+                    want = self.expected_ids.get(resp.items[0].entry_id)
+                    got = str(x509svid.spiffe_id_of(leaf))
+                    if want and got != want:
+                        errors += 1
+                        first_error = first_error or f"certificate names {got}, expected {want}"
+
+        delay = start_at - time.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        t_begin = time.time()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        return {"ok": ok, "errors": errors, "first_error": first_error, "lat_ms": [round(x, 3) for x in lat],
+                "elapsed": time.time() - t_begin}
+
+
+async def main_async(args) -> int:
+    bundle = tuple(x509.load_pem_x509_certificates(Path(args.bundle).read_bytes()))
+    host, _, port = args.issuer.rpartition(":")
+    client = IssuerClient(args.issuer, f"{host}:{int(port) + 1}", "tessera-issuer")
+    ident = await client.attest(args.join_token, bundle)
+    await client.connect(ident)
+    keys = [x509svid.new_key() for _ in range(args.csrs)]
+    load = LoadClient(client, [x509svid.make_csr(k) for k in keys])
+    emit({"ready": True, "sidecar_id": ident.sidecar_id})
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            break
+        cmd = json.loads(line)
+        if cmd["cmd"] == "entries":
+            load.entry_ids = cmd["ids"]
+            load.expected_ids = dict(zip(cmd["ids"], cmd["spiffe_ids"]))
+            emit({"entries": len(load.entry_ids)})
+        elif cmd["cmd"] == "run":
+            emit(await load.run(cmd["batch"], cmd["concurrency"], cmd["start_at"], cmd.get("duration"),
+                                cmd.get("count")))
+        elif cmd["cmd"] == "quit":
+            break
+    await client.close()
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--issuer", required=True, help="HOST:PORT of the issuer's mTLS API")
+    p.add_argument("--bundle", required=True, help="PEM trust bundle")
+    p.add_argument("--join-token", required=True)
+    p.add_argument("--csrs", type=int, default=512, help="CSRs generated up front and reused in turn")
+    return asyncio.run(main_async(p.parse_args()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

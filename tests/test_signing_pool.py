@@ -1,0 +1,154 @@
+"""Signing in worker processes: the same certificate profile, invalid CSRs refused, nothing leaves unrecorded."""
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from harness import wait_for
+from issuer.ca import CertificateAuthority
+from issuer.signing_pool import SigningPool, SignJob, sign_jobs
+from tessera import x509svid
+
+SID = "spiffe://example.org/agent/a"
+
+
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory):
+    return CertificateAuthority.load_or_create("example.org", tmp_path_factory.mktemp("ca"))
+
+
+class Recorder:
+    def __init__(self, fail: bool = False):
+        self.calls: list[tuple[list, list]] = []
+        self.fail = fail
+        self.lock = threading.Lock()
+
+    def __call__(self, issued, audits):
+        if self.fail:
+            raise OSError("disk full")
+        with self.lock:
+            self.calls.append((list(issued), list(audits)))
+
+    def serials(self) -> set:
+        return {s for issued, _ in self.calls for s in issued}
+
+
+def finish_recording(signed):
+    """What issuer/signing.py does, reduced: one record per signed job, answered once recorded."""
+    return [s.serial_hex for s in signed if not s.error], [], signed
+
+
+@pytest.fixture
+def pool(ca):
+    rec = Recorder()
+    p = SigningPool(ca, 2, rec)
+    p.recorder = rec
+    yield p
+    p.close()
+
+
+def job(csr: bytes, ttl: int = 600) -> SignJob:
+    return SignJob(csr, SID, ttl, int(time.time()) + 3600)
+
+
+def test_worker_signs_with_the_one_profile_and_chains_to_the_ca(pool, ca):
+    key = x509svid.new_key()
+    (signed,) = pool.sign_and_record([job(x509svid.make_csr(key))], finish_recording)
+    cert = x509.load_der_x509_certificate(signed.cert_der)
+    assert str(x509svid.spiffe_id_of(cert)) == SID
+    assert cert.public_key().public_numbers() == key.public_key().public_numbers()
+    assert cert.serial_number == signed.serial
+    cert.verify_directly_issued_by(ca.cert)
+    # Identical extensions to a certificate signed in-process by the same builder.
+    (here,) = sign_jobs(ca, [job(x509svid.make_csr(key))])
+    local = x509.load_der_x509_certificate(here.cert_der)
+    assert [e.oid for e in cert.extensions] == [e.oid for e in local.extensions]
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc == local.not_valid_after_utc - local.not_valid_before_utc
+
+
+def test_invalid_csr_is_refused_and_nothing_is_signed_for_it(pool):
+    good = x509svid.make_csr(x509svid.new_key())
+    tampered = bytearray(good)
+    tampered[-5] ^= 0xFF  # breaks the self-signature
+    results = pool.sign_and_record([job(b"not a csr"), job(bytes(tampered)), job(good)], finish_recording)
+    assert results[0].error and results[1].error and not results[2].error
+    assert results[0].cert_der == b"" and results[1].cert_der == b""
+    assert pool.recorder.serials() == {results[2].serial_hex}
+
+
+def test_concurrent_callers_each_get_their_own_certificates_all_recorded_before_return(pool):
+    csrs = [x509svid.make_csr(x509svid.new_key()) for _ in range(8)]
+    out: dict[int, list] = {}
+    seen_recorded: dict[int, bool] = {}
+
+    def call(i):
+        res = pool.sign_and_record([job(csrs[i % 8]), job(csrs[(i + 1) % 8])], finish_recording)
+        seen_recorded[i] = {r.serial_hex for r in res} <= pool.recorder.serials()
+        out[i] = res
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(seen_recorded.values()) and len(seen_recorded) == 40
+    for i, res in out.items():
+        keys = [x509.load_der_x509_certificate(r.cert_der).public_key().public_numbers() for r in res]
+        want = [x509.load_der_x509_csr(c).public_key().public_numbers() for c in (csrs[i % 8], csrs[(i + 1) % 8])]
+        assert keys == want
+    assert len({r.serial for res in out.values() for r in res}) == 80
+
+
+def test_failed_record_means_no_certificate_is_returned(ca):
+    p = SigningPool(ca, 1, Recorder(fail=True))
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            p.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))], finish_recording)
+    finally:
+        p.close()
+
+
+def test_closed_pool_refuses_work_and_its_workers_exit(ca):
+    p = SigningPool(ca, 2, Recorder())
+    procs = list(p._procs)
+    p.close()
+    assert all(not proc.is_alive() for proc in procs)
+    with pytest.raises(RuntimeError, match="closed"):
+        p.sign_and_record([job(x509svid.make_csr(ec.generate_private_key(ec.SECP256R1())))], finish_recording)
+
+
+def _workers(pid: int) -> set[int]:
+    """Child processes started by multiprocessing's spawn (the signers, not its resource tracker)."""
+    out: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            kids = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for k in kids:
+            try:
+                if b"spawn_main" in Path(f"/proc/{k}/cmdline").read_bytes():
+                    out.add(k)
+            except OSError:
+                pass
+    return out
+
+
+def test_signing_workers_die_with_a_killed_issuer(deployment):
+    """Workers hold the CA key: kill -9 of the issuer must not leave them running."""
+    issuer = deployment.start_issuer(signing_workers=2)
+    workers = wait_for(lambda: w if len(w := _workers(issuer.proc.pid)) == 2 else None, what="two signing workers")
+    issuer.kill9()
+    wait_for(lambda: not any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers),
+             timeout=5, what="signing workers to exit")
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
