@@ -51,7 +51,8 @@ class SidecarAttestor:
         ttl = ttl or self.token_ttl
         if ttl < 1 or ttl > 7 * 86400:
             raise InvalidArgument("join token ttl must be between 1s and 7d")
-        token = secrets.token_urlsafe(32)
+        # Hex, so a token never begins with "-" and is safe to pass as a command-line value.
+        token = secrets.token_hex(32)
         now = int(time.time())
         self.store.create_join_token(
             JoinToken(token_hash(token), sidecar_name, now + ttl, actor.id, now),
