@@ -18,7 +18,7 @@ from issuer.events import EventHub
 from issuer.models import ENTRY_STATES, Actor, AuditEvent, Entry
 from tessera import selectors as sel
 from tessera import spiffeid
-from tessera.errors import InvalidArgument, NotFound
+from tessera.errors import InvalidArgument, NotFound, PermissionDenied
 
 _SCOPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._/*-]{0,127}$")
 _TIER = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -33,6 +33,15 @@ def validate_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
             raise InvalidArgument(f"invalid scope {s!r}: use letters, digits and : . _ / * -")
         out.append(s)
     return tuple(sorted(set(out)))
+
+
+def required_text(name: str, value: str) -> str:
+    """A required free-text field (owner, purpose, reason): present, not blank, bounded."""
+    if not value or not value.strip():
+        raise InvalidArgument(f"{name} is required")
+    if len(value) > 1024:
+        raise InvalidArgument(f"{name} is longer than 1024 characters")
+    return value.strip()
 
 
 class Registry:
@@ -56,6 +65,21 @@ class Registry:
         if e is None:
             raise NotFound(f"no entry with id {entry_id!r}")
         return e
+
+    def servable_for(self, entry_id: str, sidecar_id: str, now: float) -> Entry:
+        """The entry a sidecar may obtain credentials for: its own, active and unexpired.
+
+        "No such entry" and "not yours" get the same answer, so a sidecar learns nothing of
+        other sidecars' entries.
+        """
+        entry = self._entries.get(entry_id)
+        if entry is None or entry.parent_id != sidecar_id:
+            raise PermissionDenied(f"entry {entry_id!r} is not registered to {sidecar_id}")
+        if entry.state != "active":
+            raise PermissionDenied(f"entry {entry_id} is {entry.state}")
+        if entry.expires_at <= now:
+            raise PermissionDenied(f"entry {entry_id} expired")
+        return entry
 
     def list(self, parent_id: str | None = None) -> list[Entry]:
         entries = list(self._entries.values())
@@ -103,13 +127,6 @@ class Registry:
             raise InvalidArgument(f"x509_ttl must be at least {MIN_TTL}s")
         return ttl
 
-    @staticmethod
-    def _text(name: str, value: str) -> str:
-        if not value or not value.strip():
-            raise InvalidArgument(f"{name} is required")
-        if len(value) > 1024:
-            raise InvalidArgument(f"{name} is longer than 1024 characters")
-        return value.strip()
 
     # -- writes ----------------------------------------------------------------------
 
@@ -126,8 +143,8 @@ class Registry:
             spiffe_id=self._spiffe_id(spiffe_id),
             parent_id=self.parent_id(parent),
             selectors=sel.parse_selectors(selectors),
-            owner=self._text("owner", owner),
-            purpose=self._text("purpose", purpose),
+            owner=required_text("owner", owner),
+            purpose=required_text("purpose", purpose),
             tier=self._tier(tier),
             scopes=validate_scopes(scopes),
             x509_ttl=self._ttl(x509_ttl),
@@ -153,7 +170,7 @@ class Registry:
                 if value is None:
                     continue
                 if key == "owner" or key == "purpose":
-                    fields[key] = self._text(key, value)
+                    fields[key] = required_text(key, value)
                 elif key == "tier":
                     fields[key] = self._tier(value)
                 elif key == "scopes":

@@ -20,7 +20,7 @@ from issuer.ca import CertificateAuthority
 from issuer.datastore import Datastore
 from issuer.events import CLOSE, EventHub
 from issuer.models import ISSUER, Actor, AuditEvent, Entry, IssuedSerial, Revocation
-from issuer.registration import Registry
+from issuer.registration import Registry, required_text
 from issuer.signing import SignResult
 from tessera import crl, logs, spiffeid
 from tessera.errors import Code, InvalidArgument, NotFound, PermissionDenied
@@ -70,14 +70,6 @@ def normalize_serial(value: str) -> str:
     except ValueError:
         raise InvalidArgument(f"invalid serial {value!r}: expected hexadecimal") from None
     return format(n, "x")
-
-
-def _text(name: str, value: str) -> str:
-    if not value or not value.strip():
-        raise InvalidArgument(f"{name} is required")
-    if len(value) > 1024:
-        raise InvalidArgument(f"{name} is longer than 1024 characters")
-    return value.strip()
 
 
 class RevocationService:
@@ -172,7 +164,7 @@ class RevocationService:
         """Revoke by one selector; returns once the revocation is durable."""
         if kind not in KINDS:
             raise InvalidArgument(f"unknown revocation target {kind!r}: use one of {', '.join(KINDS)}")
-        reason = _text("reason", reason)
+        reason = required_text("reason", reason)
         code = reason_code or DEFAULT_CODES[kind]
         if code not in crl.REASON_CODES:
             raise InvalidArgument(f"unknown reason code {code!r}: use one of {', '.join(crl.REASON_CODES)}")
@@ -186,7 +178,7 @@ class RevocationService:
         """Revoke known serials (e.g. when a task ends); unknown ones are skipped."""
         found = [s for s in (self.store.get_issued(normalize_serial(x)) for x in serials) if s is not None]
         target = target or next((s.task_id for s in found if s.task_id), "") or "serials"
-        return self._commit(kind, target, _text("reason", reason), reason_code, found, (), actor)
+        return self._commit(kind, target, required_text("reason", reason), reason_code, found, (), actor)
 
     def end_task(self, serials: list[str], reason: str, actor: Actor, task_id: str) -> list[str]:
         """Ending a task is a revocation like any other: durable, in the CRL, pushed to every sidecar."""
@@ -235,7 +227,7 @@ class RevocationService:
 
     def ban_sidecar(self, ref: str, reason: str, actor: Actor, reason_code: str = "keyCompromise") -> RevokeResult:
         """Ban a sidecar (no renewal, no re-attestation, streams closed) and revoke every serial it obtained."""
-        reason = _text("reason", reason)
+        reason = required_text("reason", reason)
         if not (ref or "").strip():
             raise InvalidArgument("a sidecar name or SPIFFE ID is required")
         sidecar = self.attestor.get(ref.strip())

@@ -16,7 +16,7 @@ from issuer.datastore import Datastore
 from issuer.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar
 from issuer.registration import Registry
 from issuer.signing_pool import Signed, SigningPool, SignJob, sign_jobs
-from tessera.errors import Code, InvalidArgument, PermissionDenied, TesseraError
+from tessera.errors import Code, InvalidArgument, TesseraError
 
 MAX_BATCH = 1000
 
@@ -59,14 +59,7 @@ class SvidSigner:
         jobs: list[SignJob] = []
         for entry_id, csr_der in items:
             try:
-                entry = self.registry.get(entry_id)
-                # Same answer for "no such entry" and "not yours": a sidecar learns nothing of others' entries.
-                if entry is None or entry.parent_id != sidecar.id:
-                    raise PermissionDenied(f"entry {entry_id!r} is not registered to {sidecar.id}")
-                if entry.state != "active":
-                    raise PermissionDenied(f"entry {entry_id} is {entry.state}")
-                if entry.expires_at <= now:
-                    raise PermissionDenied(f"entry {entry_id} expired")
+                entry = self.registry.servable_for(entry_id, sidecar.id, now)
                 self.check_entry_allowed(entry)
             except TesseraError as e:
                 outcomes.append(e)

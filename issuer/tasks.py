@@ -12,7 +12,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -92,16 +92,9 @@ class TaskService:
         self._in_flight: set[tuple[str, str]] = set()
 
     def _entry_for(self, sidecar: Sidecar, spec: TaskSpec, now: float) -> Entry:
-        entry = self.registry.get(spec.entry_id)
-        # Same answer for "no such entry" and "not yours", as for identity SVIDs.
-        if entry is None or entry.parent_id != sidecar.id:
-            raise PermissionDenied(f"entry {spec.entry_id!r} is not registered to {sidecar.id}")
+        entry = self.registry.servable_for(spec.entry_id, sidecar.id, now)
         if not sel.matches(entry.selectors, spec.selectors):
             raise PermissionDenied(f"the calling workload does not match the selectors of entry {entry.id}")
-        if entry.state != "active":
-            raise PermissionDenied(f"entry {entry.id} is {entry.state}")
-        if entry.expires_at <= now:
-            raise PermissionDenied(f"entry {entry.id} expired")
         self.check_entry_allowed(entry)
         return entry
 

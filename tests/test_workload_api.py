@@ -1,12 +1,10 @@
 """The SPIFFE Workload API end to end: real issuer and sidecar processes, unmodified SPIFFE clients."""
 
-import os
 import subprocess
 
 import grpc
 import pytest
 
-from harness import wait_for
 from tessera.workload import workload_pb2, workload_pb2_grpc
 
 
