@@ -100,10 +100,15 @@ class Daemon:
 
 
 class LineReader:
-    """Reads a subprocess's JSON lines on a thread so tests can wait with timeouts."""
+    """Reads a subprocess's JSON lines on a thread so tests can wait with timeouts.
 
-    def __init__(self, proc: subprocess.Popen):
+    The process's stderr goes to a file whose tail is shown when a wait times out, so a
+    workload that crashed or never started says why.
+    """
+
+    def __init__(self, proc: subprocess.Popen, stderr_path: Path | None = None):
         self.proc = proc
+        self.stderr_path = stderr_path
         self.q: "queue.Queue[dict]" = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -113,11 +118,19 @@ class LineReader:
             if line.startswith("{"):
                 self.q.put(json.loads(line))
 
+    def _stderr_tail(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")[-2000:] if self.stderr_path else ""
+        except OSError:
+            return ""
+
     def next(self, timeout: float = 10.0) -> dict:
         try:
             return self.q.get(timeout=timeout)
         except queue.Empty:
-            raise AssertionError(f"no output within {timeout}s") from None
+            state = "running" if self.proc.poll() is None else f"exited {self.proc.returncode}"
+            raise AssertionError(f"no output within {timeout}s (process {state}); stderr:\n"
+                                 f"{self._stderr_tail()}") from None
 
     def until(self, pred, timeout: float = 10.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -249,19 +262,16 @@ class Deployment:
         return lines[-1]
 
     def stream(self, sidecar: str, uid: int | None = None) -> LineReader:
-        proc = subprocess.Popen(self.workload("stream", str(self.socket(sidecar)), uid=uid),
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        reader = LineReader(proc)
-        self.children.append(reader)
-        return reader
+        return self.spawn_as(uid, "stream", str(self.socket(sidecar)))
 
     def spawn(self, *args: str) -> LineReader:
         return self.spawn_as(None, *args)
 
     def spawn_as(self, uid: int | None, *args: str) -> LineReader:
-        proc = subprocess.Popen(self.workload(*args, uid=uid), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                text=True)
-        reader = LineReader(proc)
+        err = self.root / f"workload-{len(self.children)}.stderr"
+        with open(err, "wb") as f:
+            proc = subprocess.Popen(self.workload(*args, uid=uid), stdout=subprocess.PIPE, stderr=f, text=True)
+        reader = LineReader(proc, err)
         self.children.append(reader)
         return reader
 
