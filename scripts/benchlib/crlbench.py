@@ -41,7 +41,7 @@ def lookup_ns(ca: CertificateAuthority, der: bytes, revoked: list[crl.Revoked], 
     cap = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)
     certs = [ca.sign(x509svid.new_key().public_key(), sid, 600, not_after_cap=cap).cert for _ in range(8)]
     listed = crl.build(ca.cert, ca.key, [crl.Revoked(x509svid.serial_hex(c.serial_number), 0) for c in certs[:4]]
-                       + revoked, 2, time.time(), time.time() + 3600)
+                       + revoked, crl.number_of(crl.load(der)) + 1, time.time(), time.time() + 3600)
     v.update(crls=[crl.der(listed)])
     state = v.state
     if [revoked_serial(state, c) is not None for c in certs] != [True] * 4 + [False] * 4:
