@@ -268,11 +268,11 @@ BENCH_POLICY = {"approval_timeout": "60s", "tiers": {"low": {"max_task_ttl": "10
                            "reason": "scopes within the entry are allowed"}]}
 
 
-def measure_task_credential(dep: Deployment, sz: Sizes, figures: dict) -> subprocess.Popen:
+def measure_task_credential(dep: Deployment, sz: Sizes, figures: dict) -> tuple[subprocess.Popen, list[str]]:
     """Sequential StartTask calls from one workload process through a real sidecar (light load).
 
-    Returns the still-running workload: its tasks (and their serials) stay live for the
-    revocation measurement, and end when it exits.
+    Returns the still-running workload and its task serials: the tasks stay live for the
+    revocation measurement, and end when the workload exits.
     """
     name = "bench-task"
     sidecar = dep.start_sidecar(name)
@@ -292,8 +292,7 @@ def measure_task_credential(dep: Deployment, sz: Sizes, figures: dict) -> subpro
     figures["task_credential_p50_ms"] = stats.rounded(stats.percentile(out["lat_ms"], 50), 2)
     figures["task_credential_p99_ms"] = stats.rounded(stats.percentile(out["lat_ms"], 99), 2)
     figures["task_credential_calls"] = len(out["lat_ms"])
-    proc.serials = out["serials"]
-    return proc
+    return proc, out["serials"]
 
 
 class SyncClients:
@@ -478,9 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         measure_issuer(dep, sz, figures, issuer_config)
         measure_sidecar(dep, sz, figures)
-        workload = measure_task_credential(dep, sz, figures)
+        workload, serials = measure_task_credential(dep, sz, figures)
         try:
-            measure_revocation_propagation(dep, sz, figures, workload.serials)
+            measure_revocation_propagation(dep, sz, figures, serials)
         finally:
             workload.stdin.close()
             workload.wait(10)
