@@ -93,6 +93,12 @@ class OwnSVID:
     key_der: bytes
 
 
+def revoked_serial(state: TrustState, cert: x509.Certificate) -> str | None:
+    """The certificate's hex serial if the CRL held in `state` lists it: a set lookup, never a CRL scan."""
+    serial = x509svid.serial_hex(cert.serial_number)
+    return serial if serial in state.revoked else None
+
+
 def check_certificate(state: TrustState, cert: x509.Certificate, policy: PeerPolicy,
                       task_scopes: Callable[[x509.Certificate], frozenset[str] | None] = read_task_scopes,
                       now: dt.datetime | None = None) -> str:
@@ -110,8 +116,8 @@ def check_certificate(state: TrustState, cert: x509.Certificate, policy: PeerPol
     now = now or dt.datetime.now(dt.timezone.utc)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise Rejected("certificate is expired or not yet valid")
-    serial = x509svid.serial_hex(cert.serial_number)
-    if serial in state.revoked:
+    serial = revoked_serial(state, cert)
+    if serial is not None:
         raise Rejected(f"certificate {serial} is revoked")
     try:
         sid = x509svid.spiffe_id_of(cert)

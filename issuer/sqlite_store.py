@@ -4,8 +4,8 @@ One connection guarded by a lock; writes are serialised, and `transaction()`
 lets a caller group several writes (and their audit records) into one commit.
 Issued serials use group commit: concurrent callers of `record_issued` share
 one transaction and one fsync, and each returns only after its rows are durable.
-A committer thread writes each group, so waiting callers sleep on their group's
-event instead of queueing one by one on the connection lock.
+One caller writes each group while the others sleep on a condition, instead of
+queueing one by one on the connection lock; an idle store commits in the caller's thread.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ class SQLiteDatastore:
         self._owner: int | None = None  # the thread inside transaction()
         self._group = _Group()
         self._group_cond = threading.Condition(threading.Lock())
-        self._committer: threading.Thread | None = None
+        self._committing = False  # a caller is writing a group (see record_issued)
         self._closing = False
         row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
         self._audit_seq, self._audit_hash = (row["seq"], row["hash"]) if row else (0, GENESIS_HASH)
@@ -335,30 +335,32 @@ class SQLiteDatastore:
         with self._group_cond:
             if self._closing:
                 raise RuntimeError("datastore is closed")
-            if self._committer is None:
-                self._committer = threading.Thread(target=self._commit_groups, name="group-commit", daemon=True)
-                self._committer.start()
             group = self._group
             group.items.append(mine)
-            self._group_cond.notify()
-        group.done.wait()
-        if group.error is not None:
-            raise group.error
-
-    def _commit_groups(self) -> None:
-        while True:
-            with self._group_cond:
-                while not self._group.items and not self._closing:
-                    self._group_cond.wait()
-                if not self._group.items:
-                    return
-                group, self._group = self._group, _Group()
+            # Leader/follower: while a group is being written, later callers gather in the next one;
+            # when the writer finishes, one of them writes that whole group. An idle store is written
+            # by the caller itself: no hand-off to another thread, which under load costs more than
+            # the fsync (each wake-up waits for a CPU).
+            while self._committing and not group.done.is_set():
+                self._group_cond.wait()
+            if not group.done.is_set():
+                self._committing = True
+                self._group = _Group()
+                leader = True
+            else:
+                leader = False
+        if leader:
             try:
                 with self.transaction() as db:
                     self._insert_issued(db, group.items)
             except BaseException as e:  # noqa: BLE001 - every caller in the group gets it
                 group.error = e
-            group.done.set()
+            with self._group_cond:
+                self._committing = False
+                group.done.set()
+                self._group_cond.notify_all()
+        if group.error is not None:
+            raise group.error
 
     def _insert_issued(self, db: sqlite3.Connection, group: list[_PendingSerials]) -> None:
         rows = [(s.serial, s.spiffe_id, s.kind, s.entry_id, s.sidecar_id, s.task_id, s.issued_at, s.not_after,
@@ -462,8 +464,7 @@ class SQLiteDatastore:
     def close(self) -> None:
         with self._group_cond:
             self._closing = True
-            self._group_cond.notify_all()
-        if self._committer is not None:
-            self._committer.join()
+            while self._committing or self._group.items:  # callers already waiting get their commit
+                self._group_cond.wait()
         with self._lock:
             self._db.close()

@@ -27,11 +27,12 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import grpc  # noqa: E402
 
-from benchlib import limit, stats  # noqa: E402
-from harness import Deployment, wait_for  # noqa: E402
-from tessera.v1 import admin_pb2_grpc, types_pb2  # noqa: E402
+from benchlib import crlbench, limit, stats  # noqa: E402
+from harness import BIN, Deployment, wait_for  # noqa: E402
+from tessera.v1 import admin_pb2, admin_pb2_grpc, types_pb2  # noqa: E402
 
-CLIENT = REPO / "scripts" / "benchlib" / "signclient.py"
+BENCHLIB = REPO / "scripts" / "benchlib"
+CLIENT = BENCHLIB / "signclient.py"
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,20 @@ class Sizes:
     entries: int            # registered before the RSS reading (spread over the client sidecars)
     serials: int            # issued before the RSS reading
     sidecar_svids: int
+    task_calls: int         # sequential StartTask calls timed from one workload
+    sync_streams: int       # light sidecars holding Sync streams while revocations are timed
+    sync_procs: int
+    revocations: int        # `tessera revoke` runs, each timed to every stream
+    crl_runs: int           # each CRL build is the best of this many
 
 
 FULL = Sizes(limit_bursts=10, phase_seconds=8, phase_runs=3, clients=4, batch=64, batched_concurrency=2, unary_concurrency=16,
-             entries=10_000, serials=100_000, sidecar_svids=1_000)
+             entries=10_000, serials=100_000, sidecar_svids=1_000,
+             task_calls=200, sync_streams=100, sync_procs=4, revocations=20, crl_runs=3)
 QUICK = Sizes(limit_bursts=4, phase_seconds=4, phase_runs=1, clients=4, batch=64, batched_concurrency=2,
               unary_concurrency=16,
-              entries=2_000, serials=20_000, sidecar_svids=1_000)
+              entries=2_000, serials=20_000, sidecar_svids=1_000,
+              task_calls=50, sync_streams=100, sync_procs=4, revocations=10, crl_runs=1)
 
 
 def log(msg: str) -> None:
@@ -217,6 +225,18 @@ def measure_issuer(dep: Deployment, sz: Sizes, figures: dict, issuer_config: dic
             c.close()
 
 
+def served_ids(dep: Deployment, sidecar: str) -> list[str]:
+    """SPIFFE IDs the sidecar's Workload API serves to this process now ([] while it is still minting)."""
+    from agent_sidecar.workload_client import fetch_x509
+
+    try:
+        return [s.spiffe_id for s in fetch_x509(str(dep.socket(sidecar)), timeout=10).svids]
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        return []
+
+
 def measure_sidecar(dep: Deployment, sz: Sizes, figures: dict) -> None:
     from agent_sidecar.workload_client import fetch_x509
 
@@ -239,25 +259,142 @@ def measure_sidecar(dep: Deployment, sz: Sizes, figures: dict) -> None:
     figures["sidecar_rss_svids"] = sz.sidecar_svids
 
 
-# --- Measurements that land with other issues -------------------------------------------------
-# The integrator adds these once the task API (task_credential_*), revocation push
-# (revocation_propagation_*) and the CRL code (crl_build_ms_*, crl_lookup_ns) are merged. Each
-# fills `figures` under the issue's keys; until then they report None ("n/a").
+# --- Time to credential, revocation push, CRL ----------------------------------------------------
 
-def measure_task_credential(dep: Deployment, sz: Sizes, figures: dict) -> None:
-    figures.setdefault("task_credential_p50_ms", None)
-    figures.setdefault("task_credential_p99_ms", None)
+TASK_SCOPE = "bench:run"
+# The policy shape of tests/taskutil.py: a "low" tier and one rule allowing the entry's own scopes.
+BENCH_POLICY = {"approval_timeout": "60s", "tiers": {"low": {"max_task_ttl": "10m", "max_identity_ttl": "1h"}},
+                "rules": [{"name": "allow-entry-scopes", "effect": "allow", "condition": "true",
+                           "reason": "scopes within the entry are allowed"}]}
 
 
-def measure_revocation_propagation(dep: Deployment, sz: Sizes, figures: dict) -> None:
-    figures.setdefault("revocation_propagation_p50_ms", None)
-    figures.setdefault("revocation_propagation_p99_ms", None)
+def measure_task_credential(dep: Deployment, sz: Sizes, figures: dict) -> tuple[subprocess.Popen, list[str]]:
+    """Sequential StartTask calls from one workload process through a real sidecar (light load).
+
+    Returns the still-running workload and its task serials: the tasks stay live for the
+    revocation measurement, and end when the workload exits.
+    """
+    name = "bench-task"
+    sidecar = dep.start_sidecar(name)
+    spiffe_id = f"spiffe://{dep.td}/bench/task"
+    admin_stub(dep).CreateEntry(types_pb2.Entry(
+        spiffe_id=spiffe_id, parent_id=dep.sidecar_id(name), selectors=[f"unix:uid:{os.getuid()}"], owner="bench",
+        purpose="benchmark", tier="low", scopes=[TASK_SCOPE], expires_at=int(time.time()) + 86400), timeout=30)
+    log(f"sidecar up (pid {sidecar.proc.pid}); {sz.task_calls} sequential StartTask calls from one workload")
+    wait_for(lambda: spiffe_id in served_ids(dep, name), timeout=60, interval=0.2,
+             what=f"the sidecar to serve {spiffe_id}")
+    proc = subprocess.Popen([sys.executable, str(BENCHLIB / "taskclient.py"), str(dep.socket(name)), spiffe_id,
+                             TASK_SCOPE, str(sz.task_calls)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"task workload exited with {proc.wait()}")
+    out = json.loads(line)
+    figures["task_credential_p50_ms"] = stats.rounded(stats.percentile(out["lat_ms"], 50), 2)
+    figures["task_credential_p99_ms"] = stats.rounded(stats.percentile(out["lat_ms"], 99), 2)
+    figures["task_credential_calls"] = len(out["lat_ms"])
+    return proc, out["serials"]
+
+
+class SyncClients:
+    """sz.sync_streams light sidecars (real join tokens, mTLS Sync streams) in a few processes."""
+
+    def __init__(self, dep: Deployment, streams: int, procs: int):
+        stub = admin_stub(dep)
+        tokens = [stub.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(sidecar_name=f"bench-sync-{i}",
+                                                                        ttl_seconds=600), timeout=30).token
+                  for i in range(streams)]
+        self.procs = []
+        self.streams = []  # (process index, first stream index of that process)
+        for p in range(procs):
+            mine = tokens[p::procs]
+            proc = subprocess.Popen([sys.executable, str(BENCHLIB / "syncclient.py")], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True)
+            # Tokens go over stdin, not argv: argv is readable by every user on the host.
+            proc.stdin.write(json.dumps({"issuer": f"127.0.0.1:{dep.port}", "bundle": str(dep.bundle_path),
+                                         "tokens": mine}) + "\n")
+            proc.stdin.flush()
+            self.streams.append(len(mine))
+            self.procs.append(proc)
+        for proc in self.procs:
+            msg = self._recv(proc)
+            if "ready" not in msg:
+                raise RuntimeError(f"sync client: {msg}")
+
+    @staticmethod
+    def _recv(proc: subprocess.Popen) -> dict:
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"sync client exited with {proc.wait()}")
+        return json.loads(line)
+
+    def received(self) -> list[tuple[int, int, float, float]]:
+        """(global stream index, seq, time applied, issuer commit time) for every revocation applied so far."""
+        out, base = [], 0
+        for proc, n in zip(self.procs, self.streams):
+            proc.stdin.write("{}\n")
+            proc.stdin.flush()
+            out += [(base + i, seq, t, committed) for i, seq, t, committed in self._recv(proc)["received"]]
+            base += n
+        return out
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    proc.stdin.close()
+                    proc.wait(5)
+                except (OSError, subprocess.TimeoutExpired):
+                    proc.kill()
+                    proc.wait()
+
+
+def measure_revocation_propagation(dep: Deployment, sz: Sizes, figures: dict, serials: list[str]) -> None:
+    log(f"{sz.sync_streams} light sidecars attest and open Sync streams ({sz.sync_procs} processes)")
+    clients = SyncClients(dep, sz.sync_streams, sz.sync_procs)
+    try:
+        env = {**os.environ, "TESSERA_ADMIN_SOCKET": str(dep.admin_socket)}
+        returned_at: dict[int, float] = {}
+        log(f"{sz.revocations} x tessera revoke --serial, each timed to its arrival on every stream")
+        for serial in serials[:sz.revocations]:
+            r = subprocess.run([str(BIN / "tessera"), "revoke", "--serial", serial, "--reason", "benchmark",
+                                "--output", "json"], capture_output=True, text=True, env=env, timeout=30)
+            done = time.time()  # the operator's command has returned: the revocation is durable
+            if r.returncode != 0:
+                raise RuntimeError(f"tessera revoke failed: {r.stderr.strip()}")
+            returned_at[json.loads(r.stdout)["seq"]] = done
+            time.sleep(0.2)  # one revocation at a time: the figure is propagation, not queueing
+        streams = sz.sync_streams
+        deadline = time.time() + 10
+        while True:
+            try:
+                received = clients.received()
+                delays = stats.propagation_delays(returned_at, [r[:3] for r in received], streams)
+                break
+            except ValueError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        clients.close()
+    figures["revocation_propagation_p50_ms"] = stats.rounded(stats.percentile(delays, 50), 2)
+    figures["revocation_propagation_p99_ms"] = stats.rounded(stats.percentile(delays, 99), 2)
+    figures["revocation_propagation_pairs"] = len(delays)
+    # The same arrivals measured from the issuer's commit (SyncEvent.committed_at): the push itself,
+    # which the figure above hides when streams apply a revocation before the CLI process has exited.
+    commits = {seq: committed for _, seq, _, committed in received if seq in returned_at}
+    from_commit = stats.propagation_delays(commits, [r[:3] for r in received], streams)
+    figures["revocation_push_from_commit_p50_ms"] = stats.rounded(stats.percentile(from_commit, 50), 2)
+    figures["revocation_push_from_commit_p99_ms"] = stats.rounded(stats.percentile(from_commit, 99), 2)
 
 
 def measure_crl(sz: Sizes, figures: dict) -> None:
-    figures.setdefault("crl_build_ms_10k", None)
-    figures.setdefault("crl_build_ms_100k", None)
-    figures.setdefault("crl_lookup_ns", None)
+    log(f"CRL: tessera/crl.py build + sign + DER at 10,000 and 100,000 serials (best of {sz.crl_runs}); "
+        "verifier lookup")
+    r = crlbench.measure((10_000, 100_000), sz.crl_runs)
+    figures["crl_build_ms_10k"] = stats.rounded(r[10_000]["build_ms"], 1)
+    figures["crl_build_ms_100k"] = stats.rounded(r[100_000]["build_ms"], 1)
+    figures["crl_bytes_100k"] = r[100_000]["der_bytes"]
+    figures["crl_lookup_ns"] = stats.rounded(r["lookup_ns"], 0)
 
 
 TARGETS = {"ratio_batched": (">=", 0.6), "ratio_unary": (">=", 0.25), "task_credential_p99_ms": ("<=", 10),
@@ -288,7 +425,19 @@ def note(key: str, figures: dict, sz: Sizes) -> str:
         parts.append("of all CPUs used by issuer + load clients in that run (the rest: other load)")
     if key == "limit_sign_per_s":
         parts.append(f"one process, no RPC or storage; best of {sz.limit_bursts} x 0.5 s")
-    if key.endswith("_p50_ms") or key.endswith("_p99_ms"):
+    if key.startswith("task_credential"):
+        parts.append(f"StartTask to credential through a real sidecar; {figures.get('task_credential_calls', 0)} "
+                     "sequential calls from one workload")
+    elif key.startswith("revocation_propagation"):
+        parts.append(f"`tessera revoke` returning -> applied on each of {sz.sync_streams} Sync streams; "
+                     f"{figures.get('revocation_propagation_pairs', 0):,} pairs (0 = before the CLI exited)")
+    elif key.startswith("revocation_push_from_commit"):
+        parts.append("issuer commit -> applied on each stream (same arrivals)")
+    elif key.startswith("crl_build"):
+        parts.append("tessera/crl.py build + sign + DER" + (f", best of {sz.crl_runs}" if sz.crl_runs > 1 else ""))
+    elif key == "crl_lookup_ns":
+        parts.append("verifier.revoked_serial(cert) with 100,000 revoked, after Verifier.update applied the CRL")
+    elif key.endswith("_p50_ms") or key.endswith("_p99_ms"):
         parts.append("per call (a batched call carries the batch)" if "batched" in key else "per call")
     return "; ".join(parts)
 
@@ -299,7 +448,8 @@ ORDER = ["limit_sign_per_s", "issuer_sign_per_s_batched", "issuer_sign_per_s_bat
          "issuer_cpu_us_per_csr_batched", "issuer_cpu_us_per_csr_unary", "bench_cpu_share_batched",
          "bench_cpu_share_unary",
          "task_credential_p50_ms", "task_credential_p99_ms", "revocation_propagation_p50_ms",
-         "revocation_propagation_p99_ms", "crl_build_ms_10k", "crl_build_ms_100k", "crl_lookup_ns",
+         "revocation_propagation_p99_ms", "revocation_push_from_commit_p50_ms",
+         "revocation_push_from_commit_p99_ms", "crl_build_ms_10k", "crl_build_ms_100k", "crl_lookup_ns",
          "issuer_rss_mb", "issuer_rss_mb_with_workers", "sidecar_rss_mb", "entry_create_per_s"]
 
 
@@ -312,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="issuer signing_workers (default: the issuer's default, one per CPU; 0 signs in-process)")
     args = p.parse_args(argv)
     issuer_config = {} if args.signing_workers is None else {"signing_workers": args.signing_workers}
+    issuer_config["policy"] = BENCH_POLICY  # task credentials need a policy; signing ignores it
     sz = QUICK if args.quick else FULL
     started = time.time()
     load_before = os.getloadavg()[0]  # other work on the machine skews every figure: say how much there was
@@ -326,8 +477,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         measure_issuer(dep, sz, figures, issuer_config)
         measure_sidecar(dep, sz, figures)
-        measure_task_credential(dep, sz, figures)
-        measure_revocation_propagation(dep, sz, figures)
+        workload, serials = measure_task_credential(dep, sz, figures)
+        try:
+            measure_revocation_propagation(dep, sz, figures, serials)
+        finally:
+            workload.stdin.close()
+            workload.wait(10)
     except BaseException:
         dep.close()
         log(f"failed; daemon logs are in {root}")
@@ -337,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {"mode": "quick" if args.quick else "full", "cpus": os.cpu_count(), "seconds": round(time.time() - started, 1),
             "clients": sz.clients, "batch": sz.batch, "phase_runs": sz.phase_runs,
-            "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0], "issuer_config": issuer_config}
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg()[0],
+            "issuer_config": {k: v for k, v in issuer_config.items() if k != "policy"}}
     print(f"Tessera benchmark ({meta['mode']}, {meta['cpus']} CPUs shared by issuer, sidecar and load clients; "
           f"load average {load_before:.1f} before, {meta['loadavg_after']:.1f} after; {meta['seconds']}s)")
     print(stats.table([(k, figures.get(k), note(k, figures, sz)) for k in ORDER]))

@@ -38,3 +38,21 @@ def test_table_aligns_values_and_prints_missing_as_na():
     assert lines[0].split() == ["limit_sign_per_s", "7,000.0", "note"]
     assert lines[1].split() == ["crl_lookup_ns", "n/a"]
     assert lines[0].index("7,000.0") + len("7,000.0") == lines[1].index("n/a") + len("n/a")
+
+
+def test_propagation_delay_is_per_revocation_and_stream_from_the_command_returning():
+    returned = {7: 100.0, 8: 200.0}
+    received = [(0, 7, 100.010), (1, 7, 100.030), (0, 8, 200.005), (1, 8, 200.002),
+                (0, 5, 50.0),            # an earlier revocation, not one the benchmark made
+                (0, 7, 101.0)]           # a repeat: the first arrival counts
+    delays = sorted(round(d, 3) for d in stats.propagation_delays(returned, received, streams=2))
+    assert delays == [2.0, 5.0, 10.0, 30.0]
+
+
+def test_propagation_applied_before_the_command_returned_counts_as_zero():
+    assert stats.propagation_delays({3: 10.0}, [(0, 3, 9.99)], streams=1) == [0.0]
+
+
+def test_propagation_refuses_a_stream_that_never_applied_a_revocation():
+    with pytest.raises(ValueError, match="seq 8 on stream 1"):
+        stats.propagation_delays({7: 1.0, 8: 2.0}, [(0, 7, 1.1), (1, 7, 1.1), (0, 8, 2.1)], streams=2)

@@ -43,6 +43,34 @@ def test_concurrent_record_issued_commits_every_serial_once(store, tmp_path):
     reopened.close()
 
 
+def test_close_during_concurrent_issuance_commits_or_refuses_every_caller(tmp_path):
+    s = SQLiteDatastore(tmp_path / "t.db")
+    outcomes: dict[int, str] = {}
+
+    def worker(start):
+        for i in range(start, start + 200):
+            try:
+                s.record_issued([serial(i)])
+                outcomes[i] = "ok"
+            except Exception as e:  # noqa: BLE001 - anything but a clean refusal is a failure below
+                outcomes[i] = "refused" if isinstance(e, RuntimeError) and "closed" in str(e) else repr(e)
+                return
+
+    threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    s.close()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()  # nobody is left waiting for a commit that never comes
+    assert set(outcomes.values()) <= {"ok", "refused"}, outcomes
+    reopened = SQLiteDatastore(tmp_path / "t.db")
+    committed = {r.serial for r in reopened.find_issued()}
+    reopened.close()
+    assert committed == {f"{i:x}" for i, o in outcomes.items() if o == "ok"}
+
+
 def test_failed_group_commit_records_nothing_and_raises(store):
     store.record_issued([serial(1)])
     with pytest.raises(Exception):

@@ -8,7 +8,8 @@ import grpc
 import pytest
 from cryptography import x509
 
-from agent_sidecar.verifier import OwnSVID, PeerPolicy, Rejected, TrustState, Verifier, check_certificate
+from agent_sidecar.verifier import (OwnSVID, PeerPolicy, Rejected, TrustState, Verifier, check_certificate,
+                                     revoked_serial)
 from harness import wait_for
 from tessera import crl, pem, spiffeid, x509svid
 
@@ -164,3 +165,25 @@ def test_grpc_interceptor_refuses_revoked_and_unknown_callers(ca):
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "not allowed" in e.value.details()
     finally:
         server.stop(0)
+
+
+def test_crl_entries_keep_their_serial_date_and_reason(ca):
+    t = int(time.time())
+    items = [crl.Revoked("abc123", t - 60, "keyCompromise"), crl.Revoked("ff", t - 60, "unspecified"),
+             crl.Revoked("10", t, "cessationOfOperation"), crl.Revoked("11", t, "keyCompromise")]
+    built = crl.load(crl.der(crl.build(ca.cert, ca.key, items, 7, t, t + 600)))
+    assert crl.verify(built, [ca.cert]) == ca.cert and crl.number_of(built) == 7
+    got = {}
+    for r in built:
+        reasons = [e.value.reason for e in r.extensions if isinstance(e.value, x509.CRLReason)]
+        got[x509svid.serial_hex(r.serial_number)] = (int(r.revocation_date_utc.timestamp()), reasons)
+    assert got == {"abc123": (t - 60, [x509.ReasonFlags.key_compromise]), "ff": (t - 60, []),
+                   "10": (t, [x509.ReasonFlags.cessation_of_operation]), "11": (t, [x509.ReasonFlags.key_compromise])}
+
+
+def test_revoked_serial_names_only_certificates_the_crl_lists(ca):
+    listed, _ = ca.leaf("/agent/a")
+    other, _ = ca.leaf("/agent/b")
+    st = state(ca, listed)
+    assert revoked_serial(st, listed) == x509svid.serial_hex(listed.serial_number)
+    assert revoked_serial(st, other) is None

@@ -34,3 +34,22 @@ def table(rows: Iterable[tuple[str, object, str]]) -> str:
     wk = max(len(k) for k, _, _ in rows)
     wv = max(len(v) for _, v, _ in rows)
     return "\n".join(f"{k:<{wk}}  {v:>{wv}}  {n}".rstrip() for k, v, n in rows)
+
+
+def propagation_delays(returned_at: dict[int, float], received: Iterable[tuple[int, int, float]],
+                       streams: int) -> list[float]:
+    """Milliseconds from each revocation's command returning (by seq) to each stream applying it.
+
+    `received` holds (stream, seq, unix time) triples; events for other seqs are ignored. Every
+    (seq, stream) pair must be present: a stream that never applied a revocation is a failure,
+    not a missing sample. A stream that applied it before the command had returned counts as 0.
+    """
+    got: dict[tuple[int, int], float] = {}
+    for stream, seq, t in received:
+        if seq in returned_at:
+            got.setdefault((seq, stream), t)
+    missing = [(seq, s) for seq in returned_at for s in range(streams) if (seq, s) not in got]
+    if missing:
+        raise ValueError(f"{len(missing)} (revocation, stream) pairs never arrived, e.g. seq {missing[0][0]} "
+                         f"on stream {missing[0][1]}")
+    return [max(0.0, (t - returned_at[seq]) * 1000) for (seq, _), t in got.items()]
