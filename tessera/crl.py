@@ -42,6 +42,23 @@ class Revoked:
     revoked_at: int  # unix seconds
     reason_code: str = "unspecified"
 
+    def _build_entry(self, dates: dict, reasons: dict) -> x509.RevokedCertificate:
+        """This record's CRL entry, built once and kept on the record (it never changes)."""
+        when = dates.get(self.revoked_at)
+        if when is None:
+            when = dates[self.revoked_at] = _utc(self.revoked_at).replace(tzinfo=None)
+        exts = reasons.get(self.reason_code)
+        if exts is None:
+            flag = reason_flag(self.reason_code)
+            # RFC 5280 5.3.1: the reason code extension should be absent rather than "unspecified".
+            exts = reasons[self.reason_code] = (
+                [] if flag is x509.ReasonFlags.unspecified
+                else [x509.Extension(x509.CRLReason.oid, False, x509.CRLReason(flag))])
+        # One constructor call: the chained builder methods would copy the builder three times.
+        entry = x509.RevokedCertificateBuilder(int(self.serial, 16), when, exts).build()
+        object.__setattr__(self, "_entry", entry)  # a cache, not part of the value (eq/hash ignore it)
+        return entry
+
 
 def reason_flag(name: str) -> x509.ReasonFlags:
     return REASON_CODES.get(name, x509.ReasonFlags.unspecified)
@@ -54,23 +71,18 @@ def _utc(t: float) -> dt.datetime:
 def build(ca_cert: x509.Certificate, ca_key, revoked: Sequence[Revoked], number: int, this_update: float,
           next_update: float) -> x509.CertificateRevocationList:
     """A signed v2 CRL with CRL number, authority key identifier and a reason code per entry."""
-    # At 100k entries the per-entry Python cost dominates: build each entry in one constructor call
-    # (the chained builder methods copy the builder three times), and share the naive-UTC dates and
-    # reason extensions, which repeat. Serials and dates come from the issuer's own records.
+    # At 100k entries the per-entry Python cost dominates. Each Revoked builds its CRL entry once and
+    # keeps it (the issuer holds its Revoked records between rebuilds, so a rebuild after one more
+    # revocation builds one entry, not all of them); new entries share their date and reason
+    # extension objects, which repeat.
     dates: dict[int, dt.datetime] = {}
-    reasons: dict[x509.ReasonFlags, list[x509.Extension]] = {}
+    reasons: dict[str, list[x509.Extension]] = {}
     entries = []
     for r in revoked:
-        when = dates.get(r.revoked_at)
-        if when is None:
-            when = dates[r.revoked_at] = _utc(r.revoked_at).replace(tzinfo=None)
-        flag = reason_flag(r.reason_code)
-        exts = reasons.get(flag)
-        if exts is None:
-            # RFC 5280 5.3.1: the reason code extension should be absent rather than "unspecified".
-            exts = reasons[flag] = ([] if flag is x509.ReasonFlags.unspecified
-                                    else [x509.Extension(x509.CRLReason.oid, False, x509.CRLReason(flag))])
-        entries.append(x509.RevokedCertificateBuilder(int(r.serial, 16), when, exts).build())
+        entry = r.__dict__.get("_entry")
+        if entry is None:
+            entry = r._build_entry(dates, reasons)
+        entries.append(entry)
     aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     builder = x509.CertificateRevocationListBuilder(
         issuer_name=ca_cert.subject,

@@ -19,15 +19,25 @@ def revoked_entries(n: int, now: int) -> list[crl.Revoked]:
     return [crl.Revoked(format(secrets.randbits(159) | 1 << 150, "x"), now - i, reasons[i % 3]) for i in range(n)]
 
 
-def build_ms(ca: CertificateAuthority, entries: list[crl.Revoked], runs: int) -> tuple[float, bytes]:
-    """Best wall time of `runs` builds (crl.build: entries, sign; then DER), and the last CRL's DER."""
-    best, der = float("inf"), b""
-    now = time.time()
+def build_ms(ca: CertificateAuthority, n: int, now: int, runs: int) -> tuple[float, float, bytes, list]:
+    """(cold, rebuild, DER, records): best wall times of crl.build + sign + DER over n serials.
+
+    cold: every run from fresh records, as at issuer start. rebuild: the issuer's steady state, its
+    records kept between CRLs, after one more revocation (the new entry is the only one built).
+    """
+    cold = rebuild = float("inf")
+    der, entries = b"", []
+    t = time.time()
     for number in range(1, runs + 1):
+        entries = revoked_entries(n, now)
         t0 = time.perf_counter()
-        der = crl.der(crl.build(ca.cert, ca.key, entries, number, now, now + 3600))
-        best = min(best, (time.perf_counter() - t0) * 1000)
-    return best, der
+        der = crl.der(crl.build(ca.cert, ca.key, entries, 2 * number, t, t + 3600))
+        cold = min(cold, (time.perf_counter() - t0) * 1000)
+        entries = entries + revoked_entries(1, now)
+        t0 = time.perf_counter()
+        der = crl.der(crl.build(ca.cert, ca.key, entries, 2 * number + 1, t, t + 3600))
+        rebuild = min(rebuild, (time.perf_counter() - t0) * 1000)
+    return cold, rebuild, der, entries
 
 
 def lookup_ns(ca: CertificateAuthority, der: bytes, revoked: list[crl.Revoked], rounds: int = 200_000) -> float:
@@ -60,10 +70,9 @@ def measure(sizes: tuple[int, ...], runs: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         ca = CertificateAuthority.load_or_create("example.org", Path(d))
     now = int(time.time())
-    der = b""
+    der, entries = b"", []
     for n in sizes:
-        entries = revoked_entries(n, now)
-        ms, der = build_ms(ca, entries, runs)
-        out[n] = {"build_ms": ms, "der_bytes": len(der)}
+        cold, rebuild, der, entries = build_ms(ca, n, now, runs)
+        out[n] = {"build_ms": cold, "rebuild_ms": rebuild, "der_bytes": len(der)}
     out["lookup_ns"] = lookup_ns(ca, der, entries)
     return out
