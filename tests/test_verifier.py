@@ -181,6 +181,23 @@ def test_crl_entries_keep_their_serial_date_and_reason(ca):
                    "10": (t, [x509.ReasonFlags.cessation_of_operation]), "11": (t, [x509.ReasonFlags.key_compromise])}
 
 
+def test_rebuilding_with_kept_records_lists_the_same_entries_plus_the_new_one(ca):
+    t = int(time.time())
+    items = [crl.Revoked(format(i + 1, "x"), t - i, ("keyCompromise", "unspecified")[i % 2]) for i in range(50)]
+    first = crl.load(crl.der(crl.build(ca.cert, ca.key, items, 1, t, t + 600)))
+    assert items[0] == crl.Revoked("1", t, "keyCompromise")  # the kept entry is not part of the value
+    more = items + [crl.Revoked("ffff", t, "cessationOfOperation")]
+    second = crl.load(crl.der(crl.build(ca.cert, ca.key, more, 2, t, t + 600)))
+
+    def entries(c):
+        return {(r.serial_number, r.revocation_date_utc, tuple(e.value for e in r.extensions)) for r in c}
+
+    added = (0xFFFF, dt.datetime.fromtimestamp(t, dt.timezone.utc),
+             (x509.CRLReason(x509.ReasonFlags.cessation_of_operation),))
+    assert entries(second) - entries(first) == {added}
+    assert entries(first) <= entries(second) and crl.number_of(second) == 2
+
+
 def test_revoked_serial_names_only_certificates_the_crl_lists(ca):
     listed, _ = ca.leaf("/agent/a")
     other, _ = ca.leaf("/agent/b")
