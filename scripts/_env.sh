@@ -17,9 +17,6 @@ _apt_install() {
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
 
-if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
-  _apt_install python3-venv
-fi
 if [[ "${TESSERA_NEED_TOOLS:-}" == 1 ]]; then
   # openssl for interop checks, util-linux for setpriv, sqlite3 for tamper tests
   command -v openssl >/dev/null && command -v setpriv >/dev/null && command -v sqlite3 >/dev/null \
@@ -29,7 +26,12 @@ fi
 stamp="$VENV/.tessera-stamp-$EXTRAS"
 want="$(cat "$REPO/pyproject.toml" | sha256sum | cut -c1-16)"
 if [[ ! -x "$VENV/bin/python" ]]; then
-  python3 -m venv "$VENV"
+  # Debian ships ensurepip disabled until python3-venv is installed: try, then install and retry.
+  if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+    rm -rf "$VENV"
+    _apt_install python3-venv
+    python3 -m venv "$VENV"
+  fi
 fi
 if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
