@@ -105,21 +105,27 @@ class SidecarAttestor:
 
     def _issue(self, sid: str, name: str, public_key, now: int, existing: Sidecar | None,
                audit: AuditEvent) -> SidecarSVID:
-        signed = self.ca.sign(public_key, spiffeid.parse(sid), self.svid_ttl)
-        not_after = int(signed.not_after.timestamp())
-        renewing = existing is not None and audit.action == "sidecar.renew"
-        attested_at = existing.attested_at if renewing else now
-        sidecar = Sidecar(sid, name, "active", attested_at, now, signed.serial_hex, not_after)
-        self.store.record_issued([IssuedSerial(signed.serial_hex, sid, "sidecar", None, sid, now, not_after)])
-        self.store.upsert_sidecar(sidecar, replace(audit, details={"serial": signed.serial_hex, "ttl": self.svid_ttl}))
+        # Callers hold the store transaction; the lock makes "not banned" and the write one step, so a
+        # ban either comes first (and this refuses) or after (and its lookup finds this serial).
         with self._lock:
+            current = self._sidecars.get(sid)
+            if current is not None and current.state == "banned":
+                raise PermissionDenied(f"sidecar {sid} is banned")
+            signed = self.ca.sign(public_key, spiffeid.parse(sid), self.svid_ttl)
+            not_after = int(signed.not_after.timestamp())
+            renewing = existing is not None and audit.action == "sidecar.renew"
+            attested_at = existing.attested_at if renewing else now
+            sidecar = Sidecar(sid, name, "active", attested_at, now, signed.serial_hex, not_after)
+            self.store.record_issued([IssuedSerial(signed.serial_hex, sid, "sidecar", None, sid, now, not_after)])
+            self.store.upsert_sidecar(sidecar, replace(audit, details={"serial": signed.serial_hex,
+                                                                       "ttl": self.svid_ttl}))
             self._sidecars[sid] = sidecar
         return SidecarSVID(sid, (signed.cert,))
 
     def set_banned(self, sidecar: Sidecar, audit: AuditEvent) -> Sidecar:
-        banned = replace(sidecar, state="banned")
-        self.store.upsert_sidecar(banned, audit)
-        with self._lock:
+        with self.store.transaction(), self._lock:
+            banned = replace(self._sidecars.get(sidecar.id, sidecar), state="banned")
+            self.store.upsert_sidecar(banned, audit)
             self._sidecars[sidecar.id] = banned
         return banned
 
@@ -129,7 +135,10 @@ class SidecarAttestor:
         if s is not None and now - s.last_seen >= 60:
             self.store.touch_sidecar(sidecar_id, now)
             with self._lock:
-                self._sidecars[sidecar_id] = replace(s, last_seen=now)
+                # Update whatever is current: a ban that landed meanwhile must not be overwritten.
+                current = self._sidecars.get(sidecar_id)
+                if current is not None:
+                    self._sidecars[sidecar_id] = replace(current, last_seen=now)
 
     def authenticate(self, peer_cert_pem: bytes | None) -> Sidecar:
         """The sidecar behind an mTLS call. The TLS layer already verified the chain and expiry."""

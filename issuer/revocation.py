@@ -122,19 +122,26 @@ class RevocationService:
         if entry.owner in self._blocked_owners:
             raise PermissionDenied(f"identities of owner {entry.owner!r} are revoked")
 
-    def recheck_issued(self, results: list) -> list:
-        """After the signer recorded a batch: serials of entries revoked meanwhile are revoked and withheld.
+    def recheck_issued(self, results: list, sidecar_id: str) -> list:
+        """After an issuing path recorded its serials: those whose entry or sidecar was revoked or
+        banned meanwhile are revoked and withheld. Every issuing path (identity, task) calls this.
 
-        The signer checks the entry, signs, then records; a revocation sets the entry's state, then
+        Issuing checks, signs, then records; a revocation sets the entry's or sidecar's state, then
         looks up its serials. Checking again after the record closes the gap: either this check sees
         the new state, or the revocation's lookup sees the recorded serial.
         """
         late: list[str] = []
         out = []
+        try:
+            banned = self.attestor.get(sidecar_id).state == "banned"
+        except NotFound:
+            banned = True
         for r in results:
             entry = self.registry.get(r.entry_id) if r.serial else None
             refused = None
-            if entry is not None:
+            if r.serial and banned:
+                refused = f"sidecar {sidecar_id} is banned"
+            elif entry is not None:
                 try:
                     if entry.state != "active":
                         raise PermissionDenied(f"entry {entry.id} is {entry.state}")
@@ -147,7 +154,7 @@ class RevocationService:
                 late.append(r.serial)
                 out.append(SignResult(r.entry_id, code=int(Code.PERMISSION_DENIED), error=refused))
         if late:
-            self.revoke_serials(late, "entry revoked while its SVID was being signed", ISSUER,
+            self.revoke_serials(late, "revoked while its certificate was being signed", ISSUER,
                                 reason_code="privilegeWithdrawn", kind="serial", target=",".join(late))
         return out
 

@@ -106,7 +106,8 @@ class IssuerServer:
         self.approvals = Approvals(self.store, cfg.policy.approval_timeout)
         self.tasks = TaskService(self.store, self.ca, self.registry, cfg.policy, self.approvals,
                                  check_entry_allowed=self.revocation.check_entry,
-                                 revoke=self.revocation.end_task)
+                                 revoke=self.revocation.end_task,
+                                 recheck_issued=self.revocation.recheck_issued)
         self.service = IssuerService(self.attestor, self.signer, self.registry, self.hub,
                                      lambda: self.ca.bundle_der, cfg.resync_interval, tasks=self.tasks,
                                      crl_der=self.revocation.crl_der)

@@ -70,7 +70,7 @@ class SvidSigner:
                                 entry.expires_at))
         results = self._sign_and_record(jobs, functools.partial(self._records, sidecar, items, now, outcomes,
                                                                 allowed))
-        return self.recheck_issued(results) if jobs else results
+        return self.recheck_issued(results, sidecar.id) if jobs else results
 
     @staticmethod
     def _records(sidecar: Sidecar, items: Sequence[tuple[str, bytes]], now: int,
@@ -104,6 +104,6 @@ class SvidSigner:
     def check_entry_allowed(self, entry) -> None:
         """Hook for the revocation service: refuse entries whose identity is revoked."""
 
-    def recheck_issued(self, results: list[SignResult]) -> list[SignResult]:
+    def recheck_issued(self, results: list[SignResult], sidecar_id: str) -> list[SignResult]:
         """Hook for the revocation service: an entry revoked while its batch was signed must not get through."""
         return results

@@ -22,6 +22,7 @@ from issuer.ca import CertificateAuthority
 from issuer.datastore import Datastore
 from issuer.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar
 from issuer.registration import Registry, validate_scopes
+from issuer.signing import SignResult
 from tessera import selectors as sel
 from tessera import spiffeid, taskext, x509svid
 from tessera.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied
@@ -80,7 +81,8 @@ class TaskService:
     def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry,
                  policy: pol.Policy, approvals: Approvals,
                  check_entry_allowed: Callable[[Entry], None],
-                 revoke: Callable[[list[str], str, Actor, str], list[str]]):
+                 revoke: Callable[[list[str], str, Actor, str], list[str]],
+                 recheck_issued: Callable[[list[SignResult], str], list[SignResult]]):
         self.store = store
         self.ca = ca
         self.registry = registry
@@ -88,6 +90,7 @@ class TaskService:
         self.approvals = approvals
         self.check_entry_allowed = check_entry_allowed  # the revocation service's hook, as for identity SVIDs
         self.revoke = revoke  # the revocation service: durable, in the CRL, pushed to sidecars
+        self.recheck_issued = recheck_issued  # closes the sign/revoke race, as for identity SVIDs
         self._lock = threading.Lock()
         self._in_flight: set[tuple[str, str]] = set()
 
@@ -180,6 +183,10 @@ class TaskService:
             [AuditEvent("task.issue", actor, "allow", reason=reason, subject=entry.spiffe_id,
                         details={**details, "serial": signed.serial_hex, "ttl": not_after - now,
                                  "kind": "task", "latency_ms": latency_ms})])
+        [checked] = self.recheck_issued([SignResult(entry.id, entry.spiffe_id, b"", signed.serial_hex, not_after)],
+                                        sidecar.id)
+        if checked.code:
+            raise PermissionDenied(checked.error)
         return TaskSVID(entry.id, entry.spiffe_id, task_id, scopes,
                         signed.cert.public_bytes(Encoding.DER), signed.serial_hex, not_after)
 
