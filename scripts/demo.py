@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import BIN, Deployment  # noqa: E402  (the same harness the end-to-end tests drive)
+from harness import BIN, Deployment, openssl_says_revoked, openssl_verify, wait_for  # noqa: E402  (the same harness the end-to-end tests drive)
 
 # Tasks are denied unless a rule allows them: the demo allows the scopes an entry grants.
 DEMO_POLICY = {"rules": [{"name": "allow-entry-scopes", "effect": "allow", "condition": "true",
@@ -58,24 +58,18 @@ def task_step(d: Deployment, out: Path) -> bool:
     return True
 
 
-def openssl_crl_check(d: Deployment, crl_dir: Path, cert: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["openssl", "verify", "-crl_check", "-CAfile", str(crl_dir / "bundle.pem"),
-                           "-CRLfile", str(crl_dir / "crl.pem"), str(cert)], capture_output=True, text=True)
-
-
 def revocation_steps(d: Deployment, tmp: Path, entry_id: str) -> bool:
     out = tmp / "host-a-out"
     step("openssl, with only the sidecar's bundle.pem and crl.pem, rejects the ended task's certificate")
-    deadline = time.monotonic() + 5
-    while True:
-        r = openssl_crl_check(d, out, tmp / "task" / "svid.pem")
-        if "revoked" in r.stdout + r.stderr or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    text = r.stdout + r.stderr
-    print(next((line for line in text.splitlines() if "revoked" in line), text.strip()))
-    if "revoked" not in text:
+    cert = tmp / "task" / "svid.pem"
+    try:
+        wait_for(lambda: openssl_says_revoked(out / "bundle.pem", cert, out / "crl.pem"), timeout=5,
+                 what="crl.pem listing the ended task")
+    except AssertionError as e:
+        print(e, file=sys.stderr)
         return False
+    r = openssl_verify(out / "bundle.pem", cert, out / "crl.pem")
+    print(next(line for line in (r.stdout + r.stderr).splitlines() if "revoked" in line))
 
     step("kill switch: revoke the agent's entry while a `spiffe` client holds an open stream")
     stream = d.stream("host-a")

@@ -7,10 +7,12 @@ import os
 import queue
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -49,6 +51,48 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "c
             return v
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def as_uid(uid: int, argv: list[str]) -> list[str]:
+    """argv run as another user (uid and gid), with no supplementary groups."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+
+
+def one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Bad input: exit code 2 and exactly one line on stderr containing `fragments`, no traceback."""
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    return lines[0]
+
+
+def openssl_verify(bundle: Path, leaf: Path, crl: Path | None = None) -> subprocess.CompletedProcess:
+    """`openssl verify` of `leaf` against `bundle`, with `-crl_check` when a CRL is given."""
+    argv = ["openssl", "verify", "-CAfile", str(bundle)]
+    if crl is not None:
+        argv += ["-crl_check", "-CRLfile", str(crl)]
+    return subprocess.run([*argv, str(leaf)], capture_output=True, text=True)
+
+
+def openssl_says_revoked(bundle: Path, leaf: Path, crl: Path) -> bool:
+    r = openssl_verify(bundle, leaf, crl)
+    return r.returncode != 0 and "certificate revoked" in r.stdout + r.stderr
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """A Prometheus /metrics page as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def metric(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 class Daemon:
@@ -94,9 +138,6 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
 
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
 
 
 class LineReader:
@@ -174,6 +215,32 @@ class Deployment:
         cfg.update(extra)
         return cfg
 
+    @property
+    def bootstrap_address(self) -> str:
+        return f"127.0.0.1:{self.port + 1}"  # the issuer's default: listen port + 1
+
+    def db(self) -> sqlite3.Connection:
+        """A read-only view of the issuer's database (safe while the issuer runs)."""
+        conn = sqlite3.connect(f"file:{self.issuer_dir / 'tessera.db'}?mode=ro", uri=True)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def issued(self, serial: str) -> sqlite3.Row | None:
+        with self.db() as conn:
+            return conn.execute("SELECT * FROM issued WHERE serial=?", (serial,)).fetchone()
+
+    def audit(self, action: str) -> list[dict]:
+        with self.db() as conn:
+            rows = conn.execute("SELECT * FROM audit WHERE action=? ORDER BY seq", (action,)).fetchall()
+        return [{**dict(r), "actor": json.loads(r["actor"]), "details": json.loads(r["details"])} for r in rows]
+
+    def run_issuer_once(self, cfg: dict | str) -> subprocess.CompletedProcess:
+        """Start an issuer with `cfg` (a mapping or raw YAML) that is expected to refuse to start."""
+        path = self.root / "bad-issuer.yaml"
+        path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+        return subprocess.run([str(BIN / "tessera-issuer"), "run", "--config", str(path)], capture_output=True,
+                              text=True, timeout=30)
+
     def start_issuer(self, **extra) -> Daemon:
         self.issuer_cfg_path.write_text(yaml.safe_dump(self.issuer_config(**extra)))
         self.issuer = Daemon("issuer", [str(BIN / "tessera-issuer"), "run", "--config", str(self.issuer_cfg_path)],
@@ -190,19 +257,15 @@ class Deployment:
 
     # -- CLI ------------------------------------------------------------------------
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    def cli(self, *args: str, check: bool = True, timeout: float = 30, text: bool = True) -> subprocess.CompletedProcess:
         env = {**os.environ, "TESSERA_ADMIN_SOCKET": str(self.admin_socket)}
-        r = subprocess.run([str(BIN / "tessera"), *args], capture_output=True, text=True, env=env, timeout=timeout)
+        r = subprocess.run([str(BIN / "tessera"), *args], capture_output=True, text=text, env=env, timeout=timeout)
         if check and r.returncode != 0:
-            raise AssertionError(f"tessera {' '.join(args)} failed ({r.returncode}): {r.stderr}")
+            raise AssertionError(f"tessera {' '.join(args)} failed ({r.returncode}): {r.stderr!r}")
         return r
 
     def cli_bytes(self, *args: str) -> bytes:
-        env = {**os.environ, "TESSERA_ADMIN_SOCKET": str(self.admin_socket)}
-        r = subprocess.run([str(BIN / "tessera"), *args], capture_output=True, env=env, timeout=30)
-        if r.returncode != 0:
-            raise AssertionError(f"tessera {' '.join(args)} failed ({r.returncode}): {r.stderr!r}")
-        return r.stdout
+        return self.cli(*args, text=False).stdout
 
     def token(self, sidecar: str, ttl: str = "10m") -> str:
         return self.cli("token", "create", "--sidecar", sidecar, "--ttl", ttl).stdout.strip()
@@ -249,9 +312,7 @@ class Deployment:
 
     def workload(self, *args: str, uid: int | None = None) -> list[str]:
         argv = [sys.executable, str(CLIENTS / "spiffe_client.py"), *args]
-        if uid is not None:
-            argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
-        return argv
+        return argv if uid is None else as_uid(uid, argv)
 
     def fetch(self, sidecar: str, uid: int | None = None, timeout: float = 30) -> dict:
         r = subprocess.run(self.workload("fetch", str(self.socket(sidecar)), uid=uid), capture_output=True,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -44,29 +43,7 @@ def end_task(d, task_id: str, sidecar: str = "host-a") -> subprocess.CompletedPr
                            "--task-id", task_id], capture_output=True, text=True, timeout=60)
 
 
-def db(d) -> sqlite3.Connection:
-    conn = sqlite3.connect(f"file:{d.issuer_dir / 'tessera.db'}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    return conn
-
-
-def issued(d, serial: str) -> sqlite3.Row | None:
-    with db(d) as conn:
-        return conn.execute("SELECT * FROM issued WHERE serial=?", (serial,)).fetchone()
-
-
-def audit(d, action: str) -> list[dict]:
-    with db(d) as conn:
-        rows = conn.execute("SELECT * FROM audit WHERE action=? ORDER BY seq", (action,)).fetchall()
-    return [{**dict(r), "actor": json.loads(r["actor"]), "details": json.loads(r["details"])} for r in rows]
-
-
 def spiffe_parse(out: Path, td: str = "example.org") -> dict:
     r = subprocess.run([sys.executable, str(CLIENTS / "spiffe_parse.py"), str(out / "svid.pem"), str(out / "key.pem"),
                         str(out / "bundle.pem"), td], capture_output=True, text=True, timeout=30)
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def openssl_verify(out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["openssl", "verify", "-CAfile", str(out / "bundle.pem"), str(out / "svid.pem")],
-                          capture_output=True, text=True)

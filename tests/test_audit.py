@@ -10,11 +10,10 @@ import grpc
 import pytest
 
 from harness import wait_for
+from issuer_client import attest, sidecar_stub, sign
 from issuer.audit import AuditFile, read_jsonl, verify_chain
 from issuer.models import Actor, AuditEvent
 from issuer.sqlite_store import SQLiteDatastore
-from tessera import pem, x509svid
-from tessera.v1 import issuer_pb2, issuer_pb2_grpc
 
 OP = Actor("operator", "uid:0")
 
@@ -169,28 +168,6 @@ def test_untouched_store_verifies_from_the_database_and_the_file(running):
     assert d.cli("audit", "verify", "--db", str(d.issuer_dir / "tessera.db")).returncode == 0
 
 
-def _bootstrap_attest(d, token: str):
-    key = x509svid.new_key()
-    creds = grpc.ssl_channel_credentials(root_certificates=d.bundle_path.read_bytes())
-    with grpc.secure_channel(f"127.0.0.1:{d.port + 1}", creds,
-                             options=[("grpc.ssl_target_name_override", "tessera-issuer")]) as ch:
-        return issuer_pb2_grpc.IssuerStub(ch).AttestSidecar(
-            issuer_pb2.AttestSidecarRequest(join_token=token, csr=x509svid.make_csr(key)), timeout=10)
-
-
-def _sign_as(d, sidecar: str, entry_id: str):
-    from agent_sidecar.issuer_client import IdentityStore
-
-    ident = IdentityStore(d.sidecar_dir(sidecar) / "data").load()
-    creds = grpc.ssl_channel_credentials(root_certificates=d.bundle_path.read_bytes(),
-                                         private_key=pem.key_pem(ident.key),
-                                         certificate_chain=pem.certs_pem(ident.chain))
-    with grpc.secure_channel(f"127.0.0.1:{d.port}", creds,
-                             options=[("grpc.ssl_target_name_override", "tessera-issuer")]) as ch:
-        return issuer_pb2_grpc.IssuerStub(ch).SignX509SVIDs(issuer_pb2.SignX509SVIDsRequest(items=[
-            issuer_pb2.CSRItem(entry_id=entry_id, csr=x509svid.make_csr(x509svid.new_key()))]), timeout=10)
-
-
 def test_each_decision_type_appears_in_the_trail_with_actor_and_reason(running):
     d = running
     uid = f"uid:{os.getuid()}"
@@ -203,15 +180,15 @@ def test_each_decision_type_appears_in_the_trail_with_actor_and_reason(running):
     doomed = d.entry("/agent/c", "host-a")
     d.cli("entry", "delete", doomed)
     # A sidecar attests with a token; reusing the token is refused.
-    _bootstrap_attest(d, token)
+    attest(d, token)
     with pytest.raises(grpc.RpcError) as e:
-        _bootstrap_attest(d, token)
+        attest(d, token)
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # Issuance: host-a mints the SVID of its entry. Denial: it asks for host-b's entry.
     wait_for(lambda: find(export(d, "--filter", "action=svid.issue"), subject=f"spiffe://{d.td}/agent/a"),
              what="issuance")
-    resp = _sign_as(d, "host-a", theirs)
-    assert resp.items[0].status_code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    item = sign(sidecar_stub(d, "host-a"), theirs)
+    assert item.status_code == grpc.StatusCode.PERMISSION_DENIED.value[0]
 
     trail = export(d)
     # token create and entry changes: the operator's uid from the kernel.
@@ -324,8 +301,6 @@ def test_sidecar_renewal_is_audited_with_the_sidecar_as_actor(deployment):
 
 
 def test_task_policy_approval_and_revocation_decisions_are_in_the_trail(deployment, tmp_path):
-    import subprocess
-
     from taskutil import ALLOW_ALL, policy, start_task, task_argv
 
     d = deployment

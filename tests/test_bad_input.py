@@ -7,18 +7,8 @@ import grpc
 import pytest
 import yaml
 
-from harness import BIN
+from harness import BIN, one_line_error
 from tessera.v1 import admin_pb2_grpc, types_pb2
-
-
-def one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert "Traceback" not in r.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture
@@ -72,13 +62,6 @@ def test_admin_api_rejects_missing_required_fields_even_without_the_cli(issuer, 
     assert message in e.value.details()
 
 
-def run_issuer(tmp_path, cfg) -> subprocess.CompletedProcess:
-    path = tmp_path / "bad.yaml"
-    path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
-    return subprocess.run([str(BIN / "tessera-issuer"), "run", "--config", str(path)], capture_output=True,
-                          text=True, timeout=30)
-
-
 def good_issuer_cfg(tmp_path) -> dict:
     return {"trust_domain": "example.org", "data_dir": str(tmp_path / "d"), "listen_address": "127.0.0.1:0",
             "admin_socket": str(tmp_path / "a.sock")}
@@ -92,21 +75,21 @@ def good_issuer_cfg(tmp_path) -> dict:
     ({"max_workrs": 5}, ["max_workrs: unknown key"]),
     ({"ca_cert": "/nonexistent/ca.pem"}, ["ca_key", "together"]),
 ])
-def test_invalid_issuer_config_stops_start_with_one_line_naming_the_key(tmp_path, change, fragments):
+def test_invalid_issuer_config_stops_start_with_one_line_naming_the_key(deployment, tmp_path, change, fragments):
     cfg = good_issuer_cfg(tmp_path)
     for k, v in change.items():
         if v is None:
             cfg.pop(k)
         else:
             cfg[k] = v
-    one_line_error(run_issuer(tmp_path, cfg), *fragments)
+    one_line_error(deployment.run_issuer_once(cfg), *fragments)
 
 
-def test_malformed_yaml_is_reported_with_its_position(tmp_path):
-    one_line_error(run_issuer(tmp_path, "trust_domain: [unclosed\n"), "malformed YAML", "line")
+def test_malformed_yaml_is_reported_with_its_position(deployment):
+    one_line_error(deployment.run_issuer_once("trust_domain: [unclosed\n"), "malformed YAML", "line")
 
 
-def test_unreadable_or_invalid_ca_key_stops_the_issuer(tmp_path):
+def test_unreadable_or_invalid_ca_key_stops_the_issuer(deployment, tmp_path):
     cfg = good_issuer_cfg(tmp_path)
     ca = tmp_path / "ca.pem"
     key = tmp_path / "ca-key.pem"
@@ -114,7 +97,7 @@ def test_unreadable_or_invalid_ca_key_stops_the_issuer(tmp_path):
     key.write_text("not a key")
     key.chmod(0o600)
     cfg.update(ca_cert=str(ca), ca_key=str(key))
-    one_line_error(run_issuer(tmp_path, cfg), "ca_cert:", "not a PEM certificate")
+    one_line_error(deployment.run_issuer_once(cfg), "ca_cert:", "not a PEM certificate")
     # A real certificate with a key file that is garbage, missing, or readable by others.
     from issuer.ca import CertificateAuthority
 
@@ -122,15 +105,15 @@ def test_unreadable_or_invalid_ca_key_stops_the_issuer(tmp_path):
     real_dir.mkdir()
     real = CertificateAuthority.load_or_create("example.org", real_dir)
     cfg.update(ca_cert=str(real_dir / "ca.pem"), ca_key=str(tmp_path / "missing.pem"))
-    one_line_error(run_issuer(tmp_path, cfg), "ca_key:", "cannot read")
+    one_line_error(deployment.run_issuer_once(cfg), "ca_key:", "cannot read")
     bad = tmp_path / "garbage.pem"
     bad.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
     bad.chmod(0o600)
     cfg.update(ca_key=str(bad))
-    one_line_error(run_issuer(tmp_path, cfg), "ca_key:", "not an unencrypted PEM private key")
+    one_line_error(deployment.run_issuer_once(cfg), "ca_key:", "not an unencrypted PEM private key")
     (real_dir / "ca-key.pem").chmod(0o644)
     cfg.update(ca_key=str(real_dir / "ca-key.pem"))
-    one_line_error(run_issuer(tmp_path, cfg), "ca_key:", "readable by others")
+    one_line_error(deployment.run_issuer_once(cfg), "ca_key:", "readable by others")
     assert real.cert is not None
 
 

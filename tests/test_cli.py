@@ -74,10 +74,9 @@ def test_operator_uid_is_checked_by_the_kernel_not_only_by_file_mode(running):
     os.chmod(running.admin_socket, 0o666)
     import subprocess
 
-    from harness import BIN
+    from harness import BIN, as_uid
 
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(BIN / "tessera"),
-                        "--admin-socket", str(running.admin_socket), "entry", "list"],
+    r = subprocess.run(as_uid(65534, [str(BIN / "tessera"), "--admin-socket", str(running.admin_socket), "entry", "list"]),
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 2, (r.stdout, r.stderr)
     assert "uid 65534 is not an operator" in r.stderr and "PERMISSION_DENIED" in r.stderr

@@ -1,30 +1,15 @@
 """Prometheus metrics on issuer and sidecar, the issuer's gRPC health service, and `tessera-sidecar healthcheck`."""
 
 import subprocess
-import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
-from harness import BIN, free_ports, wait_for
-from test_audit import _bootstrap_attest
+from harness import BIN, free_ports, metric, one_line_error, scrape, wait_for
+from issuer_client import attest
 from issuer import metrics
 from issuer.models import AuditRecord
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def value(samples, name, **labels) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def rec(action, decision, reason="", **details) -> AuditRecord:
@@ -64,23 +49,23 @@ def test_metrics_show_issuances_and_propagation_delay(deployment):
     assert d.fetch("host-a")["event"] == "update"
 
     s = wait_for(lambda: (m := scrape(issuer_port)) and
-                 value(m, "tessera_issuer_issuances_total", kind="identity") >= 1 and m, what="issuance metric")
-    assert value(s, "tessera_issuer_issuances_total", kind="sidecar") >= 1
-    assert value(s, "tessera_issuer_issuance_latency_seconds_count", kind="identity") >= 1
-    assert value(s, "tessera_issuer_connected_sidecars") == 1
+                 metric(m, "tessera_issuer_issuances_total", kind="identity") >= 1 and m, what="issuance metric")
+    assert metric(s, "tessera_issuer_issuances_total", kind="sidecar") >= 1
+    assert metric(s, "tessera_issuer_issuance_latency_seconds_count", kind="identity") >= 1
+    assert metric(s, "tessera_issuer_connected_sidecars") == 1
     for family in ("tessera_issuer_pending_approvals", "tessera_issuer_crl_number", "tessera_issuer_crl_size_bytes"):
         assert (family, ()) in s, family
 
-    sc = wait_for(lambda: (m := scrape(sidecar_port)) and value(m, "tessera_sidecar_cached_svids") >= 1 and m,
+    sc = wait_for(lambda: (m := scrape(sidecar_port)) and metric(m, "tessera_sidecar_cached_svids") >= 1 and m,
                   what="sidecar cache metric")
-    assert value(sc, "tessera_sidecar_propagation_delay_seconds_count", event="entry_upsert") >= 1
-    assert value(sc, "tessera_sidecar_synced") == 1
+    assert metric(sc, "tessera_sidecar_propagation_delay_seconds_count", event="entry_upsert") >= 1
+    assert metric(sc, "tessera_sidecar_synced") == 1
 
     # A denial shows up by reason.
     with pytest.raises(grpc.RpcError):
-        _bootstrap_attest(d, "not-a-token")
+        attest(d, "not-a-token")
     s = scrape(issuer_port)
-    assert value(s, "tessera_issuer_denials_total", action="sidecar.attest", reason="join token is not valid") == 1
+    assert metric(s, "tessera_issuer_denials_total", action="sidecar.attest", reason="join token is not valid") == 1
 
 
 def test_issuer_serves_standard_grpc_health(running):
@@ -109,12 +94,7 @@ def test_sidecar_healthcheck_exits_0_when_synced_and_1_when_down(running):
 
 
 def test_bad_metrics_address_names_the_key(deployment, tmp_path):
-    import yaml
-
-    cfg = tmp_path / "bad.yaml"
-    cfg.write_text(yaml.safe_dump(deployment.issuer_config(metrics_address="nowhere")))
-    r = subprocess.run([str(BIN / "tessera-issuer"), "run", "--config", str(cfg)], capture_output=True, text=True)
-    assert r.returncode == 2 and "metrics_address" in r.stderr
+    one_line_error(deployment.run_issuer_once(deployment.issuer_config(metrics_address="nowhere")), "metrics_address")
 
 
 def test_metrics_show_revocations_crl_and_revocation_propagation_delay(deployment):
@@ -127,11 +107,11 @@ def test_metrics_show_revocations_crl_and_revocation_propagation_delay(deploymen
     d.cli("revoke", "--entry", entry_id, "--reason", "agent retired")
 
     s = wait_for(lambda: (m := scrape(issuer_port)) and
-                 value(m, "tessera_issuer_revocations_total", target="entry") >= 1 and m, what="revocation metric")
-    assert value(s, "tessera_issuer_crl_entries") >= 1 and value(s, "tessera_issuer_crl_number") >= 2
-    assert value(s, "tessera_issuer_crl_size_bytes") > 0
+                 metric(m, "tessera_issuer_revocations_total", target="entry") >= 1 and m, what="revocation metric")
+    assert metric(s, "tessera_issuer_crl_entries") >= 1 and metric(s, "tessera_issuer_crl_number") >= 2
+    assert metric(s, "tessera_issuer_crl_size_bytes") > 0
     sc = wait_for(lambda: (m := scrape(sidecar_port)) and
-                  value(m, "tessera_sidecar_propagation_delay_seconds_count", event="revocation") >= 1 and m,
+                  metric(m, "tessera_sidecar_propagation_delay_seconds_count", event="revocation") >= 1 and m,
                   what="revocation propagation delay on the sidecar")
-    assert value(sc, "tessera_sidecar_crl_entries") >= 1
-    assert value(sc, "tessera_sidecar_crl_number") == value(s, "tessera_issuer_crl_number")
+    assert metric(sc, "tessera_sidecar_crl_entries") >= 1
+    assert metric(sc, "tessera_sidecar_crl_number") == metric(s, "tessera_issuer_crl_number")

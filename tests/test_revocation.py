@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import harness
 from harness import wait_for
 from agent_sidecar.verifier import PeerPolicy, Rejected, Verifier
 from tessera import crl as crl_mod
@@ -43,14 +44,8 @@ def write(tmp: Path, name: str, text: str) -> Path:
     return p
 
 
-def openssl_verify(out: Path, leaf_pem: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(["openssl", "verify", "-crl_check", "-CAfile", str(out / "bundle.pem"), "-CRLfile",
-                           str(out / "crl.pem"), str(leaf_pem)], capture_output=True, text=True)
-
-
 def openssl_says_revoked(out: Path, leaf_pem: Path) -> bool:
-    r = openssl_verify(out, leaf_pem)
-    return r.returncode != 0 and "revoked" in (r.stdout + r.stderr)
+    return harness.openssl_says_revoked(out / "bundle.pem", leaf_pem, out / "crl.pem")
 
 
 def mtls_attempt(verifier: Verifier, cert: Path, key: Path) -> str:
@@ -105,9 +100,7 @@ def service_verifier(d, sidecar="host-a") -> Verifier:
 
 
 def crl_der(d) -> bytes:
-    return subprocess.run([str(Path(d.issuer.argv[0]).parent / "tessera"), "crl", "show", "--der"],
-                          capture_output=True, env={**os.environ, "TESSERA_ADMIN_SOCKET": str(d.admin_socket)},
-                          check=True).stdout
+    return d.cli_bytes("crl", "show", "--der")
 
 
 def crl_serials(d) -> set[str]:
@@ -120,13 +113,8 @@ def revoke(d, *args) -> float:
 
 
 def until(deadline: float, pred, what: str):
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {BOUND}s of revoke returning: {what}")
-        time.sleep(0.01)
+    return wait_for(pred, timeout=max(0.0, deadline - time.monotonic()), interval=0.01,
+                    what=f"{what}, within {BOUND}s of revoke returning")
 
 
 # -- acceptance -----------------------------------------------------------------------------------
@@ -141,7 +129,8 @@ def test_revoked_entry_is_denied_rejected_and_listed_within_a_second(deployment,
         # Before: every check accepts the certificate, so the assertions below can fail.
         assert mtls_attempt(v, cert, key) == "spiffe://example.org/agent/a"
         wait_for(lambda: (out_dir(d, "host-a") / "crl.pem").exists(), 5, what="crl.pem")
-        assert openssl_verify(out_dir(d, "host-a"), cert).returncode == 0
+        out = out_dir(d, "host-a")
+        assert harness.openssl_verify(out / "bundle.pem", cert, out / "crl.pem").returncode == 0
 
         t0 = revoke(d, "--entry", entry)
         deadline = t0 + BOUND
@@ -325,7 +314,7 @@ def test_crl_show_prints_a_signed_v2_crl_with_number_and_authority_key_id(deploy
 from issuer.attestation import SidecarAttestor  # noqa: E402
 from issuer.ca import CertificateAuthority  # noqa: E402
 from issuer.events import EventHub  # noqa: E402
-from issuer.models import Actor, IssuedSerial  # noqa: E402
+from issuer.models import Actor, AuditEvent, IssuedSerial  # noqa: E402
 from issuer.registration import Registry  # noqa: E402
 from issuer.revocation import RevocationService  # noqa: E402
 from issuer.sqlite_store import SQLiteDatastore  # noqa: E402
@@ -345,6 +334,9 @@ class Issuer:
         self.registry = Registry(self.store, self.hub, "example.org", 600)
         self.attestor = SidecarAttestor(self.store, self.ca, 3600, 600)
         self.revocation = RevocationService(self.store, self.ca, self.registry, self.attestor, self.hub, 600)
+        # HOST is a really attested sidecar (join token + CSR), as the issuing paths require.
+        token, _, _ = self.attestor.create_token("h", 600, OPERATOR)
+        self.attestor.attest(token, x509svid.make_csr(x509svid.new_key()), "test")
 
     def issue(self, kind="identity", task_id=None, path="/agent/a") -> str:
         signed = self.ca.sign(x509svid.new_key().public_key(), spiffeid.parse(f"spiffe://example.org{path}"), 600)
@@ -457,12 +449,35 @@ def test_svid_signed_while_its_entry_was_being_revoked_is_revoked_and_withheld(i
                                owner="bob", purpose="p", expires_at=int(time.time()) + 3600, actor=OPERATOR)
     racing = issuer.issue(path="/agent/r")  # recorded by a batch that checked the entry before the revocation
     issuer.registry.set_state(e.id, "revoked", OPERATOR, "revoked meanwhile")
-    out = issuer.revocation.recheck_issued([SignResult(e.id, e.spiffe_id, b"der", racing, 1)])
-    assert out[0].code == 7 and not out[0].serial
+    out = issuer.revocation.recheck_issued([SignResult(e.id, e.spiffe_id, b"der", racing, 1)], HOST)
+    assert out[0].code == 7 and not out[0].serial and "is revoked" in out[0].error
     assert issuer.revocation.is_revoked(racing) and racing in crl_mod.serials(issuer.crl())
 
 
-def test_sidecar_restarted_while_the_issuer_is_down_enforces_its_saved_crl(issuer, tmp_path):
+def test_svid_signed_while_its_sidecar_was_being_banned_is_revoked_and_withheld(issuer):
+    from issuer.signing import SignResult
+
+    e = issuer.registry.create(spiffe_id="spiffe://example.org/agent/r", parent=HOST, selectors=["unix:uid:1"],
+                               owner="bob", purpose="p", expires_at=int(time.time()) + 3600, actor=OPERATOR)
+    fine = issuer.issue(path="/agent/r")
+    assert issuer.revocation.recheck_issued([SignResult(e.id, e.spiffe_id, b"der", fine, 1)], HOST)[0].code == 0
+    racing = issuer.issue(path="/agent/r")  # its sidecar was authenticated just before the ban
+    issuer.attestor.set_banned(issuer.attestor.get(HOST), AuditEvent("sidecar.ban", OPERATOR, "done"))
+    out = issuer.revocation.recheck_issued([SignResult(e.id, e.spiffe_id, b"der", racing, 1)], HOST)
+    assert out[0].code == 7 and "banned" in out[0].error
+    assert issuer.revocation.is_revoked(racing)
+
+
+def test_a_banned_sidecar_cannot_renew_even_after_it_was_authenticated(issuer):
+    caller = issuer.attestor.get(HOST)  # authenticated before the ban
+    issuer.attestor.set_banned(caller, AuditEvent("sidecar.ban", OPERATOR, "done"))
+    issuer.attestor.touch(HOST)  # a late touch must not bring the old "active" state back
+    with pytest.raises(PermissionDenied, match="banned"):
+        issuer.attestor.renew(caller, x509svid.make_csr(x509svid.new_key()))
+    assert issuer.attestor.get(HOST).state == "banned"
+
+
+def test_revocation_state_restores_its_saved_crl_and_rewrites_crl_pem(issuer, tmp_path):
     (tmp_path / "sc").mkdir()
     revoked = issuer.issue()
     issuer.revocation.revoke("serial", revoked, "stolen", OPERATOR)

@@ -10,18 +10,18 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from harness import CLIENTS, wait_for
+from harness import CLIENTS, openssl_says_revoked, openssl_verify, wait_for
 from issuer.approvals import Approvals
 from issuer.attestation import SidecarAttestor
 from issuer.ca import CertificateAuthority
 from issuer.revocation import RevocationService
 from issuer.events import EventHub
-from issuer.models import Actor, Sidecar
+from issuer.models import Actor
 from issuer.policy import load_section
 from issuer.registration import Registry
 from issuer.sqlite_store import SQLiteDatastore
 from issuer.tasks import TaskService, TaskSpec
-from taskutil import audit, end_task, issued, openssl_verify, policy, spiffe_parse, start_task, task_argv
+from taskutil import end_task, policy, spiffe_parse, start_task, task_argv
 from tessera import taskext, x509svid
 from tessera.configfile import Section
 from tessera.errors import NotFound, PermissionDenied
@@ -56,12 +56,12 @@ def test_two_tasks_get_distinct_keys_and_serials_and_carry_their_binding(tasks, 
     assert not c1.extensions.get_extension_for_oid(taskext.TASK_OID).critical
     assert (tmp_path / "t1" / "key.pem").stat().st_mode & 0o777 == 0o600
     for out, cert in ((tmp_path / "t1", c1), (tmp_path / "t2", c2)):
-        v = openssl_verify(out)
+        v = openssl_verify(out / "bundle.pem", out / "svid.pem")
         assert v.returncode == 0 and ": OK" in v.stdout, v.stdout + v.stderr
         parsed = spiffe_parse(out)
         assert parsed == {"spiffe_id": "spiffe://example.org/agent/a", "serial": format(cert.serial_number, "x"),
                           "verified": True}
-    rows = [issued(tasks, format(c.serial_number, "x")) for c in (c1, c2)]
+    rows = [tasks.issued(format(c.serial_number, "x")) for c in (c1, c2)]
     assert [(r["kind"], r["task_id"], r["entry_id"]) for r in rows] == [
         ("task", "task-1", tasks.entry_id), ("task", "task-2", tasks.entry_id)]
 
@@ -69,7 +69,7 @@ def test_two_tasks_get_distinct_keys_and_serials_and_carry_their_binding(tasks, 
 def test_issued_task_is_audited_with_workload_and_latency(tasks, tmp_path):
     r = start_task(tasks, "audited", tmp_path / "t", "repo:read", context={"ticket": "OPS-1"})
     assert r.returncode == 0, r.stderr
-    (ev,) = [e for e in audit(tasks, "task.issue") if e["details"]["task_id"] == "audited"]
+    (ev,) = [e for e in tasks.audit("task.issue") if e["details"]["task_id"] == "audited"]
     assert ev["decision"] == "allow" and ev["details"]["serial"] == r.stdout.strip()
     assert ev["details"]["latency_ms"] > 0
     assert ev["details"]["context"] == {"ticket": "OPS-1"}
@@ -86,7 +86,7 @@ def test_scope_outside_the_entry_is_denied_with_the_reason(tasks, tmp_path):
     assert "PERMISSION_DENIED" in r.stderr and "'admin:all' is not among the scopes" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "t" / "svid.pem").exists()
-    (ev,) = audit(tasks, "task.deny")
+    (ev,) = tasks.audit("task.deny")
     assert ev["details"]["scopes"] == ["admin:all", "repo:read"] and ev["details"]["rule"] == "scopes"
 
 
@@ -119,14 +119,14 @@ def test_expired_entry_is_permission_denied_on_both_apis(tasks, tmp_path):
 def test_end_task_revokes_its_serial_in_the_datastore(tasks, tmp_path):
     r = start_task(tasks, "ending", tmp_path / "t", "repo:read")
     serial = r.stdout.strip()
-    assert issued(tasks, serial)["revoked_at"] is None
+    assert tasks.issued(serial)["revoked_at"] is None
     e = end_task(tasks, "ending")
     assert e.returncode == 0, e.stderr
     assert e.stdout.split() == [serial]
-    row = issued(tasks, serial)
+    row = tasks.issued(serial)
     # One revocation path: the serial is revoked as cessationOfOperation, in the CRL, audited with why.
     assert row["revoked_at"] is not None and row["revocation_reason"] == "cessationOfOperation"
-    (ev,) = audit(tasks, "revoke")
+    (ev,) = tasks.audit("revoke")
     assert ev["subject"] == "task:ending" and ev["reason"] == "task ended by the workload"
     assert ev["details"]["serials"] == [serial]
     crl = subprocess.run(["openssl", "crl", "-inform", "DER", "-noout", "-text"],
@@ -141,14 +141,14 @@ def test_exit_of_the_calling_process_ends_its_tasks(tasks, tmp_path):
     try:
         line = json.loads(client.stdout.readline())
         assert "serial" in line, line
-        assert issued(tasks, line["serial"])["revoked_at"] is None
+        assert tasks.issued(line["serial"])["revoked_at"] is None
     finally:
         client.stdin.close()  # the client exits when its stdin closes
         client.wait(timeout=10)
-    row = wait_for(lambda: (r := issued(tasks, line["serial"]))["revoked_at"] is not None and r, timeout=10,
+    row = wait_for(lambda: (r := tasks.issued(line["serial"]))["revoked_at"] is not None and r, timeout=10,
                    what="the serial revoked after the process exited")
     assert row["revocation_reason"] == "cessationOfOperation"
-    (ev,) = [e for e in audit(tasks, "revoke") if e["subject"] == "task:own-task"]
+    (ev,) = [e for e in tasks.audit("revoke") if e["subject"] == "task:own-task"]
     assert ev["reason"] == f"process {client.pid} exited" and ev["details"]["serials"] == [line["serial"]]
 
 
@@ -159,15 +159,15 @@ def test_process_exit_ends_its_tasks(tasks, tmp_path):
     try:
         serial = wait_for(lambda: (tmp_path / "serial").exists() and (tmp_path / "serial").read_text().strip(),
                           timeout=30, what="task credential")
-        row = issued(tasks, serial)
+        row = tasks.issued(serial)
         assert row["kind"] == "task" and row["revoked_at"] is None
     finally:
         shell.kill()
         shell.wait()
-    row = wait_for(lambda: (r := issued(tasks, serial))["revoked_at"] is not None and r, timeout=10,
+    row = wait_for(lambda: (r := tasks.issued(serial))["revoked_at"] is not None and r, timeout=10,
                    what="the serial revoked after the process exited")
     assert row["revocation_reason"] == "cessationOfOperation"
-    (ev,) = [e for e in audit(tasks, "revoke") if e["subject"] == "task:shell-task"]
+    (ev,) = [e for e in tasks.audit("revoke") if e["subject"] == "task:shell-task"]
     assert "exited" in ev["reason"]
 
 
@@ -180,14 +180,19 @@ def issuer_tasks(tmp_path):
     pol = load_section(Section(policy(), "policy.", "test"))
     registry = Registry(store, EventHub(), "example.org", 600, tier_names=pol.tier_names)
     hub = registry.hub
-    revocation = RevocationService(store, ca, registry, SidecarAttestor(store, ca, 3600, 600), hub, 600)
+    attestor = SidecarAttestor(store, ca, 3600, 600)
+    revocation = RevocationService(store, ca, registry, attestor, hub, 600)
     svc = TaskService(store, ca, registry, pol, Approvals(store, pol.approval_timeout),
-                      check_entry_allowed=revocation.check_entry, revoke=revocation.end_task)
+                      check_entry_allowed=revocation.check_entry, revoke=revocation.end_task,
+                      recheck_issued=revocation.recheck_issued)
     entry = registry.create(spiffe_id="spiffe://example.org/agent/a", parent="host-a", selectors=["unix:uid:7"],
                             owner="o", purpose="p", expires_at=int(time.time()) + 3600, actor=Actor("operator", "t"),
                             scopes=["repo:read"])
-    side = {n: Sidecar(f"spiffe://example.org/tessera/sidecar/{n}", n, "active", 0, 0, "", 0)
-            for n in ("host-a", "host-b")}
+    side = {}
+    for n in ("host-a", "host-b"):  # really attested, as the issuing paths require
+        token, _, _ = attestor.create_token(n, 600, Actor("operator", "t"))
+        attestor.attest(token, x509svid.make_csr(x509svid.new_key()), "test")
+        side[n] = attestor.get(n)
     return svc, store, entry, side
 
 
@@ -220,17 +225,13 @@ def test_revoke_task_ends_only_that_task_while_the_identity_and_other_tasks_keep
     second = start_task(tasks, "t-2", tmp_path / "t2", "repo:read").stdout.strip()
     r = tasks.cli("revoke", "--task", "t-1", "--reason", "task hijacked", "--output", "json")
     assert json.loads(r.stdout)["serials"] == [first]
-    assert issued(tasks, first)["revoked_at"] is not None
-    assert issued(tasks, second)["revoked_at"] is None
+    assert tasks.issued(first)["revoked_at"] is not None
+    assert tasks.issued(second)["revoked_at"] is None
 
     (tmp_path / "crl.pem").write_text(tasks.cli("crl", "show").stdout)
 
-    def verify(pem_path):
-        return subprocess.run(["openssl", "verify", "-crl_check", "-CAfile", str(tasks.bundle_path),
-                               "-CRLfile", str(tmp_path / "crl.pem"), str(pem_path)], capture_output=True, text=True)
-
-    revoked = verify(tmp_path / "t1" / "svid.pem")
-    assert revoked.returncode != 0 and "certificate revoked" in revoked.stdout + revoked.stderr
-    assert verify(tmp_path / "t2" / "svid.pem").returncode == 0
+    crl = tmp_path / "crl.pem"
+    assert openssl_says_revoked(tasks.bundle_path, tmp_path / "t1" / "svid.pem", crl)
+    assert openssl_verify(tasks.bundle_path, tmp_path / "t2" / "svid.pem", crl).returncode == 0
     assert tasks.fetch("host-a")["svids"][0]["serial"] == identity  # the identity SVID is untouched
     assert end_task(tasks, "t-2").stdout.split() == [second]  # the other task still ends normally

@@ -5,14 +5,9 @@ import subprocess
 import grpc
 import pytest
 
+from harness import as_uid, openssl_verify
+
 from tessera.workload import workload_pb2, workload_pb2_grpc
-
-
-def openssl_verify(tmp_path, bundle_pem: str, svid_pem: str) -> subprocess.CompletedProcess:
-    (tmp_path / "ca.pem").write_text(bundle_pem)
-    (tmp_path / "leaf.pem").write_text(svid_pem)
-    return subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.pem"), str(tmp_path / "leaf.pem")],
-                          capture_output=True, text=True)
 
 
 def test_spiffe_client_fetches_svid_that_chains_to_bundle(running, tmp_path):
@@ -21,7 +16,9 @@ def test_spiffe_client_fetches_svid_that_chains_to_bundle(running, tmp_path):
     assert ctx["event"] == "update", ctx
     svid = ctx["svids"][0]
     assert svid["spiffe_id"] == "spiffe://example.org/agent/a"
-    r = openssl_verify(tmp_path, ctx["bundle_pem"], svid["svid_pem"])
+    (tmp_path / "ca.pem").write_text(ctx["bundle_pem"])
+    (tmp_path / "leaf.pem").write_text(svid["svid_pem"])
+    r = openssl_verify(tmp_path / "ca.pem", tmp_path / "leaf.pem")
     assert r.returncode == 0 and ": OK" in r.stdout, r.stdout + r.stderr
 
 
@@ -83,7 +80,7 @@ def test_metadata_a_caller_sends_cannot_change_its_identity(running):
     )
     import sys
 
-    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", script],
+    r = subprocess.run(as_uid(65534, [sys.executable, "-c", script]),
                        capture_output=True, text=True, timeout=30, cwd=str(running.root))
     assert r.stdout.strip() == "PERMISSION_DENIED", r.stdout + r.stderr
 
@@ -133,11 +130,8 @@ def test_open_stream_receives_rotated_svid_before_the_old_one_expires(running):
     assert rotated["t"] < first["not_after"], "the new SVID must arrive before the old one expires"
     assert rotated["svids"][0]["key_pem"] != first["key_pem"]
     # Rotation happens at half-life, not in a loop: about one new serial per 10 s.
-    import sqlite3
-
-    db = sqlite3.connect(running.issuer_dir / "tessera.db")
-    count = db.execute("SELECT COUNT(*) FROM issued WHERE entry_id=?", (entry_id,)).fetchone()[0]
-    db.close()
+    with running.db() as db:
+        count = db.execute("SELECT COUNT(*) FROM issued WHERE entry_id=?", (entry_id,)).fetchone()[0]
     assert 2 <= count <= 4, f"{count} SVIDs minted for one entry in ~12 s"
 
 
@@ -151,8 +145,7 @@ def test_api_fetch_writes_pem_files_with_a_private_key_file(running, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "spiffe://example.org/agent/a"
     assert (out / "key.pem").stat().st_mode & 0o777 == 0o600
-    v = subprocess.run(["openssl", "verify", "-CAfile", str(out / "bundle.pem"), str(out / "svid.pem")],
-                       capture_output=True, text=True)
+    v = openssl_verify(out / "bundle.pem", out / "svid.pem")
     assert v.returncode == 0, v.stderr
     # The key belongs to the certificate.
     from cryptography import x509

@@ -32,9 +32,9 @@ def sign_per_s(bursts: int, burst_seconds: float, csrs: list[bytes]) -> float:
         n = 0
         start = time.perf_counter()
         while time.perf_counter() - start < burst_seconds:
-            for csr in csrs[:64]:
+            for csr in csrs:
                 public_key = x509svid.load_csr(csr).public_key()
                 ca.sign(public_key, sid, 600, not_after_cap=cap).cert.public_bytes(Encoding.DER)
-            n += 64
+            n += len(csrs)
         rates.append(n / (time.perf_counter() - start))
     return max(rates)

@@ -5,16 +5,15 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
+from issuer import report
+
 
 def percentile(values: Sequence[float], p: float) -> float:
-    """The p-th percentile (0-100) by the nearest-rank method; NaN for no values."""
+    """The p-th percentile (0-100), nearest rank as in the trust-debt report; NaN for no values."""
     if not 0 <= p <= 100:
         raise ValueError(f"percentile must be within 0..100, got {p}")
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
+    v = report.percentile(list(values), p)
+    return math.nan if v is None else v
 
 
 def rate(count: int, seconds: float) -> float:
