@@ -60,22 +60,16 @@ class RevocationState:
     def apply(self, data: bytes, persist: bool = True) -> bool:
         """Install a CRL; False if it is the one already held, CrlError if it must be refused."""
         try:
-            parsed = crl.load(data)
-            crl.verify(parsed, self._bundle())
-            number = crl.check_newer(parsed, self.number)
+            accepted = crl.accept(data, self._bundle(), self.number, self.der)
         except crl.CrlError as e:
             self.refused += 1
             log.warning("refused a CRL; keeping the last good one", error=str(e), current_number=self.number)
             raise
-        der = crl.der(parsed)
-        if number == self.number:
-            if der != self.der:
-                self.refused += 1
-                log.warning("refused a CRL that reuses the current CRL number with other content", number=number)
-                raise crl.CrlError(f"CRL number {number} reused with different content")
+        if accepted is None:
             return False
-        self.der, self.number = der, number
-        self.crl_serials = crl.serials(parsed)
+        parsed, number = accepted.crl, accepted.number
+        self.der, self.number = accepted.der, number
+        self.crl_serials = accepted.serials
         cutoff = time.time() - PUSHED_KEEP_SECONDS
         self.pushed = {s: t for s, t in self.pushed.items() if s not in self.crl_serials and t > cutoff}
         if persist:

@@ -177,13 +177,12 @@ class Verifier:
             if data == crl_der:
                 continue
             try:
-                parsed = crl.load(data)
-                crl.verify(parsed, new_bundle)
-                n = crl.check_newer(parsed, number)
+                accepted = crl.accept(data, new_bundle, number, crl_der)
             except crl.CrlError as e:
                 log.warning("ignoring a CRL", error=str(e))
                 continue
-            crl_der, number, revoked = data, n, crl.serials(parsed)
+            if accepted is not None:
+                crl_der, number, revoked = accepted.der, accepted.number, accepted.serials
         with self._changed:
             self.state = TrustState(new_bundle, crl_der, number, revoked)
             if svid is not None:

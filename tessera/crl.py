@@ -146,3 +146,29 @@ def check_newer(crl: x509.CertificateRevocationList, current_number: int | None)
     if current_number is not None and n < current_number:
         raise CrlError(f"CRL number {n} is lower than the current {current_number}")
     return n
+
+
+@dataclass(frozen=True)
+class Accepted:
+    der: bytes
+    number: int
+    serials: frozenset[str]
+    crl: x509.CertificateRevocationList
+
+
+def accept(data: bytes, bundle: Iterable[x509.Certificate], current_number: int | None,
+           current_der: bytes | None) -> Accepted | None:
+    """The one rule for taking a CRL over the one held: signed by the bundle and not older.
+
+    None when it is the CRL already held; CrlError when it must be refused (unparsable, signed by
+    another key, a lower number, or the current number reused with other content).
+    """
+    parsed = load(data)
+    verify(parsed, bundle)
+    number = check_newer(parsed, current_number)
+    encoded = der(parsed)
+    if number == current_number:
+        if encoded != current_der:
+            raise CrlError(f"CRL number {number} reused with different content")
+        return None
+    return Accepted(encoded, number, frozenset(serials(parsed)), parsed)

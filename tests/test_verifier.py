@@ -119,6 +119,11 @@ def test_verifier_ignores_forged_and_older_crls(ca):
     assert v.state.crl_number == 3
     with pytest.raises(Rejected, match="revoked"):
         v.check(cert)
+    ca.number -= 1
+    v.update(None, [ca.crl()])  # the current number again, with nothing revoked: ignored
+    assert v.state.crl_number == 3
+    with pytest.raises(Rejected, match="revoked"):
+        v.check(cert)
 
 
 def test_file_source_follows_the_sidecars_atomic_replacements(ca, tmp_path):
