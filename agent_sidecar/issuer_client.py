@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tessera import pem, x509svid
+from tessera.errors import ConfigError
 from tessera.v1 import issuer_pb2, issuer_pb2_grpc
 
 
@@ -44,26 +45,37 @@ class SidecarIdentity:
 
 
 class IdentityStore:
-    """The sidecar SVID, its key and the last trust bundle, on disk."""
+    """The sidecar's key and SVID (one file, 0600) and the last trust bundle, on disk.
+
+    Key and certificate chain live in one file replaced atomically, so a crash during renewal
+    leaves the old pair or the new pair, never a new key beside an old certificate.
+    """
 
     def __init__(self, data_dir: Path):
         self.dir = data_dir
-        self.svid = data_dir / "sidecar-svid.pem"
-        self.key = data_dir / "sidecar-key.pem"
+        self.identity = data_dir / "sidecar-identity.pem"
         self.bundle = data_dir / "bundle.pem"
 
     def load(self) -> SidecarIdentity | None:
-        if not (self.svid.exists() and self.key.exists()):
+        """The saved identity; None if there is none; ConfigError if it is unreadable or inconsistent."""
+        if not self.identity.exists():
             return None
-        chain = tuple(x509.load_pem_x509_certificates(self.svid.read_bytes()))
-        key = serialization.load_pem_private_key(self.key.read_bytes(), password=None)
-        bundle = tuple(x509.load_pem_x509_certificates(self.bundle.read_bytes())) if self.bundle.exists() else ()
-        sid = str(x509svid.spiffe_id_of(chain[0]))
+        try:
+            data = self.identity.read_bytes()
+            key = serialization.load_pem_private_key(data, password=None)
+            chain = tuple(x509.load_pem_x509_certificates(data))
+            bundle = tuple(x509.load_pem_x509_certificates(self.bundle.read_bytes())) if self.bundle.exists() else ()
+            sid = str(x509svid.spiffe_id_of(chain[0]))
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(f"data_dir: the saved sidecar identity {self.identity} is unreadable ({e}); "
+                              "remove it and start with a new join token") from None
+        if chain[0].public_key().public_numbers() != key.public_key().public_numbers():
+            raise ConfigError(f"data_dir: the saved sidecar key and SVID in {self.identity} do not match; "
+                              "remove it and start with a new join token")
         return SidecarIdentity(sid, chain, key, bundle)
 
     def save(self, ident: SidecarIdentity) -> None:
-        pem.write_atomic(self.key, pem.key_pem(ident.key), 0o600)
-        pem.write_atomic(self.svid, pem.certs_pem(ident.chain), 0o600)
+        pem.write_atomic(self.identity, pem.key_pem(ident.key) + pem.certs_pem(ident.chain), 0o600)
         self.save_bundle(ident.bundle)
 
     def save_bundle(self, bundle) -> None:

@@ -130,7 +130,13 @@ class SidecarRuntime:
             try:
                 async for ev in call:
                     delay = BACKOFF_MIN
-                    self.handle_sync_event(ev)
+                    try:
+                        self.handle_sync_event(ev)
+                    except Exception:  # noqa: BLE001 - e.g. a full disk: resync rather than stop syncing
+                        log.exception("could not apply a sync event; resyncing",
+                                      event=ev.WhichOneof("event"))
+                        call.cancel()
+                        break
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.CANCELLED and call is not self._sync_call:
                     continue  # replaced after renewal: reconnect at once
@@ -151,26 +157,29 @@ class SidecarRuntime:
     def handle_sync_event(self, ev) -> None:
         kind = ev.WhichOneof("event")
         if kind == "snapshot":
+            self.persist_bundle(ev.snapshot.bundle)
             self.cache.apply_snapshot(ev.snapshot.entries, ev.snapshot.bundle)
-            if ev.snapshot.bundle:
-                self.ids.save_bundle(pem.split_der(ev.snapshot.bundle))
         elif kind == "entry_upsert":
             self.cache.apply_upsert(ev.entry_upsert)
         elif kind == "entry_deleted":
             self.cache.apply_delete(ev.entry_deleted)
         elif kind == "bundle":
+            self.persist_bundle(ev.bundle)
             self.cache.apply_bundle(ev.bundle)
-            self.ids.save_bundle(pem.split_der(ev.bundle))
-            self.revocation.write_bundle(ev.bundle)
         elif kind == "revocation":
             self.handle_revocation(ev.revocation)
         elif kind == "crl":
             self.apply_crl(ev.crl)
-        if kind == "snapshot" and ev.snapshot.bundle:
-            self.revocation.write_bundle(ev.snapshot.bundle)
-
         # After applying: the delay measured is issuer commit -> applied here.
         metrics.observe_sync_event(kind, ev.committed_at)
+
+    def persist_bundle(self, bundle_der: bytes) -> None:
+        """Write a trust bundle to data_dir and output_dir, only when it differs from the one held
+        (every resync carries the bundle; rewriting unchanged files would churn their readers)."""
+        if not bundle_der or bundle_der == self.cache.bundle_der:
+            return
+        self.ids.save_bundle(pem.split_der(bundle_der))
+        self.revocation.write_bundle(bundle_der)
 
     def handle_revocation(self, rev) -> None:
         if self.revocation.note_revocation(rev.seq, rev.serials):
@@ -219,7 +228,11 @@ class SidecarRuntime:
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
             delay = BACKOFF_MIN
-            self.ids.save(new)
+            try:
+                self.ids.save(new)
+            except OSError as e:
+                # Keep going on the new SVID; only a restart would need the saved copy.
+                log.error("could not save the renewed sidecar SVID", error=str(e))
             self.ident = new
             old_call = self._sync_call
             await self.client.connect(new)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import grpc
 
-from tessera import x509svid
+from agent_sidecar.issuer_client import IdentityStore
+from tessera import pem, x509svid
 from tessera.v1 import issuer_pb2, issuer_pb2_grpc
 
 OPTIONS = [("grpc.ssl_target_name_override", "tessera-issuer")]
@@ -18,14 +19,14 @@ def mtls_stub(address: str, bundle_pem: bytes, key_pem: bytes, cert_pem: bytes) 
 
 def sidecar_stub(deployment, sidecar: str) -> issuer_pb2_grpc.IssuerStub:
     """A stub holding the real credentials a running sidecar saved in its data dir."""
-    data = deployment.sidecar_dir(sidecar) / "data"
+    ident = IdentityStore(deployment.sidecar_dir(sidecar) / "data").load()
     return mtls_stub(f"127.0.0.1:{deployment.port}", deployment.bundle_path.read_bytes(),
-                     (data / "sidecar-key.pem").read_bytes(), (data / "sidecar-svid.pem").read_bytes())
+                     pem.key_pem(ident.key), pem.certs_pem(ident.chain))
 
 
 def bootstrap_stub(deployment) -> issuer_pb2_grpc.IssuerStub:
     creds = grpc.ssl_channel_credentials(deployment.bundle_path.read_bytes())
-    return issuer_pb2_grpc.IssuerStub(grpc.secure_channel(f"127.0.0.1:{deployment.port + 1}", creds, options=OPTIONS))
+    return issuer_pb2_grpc.IssuerStub(grpc.secure_channel(deployment.bootstrap_address, creds, options=OPTIONS))
 
 
 def attest(deployment, token: str) -> issuer_pb2.SidecarSVIDResponse:

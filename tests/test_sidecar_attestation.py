@@ -65,12 +65,37 @@ def test_sidecar_renews_its_own_svid_over_mtls_and_keeps_syncing(deployment):
     deployment.start_issuer(sidecar_svid_ttl="20s")
     deployment.start_sidecar("host-a")
     deployment.entry("/agent/a", "host-a")
-    first = (deployment.sidecar_dir("host-a") / "data" / "sidecar-svid.pem").read_bytes()
+    from agent_sidecar.issuer_client import IdentityStore
+
+    saved = IdentityStore(deployment.sidecar_dir("host-a") / "data")
+    first = saved.load().chain[0].serial_number
     from harness import wait_for
 
     wait_for(lambda: "sidecar SVID renewed" in deployment.sidecars["host-a"].log(), timeout=25, what="renewal")
-    assert (deployment.sidecar_dir("host-a") / "data" / "sidecar-svid.pem").read_bytes() != first
+    assert saved.load().chain[0].serial_number != first
     stream = deployment.stream("host-a")
     assert stream.next(20)["event"] == "update"
     deployment.entry("/agent/b", "host-a")  # pushed over the sync stream rebuilt with the new SVID
     stream.until(lambda m: len(m.get("svids", [])) == 2, timeout=5)
+
+
+def test_saved_identity_that_is_unreadable_or_mismatched_is_a_clear_error(tmp_path):
+    from agent_sidecar.issuer_client import IdentityStore, SidecarIdentity
+    from issuer.ca import CertificateAuthority
+    from tessera import pem, spiffeid, x509svid
+    from tessera.errors import ConfigError
+
+    ca = CertificateAuthority.load_or_create("example.org", tmp_path)
+    key = x509svid.new_key()
+    cert = ca.sign(key.public_key(), spiffeid.parse("spiffe://example.org/tessera/sidecar/h"), 600).cert
+    store = IdentityStore(tmp_path / "data")
+    (tmp_path / "data").mkdir()
+    store.save(SidecarIdentity("spiffe://example.org/tessera/sidecar/h", (cert,), key, ca.bundle))
+    assert store.identity.stat().st_mode & 0o777 == 0o600
+    assert store.load().chain[0] == cert
+    store.identity.write_bytes(pem.key_pem(x509svid.new_key()) + pem.certs_pem([cert]))
+    with pytest.raises(ConfigError, match="do not match"):
+        store.load()
+    store.identity.write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="unreadable"):
+        store.load()
