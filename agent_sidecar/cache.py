@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from tessera import logs, pem, x509svid
 from tessera import selectors as sel
@@ -30,8 +28,7 @@ RETRY_SECONDS = 1.0
 class CachedSVID:
     entry_id: str
     spiffe_id: str
-    cert: x509.Certificate
-    cert_der: bytes
+    cert_der: bytes  # the leaf and any intermediates, DER, as the issuer returned them
     key_der: bytes
     serial: str
     not_before: float
@@ -86,8 +83,6 @@ class CacheManager:
     def apply_snapshot(self, entries: Iterable[types_pb2.Entry], bundle_der: bytes) -> None:
         self.entries = {e.id: e for e in entries}
         self.cut = False  # the issuer accepts this sidecar again
-        for gone in set(self.svids) - set(self.entries):
-            del self.svids[gone]
         if bundle_der:
             self.bundle_der = bundle_der
         self.ready = True
@@ -99,8 +94,7 @@ class CacheManager:
 
     def apply_delete(self, entry_id: str) -> None:
         self.entries.pop(entry_id, None)
-        self.svids.pop(entry_id, None)
-        self._changed_entries()
+        self._changed_entries()  # drops its SVID with every other unservable one
 
     def apply_bundle(self, bundle_der: bytes) -> None:
         if bundle_der and bundle_der != self.bundle_der:
@@ -120,7 +114,6 @@ class CacheManager:
         """This sidecar is banned (or its own SVID revoked): serve nothing more."""
         self.cut = True
         self.entries.clear()
-        self.svids.clear()
         self._changed_entries()
 
     def entry_revoked(self, entry_id: str) -> bool:
@@ -181,7 +174,7 @@ class CacheManager:
             chunk = entries[i:i + BATCH]
             keys = {e.id: x509svid.new_key() for e in chunk}
             results = await self._sign([(e.id, x509svid.make_csr(keys[e.id])) for e in chunk])
-            revisions = {e.id: e.revision for e in chunk}
+            asked = {e.id: e for e in chunk}
             for r in results:
                 if r.status_code != 0:
                     log.warning("issuer refused an SVID", entry_id=r.entry_id, error=r.error)
@@ -189,12 +182,12 @@ class CacheManager:
                 current = self.entries.get(r.entry_id)
                 if current is None or not servable(current, time.time()):
                     continue  # deleted or disabled while we waited
-                cert = pem.split_der(r.cert_chain)[0]
+                cert = pem.split_der(r.cert_chain)[0]  # parsed for its dates; served as the DER received
                 self.svids[r.entry_id] = CachedSVID(
-                    entry_id=r.entry_id, spiffe_id=r.spiffe_id, cert=cert,
-                    cert_der=cert.public_bytes(Encoding.DER), key_der=pem.key_pkcs8_der(keys[r.entry_id]),
+                    entry_id=r.entry_id, spiffe_id=r.spiffe_id,
+                    cert_der=r.cert_chain, key_der=pem.key_pkcs8_der(keys[r.entry_id]),
                     serial=r.serial, not_before=cert.not_valid_before_utc.timestamp(),
-                    not_after=cert.not_valid_after_utc.timestamp(), revision=revisions[r.entry_id],
+                    not_after=cert.not_valid_after_utc.timestamp(), revision=asked[r.entry_id].revision,
                     received_at=time.time())
                 stored += 1
             if results:

@@ -57,7 +57,5 @@ def load(path: str | Path, join_token: str | None = None) -> SidecarConfig:
     )
     if not cfg.socket_path.is_absolute():
         raise sec.fail("socket_path", "must be an absolute path")
-    if cfg.crl_check_interval < 1:
-        raise sec.fail("crl_check_interval", "must be at least 1s")
     sec.reject_unknown()
     return cfg

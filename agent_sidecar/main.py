@@ -132,7 +132,7 @@ def cmd_healthcheck(args) -> int:
     """The standard gRPC health check against the sidecar's socket."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from agent_sidecar.workload_client import socket_target
+    from tessera.uds import socket_target
 
     socket_path = args.socket
     if socket_path is None:

@@ -30,13 +30,7 @@ STARTUP_SYNC_WAIT = 5.0
 
 
 def load_trust_bundle(path) -> tuple[x509.Certificate, ...]:
-    try:
-        certs = tuple(x509.load_pem_x509_certificates(open(path, "rb").read()))
-    except OSError as e:
-        raise ConfigError(f"trust_bundle: cannot read {path}: {e.strerror}") from None
-    except ValueError:
-        raise ConfigError(f"trust_bundle: {path} holds no PEM certificate") from None
-    return certs
+    return pem.read_certs(path, "trust_bundle")
 
 
 class SidecarRuntime:
@@ -184,7 +178,9 @@ class SidecarRuntime:
     def handle_revocation(self, rev) -> None:
         if self.revocation.note_revocation(rev.seq, rev.serials):
             log.warning("missed revocations; fetching the CRL", seq=rev.seq)
-            self._tasks.append(asyncio.create_task(self._fetch_crl()))
+            job = asyncio.create_task(self._fetch_crl())
+            self._tasks.append(job)
+            job.add_done_callback(self._tasks.remove)  # one-off: do not pile up finished tasks
         # Revoked identities arrive as entry_upsert (state revoked); single serials are replaced here.
         self.cache.drop_revoked(self.revocation.is_revoked)
 

@@ -24,10 +24,10 @@ import grpc
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from agent_sidecar.attestation import Workload, WorkloadAttestor, _alive
+from agent_sidecar.attestation import Workload, WorkloadAttestor
 from agent_sidecar.cache import CacheManager
 from agent_sidecar.issuer_client import IssuerClient
-from agent_sidecar.workload_api import attest, check_security_header
+from agent_sidecar.workload_api import caller
 from tessera import logs, pem, x509svid
 from tessera.v1 import issuer_pb2, task_grpc, task_pb2
 
@@ -79,13 +79,10 @@ class TaskAPI(task_grpc.TasksBase):
         self.client = client
         self.tasks: dict[tuple[str, str], LiveTask] = {}  # (entry_id, task_id) -> task
         self._watched: dict[int, int] = {}  # pid -> pidfd
+        self._background: set[asyncio.Task] = set()
 
     async def _caller(self, stream):
-        check_security_header(stream)
-        req = await stream.recv_message()
-        if not self.cache.ready:
-            raise GRPCError(Status.UNAVAILABLE, "sidecar is starting: no entries synced from the issuer yet")
-        return req, await attest(self.attestor, stream)
+        return await caller(stream, self.cache, self.attestor)
 
     def _entry(self, wl: Workload, spiffe_id: str):
         entries = self.cache.matching(wl.selectors)
@@ -160,12 +157,8 @@ class TaskAPI(task_grpc.TasksBase):
         if pid in self._watched:
             os.close(pidfd)
             return
-        if not _alive(pidfd):
-            self._watched[pid] = pidfd
-            asyncio.get_running_loop().call_soon(self._exited, pid)
-            return
         self._watched[pid] = pidfd
-        # A pidfd becomes readable when its process exits.
+        # A pidfd becomes readable when its process exits (at once if it already has).
         asyncio.get_running_loop().add_reader(pidfd, self._exited, pid)
 
     def _exited(self, pid: int) -> None:
@@ -177,7 +170,9 @@ class TaskAPI(task_grpc.TasksBase):
         os.close(fd)
         tasks = [t for t in self.tasks.values() if t.pid == pid]
         if tasks:
-            loop.create_task(self._end_for_exit(pid, tasks))
+            job = loop.create_task(self._end_for_exit(pid, tasks))
+            self._background.add(job)  # keep a reference until done, and cancel it on close
+            job.add_done_callback(self._background.discard)
 
     async def _end_for_exit(self, pid: int, tasks: list[LiveTask]) -> None:
         for t in tasks:
@@ -199,3 +194,5 @@ class TaskAPI(task_grpc.TasksBase):
             loop.remove_reader(fd)
             os.close(fd)
         self._watched.clear()
+        for job in self._background:
+            job.cancel()

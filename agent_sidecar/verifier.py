@@ -35,7 +35,6 @@ from tessera import crl, logs, pem, spiffeid, taskext, x509svid
 
 log = logs.get("verifier")
 
-HEADER = (("workload.spiffe.io", "true"),)
 
 
 class Rejected(Exception):
@@ -323,7 +322,7 @@ class _WorkloadSource:
     """A background Workload API stream (FetchX509SVID): SVID, bundle and CRL as the sidecar changes them."""
 
     def __init__(self, verifier: Verifier, socket_path: str):
-        from agent_sidecar.workload_client import socket_target
+        from tessera.uds import socket_target
 
         self.verifier = verifier
         self.target = socket_target(socket_path)
@@ -333,6 +332,7 @@ class _WorkloadSource:
         self._thread.start()
 
     def _run(self) -> None:
+        from agent_sidecar.workload_client import HEADER
         from tessera.workload import workload_pb2, workload_pb2_grpc
 
         delay = 0.1
@@ -391,7 +391,7 @@ class _FileSource:
             return
         self._seen = stamp
         try:
-            bundle = pem.load_pem_certs(self.bundle.read_bytes())
+            bundle = x509.load_pem_x509_certificates(self.bundle.read_bytes())
         except (OSError, ValueError):
             return
         crls = []

@@ -16,7 +16,7 @@ from grpclib.const import Status
 
 from agent_sidecar.attestation import AttestationError, Workload, WorkloadAttestor
 from agent_sidecar.cache import CacheManager
-from tessera import logs
+from tessera import logs, peercred
 from tessera.workload import workload_grpc, workload_pb2
 
 log = logs.get("sidecar.workload_api")
@@ -31,13 +31,22 @@ def check_security_header(stream) -> None:
 
 
 async def attest(attestor: WorkloadAttestor, stream) -> Workload:
-    sock = stream.peer._transport.get_extra_info("socket")  # grpclib keeps the socket on the transport
     try:
-        return await asyncio.to_thread(attestor.attest_socket, sock)
+        return await asyncio.to_thread(attestor.attest_socket, peercred.grpclib_socket(stream))
     except AttestationError as e:
         raise GRPCError(Status.PERMISSION_DENIED, f"workload attestation failed: {e}") from None
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         raise GRPCError(Status.UNAVAILABLE, f"workload attestation failed: {e}") from None
+
+
+async def caller(stream, cache: CacheManager, attestor: WorkloadAttestor):
+    """Every call on the sidecar's socket starts here: the security header, the request, a synced
+    cache, then the caller's identity from the kernel. Returns (request, workload)."""
+    check_security_header(stream)
+    req = await stream.recv_message()
+    if not cache.ready:
+        raise GRPCError(Status.UNAVAILABLE, "sidecar is starting: no entries synced from the issuer yet")
+    return req, await attest(attestor, stream)
 
 
 class WorkloadAPI(workload_grpc.SpiffeWorkloadAPIBase):
@@ -48,11 +57,7 @@ class WorkloadAPI(workload_grpc.SpiffeWorkloadAPIBase):
         self.crls = crls  # callable returning the current DER CRLs
 
     async def _caller(self, stream) -> Workload:
-        check_security_header(stream)
-        await stream.recv_message()
-        if not self.cache.ready:
-            raise GRPCError(Status.UNAVAILABLE, "sidecar is starting: no entries synced from the issuer yet")
-        return await attest(self.attestor, stream)
+        return (await caller(stream, self.cache, self.attestor))[1]
 
     async def FetchX509SVID(self, stream) -> None:
         wl = await self._caller(stream)

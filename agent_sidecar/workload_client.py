@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import grpc
 
 from tessera import pem
+from tessera.uds import socket_target
 from tessera.v1 import task_pb2, task_pb2_grpc
 from tessera.workload import workload_pb2, workload_pb2_grpc
 
 HEADER = (("workload.spiffe.io", "true"),)
-
-
-def socket_target(path: str) -> str:
-    if path.startswith("unix:"):
-        path = path[len("unix://"):] if path.startswith("unix://") else path[len("unix:"):]
-    return f"unix://{os.path.abspath(path)}"
 
 
 def fetch_x509(socket_path: str, timeout: float = 15.0) -> workload_pb2.X509SVIDResponse:
@@ -57,8 +51,7 @@ def end_task(socket_path: str, task_id: str, timeout: float = 30.0) -> list[str]
     return list(resp.revoked_serials)
 
 
-def write_svid_files(out: Path, chain_der: bytes, key_der: bytes, bundle_der: bytes,
-                     crls: list[bytes] | None = None) -> None:
+def write_svid_files(out: Path, chain_der: bytes, key_der: bytes, bundle_der: bytes) -> None:
     """svid.pem (leaf first), key.pem (0600), bundle.pem; like `spire-agent api fetch x509`."""
     from cryptography.hazmat.primitives import serialization
 

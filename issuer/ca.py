@@ -93,13 +93,7 @@ class CertificateAuthority:
 
 
 def _read_cert(path: Path, key: str) -> x509.Certificate:
-    try:
-        certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
-    except OSError as e:
-        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
-    except ValueError:
-        raise ConfigError(f"{key}: {path} is not a PEM certificate") from None
-    return certs[0]
+    return pem.read_certs(path, key)[0]
 
 
 def _read_key(path: Path, key: str) -> ec.EllipticCurvePrivateKey:

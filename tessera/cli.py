@@ -10,14 +10,14 @@ import time
 
 import grpc
 
+from tessera import crl as crl_mod
 from tessera.cliutil import CliError, Parser, fail, run_main
 from tessera.durations import format_duration, parse_duration
 from tessera.errors import InvalidArgument
+from tessera.uds import socket_target
 from tessera.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 PROG = "tessera"
-REASON_CODE_NAMES = ("unspecified", "keyCompromise", "affiliationChanged", "superseded", "cessationOfOperation",
-                     "privilegeWithdrawn")
 REVOKE_TARGETS = (("serial", "serial"), ("task", "task_id"), ("entry", "entry_id"), ("spiffe_id", "spiffe_id"),
                   ("sidecar", "sidecar"), ("owner", "owner"))
 DEFAULT_SOCKET = "/run/tessera/admin.sock"
@@ -153,7 +153,7 @@ def build_parser() -> Parser:
     target.add_argument("--sidecar", help="a sidecar (name or SPIFFE ID): bans it and revokes all it obtained")
     target.add_argument("--owner", help="everything the owner's entries hold")
     rv.add_argument("--reason", required=True, help="why (audited)")
-    rv.add_argument("--reason-code", default="", choices=["", *REASON_CODE_NAMES],
+    rv.add_argument("--reason-code", default="", choices=["", *crl_mod.REASON_CODES],
                     help="RFC 5280 reason code for the CRL (default depends on the target)")
     rv.add_argument("--output", choices=["text", "json"], default="text")
 
@@ -317,7 +317,7 @@ def _print_report(rep: dict) -> None:
 def _stub(socket_path: str) -> admin_pb2_grpc.AdminStub:
     if not os.path.exists(socket_path):
         raise CliError(f"admin socket {socket_path} does not exist (is the issuer running? set --admin-socket)", 1)
-    channel = grpc.insecure_channel(f"unix://{os.path.abspath(socket_path)}")
+    channel = grpc.insecure_channel(socket_target(socket_path))
     return admin_pb2_grpc.AdminStub(channel)
 
 
@@ -451,8 +451,6 @@ def run(args) -> int:
         if args.der:
             sys.stdout.buffer.write(crl.der)
         else:
-            from tessera import crl as crl_mod
-
             sys.stdout.write(crl_mod.pem(crl_mod.load(crl.der)).decode())
     elif g == "bundle" and c == "show":
         sys.stdout.write(stub.GetBundle(types_pb2.Empty(), timeout=t).pem)

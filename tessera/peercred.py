@@ -24,10 +24,15 @@ def from_socket(sock) -> PeerCred:
     return PeerCred(pid, uid, gid)
 
 
-def from_grpclib_stream(stream) -> PeerCred:
-    """Credentials of the connection a grpclib server stream arrived on."""
+def grpclib_socket(stream) -> socket.socket:
+    """The Unix socket a grpclib server stream arrived on."""
     transport = stream.peer._transport  # grpclib exposes no public accessor for the socket
     sock = transport.get_extra_info("socket")
     if sock is None or sock.family != socket.AF_UNIX:
         raise RuntimeError("peer credentials need a Unix socket connection")
-    return from_socket(sock)
+    return sock
+
+
+def from_grpclib_stream(stream) -> PeerCred:
+    """Credentials of the connection a grpclib server stream arrived on."""
+    return from_socket(grpclib_socket(stream))

@@ -41,8 +41,16 @@ def certs_pem(certs: Sequence[x509.Certificate]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
 
 
-def load_pem_certs(data: bytes) -> list[x509.Certificate]:
-    return x509.load_pem_x509_certificates(data)
+def read_certs(path: str | os.PathLike, key: str) -> tuple[x509.Certificate, ...]:
+    """PEM certificates from a file; ConfigError naming the config `key` if unreadable or empty."""
+    from tessera.errors import ConfigError
+
+    try:
+        return tuple(x509.load_pem_x509_certificates(Path(path).read_bytes()))
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+    except ValueError:
+        raise ConfigError(f"{key}: {path} holds no PEM certificate") from None
 
 
 def key_pkcs8_der(key) -> bytes:

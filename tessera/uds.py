@@ -8,6 +8,13 @@ import stat
 from pathlib import Path
 
 
+def socket_target(path: str) -> str:
+    """A grpc target for a Unix socket path, also accepting the unix:// and unix: URI forms."""
+    if path.startswith("unix:"):
+        path = path[len("unix://"):] if path.startswith("unix://") else path[len("unix:"):]
+    return f"unix://{os.path.abspath(path)}"
+
+
 def bind_unix(path: str | Path, mode: int) -> socket.socket:
     """A listening Unix socket at `path` with `mode`; a stale socket file there is replaced."""
     p = Path(path)

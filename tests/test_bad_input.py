@@ -97,7 +97,7 @@ def test_unreadable_or_invalid_ca_key_stops_the_issuer(deployment, tmp_path):
     key.write_text("not a key")
     key.chmod(0o600)
     cfg.update(ca_cert=str(ca), ca_key=str(key))
-    one_line_error(deployment.run_issuer_once(cfg), "ca_cert:", "not a PEM certificate")
+    one_line_error(deployment.run_issuer_once(cfg), "ca_cert:", "holds no PEM certificate")
     # A real certificate with a key file that is garbage, missing, or readable by others.
     from issuer.ca import CertificateAuthority
 

@@ -16,7 +16,8 @@ import time
 
 import grpc
 
-from agent_sidecar.workload_client import HEADER, socket_target
+from agent_sidecar.workload_client import HEADER
+from tessera.uds import socket_target
 from tessera.v1 import task_pb2, task_pb2_grpc
 
 
