@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from issuer.datastore import GENESIS_HASH, audit_hash
+from issuer.datastore import GENESIS_HASH, audit_hash, audit_record_from_row
 from issuer.models import AuditRecord
 from tessera import logs
 
@@ -105,14 +105,6 @@ class AuditFilter:
         return r.ts >= self.since_ts
 
 
-def _json_or_raw(text):
-    # A row edited into invalid JSON must still reach verification (and fail it), not crash the reader.
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return {"unparseable": text}
-
-
 def read_sqlite(path: str | Path) -> Iterator[AuditRecord]:
     """Audit records straight from an issuer database over a read-only connection.
 
@@ -123,8 +115,7 @@ def read_sqlite(path: str | Path) -> Iterator[AuditRecord]:
     try:
         for row in db.execute("SELECT seq, ts, action, actor, decision, reason, subject, details, prev_hash, hash"
                               " FROM audit ORDER BY seq"):
-            yield AuditRecord(row[0], row[1], row[2], _json_or_raw(row[3]), row[4], row[5], row[6],
-                              _json_or_raw(row[7]), row[8], row[9])
+            yield audit_record_from_row(row)
     finally:
         db.close()
 

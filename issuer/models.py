@@ -26,8 +26,6 @@ class Entry:
     updated_at: int
     revision: int = 1
 
-    def servable(self, now: int) -> bool:
-        return self.state == "active" and self.expires_at > now
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from tessera.errors import ConfigError
 EFFECTS = ("allow", "deny", "require_approval")
 DEFAULT_APPROVAL_TIMEOUT = 300
 MAX_TASK_TTL_LIMIT = 7 * 86400
-_TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")  # as entries' tiers (issuer/registration.py)
+TIER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")  # tiers in the policy and on entries
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def _one_line(text: str) -> str:
 
 
 def _tier(sec: Section, name: str) -> Tier:
-    if not _TIER_NAME.match(name):
+    if not TIER_NAME.match(name):
         raise sec.fail(name, "tier names are lowercase letters, digits, _ and - (at most 32)")
     s = sec.section(name)
     t = Tier(name, s.duration("max_task_ttl"), s.duration("max_identity_ttl"), s.get("approval", bool, False))
@@ -124,7 +124,7 @@ def _tier(sec: Section, name: str) -> Tier:
     return t
 
 
-def compile_rule(env: celpy.Environment, sec: Section, index: int) -> Rule:
+def compile_rule(env: celpy.Environment, sec: Section) -> Rule:
     name = sec.str("name")
     effect = sec.str("effect")
     if effect not in EFFECTS:
@@ -152,7 +152,7 @@ def load_section(sec: Section) -> Policy:
     for i, raw in enumerate(raw_rules):
         if not isinstance(raw, dict):
             raise sec.fail(f"rules[{i}]", "must be a mapping with name, effect, condition and reason")
-        rule = compile_rule(env, Section(raw, f"{sec._prefix}rules[{i}].", sec._source), i)
+        rule = compile_rule(env, Section(raw, f"{sec._prefix}rules[{i}].", sec._source))
         if rule.name in seen:
             raise sec.fail(f"rules[{i}]", f"duplicate rule name {rule.name!r}")
         seen.add(rule.name)
@@ -259,12 +259,6 @@ def approval_covers(policy: Policy, entry: Mapping[str, Any], now: float) -> boo
                       scopes=tuple(entry.get("scopes", ())), ttl=tier.max_task_ttl if tier else 1, context={},
                       now=now)
     act = activation(req)
-    for rule in policy.rules:
-        if rule.effect == "require_approval":
-            try:
-                result = rule.program.evaluate(act)
-            except Exception:  # noqa: BLE001 - an erroring condition proves nothing about coverage
-                continue
-            if result is True or (isinstance(result, celtypes.BoolType) and bool(result)):
-                return True
-    return False
+    # A condition that errors proves nothing about coverage: only a clean match counts.
+    return any(hit and not err for hit, err in (_matches(rule, act) for rule in policy.rules
+                                                if rule.effect == "require_approval"))

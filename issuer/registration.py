@@ -16,12 +16,12 @@ from typing import Callable, Iterable
 from issuer.datastore import Datastore
 from issuer.events import EventHub
 from issuer.models import ENTRY_STATES, Actor, AuditEvent, Entry
+from issuer.policy import TIER_NAME
 from tessera import selectors as sel
 from tessera import spiffeid
 from tessera.errors import InvalidArgument, NotFound, PermissionDenied
 
 _SCOPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._/*-]{0,127}$")
-_TIER = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 MIN_TTL = 10
 DEFAULT_TIER = "low"
 
@@ -112,7 +112,7 @@ class Registry:
 
     def _tier(self, tier: str) -> str:
         tier = tier or DEFAULT_TIER
-        if not _TIER.match(tier):
+        if not TIER_NAME.match(tier):
             raise InvalidArgument(f"invalid tier {tier!r}")
         if self._tier_names is not None:
             names = set(self._tier_names())

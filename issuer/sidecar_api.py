@@ -15,7 +15,7 @@ from issuer.registration import Registry
 from issuer.signing import SvidSigner
 from issuer.tasks import TaskService, TaskSpec
 from tessera import pem
-from tessera.errors import PermissionDenied, Unavailable
+from tessera.errors import PermissionDenied
 from tessera.rpc import grpcio_handler
 from tessera.v1 import issuer_pb2, issuer_pb2_grpc, task_pb2
 
@@ -27,7 +27,7 @@ def peer_cert_pem(context: grpc.ServicerContext) -> bytes | None:
 
 class IssuerService(issuer_pb2_grpc.IssuerServicer):
     def __init__(self, attestor: SidecarAttestor, signer: SvidSigner, registry: Registry, hub: EventHub,
-                 bundle_der, resync_interval: int, tasks: TaskService | None = None, crl_der=None):
+                 bundle_der, resync_interval: int, tasks: TaskService, crl_der):
         self.attestor = attestor
         self.signer = signer
         self.registry = registry
@@ -83,8 +83,6 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
             return issuer_pb2.SyncEvent(entry_upsert=entry_pb(payload), committed_at=committed_at)
         if kind == "entry_deleted":
             return issuer_pb2.SyncEvent(entry_deleted=payload, committed_at=committed_at)
-        if kind == "bundle":
-            return issuer_pb2.SyncEvent(bundle=payload, committed_at=committed_at)
         if kind == "revocation":
             return issuer_pb2.SyncEvent(revocation=issuer_pb2.Revocation(
                 seq=payload.seq, serials=payload.serials, entry_ids=payload.entry_ids,
@@ -95,13 +93,11 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
 
     def crl_event(self) -> list[issuer_pb2.SyncEvent]:
         """The current CRL, sent after every snapshot: how a sidecar that was offline catches up."""
-        return [issuer_pb2.SyncEvent(crl=self.crl_der())] if self.crl_der is not None else []
+        return [issuer_pb2.SyncEvent(crl=self.crl_der())]
 
     @grpcio_handler
     def FetchCRL(self, request, context):
         self._caller(context)
-        if self.crl_der is None:
-            raise Unavailable("no CRL yet")
         return issuer_pb2.FetchCRLResponse(crl=self.crl_der())
 
     @grpcio_handler

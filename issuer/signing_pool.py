@@ -90,7 +90,6 @@ def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str) -> No
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     key = serialization.load_pem_private_key(key_pem, password=None)
     ca = CertificateAuthority(x509.load_pem_x509_certificate(cert_pem), key, trust_domain)
-    del key_pem
     while True:
         try:
             jobs = conn.recv()
@@ -132,8 +131,7 @@ class SigningPool:
         self.workers = workers
         self._record = record
         self._ctx = multiprocessing.get_context("spawn")  # not fork: gRPC threads do not survive a fork
-        key_pem = ca.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption())
+        key_pem = pem.key_pem(ca.key)
         self._args = (pem.certs_pem([ca.cert]), key_pem, ca.trust_domain)
         self._cond = threading.Condition()
         self._queue: collections.deque[_Request] = collections.deque()

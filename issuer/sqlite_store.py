@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from issuer.datastore import GENESIS_HASH, audit_hash
+from issuer.datastore import GENESIS_HASH, audit_hash, audit_record_from_row
 from issuer.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
 from tessera.errors import AlreadyExists, NotFound, PermissionDenied
 
@@ -259,11 +259,6 @@ class SQLiteDatastore:
                 raise NotFound(f"no entry with id {entry_id}")
             self._audit(db, audit)
 
-    def get_entry(self, entry_id: str) -> Entry | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM entries WHERE id=?", (entry_id,)).fetchone()
-        return _entry(row) if row else None
-
     def list_entries(self, parent_id: str | None = None) -> list[Entry]:
         with self._lock:
             if parent_id is None:
@@ -307,11 +302,6 @@ class SQLiteDatastore:
                  sidecar.svid_serial, sidecar.svid_expires_at),
             )
             self._audit(db, audit)
-
-    def get_sidecar(self, sidecar_id: str) -> Sidecar | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM sidecars WHERE id=?", (sidecar_id,)).fetchone()
-        return _sidecar(row) if row else None
 
     def list_sidecars(self) -> list[Sidecar]:
         with self._lock:
@@ -448,18 +438,15 @@ class SQLiteDatastore:
     # -- audit ------------------------------------------------------------------------
 
     def audit_records(self, since_seq: int = 0, limit: int | None = None) -> list[AuditRecord]:
-        q = "SELECT * FROM audit WHERE seq > ? ORDER BY seq"
+        q = ("SELECT seq, ts, action, actor, decision, reason, subject, details, prev_hash, hash"
+             " FROM audit WHERE seq > ? ORDER BY seq")
         args: tuple = (since_seq,)
         if limit is not None:
             q += " LIMIT ?"
             args += (limit,)
         with self._lock:
             rows = self._db.execute(q, args).fetchall()
-        return [
-            AuditRecord(r["seq"], r["ts"], r["action"], json.loads(r["actor"]), r["decision"], r["reason"],
-                        r["subject"], json.loads(r["details"]), r["prev_hash"], r["hash"])
-            for r in rows
-        ]
+        return [audit_record_from_row(r) for r in rows]
 
     def close(self) -> None:
         with self._group_cond:

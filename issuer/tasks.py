@@ -112,10 +112,7 @@ class TaskService:
         context = validate_context(spec.context)
         if spec.ttl <= 0:
             raise InvalidArgument("ttl_seconds must be positive")
-        try:
-            public_key = x509svid.load_csr(spec.csr).public_key()
-        except ValueError as e:
-            raise InvalidArgument(f"invalid CSR: {e}") from None
+        public_key = x509svid.csr_public_key(spec.csr)
         now = time.time()
         try:
             entry = self._entry_for(sidecar, spec, now)

@@ -132,6 +132,18 @@ def load_csr(der: bytes) -> x509.CertificateSigningRequest:
     return csr
 
 
+def csr_public_key(der: bytes):
+    """The public key of a verified CSR; InvalidArgument naming the problem otherwise."""
+    from tessera.errors import InvalidArgument
+
+    if not der:
+        raise InvalidArgument("csr is required")
+    try:
+        return load_csr(der).public_key()
+    except ValueError as e:
+        raise InvalidArgument(f"invalid CSR: {e}") from None
+
+
 def make_csr(key) -> bytes:
     """A minimal CSR: the issuer takes only the key from it; identity comes from the entry."""
     from cryptography.hazmat.primitives.serialization import Encoding
