@@ -18,6 +18,7 @@ from issuer.audit import AuditFilter, ChainCheck, newest_seq_sqlite, read_sqlite
 from issuer.datastore import Datastore
 from issuer.events import EventHub
 from issuer.models import AuditRecord, Entry
+from issuer.sqlite_store import read_issued
 from tessera.errors import FailedPrecondition, InvalidArgument
 from tessera.rpc import grpclib_handler
 from tessera.v1 import admin_pb2
@@ -78,9 +79,12 @@ class Evidence:
         return records[-1].seq if records else 0
 
     def build_report(self, thresholds: report.Thresholds) -> dict:
+        path = getattr(self.store, "path", None)  # the SQLite store: bulk reads beside the writer
+        issued = read_issued(path) if path is not None else self.store.find_issued()
+        audit = list(read_sqlite(path)) if path is not None else self.store.audit_records()
         return report.build(
-            entries=self.registry.list(), sidecars=self.attestor.list(), issued=self.store.find_issued(),
-            audit=self.store.audit_records(), connected=self.hub.connected(), now=int(time.time()),
+            entries=self.registry.list(), sidecars=self.attestor.list(), issued=issued,
+            audit=audit, connected=self.hub.connected(), now=int(time.time()),
             thresholds=thresholds, approval_covers=self.approval_covers)
 
 

@@ -125,6 +125,17 @@ def _issued(row: sqlite3.Row) -> IssuedSerial:
     return IssuedSerial(**{k: row[k] for k in row.keys()})
 
 
+def read_issued(path: str | Path) -> list[IssuedSerial]:
+    """Every issued serial, over a read-only connection: a bulk read beside the writer (WAL), not
+    under the store's lock, so issuance never waits for a report."""
+    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        return [_issued(r) for r in db.execute("SELECT * FROM issued ORDER BY issued_at")]
+    finally:
+        db.close()
+
+
 class _PendingSerials:
     __slots__ = ("serials", "audits")
 
