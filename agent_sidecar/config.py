@@ -51,7 +51,7 @@ def load(path: str | Path, join_token: str | None = None) -> SidecarConfig:
         server_name=sec.str("server_name", "tessera-issuer"),
         exe_hash_max_bytes=max_hash,
         log_level=sec.str("log_level", "info"),
-        metrics_address=sec.address("metrics_address") if sec.get("metrics_address", str, None) else None,
+        metrics_address=sec.address("metrics_address", None),
         output_dir=sec.path("output_dir", None),
         crl_check_interval=sec.duration("crl_check_interval", "60s"),
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from tessera import logs, pem
-from tessera.cliutil import CliError, Parser, fail, run_main
+from tessera.cliutil import CliError, Parser, duration_arg, fail, run_main
 from tessera.errors import ConfigError, TesseraError
 
 PROG = "tessera-sidecar"
@@ -53,16 +53,6 @@ def build_parser() -> Parser:
     return p
 
 
-def _seconds(value: str, flag: str) -> int:
-    from tessera.durations import parse_duration
-    from tessera.errors import InvalidArgument
-
-    try:
-        return parse_duration(value)
-    except InvalidArgument as e:
-        raise CliError(f"{flag}: {e.message}") from None
-
-
 def cmd_task_start(args) -> int:
     from agent_sidecar.workload_client import start_task, write_svid_files
 
@@ -73,7 +63,7 @@ def cmd_task_start(args) -> int:
             raise CliError(f"--context must be KEY=VALUE, got {item!r}")
         context[k] = v
     cred = start_task(
-        args.socket, args.task_id, args.scope, _seconds(args.ttl, "--ttl"), context, _seconds(args.wait, "--wait"),
+        args.socket, args.task_id, args.scope, duration_arg(args.ttl, "--ttl"), context, duration_arg(args.wait, "--wait"),
         spiffe_id=args.spiffe_id, bind_to_parent=True,
         on_pending=lambda p: print(f"pending approval {p.approval_id}: {p.reason}", file=sys.stderr, flush=True))
     write_svid_files(Path(args.out), cred.cert_chain, cred.key, cred.bundle)

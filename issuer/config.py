@@ -70,7 +70,7 @@ def load(path: str | Path) -> IssuerConfig:
         signing_workers=sec.get("signing_workers", int, os.cpu_count() or 1),
         log_level=sec.str("log_level", "info"),
         audit_file=sec.path("audit_file", str(data_dir / "audit.jsonl")),
-        metrics_address=sec.address("metrics_address") if sec.get("metrics_address", str, None) else None,
+        metrics_address=sec.address("metrics_address", None),
         policy=policy_mod.load(sec),
         crl_validity=sec.duration("crl_validity", "10m"),
     )

@@ -29,6 +29,7 @@ import grpc  # noqa: E402
 
 from benchlib import crlbench, limit, stats  # noqa: E402
 from harness import BIN, Deployment, wait_for  # noqa: E402
+from taskutil import ALLOW_ALL, TIERS  # noqa: E402
 from tessera.v1 import admin_pb2, admin_pb2_grpc, types_pb2  # noqa: E402
 
 BENCHLIB = REPO / "scripts" / "benchlib"
@@ -238,22 +239,12 @@ def served_ids(dep: Deployment, sidecar: str) -> list[str]:
 
 
 def measure_sidecar(dep: Deployment, sz: Sizes, figures: dict) -> None:
-    from agent_sidecar.workload_client import fetch_x509
-
     name = "bench-rss"
     sidecar = dep.start_sidecar(name)
     log(f"sidecar up (pid {sidecar.proc.pid}); registering {sz.sidecar_svids} entries for it")
     create_entries(dep, name, sz.sidecar_svids, "bench/rss")
 
-    def cached() -> int:
-        try:
-            return len(fetch_x509(str(dep.socket(name)), timeout=10).svids)
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE:  # "not yet": the sidecar is still minting
-                raise
-            return 0
-
-    wait_for(lambda: cached() >= sz.sidecar_svids, timeout=120, interval=0.5,
+    wait_for(lambda: len(served_ids(dep, name)) >= sz.sidecar_svids, timeout=120, interval=0.5,
              what=f"{sz.sidecar_svids} SVIDs from the sidecar")
     figures["sidecar_rss_mb"] = stats.rounded(rss_mb(sidecar.proc.pid))
     figures["sidecar_rss_svids"] = sz.sidecar_svids
@@ -263,9 +254,7 @@ def measure_sidecar(dep: Deployment, sz: Sizes, figures: dict) -> None:
 
 TASK_SCOPE = "bench:run"
 # The policy shape of tests/taskutil.py: a "low" tier and one rule allowing the entry's own scopes.
-BENCH_POLICY = {"approval_timeout": "60s", "tiers": {"low": {"max_task_ttl": "10m", "max_identity_ttl": "1h"}},
-                "rules": [{"name": "allow-entry-scopes", "effect": "allow", "condition": "true",
-                           "reason": "scopes within the entry are allowed"}]}
+BENCH_POLICY = {"approval_timeout": "60s", "tiers": {"low": TIERS["low"]}, "rules": [ALLOW_ALL]}
 
 
 def measure_task_credential(dep: Deployment, sz: Sizes, figures: dict) -> tuple[subprocess.Popen, list[str]]:

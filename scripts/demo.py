@@ -20,11 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import BIN, Deployment, openssl_says_revoked, openssl_verify, wait_for  # noqa: E402  (the same harness the end-to-end tests drive)
+from harness import BIN, Deployment, openssl_says_revoked, openssl_verify, wait_for  # noqa: E402
+from taskutil import ALLOW_ALL  # noqa: E402  (the same harness the end-to-end tests drive)
 
 # Tasks are denied unless a rule allows them: the demo allows the scopes an entry grants.
-DEMO_POLICY = {"rules": [{"name": "allow-entry-scopes", "effect": "allow", "condition": "true",
-                          "reason": "agents may use the scopes their entry grants"}]}
+DEMO_POLICY = {"rules": [ALLOW_ALL]}
 
 
 def step(msg: str) -> None:

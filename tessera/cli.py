@@ -11,7 +11,7 @@ import time
 import grpc
 
 from tessera import crl as crl_mod
-from tessera.cliutil import CliError, Parser, fail, run_main
+from tessera.cliutil import CliError, Parser, duration_arg, fail, run_main
 from tessera.durations import format_duration, parse_duration
 from tessera.errors import InvalidArgument
 from tessera.uds import socket_target
@@ -21,13 +21,6 @@ PROG = "tessera"
 REVOKE_TARGETS = (("serial", "serial"), ("task", "task_id"), ("entry", "entry_id"), ("spiffe_id", "spiffe_id"),
                   ("sidecar", "sidecar"), ("owner", "owner"))
 DEFAULT_SOCKET = "/run/tessera/admin.sock"
-
-
-def _duration(value: str) -> int:
-    try:
-        return parse_duration(value)
-    except InvalidArgument as e:
-        raise CliError(e.message) from None
 
 
 def _ts(t: int) -> str:
@@ -330,7 +323,7 @@ def run(args) -> int:
     g, c = args.group, getattr(args, "cmd", None)
     if g == "token" and c == "create":
         r = stub.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(sidecar_name=args.sidecar,
-                                                                  ttl_seconds=_duration(args.ttl)), timeout=t)
+                                                                  ttl_seconds=duration_arg(args.ttl, "--ttl")), timeout=t)
         print(r.token)
     elif g == "entry" and c == "create":
         if args.expires_in is None:
@@ -344,8 +337,8 @@ def run(args) -> int:
         req = types_pb2.Entry(
             spiffe_id=args.spiffe_id, parent_id=args.parent, selectors=args.selector, owner=args.owner,
             purpose=args.purpose, tier=args.tier, scopes=args.scope,
-            x509_ttl_seconds=_duration(args.x509_ttl) if args.x509_ttl else 0,
-            expires_at=int(time.time()) + _duration(args.expires_in))
+            x509_ttl_seconds=duration_arg(args.x509_ttl, "--x509-ttl") if args.x509_ttl else 0,
+            expires_at=int(time.time()) + duration_arg(args.expires_in, "--expires-in"))
         print(stub.CreateEntry(req, timeout=t).id)
     elif g == "entry" and c == "list":
         entries = stub.ListEntries(admin_pb2.ListEntriesRequest(expired_only=args.expired), timeout=t).entries
@@ -367,9 +360,9 @@ def run(args) -> int:
         if args.selector is not None:
             req.selectors.values.extend(args.selector)
         if args.x509_ttl:
-            req.x509_ttl_seconds = _duration(args.x509_ttl)
+            req.x509_ttl_seconds = duration_arg(args.x509_ttl, "--x509-ttl")
         if args.expires_in:
-            req.expires_at = int(time.time()) + _duration(args.expires_in)
+            req.expires_at = int(time.time()) + duration_arg(args.expires_in, "--expires-in")
         _print_entry(stub.UpdateEntry(req, timeout=t), args.output)
     elif g == "entry" and c == "delete":
         stub.DeleteEntry(admin_pb2.EntryRef(id=args.id), timeout=t)

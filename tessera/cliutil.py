@@ -23,6 +23,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
+def duration_arg(value: str, flag: str) -> int:
+    """A duration flag (30s, 10m, 24h, 30d) in seconds; CliError naming the flag."""
+    from tessera.durations import parse_duration
+    from tessera.errors import InvalidArgument
+
+    try:
+        return parse_duration(value)
+    except InvalidArgument as e:
+        raise CliError(f"{flag}: {e.message}") from None
+
+
 def fail(prog: str, message: str, code: int = EXIT_BAD_INPUT) -> int:
     print(f"{prog}: {message}", file=sys.stderr)
     return code

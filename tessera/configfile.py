@@ -69,6 +69,8 @@ class Section:
     def address(self, key: str, default: Any = ...) -> str:
         """HOST:PORT."""
         v = self.str(key, default)
+        if v is None:
+            return None
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise self.fail(key, f"must be HOST:PORT, got {v!r}")
