@@ -39,6 +39,10 @@ class SidecarAttestor:
         self.svid_ttl = svid_ttl
         self.token_ttl = token_ttl
         self._lock = threading.Lock()
+        self._touching: set[str] = set()
+        # Client certificate (PEM, as TLS verified it) -> (SPIFFE ID, serial): every call of a sidecar
+        # presents the same certificate, so it is parsed once, not per call.
+        self._peer_ids: dict[bytes, tuple[spiffeid.SpiffeId, str]] = {}
         self._sidecars: dict[str, Sidecar] = {s.id: s for s in store.list_sidecars()}
 
     # -- operator side -----------------------------------------------------------------
@@ -129,26 +133,34 @@ class SidecarAttestor:
             self._sidecars[sidecar.id] = banned
         return banned
 
-    def touch(self, sidecar_id: str) -> None:
-        now = int(time.time())
+    def touch_due(self, sidecar_id: str) -> bool:
+        """True at most once a minute per sidecar (and not while a touch is under way): then call touch()."""
         s = self._sidecars.get(sidecar_id)
-        if s is not None and now - s.last_seen >= 60:
-            self.store.touch_sidecar(sidecar_id, now)
-            with self._lock:
-                # Update whatever is current: a ban that landed meanwhile must not be overwritten.
-                current = self._sidecars.get(sidecar_id)
-                if current is not None:
-                    self._sidecars[sidecar_id] = replace(current, last_seen=now)
+        if s is None or int(time.time()) - s.last_seen < 60 or sidecar_id in self._touching:
+            return False
+        self._touching.add(sidecar_id)
+        return True
+
+    def touch(self, sidecar_id: str) -> None:
+        """Record that the sidecar was seen (a write; callers on an event loop run it on its executor)."""
+        now = int(time.time())
+        try:
+            s = self._sidecars.get(sidecar_id)
+            if s is not None and now - s.last_seen >= 60:
+                self.store.touch_sidecar(sidecar_id, now)
+                with self._lock:
+                    # Update whatever is current: a ban that landed meanwhile must not be overwritten.
+                    current = self._sidecars.get(sidecar_id)
+                    if current is not None:
+                        self._sidecars[sidecar_id] = replace(current, last_seen=now)
+        finally:
+            self._touching.discard(sidecar_id)
 
     def authenticate(self, peer_cert_pem: bytes | None) -> Sidecar:
         """The sidecar behind an mTLS call. The TLS layer already verified the chain and expiry."""
         if not peer_cert_pem:
             raise Unauthenticated("a sidecar SVID (client certificate) is required")
-        try:
-            cert = x509.load_pem_x509_certificate(peer_cert_pem)
-            sid = x509svid.spiffe_id_of(cert)
-        except ValueError as e:
-            raise Unauthenticated(f"client certificate is not a sidecar SVID: {e}") from None
+        sid, serial = self._peer_ids.get(peer_cert_pem) or self._parse_peer(peer_cert_pem)
         if not sid.member_of(self.ca.trust_domain) or spiffeid.sidecar_name(sid) is None:
             raise PermissionDenied(f"{sid} is not a sidecar identity")
         s = self._sidecars.get(str(sid))
@@ -156,9 +168,20 @@ class SidecarAttestor:
             raise PermissionDenied(f"sidecar {sid} is not attested")
         if s.state == "banned":
             raise PermissionDenied(f"sidecar {sid} is banned")
-        if self.is_revoked(x509svid.serial_hex(cert.serial_number)):
+        if self.is_revoked(serial):
             raise PermissionDenied(f"the SVID of sidecar {sid} is revoked")
         return s
+
+    def _parse_peer(self, peer_cert_pem: bytes) -> tuple[spiffeid.SpiffeId, str]:
+        try:
+            cert = x509.load_pem_x509_certificate(peer_cert_pem)
+            parsed = (x509svid.spiffe_id_of(cert), x509svid.serial_hex(cert.serial_number))
+        except ValueError as e:
+            raise Unauthenticated(f"client certificate is not a sidecar SVID: {e}") from None
+        if len(self._peer_ids) >= 10_000:  # bounded: sidecar SVIDs rotate, old ones need not stay
+            self._peer_ids.clear()
+        self._peer_ids[peer_cert_pem] = parsed
+        return parsed
 
     def is_revoked(self, serial_hex: str) -> bool:
         """Overridden by the revocation service once it is wired in."""

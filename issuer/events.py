@@ -1,13 +1,16 @@
 """Push of committed changes to connected sidecars' sync streams.
 
-Each sync stream holds a subscription (a queue). Publishing never blocks: the
-issuer commits first, then publishes; a sidecar that misses an event (it was
-disconnected) gets a fresh snapshot when it reconnects.
+Each sync stream holds a subscription: a queue on the event loop that serves the
+stream. Publishing never blocks and may happen on any thread (the admin socket's
+loop, a blocking-call thread, the revocation service): the issuer commits first,
+then publishes, and each loop is woken once per event however many of its streams
+receive it. A sidecar that misses an event (it was disconnected) gets a fresh
+snapshot when it reconnects.
 """
 
 from __future__ import annotations
 
-import queue
+import asyncio
 import threading
 import time
 from typing import Any
@@ -21,19 +24,26 @@ def _stamp(event: Any) -> Any:
 
 
 class Subscription:
-    def __init__(self, hub: "EventHub", sidecar_id: str):
+    def __init__(self, hub: "EventHub", sidecar_id: str, loop: asyncio.AbstractEventLoop):
         self.hub = hub
         self.sidecar_id = sidecar_id
-        self.queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self.loop = loop
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
 
-    def get(self, timeout: float) -> Any:
+    async def get(self, timeout: float) -> Any:
+        """The next event, or None after `timeout` seconds without one."""
         try:
-            return self.queue.get(timeout=timeout)
-        except queue.Empty:
+            return await asyncio.wait_for(self.queue.get(), timeout)
+        except TimeoutError:
             return None
 
     def close(self) -> None:
         self.hub._remove(self)
+
+
+def _deliver(subs: list[Subscription], event: Any) -> None:
+    for s in subs:
+        s.queue.put_nowait(event)
 
 
 class EventHub:
@@ -42,7 +52,8 @@ class EventHub:
         self._subs: dict[str, list[Subscription]] = {}
 
     def subscribe(self, sidecar_id: str) -> Subscription:
-        sub = Subscription(self, sidecar_id)
+        """A subscription read on the running event loop (call this from a coroutine)."""
+        sub = Subscription(self, sidecar_id, asyncio.get_running_loop())
         with self._lock:
             self._subs.setdefault(sidecar_id, []).append(sub)
         return sub
@@ -57,18 +68,25 @@ class EventHub:
 
     def publish(self, sidecar_id: str, event: Any) -> None:
         """Queue `event` (a (kind, payload) pair, stamped with the time) for one sidecar's streams."""
-        event = _stamp(event)
         with self._lock:
             subs = list(self._subs.get(sidecar_id, ()))
-        for s in subs:
-            s.queue.put(event)
+        self._send(subs, _stamp(event))
 
     def broadcast(self, event: Any) -> None:
-        event = _stamp(event)
         with self._lock:
             subs = [s for group in self._subs.values() for s in group]
+        self._send(subs, _stamp(event))
+
+    @staticmethod
+    def _send(subs: list[Subscription], event: Any) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[Subscription]] = {}
         for s in subs:
-            s.queue.put(event)
+            by_loop.setdefault(s.loop, []).append(s)
+        for loop, group in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, group, event)
+            except RuntimeError:
+                pass  # that loop is closed: the issuer is stopping and its streams are gone
 
     def connected(self) -> set[str]:
         with self._lock:

@@ -9,7 +9,8 @@ import time
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpclib.server import Server as GrpclibServer
 
 from issuer import metrics
@@ -118,9 +119,12 @@ class IssuerServer:
         self.admin.evidence = self.evidence
         self.evidence.approval_covers = lambda e: policy_mod.approval_covers(cfg.policy, entry_view(e), time.time())
         metrics.watch_connected_sidecars(lambda: len(self.hub.connected()))
-        self.health = health.HealthServicer()
+        self.health = health_aio.HealthServicer()
         self.metrics_server = None
-        self._grpc: grpc.Server | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._blocking: futures.ThreadPoolExecutor | None = None
         self._admin_loop: asyncio.AbstractEventLoop | None = None
         self._admin_thread: threading.Thread | None = None
         self._admin_ready = threading.Event()
@@ -136,8 +140,32 @@ class IssuerServer:
             # First, so a taken port fails the start before any listener is up.
             self.metrics_server = metrics.serve(self.cfg.metrics_address)
         serving = ServingCert(self.ca, self.store, self.cfg.server_name)
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self.cfg.max_workers, thread_name_prefix="grpc"),
+        # The sidecar-facing gRPC server runs on one event loop in its own thread: a call costs no thread
+        # hand-off and a connected sidecar's sync stream no thread at all. Blocking work (commits, CA
+        # signatures outside the signing pool, approval waits) goes to the loop's default executor.
+        self._blocking = futures.ThreadPoolExecutor(max_workers=self.cfg.max_workers, thread_name_prefix="blocking")
+        self._loop = asyncio.new_event_loop()
+        self._loop.set_default_executor(self._blocking)
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
+        self._loop_thread.start()
+        self.port, self.bootstrap_port = self._on_loop(self._start_grpc(serving))
+        self.revocation.start()
+        self._admin_thread = threading.Thread(target=self._run_admin, name="admin", daemon=True)
+        self._admin_thread.start()
+        self._admin_ready.wait()
+        if self._admin_error is not None:
+            raise self._admin_error
+        for name in ("", "tessera.v1.Issuer"):
+            self._on_loop(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
+        log.info("issuer started", trust_domain=self.cfg.trust_domain, listen=self.cfg.listen_address,
+                 bootstrap=self.cfg.bootstrap_address, admin_socket=str(self.cfg.admin_socket))
+
+    def _on_loop(self, coro):
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _start_grpc(self, serving: ServingCert) -> tuple[int, int]:
+        server = grpc.aio.server(
             options=[("grpc.so_reuseport", 0), ("grpc.keepalive_time_ms", 20000),
                      ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                      ("grpc.keepalive_permit_without_calls", 1)],
@@ -149,22 +177,16 @@ class IssuerServer:
                                                    require_client_authentication=True)
         tls = grpc.dynamic_ssl_server_credentials(serving.config(), serving.fetch,
                                                   require_client_authentication=False)
-        self.port = server.add_secure_port(self.cfg.listen_address, mtls)
-        self.bootstrap_port = server.add_secure_port(self.cfg.bootstrap_address, tls)
-        if not self.port or not self.bootstrap_port:
+        try:
+            port = server.add_secure_port(self.cfg.listen_address, mtls)
+            bootstrap_port = server.add_secure_port(self.cfg.bootstrap_address, tls)
+        except RuntimeError:
+            port = bootstrap_port = 0
+        if not port or not bootstrap_port:
             raise OSError(f"cannot listen on {self.cfg.listen_address} / {self.cfg.bootstrap_address}")
-        server.start()
+        await server.start()
         self._grpc = server
-        self.revocation.start()
-        self._admin_thread = threading.Thread(target=self._run_admin, name="admin", daemon=True)
-        self._admin_thread.start()
-        self._admin_ready.wait()
-        if self._admin_error is not None:
-            raise self._admin_error
-        for name in ("", "tessera.v1.Issuer"):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("issuer started", trust_domain=self.cfg.trust_domain, listen=self.cfg.listen_address,
-                 bootstrap=self.cfg.bootstrap_address, admin_socket=str(self.cfg.admin_socket))
+        return port, bootstrap_port
 
     def _run_admin(self) -> None:
         loop = asyncio.new_event_loop()
@@ -187,12 +209,21 @@ class IssuerServer:
             loop.close()
 
     def stop(self, grace: float = 2.0) -> None:
-        self.health.enter_graceful_shutdown()
+        if self._loop is not None:
+            self._on_loop(self.health.enter_graceful_shutdown())
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         self.revocation.stop()
         if self._grpc is not None:
-            self._grpc.stop(grace).wait()
+            self._on_loop(self._grpc.stop(grace))
+        for pending in self.approvals.list():  # their callers are gone: end the waits holding threads
+            self.approvals.cancel(pending.id, "issuer stopping")
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._loop_thread:
+                self._loop_thread.join(timeout=5)
+        if self._blocking is not None:
+            self._blocking.shutdown(wait=False, cancel_futures=True)
         if self.signing_pool is not None:
             self.signing_pool.close()
         if self._admin_loop is not None:

@@ -1,7 +1,15 @@
-"""The grpcio servicer sidecars call. Thin: authenticate, translate, delegate."""
+"""The grpc.aio servicer sidecars call. Thin: authenticate, translate, delegate.
+
+Handlers run on the issuer's event loop. What blocks (a commit, a CA signature, a
+wait for an approval) runs on the loop's executor; identity signing goes through the
+signing pool, which commits on its own threads. Sync streams are coroutines, so a
+connected sidecar costs no thread.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import time
 
 import grpc
@@ -39,32 +47,38 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
 
     def _caller(self, context) -> Sidecar:
         sidecar = self.attestor.authenticate(peer_cert_pem(context))
-        self.attestor.touch(sidecar.id)
+        if self.attestor.touch_due(sidecar.id):
+            # A write, at most once a minute per sidecar: off the loop, and nobody waits for it.
+            asyncio.get_running_loop().run_in_executor(None, self.attestor.touch, sidecar.id)
         return sidecar
+
+    @staticmethod
+    async def _blocking(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
 
     def _svid_response(self, svid) -> issuer_pb2.SidecarSVIDResponse:
         return issuer_pb2.SidecarSVIDResponse(
             sidecar_id=svid.sidecar_id, svid_chain=pem.der_concat(svid.chain), bundle=self.bundle_der())
 
     @grpcio_handler
-    def AttestSidecar(self, request, context):
+    async def AttestSidecar(self, request, context):
         t0 = time.monotonic()
-        svid = self.attestor.attest(request.join_token, request.csr, context.peer())
+        svid = await self._blocking(self.attestor.attest, request.join_token, request.csr, context.peer())
         metrics.observe_issuance_latency("sidecar", time.monotonic() - t0)
         return self._svid_response(svid)
 
     @grpcio_handler
-    def RenewSidecar(self, request, context):
+    async def RenewSidecar(self, request, context):
         t0 = time.monotonic()
-        svid = self.attestor.renew(self._caller(context), request.csr)
+        svid = await self._blocking(self.attestor.renew, self._caller(context), request.csr)
         metrics.observe_issuance_latency("sidecar", time.monotonic() - t0)
         return self._svid_response(svid)
 
     @grpcio_handler
-    def SignX509SVIDs(self, request, context):
+    async def SignX509SVIDs(self, request, context):
         t0 = time.monotonic()
         sidecar = self._caller(context)
-        results = self.signer.sign_batch(sidecar, [(i.entry_id, i.csr) for i in request.items])
+        results = await self.signer.sign_batch(sidecar, [(i.entry_id, i.csr) for i in request.items])
         metrics.observe_issuance_latency("identity", time.monotonic() - t0, sum(1 for r in results if not r.code))
         return issuer_pb2.SignX509SVIDsResponse(items=[
             issuer_pb2.SignedSVID(entry_id=r.entry_id, spiffe_id=r.spiffe_id, cert_chain=r.cert_der,
@@ -96,32 +110,31 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
         return [issuer_pb2.SyncEvent(crl=self.crl_der())]
 
     @grpcio_handler
-    def FetchCRL(self, request, context):
+    async def FetchCRL(self, request, context):
         self._caller(context)
         return issuer_pb2.FetchCRLResponse(crl=self.crl_der())
 
     @grpcio_handler
-    def Sync(self, request, context):
+    async def Sync(self, request, context):
         sidecar = self._caller(context)
-        # Subscribe before the snapshot so nothing committed in between is missed.
+        # Subscribe before the snapshot so nothing committed in between is missed. A caller that goes
+        # away cancels this coroutine, and the finally clause drops the subscription.
         sub = self.hub.subscribe(sidecar.id)
-        context.add_callback(lambda: (sub.close(), sub.queue.put(CLOSE)))
         try:
             yield self.snapshot(sidecar.id)
-            yield from self.crl_event()
+            for msg in self.crl_event():
+                yield msg
             next_resync = time.monotonic() + self.resync_interval
-            while context.is_active():
-                event = sub.get(timeout=max(0.0, min(1.0, next_resync - time.monotonic())))
+            while True:
+                event = await sub.get(timeout=max(0.0, next_resync - time.monotonic()))
                 if event is CLOSE:
-                    if context.is_active():
-                        raise PermissionDenied(f"sidecar {sidecar.id} is banned")
-                    return
+                    raise PermissionDenied(f"sidecar {sidecar.id} is banned")
                 if event is None:
-                    if time.monotonic() >= next_resync:
-                        # Anti-entropy only: changes already arrive pushed.
-                        yield self.snapshot(sidecar.id)
-                        yield from self.crl_event()
-                        next_resync = time.monotonic() + self.resync_interval
+                    # Anti-entropy only: changes already arrive pushed.
+                    yield self.snapshot(sidecar.id)
+                    for msg in self.crl_event():
+                        yield msg
+                    next_resync = time.monotonic() + self.resync_interval
                     continue
                 msg = self.event_message(event)
                 if msg is not None:
@@ -130,17 +143,22 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
             sub.close()
 
     @grpcio_handler
-    def RequestTaskSVID(self, request, context):
+    async def RequestTaskSVID(self, request, context):
         sidecar = self._caller(context)
         w = request.workload
         spec = TaskSpec(entry_id=request.entry_id, task_id=request.task_id, scopes=tuple(request.scopes),
                         ttl=request.ttl_seconds, context=dict(request.context), csr=request.csr,
                         selectors=frozenset(request.selectors),
                         workload={"pid": w.pid, "uid": w.uid, "gid": w.gid, "exe": w.exe})
-        for kind, value in self.tasks.request(sidecar, spec):
+        # The task service blocks (policy, commits, a wait for an approval): each step runs on the executor.
+        steps = self.tasks.request(sidecar, spec)
+        while (step := await self._blocking(next, steps, None)) is not None:
+            kind, value = step
             if kind == "pending":
                 # A caller that goes away stops the wait (and the pending request) at once.
-                context.add_callback(lambda a=value.id: self.tasks.approvals.cancel(a, "caller went away"))
+                loop = asyncio.get_running_loop()
+                context.add_done_callback(lambda _ctx, a=value.id: loop.run_in_executor(
+                    None, self.tasks.approvals.cancel, a, "caller went away"))
                 yield issuer_pb2.TaskSVIDUpdate(pending=task_pb2.TaskPending(
                     approval_id=value.id, reason=value.reason, expires_at=value.expires_at))
             else:
@@ -150,8 +168,8 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
                     task_id=value.task_id))
 
     @grpcio_handler
-    def EndTask(self, request, context):
+    async def EndTask(self, request, context):
         sidecar = self._caller(context)
-        revoked = self.tasks.end(sidecar, request.task_id, request.entry_id, request.reason,
-                                 Actor("sidecar", sidecar.id))
+        revoked = await self._blocking(self.tasks.end, sidecar, request.task_id, request.entry_id, request.reason,
+                                       Actor("sidecar", sidecar.id))
         return task_pb2.EndTaskResponse(revoked_serials=revoked)

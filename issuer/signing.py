@@ -6,6 +6,7 @@ while the entry is active and unexpired.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from dataclasses import dataclass
@@ -43,13 +44,17 @@ class SvidSigner:
         # The crypto runs in worker processes when there is a pool, else here; the same code either way.
         self._sign_and_record = pool.sign_and_record if pool is not None else self._sign_and_record_here
 
-    def _sign_and_record_here(self, jobs: list[SignJob], finish):
+    def _sign_and_record_blocking(self, jobs: list[SignJob], finish):
         issued, audits, answer = finish(sign_jobs(self.ca, jobs))
         if issued or audits:
             self.store.record_issued(issued, audits)
         return answer
 
-    def sign_batch(self, sidecar: Sidecar, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
+    async def _sign_and_record_here(self, jobs: list[SignJob], finish):
+        # Signing and the commit block: they run on the loop's executor, not on the loop.
+        return await asyncio.get_running_loop().run_in_executor(None, self._sign_and_record_blocking, jobs, finish)
+
+    async def sign_batch(self, sidecar: Sidecar, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
         if len(items) > MAX_BATCH:
             raise InvalidArgument(f"at most {MAX_BATCH} CSRs per call")
         now = int(time.time())
@@ -68,8 +73,9 @@ class SvidSigner:
             outcomes.append(InvalidArgument("not signed"))  # replaced below by the signer's answer
             jobs.append(SignJob(csr_der, entry.spiffe_id, self.identity_ttl(entry.tier, entry.x509_ttl),
                                 entry.expires_at))
-        results = self._sign_and_record(jobs, functools.partial(self._records, sidecar, items, now, outcomes,
+        results = await self._sign_and_record(jobs, functools.partial(self._records, sidecar, items, now, outcomes,
                                                                 allowed))
+        # In-memory checks; only a revocation that raced this call (rare) commits, here on the loop.
         return self.recheck_issued(results, sidecar.id) if jobs else results
 
     @staticmethod

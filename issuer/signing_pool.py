@@ -10,10 +10,14 @@ round trip of its own to a worker.
 Authorization stays in the main process (issuer/signing.py), and so does
 recording: a worker only turns (CSR, SPIFFE ID, TTL) into a certificate, and
 no certificate is handed back to a caller before its serial is committed.
+Callers are coroutines on the gRPC event loop; the commit happens on a feeding
+thread, never on the loop, and a whole chunk's callers are woken with one
+call into their loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import ctypes
 import datetime as dt
@@ -32,10 +36,9 @@ from issuer.ca import CertificateAuthority
 from tessera import pem, spiffeid, x509svid
 
 CHUNK_MAX = 256  # CSRs per trip to a worker: large enough to amortise the trip, small enough to spread
-# Under load, a chunk smaller than CHUNK_MIN waits up to COALESCE_SECONDS for more requests: a trip to
-# a worker costs several thread wake-ups, which is what bounds unary calls. Idle, nothing waits.
+# While one worker is busy, another is engaged only when at least CHUNK_MIN jobs are waiting (see
+# SigningPool._take). Idle, nothing waits.
 CHUNK_MIN = 32
-COALESCE_SECONDS = 0.002
 
 
 @dataclass(frozen=True)
@@ -108,14 +111,25 @@ Record = Callable[[list, list], None]  # durably record issued serials and audit
 
 
 class _Request:
-    __slots__ = ("jobs", "finish", "value", "done", "error")
+    __slots__ = ("jobs", "finish", "future", "value", "error")
 
-    def __init__(self, jobs: list[SignJob], finish: Finish):
+    def __init__(self, jobs: list[SignJob], finish: Finish, future: asyncio.Future):
         self.jobs = jobs
         self.finish = finish
+        self.future = future
         self.value: object = None
-        self.done = threading.Event()
         self.error: BaseException | None = None
+
+
+def _resolve(batch: list[_Request]) -> None:
+    """On the callers' loop: hand each request its answer (a caller that went away is skipped)."""
+    for r in batch:
+        if r.future.done():
+            continue
+        if r.error is not None:
+            r.future.set_exception(r.error)
+        else:
+            r.future.set_result(r.value)
 
 
 class SigningPool:
@@ -124,7 +138,8 @@ class SigningPool:
     Per worker process, a feeding thread takes whatever requests are queued (up to
     CHUNK_MAX jobs), sends them down the worker's pipe, turns the answers into records
     with each request's `finish`, records the whole chunk in one commit, and only then
-    wakes the callers. A caller costs one queue append and one wake-up; a chunk, one commit.
+    resolves the callers' futures. A caller costs one queue append; a chunk, one commit
+    and one wake-up of the event loop.
     """
 
     def __init__(self, ca: CertificateAuthority, workers: int, record: Record):
@@ -137,6 +152,7 @@ class SigningPool:
         self._queue: collections.deque[_Request] = collections.deque()
         self._closed = False
         self._busy = 0  # feeders with a chunk at their worker
+        self._queued = 0  # jobs waiting in _queue (a request without jobs counts as one)
         self._procs: list = []
         self._conns: list = []
         self._threads: list[threading.Thread] = []
@@ -156,43 +172,38 @@ class SigningPool:
         child.close()
         return parent, proc
 
-    def sign_and_record(self, jobs: Sequence[SignJob], finish: Finish):
-        """Sign `jobs`, record what `finish` makes of the results, and return its answer."""
-        req = _Request(list(jobs), finish)
-        if not req.jobs:  # nothing to sign (e.g. every item denied): no trip to a worker
-            self._complete([req], [])
-        else:
-            with self._cond:
-                if self._closed:
-                    raise RuntimeError("signing pool is closed")
-                self._queue.append(req)
+    async def sign_and_record(self, jobs: Sequence[SignJob], finish: Finish):
+        """Sign `jobs`, record what `finish` makes of the results, and return its answer.
+
+        A request with no jobs (every item denied) still goes through a feeder: its audit
+        records are a commit, which does not belong on the event loop.
+        """
+        req = _Request(list(jobs), finish, asyncio.get_running_loop().create_future())
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("signing pool is closed")
+            self._queue.append(req)
+            self._queued += max(1, len(req.jobs))
+            if not self._busy or self._queued >= CHUNK_MIN:  # else no idle feeder may take it: let them sleep
                 self._cond.notify()
-        req.done.wait()
-        if req.error is not None:
-            raise req.error
-        return req.value
+        return await req.future
 
     def _take(self) -> list[_Request] | None:
         with self._cond:
-            while not self._queue and not self._closed:
+            # While another worker is busy, requests wait for it unless there are enough to fill a chunk:
+            # each trip to a worker costs pickling, pipe writes and wake-ups in this process, so a second
+            # worker pays for itself only under batch-sized load. Waiting requests batch naturally.
+            while not self._closed and not (self._queue and (not self._busy or self._queued >= CHUNK_MIN)):
                 self._cond.wait()
             if self._closed:
                 return None
-            if self._busy:  # another worker is busy, so there is load: wait a moment for company
-                deadline = time.monotonic() + COALESCE_SECONDS
-                while (not self._closed and self._queue and sum(len(r.jobs) for r in self._queue) < CHUNK_MIN
-                       and (left := deadline - time.monotonic()) > 0):
-                    self._cond.wait(left)
-                if self._closed:
-                    return None
-                if not self._queue:
-                    return []  # another feeder took them
             # Coalesce whole requests up to CHUNK_MAX jobs (a larger request goes alone).
             batch = [self._queue.popleft()]
             size = len(batch[0].jobs)
             while self._queue and size + len(self._queue[0].jobs) <= CHUNK_MAX:
                 size += len(self._queue[0].jobs)
                 batch.append(self._queue.popleft())
+            self._queued -= sum(max(1, len(r.jobs)) for r in batch)
             self._busy += 1
             return batch
 
@@ -200,16 +211,19 @@ class SigningPool:
         while (batch := self._take()) is not None:
             if not batch:
                 continue
+            jobs = [j for r in batch for j in r.jobs]
             try:
-                self._conns[i].send([j for r in batch for j in r.jobs])
-                answer = self._conns[i].recv()
+                answer = []
+                if jobs:
+                    self._conns[i].send(jobs)
+                    answer = self._conns[i].recv()
             except (EOFError, OSError) as e:
                 answer = RuntimeError(f"signing worker {i} died: {e!r}")
                 if not self._closed:  # replace it; the callers of this batch get the error
                     self._conns[i].close()
                     self._conns[i], self._procs[i] = self._spawn(i)
             with self._cond:
-                self._busy -= 1
+                self._busy -= 1  # this feeder takes what is queued next; the others need no wake-up
             # Finishing here rather than on another thread saves a hand-off per chunk; meanwhile the
             # other workers' feeders keep signing.
             self._complete(batch, answer)
@@ -238,8 +252,14 @@ class SigningPool:
             except BaseException as e:  # noqa: BLE001 - nothing of this chunk leaves unrecorded
                 for r in ok:
                     r.error = e
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
         for r in batch:
-            r.done.set()
+            by_loop.setdefault(r.future.get_loop(), []).append(r)
+        for loop, reqs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, reqs)
+            except RuntimeError:
+                pass  # the loop is closed: its callers are gone
 
     def close(self) -> None:
         with self._cond:
@@ -248,7 +268,10 @@ class SigningPool:
             self._cond.notify_all()
         for r in pending:
             r.error = RuntimeError("signing pool is closed")
-            r.done.set()
+            try:
+                r.future.get_loop().call_soon_threadsafe(_resolve, [r])
+            except RuntimeError:
+                pass
         for t in self._threads:
             t.join(timeout=5)
         for conn in self._conns:

@@ -27,34 +27,37 @@ def _grpcio_code(code: int) -> grpc.StatusCode:
 
 
 def grpcio_handler(fn):
-    """Wrap a grpcio servicer method (unary or server-streaming) so typed errors become statuses."""
-    if inspect.isgeneratorfunction(fn):
+    """Wrap a grpc.aio servicer method (unary coroutine or async-generator stream) so typed errors become statuses.
+
+    Cancellation (the caller went away) and an abort already under way pass through untouched.
+    """
+    async def fail(context, fn_name: str, e: Exception):
+        if isinstance(e, TesseraError):
+            await context.abort(_grpcio_code(int(e.code)), e.message)
+        log.exception("unhandled error", method=fn_name, exc_info=e)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    if inspect.isasyncgenfunction(fn):
         @functools.wraps(fn)
-        def stream(self, request, context):
+        async def stream(self, request, context):
             try:
-                yield from fn(self, request, context)
-            except TesseraError as e:
-                context.abort(_grpcio_code(int(e.code)), e.message)
-            except Exception as e:  # noqa: BLE001 - last-resort boundary
-                if context.is_active() and not isinstance(e, grpc.RpcError):
-                    log.exception("unhandled error", method=fn.__name__)
-                    context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                async for message in fn(self, request, context):
+                    yield message
+            except (grpc.aio.AbortError, grpc.RpcError):
                 raise
+            except Exception as e:  # noqa: BLE001 - last-resort boundary
+                await fail(context, fn.__name__, e)
 
         return stream
 
     @functools.wraps(fn)
-    def unary(self, request, context):
+    async def unary(self, request, context):
         try:
-            return fn(self, request, context)
-        except TesseraError as e:
-            context.abort(_grpcio_code(int(e.code)), e.message)
-        except Exception as e:  # noqa: BLE001
-            # Handlers raise TesseraError and never call context.abort themselves.
-            if isinstance(e, grpc.RpcError) or not context.is_active():
-                raise
-            log.exception("unhandled error", method=fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            return await fn(self, request, context)
+        except (grpc.aio.AbortError, grpc.RpcError):
+            raise
+        except Exception as e:  # noqa: BLE001 - last-resort boundary
+            await fail(context, fn.__name__, e)
 
     return unary
 

@@ -4,6 +4,7 @@ Where the issue states a bound ("within 1 s"), the tests wait with exactly that 
 counted from the moment `tessera revoke` returned.
 """
 
+import asyncio
 import json
 import os
 import socket
@@ -359,16 +360,17 @@ def issuer(tmp_path):
     i.close()
 
 
-def test_revoking_a_task_ends_only_that_tasks_certificates(issuer):
+async def test_revoking_a_task_ends_only_that_tasks_certificates(issuer):
     identity = issuer.issue()
     t1 = [issuer.issue("task", "t1"), issuer.issue("task", "t1")]
     t2 = issuer.issue("task", "t2")
-    sub = issuer.hub.subscribe(HOST)
-    result = issuer.revocation.revoke("task", "t1", "task aborted", OPERATOR)
+    sub = issuer.hub.subscribe(HOST)  # a sync stream's subscription, on this test's event loop
+    # Revoking commits and publishes from another thread, as the admin socket's loop does.
+    result = await asyncio.to_thread(issuer.revocation.revoke, "task", "t1", "task aborted", OPERATOR)
     assert sorted(result.serials) == sorted(t1)
     assert crl_mod.serials(issuer.crl()) == set(t1)
     assert not issuer.revocation.is_revoked(identity) and not issuer.revocation.is_revoked(t2)
-    kind, event, _ = sub.get(timeout=1)
+    kind, event, _ = await sub.get(timeout=1)
     assert kind == "revocation" and sorted(event.serials) == sorted(t1) and event.seq == result.seq
     # The CRL entries say why: a task ending is cessationOfOperation.
     entry = issuer.crl().get_revoked_certificate_by_serial_number(int(t1[0], 16))

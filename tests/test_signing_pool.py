@@ -1,5 +1,6 @@
 """Signing in worker processes: the same certificate profile, invalid CSRs refused, nothing leaves unrecorded."""
 
+import asyncio
 import threading
 import time
 from pathlib import Path
@@ -55,9 +56,9 @@ def job(csr: bytes, ttl: int = 600) -> SignJob:
     return SignJob(csr, SID, ttl, int(time.time()) + 3600)
 
 
-def test_worker_signs_with_the_one_profile_and_chains_to_the_ca(pool, ca):
+async def test_worker_signs_with_the_one_profile_and_chains_to_the_ca(pool, ca):
     key = x509svid.new_key()
-    (signed,) = pool.sign_and_record([job(x509svid.make_csr(key))], finish_recording)
+    (signed,) = await pool.sign_and_record([job(x509svid.make_csr(key))], finish_recording)
     cert = x509.load_der_x509_certificate(signed.cert_der)
     assert str(x509svid.spiffe_id_of(cert)) == SID
     assert cert.public_key().public_numbers() == key.public_key().public_numbers()
@@ -70,31 +71,27 @@ def test_worker_signs_with_the_one_profile_and_chains_to_the_ca(pool, ca):
     assert cert.not_valid_after_utc - cert.not_valid_before_utc == local.not_valid_after_utc - local.not_valid_before_utc
 
 
-def test_invalid_csr_is_refused_and_nothing_is_signed_for_it(pool):
+async def test_invalid_csr_is_refused_and_nothing_is_signed_for_it(pool):
     good = x509svid.make_csr(x509svid.new_key())
     tampered = bytearray(good)
     tampered[-5] ^= 0xFF  # breaks the self-signature
-    results = pool.sign_and_record([job(b"not a csr"), job(bytes(tampered)), job(good)], finish_recording)
+    results = await pool.sign_and_record([job(b"not a csr"), job(bytes(tampered)), job(good)], finish_recording)
     assert results[0].error and results[1].error and not results[2].error
     assert results[0].cert_der == b"" and results[1].cert_der == b""
     assert pool.recorder.serials() == {results[2].serial_hex}
 
 
-def test_concurrent_callers_each_get_their_own_certificates_all_recorded_before_return(pool):
+async def test_concurrent_callers_each_get_their_own_certificates_all_recorded_before_return(pool):
     csrs = [x509svid.make_csr(x509svid.new_key()) for _ in range(8)]
     out: dict[int, list] = {}
     seen_recorded: dict[int, bool] = {}
 
-    def call(i):
-        res = pool.sign_and_record([job(csrs[i % 8]), job(csrs[(i + 1) % 8])], finish_recording)
+    async def call(i):
+        res = await pool.sign_and_record([job(csrs[i % 8]), job(csrs[(i + 1) % 8])], finish_recording)
         seen_recorded[i] = {r.serial_hex for r in res} <= pool.recorder.serials()
         out[i] = res
 
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(40)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    await asyncio.gather(*(call(i) for i in range(40)))
     assert all(seen_recorded.values()) and len(seen_recorded) == 40
     for i, res in out.items():
         keys = [x509.load_der_x509_certificate(r.cert_der).public_key().public_numbers() for r in res]
@@ -103,22 +100,22 @@ def test_concurrent_callers_each_get_their_own_certificates_all_recorded_before_
     assert len({r.serial for res in out.values() for r in res}) == 80
 
 
-def test_failed_record_means_no_certificate_is_returned(ca):
+async def test_failed_record_means_no_certificate_is_returned(ca):
     p = SigningPool(ca, 1, Recorder(fail=True))
     try:
         with pytest.raises(OSError, match="disk full"):
-            p.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))], finish_recording)
+            await p.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))], finish_recording)
     finally:
         p.close()
 
 
-def test_closed_pool_refuses_work_and_its_workers_exit(ca):
+async def test_closed_pool_refuses_work_and_its_workers_exit(ca):
     p = SigningPool(ca, 2, Recorder())
     procs = list(p._procs)
     p.close()
     assert all(not proc.is_alive() for proc in procs)
     with pytest.raises(RuntimeError, match="closed"):
-        p.sign_and_record([job(x509svid.make_csr(ec.generate_private_key(ec.SECP256R1())))], finish_recording)
+        await p.sign_and_record([job(x509svid.make_csr(ec.generate_private_key(ec.SECP256R1())))], finish_recording)
 
 
 def _workers(pid: int) -> set[int]:

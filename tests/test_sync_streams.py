@@ -1,0 +1,56 @@
+"""Connected sidecars cost the issuer no thread: more sync streams than its blocking-call threads all
+get their snapshot and their pushes, and signing still answers while they are open."""
+
+import queue
+import threading
+
+from issuer_client import bootstrap_stub, mtls_stub, sign
+from tessera import pem, x509svid
+from tessera.v1 import issuer_pb2
+
+THREADS = 8  # the issuer's max_workers (its smallest allowed value)
+SIDECARS = 3 * THREADS
+
+
+def sidecar_stub(d, name: str):
+    """Attest like a sidecar (join token + CSR) and return an mTLS stub holding the new sidecar SVID."""
+    key = x509svid.new_key()
+    resp = bootstrap_stub(d).AttestSidecar(
+        issuer_pb2.AttestSidecarRequest(join_token=d.token(name), csr=x509svid.make_csr(key)), timeout=10)
+    chain = pem.certs_pem(pem.split_der(resp.svid_chain))
+    return mtls_stub(f"127.0.0.1:{d.port}", d.bundle_path.read_bytes(), pem.key_pem(key), chain)
+
+
+def test_more_sync_streams_than_issuer_threads_all_get_snapshots_and_pushes(deployment):
+    d = deployment
+    d.start_issuer(max_workers=THREADS)
+    events: "queue.Queue[tuple[int, str]]" = queue.Queue()
+    stubs, calls = [], []
+    for i in range(SIDECARS):
+        stubs.append(sidecar_stub(d, f"s{i}"))
+        calls.append(stubs[i].Sync(issuer_pb2.SyncRequest(), timeout=60))
+
+        def read(i=i, call=calls[i]):
+            try:
+                for ev in call:
+                    events.put((i, ev.WhichOneof("event")))
+            except Exception:  # noqa: BLE001 - cancelled when the test ends
+                pass
+
+        threading.Thread(target=read, daemon=True).start()
+    try:
+        snapshots: set[int] = set()
+        while len(snapshots) < SIDECARS:
+            i, kind = events.get(timeout=20)
+            if kind == "snapshot":
+                snapshots.add(i)
+        # With every stream open, a new entry is pushed to the last sidecar, and signing answers.
+        last = SIDECARS - 1
+        entry = d.entry("/agent/last", f"s{last}")
+        while events.get(timeout=10) != (last, "entry_upsert"):
+            pass
+        item = sign(stubs[last], entry)
+        assert item.status_code == 0 and item.cert_chain
+    finally:
+        for call in calls:
+            call.cancel()
