@@ -301,8 +301,8 @@ class RevocationService:
                 del self._revoked[s]  # expired certificates need no CRL entry
             items = [r for r, _ in self._revoked.values()]
         number = self.store.next_crl_number()
-        signed = crl.build(self.ca.cert, self.ca.key, items, number, now, now + self.crl_validity)
-        info = CrlInfo(crl.der(signed), number, int(now), int(now + self.crl_validity), len(items))
+        der = crl.build(self.ca.cert, self.ca.key, items, number, now, now + self.crl_validity)
+        info = CrlInfo(der, number, int(now), int(now + self.crl_validity), len(items))
         self._crl = info
         self._refresh_at = now + self.crl_validity / 2
         self.hub.broadcast(("crl", info.der))

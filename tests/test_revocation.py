@@ -428,7 +428,7 @@ def test_sidecar_refuses_a_crl_signed_by_another_key_or_with_a_lower_number(issu
     revoked = issuer.issue()
     good = crl_mod.build(issuer.ca.cert, issuer.ca.key, [crl_mod.Revoked(revoked, int(time.time()))], 5,
                          time.time(), time.time() + 600)
-    assert state.apply(crl_mod.der(good))
+    assert state.apply(good)
     on_disk = (tmp_path / "sc" / "out" / "crl.pem").read_bytes()
     # Same subject name, different key: a forger's CRL with a higher number and nothing revoked.
     other_key = x509svid.new_key()
@@ -438,7 +438,7 @@ def test_sidecar_refuses_a_crl_signed_by_another_key_or_with_a_lower_number(issu
     older = crl_mod.build(issuer.ca.cert, issuer.ca.key, [], 4, time.time(), time.time() + 600)
     for bad in (forged, older):
         with pytest.raises(crl_mod.CrlError):
-            state.apply(crl_mod.der(bad))
+            state.apply(bad)
         assert state.number == 5 and state.is_revoked(revoked)
         assert (tmp_path / "sc" / "out" / "crl.pem").read_bytes() == on_disk
     assert state.refused == 2

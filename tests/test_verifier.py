@@ -1,6 +1,7 @@
 """Tessera's verifier for services: the peer rules, CRL updates, files from the sidecar, and the gRPC interceptor."""
 
 import datetime as dt
+import subprocess
 import time
 from concurrent import futures
 
@@ -10,7 +11,7 @@ from cryptography import x509
 
 from agent_sidecar.verifier import (OwnSVID, PeerPolicy, Rejected, TrustState, Verifier, check_certificate,
                                      revoked_serial)
-from harness import wait_for
+from harness import openssl_says_revoked, openssl_verify, wait_for
 from tessera import crl, pem, spiffeid, x509svid
 
 TD = "example.org"
@@ -34,7 +35,7 @@ class CA:
     def crl(self, *certs) -> bytes:
         self.number += 1
         revoked = [crl.Revoked(x509svid.serial_hex(c.serial_number), int(time.time())) for c in certs]
-        return crl.der(crl.build(self.cert, self.key, revoked, self.number, time.time(), time.time() + 600))
+        return crl.build(self.cert, self.key, revoked, self.number, time.time(), time.time() + 600)
 
 
 @pytest.fixture
@@ -172,27 +173,118 @@ def test_grpc_interceptor_refuses_revoked_and_unknown_callers(ca):
         server.stop(0)
 
 
+Y2050 = int(dt.datetime(2050, 1, 1, tzinfo=dt.timezone.utc).timestamp())  # first GeneralizedTime second
+
+
+def utc(t: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(t, dt.timezone.utc)
+
+
+def varied(t: int) -> list[crl.Revoked]:
+    """Small, high-bit (0x00-padded) and longest serials; UTCTime and GeneralizedTime dates; every reason."""
+    serials = ["1", "80", "ff" * 19, "7f" + "ff" * 19, "abc123", "10000"]
+    dates = [t, Y2050 - 1, Y2050, 0, 2**33, t - 60]
+    return [crl.Revoked(s, d, r) for s, d, r in zip(serials, dates, crl.REASON_CODES, strict=True)]
+
+
+def entries_of(c: x509.CertificateRevocationList) -> list[tuple]:
+    return [(x509svid.serial_hex(r.serial_number), int(r.revocation_date_utc.timestamp()),
+             [(e.critical, e.value.reason) for e in r.extensions]) for r in c]
+
+
 def test_crl_entries_keep_their_serial_date_and_reason(ca):
     t = int(time.time())
-    items = [crl.Revoked("abc123", t - 60, "keyCompromise"), crl.Revoked("ff", t - 60, "unspecified"),
-             crl.Revoked("10", t, "cessationOfOperation"), crl.Revoked("11", t, "keyCompromise")]
-    built = crl.load(crl.der(crl.build(ca.cert, ca.key, items, 7, t, t + 600)))
+    items = varied(t)
+    built = crl.load(crl.build(ca.cert, ca.key, items, 7, t, Y2050 + 600))
     assert crl.verify(built, [ca.cert]) == ca.cert and crl.number_of(built) == 7
-    got = {}
-    for r in built:
-        reasons = [e.value.reason for e in r.extensions if isinstance(e.value, x509.CRLReason)]
-        got[x509svid.serial_hex(r.serial_number)] = (int(r.revocation_date_utc.timestamp()), reasons)
-    assert got == {"abc123": (t - 60, [x509.ReasonFlags.key_compromise]), "ff": (t - 60, []),
-                   "10": (t, [x509.ReasonFlags.cessation_of_operation]), "11": (t, [x509.ReasonFlags.key_compromise])}
+    assert (built.last_update_utc, built.next_update_utc) == (utc(t), utc(Y2050 + 600))
+    assert built.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value == ca.aki
+    # RFC 5280 5.3.1: no reason code extension for "unspecified"; the others are non-critical.
+    assert entries_of(built) == [(r.serial, r.revoked_at, [] if r.reason_code == "unspecified"
+                                  else [(False, crl.REASON_CODES[r.reason_code])]) for r in items]
+
+
+def test_crl_is_encoded_as_cryptographys_builder_encodes_it(ca):
+    from cryptography.hazmat.primitives import hashes
+
+    t = int(time.time())
+
+    def builder(items, number, this, next_):
+        entries = [x509.RevokedCertificateBuilder(
+            int(r.serial, 16), utc(r.revoked_at),
+            [] if r.reason_code == "unspecified" else
+            [x509.Extension(x509.CRLReason.oid, False, x509.CRLReason(crl.REASON_CODES[r.reason_code]))]).build()
+            for r in items]
+        exts = [x509.Extension(x509.CRLNumber.oid, False, x509.CRLNumber(number)),
+                x509.Extension(x509.AuthorityKeyIdentifier.oid, False, ca.aki)]
+        return x509.CertificateRevocationListBuilder(ca.cert.subject, utc(this), utc(next_), exts, entries)
+
+    cases = [(varied(t), 1, t, t + 600), ([], 0, Y2050 - 1, Y2050), (varied(t), 2**70, Y2050, Y2050 + 1)]
+    for items, number, this, next_ in cases:
+        ours = crl.load(crl.build(ca.cert, ca.key, items, number, this, next_))
+        theirs = builder(items, number, this, next_).sign(ca.key, hashes.SHA256())
+        assert ours.tbs_certlist_bytes == theirs.tbs_certlist_bytes
+        assert ours.signature_algorithm_oid == theirs.signature_algorithm_oid
+        assert ours.is_signature_valid(ca.cert.public_key())
+
+
+def test_same_input_gives_the_same_crl_bytes(ca):
+    t = int(time.time())
+    items = varied(t)
+    first = crl.build(ca.cert, ca.key, items, 3, t, t + 600)
+    kept = crl.build(ca.cert, ca.key, items, 3, t, t + 600)  # the records' kept entry encodings
+    fresh = crl.build(ca.cert, ca.key, varied(t), 3, t, t + 600)  # new records, encoded again
+    assert first == kept == fresh
+    assert crl.build(ca.cert, ca.key, items, 4, t, t + 600) != first
+
+
+def test_crl_with_nothing_revoked_lists_nothing_and_verifies(ca):
+    t = int(time.time())
+    built = crl.load(crl.build(ca.cert, ca.key, [], 1, t, t + 600))
+    assert len(built) == 0 and crl.verify(built, [ca.cert]) == ca.cert and crl.serials(built) == frozenset()
+
+
+@pytest.mark.parametrize("serial", ["0", "80" + "00" * 19])
+def test_crl_refuses_a_serial_that_is_not_positive_or_longer_than_159_bits(ca, serial):
+    with pytest.raises(ValueError, match="159 bits"):
+        crl.build(ca.cert, ca.key, [crl.Revoked(serial, int(time.time()))], 1, time.time(), time.time() + 600)
+
+
+def test_openssl_reads_the_crl_and_refuses_only_the_certificates_it_lists(ca, tmp_path):
+    listed, _ = ca.leaf("/agent/listed")
+    other, _ = ca.leaf("/agent/other")
+    t = int(time.time())
+    items = varied(t) + [crl.Revoked(x509svid.serial_hex(listed.serial_number), t, "keyCompromise")]
+    der = crl.build(ca.cert, ca.key, items, 9, t, t + 600)
+    (tmp_path / "crl.der").write_bytes(der)
+    text = subprocess.run(["openssl", "crl", "-inform", "DER", "-in", str(tmp_path / "crl.der"), "-noout", "-text"],
+                          capture_output=True, text=True, check=True).stdout
+
+    def after(label):
+        return [line.split(label, 1)[1].strip() for line in text.splitlines() if label in line]
+
+    # openssl shows a serial's magnitude octets (no 0x00 sign pad).
+    assert after("Serial Number:") == [r.serial.upper().zfill(len(r.serial) + len(r.serial) % 2) for r in items]
+    assert after("Revocation Date:") == [utc(r.revoked_at).strftime("%b %e %H:%M:%S %Y GMT") for r in items]
+    assert text.split("X509v3 CRL Number:")[1].split()[0] == "9"
+    shown = ("Unspecified", "Key Compromise", "Affiliation Changed", "Superseded", "Cessation Of Operation",
+             "Privilege Withdrawn")
+    assert [text.count(name) for name in shown] == [0, 2, 1, 1, 1, 1]
+    pem.write_atomic(tmp_path / "crl.pem", crl.pem(crl.load(der)))
+    pem.write_atomic(tmp_path / "bundle.pem", pem.certs_pem([ca.cert]))
+    for name, cert in (("listed", listed), ("other", other)):
+        pem.write_atomic(tmp_path / f"{name}.pem", pem.certs_pem([cert]))
+    assert openssl_says_revoked(tmp_path / "bundle.pem", tmp_path / "listed.pem", tmp_path / "crl.pem")
+    assert openssl_verify(tmp_path / "bundle.pem", tmp_path / "other.pem", tmp_path / "crl.pem").returncode == 0
 
 
 def test_rebuilding_with_kept_records_lists_the_same_entries_plus_the_new_one(ca):
     t = int(time.time())
     items = [crl.Revoked(format(i + 1, "x"), t - i, ("keyCompromise", "unspecified")[i % 2]) for i in range(50)]
-    first = crl.load(crl.der(crl.build(ca.cert, ca.key, items, 1, t, t + 600)))
+    first = crl.load(crl.build(ca.cert, ca.key, items, 1, t, t + 600))
     assert items[0] == crl.Revoked("1", t, "keyCompromise")  # the kept entry is not part of the value
     more = items + [crl.Revoked("ffff", t, "cessationOfOperation")]
-    second = crl.load(crl.der(crl.build(ca.cert, ca.key, more, 2, t, t + 600)))
+    second = crl.load(crl.build(ca.cert, ca.key, more, 2, t, t + 600))
 
     def entries(c):
         return {(r.serial_number, r.revocation_date_utc, tuple(e.value for e in r.extensions)) for r in c}
