@@ -77,6 +77,10 @@ def sign_jobs(ca: CertificateAuthority, jobs: Sequence[SignJob]) -> list[Signed]
     return out
 
 
+def astuple_signed(s: Signed) -> tuple:
+    return (s.cert_der, s.serial, s.not_after, s.error)
+
+
 # -- worker side ------------------------------------------------------------------------------
 
 def _die_with_parent() -> None:
@@ -95,11 +99,12 @@ def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str) -> No
     ca = CertificateAuthority(x509.load_pem_x509_certificate(cert_pem), key, trust_domain)
     while True:
         try:
-            jobs = conn.recv()
+            jobs = [SignJob(*t) for t in conn.recv()]
         except (EOFError, OSError):
             return  # the issuer closed the pipe: stop
         try:
-            conn.send(sign_jobs(ca, jobs))
+            # Plain tuples cross the pipe: pickling dataclasses costs the issuer's main process more.
+            conn.send([astuple_signed(s) for s in sign_jobs(ca, jobs)])
         except Exception as e:  # noqa: BLE001 - reported to the caller, the worker carries on
             conn.send(RuntimeError(f"signing worker failed: {e!r}"))
 
@@ -215,8 +220,10 @@ class SigningPool:
             try:
                 answer = []
                 if jobs:
-                    self._conns[i].send(jobs)
+                    self._conns[i].send([(j.csr_der, j.spiffe_id, j.ttl, j.not_after_cap) for j in jobs])
                     answer = self._conns[i].recv()
+                    if isinstance(answer, list):
+                        answer = [Signed(*t) for t in answer]
             except (EOFError, OSError) as e:
                 answer = RuntimeError(f"signing worker {i} died: {e!r}")
                 if not self._closed:  # replace it; the callers of this batch get the error
