@@ -162,10 +162,14 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
                 yield issuer_pb2.TaskSVIDUpdate(pending=task_pb2.TaskPending(
                     approval_id=value.id, reason=value.reason, expires_at=value.expires_at))
             else:
+                # The credential is the last step: end the generator here (its cleanup does not block)
+                # rather than spend another trip to the executor to see it stop.
+                steps.close()
                 yield issuer_pb2.TaskSVIDUpdate(svid=issuer_pb2.SignedTaskSVID(
                     entry_id=value.entry_id, spiffe_id=value.spiffe_id, cert_chain=value.cert_der,
                     serial=value.serial, expires_at=value.expires_at, scopes=list(value.scopes),
                     task_id=value.task_id))
+                return
 
     @grpcio_handler
     async def EndTask(self, request, context):
