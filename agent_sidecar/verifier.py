@@ -82,7 +82,7 @@ class TrustState:
     bundle: tuple[x509.Certificate, ...] = ()
     crl_der: bytes = b""
     crl_number: int | None = None
-    revoked: frozenset[str] = frozenset()
+    revoked: frozenset[int] = frozenset()  # serial numbers: a check then needs no hex formatting
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,8 @@ class OwnSVID:
 
 def revoked_serial(state: TrustState, cert: x509.Certificate) -> str | None:
     """The certificate's hex serial if the CRL held in `state` lists it: a set lookup, never a CRL scan."""
-    serial = x509svid.serial_hex(cert.serial_number)
-    return serial if serial in state.revoked else None
+    serial = cert.serial_number
+    return x509svid.serial_hex(serial) if serial in state.revoked else None
 
 
 def check_certificate(state: TrustState, cert: x509.Certificate, policy: PeerPolicy,
@@ -181,7 +181,8 @@ class Verifier:
                 log.warning("ignoring a CRL", error=str(e))
                 continue
             if accepted is not None:
-                crl_der, number, revoked = accepted.der, accepted.number, accepted.serials
+                crl_der, number = accepted.der, accepted.number
+                revoked = frozenset(int(s, 16) for s in accepted.serials)
         with self._changed:
             self.state = TrustState(new_bundle, crl_der, number, revoked)
             if svid is not None:

@@ -4,11 +4,34 @@ from __future__ import annotations
 
 import argparse
 import signal
+import socket
 import sys
 import threading
 
 from tessera import logs
 from tessera.errors import ConfigError, TesseraError
+
+
+def check_can_listen(key: str, address: str) -> None:
+    """Fail before anything starts (and logs) when a listen address is taken or not ours to bind.
+
+    The gRPC server would fail too, but only after the issuer's start-up logging and with its own
+    error lines; SO_REUSEADDR as gRPC sets it, so a previous run's TIME_WAIT sockets do not count.
+    """
+    host, _, port = address.rpartition(":")
+    if not int(port):
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"{key}: cannot resolve {host!r}: {e.strerror}") from None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(sockaddr)
+            except OSError as e:
+                raise ConfigError(f"{key}: cannot listen on {address}: {e.strerror}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_mod.load(args.config)
+        for key in ("listen_address", "bootstrap_address"):
+            check_can_listen(key, getattr(cfg, key))
         logs.setup(cfg.log_level)
         from issuer.server import IssuerServer
 

@@ -1,5 +1,6 @@
 """Bad input gets one clear line (CLI exit code 2) or INVALID_ARGUMENT naming the problem; never a traceback."""
 
+import socket
 import subprocess
 import time
 
@@ -83,6 +84,19 @@ def test_invalid_issuer_config_stops_start_with_one_line_naming_the_key(deployme
         else:
             cfg[k] = v
     one_line_error(deployment.run_issuer_once(cfg), *fragments)
+
+
+def test_a_listen_port_already_taken_stops_the_issuer_with_one_line(deployment, tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        cfg = good_issuer_cfg(tmp_path)
+        cfg["listen_address"] = f"127.0.0.1:{taken.getsockname()[1]}"
+        one_line_error(deployment.run_issuer_once(cfg), "listen_address: cannot listen on", cfg["listen_address"],
+                       "in use")
+    finally:
+        taken.close()
 
 
 def test_malformed_yaml_is_reported_with_its_position(deployment):
