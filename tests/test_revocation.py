@@ -186,7 +186,7 @@ def test_sidecar_offline_during_revocation_enforces_it_within_a_second_of_reconn
         v.close()
 
 
-def test_sidecar_keeps_its_last_good_crl_while_the_issuer_is_down_or_goes_backwards(deployment, tmp_path):
+def test_sidecar_keeps_its_last_good_crl_while_the_issuer_is_down_across_a_restart_or_goes_backwards(deployment, tmp_path):
     d = start(deployment, "host-a")
     d.entry("/agent/a", "host-a", f"unix:uid:{AGENT_UID}")
     entry = d.entry("/agent/gone", "host-a", f"unix:uid:{AGENT_UID + 1}")
@@ -208,6 +208,13 @@ def test_sidecar_keeps_its_last_good_crl_while_the_issuer_is_down_or_goes_backwa
     time.sleep(0.5)
     assert d.fetch("host-a", uid=AGENT_UID + 1)["event"] == "error"
     assert openssl_says_revoked(out, cert)
+
+    # The sidecar restarted while the issuer is still down: its saved CRL is in force from the start.
+    (out / "crl.pem").unlink()
+    d.sidecars["host-a"].stop()
+    d.sidecars["host-a"].start()
+    assert openssl_says_revoked(out, cert)
+    assert crl_mod.number_of(crl_mod.load((out / "crl.pem").read_bytes())) == number
 
     # The issuer comes back with its CRL number rolled back (a restored old database): refused.
     db = sqlite3.connect(d.issuer_dir / "tessera.db")
