@@ -5,7 +5,7 @@ serials, `cryptography`'s CRL builder (one Python object per entry, then re-enco
 them all) took longer than the issuer's 500 ms budget. The structure written here is
 narrow and fully specified (RFC 5280 5.1); extension values come from `cryptography`'s
 own encoders, and tests/test_verifier.py checks the result byte for byte against the
-builder's and with openssl. Readers turn a CRL into a set of hex serials once, so a
+builder's and with openssl. Readers turn a CRL into a set of serials once, so a
 check is a set lookup, never a scan of the CRL.
 """
 
