@@ -24,7 +24,6 @@ import datetime as dt
 import multiprocessing
 import signal
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
