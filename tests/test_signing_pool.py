@@ -149,3 +149,15 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_issuer_without_signing_workers_signs_in_process_and_records_the_serial(deployment):
+    d = deployment
+    d.start_issuer(signing_workers=0)
+    assert _workers(d.issuer.proc.pid) == set()
+    d.start_sidecar("host-a")
+    d.entry("/agent/a", "host-a")
+    svid = wait_for(lambda: (d.fetch("host-a").get("svids") or [None])[0], what="an SVID signed in-process")
+    assert svid["spiffe_id"] == "spiffe://example.org/agent/a"
+    row = d.issued(svid["serial"])
+    assert row is not None and row["kind"] == "identity"
