@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import sys
 from pathlib import Path
@@ -86,6 +87,7 @@ async def _run(cfg) -> int:
 
     rt = SidecarRuntime(cfg)
     await rt.start()
+    gc.freeze()  # as the issuer does: start-up state is permanent, so full collections skip it
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
