@@ -59,9 +59,12 @@ class Approvals:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._slots: dict[str, _Slot] = {}
+        self._closed = False
 
     def submit(self, req: ApprovalRequest, actor: Actor) -> ApprovalRequest:
         """Record a request as pending (id and times are set here)."""
+        if self._closed:
+            raise Unavailable("the issuer is stopping; ask again once it is back")
         now = int(time.time())
         req = replace(req, id=secrets.token_hex(8), created_at=now, expires_at=now + self.timeout, state="pending")
         self.store.append_audit([AuditEvent("task.approval_request", actor, "pending", reason=req.reason,
@@ -69,6 +72,10 @@ class Approvals:
         with self._lock:
             self._slots[req.id] = _Slot(req)
             metrics.set_pending_approvals(len(self._slots))
+            closed = self._closed
+        if closed:  # close() ran meanwhile and may not have seen this one
+            self.cancel(req.id, "issuer stopping")
+            raise Unavailable("the issuer is stopping; ask again once it is back")
         return req
 
     def list(self) -> list[ApprovalRequest]:
@@ -130,3 +137,10 @@ class Approvals:
                 subject=slot.req.spiffe_id, details=slot.req.details()))
         except NotFound:
             pass
+
+    def close(self) -> None:
+        """The issuer is stopping: refuse new requests and end every wait (their callers get an answer)."""
+        with self._lock:
+            self._closed = True
+        for req in self.list():
+            self.cancel(req.id, "issuer stopping")

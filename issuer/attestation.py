@@ -145,8 +145,7 @@ class SidecarAttestor:
         """Record that the sidecar was seen (a write; callers on an event loop run it on its executor)."""
         now = int(time.time())
         try:
-            s = self._sidecars.get(sidecar_id)
-            if s is not None and now - s.last_seen >= 60:
+            if self._sidecars.get(sidecar_id) is not None:  # touch_due decided it is time
                 self.store.touch_sidecar(sidecar_id, now)
                 with self._lock:
                     # Update whatever is current: a ban that landed meanwhile must not be overwritten.

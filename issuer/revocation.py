@@ -124,12 +124,19 @@ class RevocationService:
 
     def recheck_issued(self, results: list, sidecar_id: str) -> list:
         """After an issuing path recorded its serials: those whose entry or sidecar was revoked or
-        banned meanwhile are revoked and withheld. Every issuing path (identity, task) calls this.
+        banned meanwhile are revoked and withheld. Every issuing path (identity, task) calls this,
+        directly or as its two halves (`withhold_late`, then `revoke_late` off the event loop).
 
         Issuing checks, signs, then records; a revocation sets the entry's or sidecar's state, then
         looks up its serials. Checking again after the record closes the gap: either this check sees
         the new state, or the revocation's lookup sees the recorded serial.
         """
+        out, late = self.withhold_late(results, sidecar_id)
+        self.revoke_late(late)
+        return out
+
+    def withhold_late(self, results: list, sidecar_id: str) -> tuple[list, list[str]]:
+        """In memory, no I/O: the answers with late ones replaced by PERMISSION_DENIED, and their serials."""
         late: list[str] = []
         out = []
         try:
@@ -153,10 +160,13 @@ class RevocationService:
             else:
                 late.append(r.serial)
                 out.append(SignResult(r.entry_id, code=int(Code.PERMISSION_DENIED), error=refused))
+        return out, late
+
+    def revoke_late(self, late: list[str]) -> None:
+        """Revoke what `withhold_late` withheld (a durable write)."""
         if late:
             self.revoke_serials(late, "revoked while its certificate was being signed", ISSUER,
                                 reason_code="privilegeWithdrawn", kind="serial", target=",".join(late))
-        return out
 
     def crl_info(self) -> CrlInfo:
         assert self._crl is not None

@@ -103,7 +103,8 @@ class IssuerServer:
         # Revoked sidecar SVIDs fail authentication; identities revoked as a whole get no new SVIDs.
         self.attestor.is_revoked = self.revocation.is_revoked
         self.signer.check_entry_allowed = self.revocation.check_entry
-        self.signer.recheck_issued = self.revocation.recheck_issued
+        self.signer.withhold_late = self.revocation.withhold_late
+        self.signer.revoke_late = self.revocation.revoke_late
         self.approvals = Approvals(self.store, cfg.policy.approval_timeout)
         self.tasks = TaskService(self.store, self.ca, self.registry, cfg.policy, self.approvals,
                                  check_entry_allowed=self.revocation.check_entry,
@@ -213,17 +214,20 @@ class IssuerServer:
             self._on_loop(self.health.enter_graceful_shutdown())
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+        # Requests waiting for an approval hold executor threads and would hold the grace period: end them first.
+        self.approvals.close()
         self.revocation.stop()
         if self._grpc is not None:
             self._on_loop(self._grpc.stop(grace))
-        for pending in self.approvals.list():  # their callers are gone: end the waits holding threads
-            self.approvals.cancel(pending.id, "issuer stopping")
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self._loop_thread:
                 self._loop_thread.join(timeout=5)
+            if not self._loop.is_running():
+                self._loop.close()  # later hand-offs to it (signing pool, hub) see a closed loop
         if self._blocking is not None:
-            self._blocking.shutdown(wait=False, cancel_futures=True)
+            # Let running blocking work (a commit, an attestation) finish before the store closes.
+            self._blocking.shutdown(wait=True, cancel_futures=True)
         if self.signing_pool is not None:
             self.signing_pool.close()
         if self._admin_loop is not None:

@@ -22,15 +22,36 @@ from issuer.models import Actor, Sidecar
 from issuer.registration import Registry
 from issuer.signing import SvidSigner
 from issuer.tasks import TaskService, TaskSpec
-from tessera import pem
+from tessera import logs, pem
 from tessera.errors import PermissionDenied
 from tessera.rpc import grpcio_handler
 from tessera.v1 import issuer_pb2, issuer_pb2_grpc, task_pb2
+
+log = logs.get("sidecar-api")
 
 
 def peer_cert_pem(context: grpc.ServicerContext) -> bytes | None:
     values = context.auth_context().get("x509_pem_cert")
     return values[0] if values else None
+
+
+def _log_touch_failure(done: asyncio.Future) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        log.error("could not record that a sidecar was seen", error=repr(done.exception()))
+
+
+async def _next_step(loop: asyncio.AbstractEventLoop, steps):
+    """The generator's next step, run on the executor; None when it is done.
+
+    If the caller goes away mid-step, the step still finishes on its thread; the generator is then
+    closed there too, which withdraws an approval request that step may just have submitted.
+    """
+    step = loop.run_in_executor(None, next, steps, None)
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        step.add_done_callback(lambda _: loop.run_in_executor(None, steps.close))
+        raise
 
 
 class IssuerService(issuer_pb2_grpc.IssuerServicer):
@@ -49,7 +70,8 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
         sidecar = self.attestor.authenticate(peer_cert_pem(context))
         if self.attestor.touch_due(sidecar.id):
             # A write, at most once a minute per sidecar: off the loop, and nobody waits for it.
-            asyncio.get_running_loop().run_in_executor(None, self.attestor.touch, sidecar.id)
+            done = asyncio.get_running_loop().run_in_executor(None, self.attestor.touch, sidecar.id)
+            done.add_done_callback(_log_touch_failure)
         return sidecar
 
     @staticmethod
@@ -152,11 +174,11 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
                         workload={"pid": w.pid, "uid": w.uid, "gid": w.gid, "exe": w.exe})
         # The task service blocks (policy, commits, a wait for an approval): each step runs on the executor.
         steps = self.tasks.request(sidecar, spec)
-        while (step := await self._blocking(next, steps, None)) is not None:
+        loop = asyncio.get_running_loop()
+        while (step := await _next_step(loop, steps)) is not None:
             kind, value = step
             if kind == "pending":
                 # A caller that goes away stops the wait (and the pending request) at once.
-                loop = asyncio.get_running_loop()
                 context.add_done_callback(lambda _ctx, a=value.id: loop.run_in_executor(
                     None, self.tasks.approvals.cancel, a, "caller went away"))
                 yield issuer_pb2.TaskSVIDUpdate(pending=task_pb2.TaskPending(

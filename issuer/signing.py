@@ -75,8 +75,12 @@ class SvidSigner:
                                 entry.expires_at))
         results = await self._sign_and_record(jobs, functools.partial(self._records, sidecar, items, now, outcomes,
                                                                 allowed))
-        # In-memory checks; only a revocation that raced this call (rare) commits, here on the loop.
-        return self.recheck_issued(results, sidecar.id) if jobs else results
+        if not jobs:
+            return results
+        results, late = self.withhold_late(results, sidecar.id)
+        if late:  # a revocation raced this call: revoking what was signed is a commit, off the loop
+            await asyncio.get_running_loop().run_in_executor(None, self.revoke_late, late)
+        return results
 
     @staticmethod
     def _records(sidecar: Sidecar, items: Sequence[tuple[str, bytes]], now: int,
@@ -110,6 +114,9 @@ class SvidSigner:
     def check_entry_allowed(self, entry) -> None:
         """Hook for the revocation service: refuse entries whose identity is revoked."""
 
-    def recheck_issued(self, results: list[SignResult], sidecar_id: str) -> list[SignResult]:
+    def withhold_late(self, results: list[SignResult], sidecar_id: str) -> tuple[list[SignResult], list[str]]:
         """Hook for the revocation service: an entry revoked while its batch was signed must not get through."""
-        return results
+        return results, []
+
+    def revoke_late(self, serials: list[str]) -> None:
+        """Hook for the revocation service: revoke what withhold_late withheld."""

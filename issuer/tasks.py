@@ -146,7 +146,11 @@ class TaskService:
                 approval = self.approvals.submit(ApprovalRequest(
                     "", spec.task_id, entry.id, entry.spiffe_id, entry.owner, entry.tier, scopes, decision.ttl,
                     context, sidecar.id, dict(spec.workload), decision.reason, decision.rule, 0, 0), actor)
-                yield "pending", approval
+                try:
+                    yield "pending", approval
+                except GeneratorExit:  # the caller went away before waiting: withdraw the request
+                    self.approvals.cancel(approval.id, "caller went away")
+                    raise
                 final = self.approvals.wait(approval)
                 if final.state == "denied":
                     raise PermissionDenied(f"approval {final.id} denied by {final.decided_by}: {final.decision_reason}")

@@ -6,6 +6,7 @@ the caller as INTERNAL with a short message, never as a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -41,8 +42,10 @@ def grpcio_handler(fn):
         @functools.wraps(fn)
         async def stream(self, request, context):
             try:
-                async for message in fn(self, request, context):
-                    yield message
+                # aclosing: a cancelled call runs the handler's cleanup now, not when it is collected.
+                async with contextlib.aclosing(fn(self, request, context)) as messages:
+                    async for message in messages:
+                        yield message
             except (grpc.aio.AbortError, grpc.RpcError):
                 raise
             except Exception as e:  # noqa: BLE001 - last-resort boundary

@@ -209,7 +209,8 @@ def test_sidecar_keeps_its_last_good_crl_while_the_issuer_is_down_across_a_resta
     assert d.fetch("host-a", uid=AGENT_UID + 1)["event"] == "error"
     assert openssl_says_revoked(out, cert)
 
-    # The sidecar restarted while the issuer is still down: its saved CRL is in force from the start.
+    # The sidecar restarted while the issuer is still down: its saved CRL is back in crl.pem before it
+    # serves (the socket exists once start() returns), for the services that check peers with it.
     (out / "crl.pem").unlink()
     d.sidecars["host-a"].stop()
     d.sidecars["host-a"].start()

@@ -44,13 +44,20 @@ def test_more_sync_streams_than_issuer_threads_all_get_snapshots_and_pushes(depl
             i, kind = events.get(timeout=20)
             if kind == "snapshot":
                 snapshots.add(i)
-        # With every stream open, a new entry is pushed to the last sidecar, and signing answers.
+        # With every stream open, a new entry is pushed to its sidecar, and signing answers.
         last = SIDECARS - 1
         entry = d.entry("/agent/last", f"s{last}")
         while events.get(timeout=10) != (last, "entry_upsert"):
             pass
         item = sign(stubs[last], entry)
         assert item.status_code == 0 and item.cert_chain
+        # A revocation is pushed to every stream.
+        d.cli("revoke", "--serial", item.serial, "--reason", "test")
+        revoked: set[int] = set()
+        while len(revoked) < SIDECARS:
+            i, kind = events.get(timeout=10)
+            if kind == "revocation":
+                revoked.add(i)
     finally:
         for call in calls:
             call.cancel()

@@ -235,3 +235,18 @@ def test_revoke_task_ends_only_that_task_while_the_identity_and_other_tasks_keep
     assert openssl_verify(tasks.bundle_path, tmp_path / "t2" / "svid.pem", crl).returncode == 0
     assert tasks.fetch("host-a")["svids"][0]["serial"] == identity  # the identity SVID is untouched
     assert end_task(tasks, "t-2").stdout.split() == [second]  # the other task still ends normally
+
+
+def test_a_task_request_abandoned_before_waiting_withdraws_its_approval(tmp_path):
+    svc, store, _, side = issuer_tasks(tmp_path)
+    high = svc.registry.create(spiffe_id="spiffe://example.org/agent/h", parent="host-a", selectors=["unix:uid:7"],
+                               owner="o", purpose="p", expires_at=int(time.time()) + 3600,
+                               actor=Actor("operator", "t"), scopes=["repo:read"], tier="high")
+    steps = svc.request(side["host-a"], spec(high.id, task_id="needs-approval"))
+    kind, approval = next(steps)
+    assert kind == "pending" and [a.id for a in svc.approvals.list()] == [approval.id]
+    steps.close()  # what the gRPC handler does when its caller leaves right after this step
+    assert svc.approvals.list() == []
+    assert [r.details["approval_id"] for r in store.audit_records() if r.action == "task.approval_cancel"] == [
+        approval.id]
+    store.close()
