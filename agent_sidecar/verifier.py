@@ -182,7 +182,7 @@ class Verifier:
                 continue
             if accepted is not None:
                 crl_der, number = accepted.der, accepted.number
-                revoked = frozenset(int(s, 16) for s in accepted.serials)
+                revoked = frozenset(r.serial_number for r in accepted.crl)
         with self._changed:
             self.state = TrustState(new_bundle, crl_der, number, revoked)
             if svid is not None:

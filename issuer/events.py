@@ -33,7 +33,8 @@ class Subscription:
     async def get(self, timeout: float) -> Any:
         """The next event, or None after `timeout` seconds without one."""
         try:
-            return await asyncio.wait_for(self.queue.get(), timeout)
+            async with asyncio.timeout(timeout):  # no extra task per event, unlike wait_for on 3.11
+                return await self.queue.get()
         except TimeoutError:
             return None
 

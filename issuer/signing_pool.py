@@ -188,16 +188,20 @@ class SigningPool:
                 raise RuntimeError("signing pool is closed")
             self._queue.append(req)
             self._queued += max(1, len(req.jobs))
-            if not self._busy or self._queued >= CHUNK_MIN:  # else no idle feeder may take it: let them sleep
+            if self._worker_may_take():  # else no idle feeder may take it: let them sleep
                 self._cond.notify()
         return await req.future
+
+    def _worker_may_take(self) -> bool:
+        """Under self._cond: an idle worker may take what is queued (see _take)."""
+        return not self._busy or self._queued >= CHUNK_MIN
 
     def _take(self) -> list[_Request] | None:
         with self._cond:
             # While another worker is busy, requests wait for it unless there are enough to fill a chunk:
             # each trip to a worker costs pickling, pipe writes and wake-ups in this process, so a second
             # worker pays for itself only under batch-sized load. Waiting requests batch naturally.
-            while not self._closed and not (self._queue and (not self._busy or self._queued >= CHUNK_MIN)):
+            while not self._closed and not (self._queue and self._worker_may_take()):
                 self._cond.wait()
             if self._closed:
                 return None
@@ -213,8 +217,6 @@ class SigningPool:
 
     def _feed(self, i: int) -> None:
         while (batch := self._take()) is not None:
-            if not batch:
-                continue
             jobs = [j for r in batch for j in r.jobs]
             try:
                 answer = []
