@@ -7,6 +7,8 @@ from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from tessera.configfile import split_address
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 _DELAY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -46,6 +48,6 @@ def watch_cache(svids: Callable[[], int], entries: Callable[[], int], synced: Ca
 
 
 def serve(address: str):
-    host, _, port = address.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=REGISTRY)
+    host, port = split_address(address)
+    server, _thread = start_http_server(port, addr=host.strip("[]"), registry=REGISTRY)
     return server

@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Any
 
+from tessera.loops import call_on_loops
+
 CLOSE = object()  # tells a stream to end (the sidecar was banned)
 
 
@@ -80,14 +82,7 @@ class EventHub:
 
     @staticmethod
     def _send(subs: list[Subscription], event: Any) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[Subscription]] = {}
-        for s in subs:
-            by_loop.setdefault(s.loop, []).append(s)
-        for loop, group in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, group, event)
-            except RuntimeError:
-                pass  # that loop is closed: the issuer is stopping and its streams are gone
+        call_on_loops(subs, lambda sub: sub.loop, lambda group: _deliver(group, event))
 
     def connected(self) -> set[str]:
         with self._lock:

@@ -10,6 +10,7 @@ import sys
 import threading
 
 from tessera import logs
+from tessera.configfile import split_address
 from tessera.errors import ConfigError, TesseraError
 
 
@@ -19,11 +20,11 @@ def check_can_listen(key: str, address: str) -> None:
     The gRPC server would fail too, but only after the issuer's start-up logging and with its own
     error lines; SO_REUSEADDR as gRPC sets it, so a previous run's TIME_WAIT sockets do not count.
     """
-    host, _, port = address.rpartition(":")
-    if not int(port):
+    host, port = split_address(address)
+    if not port:
         return
     try:
-        infos = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise ConfigError(f"{key}: cannot resolve {host!r}: {e.strerror}") from None
     for family, kind, proto, _, sockaddr in infos:
@@ -46,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_mod.load(args.config)
-        for key in ("listen_address", "bootstrap_address"):
-            check_can_listen(key, getattr(cfg, key))
+        for key in ("listen_address", "bootstrap_address", "metrics_address"):
+            if getattr(cfg, key):
+                check_can_listen(key, getattr(cfg, key))
         logs.setup(cfg.log_level)
         from issuer.server import IssuerServer
 

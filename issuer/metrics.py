@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from issuer.audit import denial_reason
 from issuer.models import AuditRecord
+from tessera.configfile import split_address
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -104,6 +105,6 @@ def watch_connected_sidecars(count: Callable[[], int]) -> None:
 
 def serve(address: str):
     """Serve /metrics on HOST:PORT; returns the HTTP server (its port is server.server_port)."""
-    host, _, port = address.rpartition(":")
-    server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=REGISTRY)
+    host, port = split_address(address)
+    server, _thread = start_http_server(port, addr=host.strip("[]"), registry=REGISTRY)
     return server

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from issuer.ca import CertificateAuthority
 from tessera import pem, spiffeid, x509svid
+from tessera.loops import call_on_loops
 
 CHUNK_MAX = 256  # CSRs per trip to a worker: large enough to amortise the trip, small enough to spread
 # While one worker is busy, another is engaged only when at least CHUNK_MIN jobs are waiting (see
@@ -260,14 +261,7 @@ class SigningPool:
             except BaseException as e:  # noqa: BLE001 - nothing of this chunk leaves unrecorded
                 for r in ok:
                     r.error = e
-        by_loop: dict[asyncio.AbstractEventLoop, list[_Request]] = {}
-        for r in batch:
-            by_loop.setdefault(r.future.get_loop(), []).append(r)
-        for loop, reqs in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_resolve, reqs)
-            except RuntimeError:
-                pass  # the loop is closed: its callers are gone
+        call_on_loops(batch, lambda r: r.future.get_loop(), _resolve)
 
     def close(self) -> None:
         with self._cond:
@@ -276,10 +270,7 @@ class SigningPool:
             self._cond.notify_all()
         for r in pending:
             r.error = RuntimeError("signing pool is closed")
-            try:
-                r.future.get_loop().call_soon_threadsafe(_resolve, [r])
-            except RuntimeError:
-                pass
+        call_on_loops(pending, lambda r: r.future.get_loop(), _resolve)
         for t in self._threads:
             t.join(timeout=5)
         for conn in self._conns:

@@ -11,6 +11,14 @@ from tessera.durations import parse_duration
 from tessera.errors import ConfigError, InvalidArgument
 
 
+def split_address(value: str) -> tuple[str, int]:
+    """HOST:PORT as (HOST, PORT); an IPv6 HOST keeps its brackets. ValueError if it is not HOST:PORT."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"must be HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
 class Section:
     """A mapping from the config file; every getter names `prefix.key` when it fails."""
 
@@ -71,9 +79,10 @@ class Section:
         v = self.str(key, default)
         if v is None:
             return None
-        host, sep, port = v.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise self.fail(key, f"must be HOST:PORT, got {v!r}")
+        try:
+            split_address(v)
+        except ValueError as e:
+            raise self.fail(key, str(e)) from None
         return v
 
     def checked(self, key: str, fn: Callable[[Any], Any], raw: Any) -> Any:

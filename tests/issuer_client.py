@@ -29,10 +29,18 @@ def bootstrap_stub(deployment) -> issuer_pb2_grpc.IssuerStub:
     return issuer_pb2_grpc.IssuerStub(grpc.secure_channel(deployment.bootstrap_address, creds, options=OPTIONS))
 
 
-def attest(deployment, token: str) -> issuer_pb2.SidecarSVIDResponse:
-    key = x509svid.new_key()
+def attest(deployment, token: str, key=None) -> issuer_pb2.SidecarSVIDResponse:
+    key = key or x509svid.new_key()
     return bootstrap_stub(deployment).AttestSidecar(
         issuer_pb2.AttestSidecarRequest(join_token=token, csr=x509svid.make_csr(key)), timeout=10)
+
+
+def attested_stub(deployment, name: str) -> issuer_pb2_grpc.IssuerStub:
+    """Attest a new sidecar `name` like a sidecar does (join token + CSR); an mTLS stub holding its SVID."""
+    key = x509svid.new_key()
+    resp = attest(deployment, deployment.token(name), key)
+    return mtls_stub(f"127.0.0.1:{deployment.port}", deployment.bundle_path.read_bytes(), pem.key_pem(key),
+                     pem.certs_pem(pem.split_der(resp.svid_chain)))
 
 
 def sign(stub, entry_id: str) -> issuer_pb2.SignedSVID:

@@ -4,21 +4,11 @@ get their snapshot and their pushes, and signing still answers while they are op
 import queue
 import threading
 
-from issuer_client import bootstrap_stub, mtls_stub, sign
-from tessera import pem, x509svid
+from issuer_client import attested_stub, sign
 from tessera.v1 import issuer_pb2
 
 THREADS = 8  # the issuer's max_workers (its smallest allowed value)
 SIDECARS = 3 * THREADS
-
-
-def sidecar_stub(d, name: str):
-    """Attest like a sidecar (join token + CSR) and return an mTLS stub holding the new sidecar SVID."""
-    key = x509svid.new_key()
-    resp = bootstrap_stub(d).AttestSidecar(
-        issuer_pb2.AttestSidecarRequest(join_token=d.token(name), csr=x509svid.make_csr(key)), timeout=10)
-    chain = pem.certs_pem(pem.split_der(resp.svid_chain))
-    return mtls_stub(f"127.0.0.1:{d.port}", d.bundle_path.read_bytes(), pem.key_pem(key), chain)
 
 
 def test_more_sync_streams_than_issuer_threads_all_get_snapshots_and_pushes(deployment):
@@ -27,7 +17,7 @@ def test_more_sync_streams_than_issuer_threads_all_get_snapshots_and_pushes(depl
     events: "queue.Queue[tuple[int, str]]" = queue.Queue()
     stubs, calls = [], []
     for i in range(SIDECARS):
-        stubs.append(sidecar_stub(d, f"s{i}"))
+        stubs.append(attested_stub(d, f"s{i}"))
         calls.append(stubs[i].Sync(issuer_pb2.SyncRequest(), timeout=60))
 
         def read(i=i, call=calls[i]):
