@@ -17,7 +17,7 @@ from typing import Any
 from issuer import metrics
 from issuer.datastore import Datastore
 from issuer.models import Actor, AuditEvent
-from tessera.errors import FailedPrecondition, InvalidArgument, NotFound
+from tessera.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 
 @dataclass(frozen=True)

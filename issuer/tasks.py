@@ -25,7 +25,8 @@ from issuer.registration import Registry, validate_scopes
 from issuer.signing import SignResult
 from tessera import selectors as sel
 from tessera import spiffeid, taskext, x509svid
-from tessera.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied
+from tessera.errors import (AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied,
+                            Unavailable)
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 _CONTEXT_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -157,8 +158,8 @@ class TaskService:
                 if final.state == "expired":
                     raise DeadlineExceeded(f"approval {final.id} expired: nobody decided within "
                                            f"{self.approvals.timeout}s")
-                if final.state != "approved":
-                    return
+                if final.state != "approved":  # withdrawn: the caller left, or the issuer is stopping
+                    raise Unavailable(f"approval {final.id} was withdrawn: {final.decision_reason}")
                 now = time.time()
                 entry = self._entry_for(sidecar, spec, now)  # it may have changed while a human decided
                 details["approval_id"] = final.id

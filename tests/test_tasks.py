@@ -4,6 +4,7 @@ standard verifiers (openssl, the unmodified `spiffe` package), the issuer's SQLi
 import json
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -24,7 +25,7 @@ from issuer.tasks import TaskService, TaskSpec
 from taskutil import end_task, policy, spiffe_parse, start_task, task_argv
 from tessera import taskext, x509svid
 from tessera.configfile import Section
-from tessera.errors import NotFound, PermissionDenied
+from tessera.errors import NotFound, PermissionDenied, Unavailable
 
 
 @pytest.fixture
@@ -250,3 +251,37 @@ def test_a_task_request_abandoned_before_waiting_withdraws_its_approval(tmp_path
     assert [r.details["approval_id"] for r in store.audit_records() if r.action == "task.approval_cancel"] == [
         approval.id]
     store.close()
+
+
+def test_a_stopping_issuer_refuses_new_approval_requests_and_answers_the_waiting_ones(tmp_path):
+    svc, store, _, side = issuer_tasks(tmp_path)
+    high = svc.registry.create(spiffe_id="spiffe://example.org/agent/h", parent="host-a", selectors=["unix:uid:7"],
+                               owner="o", purpose="p", expires_at=int(time.time()) + 3600,
+                               actor=Actor("operator", "t"), scopes=["repo:read"], tier="high")
+    waiting = svc.request(side["host-a"], spec(high.id, task_id="waiting"))
+    assert next(waiting)[0] == "pending"
+    outcome: list = []
+
+    def wait_for_a_human():
+        try:
+            next(waiting)
+        except Exception as e:  # noqa: BLE001 - the answer under test
+            outcome.append(e)
+
+    t = threading.Thread(target=wait_for_a_human)
+    t.start()
+    wait_for(lambda: any(f.f_code.co_name == "wait" and "approvals" in f.f_code.co_filename
+                         for f in _frames(sys._current_frames().get(t.ident))), what="the caller waiting")
+    svc.approvals.close()
+    t.join(5)
+    assert isinstance(outcome[0], Unavailable) and "withdrawn: issuer stopping" in outcome[0].message
+    assert svc.approvals.list() == []
+    with pytest.raises(Unavailable, match="stopping"):
+        next(svc.request(side["host-a"], spec(high.id, task_id="late")))
+    store.close()
+
+
+def _frames(frame):
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
