@@ -29,7 +29,7 @@ import grpc  # noqa: E402
 
 from benchlib import crlbench, limit, stats  # noqa: E402
 from harness import BIN, Deployment, wait_for  # noqa: E402
-from taskutil import ALLOW_ALL, TIERS  # noqa: E402
+from taskutil import policy  # noqa: E402
 from tessera.v1 import admin_pb2, admin_pb2_grpc, types_pb2  # noqa: E402
 
 BENCHLIB = REPO / "scripts" / "benchlib"
@@ -267,8 +267,8 @@ def measure_sidecar(dep: Deployment, sz: Sizes, figures: dict) -> None:
 # --- Time to credential, revocation push, CRL ----------------------------------------------------
 
 TASK_SCOPE = "bench:run"
-# The policy shape of tests/taskutil.py: a "low" tier and one rule allowing the entry's own scopes.
-BENCH_POLICY = {"approval_timeout": "60s", "tiers": {"low": TIERS["low"]}, "rules": [ALLOW_ALL]}
+# The tests' policy (tests/taskutil.py): tiers "low" and "high", one rule allowing the entry's own scopes.
+BENCH_POLICY = policy()
 
 
 def measure_task_credential(dep: Deployment, sz: Sizes, figures: dict) -> tuple[subprocess.Popen, list[str]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness import BIN, Deployment, openssl_says_revoked, openssl_verify, wait_for  # noqa: E402
-from taskutil import ALLOW_ALL  # noqa: E402  (the same harness the end-to-end tests drive)
+from harness import Deployment, openssl_says_revoked, openssl_verify, wait_for  # noqa: E402
+from taskutil import end_task, policy, start_task  # noqa: E402  (the same harness the end-to-end tests drive)
 
 # Tasks are denied unless a rule allows them: the demo allows the scopes an entry grants.
-DEMO_POLICY = {"rules": [ALLOW_ALL]}
+DEMO_POLICY = policy()
 
 
 def step(msg: str) -> None:
@@ -36,10 +35,7 @@ def task_step(d: Deployment, out: Path) -> bool:
 
     from tessera import taskext
 
-    sidecar = [str(BIN / "tessera-sidecar"), "task"]
-    sock = ["--socket", str(d.socket("host-a")), "--task-id", "review-pr-7"]
-    r = subprocess.run([*sidecar, "start", *sock, "--scope", "repo:read", "--ttl", "5m", "--context", "pr=7",
-                        "--out", str(out)], capture_output=True, text=True)
+    r = start_task(d, "review-pr-7", out, "repo:read", context={"pr": 7})
     if r.returncode != 0:
         print(f"task start failed: {r.stderr}", file=sys.stderr)
         return False
@@ -50,7 +46,7 @@ def task_step(d: Deployment, out: Path) -> bool:
     print(f"scopes:    {', '.join(binding.scopes)}")
     print(f"expires:   {cert.not_valid_after_utc.isoformat()}")
     step("end the task: its serial is revoked at once")
-    r = subprocess.run([*sidecar, "end", *sock], capture_output=True, text=True)
+    r = end_task(d, "review-pr-7")
     if r.returncode != 0:
         print(f"task end failed: {r.stderr}", file=sys.stderr)
         return False

@@ -6,6 +6,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Deployment  # noqa: E402
+from issuer.sqlite_store import SQLiteDatastore  # noqa: E402
 
 
 @pytest.fixture
@@ -21,3 +22,11 @@ def running(deployment):
     deployment.start_issuer()
     deployment.start_sidecar("host-a")
     return deployment
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A real SQLite datastore in the test's directory."""
+    s = SQLiteDatastore(tmp_path / "t.db")
+    yield s
+    s.close()

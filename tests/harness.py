@@ -104,9 +104,9 @@ class Daemon:
     def start(self, timeout: float = 15.0) -> "Daemon":
         if self.ready is not None and self.ready.exists():
             self.ready.unlink()
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True)
         if self.ready is not None:
             deadline = time.monotonic() + timeout
             while not self.ready.exists():
@@ -176,7 +176,10 @@ class LineReader:
     def until(self, pred, timeout: float = 10.0) -> dict:
         deadline = time.monotonic() + timeout
         while True:
-            msg = self.next(max(0.01, deadline - time.monotonic()))
+            left = deadline - time.monotonic()
+            if left <= 0:  # messages kept coming, none matched
+                raise AssertionError(f"no matching message within {timeout}s")
+            msg = self.next(left)
             if pred(msg):
                 return msg
 

@@ -1,5 +1,6 @@
 """The SQLite datastore: durability rules, group commit, revocation marks and the audit chain."""
 
+import sqlite3
 import threading
 import time
 
@@ -18,13 +19,6 @@ def serial(n: int, **kw) -> IssuedSerial:
                 sidecar_id="spiffe://example.org/tessera/sidecar/h", issued_at=1, not_after=int(time.time()) + 60)
     base.update(kw)
     return IssuedSerial(**base)
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = SQLiteDatastore(tmp_path / "t.db")
-    yield s
-    s.close()
 
 
 def test_concurrent_record_issued_commits_every_serial_once(store, tmp_path):
@@ -73,7 +67,7 @@ def test_close_during_concurrent_issuance_commits_or_refuses_every_caller(tmp_pa
 
 def test_failed_group_commit_records_nothing_and_raises(store):
     store.record_issued([serial(1)])
-    with pytest.raises(Exception):
+    with pytest.raises(sqlite3.IntegrityError):
         store.record_issued([serial(2), serial(1)])  # duplicate serial: whole transaction rolls back
     assert store.get_issued("2") is None
 

@@ -386,7 +386,7 @@ async def test_revoking_a_task_ends_only_that_tasks_certificates(issuer):
         "cessation_of_operation"
 
 
-def test_revoke_serials_is_the_entry_point_for_ending_a_task(issuer):
+def test_revoke_serials_revokes_known_serials_once_and_skips_unknown_ones(issuer):
     t = issuer.issue("task", "t9")
     result = issuer.revocation.revoke_serials([t, "abc123"], "task ended", Actor("workload", "pid:1"))
     assert result.serials == (t,) and issuer.store.get_issued(t).revoked_at is not None

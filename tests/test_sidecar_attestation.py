@@ -52,7 +52,7 @@ def test_unknown_join_token_and_garbage_csr_are_refused_clearly(deployment):
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "invalid CSR" in e.value.details()
 
 
-def test_signing_requires_a_sidecar_client_certificate(deployment):
+def test_the_bootstrap_listener_cannot_sign(deployment):
     deployment.start_issuer()
     entry = deployment.entry("/agent/a", "host-a")
     # The bootstrap listener accepts no client certificate, so it can only ever attest.

@@ -5,7 +5,7 @@ import subprocess
 import grpc
 import pytest
 
-from harness import as_uid, openssl_verify
+from harness import as_uid, one_line_error, openssl_verify
 
 from tessera.workload import workload_pb2, workload_pb2_grpc
 
@@ -161,5 +161,4 @@ def test_api_fetch_without_identity_is_one_line_error(running, tmp_path):
 
     r = subprocess.run([str(BIN / "tessera-sidecar"), "api", "fetch", "--socket", str(running.socket("host-a")),
                         "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=30)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "no identity issued" in r.stderr and "PERMISSION_DENIED" in r.stderr
+    one_line_error(r, "no identity issued", "PERMISSION_DENIED")
