@@ -47,7 +47,7 @@ class WorkloadAttestor:
 
     def attest_socket(self, sock: socket.socket) -> Workload:
         cred = from_socket(sock)
-        pidfd = _peer_pidfd(sock, cred.pid)
+        pidfd = peer_pidfd(sock, cred.pid)
         try:
             return self._attest(cred, pidfd)
         finally:
@@ -72,7 +72,7 @@ class WorkloadAttestor:
             except OSError:
                 exe, digest = None, None
             if exe is not None:
-                if pidfd is None or not _alive(pidfd):
+                if pidfd is None or not alive(pidfd):
                     # The connecting process is gone: what we read may belong to a recycled pid.
                     raise AttestationError("the calling process exited during attestation")
                 if exe.endswith(" (deleted)"):
@@ -106,7 +106,9 @@ class WorkloadAttestor:
         return digest
 
 
-def _peer_pidfd(sock: socket.socket, pid: int) -> int | None:
+def peer_pidfd(sock: socket.socket, pid: int) -> int | None:
+    """A pidfd for the process at the other end of `sock`: from the connection itself (SO_PEERPIDFD)
+    where the kernel has it, else opened by number (a small pid-reuse window on kernels < 6.5)."""
     try:
         return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4), "little", signed=True)
     except OSError:
@@ -117,7 +119,7 @@ def _peer_pidfd(sock: socket.socket, pid: int) -> int | None:
         return None
 
 
-def _alive(pidfd: int) -> bool:
+def alive(pidfd: int) -> bool:
     try:
         signal.pidfd_send_signal(pidfd, 0)
         return True

@@ -24,11 +24,11 @@ import grpc
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from agent_sidecar.attestation import Workload, WorkloadAttestor
+from agent_sidecar.attestation import Workload, WorkloadAttestor, alive, peer_pidfd
 from agent_sidecar.cache import CacheManager
 from agent_sidecar.issuer_client import IssuerClient
 from agent_sidecar.workload_api import caller
-from tessera import logs, pem, x509svid
+from tessera import logs, peercred, pem, x509svid
 from tessera.v1 import issuer_pb2, task_grpc, task_pb2
 
 log = logs.get("sidecar.task_api")
@@ -52,17 +52,29 @@ def _ppid(pid: int) -> int:
     return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
-def owner_pidfd(wl: Workload, parent: bool) -> tuple[int, int]:
-    """(pid, pidfd) of the process a task is tied to: the caller, or the caller's parent."""
-    pid = wl.pid
-    if parent:
-        pid = _ppid(wl.pid)
-    fd = os.pidfd_open(pid)
-    # pidfd_open by number could name a recycled pid: re-check the relation while holding the fd.
-    if parent and _ppid(wl.pid) != pid:
-        os.close(fd)
-        raise GRPCError(Status.PERMISSION_DENIED, "the calling process's parent changed during the request")
-    return pid, fd
+def owner_pidfd(sock, wl: Workload, parent: bool) -> tuple[int, int]:
+    """(pid, pidfd) of the process a task is tied to: the caller, or the caller's parent.
+
+    The caller's pidfd comes from its connection, as attestation's does, never from a pid number
+    that may have been recycled. The parent's is opened by number, then trusted only if the caller
+    is still alive with the same parent: a living process's parent changes only by exiting.
+    """
+    caller_fd = peer_pidfd(sock, wl.pid)
+    if caller_fd is None or not alive(caller_fd):
+        if caller_fd is not None:
+            os.close(caller_fd)
+        raise GRPCError(Status.PERMISSION_DENIED, "the calling process exited during the request")
+    if not parent:
+        return wl.pid, caller_fd
+    try:
+        ppid = _ppid(wl.pid)
+        fd = os.pidfd_open(ppid)
+        if not alive(caller_fd) or _ppid(wl.pid) != ppid:
+            os.close(fd)
+            raise GRPCError(Status.PERMISSION_DENIED, "the calling process's parent changed during the request")
+        return ppid, fd
+    finally:
+        os.close(caller_fd)
 
 
 def _issuer_error(e: grpc.aio.AioRpcError) -> GRPCError:
@@ -96,7 +108,7 @@ class TaskAPI(task_grpc.TasksBase):
         req, wl = await self._caller(stream)
         entry = self._entry(wl, req.spiffe_id)
         try:
-            pid, pidfd = owner_pidfd(wl, req.bind_to_parent)
+            pid, pidfd = owner_pidfd(peercred.grpclib_socket(stream), wl, req.bind_to_parent)
         except OSError as e:
             raise GRPCError(Status.PERMISSION_DENIED, f"cannot watch the task's process: {e}") from None
         try:
