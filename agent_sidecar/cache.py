@@ -101,14 +101,13 @@ class CacheManager:
             self.bundle_der = bundle_der
             self.bump()
 
-    def drop_revoked(self, is_revoked: Callable[[str], bool]) -> int:
+    def drop_revoked(self, is_revoked: Callable[[str], bool]) -> None:
         """Drop SVIDs whose serial is revoked; the minting loop replaces those whose entry is still servable."""
         gone = [eid for eid, s in self.svids.items() if is_revoked(s.serial)]
         for eid in gone:
             del self.svids[eid]
         if gone:
             self._changed_entries()
-        return len(gone)
 
     def cut_off(self) -> None:
         """This sidecar is banned (or its own SVID revoked): serve nothing more."""

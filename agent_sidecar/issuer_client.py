@@ -52,7 +52,6 @@ class IdentityStore:
     """
 
     def __init__(self, data_dir: Path):
-        self.dir = data_dir
         self.identity = data_dir / "sidecar-identity.pem"
         self.bundle = data_dir / "bundle.pem"
 

@@ -27,12 +27,12 @@ CRL_ENTRIES = Gauge("tessera_sidecar_crl_entries", "Revoked serials in the CRL t
 SYNCED = Gauge("tessera_sidecar_synced", "1 once a snapshot from the issuer has been applied", registry=REGISTRY)
 
 
-def observe_sync_event(kind: str, committed_at: float, now: float | None = None) -> None:
+def observe_sync_event(kind: str, committed_at: float) -> None:
     """Count an applied sync event and, when the issuer stamped it, how long it took to get here."""
     SYNC_EVENTS.labels(kind).inc()
     if committed_at > 0:
         # Issuer and sidecar clocks differ slightly; a negative delay means "no measurable delay".
-        PROPAGATION_DELAY.labels(kind).observe(max(0.0, (time.time() if now is None else now) - committed_at))
+        PROPAGATION_DELAY.labels(kind).observe(max(0.0, time.time() - committed_at))
 
 
 def set_crl(number: int, entries: int) -> None:

@@ -35,7 +35,7 @@ class RevocationState:
         self.crl_serials: frozenset[str] = frozenset()
         self.pushed: dict[str, float] = {}  # revoked by a pushed event, not yet in a CRL we hold (-> when)
         self.seq = 0  # last revocation sequence number seen
-        self.refused = 0  # CRLs refused (bad signature or lower number), for tests and metrics
+        self.refused = 0  # CRLs refused (bad signature or lower number)
 
     # -- lookups ------------------------------------------------------------------------
 

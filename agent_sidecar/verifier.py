@@ -135,13 +135,10 @@ def check_certificate(state: TrustState, cert: x509.Certificate, policy: PeerPol
 
 
 class Verifier:
-    def __init__(self, policy: PeerPolicy,
-                 task_scopes: Callable[[x509.Certificate], frozenset[str] | None] = read_task_scopes):
+    def __init__(self, policy: PeerPolicy):
         self.policy = policy
-        self.task_scopes = task_scopes
         self.state = TrustState()
         self.svid: OwnSVID | None = None
-        self.generation = 0  # bumped on every update: rebuild TLS contexts when it moves (SVID rotation)
         self._changed = threading.Condition()
         self._source = None
 
@@ -173,8 +170,6 @@ class Verifier:
         new_bundle = tuple(bundle) if bundle else st.bundle
         crl_der, number, revoked = st.crl_der, st.crl_number, st.revoked
         for data in crls:
-            if data == crl_der:
-                continue
             try:
                 accepted = crl.accept(data, new_bundle, number, crl_der)
             except crl.CrlError as e:
@@ -187,7 +182,6 @@ class Verifier:
             self.state = TrustState(new_bundle, crl_der, number, revoked)
             if svid is not None:
                 self.svid = svid
-            self.generation += 1
             self._changed.notify_all()
 
     def wait_ready(self, timeout: float = 10.0, need_svid: bool = False) -> None:
@@ -209,7 +203,7 @@ class Verifier:
                         else x509.load_der_x509_certificate(cert))
             except ValueError as e:
                 raise Rejected(f"unreadable certificate: {e}") from None
-        return check_certificate(self.state, cert, policy or self.policy, self.task_scopes)
+        return check_certificate(self.state, cert, policy or self.policy)
 
     def check_peer(self, conn: ssl.SSLSocket | ssl.SSLObject, policy: PeerPolicy | None = None) -> str:
         """After the handshake: the peer's SPIFFE ID, or Rejected."""
@@ -240,7 +234,6 @@ class Verifier:
         """Verifies the server's chain (SPIFFE IDs are not host names: check_peer does the naming)."""
         ctx = self._base(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_REQUIRED
         return ctx
 
     def grpc_server_credentials(self) -> grpc.ServerCredentials:
@@ -355,6 +348,10 @@ class _WorkloadSource:
                 if e.code() == grpc.StatusCode.PERMISSION_DENIED:
                     self.verifier.svid = None  # "stop using all SVIDs"
                 log.warning("workload API stream ended; reconnecting", code=e.code().name, error=e.details())
+            except Exception as e:  # noqa: BLE001 - a bad message must not end updates (and revocations) for good
+                if self._stop.is_set():
+                    return
+                log.exception("could not apply a workload API update; reconnecting", error=repr(e))
             self._stop.wait(delay)
             delay = min(delay * 2, 2.0)
 

@@ -207,6 +207,8 @@ def accept(data: bytes, bundle: Iterable[x509.Certificate], current_number: int 
     None when it is the CRL already held; CrlError when it must be refused (unparsable, signed by
     another key, a lower number, or the current number reused with other content).
     """
+    if current_der is not None and data == current_der:
+        return None  # the same bytes again (every resync resends it): nothing to parse or verify
     parsed = load(data)
     verify(parsed, bundle)
     number = check_newer(parsed, current_number)
@@ -215,4 +217,4 @@ def accept(data: bytes, bundle: Iterable[x509.Certificate], current_number: int 
         if encoded != current_der:
             raise CrlError(f"CRL number {number} reused with different content")
         return None
-    return Accepted(encoded, number, frozenset(serials(parsed)), parsed)
+    return Accepted(encoded, number, serials(parsed), parsed)
