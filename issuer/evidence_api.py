@@ -7,6 +7,7 @@ kept apart so the audit and report handlers live next to what they serve.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import threading
 import time
@@ -124,11 +125,10 @@ class EvidenceHandlers:
         elif req.last:
             if flt == AuditFilter():  # unfiltered: read only the last N, not the whole trail
                 seq = max(seq, await asyncio.to_thread(ev.newest_seq) - req.last)
-            records = await asyncio.to_thread(ev.store.audit_records, seq)
-            for r in [r for r in records if flt.matches(r)][-req.last:]:
+            last: collections.deque[AuditRecord] = collections.deque(maxlen=req.last)
+            seq = await self._scan(ev, flt, seq, last.append)
+            for r in last:
                 await stream.send_message(record_pb(r))
-            if records:
-                seq = records[-1].seq
         else:
             seq = await self._send_since(stream, ev, flt, seq)
         while req.follow:
@@ -143,15 +143,28 @@ class EvidenceHandlers:
                 ev.feed.forget(w)
 
     async def _send_since(self, stream, ev: Evidence, flt: AuditFilter, seq: int) -> int:
-        while True:
-            page = await asyncio.to_thread(ev.store.audit_records, seq, PAGE)
-            for r in page:
-                if flt.matches(r):
-                    await stream.send_message(record_pb(r))
-            if page:
-                seq = page[-1].seq
-            if len(page) < PAGE:
-                return seq
+        more = True
+        while more:  # page by page: no read holds the store's lock for long, and sending starts at once
+            matching: list[AuditRecord] = []
+            seq, more = await self._page(ev, flt, seq, matching.append)
+            for r in matching:
+                await stream.send_message(record_pb(r))
+        return seq
+
+    async def _scan(self, ev: Evidence, flt: AuditFilter, seq: int, keep) -> int:
+        """Every matching record after `seq` to `keep`, page by page; returns the last seq read."""
+        more = True
+        while more:
+            seq, more = await self._page(ev, flt, seq, keep)
+        return seq
+
+    @staticmethod
+    async def _page(ev: Evidence, flt: AuditFilter, seq: int, keep) -> tuple[int, bool]:
+        page = await asyncio.to_thread(ev.store.audit_records, seq, PAGE)
+        for r in page:
+            if flt.matches(r):
+                keep(r)
+        return (page[-1].seq if page else seq), len(page) == PAGE
 
     @grpclib_handler
     async def VerifyAudit(self, stream):
