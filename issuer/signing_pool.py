@@ -148,7 +148,6 @@ class SigningPool:
     """
 
     def __init__(self, ca: CertificateAuthority, workers: int, record: Record):
-        self.workers = workers
         self._record = record
         self._ctx = multiprocessing.get_context("spawn")  # not fork: gRPC threads do not survive a fork
         key_pem = pem.key_pem(ca.key)

@@ -20,7 +20,10 @@ from typing import Iterable, Iterator, Sequence
 
 from issuer.datastore import GENESIS_HASH, audit_hash, audit_record_from_row
 from issuer.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
+from tessera import logs
 from tessera.errors import AlreadyExists, NotFound, PermissionDenied
+
+log = logs.get("datastore")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -206,7 +209,10 @@ class SQLiteDatastore:
                 self._owner = None
             records, self._new_records = self._new_records, []
         for listener in self.audit_listeners:
-            listener(records)
+            try:
+                listener(records)
+            except Exception:  # noqa: BLE001 - committed is committed: a listener must not fail the write
+                log.exception("an audit listener failed", listener=repr(listener))
 
     def _audit(self, db: sqlite3.Connection, event: AuditEvent | None) -> None:
         if event is not None:
@@ -441,10 +447,6 @@ class SQLiteDatastore:
             db.execute("INSERT INTO meta VALUES ('crl_number', 1)"
                        " ON CONFLICT(key) DO UPDATE SET value = value + 1")
             return db.execute("SELECT value FROM meta WHERE key='crl_number'").fetchone()[0]
-
-    def count_issued(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM issued").fetchone()[0]
 
     # -- audit ------------------------------------------------------------------------
 

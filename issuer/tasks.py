@@ -196,8 +196,7 @@ class TaskService:
         """Revoke the live credentials of one of this sidecar's tasks; returns the serials revoked now."""
         if not task_id:
             raise InvalidArgument("task_id is required")
-        issued = [i for i in self.store.find_issued(task_id=task_id, sidecar_id=sidecar.id, entry_id=entry_id or None)
-                  if i.kind == "task"]
+        issued = self.store.find_issued(task_id=task_id, sidecar_id=sidecar.id, entry_id=entry_id or None)
         if not issued:
             raise NotFound(f"no task {task_id!r} was issued through {sidecar.id}")
         live = [i.serial for i in issued if i.revoked_at is None]
