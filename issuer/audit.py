@@ -105,16 +105,16 @@ class AuditFilter:
         return r.ts >= self.since_ts
 
 
-def read_sqlite(path: str | Path) -> Iterator[AuditRecord]:
-    """Audit records straight from an issuer database over a read-only connection.
+def read_sqlite(path: str | Path, since_ts: float = 0.0) -> Iterator[AuditRecord]:
+    """Audit records (from `since_ts` on) straight from an issuer database over a read-only connection.
 
-    Used by `tessera audit verify --db`, and by the issuer's own verification so a long scan
-    never holds the store's write lock (WAL lets readers run beside the writer).
+    Used by `tessera audit verify --db`, and by the issuer's own verification and report so a long
+    scan never holds the store's write lock (WAL lets readers run beside the writer).
     """
     db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
     try:
         for row in db.execute("SELECT seq, ts, action, actor, decision, reason, subject, details, prev_hash, hash"
-                              " FROM audit ORDER BY seq"):
+                              " FROM audit WHERE ts >= ? ORDER BY seq", (since_ts,)):
             yield audit_record_from_row(row)
     finally:
         db.close()

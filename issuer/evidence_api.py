@@ -16,10 +16,9 @@ from typing import Callable
 
 from issuer import report
 from issuer.audit import AuditFilter, ChainCheck, newest_seq_sqlite, read_sqlite, verify_chain
-from issuer.datastore import Datastore
 from issuer.events import EventHub
 from issuer.models import AuditRecord, Entry
-from issuer.sqlite_store import read_issued
+from issuer.sqlite_store import SQLiteDatastore, read_last_issued
 from tessera.errors import FailedPrecondition, InvalidArgument
 from tessera.rpc import grpclib_handler
 from tessera.v1 import admin_pb2
@@ -61,32 +60,26 @@ class AuditFeed:
 class Evidence:
     """What the evidence handlers read. `approval_covers` is wired in once the policy engine is."""
 
-    store: Datastore
+    store: SQLiteDatastore
     registry: object  # issuer.registration.Registry
     attestor: object  # issuer.attestation.SidecarAttestor
     hub: EventHub
     feed: AuditFeed = field(default_factory=AuditFeed)
     approval_covers: Callable[[Entry], bool] | None = None
 
+    # The store is SQLite: bulk reads go over read-only connections beside the writer, never under its lock.
     def verify(self) -> ChainCheck:
-        path = getattr(self.store, "path", None)  # the SQLite store: read beside the writer, not under its lock
-        return verify_chain(read_sqlite(path) if path is not None else self.store.audit_records())
+        return verify_chain(read_sqlite(self.store.path))
 
     def newest_seq(self) -> int:
-        path = getattr(self.store, "path", None)
-        if path is not None:
-            return newest_seq_sqlite(path)
-        records = self.store.audit_records()
-        return records[-1].seq if records else 0
+        return newest_seq_sqlite(self.store.path)
 
     def build_report(self, thresholds: report.Thresholds) -> dict:
-        path = getattr(self.store, "path", None)  # the SQLite store: bulk reads beside the writer
-        issued = read_issued(path) if path is not None else self.store.find_issued()
-        audit = list(read_sqlite(path)) if path is not None else self.store.audit_records()
+        now = int(time.time())
         return report.build(
-            entries=self.registry.list(), sidecars=self.attestor.list(), issued=issued,
-            audit=audit, connected=self.hub.connected(), now=int(time.time()),
-            thresholds=thresholds, approval_covers=self.approval_covers)
+            entries=self.registry.list(), sidecars=self.attestor.list(), last_issued=read_last_issued(self.store.path),
+            audit=list(read_sqlite(self.store.path, since_ts=now - thresholds.unused_days * report.DAY)),
+            connected=self.hub.connected(), now=now, thresholds=thresholds, approval_covers=self.approval_covers)
 
 
 def record_pb(r: AuditRecord) -> admin_pb2.AuditRecord:

@@ -11,10 +11,10 @@ import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from issuer.audit import denial_reason
-from issuer.models import AuditRecord, Entry, IssuedSerial, Sidecar
+from issuer.models import AuditRecord, Entry, Sidecar
 
 DAY = 86400
 HOUR = 3600
@@ -41,7 +41,7 @@ def percentile(values: list[float], p: float) -> float | None:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-def unused_entries(entries: Iterable[Entry], last_issued: dict[str, int], now: int, days: int) -> list[dict]:
+def unused_entries(entries: Iterable[Entry], last_issued: Mapping[str, int], now: int, days: int) -> list[dict]:
     """Active entries older than `days` with no SVID issued in the last `days`."""
     cutoff = now - days * DAY
     out = []
@@ -105,26 +105,22 @@ def denials_by_reason(records: Iterable[AuditRecord]) -> list[dict]:
             for (a, why), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
-def last_issued_by_entry(issued: Iterable[IssuedSerial]) -> dict[str, int]:
-    last: dict[str, int] = {}
-    for s in issued:
-        if s.entry_id and s.issued_at > last.get(s.entry_id, -1):
-            last[s.entry_id] = s.issued_at
-    return last
-
-
-def build(*, entries: list[Entry], sidecars: list[Sidecar], issued: Iterable[IssuedSerial],
+def build(*, entries: list[Entry], sidecars: list[Sidecar], last_issued: Mapping[str, int],
           audit: list[AuditRecord], connected: set[str], now: int, thresholds: Thresholds = Thresholds(),
           approval_covers: Callable[[Entry], bool] | None = None,
           high_tiers: frozenset[str] = DEFAULT_HIGH_TIERS) -> dict:
-    """The whole report as plain data (what `tessera report --output json` prints)."""
+    """The whole report as plain data (what `tessera report --output json` prints).
+
+    `last_issued` maps entry ids to when a certificate was last issued for them; `audit` needs only
+    the records of the last `unused_days` (older ones are ignored).
+    """
     since = now - thresholds.unused_days * DAY
     window = [r for r in audit if r.ts >= since]
     return {
         "generated_at": now,
         "thresholds": {"unused_days": thresholds.unused_days, "expiring_days": thresholds.expiring_days,
                        "silent_hours": thresholds.silent_hours, "high_tiers": sorted(high_tiers)},
-        "unused_entries": unused_entries(entries, last_issued_by_entry(issued), now, thresholds.unused_days),
+        "unused_entries": unused_entries(entries, last_issued, now, thresholds.unused_days),
         "expiring_entries": expiring_entries(entries, now, thresholds.expiring_days),
         "expired_entries": expired_entries(entries, now),
         "uncovered_high_tier_entries": uncovered_high_tier(entries, approval_covers, high_tiers),

@@ -128,13 +128,13 @@ def _issued(row: sqlite3.Row) -> IssuedSerial:
     return IssuedSerial(**{k: row[k] for k in row.keys()})
 
 
-def read_issued(path: str | Path) -> list[IssuedSerial]:
-    """Every issued serial, over a read-only connection: a bulk read beside the writer (WAL), not
-    under the store's lock, so issuance never waits for a report."""
+def read_last_issued(path: str | Path) -> dict[str, int]:
+    """Entry id -> when a certificate was last issued for it, over a read-only connection: beside the
+    writer (WAL), not under the store's lock, and aggregated by SQLite rather than row by row here."""
     db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
     try:
-        return [_issued(r) for r in db.execute("SELECT * FROM issued ORDER BY issued_at")]
+        return dict(db.execute("SELECT entry_id, MAX(issued_at) FROM issued WHERE entry_id IS NOT NULL"
+                               " GROUP BY entry_id"))
     finally:
         db.close()
 

@@ -8,7 +8,7 @@ import pytest
 from harness import one_line_error
 from issuer import report
 from issuer.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar
-from issuer.sqlite_store import SQLiteDatastore
+from issuer.sqlite_store import SQLiteDatastore, read_last_issued
 
 TD = "example.org"
 DAY = 86400
@@ -80,8 +80,9 @@ def seeded(tmp_path):
 
 
 def build(store, now, **kw):
-    return report.build(entries=store.list_entries(), sidecars=store.list_sidecars(), issued=store.find_issued(),
-                        audit=store.audit_records(), connected=set(), now=now, **kw)
+    return report.build(entries=store.list_entries(), sidecars=store.list_sidecars(),
+                        last_issued=read_last_issued(store.path), audit=store.audit_records(), connected=set(),
+                        now=now, **kw)
 
 
 def test_report_finds_every_kind_of_debt(seeded):
@@ -102,7 +103,7 @@ def test_high_tier_coverage_is_unavailable_without_a_policy_rather_than_guessed(
 
 def test_connected_sidecar_is_not_silent(seeded):
     store, now = seeded
-    rep = report.build(entries=[], sidecars=store.list_sidecars(), issued=[], audit=[],
+    rep = report.build(entries=[], sidecars=store.list_sidecars(), last_issued={}, audit=[],
                        connected={f"spiffe://{TD}/tessera/sidecar/host-silent"}, now=now)
     assert rep["silent_sidecars"] == []
 
