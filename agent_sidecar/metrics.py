@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from tessera.configfile import split_address
+from tessera import metricsserver
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -48,6 +48,5 @@ def watch_cache(svids: Callable[[], int], entries: Callable[[], int], synced: Ca
 
 
 def serve(address: str):
-    host, port = split_address(address)
-    server, _thread = start_http_server(port, addr=host.strip("[]"), registry=REGISTRY)
-    return server
+    """Serve this daemon's /metrics on HOST:PORT; returns the HTTP server."""
+    return metricsserver.serve(address, REGISTRY)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from issuer.audit import denial_reason
 from issuer.models import AuditRecord
-from tessera.configfile import split_address
+from tessera import metricsserver
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -102,7 +102,5 @@ def watch_connected_sidecars(count: Callable[[], int]) -> None:
 
 
 def serve(address: str):
-    """Serve /metrics on HOST:PORT; returns the HTTP server (its port is server.server_port)."""
-    host, port = split_address(address)
-    server, _thread = start_http_server(port, addr=host.strip("[]"), registry=REGISTRY)
-    return server
+    """Serve this daemon's /metrics on HOST:PORT; returns the HTTP server."""
+    return metricsserver.serve(address, REGISTRY)
