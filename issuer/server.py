@@ -96,15 +96,13 @@ class IssuerServer:
         self.attestor = SidecarAttestor(self.store, self.ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl)
         self.signing_pool = (SigningPool(self.ca, cfg.signing_workers, self._record_chunk)
                              if cfg.signing_workers else None)
-        self.signer = SvidSigner(self.store, self.ca, self.registry, self.signing_pool,
-                                 identity_ttl=cfg.policy.identity_ttl)
         self.revocation = RevocationService(self.store, self.ca, self.registry, self.attestor, self.hub,
                                             cfg.crl_validity)
-        # Revoked sidecar SVIDs fail authentication; identities revoked as a whole get no new SVIDs.
+        # Revoked sidecar SVIDs fail authentication (the attestor and the revocation service need each
+        # other, so this one hook is set after both exist).
         self.attestor.is_revoked = self.revocation.is_revoked
-        self.signer.check_entry_allowed = self.revocation.check_entry
-        self.signer.withhold_late = self.revocation.withhold_late
-        self.signer.revoke_late = self.revocation.revoke_late
+        self.signer = SvidSigner(self.store, self.ca, self.registry, self.revocation, self.signing_pool,
+                                 identity_ttl=cfg.policy.identity_ttl)
         self.approvals = Approvals(self.store, cfg.policy.approval_timeout)
         self.tasks = TaskService(self.store, self.ca, self.registry, cfg.policy, self.approvals,
                                  check_entry_allowed=self.revocation.check_entry,

@@ -10,7 +10,7 @@ import asyncio
 import functools
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from issuer.ca import CertificateAuthority
 from issuer.datastore import Datastore
@@ -18,6 +18,9 @@ from issuer.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar
 from issuer.registration import Registry
 from issuer.signing_pool import Signed, SigningPool, SignJob, sign_jobs
 from tessera.errors import Code, InvalidArgument, TesseraError
+
+if TYPE_CHECKING:  # the revocation service imports SignResult from here
+    from issuer.revocation import RevocationService
 
 MAX_BATCH = 1000
 
@@ -35,11 +38,16 @@ class SignResult:
 
 class SvidSigner:
     def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry,
-                 pool: SigningPool | None = None,
+                 revocation: RevocationService, pool: SigningPool | None = None,
                  identity_ttl: Callable[[str, int], int] = lambda tier, ttl: ttl):
         self.store = store
         self.ca = ca
         self.registry = registry
+        # Identities revoked as a whole get no new SVIDs, and one revoked while its batch was signed
+        # is withheld and revoked (see RevocationService.recheck_issued).
+        self.check_entry_allowed = revocation.check_entry
+        self.withhold_late = revocation.withhold_late
+        self.revoke_late = revocation.revoke_late
         self.identity_ttl = identity_ttl  # (tier, x509_ttl) -> TTL capped by the tier's max identity TTL
         # The crypto runs in worker processes when there is a pool, else here; the same code either way.
         self._sign_and_record = pool.sign_and_record if pool is not None else self._sign_and_record_here
@@ -110,13 +118,3 @@ class SvidSigner:
             results.append(SignResult(entry.id, entry.spiffe_id, signed.cert_der, signed.serial_hex,
                                       signed.not_after))
         return issued, audits, results
-
-    def check_entry_allowed(self, entry) -> None:
-        """Hook for the revocation service: refuse entries whose identity is revoked."""
-
-    def withhold_late(self, results: list[SignResult], sidecar_id: str) -> tuple[list[SignResult], list[str]]:
-        """Hook for the revocation service: an entry revoked while its batch was signed must not get through."""
-        return results, []
-
-    def revoke_late(self, serials: list[str]) -> None:
-        """Hook for the revocation service: revoke what withhold_late withheld."""
