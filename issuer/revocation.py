@@ -197,9 +197,10 @@ class RevocationService:
         target = target or next((s.task_id for s in found if s.task_id), "") or "serials"
         return self._commit(kind, target, required_text("reason", reason), reason_code, found, (), actor)
 
-    def end_task(self, serials: list[str], reason: str, actor: Actor, task_id: str) -> list[str]:
+    def end_task(self, issued: list[IssuedSerial], reason: str, actor: Actor, task_id: str) -> list[str]:
         """Ending a task is a revocation like any other: durable, in the CRL, pushed to every sidecar."""
-        return list(self.revoke_serials(serials, reason, actor, kind="task", target=task_id).serials)
+        return list(self._commit("task", task_id, required_text("reason", reason), "cessationOfOperation",
+                                 issued, (), actor).serials)
 
     def _revoke_serial(self, target, reason, code, actor) -> RevokeResult:
         serial = normalize_serial(target)

@@ -82,7 +82,7 @@ class TaskService:
     def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry,
                  policy: pol.Policy, approvals: Approvals,
                  check_entry_allowed: Callable[[Entry], None],
-                 revoke: Callable[[list[str], str, Actor, str], list[str]],
+                 revoke: Callable[[list[IssuedSerial], str, Actor, str], list[str]],
                  recheck_issued: Callable[[list[SignResult], str], list[SignResult]]):
         self.store = store
         self.ca = ca
@@ -199,7 +199,7 @@ class TaskService:
         issued = self.store.find_issued(task_id=task_id, sidecar_id=sidecar.id, entry_id=entry_id or None)
         if not issued:
             raise NotFound(f"no task {task_id!r} was issued through {sidecar.id}")
-        live = [i.serial for i in issued if i.revoked_at is None]
+        live = [i for i in issued if i.revoked_at is None]
         if not live:
             return []
         return self.revoke(live, reason or "task ended", actor, task_id)
