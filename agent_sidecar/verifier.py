@@ -29,7 +29,6 @@ from typing import Callable, Iterable
 import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 
 from tessera import crl, logs, pem, spiffeid, taskext, x509svid
 
@@ -243,7 +242,7 @@ class Verifier:
             if svid is None:
                 raise Rejected("no SVID from the sidecar yet")
             return grpc.ssl_server_certificate_configuration(
-                [(_key_pem(svid.key_der), pem.certs_pem(svid.chain))], root_certificates=pem.certs_pem(st.bundle))
+                [(pem.key_pem_from_der(svid.key_der), pem.certs_pem(svid.chain))], root_certificates=pem.certs_pem(st.bundle))
 
         current = {"svid": self.svid}
 
@@ -299,16 +298,12 @@ class VerifyingInterceptor(grpc.ServerInterceptor):
         return handler
 
 
-def _key_pem(key_der: bytes) -> bytes:
-    return pem.key_pem(serialization.load_der_private_key(key_der, password=None))
-
-
 def _load_chain(ctx: ssl.SSLContext, svid: OwnSVID) -> None:
     # ssl loads keys only from files: a private 0700 directory, removed at once.
     with tempfile.TemporaryDirectory(prefix="tessera-svid-") as d:
         cert_path, key_path = Path(d) / "svid.pem", Path(d) / "key.pem"
         pem.write_atomic(cert_path, pem.certs_pem(svid.chain), 0o600)
-        pem.write_atomic(key_path, _key_pem(svid.key_der), 0o600)
+        pem.write_atomic(key_path, pem.key_pem_from_der(svid.key_der), 0o600)
         ctx.load_cert_chain(str(cert_path), str(key_path))
 
 

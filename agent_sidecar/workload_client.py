@@ -53,10 +53,7 @@ def end_task(socket_path: str, task_id: str, timeout: float = 30.0) -> list[str]
 
 def write_svid_files(out: Path, chain_der: bytes, key_der: bytes, bundle_der: bytes) -> None:
     """svid.pem (leaf first), key.pem (0600), bundle.pem; like `spire-agent api fetch x509`."""
-    from cryptography.hazmat.primitives import serialization
-
     out.mkdir(parents=True, exist_ok=True)
-    key = serialization.load_der_private_key(key_der, password=None)
-    pem.write_atomic(out / "key.pem", pem.key_pem(key), 0o600)
+    pem.write_atomic(out / "key.pem", pem.key_pem_from_der(key_der), 0o600)
     pem.write_atomic(out / "svid.pem", pem.certs_pem(pem.split_der(chain_der)), 0o644)
     pem.write_atomic(out / "bundle.pem", pem.certs_pem(pem.split_der(bundle_der)), 0o644)

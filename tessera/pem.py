@@ -65,6 +65,11 @@ def key_pem(key) -> bytes:
     )
 
 
+def key_pem_from_der(key_der: bytes) -> bytes:
+    """A DER PKCS#8 private key (as the Workload API carries it) as the PEM that files and ssl take."""
+    return key_pem(serialization.load_der_private_key(key_der, password=None))
+
+
 def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
     """Replace `path` with `data` so readers see the old or the new file, never a mix.
 
