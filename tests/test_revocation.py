@@ -320,13 +320,8 @@ def test_crl_show_prints_a_signed_v2_crl_with_number_and_authority_key_id(deploy
 
 # -- the issuer's revocation service in-process (task credentials, the EndTask entry point) ---------
 
-from issuer.attestation import SidecarAttestor  # noqa: E402
-from issuer.ca import CertificateAuthority  # noqa: E402
-from issuer.events import EventHub  # noqa: E402
+from inproc import issuer_services  # noqa: E402
 from issuer.models import Actor, AuditEvent, IssuedSerial  # noqa: E402
-from issuer.registration import Registry  # noqa: E402
-from issuer.revocation import RevocationService  # noqa: E402
-from issuer.sqlite_store import SQLiteDatastore  # noqa: E402
 from tessera import spiffeid, x509svid  # noqa: E402
 from tessera.errors import PermissionDenied  # noqa: E402
 
@@ -337,15 +332,9 @@ HOST = "spiffe://example.org/tessera/sidecar/h"
 class Issuer:
     def __init__(self, root: Path):
         self.root = root
-        self.store = SQLiteDatastore(root / "tessera.db")
-        self.ca = CertificateAuthority.load_or_create("example.org", root, None, None, 86400)
-        self.hub = EventHub()
-        self.registry = Registry(self.store, self.hub, "example.org", 600)
-        self.attestor = SidecarAttestor(self.store, self.ca, 3600, 600)
-        self.revocation = RevocationService(self.store, self.ca, self.registry, self.attestor, self.hub, 600)
-        # HOST is a really attested sidecar (join token + CSR), as the issuing paths require.
-        token, _, _ = self.attestor.create_token("h", 600, OPERATOR)
-        self.attestor.attest(token, x509svid.make_csr(x509svid.new_key()), "test")
+        s = issuer_services(root)  # HOST ("h") really attested
+        self.store, self.ca, self.hub, self.registry = s.store, s.ca, s.hub, s.registry
+        self.attestor, self.revocation = s.attestor, s.revocation
 
     def issue(self, kind="identity", task_id=None, path="/agent/a") -> str:
         signed = self.ca.sign(x509svid.new_key().public_key(), spiffeid.parse(f"spiffe://example.org{path}"), 600)

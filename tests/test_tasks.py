@@ -13,15 +13,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from harness import CLIENTS, one_line_error, openssl_says_revoked, openssl_verify, wait_for
+from inproc import issuer_services
 from issuer.approvals import Approvals
-from issuer.attestation import SidecarAttestor
-from issuer.ca import CertificateAuthority
-from issuer.revocation import RevocationService
-from issuer.events import EventHub
 from issuer.models import Actor
 from issuer.policy import load_section
-from issuer.registration import Registry
-from issuer.sqlite_store import SQLiteDatastore
 from issuer.tasks import TaskService, TaskSpec
 from taskutil import end_task, policy, spiffe_parse, start_task, task_argv
 from tessera import taskext, x509svid
@@ -175,24 +170,16 @@ def test_exit_of_the_shell_that_ran_task_start_ends_its_tasks(tasks, tmp_path):
 
 
 def issuer_tasks(tmp_path):
-    store = SQLiteDatastore(tmp_path / "t.db")
-    ca = CertificateAuthority.load_or_create("example.org", tmp_path)
     pol = load_section(Section(policy(), "policy.", "test"))
-    registry = Registry(store, EventHub(), "example.org", 600, tier_names=pol.tier_names)
-    hub = registry.hub
-    attestor = SidecarAttestor(store, ca, 3600, 600)
-    revocation = RevocationService(store, ca, registry, attestor, hub, 600)
-    svc = TaskService(store, ca, registry, pol, Approvals(store, pol.approval_timeout),
+    s = issuer_services(tmp_path, ("host-a", "host-b"), tier_names=pol.tier_names)
+    store, registry, attestor, revocation = s.store, s.registry, s.attestor, s.revocation
+    svc = TaskService(store, s.ca, registry, pol, Approvals(store, pol.approval_timeout),
                       check_entry_allowed=revocation.check_entry, revoke=revocation.end_task,
                       recheck_issued=revocation.recheck_issued)
     entry = registry.create(spiffe_id="spiffe://example.org/agent/a", parent="host-a", selectors=["unix:uid:7"],
                             owner="o", purpose="p", expires_at=int(time.time()) + 3600, actor=Actor("operator", "t"),
                             scopes=["repo:read"])
-    side = {}
-    for n in ("host-a", "host-b"):  # really attested, as the issuing paths require
-        token, _, _ = attestor.create_token(n, 600, Actor("operator", "t"))
-        attestor.attest(token, x509svid.make_csr(x509svid.new_key()), "test")
-        side[n] = attestor.get(n)
+    side = {n: attestor.get(n) for n in ("host-a", "host-b")}
     return svc, store, entry, side
 
 
