@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from tessera import x509svid
+from tessera.der import tlv
 
 # RFC 5280 CRLReason names accepted from operators (removeFromCRL and certificateHold are for
 # suspensions, which Tessera does not do).
@@ -48,14 +49,6 @@ class Revoked:
 
 # -- DER (X.690) for the TBSCertList ---------------------------------------------------------
 
-def _tlv(tag: int, body: bytes) -> bytes:
-    n = len(body)
-    if n < 0x80:
-        return bytes((tag, n)) + body
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(size))) + size + body
-
-
 def _time(t: int) -> bytes:
     """RFC 5280 5.1.2.4: UTCTime for 1950 through 2049, GeneralizedTime otherwise; seconds, Z."""
     g = time.gmtime(t)
@@ -75,18 +68,18 @@ _OID_AUTHORITY_KEY_IDENTIFIER = bytes.fromhex("551d23")  # 2.5.29.35
 
 def _extension(oid: bytes, value: x509.ExtensionType) -> bytes:
     """A non-critical Extension (critical is DEFAULT FALSE, so absent) holding `value`'s DER."""
-    return _tlv(0x30, _tlv(0x06, oid) + _tlv(0x04, value.public_bytes()))
+    return tlv(0x30, tlv(0x06, oid) + tlv(0x04, value.public_bytes()))
 
 
 # ecdsa-with-SHA256 (RFC 5758 3.2: no parameters); the CA key is always ECDSA (issuer/ca.py).
-_SIGNATURE_ALGORITHM = _tlv(0x30, _tlv(0x06, _OID_ECDSA_WITH_SHA256))
+_SIGNATURE_ALGORITHM = tlv(0x30, tlv(0x06, _OID_ECDSA_WITH_SHA256))
 # RFC 6979: the same TBSCertList always gets the same signature, so the same input gives the same CRL.
 _ECDSA = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
 _VERSION_2 = b"\x02\x01\x01"
 # crlEntryExtensions per reason; RFC 5280 5.3.1: absent rather than "unspecified" (as for an unknown name).
 _REASON_EXTENSIONS: dict[str, bytes] = {
     name: b"" if flag is x509.ReasonFlags.unspecified
-    else _tlv(0x30, _extension(_OID_REASON_CODE, x509.CRLReason(flag)))
+    else tlv(0x30, _extension(_OID_REASON_CODE, x509.CRLReason(flag)))
     for name, flag in REASON_CODES.items()
 }
 _MAX_SERIAL = 1 << 159  # RFC 5280 4.1.2.2: at most 20 octets, positive
@@ -128,17 +121,17 @@ def build(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, revoked
     aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     extensions = (_extension(_OID_CRL_NUMBER, x509.CRLNumber(number))
                   + _extension(_OID_AUTHORITY_KEY_IDENTIFIER, aki))
-    tbs = _tlv(0x30, b"".join([
+    tbs = tlv(0x30, b"".join([
         _VERSION_2,
         _SIGNATURE_ALGORITHM,
         ca_cert.subject.public_bytes(),
         _time(int(this_update)),
         _time(int(next_update)),
-        _tlv(0x30, entries) if entries else b"",  # RFC 5280 5.1.2.6: absent when nothing is revoked
-        _tlv(0xA0, _tlv(0x30, extensions)),
+        tlv(0x30, entries) if entries else b"",  # RFC 5280 5.1.2.6: absent when nothing is revoked
+        tlv(0xA0, tlv(0x30, extensions)),
     ]))
     signature = ca_key.sign(tbs, _ECDSA)
-    return _tlv(0x30, b"".join([tbs, _SIGNATURE_ALGORITHM, _tlv(0x03, b"\x00" + signature)]))
+    return tlv(0x30, b"".join([tbs, _SIGNATURE_ALGORITHM, tlv(0x03, b"\x00" + signature)]))
 
 
 def der(crl: x509.CertificateRevocationList) -> bytes:

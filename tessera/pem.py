@@ -10,6 +10,8 @@ from typing import Iterable, Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tessera import der
+
 
 def der_concat(certs: Iterable[x509.Certificate]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)
@@ -20,18 +22,10 @@ def split_der(blob: bytes) -> list[x509.Certificate]:
     certs = []
     i = 0
     while i < len(blob):
-        if blob[i] != 0x30 or i + 2 > len(blob):
-            raise ValueError("malformed DER certificate sequence")
-        first = blob[i + 1]
-        if first < 0x80:
-            length, hdr = first, 2
-        else:
-            n = first & 0x7F
-            length = int.from_bytes(blob[i + 2 : i + 2 + n], "big")
-            hdr = 2 + n
-        end = i + hdr + length
-        if end > len(blob):
-            raise ValueError("truncated DER certificate sequence")
+        try:
+            _, end = der.read_header(blob, i, 0x30)
+        except ValueError as e:
+            raise ValueError(f"malformed DER certificate sequence: {e}") from None
         certs.append(x509.load_der_x509_certificate(blob[i:end]))
         i = end
     return certs

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
+from tessera import der
+
 TASK_OID = x509.ObjectIdentifier("2.25.86539311207409726924553800820856048122")
 VERSION = 1
 _UTF8STRING = 0x0C
@@ -31,33 +33,20 @@ class TaskBinding:
     owner: str
 
 
-def _der_length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(body)]) + body
-
-
 def encode(binding: TaskBinding) -> x509.UnrecognizedExtension:
     text = json.dumps({"v": VERSION, "task_id": binding.task_id, "scopes": list(binding.scopes),
                        "entry_id": binding.entry_id, "owner": binding.owner},
                       sort_keys=True, separators=(",", ":")).encode()
-    return x509.UnrecognizedExtension(TASK_OID, bytes([_UTF8STRING]) + _der_length(len(text)) + text)
+    return x509.UnrecognizedExtension(TASK_OID, der.tlv(_UTF8STRING, text))
 
 
 def decode_value(value: bytes) -> TaskBinding:
     """The binding from an extnValue; ValueError if it is not one."""
-    if len(value) < 2 or value[0] != _UTF8STRING:
-        raise ValueError("task extension is not a DER UTF8String")
-    first = value[1]
-    if first < 0x80:
-        length, start = first, 2
-    else:
-        n = first & 0x7F
-        if n == 0 or n > 4 or len(value) < 2 + n:
-            raise ValueError("task extension has a bad DER length")
-        length, start = int.from_bytes(value[2:2 + n], "big"), 2 + n
-    if start + length != len(value):
+    try:
+        start, end = der.read_header(value, 0, _UTF8STRING)
+    except ValueError as e:
+        raise ValueError(f"task extension is not a DER UTF8String: {e}") from None
+    if end != len(value):
         raise ValueError("task extension length does not match its content")
     try:
         data = json.loads(value[start:].decode())
