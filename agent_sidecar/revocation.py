@@ -5,6 +5,11 @@ CRL number is not lower than the one held; anything else is refused and the last
 good CRL stays in force (also while the issuer is unreachable, and across
 restarts: it is kept in data_dir). Pushed revocations take effect at once, before
 the signed CRL that includes them arrives. Lookups are set membership.
+
+Taking a new CRL has three steps so the sidecar's event loop never blocks on it:
+`accept` (parse and verify: about 0.2 s at 100,000 entries) and `persist` (two fsynced
+files) run on a thread; `install`, which swaps the in-memory state, runs on the loop,
+so a pushed revocation handled meanwhile is never overwritten.
 """
 
 from __future__ import annotations
@@ -58,28 +63,42 @@ class RevocationState:
             log.warning("ignoring the saved CRL", path=str(self.saved), error=str(e))
 
     def apply(self, data: bytes, persist: bool = True) -> bool:
-        """Install a CRL; False if it is the one already held, CrlError if it must be refused."""
+        """Accept, install and persist a CRL in one go; False if it is the one already held, CrlError if it
+        must be refused. For callers that may block (start-up, tests); the sidecar's loop uses the steps."""
+        accepted = self.accept(data)
+        if accepted is None or not self.install(accepted):
+            return False
+        if persist:
+            self.persist(accepted)
+        return True
+
+    def accept(self, data: bytes) -> crl.Accepted | None:
+        """Parse and verify a CRL against the one held (blocks; no state changes but the refusal count)."""
         try:
-            accepted = crl.accept(data, self._bundle(), self.number, self.der)
+            return crl.accept(data, self._bundle(), self.number, self.der)
         except crl.CrlError as e:
             self.refused += 1
             log.warning("refused a CRL; keeping the last good one", error=str(e), current_number=self.number)
             raise
-        if accepted is None:
+
+    def install(self, accepted: crl.Accepted) -> bool:
+        """Put an accepted CRL in force; False if a CRL at least as new was installed since it was accepted."""
+        if self.number is not None and accepted.number <= self.number:
             return False
-        parsed, number = accepted.crl, accepted.number
-        self.der, self.number = accepted.der, number
+        self.der, self.number = accepted.der, accepted.number
         self.crl_serials = accepted.serials
         cutoff = time.time() - PUSHED_KEEP_SECONDS
         self.pushed = {s: t for s, t in self.pushed.items() if s not in self.crl_serials and t > cutoff}
-        if persist:
-            text = crl.pem(parsed)
-            pem.write_atomic(self.saved, text, 0o644)
-            if self.output_dir is not None:
-                pem.write_atomic(self.output_dir / "crl.pem", text, 0o644)
-        metrics.set_crl(number, len(self.crl_serials))
-        log.info("CRL applied", number=number, entries=len(self.crl_serials))
+        metrics.set_crl(accepted.number, len(self.crl_serials))
+        log.info("CRL applied", number=accepted.number, entries=len(self.crl_serials))
         return True
+
+    def persist(self, accepted: crl.Accepted) -> None:
+        """Keep an installed CRL across restarts, and publish it as output_dir/crl.pem (blocks)."""
+        text = crl.pem(accepted.crl)
+        pem.write_atomic(self.saved, text, 0o644)
+        if self.output_dir is not None:
+            pem.write_atomic(self.output_dir / "crl.pem", text, 0o644)
 
     def note_revocation(self, seq: int, serials: Iterable[str]) -> bool:
         """Apply a pushed revocation; True if revocations were missed (fetch the CRL)."""

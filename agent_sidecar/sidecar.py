@@ -44,6 +44,9 @@ class SidecarRuntime:
         self.ident: SidecarIdentity | None = None
         self._sync_call = None
         self._tasks: list[asyncio.Task] = []
+        self._crl_next: tuple[bytes, int | None] | None = None  # the newest CRL waiting to be taken
+        self._crl_task: asyncio.Task | None = None
+        self._crl_unsaved = None  # a CRL in force whose files are not written yet (crl.Accepted)
         self._server: Server | None = None
         self.stopped = asyncio.Event()
         self.metrics_server = None
@@ -163,7 +166,8 @@ class SidecarRuntime:
         elif kind == "revocation":
             self.handle_revocation(ev.revocation)
         elif kind == "crl":
-            self.apply_crl(ev.crl)
+            self.offer_crl(ev.crl, ev.committed_at)  # observed once taken, off this loop
+            return
         # After applying: the delay measured is issuer commit -> applied here.
         metrics.observe_sync_event(kind, ev.committed_at)
 
@@ -184,18 +188,42 @@ class SidecarRuntime:
         # Revoked identities arrive as entry_upsert (state revoked); single serials are replaced here.
         self.cache.drop_revoked(self.revocation.is_revoked)
 
-    def apply_crl(self, data: bytes) -> None:
-        try:
-            if not self.revocation.apply(data):
-                return
-        except crl.CrlError:
-            return  # refused and logged; the last good CRL stays in force
-        self.cache.drop_revoked(self.revocation.is_revoked)
-        self.cache.bump()  # streams resend with the new `crl` field
+    def offer_crl(self, data: bytes, committed_at: int | None = None) -> asyncio.Task:
+        """Take a CRL without blocking the loop: one at a time, and CRLs that arrive meanwhile coalesce
+        into the newest. Pushed revocations keep being applied on the loop while a CRL is parsed."""
+        self._crl_next = (data, committed_at)
+        if self._crl_task is None or self._crl_task.done():
+            self._crl_task = asyncio.create_task(self._take_crls())
+            self._tasks.append(self._crl_task)
+            self._crl_task.add_done_callback(self._tasks.remove)
+        return self._crl_task
+
+    async def _take_crls(self) -> None:
+        while self._crl_next is not None:
+            (data, committed_at), self._crl_next = self._crl_next, None
+            try:
+                accepted = await asyncio.to_thread(self.revocation.accept, data)
+            except crl.CrlError:
+                continue  # refused and logged; the last good CRL stays in force
+            if accepted is not None and self.revocation.install(accepted):
+                self.cache.drop_revoked(self.revocation.is_revoked)
+                self.cache.bump()  # streams resend with the new `crl` field
+                self._crl_unsaved = accepted
+            if committed_at is not None:
+                metrics.observe_sync_event("crl", committed_at)
+            # Saved after it is in force; a save that failed (a full disk) is retried with the next CRL
+            # offered, which every resync brings, so crl.pem cannot stay behind for good.
+            if self._crl_unsaved is not None and self._crl_unsaved.der == self.revocation.der:
+                try:
+                    await asyncio.to_thread(self.revocation.persist, self._crl_unsaved)
+                    self._crl_unsaved = None
+                except OSError as e:
+                    log.error("could not save the CRL; retrying with the next one offered",
+                              path=str(self.revocation.saved), error=str(e))
 
     async def _fetch_crl(self) -> None:
         try:
-            self.apply_crl(await self.client.fetch_crl())
+            await self.offer_crl(await self.client.fetch_crl())
         except grpc.aio.AioRpcError as e:
             log.warning("CRL fetch failed; keeping the last good CRL", code=e.code().name, error=e.details())
 

@@ -490,3 +490,71 @@ def test_revocation_state_restores_its_saved_crl_and_rewrites_crl_pem(issuer, tm
     restarted.write_outputs(issuer.ca.bundle_der)
     assert restarted.is_revoked(revoked) and restarted.crls() == [issuer.revocation.crl_der()]
     assert revoked in crl_mod.serials(crl_mod.load((tmp_path / "sc" / "out" / "crl.pem").read_bytes()))
+
+
+def test_a_serial_pushed_while_a_crl_is_being_accepted_stays_revoked_after_it_is_installed(issuer, tmp_path):
+    (tmp_path / "sc").mkdir()
+    state = _sidecar_state(tmp_path / "sc", issuer.ca)
+    listed, pushed = issuer.issue(), issuer.issue()
+    data = crl_mod.build(issuer.ca.cert, issuer.ca.key, [crl_mod.Revoked(listed, int(time.time()))], 7,
+                         time.time(), time.time() + 600)
+    accepted = state.accept(data)  # on a thread in the sidecar; the loop handles a push meanwhile
+    state.note_revocation(1, [pushed])
+    assert state.install(accepted)
+    assert state.is_revoked(listed) and state.is_revoked(pushed) and state.number == 7
+
+
+def test_an_accepted_crl_is_not_installed_over_a_newer_one(issuer, tmp_path):
+    (tmp_path / "sc").mkdir()
+    state = _sidecar_state(tmp_path / "sc", issuer.ca)
+    newer, older = (crl_mod.build(issuer.ca.cert, issuer.ca.key, [], n, time.time(), time.time() + 600)
+                    for n in (9, 8))
+    accepted_older = state.accept(older)
+    assert state.install(state.accept(newer))
+    assert not state.install(accepted_older)
+    assert state.number == 9 and state.crls() == [newer]
+
+
+def _runtime(tmp_path, ca):
+    from agent_sidecar.config import SidecarConfig
+    from agent_sidecar.sidecar import SidecarRuntime
+
+    cfg = SidecarConfig("127.0.0.1:1", "127.0.0.1:2", tmp_path / "bundle.pem", None, tmp_path / "data",
+                        tmp_path / "s.sock", 0o600, "tessera-issuer", 0, "info", output_dir=tmp_path / "out")
+    for d in (cfg.data_dir, cfg.output_dir):
+        d.mkdir()
+    runtime = SidecarRuntime(cfg)
+    runtime.cache.bundle_der = ca.bundle_der
+    return runtime
+
+
+async def test_sidecar_puts_a_crl_in_force_even_if_saving_it_fails_and_saves_it_with_the_next_offer(issuer,
+                                                                                                     tmp_path):
+    runtime = _runtime(tmp_path, issuer.ca)
+    revoked = issuer.issue()
+    data = crl_mod.build(issuer.ca.cert, issuer.ca.key, [crl_mod.Revoked(revoked, int(time.time()))], 3,
+                         time.time(), time.time() + 600)
+    crl_pem = tmp_path / "out" / "crl.pem"
+    crl_pem.mkdir()  # the save fails (as on a full disk): the CRL is in force all the same
+    await runtime.offer_crl(data)
+    assert runtime.revocation.is_revoked(revoked) and runtime.revocation.crls() == [data]
+    assert crl_pem.is_dir()
+    crl_pem.rmdir()
+    await runtime.offer_crl(data)  # the same CRL again, as every resync resends it: now it is saved
+    assert crl_mod.serials(crl_mod.load(crl_pem.read_bytes())) == {revoked}
+    assert crl_mod.serials(crl_mod.load(runtime.revocation.saved.read_bytes())) == {revoked}
+
+
+async def test_sidecar_parses_crls_off_its_loop_and_those_offered_meanwhile_coalesce_into_the_newest(issuer,
+                                                                                                     tmp_path):
+    runtime = _runtime(tmp_path, issuer.ca)
+    crls = [crl_mod.build(issuer.ca.cert, issuer.ca.key, [], n, time.time(), time.time() + 600) for n in (1, 2, 3)]
+    parsed_on: list[tuple[bytes, int]] = []
+    accept = runtime.revocation.accept
+    runtime.revocation.accept = lambda data: (parsed_on.append((data, threading.get_ident())), accept(data))[1]
+    first = runtime.offer_crl(crls[0])
+    assert runtime.offer_crl(crls[1]) is first and runtime.offer_crl(crls[2]) is first
+    await first
+    assert runtime.revocation.number == 3 and runtime.revocation.refused == 0
+    assert [data for data, _ in parsed_on] == [crls[2]]
+    assert all(thread != threading.get_ident() for _, thread in parsed_on)
