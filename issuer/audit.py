@@ -168,10 +168,19 @@ _STOP = object()
 
 
 class AuditFile:
-    """Appends committed audit records, in seq order, to a JSON-lines file (mode 0600)."""
+    """Appends committed audit records, in seq order, to a JSON-lines file (mode 0600).
 
-    def __init__(self, path: str | Path):
+    `source(since_seq)` reads committed records from the database. It fills the file at
+    start, and whenever the records handed to this listener leave a gap: records from
+    different threads and processes (signing workers commit their own) arrive out of
+    order, and a worker that died between its commit and its answer never hands its
+    records over. A record arrives only after it committed, and every record before it
+    committed earlier, so the database always holds what a gap lacks.
+    """
+
+    def __init__(self, path: str | Path, source: Callable[[int], list[AuditRecord]]):
         self.path = Path(path)
+        self._source = source
         self._lock = threading.Lock()
         self._pending: dict[int, AuditRecord] = {}
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
@@ -205,10 +214,10 @@ class AuditFile:
             lines = tail[:end].splitlines()
         return json.loads(lines[-1])["seq"] if lines else 0
 
-    def catch_up(self, records: Callable[[int], list[AuditRecord]]) -> int:
-        """Write what the database committed but the file lacks; `records(since_seq)` reads the store."""
+    def catch_up(self) -> int:
+        """Write what the database committed but the file lacks."""
         with self._lock:
-            missing = records(self.written_seq)
+            missing = self._source(self.written_seq)
             self._write(missing)
         return len(missing)
 
@@ -234,14 +243,15 @@ class AuditFile:
                         for r in records:
                             if r.seq > self.written_seq:
                                 self._pending[r.seq] = r
-                # Listeners run after the store's lock is released, so batches can arrive out of
-                # order; write only the contiguous run after what is already in the file.
                 run = []
                 while (nxt := self._pending.pop(self.written_seq + len(run) + 1, None)) is not None:
                     run.append(nxt)
                 try:
                     self._write(run)
-                except OSError as e:
+                    if self._pending:  # a gap: what it lacks is in the database (see the class docstring)
+                        self._write(self._source(self.written_seq))
+                        self._pending = {seq: r for seq, r in self._pending.items() if seq > self.written_seq}
+                except (OSError, sqlite3.Error) as e:
                     # The database still holds the record; the next start's catch_up writes it.
                     log.error("cannot append to the audit file", path=str(self.path), error=str(e))
             if stop:

@@ -83,8 +83,8 @@ class IssuerServer:
         os.chmod(cfg.data_dir, 0o700)
         self.store = SQLiteDatastore(cfg.data_dir / "tessera.db")
         # The JSON-lines copy of the trail first catches up with what the database already holds.
-        self.audit_file = AuditFile(cfg.audit_file)
-        self.audit_file.catch_up(self.store.audit_records)
+        self.audit_file = AuditFile(cfg.audit_file, self.store.audit_records)
+        self.audit_file.catch_up()
         self.audit_file.start()
         self.store.audit_listeners.append(self.audit_file)
         self.store.audit_listeners.append(metrics.observe_audit)
@@ -94,7 +94,7 @@ class IssuerServer:
         self.registry = Registry(self.store, self.hub, cfg.trust_domain, cfg.default_x509_ttl,
                                  tier_names=cfg.policy.tier_names)
         self.attestor = SidecarAttestor(self.store, self.ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl)
-        self.signing_pool = (SigningPool(self.ca, cfg.signing_workers, self._record_chunk)
+        self.signing_pool = (SigningPool(self.ca, cfg.signing_workers, self.store.path, self.store.notify)
                              if cfg.signing_workers else None)
         self.revocation = RevocationService(self.store, self.ca, self.registry, self.attestor, self.hub,
                                             cfg.crl_validity)
@@ -128,11 +128,6 @@ class IssuerServer:
         self._admin_thread: threading.Thread | None = None
         self._admin_ready = threading.Event()
         self._admin_error: BaseException | None = None
-
-    def _record_chunk(self, issued, audits) -> None:
-        # The pool already groups a chunk of calls: commit it here rather than hand it to the group committer.
-        with self.store.transaction():
-            self.store.record_issued(issued, audits)
 
     def start(self) -> None:
         if self.cfg.metrics_address:

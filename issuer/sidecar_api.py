@@ -2,7 +2,7 @@
 
 Handlers run on the issuer's event loop. What blocks (a commit, a CA signature, a
 wait for an approval) runs on the loop's executor; identity signing goes through the
-signing pool, which commits on its own threads. Sync streams are coroutines, so a
+signing pool, whose worker processes sign and commit. Sync streams are coroutines, so a
 connected sidecar costs no thread.
 """
 

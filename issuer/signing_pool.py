@@ -1,18 +1,20 @@
-"""CSR verification and certificate signing in worker processes, so every core signs.
+"""CSR verification, certificate signing and recording in worker processes, so every core works.
 
 The issuer's main process serves gRPC and holds the GIL for that; the per-CSR
-crypto (verify the CSR, build and sign the leaf with the one profile builder via
-CertificateAuthority.sign, DER-encode) runs in spawned workers that hold the CA
-key in memory. Jobs from concurrent callers are coalesced into chunks, so a
-unary call costs the main process a queue append and one wake-up, not a
-round trip of its own to a worker.
+work (verify the CSR, build and sign the leaf with the one profile builder via
+CertificateAuthority.sign, DER-encode) and the commit of what was signed (the
+serial rows and their audit records, one transaction per chunk) run in spawned
+workers that hold the CA key in memory and write the issuer's database through
+their own `SQLiteDatastore`. Jobs from concurrent callers are coalesced into
+chunks, so a unary call costs the main process a queue append and its share of
+one pipe round trip.
 
-Authorization stays in the main process (issuer/signing.py), and so does
-recording: a worker only turns (CSR, SPIFFE ID, TTL) into a certificate, and
-no certificate is handed back to a caller before its serial is committed.
-Callers are coroutines on the gRPC event loop; the commit happens on a feeding
-thread, never on the loop, and a whole chunk's callers are woken with one
-call into their loop.
+Authorization stays in the main process (issuer/signing.py): a worker only turns
+jobs the main process allowed into certificates and records. No certificate is
+handed back to a caller before its serial is committed: the worker commits, then
+answers. The worker returns the audit records it committed, and the main process
+hands them to the store's listeners (the JSON-lines file, metrics) before waking
+the callers, one call into their loop per chunk.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from issuer.ca import CertificateAuthority
+from issuer.datastore import Datastore
+from issuer.models import Actor, AuditEvent, AuditRecord, IssuedSerial
 from tessera import pem, spiffeid, x509svid
 from tessera.loops import call_on_loops
 
@@ -47,6 +51,9 @@ class SignJob:
     spiffe_id: str
     ttl: int
     not_after_cap: int  # unix seconds
+    entry_id: str  # what the record names: the entry, the sidecar that asked, and when
+    sidecar_id: str
+    issued_at: int
 
 
 @dataclass(frozen=True)
@@ -77,8 +84,40 @@ def sign_jobs(ca: CertificateAuthority, jobs: Sequence[SignJob]) -> list[Signed]
     return out
 
 
+def issuance_records(jobs: Sequence[SignJob], signed: Sequence[Signed]) -> tuple[list[IssuedSerial],
+                                                                                   list[AuditEvent]]:
+    """The serial rows and audit events that must commit before these certificates leave."""
+    issued, audits = [], []
+    for job, s in zip(jobs, signed):
+        if s.error:
+            continue
+        serial = s.serial_hex
+        issued.append(IssuedSerial(serial, job.spiffe_id, "identity", job.entry_id, job.sidecar_id, job.issued_at,
+                                   s.not_after))
+        audits.append(AuditEvent(
+            "svid.issue", Actor("sidecar", job.sidecar_id), "allow",
+            reason="entry active, unexpired, parent is the caller", subject=job.spiffe_id,
+            details={"serial": serial, "entry_id": job.entry_id, "sidecar_id": job.sidecar_id,
+                     "ttl": s.not_after - job.issued_at, "kind": "identity"}))
+    return issued, audits
+
+
+def sign_and_record_jobs(ca: CertificateAuthority, store: Datastore, jobs: Sequence[SignJob],
+                         audits: Sequence[AuditEvent]) -> list[Signed]:
+    """Sign, then commit the serials with `audits` and the issuance records: the same in a worker and in-process."""
+    signed = sign_jobs(ca, jobs)
+    issued, issue_audits = issuance_records(jobs, signed)
+    if issued or audits:
+        store.record_issued(issued, [*audits, *issue_audits])
+    return signed
+
+
 def astuple_signed(s: Signed) -> tuple:
     return (s.cert_der, s.serial, s.not_after, s.error)
+
+
+def astuple_record(r: AuditRecord) -> tuple:
+    return (r.seq, r.ts, r.action, r.actor, r.decision, r.reason, r.subject, r.details, r.prev_hash, r.hash)
 
 
 # -- worker side ------------------------------------------------------------------------------
@@ -91,36 +130,43 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str) -> None:
+def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str, db_path: str) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the issuer decides when workers stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from issuer.sqlite_store import SQLiteDatastore  # the worker's own connection to the issuer's database
+
     key = serialization.load_pem_private_key(key_pem, password=None)
     ca = CertificateAuthority(x509.load_pem_x509_certificate(cert_pem), key, trust_domain)
+    store = SQLiteDatastore(db_path)
+    committed: list[AuditRecord] = []
+    store.audit_listeners.append(committed.extend)
     while True:
         try:
-            jobs = [SignJob(*t) for t in conn.recv()]
+            job_tuples, audits = conn.recv()
         except (EOFError, OSError):
+            store.close()
             return  # the issuer closed the pipe: stop
+        committed.clear()
         try:
+            signed = sign_and_record_jobs(ca, store, [SignJob(*t) for t in job_tuples], audits)
             # Plain tuples cross the pipe: pickling dataclasses costs the issuer's main process more.
-            conn.send([astuple_signed(s) for s in sign_jobs(ca, jobs)])
+            conn.send(([astuple_signed(s) for s in signed], [astuple_record(r) for r in committed]))
         except Exception as e:  # noqa: BLE001 - reported to the caller, the worker carries on
             conn.send(RuntimeError(f"signing worker failed: {e!r}"))
 
 
 # -- main-process side --------------------------------------------------------------------------
 
-Finish = Callable[[list[Signed]], tuple[list, list, object]]  # signed -> (issued serials, audit events, answer)
-Record = Callable[[list, list], None]  # durably record issued serials and audit events
+Committed = Callable[[list[AuditRecord]], None]  # told of audit records a worker committed
 
 
 class _Request:
-    __slots__ = ("jobs", "finish", "future", "value", "error")
+    __slots__ = ("jobs", "audits", "future", "value", "error")
 
-    def __init__(self, jobs: list[SignJob], finish: Finish, future: asyncio.Future):
+    def __init__(self, jobs: list[SignJob], audits: list[AuditEvent], future: asyncio.Future):
         self.jobs = jobs
-        self.finish = finish
+        self.audits = audits
         self.future = future
         self.value: object = None
         self.error: BaseException | None = None
@@ -141,17 +187,18 @@ class SigningPool:
     """Signs jobs in `workers` processes and records what was signed before anyone sees it.
 
     Per worker process, a feeding thread takes whatever requests are queued (up to
-    CHUNK_MAX jobs), sends them down the worker's pipe, turns the answers into records
-    with each request's `finish`, records the whole chunk in one commit, and only then
-    resolves the callers' futures. A caller costs one queue append; a chunk, one commit
-    and one wake-up of the event loop.
+    CHUNK_MAX jobs) and sends them down the worker's pipe; the worker signs them and
+    commits the whole chunk's records in one transaction to the database at `db_path`,
+    then answers. The feeder passes the committed audit records to `committed` and only
+    then resolves the callers' futures. A caller costs one queue append; a chunk, one
+    pipe round trip and one wake-up of the event loop.
     """
 
-    def __init__(self, ca: CertificateAuthority, workers: int, record: Record):
-        self._record = record
+    def __init__(self, ca: CertificateAuthority, workers: int, db_path: str, committed: Committed):
+        self._committed = committed
         self._ctx = multiprocessing.get_context("spawn")  # not fork: gRPC threads do not survive a fork
         key_pem = pem.key_pem(ca.key)
-        self._args = (pem.certs_pem([ca.cert]), key_pem, ca.trust_domain)
+        self._args = (pem.certs_pem([ca.cert]), key_pem, ca.trust_domain, str(db_path))
         self._cond = threading.Condition()
         self._queue: collections.deque[_Request] = collections.deque()
         self._closed = False
@@ -176,13 +223,13 @@ class SigningPool:
         child.close()
         return parent, proc
 
-    async def sign_and_record(self, jobs: Sequence[SignJob], finish: Finish):
-        """Sign `jobs`, record what `finish` makes of the results, and return its answer.
+    async def sign_and_record(self, jobs: Sequence[SignJob], audits: Sequence[AuditEvent] = ()) -> list[Signed]:
+        """Sign `jobs`, commit their serials and issuance records together with `audits`, and return them.
 
-        A request with no jobs (every item denied) still goes through a feeder: its audit
+        A request with no jobs (every item denied) still goes through a worker: its audit
         records are a commit, which does not belong on the event loop.
         """
-        req = _Request(list(jobs), finish, asyncio.get_running_loop().create_future())
+        req = _Request(list(jobs), list(audits), asyncio.get_running_loop().create_future())
         with self._cond:
             if self._closed:
                 raise RuntimeError("signing pool is closed")
@@ -217,14 +264,16 @@ class SigningPool:
 
     def _feed(self, i: int) -> None:
         while (batch := self._take()) is not None:
-            jobs = [j for r in batch for j in r.jobs]
+            jobs = [(j.csr_der, j.spiffe_id, j.ttl, j.not_after_cap, j.entry_id, j.sidecar_id, j.issued_at)
+                    for r in batch for j in r.jobs]
             try:
-                answer = []
-                if jobs:
-                    self._conns[i].send([(j.csr_der, j.spiffe_id, j.ttl, j.not_after_cap) for j in jobs])
-                    answer = self._conns[i].recv()
-                    if isinstance(answer, list):
-                        answer = [Signed(*t) for t in answer]
+                self._conns[i].send((jobs, [a for r in batch for a in r.audits]))
+                answer = self._conns[i].recv()
+                if not isinstance(answer, BaseException):
+                    signed, records = answer
+                    answer = [Signed(*t) for t in signed]
+                    # Committed: the listeners hear of it before any caller sees a certificate.
+                    self._committed([AuditRecord(*t) for t in records])
             except (EOFError, OSError) as e:
                 answer = RuntimeError(f"signing worker {i} died: {e!r}")
                 if not self._closed:  # replace it; the callers of this batch get the error
@@ -237,29 +286,13 @@ class SigningPool:
             self._complete(batch, answer)
 
     def _complete(self, batch: list[_Request], answer: list[Signed] | BaseException) -> None:
-        issued: list = []
-        audits: list = []
-        ok: list[_Request] = []
         k = 0
         for r in batch:
-            if isinstance(answer, BaseException):
+            if isinstance(answer, BaseException):  # nothing of this chunk was recorded, so nothing leaves
                 r.error = answer
                 continue
-            try:
-                r_issued, r_audits, r.value = r.finish(answer[k:k + len(r.jobs)])
-            except Exception as e:  # noqa: BLE001 - this caller's error only
-                r.error = e
-            else:
-                issued += r_issued
-                audits += r_audits
-                ok.append(r)
+            r.value = answer[k:k + len(r.jobs)]
             k += len(r.jobs)
-        if issued or audits:
-            try:
-                self._record(issued, audits)
-            except BaseException as e:  # noqa: BLE001 - nothing of this chunk leaves unrecorded
-                for r in ok:
-                    r.error = e
         call_on_loops(batch, lambda r: r.future.get_loop(), _resolve)
 
     def close(self) -> None:

@@ -6,12 +6,21 @@ Issued serials use group commit: concurrent callers of `record_issued` share
 one transaction and one fsync, and each returns only after its rows are durable.
 One caller writes each group while the others sleep on a condition, instead of
 queueing one by one on the connection lock; an idle store commits in the caller's thread.
+
+More than one process may write the file: the issuer's signing workers record what
+they sign through their own `SQLiteDatastore`. Writers take an flock on a lock file
+beside the database before BEGIN IMMEDIATE, so they queue in the kernel instead of
+in SQLite's busy handler (which sleeps in steps of milliseconds), and each write
+transaction reads the audit chain's head after it holds the write lock, so records
+from every process form one chain.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -168,6 +177,8 @@ class SQLiteDatastore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        # Released by the kernel if the holder dies, unlike a semaphore: a killed worker cannot wedge the issuer.
+        self._write_lock = os.open(f"{self.path}.write-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._lock = threading.RLock()
         self._depth = 0
         self._owner: int | None = None  # the thread inside transaction()
@@ -175,8 +186,7 @@ class SQLiteDatastore:
         self._group_cond = threading.Condition(threading.Lock())
         self._committing = False  # a caller is writing a group (see record_issued)
         self._closing = False
-        row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        self._audit_seq, self._audit_hash = (row["seq"], row["hash"]) if row else (0, GENESIS_HASH)
+        self._audit_seq, self._audit_hash = 0, GENESIS_HASH  # the chain's head, read in each write transaction
         self.audit_listeners: list = []  # called with committed AuditRecords (e.g. the JSON-lines file)
 
     # -- transactions ---------------------------------------------------------------
@@ -194,20 +204,27 @@ class SQLiteDatastore:
                 return
             self._depth = 1
             self._owner = threading.get_ident()
-            seq, h = self._audit_seq, self._audit_hash
             self._new_records: list[AuditRecord] = []
-            self._db.execute("BEGIN IMMEDIATE")
+            fcntl.flock(self._write_lock, fcntl.LOCK_EX)
             try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                self._audit_seq, self._audit_hash = seq, h
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                    self._audit_seq, self._audit_hash = (row[0], row[1]) if row else (0, GENESIS_HASH)
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
             finally:
+                fcntl.flock(self._write_lock, fcntl.LOCK_UN)
                 self._depth = 0
                 self._owner = None
             records, self._new_records = self._new_records, []
+        self.notify(records)
+
+    def notify(self, records: list[AuditRecord]) -> None:
+        """Hand committed audit records to the listeners (also for records another process committed)."""
         for listener in self.audit_listeners:
             try:
                 listener(records)
@@ -468,3 +485,6 @@ class SQLiteDatastore:
                 self._group_cond.wait()
         with self._lock:
             self._db.close()
+            if self._write_lock >= 0:  # closing twice is harmless, as it is for the connection
+                os.close(self._write_lock)
+                self._write_lock = -1

@@ -74,8 +74,8 @@ def test_recomputed_hash_does_not_hide_an_edit(store, tmp_path):
 
 
 def test_audit_file_holds_every_record_in_order_with_concurrent_writers(store, tmp_path):
-    f = AuditFile(tmp_path / "audit.jsonl")
-    f.catch_up(store.audit_records)
+    f = AuditFile(tmp_path / "audit.jsonl", store.audit_records)
+    f.catch_up()
     f.start()
     store.audit_listeners.append(f)
 
@@ -96,23 +96,37 @@ def test_audit_file_holds_every_record_in_order_with_concurrent_writers(store, t
     assert os.stat(tmp_path / "audit.jsonl").st_mode & 0o777 == 0o600
 
 
+def test_audit_file_fills_a_gap_the_listener_was_never_told_of_from_the_database(store, tmp_path):
+    path = tmp_path / "audit.jsonl"
+    f = AuditFile(path, store.audit_records)
+    f.catch_up()
+    f.start()
+    # Committed, but nobody told the file: a signing worker that died between its commit and its answer.
+    fill(store, 3)
+    store.audit_listeners.append(f)
+    fill(store, 2)  # handed over: records 4 and 5, after a gap
+    f.close()
+    records = list(read_jsonl(path))
+    assert [r.seq for r in records] == [1, 2, 3, 4, 5] and verify_chain(records).ok
+
+
 def test_audit_file_resumes_after_restart_without_duplicates_or_gaps(store, tmp_path):
     path = tmp_path / "audit.jsonl"
     fill(store, 3)
-    f = AuditFile(path)
-    assert f.catch_up(store.audit_records) == 3
+    f = AuditFile(path, store.audit_records)
+    assert f.catch_up() == 3
     f.close()
     # Committed while no file writer ran (the issuer died between commit and file write).
     fill(store, 2)
     # And a torn last line from a crash mid-write.
     with open(path, "ab") as fh:
         fh.write(b'{"seq": 4, "trunc')
-    f = AuditFile(path)
+    f = AuditFile(path, store.audit_records)
     assert f.written_seq == 3
-    assert f.catch_up(store.audit_records) == 2
+    assert f.catch_up() == 2
     f.close()
-    f = AuditFile(path)
-    assert f.catch_up(store.audit_records) == 0
+    f = AuditFile(path, store.audit_records)
+    assert f.catch_up() == 0
     f.close()
     records = list(read_jsonl(path))
     assert [r.seq for r in records] == [1, 2, 3, 4, 5] and verify_chain(records).ok
@@ -269,13 +283,13 @@ def test_audit_file_survives_issuer_kill9_without_duplicates(running):
 def test_audit_file_resume_reads_only_the_tail_of_a_large_file(store, tmp_path):
     path = tmp_path / "audit.jsonl"
     store.append_audit([AuditEvent("entry.create", OP, "done", reason="x" * 500, subject=f"e{i}") for i in range(400)])
-    f = AuditFile(path)
-    f.catch_up(store.audit_records)
+    f = AuditFile(path, store.audit_records)
+    f.catch_up()
     f.close()
     assert path.stat().st_size > 3 * 65536
     with open(path, "ab") as fh:
         fh.write(b'{"seq": 401, "torn')
-    f = AuditFile(path)
+    f = AuditFile(path, store.audit_records)
     assert f.written_seq == 400
     f.close()
     assert [r.seq for r in read_jsonl(path)] == list(range(1, 401))

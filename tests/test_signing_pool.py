@@ -1,4 +1,5 @@
-"""Signing in worker processes: the same certificate profile, invalid CSRs refused, nothing leaves unrecorded."""
+"""Signing and recording in worker processes: the same certificate profile, invalid CSRs refused,
+nothing leaves unrecorded, one audit chain across processes."""
 
 import asyncio
 import threading
@@ -10,7 +11,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from harness import wait_for
+from issuer.audit import verify_chain
 from issuer.ca import CertificateAuthority
+from issuer.models import Actor, AuditEvent
 from issuer.signing_pool import SigningPool, SignJob, sign_jobs
 from tessera import x509svid
 
@@ -22,43 +25,23 @@ def ca(tmp_path_factory):
     return CertificateAuthority.load_or_create("example.org", tmp_path_factory.mktemp("ca"))
 
 
-class Recorder:
-    def __init__(self, fail: bool = False):
-        self.calls: list[tuple[list, list]] = []
-        self.fail = fail
-        self.lock = threading.Lock()
-
-    def __call__(self, issued, audits):
-        if self.fail:
-            raise OSError("disk full")
-        with self.lock:
-            self.calls.append((list(issued), list(audits)))
-
-    def serials(self) -> set:
-        return {s for issued, _ in self.calls for s in issued}
-
-
-def finish_recording(signed):
-    """What issuer/signing.py does, reduced: one record per signed job, answered once recorded."""
-    return [s.serial_hex for s in signed if not s.error], [], signed
-
-
 @pytest.fixture
-def pool(ca):
-    rec = Recorder()
-    p = SigningPool(ca, 2, rec)
-    p.recorder = rec
+def pool(ca, store):
+    """Two workers committing to the test's real datastore; `pool.heard` is what they told the main process."""
+    heard: list = []
+    p = SigningPool(ca, 2, store.path, heard.extend)
+    p.heard = heard
     yield p
     p.close()
 
 
-def job(csr: bytes, ttl: int = 600) -> SignJob:
-    return SignJob(csr, SID, ttl, int(time.time()) + 3600)
+def job(csr: bytes, ttl: int = 600, entry_id: str = "e1") -> SignJob:
+    return SignJob(csr, SID, ttl, int(time.time()) + 3600, entry_id, "sidecar-1", int(time.time()))
 
 
 async def test_worker_signs_with_the_one_profile_and_chains_to_the_ca(pool, ca):
     key = x509svid.new_key()
-    (signed,) = await pool.sign_and_record([job(x509svid.make_csr(key))], finish_recording)
+    (signed,) = await pool.sign_and_record([job(x509svid.make_csr(key))])
     cert = x509.load_der_x509_certificate(signed.cert_der)
     assert str(x509svid.spiffe_id_of(cert)) == SID
     assert cert.public_key().public_numbers() == key.public_key().public_numbers()
@@ -71,24 +54,26 @@ async def test_worker_signs_with_the_one_profile_and_chains_to_the_ca(pool, ca):
     assert cert.not_valid_after_utc - cert.not_valid_before_utc == local.not_valid_after_utc - local.not_valid_before_utc
 
 
-async def test_invalid_csr_is_refused_and_nothing_is_signed_for_it(pool):
+async def test_invalid_csr_is_refused_and_nothing_is_signed_or_recorded_for_it(pool, store):
     good = x509svid.make_csr(x509svid.new_key())
     tampered = bytearray(good)
     tampered[-5] ^= 0xFF  # breaks the self-signature
-    results = await pool.sign_and_record([job(b"not a csr"), job(bytes(tampered)), job(good)], finish_recording)
+    results = await pool.sign_and_record([job(b"not a csr"), job(bytes(tampered)), job(good)])
     assert results[0].error and results[1].error and not results[2].error
     assert results[0].cert_der == b"" and results[1].cert_der == b""
-    assert pool.recorder.serials() == {results[2].serial_hex}
+    assert [s.serial for s in store.find_issued(entry_id="e1")] == [results[2].serial_hex]
+    assert [r.details["serial"] for r in store.audit_records() if r.action == "svid.issue"] == [results[2].serial_hex]
 
 
-async def test_concurrent_callers_each_get_their_own_certificates_all_recorded_before_return(pool):
+async def test_concurrent_callers_each_get_their_own_certificates_all_recorded_before_return(pool, store):
     csrs = [x509svid.make_csr(x509svid.new_key()) for _ in range(8)]
     out: dict[int, list] = {}
     seen_recorded: dict[int, bool] = {}
 
     async def call(i):
-        res = await pool.sign_and_record([job(csrs[i % 8]), job(csrs[(i + 1) % 8])], finish_recording)
-        seen_recorded[i] = {r.serial_hex for r in res} <= pool.recorder.serials()
+        res = await pool.sign_and_record([job(csrs[i % 8]), job(csrs[(i + 1) % 8])])
+        # Read over the test's own connection: the worker's commit is in the database file already.
+        seen_recorded[i] = all(store.get_issued(r.serial_hex) is not None for r in res)
         out[i] = res
 
     await asyncio.gather(*(call(i) for i in range(40)))
@@ -98,24 +83,58 @@ async def test_concurrent_callers_each_get_their_own_certificates_all_recorded_b
         want = [x509.load_der_x509_csr(c).public_key().public_numbers() for c in (csrs[i % 8], csrs[(i + 1) % 8])]
         assert keys == want
     assert len({r.serial for res in out.values() for r in res}) == 80
+    # The main process heard of every record the workers committed, before its callers returned.
+    assert sorted(r.seq for r in pool.heard) == [r.seq for r in store.audit_records()]
 
 
-async def test_failed_record_means_no_certificate_is_returned(ca):
-    p = SigningPool(ca, 1, Recorder(fail=True))
+async def test_denials_commit_with_the_call_even_without_anything_to_sign(pool, store):
+    deny = AuditEvent("svid.deny", Actor("sidecar", "sidecar-1"), "deny", reason="not yours", subject="e9")
+    assert await pool.sign_and_record([], [deny]) == []
+    assert [(r.action, r.subject) for r in store.audit_records()] == [("svid.deny", "e9")]
+
+
+async def test_worker_and_main_process_commits_form_one_audit_chain(pool, store):
+    csrs = [x509svid.make_csr(x509svid.new_key()) for _ in range(4)]
+    stop = threading.Event()
+
+    def main_process_writes():
+        while not stop.is_set():
+            store.append_audit([AuditEvent("entry.update", Actor("operator", "op"), "done", subject="e1")])
+
+    writer = threading.Thread(target=main_process_writes)
+    writer.start()
     try:
-        with pytest.raises(OSError, match="disk full"):
-            await p.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))], finish_recording)
+        await asyncio.gather(*(pool.sign_and_record([job(csrs[i % 4])]) for i in range(120)))
+    finally:
+        stop.set()
+        writer.join()
+    records = store.audit_records()
+    actions = {r.action for r in records}
+    assert actions == {"svid.issue", "entry.update"}
+    assert [r.seq for r in records] == list(range(1, len(records) + 1))
+    assert verify_chain(records).ok
+
+
+async def test_failed_commit_means_no_certificate_is_returned(ca, store):
+    # A real failure inside the worker's transaction: the database refuses the serial row.
+    with store.transaction() as db:
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON issued BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    p = SigningPool(ca, 1, store.path, lambda records: None)
+    try:
+        with pytest.raises(RuntimeError, match="disk full"):
+            await p.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))])
     finally:
         p.close()
+    assert store.find_issued(entry_id="e1") == [] and store.audit_records() == []
 
 
-async def test_closed_pool_refuses_work_and_its_workers_exit(ca):
-    p = SigningPool(ca, 2, Recorder())
+async def test_closed_pool_refuses_work_and_its_workers_exit(ca, store):
+    p = SigningPool(ca, 2, store.path, lambda records: None)
     procs = list(p._procs)
     p.close()
     assert all(not proc.is_alive() for proc in procs)
     with pytest.raises(RuntimeError, match="closed"):
-        await p.sign_and_record([job(x509svid.make_csr(ec.generate_private_key(ec.SECP256R1())))], finish_recording)
+        await p.sign_and_record([job(x509svid.make_csr(ec.generate_private_key(ec.SECP256R1())))])
 
 
 def _workers(pid: int) -> set[int]:
