@@ -12,6 +12,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, replace
+from typing import Callable
 
 from cryptography import x509
 
@@ -33,8 +34,10 @@ class SidecarSVID:
 
 
 class SidecarAttestor:
-    def __init__(self, store: Datastore, ca: CertificateAuthority, svid_ttl: int, token_ttl: int):
+    def __init__(self, store: Datastore, ca: CertificateAuthority, svid_ttl: int, token_ttl: int,
+                 is_revoked: Callable[[str], bool]):
         self.store = store
+        self.is_revoked = is_revoked  # serial hex -> revoked? (the revocation service's answer)
         self.ca = ca
         self.svid_ttl = svid_ttl
         self.token_ttl = token_ttl
@@ -179,7 +182,3 @@ class SidecarAttestor:
             self._peer_ids.clear()
         self._peer_ids[peer_cert_pem] = parsed
         return parsed
-
-    def is_revoked(self, serial_hex: str) -> bool:
-        """Overridden by the revocation service once it is wired in."""
-        return False

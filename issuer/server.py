@@ -93,14 +93,14 @@ class IssuerServer:
         self.hub = EventHub()
         self.registry = Registry(self.store, self.hub, cfg.trust_domain, cfg.default_x509_ttl,
                                  tier_names=cfg.policy.tier_names)
-        self.attestor = SidecarAttestor(self.store, self.ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl)
+        # Revoked sidecar SVIDs fail authentication. The attestor and the revocation service need each other:
+        # the check is looked up when called, and fails (never passes) if the service were missing.
+        self.attestor = SidecarAttestor(self.store, self.ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl,
+                                        is_revoked=lambda serial: self.revocation.is_revoked(serial))
         self.signing_pool = (SigningPool(self.ca, cfg.signing_workers, self.store.path, self.store.notify)
                              if cfg.signing_workers else None)
         self.revocation = RevocationService(self.store, self.ca, self.registry, self.attestor, self.hub,
                                             cfg.crl_validity)
-        # Revoked sidecar SVIDs fail authentication (the attestor and the revocation service need each
-        # other, so this one hook is set after both exist).
-        self.attestor.is_revoked = self.revocation.is_revoked
         self.signer = SvidSigner(self.store, self.ca, self.registry, self.revocation, self.signing_pool,
                                  identity_ttl=cfg.policy.identity_ttl)
         self.approvals = Approvals(self.store, cfg.policy.approval_timeout)

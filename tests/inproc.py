@@ -36,9 +36,8 @@ def issuer_services(root: Path, sidecars: tuple[str, ...] = ("h",), tier_names=N
     ca = CertificateAuthority.load_or_create(TD, root)
     hub = EventHub()
     registry = Registry(store, hub, TD, 600, tier_names=tier_names)
-    attestor = SidecarAttestor(store, ca, 3600, 600)
+    attestor = SidecarAttestor(store, ca, 3600, 600, is_revoked=lambda serial: revocation.is_revoked(serial))
     revocation = RevocationService(store, ca, registry, attestor, hub, 600)
-    attestor.is_revoked = revocation.is_revoked
     for name in sidecars:
         token, _, _ = attestor.create_token(name, 600, OPERATOR)
         attestor.attest(token, x509svid.make_csr(x509svid.new_key()), "test")
