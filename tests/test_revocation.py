@@ -322,7 +322,7 @@ def test_crl_show_prints_a_signed_v2_crl_with_number_and_authority_key_id(deploy
 
 from inproc import issuer_services  # noqa: E402
 from issuer.models import Actor, AuditEvent, IssuedSerial  # noqa: E402
-from tessera import spiffeid, x509svid  # noqa: E402
+from tessera import pem, spiffeid, x509svid  # noqa: E402
 from tessera.errors import PermissionDenied  # noqa: E402
 
 OPERATOR = Actor("operator", "uid:0")
@@ -558,3 +558,13 @@ async def test_sidecar_parses_crls_off_its_loop_and_those_offered_meanwhile_coal
     assert runtime.revocation.number == 3 and runtime.revocation.refused == 0
     assert [data for data, _ in parsed_on] == [crls[2]]
     assert all(thread != threading.get_ident() for _, thread in parsed_on)
+
+
+def test_a_sidecar_whose_svid_serial_is_revoked_fails_authentication(issuer):
+    token, _, _ = issuer.attestor.create_token("host-r", 600, OPERATOR)
+    svid = issuer.attestor.attest(token, x509svid.make_csr(x509svid.new_key()), "test")
+    presented = pem.certs_pem([svid.chain[0]])
+    assert issuer.attestor.authenticate(presented).id == svid.sidecar_id
+    issuer.revocation.revoke("serial", x509svid.serial_hex(svid.chain[0].serial_number), "key leaked", OPERATOR)
+    with pytest.raises(PermissionDenied, match="revoked"):
+        issuer.attestor.authenticate(presented)
