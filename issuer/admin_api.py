@@ -171,6 +171,7 @@ def approval_pb(a: ApprovalRequest) -> admin_pb2.Approval:
     return admin_pb2.Approval(
         id=a.id, task_id=a.task_id, entry_id=a.entry_id, spiffe_id=a.spiffe_id, owner=a.owner, tier=a.tier,
         scopes=list(a.scopes), ttl_seconds=a.ttl, context=a.context, sidecar_id=a.sidecar_id,
-        pid=int(a.workload.get("pid") or 0), uid=int(a.workload.get("uid") or 0), exe=a.workload.get("exe") or "",
+        pid=int(a.workload.get("pid") or 0), uid=int(a.workload.get("uid") or 0), gid=int(a.workload.get("gid") or 0),
+        exe=a.workload.get("exe") or "",
         reason=a.reason, created_at=a.created_at, expires_at=a.expires_at, state=a.state,
         decided_by=a.decided_by, decision_reason=a.decision_reason)

@@ -46,7 +46,7 @@ def _sidecar_dict(s: types_pb2.Sidecar) -> dict:
 def _approval_dict(a: admin_pb2.Approval) -> dict:
     return {"id": a.id, "task_id": a.task_id, "entry_id": a.entry_id, "spiffe_id": a.spiffe_id, "owner": a.owner,
             "tier": a.tier, "scopes": list(a.scopes), "ttl": a.ttl_seconds, "context": dict(a.context),
-            "sidecar_id": a.sidecar_id, "workload": {"pid": a.pid, "uid": a.uid, "exe": a.exe},
+            "sidecar_id": a.sidecar_id, "workload": {"pid": a.pid, "uid": a.uid, "gid": a.gid, "exe": a.exe},
             "reason": a.reason, "created_at": a.created_at, "expires_at": a.expires_at, "state": a.state,
             "decided_by": a.decided_by, "decision_reason": a.decision_reason}
 

@@ -2,6 +2,7 @@
 request, pending requests released or refused by `tessera approval`. Real daemons throughout."""
 
 import json
+import os
 import subprocess
 import time
 
@@ -49,6 +50,8 @@ def test_high_tier_task_waits_for_approval_then_is_delivered(gated, tmp_path):
     a = wait_pending(gated, "pay-1")
     assert a["spiffe_id"] == "spiffe://example.org/agent/risky" and a["scopes"] == ["payments:write"]
     assert "tier high requires approval" in a["reason"] and a["workload"]["pid"] > 0
+    # The approver sees the workload as the kernel named it: this test's own uid and gid.
+    assert (a["workload"]["uid"], a["workload"]["gid"]) == (os.getuid(), os.getgid())
     assert proc.poll() is None  # still waiting, holding its stream
     gated.cli("approval", "approve", a["id"], "--reason", "change ticket CHG-7")
     out, err = proc.communicate(timeout=30)
