@@ -1,6 +1,7 @@
 """The SPIFFE Workload API end to end: real issuer and sidecar processes, unmodified SPIFFE clients."""
 
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -162,3 +163,35 @@ def test_api_fetch_without_identity_is_one_line_error(running, tmp_path):
     r = subprocess.run([str(BIN / "tessera-sidecar"), "api", "fetch", "--socket", str(running.socket("host-a")),
                         "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=30)
     one_line_error(r, "no identity issued", "PERMISSION_DENIED")
+
+
+def test_what_a_workload_matches_follows_every_entry_change_and_expiry():
+    from agent_sidecar.cache import CacheManager
+    from tessera.v1 import types_pb2
+
+    now = time.time()
+
+    def entry(eid, selectors, expires_in=3600):
+        return types_pb2.Entry(id=eid, spiffe_id=f"spiffe://example.org/{eid}", selectors=selectors, state="active",
+                               expires_at=int(now + expires_in), created_at=int(now))
+
+    mine = frozenset({"unix:uid:1000", "unix:gid:1000"})
+    cache = CacheManager(sign=None)
+    cache.apply_snapshot([entry("a", ["unix:uid:1000"])], b"")
+    ids = lambda at=now: [e.id for e in cache.matching(mine, at)]  # noqa: E731
+    assert ids() == ["a"]
+    cache.apply_upsert(entry("b", ["unix:uid:1000", "unix:gid:1000"], expires_in=60))
+    assert ids() == ["a", "b"]
+    cache.apply_upsert(entry("a", ["unix:uid:2000"]))  # re-scoped to another user
+    assert ids() == ["b"]
+    assert ids(now + 120) == []  # b expired since the match was computed
+    disabled = entry("b", ["unix:uid:1000"])
+    disabled.state = "disabled"
+    cache.apply_upsert(disabled)
+    assert ids() == []
+    cache.apply_upsert(entry("c", ["unix:uid:1000"]))
+    cache.apply_delete("c")
+    assert ids() == []
+    cache.apply_upsert(entry("d", ["unix:uid:1000"]))
+    cache.cut_off()
+    assert ids() == []
