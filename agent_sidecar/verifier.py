@@ -36,6 +36,9 @@ log = logs.get("verifier")
 
 
 
+CHAINED_MAX = 10_000
+
+
 class Rejected(Exception):
     """The peer must not be trusted; the message says why."""
 
@@ -97,19 +100,28 @@ def revoked_serial(state: TrustState, cert: x509.Certificate) -> str | None:
     return x509svid.serial_hex(serial) if serial in state.revoked else None
 
 
-def check_certificate(state: TrustState, cert: x509.Certificate, policy: PeerPolicy,
-                      task_scopes: Callable[[x509.Certificate], frozenset[str] | None] = read_task_scopes,
-                      now: dt.datetime | None = None) -> str:
-    """The peer's SPIFFE ID if `cert` passes every rule; Rejected otherwise. Pure: all input is given."""
-    if not state.bundle:
-        raise Rejected("no trust bundle yet")
-    for ca in state.bundle:
+def chains_to(bundle: Iterable[x509.Certificate], cert: x509.Certificate) -> bool:
+    """Whether a CA in `bundle` signed `cert`."""
+    for ca in bundle:
         try:
             cert.verify_directly_issued_by(ca)
-            break
+            return True
         except (ValueError, TypeError, InvalidSignature):
             continue
-    else:
+    return False
+
+
+def check_certificate(state: TrustState, cert: x509.Certificate, policy: PeerPolicy,
+                      task_scopes: Callable[[x509.Certificate], frozenset[str] | None] = read_task_scopes,
+                      now: dt.datetime | None = None, chained: bool = False) -> str:
+    """The peer's SPIFFE ID if `cert` passes every rule; Rejected otherwise. Pure: all input is given.
+
+    `chained`: the caller already saw `cert` chain to this very `state.bundle` (Verifier's cache);
+    validity, revocation, SPIFFE ID and scope are checked all the same.
+    """
+    if not state.bundle:
+        raise Rejected("no trust bundle yet")
+    if not chained and not chains_to(state.bundle, cert):
         raise Rejected("certificate does not chain to the trust bundle")
     now = now or dt.datetime.now(dt.timezone.utc)
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
@@ -140,6 +152,9 @@ class Verifier:
         self.svid: OwnSVID | None = None
         self._changed = threading.Condition()
         self._source = None
+        # Certificate bytes -> (parsed, the bundle it was seen to chain to). A peer presents the same
+        # certificate on every call: the parse and the signature check (~100 us) are done once per bundle.
+        self._chained: dict[bytes, tuple[x509.Certificate, tuple[x509.Certificate, ...]]] = {}
 
     # -- sources ------------------------------------------------------------------------
 
@@ -196,13 +211,23 @@ class Verifier:
 
     def check(self, cert: x509.Certificate | bytes, policy: PeerPolicy | None = None) -> str:
         """The peer's SPIFFE ID; Rejected if it must not be trusted. `cert` may be DER or PEM bytes."""
-        if isinstance(cert, bytes):
-            try:
-                cert = (x509.load_pem_x509_certificate(cert) if cert.lstrip().startswith(b"-----")
-                        else x509.load_der_x509_certificate(cert))
-            except ValueError as e:
-                raise Rejected(f"unreadable certificate: {e}") from None
-        return check_certificate(self.state, cert, policy or self.policy)
+        state = self.state
+        if not isinstance(cert, bytes):
+            return check_certificate(state, cert, policy or self.policy)
+        data = cert
+        known = self._chained.get(data)
+        if known is not None and known[1] is state.bundle:
+            return check_certificate(state, known[0], policy or self.policy, chained=True)
+        try:
+            cert = (x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----")
+                    else x509.load_der_x509_certificate(data))
+        except ValueError as e:
+            raise Rejected(f"unreadable certificate: {e}") from None
+        sid = check_certificate(state, cert, policy or self.policy)
+        if len(self._chained) >= CHAINED_MAX:  # bounded: peers rotate their SVIDs
+            self._chained.clear()
+        self._chained[data] = (cert, state.bundle)
+        return sid
 
     def check_peer(self, conn: ssl.SSLSocket | ssl.SSLObject, policy: PeerPolicy | None = None) -> str:
         """After the handshake: the peer's SPIFFE ID, or Rejected."""

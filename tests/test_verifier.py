@@ -301,3 +301,27 @@ def test_revoked_serial_names_only_certificates_the_crl_lists(ca):
     st = state(ca, listed)
     assert revoked_serial(st, listed) == x509svid.serial_hex(listed.serial_number)
     assert revoked_serial(st, other) is None
+
+
+def test_a_peer_accepted_before_is_refused_once_revoked_expired_or_its_ca_leaves_the_bundle(ca):
+    cert, _ = ca.leaf("/agent/a")
+    presented = pem.certs_pem([cert])  # the same bytes on every call, as a TLS peer presents them
+    v = Verifier(PeerPolicy.trust_domain(TD))
+    v.update([ca.cert])
+    assert v.check(presented) == "spiffe://example.org/agent/a"
+    assert v.check(presented, PeerPolicy.exact("spiffe://example.org/agent/a"))
+    with pytest.raises(Rejected, match="not allowed"):  # the policy is checked on every call
+        v.check(presented, PeerPolicy.exact("spiffe://example.org/agent/b"))
+    v.update(crls=[ca.crl(cert)])
+    with pytest.raises(Rejected, match="revoked"):
+        v.check(presented)
+    short, _ = ca.leaf("/agent/s", ttl=1)
+    v.check(pem.certs_pem([short]))
+    time.sleep(1.1)
+    with pytest.raises(Rejected, match="expired"):
+        v.check(pem.certs_pem([short]))
+    fresh = pem.certs_pem([ca.leaf("/agent/f")[0]])
+    v.check(fresh)
+    v.update([CA().cert])  # the trust domain's CA was replaced: what chained before is checked again, and fails
+    with pytest.raises(Rejected, match="does not chain"):
+        v.check(fresh)
