@@ -111,7 +111,7 @@ class CacheManager:
         for eid in gone:
             del self.svids[eid]
         if gone:
-            self._changed_entries()
+            self._changed_svids()  # the entries did not change: what selector sets match stays valid
 
     def cut_off(self) -> None:
         """This sidecar is banned (or its own SVID revoked): serve nothing more."""
@@ -125,6 +125,9 @@ class CacheManager:
 
     def _changed_entries(self) -> None:
         self._matched.clear()
+        self._changed_svids()
+
+    def _changed_svids(self) -> None:
         self._drop_unservable(time.time())
         self.bump()
         self._wake.set()

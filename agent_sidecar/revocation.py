@@ -81,6 +81,22 @@ class RevocationState:
             log.warning("refused a CRL; keeping the last good one", error=str(e), current_number=self.number)
             raise
 
+    def accept_newest(self, offers: Sequence[bytes]) -> crl.Accepted | None:
+        """Of CRLs offered together, the newest one to take; None when none is newer than the one in force.
+
+        Each is judged against the CRL in force, not against the others: one older than another
+        offer is passed over, not refused (a fetch may answer after a newer CRL was pushed).
+        """
+        newest = None
+        for data in offers:
+            try:
+                accepted = self.accept(data)
+            except crl.CrlError:
+                continue  # refused and logged
+            if accepted is not None and (newest is None or accepted.number > newest.number):
+                newest = accepted
+        return newest
+
     def install(self, accepted: crl.Accepted) -> bool:
         """Put an accepted CRL in force; False if a CRL at least as new was installed since it was accepted."""
         if self.number is not None and accepted.number <= self.number:

@@ -44,7 +44,7 @@ class SidecarRuntime:
         self.ident: SidecarIdentity | None = None
         self._sync_call = None
         self._tasks: list[asyncio.Task] = []
-        self._crl_next: tuple[bytes, int | None] | None = None  # the newest CRL waiting to be taken
+        self._crl_offers: list[tuple[bytes, int | None]] = []  # CRLs waiting to be taken (data, committed_at)
         self._crl_task: asyncio.Task | None = None
         self._crl_unsaved = None  # a CRL in force whose files are not written yet (crl.Accepted)
         self._server: Server | None = None
@@ -189,9 +189,9 @@ class SidecarRuntime:
         self.cache.drop_revoked(self.revocation.is_revoked)
 
     def offer_crl(self, data: bytes, committed_at: int | None = None) -> asyncio.Task:
-        """Take a CRL without blocking the loop: one at a time, and CRLs that arrive meanwhile coalesce
-        into the newest. Pushed revocations keep being applied on the loop while a CRL is parsed."""
-        self._crl_next = (data, committed_at)
+        """Take a CRL without blocking the loop. CRLs offered while one is taken are judged together and
+        only the newest is installed. Pushed revocations keep being applied on the loop meanwhile."""
+        self._crl_offers.append((data, committed_at))
         if self._crl_task is None or self._crl_task.done():
             self._crl_task = asyncio.create_task(self._take_crls())
             self._tasks.append(self._crl_task)
@@ -199,21 +199,19 @@ class SidecarRuntime:
         return self._crl_task
 
     async def _take_crls(self) -> None:
-        while self._crl_next is not None:
-            (data, committed_at), self._crl_next = self._crl_next, None
-            try:
-                accepted = await asyncio.to_thread(self.revocation.accept, data)
-            except crl.CrlError:
-                continue  # refused and logged; the last good CRL stays in force
+        while self._crl_offers:
+            offers, self._crl_offers = self._crl_offers, []
+            accepted = await asyncio.to_thread(self.revocation.accept_newest, [data for data, _ in offers])
             if accepted is not None and self.revocation.install(accepted):
                 self.cache.drop_revoked(self.revocation.is_revoked)
                 self.cache.bump()  # streams resend with the new `crl` field
                 self._crl_unsaved = accepted
-            if committed_at is not None:
-                metrics.observe_sync_event("crl", committed_at)
+            for _, committed_at in offers:
+                if committed_at is not None:
+                    metrics.observe_sync_event("crl", committed_at)
             # Saved after it is in force; a save that failed (a full disk) is retried with the next CRL
             # offered, which every resync brings, so crl.pem cannot stay behind for good.
-            if self._crl_unsaved is not None and self._crl_unsaved.der == self.revocation.der:
+            if self._crl_unsaved is not None:
                 try:
                     await asyncio.to_thread(self.revocation.persist, self._crl_unsaved)
                     self._crl_unsaved = None

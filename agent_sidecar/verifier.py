@@ -182,6 +182,8 @@ class Verifier:
         """Apply what the sidecar sent; a CRL that fails to verify or goes backwards is ignored."""
         st = self.state
         new_bundle = tuple(bundle) if bundle else st.bundle
+        if new_bundle == st.bundle:
+            new_bundle = st.bundle  # the same CAs resent (every update carries them): keep the checks made against them
         crl_der, number, revoked = st.crl_der, st.crl_number, st.revoked
         for data in crls:
             try:

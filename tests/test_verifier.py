@@ -8,6 +8,7 @@ from concurrent import futures
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from agent_sidecar.verifier import (OwnSVID, PeerPolicy, Rejected, TrustState, Verifier, check_certificate,
                                      revoked_serial)
@@ -325,3 +326,14 @@ def test_a_peer_accepted_before_is_refused_once_revoked_expired_or_its_ca_leaves
     v.update([CA().cert])  # the trust domain's CA was replaced: what chained before is checked again, and fails
     with pytest.raises(Rejected, match="does not chain"):
         v.check(fresh)
+
+
+def test_an_update_resending_the_same_cas_keeps_the_checks_made_against_them(ca):
+    cert, _ = ca.leaf("/agent/a")
+    v = Verifier(PeerPolicy.trust_domain(TD))
+    v.update([ca.cert])
+    v.check(pem.certs_pem([cert]))
+    before = v.state.bundle
+    v.update([x509.load_der_x509_certificate(ca.cert.public_bytes(serialization.Encoding.DER))], crls=[ca.crl()])
+    assert v.state.bundle is before and v.state.crl_number == 1
+    assert v._chained[pem.certs_pem([cert])][1] is v.state.bundle
