@@ -170,12 +170,9 @@ _STOP = object()
 class AuditFile:
     """Appends committed audit records, in seq order, to a JSON-lines file (mode 0600).
 
-    `source(since_seq)` reads committed records from the database. It fills the file at
-    start, and whenever the records handed to this listener leave a gap: records from
-    different threads and processes (signing workers commit their own) arrive out of
-    order, and a worker that died between its commit and its answer never hands its
-    records over. A record arrives only after it committed, and every record before it
-    committed earlier, so the database always holds what a gap lacks.
+    `source(since_seq)` reads committed records from the database: at start, the file
+    catches up with what was committed while no writer ran. After that the datastore
+    hands over every record once, in order (SQLiteDatastore.notify).
     """
 
     def __init__(self, path: str | Path, source: Callable[[int], list[AuditRecord]]):
@@ -248,10 +245,7 @@ class AuditFile:
                     run.append(nxt)
                 try:
                     self._write(run)
-                    if self._pending:  # a gap: what it lacks is in the database (see the class docstring)
-                        self._write(self._source(self.written_seq))
-                        self._pending = {seq: r for seq, r in self._pending.items() if seq > self.written_seq}
-                except (OSError, sqlite3.Error) as e:
+                except OSError as e:
                     # The database still holds the record; the next start's catch_up writes it.
                     log.error("cannot append to the audit file", path=str(self.path), error=str(e))
             if stop:

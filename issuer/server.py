@@ -231,6 +231,6 @@ class IssuerServer:
             os.unlink(self.cfg.admin_socket)
         except OSError:
             pass
+        self.audit_file.close()  # drains what the store handed over, then the store closes
         self.store.close()
-        self.audit_file.close()
         log.info("issuer stopped")

@@ -138,7 +138,7 @@ def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str, db_pa
 
     key = serialization.load_pem_private_key(key_pem, password=None)
     ca = CertificateAuthority(x509.load_pem_x509_certificate(cert_pem), key, trust_domain)
-    store = SQLiteDatastore(db_path)
+    store = SQLiteDatastore(db_path, relay_all=False)  # hands the issuer only what it committed itself
     committed: list[AuditRecord] = []
     store.audit_listeners.append(committed.extend)
     while True:
@@ -288,8 +288,8 @@ class SigningPool:
     def _complete(self, batch: list[_Request], answer: list[Signed] | BaseException) -> None:
         k = 0
         for r in batch:
-            if isinstance(answer, BaseException):  # nothing of this chunk was recorded, so nothing leaves
-                r.error = answer
+            if isinstance(answer, BaseException):  # no certificate of this chunk leaves (a worker that died
+                r.error = answer                       # after its commit leaves recorded serials nobody holds)
                 continue
             r.value = answer[k:k + len(r.jobs)]
             k += len(r.jobs)

@@ -8,11 +8,15 @@ One caller writes each group while the others sleep on a condition, instead of
 queueing one by one on the connection lock; an idle store commits in the caller's thread.
 
 More than one process may write the file: the issuer's signing workers record what
-they sign through their own `SQLiteDatastore`. Writers take an flock on a lock file
-beside the database before BEGIN IMMEDIATE, so they queue in the kernel instead of
-in SQLite's busy handler (which sleeps in steps of milliseconds), and each write
-transaction reads the audit chain's head after it holds the write lock, so records
-from every process form one chain.
+they sign through their own `SQLiteDatastore`. A writer first takes this process's
+writer lock, then an flock on a lock file beside the database (polled with sub-
+millisecond back-off, where SQLite's busy handler sleeps in steps of milliseconds),
+then the connection; readers only ever take the connection, so they never wait
+behind another process's commit. Each write transaction reads the audit chain's
+head once it holds the write lock, so records from every process form one chain.
+Listeners get every committed audit record once, in order: a record another
+thread or process committed but did not hand over yet (or never will: a signing
+worker that died between its commit and its answer) is read back from the file.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from typing import Iterable, Iterator, Sequence
 from issuer.datastore import GENESIS_HASH, audit_hash, audit_record_from_row
 from issuer.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
 from tessera import logs
-from tessera.errors import AlreadyExists, NotFound, PermissionDenied
+from tessera.errors import AlreadyExists, NotFound, PermissionDenied, Unavailable
 
 log = logs.get("datastore")
+
+WRITE_LOCK_TIMEOUT = 30.0  # seconds, as SQLite's own busy timeout below
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -168,7 +174,9 @@ class _Group:
 
 
 class SQLiteDatastore:
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, relay_all: bool = True):
+        """`relay_all`: listeners get every record committed, by any process (the issuer); else only
+        this store's own (a signing worker, which hands them to the issuer)."""
         self.path = Path(path)
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -179,7 +187,8 @@ class SQLiteDatastore:
         self._db.executescript(SCHEMA)
         # Released by the kernel if the holder dies, unlike a semaphore: a killed worker cannot wedge the issuer.
         self._write_lock = os.open(f"{self.path}.write-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        self._lock = threading.RLock()
+        self._writer = threading.Lock()  # one writing thread in this process (the flock orders processes)
+        self._lock = threading.RLock()  # the connection
         self._depth = 0
         self._owner: int | None = None  # the thread inside transaction()
         self._group = _Group()
@@ -188,48 +197,85 @@ class SQLiteDatastore:
         self._closing = False
         self._audit_seq, self._audit_hash = 0, GENESIS_HASH  # the chain's head, read in each write transaction
         self.audit_listeners: list = []  # called with committed AuditRecords (e.g. the JSON-lines file)
+        self._relay_all = relay_all
+        self._relay_lock = threading.Lock()
+        self._relayed = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
 
     # -- transactions ---------------------------------------------------------------
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One durable commit for everything done inside; nested uses join the outer one."""
-        with self._lock:
-            if self._depth:
+        if self._owner == threading.get_ident():  # only this thread ever sets it to this thread
+            with self._lock:
                 self._depth += 1
                 try:
                     yield self._db
                 finally:
                     self._depth -= 1
-                return
-            self._depth = 1
-            self._owner = threading.get_ident()
-            self._new_records: list[AuditRecord] = []
-            fcntl.flock(self._write_lock, fcntl.LOCK_EX)
+            return
+        with self._writer:
+            self._lock_file()
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-                    self._audit_seq, self._audit_hash = (row[0], row[1]) if row else (0, GENESIS_HASH)
-                    yield self._db
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
+                with self._lock:
+                    self._depth = 1
+                    self._owner = threading.get_ident()
+                    self._new_records: list[AuditRecord] = []
+                    try:
+                        self._db.execute("BEGIN IMMEDIATE")
+                        try:
+                            row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+                            self._audit_seq, self._audit_hash = (row[0], row[1]) if row else (0, GENESIS_HASH)
+                            yield self._db
+                            self._db.execute("COMMIT")
+                        except BaseException:
+                            self._db.execute("ROLLBACK")
+                            raise
+                    finally:
+                        self._depth = 0
+                        self._owner = None
+                    records, self._new_records = self._new_records, []
             finally:
                 fcntl.flock(self._write_lock, fcntl.LOCK_UN)
-                self._depth = 0
-                self._owner = None
-            records, self._new_records = self._new_records, []
         self.notify(records)
 
-    def notify(self, records: list[AuditRecord]) -> None:
-        """Hand committed audit records to the listeners (also for records another process committed)."""
-        for listener in self.audit_listeners:
+    def _lock_file(self) -> None:
+        """The inter-process write lock, or Unavailable once another writer held it for WRITE_LOCK_TIMEOUT."""
+        deadline, delay = None, 0.00005
+        while True:
             try:
-                listener(records)
-            except Exception:  # noqa: BLE001 - committed is committed: a listener must not fail the write
-                log.exception("an audit listener failed", listener=repr(listener))
+                fcntl.flock(self._write_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            now = time.monotonic()
+            deadline = deadline or now + WRITE_LOCK_TIMEOUT
+            if now > deadline:
+                raise Unavailable(f"the database {self.path.name} stayed locked by another writer for "
+                                  f"{WRITE_LOCK_TIMEOUT:.0f}s")
+            time.sleep(delay)  # another process's commit: typically well under a millisecond
+            delay = min(delay * 2, 0.001)
+
+    def notify(self, records: list[AuditRecord]) -> None:
+        """Hand committed audit records to the listeners, also those another process committed.
+
+        With `relay_all`, every record reaches the listeners exactly once and in seq order: records
+        already relayed are skipped, and a gap before these is read back from the database (every
+        record before a committed one is committed too).
+        """
+        with self._relay_lock:
+            if self._relay_all:
+                records = [r for r in records if r.seq > self._relayed]
+                if not records:
+                    return
+                if records[0].seq > self._relayed + 1:
+                    records = self.audit_records(self._relayed, limit=records[0].seq - self._relayed - 1) + records
+                self._relayed = records[-1].seq
+            for listener in self.audit_listeners:
+                try:
+                    listener(records)
+                except Exception:  # noqa: BLE001 - committed is committed: a listener must not fail the write
+                    log.exception("an audit listener failed", listener=repr(listener))
 
     def _audit(self, db: sqlite3.Connection, event: AuditEvent | None) -> None:
         if event is not None:

@@ -96,18 +96,22 @@ def test_audit_file_holds_every_record_in_order_with_concurrent_writers(store, t
     assert os.stat(tmp_path / "audit.jsonl").st_mode & 0o777 == 0o600
 
 
-def test_audit_file_fills_a_gap_the_listener_was_never_told_of_from_the_database(store, tmp_path):
-    path = tmp_path / "audit.jsonl"
-    f = AuditFile(path, store.audit_records)
-    f.catch_up()
-    f.start()
-    # Committed, but nobody told the file: a signing worker that died between its commit and its answer.
-    fill(store, 3)
-    store.audit_listeners.append(f)
-    fill(store, 2)  # handed over: records 4 and 5, after a gap
-    f.close()
-    records = list(read_jsonl(path))
-    assert [r.seq for r in records] == [1, 2, 3, 4, 5] and verify_chain(records).ok
+def test_listeners_hear_every_record_once_in_order_even_those_another_process_never_handed_over(store):
+    from issuer.sqlite_store import SQLiteDatastore
+
+    heard: list = []
+    store.audit_listeners.append(heard.extend)
+    # A signing worker's own connection, which commits and then dies before handing its records over.
+    worker = SQLiteDatastore(store.path, relay_all=False)
+    try:
+        fill(worker, 3)
+        fill(store, 2)
+        assert [r.seq for r in heard] == [1, 2, 3, 4, 5] and heard == store.audit_records()
+        store.notify(worker.audit_records()[:2])  # a late hand-over of what was relayed already
+        assert [r.seq for r in heard] == [1, 2, 3, 4, 5]
+    finally:
+        worker.close()
+    assert verify_chain(store.audit_records()).ok
 
 
 def test_audit_file_resumes_after_restart_without_duplicates_or_gaps(store, tmp_path):

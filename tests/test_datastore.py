@@ -1,5 +1,6 @@
 """The SQLite datastore: durability rules, group commit, revocation marks and the audit chain."""
 
+import os
 import sqlite3
 import threading
 import time
@@ -107,3 +108,32 @@ def test_join_token_is_usable_once(store):
     store.consume_join_token("h", int(time.time()))
     with pytest.raises(PermissionDenied, match="already used"):
         store.consume_join_token("h", int(time.time()))
+
+
+def test_a_writer_waits_for_another_process_write_lock_readers_do_not_and_a_stuck_one_is_an_error(store,
+                                                                                                  monkeypatch):
+    import fcntl
+
+    from issuer import sqlite_store
+    from tessera.errors import Unavailable
+
+    event = AuditEvent("entry.create", Actor("operator", "op"), "done", subject="e1")
+    other = os.open(f"{store.path}.write-lock", os.O_RDWR)  # another open file: another writer, as a worker is
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        wrote = threading.Event()
+        writer = threading.Thread(target=lambda: (store.append_audit([event]), wrote.set()))
+        writer.start()
+        assert not wrote.wait(0.3)  # queued behind the other writer...
+        assert store.audit_records() == []  # ...while a reader goes ahead
+        fcntl.flock(other, fcntl.LOCK_UN)
+        writer.join(10)
+        assert wrote.is_set()
+        fcntl.flock(other, fcntl.LOCK_EX)
+        monkeypatch.setattr(sqlite_store, "WRITE_LOCK_TIMEOUT", 0.2)
+        with pytest.raises(Unavailable, match="stayed locked by another writer"):
+            store.append_audit([event])
+    finally:
+        os.close(other)
+    store.append_audit([event])
+    assert [r.seq for r in store.audit_records()] == [1, 2]
