@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import grpc  # noqa: E402
 
-from benchlib import crlbench, limit, stats  # noqa: E402
+from benchlib import crlbench, limit, lookupbench, stats  # noqa: E402
 from harness import BIN, Deployment, wait_for  # noqa: E402
 from taskutil import policy  # noqa: E402
 from tessera.v1 import admin_pb2, admin_pb2_grpc, types_pb2  # noqa: E402
@@ -404,6 +404,12 @@ def measure_crl(sz: Sizes, figures: dict) -> None:
     figures["crl_lookup_ns"] = stats.rounded(r["lookup_ns"], 0)
 
 
+def measure_lookups(figures: dict) -> None:
+    log("lookups: Verifier.check on a presented certificate; the sidecar's selector match at 1,000 entries")
+    figures["verifier_check_us"] = stats.rounded(lookupbench.verifier_check_us(), 1)
+    figures["workload_match_us_1000"] = stats.rounded(lookupbench.match_us(1000), 1)
+
+
 TARGETS = {"ratio_batched": (">=", 0.6), "ratio_unary": (">=", 0.25), "task_credential_p99_ms": ("<=", 10),
            "revocation_propagation_p99_ms": ("<=", 100), "crl_build_ms_100k": ("<=", 500),
            "crl_lookup_ns": ("<=", 1000), "issuer_rss_mb": ("<=", 200), "sidecar_rss_mb": ("<=", 100)}
@@ -447,6 +453,10 @@ def note(key: str, figures: dict, sz: Sizes) -> str:
         parts.append("the issuer's rebuild after one more revocation (records kept between CRLs)")
     elif key == "crl_lookup_ns":
         parts.append("verifier.revoked_serial(cert) with 100,000 revoked, after Verifier.update applied the CRL")
+    elif key == "verifier_check_us":
+        parts.append("Verifier.check of the PEM a peer presents on every call (chain, validity, CRL, ID)")
+    elif key == "workload_match_us_1000":
+        parts.append("CacheManager.matching for one workload's selectors, 1,000 entries on the host")
     elif key.endswith("_p50_ms") or key.endswith("_p99_ms"):
         parts.append("per call (a batched call carries the batch)" if "batched" in key else "per call")
     return "; ".join(parts)
@@ -460,7 +470,7 @@ ORDER = ["limit_sign_per_s", "issuer_sign_per_s_batched", "issuer_sign_per_s_bat
          "task_credential_p50_ms", "task_credential_p99_ms", "revocation_propagation_p50_ms",
          "revocation_propagation_p99_ms", "revocation_push_from_commit_p50_ms",
          "revocation_push_from_commit_p99_ms", "crl_build_ms_10k", "crl_build_ms_100k", "crl_rebuild_ms_100k",
-         "crl_lookup_ns",
+         "crl_lookup_ns", "verifier_check_us", "workload_match_us_1000",
          "issuer_rss_mb", "issuer_rss_mb_with_workers", "sidecar_rss_mb", "entry_create_per_s"]
 
 
@@ -482,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"limit: parse+verify CSR, CertificateAuthority.sign, DER in one process, best of {sz.limit_bursts} bursts")
     figures["limit_sign_per_s"] = stats.rounded(limit.sign_per_s(sz.limit_bursts, 0.5, limit.make_csrs(64)), 0)
     measure_crl(sz, figures)
+    measure_lookups(figures)
 
     root = Path(tempfile.mkdtemp(prefix="tessera-bench-", dir="/tmp"))
     dep = Deployment(root)
