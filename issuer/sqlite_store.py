@@ -14,9 +14,10 @@ millisecond back-off, where SQLite's busy handler sleeps in steps of millisecond
 then the connection; readers only ever take the connection, so they never wait
 behind another process's commit. Each write transaction reads the audit chain's
 head once it holds the write lock, so records from every process form one chain.
-Listeners get every committed audit record once, in order: a record another
-thread or process committed but did not hand over yet (or never will: a signing
-worker that died between its commit and its answer) is read back from the file.
+Listeners get every committed audit record once, in order: records handed over
+out of order wait for the gap before them to fill, and a gap that lasts longer than
+GAP_GRACE (a signing worker that died between its commit and its answer) is read
+back from the file.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from tessera.errors import AlreadyExists, NotFound, PermissionDenied, Unavailabl
 log = logs.get("datastore")
 
 WRITE_LOCK_TIMEOUT = 30.0  # seconds, as SQLite's own busy timeout below
+GAP_GRACE = 1.0  # seconds a gap in the records handed over may last before it is read back from the file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -200,6 +202,8 @@ class SQLiteDatastore:
         self._relay_all = relay_all
         self._relay_lock = threading.Lock()
         self._relayed = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
+        self._waiting: dict[int, AuditRecord] = {}  # committed, handed over, waiting for an earlier record
+        self._gap_since: float | None = None
 
     # -- transactions ---------------------------------------------------------------
 
@@ -259,23 +263,47 @@ class SQLiteDatastore:
     def notify(self, records: list[AuditRecord]) -> None:
         """Hand committed audit records to the listeners, also those another process committed.
 
-        With `relay_all`, every record reaches the listeners exactly once and in seq order: records
-        already relayed are skipped, and a gap before these is read back from the database (every
-        record before a committed one is committed too).
+        With `relay_all`, every record reaches the listeners exactly once and in seq order. Records
+        arrive out of order (each thread and each signing worker's feeder hands over its own), so
+        those after a gap wait for it to fill; a gap older than GAP_GRACE is read back from the
+        database (every record before a committed one is committed too): a signing worker that died
+        between its commit and its answer never hands its records over.
         """
         with self._relay_lock:
             if self._relay_all:
-                records = [r for r in records if r.seq > self._relayed]
-                if not records:
-                    return
-                if records[0].seq > self._relayed + 1:
-                    records = self.audit_records(self._relayed, limit=records[0].seq - self._relayed - 1) + records
-                self._relayed = records[-1].seq
+                records = self._in_order(records)
+            if not records:
+                return
             for listener in self.audit_listeners:
                 try:
                     listener(records)
                 except Exception:  # noqa: BLE001 - committed is committed: a listener must not fail the write
                     log.exception("an audit listener failed", listener=repr(listener))
+
+    def _in_order(self, records: list[AuditRecord]) -> list[AuditRecord]:
+        """Under the relay lock: the records now due, in seq order."""
+        for r in records:
+            if r.seq > self._relayed:
+                self._waiting[r.seq] = r
+        due = self._contiguous()
+        if not self._waiting:
+            self._gap_since = None
+        elif self._gap_since is None:
+            self._gap_since = time.monotonic()
+        elif time.monotonic() - self._gap_since > GAP_GRACE:
+            first = min(self._waiting)
+            missing = self.audit_records(self._relayed, limit=first - self._relayed - 1)
+            self._relayed = missing[-1].seq if missing else first - 1
+            due += missing + self._contiguous()
+            self._gap_since = time.monotonic() if self._waiting else None
+        return due
+
+    def _contiguous(self) -> list[AuditRecord]:
+        run = []
+        while (r := self._waiting.pop(self._relayed + 1, None)) is not None:
+            run.append(r)
+            self._relayed = r.seq
+        return run
 
     def _audit(self, db: sqlite3.Connection, event: AuditEvent | None) -> None:
         if event is not None:

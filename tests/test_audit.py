@@ -96,22 +96,43 @@ def test_audit_file_holds_every_record_in_order_with_concurrent_writers(store, t
     assert os.stat(tmp_path / "audit.jsonl").st_mode & 0o777 == 0o600
 
 
-def test_listeners_hear_every_record_once_in_order_even_those_another_process_never_handed_over(store):
+def test_listeners_hear_records_handed_over_out_of_order_once_and_in_order(store):
     from issuer.sqlite_store import SQLiteDatastore
 
     heard: list = []
     store.audit_listeners.append(heard.extend)
-    # A signing worker's own connection, which commits and then dies before handing its records over.
-    worker = SQLiteDatastore(store.path, relay_all=False)
+    worker = SQLiteDatastore(store.path, relay_all=False)  # a signing worker's own connection
+    committed: list = []
+    worker.audit_listeners.append(committed.extend)
     try:
-        fill(worker, 3)
-        fill(store, 2)
-        assert [r.seq for r in heard] == [1, 2, 3, 4, 5] and heard == store.audit_records()
-        store.notify(worker.audit_records()[:2])  # a late hand-over of what was relayed already
-        assert [r.seq for r in heard] == [1, 2, 3, 4, 5]
+        fill(worker, 2)  # committed first, handed over last (its feeder ran late)
+        fill(store, 1)
+        assert heard == []  # record 3 waits for 1 and 2
+        store.notify(committed)
+        assert [r.seq for r in heard] == [1, 2, 3]
+        store.notify(committed[:1])  # handed over twice: relayed once
+        assert [r.seq for r in heard] == [1, 2, 3] and heard == store.audit_records()
     finally:
         worker.close()
-    assert verify_chain(store.audit_records()).ok
+
+
+def test_records_a_dead_worker_never_handed_over_are_read_back_once_the_gap_outlasts_its_grace(store,
+                                                                                                 monkeypatch):
+    from issuer import sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.0)
+    heard: list = []
+    store.audit_listeners.append(heard.extend)
+    worker = sqlite_store.SQLiteDatastore(store.path, relay_all=False)
+    try:
+        fill(worker, 3)  # committed, then the worker died before its answer
+    finally:
+        worker.close()
+    fill(store, 1)  # record 4: the gap is noticed
+    assert heard == []
+    fill(store, 1)  # record 5: the gap is older than its grace, and read back from the file
+    assert [r.seq for r in heard] == [1, 2, 3, 4, 5] and heard == store.audit_records()
+    assert verify_chain(heard).ok
 
 
 def test_audit_file_resumes_after_restart_without_duplicates_or_gaps(store, tmp_path):
