@@ -201,7 +201,11 @@ class SidecarRuntime:
     async def _take_crls(self) -> None:
         while self._crl_offers:
             offers, self._crl_offers = self._crl_offers, []
-            accepted = await asyncio.to_thread(self.revocation.accept_newest, [data for data, _ in offers])
+            try:
+                accepted = await asyncio.to_thread(self.revocation.accept_newest, [data for data, _ in offers])
+            except Exception:  # noqa: BLE001 - e.g. a CA-signed CRL with a malformed entry: keep the last good one
+                log.exception("could not read a CRL; keeping the last good one")
+                continue
             if accepted is not None and self.revocation.install(accepted):
                 self.cache.drop_revoked(self.revocation.is_revoked)
                 self.cache.bump()  # streams resend with the new `crl` field
@@ -221,7 +225,7 @@ class SidecarRuntime:
 
     async def _fetch_crl(self) -> None:
         try:
-            await self.offer_crl(await self.client.fetch_crl())
+            await asyncio.shield(self.offer_crl(await self.client.fetch_crl()))
         except grpc.aio.AioRpcError as e:
             log.warning("CRL fetch failed; keeping the last good CRL", code=e.code().name, error=e.details())
 

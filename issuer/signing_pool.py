@@ -36,8 +36,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from issuer.ca import CertificateAuthority
 from issuer.datastore import Datastore
 from issuer.models import Actor, AuditEvent, AuditRecord, IssuedSerial
-from tessera import pem, spiffeid, x509svid
+from tessera import logs, pem, spiffeid, x509svid
+from tessera.errors import TesseraError
 from tessera.loops import call_on_loops
+
+log = logs.get("signing-pool")
 
 CHUNK_MAX = 256  # CSRs per trip to a worker: large enough to amortise the trip, small enough to spread
 # While one worker is busy, another is engaged only when at least CHUNK_MIN jobs are waiting (see
@@ -152,6 +155,8 @@ def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str, db_pa
             signed = sign_and_record_jobs(ca, store, [SignJob(*t) for t in job_tuples], audits)
             # Plain tuples cross the pipe: pickling dataclasses costs the issuer's main process more.
             conn.send(([astuple_signed(s) for s in signed], [astuple_record(r) for r in committed]))
+        except TesseraError as e:  # e.g. UNAVAILABLE: the database stayed locked; the caller gets its status
+            conn.send(e)
         except Exception as e:  # noqa: BLE001 - reported to the caller, the worker carries on
             conn.send(RuntimeError(f"signing worker failed: {e!r}"))
 
@@ -264,26 +269,40 @@ class SigningPool:
 
     def _feed(self, i: int) -> None:
         while (batch := self._take()) is not None:
-            jobs = [(j.csr_der, j.spiffe_id, j.ttl, j.not_after_cap, j.entry_id, j.sidecar_id, j.issued_at)
-                    for r in batch for j in r.jobs]
+            answer: list[Signed] | BaseException = RuntimeError("signing pool is closed")
             try:
-                self._conns[i].send((jobs, [a for r in batch for a in r.audits]))
-                answer = self._conns[i].recv()
-                if not isinstance(answer, BaseException):
-                    signed, records = answer
-                    answer = [Signed(*t) for t in signed]
-                    # Committed: the listeners hear of it before any caller sees a certificate.
-                    self._committed([AuditRecord(*t) for t in records])
-            except (EOFError, OSError) as e:
-                answer = RuntimeError(f"signing worker {i} died: {e!r}")
-                if not self._closed:  # replace it; the callers of this batch get the error
-                    self._conns[i].close()
+                answer = self._trip(i, batch)
+            except BaseException as e:  # noqa: BLE001 - whatever went wrong, this batch's callers hear of it
+                answer = e if isinstance(e, Exception) else RuntimeError(f"signing feeder {i} failed: {e!r}")
+                log.exception("signing feeder failed; its callers get the error", worker=i)
+            finally:
+                with self._cond:
+                    self._busy -= 1  # this feeder takes what is queued next; the others need no wake-up
+                # Finishing here rather than on another thread saves a hand-off per chunk; meanwhile the
+                # other workers' feeders keep signing.
+                self._complete(batch, answer)
+
+    def _trip(self, i: int, batch: list[_Request]) -> list[Signed] | BaseException:
+        """Send a batch to worker i and take its answer: certificates whose records it committed, or an error."""
+        jobs = [(j.csr_der, j.spiffe_id, j.ttl, j.not_after_cap, j.entry_id, j.sidecar_id, j.issued_at)
+                for r in batch for j in r.jobs]
+        try:
+            self._conns[i].send((jobs, [a for r in batch for a in r.audits]))
+            answer = self._conns[i].recv()
+        except (EOFError, OSError) as e:
+            if not self._closed:  # replace it; the callers of this batch get the error
+                self._conns[i].close()
+                try:
                     self._conns[i], self._procs[i] = self._spawn(i)
-            with self._cond:
-                self._busy -= 1  # this feeder takes what is queued next; the others need no wake-up
-            # Finishing here rather than on another thread saves a hand-off per chunk; meanwhile the
-            # other workers' feeders keep signing.
-            self._complete(batch, answer)
+                except OSError as spawn_error:  # e.g. out of processes: the next batch tries again
+                    log.error("could not restart a signing worker", worker=i, error=repr(spawn_error))
+            return RuntimeError(f"signing worker {i} died: {e!r}")
+        if isinstance(answer, BaseException):
+            return answer
+        signed, records = answer
+        # Committed: the listeners hear of it before any caller sees a certificate.
+        self._committed([AuditRecord(*t) for t in records])
+        return [Signed(*t) for t in signed]
 
     def _complete(self, batch: list[_Request], answer: list[Signed] | BaseException) -> None:
         k = 0

@@ -204,6 +204,9 @@ class SQLiteDatastore:
         self._relayed = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
         self._waiting: dict[int, AuditRecord] = {}  # committed, handed over, waiting for an earlier record
         self._gap_since: float | None = None
+        self._gap_timer: threading.Timer | None = None
+        self._gap_timer_armed = False
+        self._closed = False
 
     # -- transactions ---------------------------------------------------------------
 
@@ -219,6 +222,8 @@ class SQLiteDatastore:
                     self._depth -= 1
             return
         with self._writer:
+            if self._closed:
+                raise RuntimeError("datastore is closed")
             self._lock_file()
             try:
                 with self._lock:
@@ -270,6 +275,8 @@ class SQLiteDatastore:
         between its commit and its answer never hands its records over.
         """
         with self._relay_lock:
+            if self._closed:
+                return
             if self._relay_all:
                 records = self._in_order(records)
             if not records:
@@ -288,15 +295,41 @@ class SQLiteDatastore:
         due = self._contiguous()
         if not self._waiting:
             self._gap_since = None
-        elif self._gap_since is None:
-            self._gap_since = time.monotonic()
-        elif time.monotonic() - self._gap_since > GAP_GRACE:
-            first = min(self._waiting)
+            return due
+        now = time.monotonic()
+        if due or self._gap_since is None:  # a new gap: its clock starts now
+            self._gap_since = now
+            self._arm_gap_timer()
+            return due
+        if now - self._gap_since < GAP_GRACE:
+            self._arm_gap_timer()
+            return due
+        first = min(self._waiting)
+        try:
             missing = self.audit_records(self._relayed, limit=first - self._relayed - 1)
-            self._relayed = missing[-1].seq if missing else first - 1
-            due += missing + self._contiguous()
-            self._gap_since = time.monotonic() if self._waiting else None
+        except sqlite3.Error as e:  # nothing was moved on: the next notify or the timer tries again
+            log.error("could not read back audit records missing from the relay", error=str(e))
+            self._arm_gap_timer()
+            return due
+        self._relayed = missing[-1].seq if missing else first - 1
+        due += missing + self._contiguous()
+        self._gap_since = now if self._waiting else None
+        if self._waiting:
+            self._arm_gap_timer()
         return due
+
+    def _arm_gap_timer(self) -> None:
+        """Under the relay lock: make sure a gap is looked at again even if nothing else commits."""
+        if not self._gap_timer_armed and not self._closed:
+            self._gap_timer_armed = True
+            self._gap_timer = threading.Timer(GAP_GRACE * 1.1, self._gap_timer_fired)
+            self._gap_timer.daemon = True
+            self._gap_timer.start()
+
+    def _gap_timer_fired(self) -> None:
+        with self._relay_lock:
+            self._gap_timer_armed = False
+        self.notify([])
 
     def _contiguous(self) -> list[AuditRecord]:
         run = []
@@ -557,7 +590,11 @@ class SQLiteDatastore:
             self._closing = True
             while self._committing or self._group.items:  # callers already waiting get their commit
                 self._group_cond.wait()
-        with self._lock:
+        with self._relay_lock:  # first, alone: a relay in progress holds it and may want the connection
+            self._closed = True  # no new transaction, and nothing more relayed
+            if self._gap_timer is not None:
+                self._gap_timer.cancel()  # what still waits reaches the audit file at the next start
+        with self._writer, self._lock:  # a transaction under way finishes first
             self._db.close()
             if self._write_lock >= 0:  # closing twice is harmless, as it is for the connection
                 os.close(self._write_lock)

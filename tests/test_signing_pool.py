@@ -180,3 +180,21 @@ def test_issuer_without_signing_workers_signs_in_process_and_records_the_serial(
     assert svid["spiffe_id"] == "spiffe://example.org/agent/a"
     row = d.issued(svid["serial"])
     assert row is not None and row["kind"] == "identity"
+
+
+async def test_a_feeder_that_fails_answers_its_callers_and_goes_on_feeding(ca, store):
+    told: list = []
+
+    def committed(records):  # the relay to listeners fails once, after the worker committed
+        told.append(records)
+        if len(told) == 1:
+            raise RuntimeError("listener relay failed")
+
+    p = SigningPool(ca, 1, store.path, committed)
+    try:
+        with pytest.raises(RuntimeError, match="listener relay failed"):
+            await asyncio.wait_for(p.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))]), 30)
+        (signed,) = await asyncio.wait_for(p.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))]), 30)
+        assert not signed.error and store.get_issued(signed.serial_hex) is not None
+    finally:
+        p.close()
