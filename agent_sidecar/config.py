@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tessera.configfile import load_yaml, split_address
+from tessera.configfile import default_bootstrap_address, load_yaml
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,6 @@ class SidecarConfig:
 def load(path: str | Path, join_token: str | None = None) -> SidecarConfig:
     sec = load_yaml(path)
     issuer = sec.address("issuer_address")
-    host, port = split_address(issuer)
     mode_raw = sec.get("socket_mode", (str, int), "0666")
     try:
         mode = int(mode_raw, 8) if isinstance(mode_raw, str) else int(mode_raw)
@@ -42,7 +41,7 @@ def load(path: str | Path, join_token: str | None = None) -> SidecarConfig:
         raise sec.fail("exe_hash_max_bytes", "must not be negative")
     cfg = SidecarConfig(
         issuer_address=issuer,
-        issuer_bootstrap_address=sec.address("issuer_bootstrap_address", f"{host}:{port + 1}"),
+        issuer_bootstrap_address=sec.address("issuer_bootstrap_address", default_bootstrap_address(issuer)),
         trust_bundle=sec.path("trust_bundle"),
         join_token=join_token or sec.str("join_token", None),
         data_dir=sec.path("data_dir"),

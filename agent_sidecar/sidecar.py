@@ -19,7 +19,7 @@ from agent_sidecar.issuer_client import IdentityStore, IssuerClient, SidecarBann
 from agent_sidecar.task_api import TaskAPI
 from agent_sidecar.revocation import RevocationState
 from agent_sidecar.workload_api import WorkloadAPI
-from tessera import crl, logs, pem, spiffeid
+from tessera import logs, pem, spiffeid
 from tessera.errors import ConfigError
 from tessera.uds import bind_unix
 
@@ -182,30 +182,29 @@ class SidecarRuntime:
     def handle_revocation(self, rev) -> None:
         if self.revocation.note_revocation(rev.seq, rev.serials):
             log.warning("missed revocations; fetching the CRL", seq=rev.seq)
-            job = asyncio.create_task(self._fetch_crl())
-            self._tasks.append(job)
-            job.add_done_callback(self._tasks.remove)  # one-off: do not pile up finished tasks
+            self._one_off(self._fetch_crl())
         # Revoked identities arrive as entry_upsert (state revoked); single serials are replaced here.
         self.cache.drop_revoked(self.revocation.is_revoked)
+
+    def _one_off(self, coro) -> asyncio.Task:
+        """A task stopped with the sidecar, and forgotten once done (finished tasks do not pile up)."""
+        task = asyncio.create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+        return task
 
     def offer_crl(self, data: bytes, committed_at: int | None = None) -> asyncio.Task:
         """Take a CRL without blocking the loop. CRLs offered while one is taken are judged together and
         only the newest is installed. Pushed revocations keep being applied on the loop meanwhile."""
         self._crl_offers.append((data, committed_at))
         if self._crl_task is None or self._crl_task.done():
-            self._crl_task = asyncio.create_task(self._take_crls())
-            self._tasks.append(self._crl_task)
-            self._crl_task.add_done_callback(self._tasks.remove)
+            self._crl_task = self._one_off(self._take_crls())
         return self._crl_task
 
     async def _take_crls(self) -> None:
         while self._crl_offers:
             offers, self._crl_offers = self._crl_offers, []
-            try:
-                accepted = await asyncio.to_thread(self.revocation.accept_newest, [data for data, _ in offers])
-            except Exception:  # noqa: BLE001 - e.g. a CA-signed CRL with a malformed entry: keep the last good one
-                log.exception("could not read a CRL; keeping the last good one")
-                continue
+            accepted = await asyncio.to_thread(self.revocation.accept_newest, [data for data, _ in offers])
             if accepted is not None and self.revocation.install(accepted):
                 self.cache.drop_revoked(self.revocation.is_revoked)
                 self.cache.bump()  # streams resend with the new `crl` field

@@ -94,6 +94,11 @@ class OwnSVID:
     key_der: bytes
 
 
+def serial_numbers(crl_: x509.CertificateRevocationList) -> frozenset[int]:
+    """A CRL's revoked serials as integers: a check then needs no hex formatting."""
+    return frozenset(r.serial_number for r in crl_)
+
+
 def revoked_serial(state: TrustState, cert: x509.Certificate) -> str | None:
     """The certificate's hex serial if the CRL held in `state` lists it: a set lookup, never a CRL scan."""
     serial = cert.serial_number
@@ -159,17 +164,17 @@ class Verifier:
     # -- sources ------------------------------------------------------------------------
 
     @classmethod
-    def from_sidecar(cls, socket_path: str, policy: PeerPolicy, **kw) -> "Verifier":
+    def from_sidecar(cls, socket_path: str, policy: PeerPolicy) -> "Verifier":
         """Kept current by a Workload API stream to the local sidecar (also gives this service its SVID)."""
-        v = cls(policy, **kw)
+        v = cls(policy)
         v._source = _WorkloadSource(v, socket_path)
         return v
 
     @classmethod
     def from_files(cls, bundle_path: str | Path, crl_path: str | Path, policy: PeerPolicy,
-                   poll: float = 0.2, **kw) -> "Verifier":
+                   poll: float = 0.2) -> "Verifier":
         """Kept current from the sidecar's bundle.pem and crl.pem (re-read when they are replaced)."""
-        v = cls(policy, **kw)
+        v = cls(policy)
         v._source = _FileSource(v, Path(bundle_path), Path(crl_path), poll)
         return v
 
@@ -187,13 +192,13 @@ class Verifier:
         crl_der, number, revoked = st.crl_der, st.crl_number, st.revoked
         for data in crls:
             try:
-                accepted = crl.accept(data, new_bundle, number, crl_der)
+                accepted = crl.accept(data, new_bundle, number, crl_der, serial_numbers)
             except crl.CrlError as e:
                 log.warning("ignoring a CRL", error=str(e))
                 continue
             if accepted is not None:
                 crl_der, number = accepted.der, accepted.number
-                revoked = frozenset(r.serial_number for r in accepted.crl)
+                revoked = accepted.serials
         with self._changed:
             self.state = TrustState(new_bundle, crl_der, number, revoked)
             if svid is not None:

@@ -170,16 +170,14 @@ _STOP = object()
 class AuditFile:
     """Appends committed audit records, in seq order, to a JSON-lines file (mode 0600).
 
-    `source(since_seq)` reads committed records from the database: at start, the file
-    catches up with what was committed while no writer ran. After that the datastore
-    hands over every record once, in order (SQLiteDatastore.notify).
+    At start the file catches up with what the database committed while no writer ran;
+    after that the datastore hands over every record once, in seq order
+    (SQLiteDatastore.notify), so the file only appends what it has not written yet.
     """
 
-    def __init__(self, path: str | Path, source: Callable[[int], list[AuditRecord]]):
+    def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._source = source
         self._lock = threading.Lock()
-        self._pending: dict[int, AuditRecord] = {}
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
         self.written_seq = self._repair_and_last_seq()
         self._file = open(self.path, "ab")
@@ -211,10 +209,10 @@ class AuditFile:
             lines = tail[:end].splitlines()
         return json.loads(lines[-1])["seq"] if lines else 0
 
-    def catch_up(self) -> int:
-        """Write what the database committed but the file lacks."""
+    def catch_up(self, records: Callable[[int], list[AuditRecord]]) -> int:
+        """Write what the database committed but the file lacks; `records(since_seq)` reads the store."""
         with self._lock:
-            missing = self._source(self.written_seq)
+            missing = records(self.written_seq)
             self._write(missing)
         return len(missing)
 
@@ -235,14 +233,7 @@ class AuditFile:
                 batch.append(self._queue.get())
             stop = _STOP in batch
             with self._lock:
-                for records in batch:
-                    if records is not _STOP:
-                        for r in records:
-                            if r.seq > self.written_seq:
-                                self._pending[r.seq] = r
-                run = []
-                while (nxt := self._pending.pop(self.written_seq + len(run) + 1, None)) is not None:
-                    run.append(nxt)
+                run = [r for records in batch if records is not _STOP for r in records if r.seq > self.written_seq]
                 try:
                     self._write(run)
                 except OSError as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 from issuer import policy as policy_mod
 
 from tessera import spiffeid
-from tessera.configfile import load_yaml, split_address
+from tessera.configfile import default_bootstrap_address, load_yaml
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,7 @@ def load(path: str | Path) -> IssuerConfig:
     td = sec.checked("trust_domain", spiffeid.validate_trust_domain, sec.str("trust_domain"))
     data_dir = sec.path("data_dir")
     listen = sec.address("listen_address")
-    host, port = split_address(listen)
-    bootstrap = sec.address("bootstrap_address", f"{host}:{port + 1 if port else 0}")
+    bootstrap = sec.address("bootstrap_address", default_bootstrap_address(listen))
     admin_uids = sec.get("admin_uids", list, [])
     if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in admin_uids):
         raise sec.fail("admin_uids", "must be a list of numeric uids")

@@ -9,7 +9,6 @@ connected sidecar costs no thread.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 
 import grpc
@@ -74,10 +73,6 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
             done.add_done_callback(_log_touch_failure)
         return sidecar
 
-    @staticmethod
-    async def _blocking(fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
-
     def _svid_response(self, svid) -> issuer_pb2.SidecarSVIDResponse:
         return issuer_pb2.SidecarSVIDResponse(
             sidecar_id=svid.sidecar_id, svid_chain=pem.der_concat(svid.chain), bundle=self.bundle_der())
@@ -85,14 +80,14 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
     @grpcio_handler
     async def AttestSidecar(self, request, context):
         t0 = time.monotonic()
-        svid = await self._blocking(self.attestor.attest, request.join_token, request.csr, context.peer())
+        svid = await asyncio.to_thread(self.attestor.attest, request.join_token, request.csr, context.peer())
         metrics.observe_issuance_latency("sidecar", time.monotonic() - t0)
         return self._svid_response(svid)
 
     @grpcio_handler
     async def RenewSidecar(self, request, context):
         t0 = time.monotonic()
-        svid = await self._blocking(self.attestor.renew, self._caller(context), request.csr)
+        svid = await asyncio.to_thread(self.attestor.renew, self._caller(context), request.csr)
         metrics.observe_issuance_latency("sidecar", time.monotonic() - t0)
         return self._svid_response(svid)
 
@@ -194,6 +189,6 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
     @grpcio_handler
     async def EndTask(self, request, context):
         sidecar = self._caller(context)
-        revoked = await self._blocking(self.tasks.end, sidecar, request.task_id, request.entry_id, request.reason,
+        revoked = await asyncio.to_thread(self.tasks.end, sidecar, request.task_id, request.entry_id, request.reason,
                                        Actor("sidecar", sidecar.id))
         return task_pb2.EndTaskResponse(revoked_serials=revoked)

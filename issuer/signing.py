@@ -53,8 +53,7 @@ class SvidSigner:
 
     async def _sign_and_record_here(self, jobs: list[SignJob], audits: list[AuditEvent]) -> list[Signed]:
         # Signing and the commit block: they run on the loop's executor, not on the loop.
-        return await asyncio.get_running_loop().run_in_executor(None, sign_and_record_jobs, self.ca, self.store,
-                                                                jobs, audits)
+        return await asyncio.to_thread(sign_and_record_jobs, self.ca, self.store, jobs, audits)
 
     async def sign_batch(self, sidecar: Sidecar, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
         if len(items) > MAX_BATCH:
@@ -84,7 +83,7 @@ class SvidSigner:
             return results
         results, late = self.withhold_late(results, sidecar.id)
         if late:  # a revocation raced this call: revoking what was signed is a commit, off the loop
-            await asyncio.get_running_loop().run_in_executor(None, self.revoke_late, late)
+            await asyncio.to_thread(self.revoke_late, late)
         return results
 
     @staticmethod

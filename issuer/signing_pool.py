@@ -115,6 +115,11 @@ def sign_and_record_jobs(ca: CertificateAuthority, store: Datastore, jobs: Seque
     return signed
 
 
+# Plain tuples cross the worker pipe: pickling dataclasses costs the issuer's main process more.
+def astuple_job(j: SignJob) -> tuple:
+    return (j.csr_der, j.spiffe_id, j.ttl, j.not_after_cap, j.entry_id, j.sidecar_id, j.issued_at)
+
+
 def astuple_signed(s: Signed) -> tuple:
     return (s.cert_der, s.serial, s.not_after, s.error)
 
@@ -153,7 +158,6 @@ def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str, db_pa
         committed.clear()
         try:
             signed = sign_and_record_jobs(ca, store, [SignJob(*t) for t in job_tuples], audits)
-            # Plain tuples cross the pipe: pickling dataclasses costs the issuer's main process more.
             conn.send(([astuple_signed(s) for s in signed], [astuple_record(r) for r in committed]))
         except TesseraError as e:  # e.g. UNAVAILABLE: the database stayed locked; the caller gets its status
             conn.send(e)
@@ -269,23 +273,20 @@ class SigningPool:
 
     def _feed(self, i: int) -> None:
         while (batch := self._take()) is not None:
-            answer: list[Signed] | BaseException = RuntimeError("signing pool is closed")
             try:
                 answer = self._trip(i, batch)
             except BaseException as e:  # noqa: BLE001 - whatever went wrong, this batch's callers hear of it
                 answer = e if isinstance(e, Exception) else RuntimeError(f"signing feeder {i} failed: {e!r}")
                 log.exception("signing feeder failed; its callers get the error", worker=i)
-            finally:
-                with self._cond:
-                    self._busy -= 1  # this feeder takes what is queued next; the others need no wake-up
-                # Finishing here rather than on another thread saves a hand-off per chunk; meanwhile the
-                # other workers' feeders keep signing.
-                self._complete(batch, answer)
+            with self._cond:
+                self._busy -= 1  # this feeder takes what is queued next; the others need no wake-up
+            # Finishing here rather than on another thread saves a hand-off per chunk; meanwhile the
+            # other workers' feeders keep signing.
+            self._complete(batch, answer)
 
     def _trip(self, i: int, batch: list[_Request]) -> list[Signed] | BaseException:
         """Send a batch to worker i and take its answer: certificates whose records it committed, or an error."""
-        jobs = [(j.csr_der, j.spiffe_id, j.ttl, j.not_after_cap, j.entry_id, j.sidecar_id, j.issued_at)
-                for r in batch for j in r.jobs]
+        jobs = [astuple_job(j) for r in batch for j in r.jobs]
         try:
             self._conns[i].send((jobs, [a for r in batch for a in r.audits]))
             answer = self._conns[i].recv()

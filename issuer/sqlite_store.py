@@ -458,7 +458,7 @@ class SQLiteDatastore:
     def record_issued(self, serials: Sequence[IssuedSerial], audits: Sequence[AuditEvent] = ()) -> None:
         """Durably record issued serials before their certificates leave the issuer."""
         mine = _PendingSerials(list(serials), list(audits))
-        if self._depth and self._owner == threading.get_ident():
+        if self._owner == threading.get_ident():
             with self._lock:
                 # Inside this thread's own transaction: its commit is the one that counts.
                 self._insert_issued(self._db, [mine])

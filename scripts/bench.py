@@ -97,12 +97,12 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def settle(pids: list[int], share: float = 0.05, window: float = 0.5, limit: float = 15.0) -> tuple[float, bool]:
-    """Wait until these processes use under `share` of one CPU over `window` seconds (at most `limit`
+def settle(pids: list[int], share: float = 0.05, window: float = 0.5, max_wait: float = 15.0) -> tuple[float, bool]:
+    """Wait until these processes use under `share` of one CPU over `window` seconds (at most `max_wait`
     seconds): latency figures "at light load" must not include the previous phase's backlog.
     Returns (seconds waited, whether they did go idle)."""
     start = time.time()
-    while time.time() - start < limit:
+    while time.time() - start < max_wait:
         c0 = cpu_seconds(pids)
         time.sleep(window)
         if cpu_seconds(pids) - c0 < share * window:

@@ -19,6 +19,13 @@ def split_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def default_bootstrap_address(listen_address: str) -> str:
+    """Where the issuer's bootstrap listener is unless configured: its listen port + 1 (port 0, any free
+    port, stays 0). Issuer, sidecar and bench clients all derive it here."""
+    host, port = split_address(listen_address)
+    return f"{host}:{port + 1 if port else 0}"
+
+
 class Section:
     """A mapping from the config file; every getter names `prefix.key` when it fails."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -189,16 +189,18 @@ def check_newer(crl: x509.CertificateRevocationList, current_number: int | None)
 class Accepted:
     der: bytes
     number: int
-    serials: frozenset[str]
+    serials: frozenset  # in the form the caller asked for (see accept)
     crl: x509.CertificateRevocationList
 
 
 def accept(data: bytes, bundle: Iterable[x509.Certificate], current_number: int | None,
-           current_der: bytes | None) -> Accepted | None:
+           current_der: bytes | None,
+           serial_set: Callable[[x509.CertificateRevocationList], frozenset] = serials) -> Accepted | None:
     """The one rule for taking a CRL over the one held: signed by the bundle and not older.
 
     None when it is the CRL already held; CrlError when it must be refused (unparsable, signed by
-    another key, a lower number, or the current number reused with other content).
+    another key, a lower number, or the current number reused with other content). `serial_set`
+    turns the CRL into the set its reader looks serials up in (hex strings by default), built once.
     """
     if current_der is not None and data == current_der:
         return None  # the same bytes again (every resync resends it): nothing to parse or verify
@@ -210,4 +212,4 @@ def accept(data: bytes, bundle: Iterable[x509.Certificate], current_number: int 
         if encoded != current_der:
             raise CrlError(f"CRL number {number} reused with different content")
         return None
-    return Accepted(encoded, number, serials(parsed), parsed)
+    return Accepted(encoded, number, serial_set(parsed), parsed)

@@ -12,6 +12,7 @@ import pytest
 
 from harness import one_line_error, wait_for
 from issuer_client import attest, sidecar_stub, sign
+from issuer import sqlite_store
 from issuer.audit import AuditFile, read_jsonl, verify_chain
 from issuer.models import Actor, AuditEvent
 
@@ -29,15 +30,15 @@ def heard_by_a_listener(store) -> list:
     return heard
 
 
-def committed_by_a_dead_worker(store, n):
-    """Records a signing worker committed through its own connection, then died before handing them over."""
-    from issuer.sqlite_store import SQLiteDatastore
-
-    worker = SQLiteDatastore(store.path, relay_all=False)
+def committed_by_a_worker(store, n) -> list:
+    """n records a signing worker committed through its own connection; returns them, not yet handed over."""
+    worker = sqlite_store.SQLiteDatastore(store.path, relay_all=False)
+    committed = heard_by_a_listener(worker)
     try:
         fill(worker, n)
     finally:
         worker.close()
+    return committed
 
 
 # -- verification --------------------------------------------------------------------------
@@ -92,8 +93,8 @@ def test_recomputed_hash_does_not_hide_an_edit(store, tmp_path):
 
 
 def test_audit_file_holds_every_record_in_order_with_concurrent_writers(store, tmp_path):
-    f = AuditFile(tmp_path / "audit.jsonl", store.audit_records)
-    f.catch_up()
+    f = AuditFile(tmp_path / "audit.jsonl")
+    f.catch_up(store.audit_records)
     f.start()
     store.audit_listeners.append(f)
 
@@ -115,42 +116,34 @@ def test_audit_file_holds_every_record_in_order_with_concurrent_writers(store, t
 
 
 def test_listeners_hear_records_handed_over_out_of_order_once_and_in_order(store, monkeypatch):
-    from issuer import sqlite_store
-
     monkeypatch.setattr(sqlite_store, "GAP_GRACE", 60.0)  # the late hand-over below, not a read-back, fills the gap
     heard = heard_by_a_listener(store)
-    worker = sqlite_store.SQLiteDatastore(store.path, relay_all=False)  # a signing worker's own connection
-    committed: list = []
-    worker.audit_listeners.append(committed.extend)
-    try:
-        fill(worker, 2)  # committed first, handed over last (its feeder ran late)
-        fill(store, 1)
-        assert heard == []  # record 3 waits for 1 and 2
-        store.notify(committed)
-        assert [r.seq for r in heard] == [1, 2, 3]
-        store.notify(committed[:1])  # handed over twice: relayed once
-        assert [r.seq for r in heard] == [1, 2, 3] and heard == store.audit_records()
-    finally:
-        worker.close()
+    committed = committed_by_a_worker(store, 2)  # committed first, handed over last (its feeder ran late)
+    fill(store, 1)
+    assert heard == []  # record 3 waits for 1 and 2
+    store.notify(committed)
+    assert [r.seq for r in heard] == [1, 2, 3]
+    store.notify(committed[:1])  # handed over twice: relayed once
+    assert [r.seq for r in heard] == [1, 2, 3] and heard == store.audit_records()
 
 
 def test_audit_file_resumes_after_restart_without_duplicates_or_gaps(store, tmp_path):
     path = tmp_path / "audit.jsonl"
     fill(store, 3)
-    f = AuditFile(path, store.audit_records)
-    assert f.catch_up() == 3
+    f = AuditFile(path)
+    assert f.catch_up(store.audit_records) == 3
     f.close()
     # Committed while no file writer ran (the issuer died between commit and file write).
     fill(store, 2)
     # And a torn last line from a crash mid-write.
     with open(path, "ab") as fh:
         fh.write(b'{"seq": 4, "trunc')
-    f = AuditFile(path, store.audit_records)
+    f = AuditFile(path)
     assert f.written_seq == 3
-    assert f.catch_up() == 2
+    assert f.catch_up(store.audit_records) == 2
     f.close()
-    f = AuditFile(path, store.audit_records)
-    assert f.catch_up() == 0
+    f = AuditFile(path)
+    assert f.catch_up(store.audit_records) == 0
     f.close()
     records = list(read_jsonl(path))
     assert [r.seq for r in records] == [1, 2, 3, 4, 5] and verify_chain(records).ok
@@ -307,13 +300,13 @@ def test_audit_file_survives_issuer_kill9_without_duplicates(running):
 def test_audit_file_resume_reads_only_the_tail_of_a_large_file(store, tmp_path):
     path = tmp_path / "audit.jsonl"
     store.append_audit([AuditEvent("entry.create", OP, "done", reason="x" * 500, subject=f"e{i}") for i in range(400)])
-    f = AuditFile(path, store.audit_records)
-    f.catch_up()
+    f = AuditFile(path)
+    f.catch_up(store.audit_records)
     f.close()
     assert path.stat().st_size > 3 * 65536
     with open(path, "ab") as fh:
         fh.write(b'{"seq": 401, "torn')
-    f = AuditFile(path, store.audit_records)
+    f = AuditFile(path)
     assert f.written_seq == 400
     f.close()
     assert [r.seq for r in read_jsonl(path)] == list(range(1, 401))
@@ -380,22 +373,18 @@ def test_task_policy_approval_and_revocation_decisions_are_in_the_trail(deployme
 
 
 def test_a_gap_is_read_back_by_time_alone_when_nothing_else_commits(store, monkeypatch):
-    from issuer import sqlite_store
-
     monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.1)
     heard = heard_by_a_listener(store)
-    committed_by_a_dead_worker(store, 2)
+    committed_by_a_worker(store, 2)  # then the worker died before handing them over
     fill(store, 1)  # the gap is noticed; nothing commits after it
     wait_for(lambda: len(heard) == 3, timeout=10, what="the gap to be read back")
     assert heard == store.audit_records()
 
 
 def test_a_failed_read_back_loses_nothing_and_is_tried_again(store, monkeypatch):
-    from issuer import sqlite_store
-
     monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.05)
     heard = heard_by_a_listener(store)
-    committed_by_a_dead_worker(store, 2)
+    committed_by_a_worker(store, 2)  # then the worker died before handing them over
     read_back = store.audit_records
     failures = []
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography import x509
 
 from agent_sidecar.issuer_client import IssuerClient
-from tessera.configfile import split_address
+from tessera.configfile import default_bootstrap_address
 from tessera import pem, x509svid
 from tessera.v1 import issuer_pb2
 
@@ -107,8 +107,7 @@ class LoadClient:
 
 async def main_async(args) -> int:
     bundle = tuple(x509.load_pem_x509_certificates(Path(args.bundle).read_bytes()))
-    host, port = split_address(args.issuer)
-    client = IssuerClient(args.issuer, f"{host}:{port + 1}", "tessera-issuer")
+    client = IssuerClient(args.issuer, default_bootstrap_address(args.issuer), "tessera-issuer")
     ident = await client.attest(args.join_token, bundle)
     await client.connect(ident)
     keys = [x509svid.new_key() for _ in range(args.csrs)]

@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography import x509
 
 from agent_sidecar.issuer_client import IssuerClient
-from tessera.configfile import split_address
+from tessera.configfile import default_bootstrap_address
 
 
 def emit(obj: dict) -> None:
@@ -42,10 +42,9 @@ async def stream(i: int, client: IssuerClient, ready: asyncio.Event, snapshots: 
 async def main_async() -> int:
     cfg = json.loads(sys.stdin.readline())
     bundle = tuple(x509.load_pem_x509_certificates(Path(cfg["bundle"]).read_bytes()))
-    host, port = split_address(cfg["issuer"])
     clients = []
     for token in cfg["tokens"]:
-        c = IssuerClient(cfg["issuer"], f"{host}:{port + 1}", "tessera-issuer")
+        c = IssuerClient(cfg["issuer"], default_bootstrap_address(cfg["issuer"]), "tessera-issuer")
         await c.connect(await c.attest(token, bundle))
         clients.append(c)
     ready, snapshots, received, revoked = asyncio.Event(), [0], [], set()
