@@ -53,9 +53,9 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def as_uid(uid: int, argv: list[str]) -> list[str]:
-    """argv run as another user (uid and gid), with no supplementary groups."""
-    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *argv]
+def as_uid(uid: int, argv: list[str], gid: int | None = None) -> list[str]:
+    """argv run as another user (uid, and gid: the uid unless given), with no supplementary groups."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid if gid is None else gid}", "--clear-groups", *argv]
 
 
 def one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> str:

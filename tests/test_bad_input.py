@@ -117,7 +117,7 @@ def test_unreadable_or_invalid_ca_key_stops_the_issuer(deployment, tmp_path):
 
     real_dir = tmp_path / "real"
     real_dir.mkdir()
-    real = CertificateAuthority.load_or_create("example.org", real_dir)
+    CertificateAuthority.load_or_create("example.org", real_dir)  # writes ca.pem and its key there
     cfg.update(ca_cert=str(real_dir / "ca.pem"), ca_key=str(tmp_path / "missing.pem"))
     one_line_error(deployment.run_issuer_once(cfg), "ca_key:", "cannot read")
     bad = tmp_path / "garbage.pem"

@@ -26,7 +26,9 @@ def test_allowed_records_with_a_serial_count_as_issuances_by_kind():
     metrics.observe_audit([rec("task.request", "pending")])
     assert metrics.ISSUANCES.labels("task")._value.get() == before + 1
     assert metrics.TIME_TO_CREDENTIAL.labels("task")._sum.get() == pytest.approx(ttc + 0.25)
-    assert metrics.issuance_kind(rec("sidecar.attest", "allow", serial="cd", kind="sidecar")) == "sidecar"
+    # Only an allowed record naming a serial and its kind counts: every issuing path records the kind.
+    assert metrics.issuance_kind(rec("sidecar.attest", "allow", serial="cd")) is None
+    assert metrics.issuance_kind(rec("svid.deny", "deny", serial="cd", kind="identity")) is None
 
 
 def test_denial_reasons_are_bounded_labels():

@@ -2,14 +2,15 @@
 request, pending requests released or refused by `tessera approval`. Real daemons throughout."""
 
 import json
-import os
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
-from harness import metric, one_line_error, scrape, wait_for
+from harness import as_uid, metric, one_line_error, scrape, wait_for
 from issuer import policy as pol
 from taskutil import ALLOW_ALL, TIERS, policy, start_task, task_argv
 from tessera.configfile import Section
@@ -45,13 +46,28 @@ def gated(deployment):
     return deployment
 
 
+def test_the_approver_sees_the_waiting_workload_as_the_kernel_named_it(gated):
+    gated.entry("/agent/other-user", "host-a", "unix:uid:5001", scope=["payments:write"], tier="high")
+    out = Path(tempfile.mkdtemp())
+    out.chmod(0o777)  # the workload runs as another user
+    proc = subprocess.Popen(as_uid(5001, task_argv(gated, "as-5001", out / "t", "payments:write",
+                                                   spiffe_id=f"spiffe://{gated.td}/agent/other-user"), gid=5002),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        a = wait_pending(gated, "as-5001")
+        assert a["spiffe_id"] == f"spiffe://{gated.td}/agent/other-user"
+        assert (a["workload"]["uid"], a["workload"]["gid"]) == (5001, 5002) and a["workload"]["pid"] == proc.pid
+        assert "python" in a["workload"]["exe"]  # the task client's interpreter, read from /proc
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
 def test_high_tier_task_waits_for_approval_then_is_delivered(gated, tmp_path):
     proc = start_background(gated, tmp_path, "pay-1", "payments:write", wait="60s")
     a = wait_pending(gated, "pay-1")
     assert a["spiffe_id"] == "spiffe://example.org/agent/risky" and a["scopes"] == ["payments:write"]
     assert "tier high requires approval" in a["reason"] and a["workload"]["pid"] > 0
-    # The approver sees the workload as the kernel named it: this test's own uid and gid.
-    assert (a["workload"]["uid"], a["workload"]["gid"]) == (os.getuid(), os.getgid())
     assert proc.poll() is None  # still waiting, holding its stream
     gated.cli("approval", "approve", a["id"], "--reason", "change ticket CHG-7")
     out, err = proc.communicate(timeout=30)

@@ -71,12 +71,10 @@ def check_every_debt(rep: dict) -> None:
 
 
 @pytest.fixture
-def seeded(tmp_path):
-    store = SQLiteDatastore(tmp_path / "tessera.db")
+def seeded(store):
     now = int(time.time())
     seed(store, now)
-    yield store, now
-    store.close()
+    return store, now
 
 
 def build(store, now, **kw):
