@@ -59,6 +59,9 @@ class Approvals:
         self.timeout = timeout
         self._lock = threading.Lock()
         self._slots: dict[str, _Slot] = {}
+        # Finished before their caller came to wait (decided or withdrawn right after the caller was told
+        # it is pending): kept until collected, or until they would have expired anyway.
+        self._finished: dict[str, ApprovalRequest] = {}
         self._closed = False
 
     def submit(self, req: ApprovalRequest, actor: Actor) -> ApprovalRequest:
@@ -93,6 +96,9 @@ class Approvals:
             slot.req = replace(slot.req, state=state, decided_by=by, decision_reason=why)
             del self._slots[approval_id]
             metrics.set_pending_approvals(len(self._slots))
+            now = time.time()
+            self._finished = {k: r for k, r in self._finished.items() if r.expires_at > now}
+            self._finished[approval_id] = slot.req
         slot.done.set()
         return slot.req
 
@@ -114,6 +120,9 @@ class Approvals:
         """Block until the request is decided or expires; returns it in its final state."""
         with self._lock:
             slot = self._slots.get(req.id)
+            final = self._finished.pop(req.id, None) if slot is None else None
+        if final is not None:
+            return final
         if slot is None:
             raise FailedPrecondition(f"approval {req.id} is not pending")
         if not slot.done.wait(max(0.0, req.expires_at - time.time())):
@@ -123,6 +132,8 @@ class Approvals:
                     reason=f"no decision within {self.timeout}s", subject=req.spiffe_id, details=req.details()))
             except NotFound:
                 pass  # decided at the last moment
+        with self._lock:
+            self._finished.pop(req.id, None)
         return slot.req
 
     def cancel(self, approval_id: str, why: str) -> None:

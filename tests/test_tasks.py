@@ -183,6 +183,13 @@ def issuer_tasks(tmp_path):
     return svc, store, entry, side
 
 
+def high_tier_entry(svc):
+    """An entry on host-a whose tasks need an operator's approval."""
+    return svc.registry.create(spiffe_id="spiffe://example.org/agent/h", parent="host-a", selectors=["unix:uid:7"],
+                               owner="o", purpose="p", expires_at=int(time.time()) + 3600,
+                               actor=Actor("operator", "t"), scopes=["repo:read"], tier="high")
+
+
 def spec(entry_id, selectors=("unix:uid:7",), task_id="t1"):
     return TaskSpec(entry_id, task_id, ("repo:read",), 60, {}, x509svid.make_csr(x509svid.new_key()),
                     frozenset(selectors))
@@ -215,9 +222,8 @@ def test_revoke_task_ends_only_that_task_while_the_identity_and_other_tasks_keep
     assert tasks.issued(first)["revoked_at"] is not None
     assert tasks.issued(second)["revoked_at"] is None
 
-    (tmp_path / "crl.pem").write_text(tasks.cli("crl", "show").stdout)
-
     crl = tmp_path / "crl.pem"
+    crl.write_text(tasks.cli("crl", "show").stdout)
     assert openssl_says_revoked(tasks.bundle_path, tmp_path / "t1" / "svid.pem", crl)
     assert openssl_verify(tasks.bundle_path, tmp_path / "t2" / "svid.pem", crl).returncode == 0
     assert tasks.fetch("host-a")["svids"][0]["serial"] == identity  # the identity SVID is untouched
@@ -226,9 +232,7 @@ def test_revoke_task_ends_only_that_task_while_the_identity_and_other_tasks_keep
 
 def test_a_task_request_abandoned_before_waiting_withdraws_its_approval(tmp_path):
     svc, store, _, side = issuer_tasks(tmp_path)
-    high = svc.registry.create(spiffe_id="spiffe://example.org/agent/h", parent="host-a", selectors=["unix:uid:7"],
-                               owner="o", purpose="p", expires_at=int(time.time()) + 3600,
-                               actor=Actor("operator", "t"), scopes=["repo:read"], tier="high")
+    high = high_tier_entry(svc)
     steps = svc.request(side["host-a"], spec(high.id, task_id="needs-approval"))
     kind, approval = next(steps)
     assert kind == "pending" and [a.id for a in svc.approvals.list()] == [approval.id]
@@ -241,9 +245,7 @@ def test_a_task_request_abandoned_before_waiting_withdraws_its_approval(tmp_path
 
 def test_a_stopping_issuer_refuses_new_approval_requests_and_answers_the_waiting_ones(tmp_path):
     svc, store, _, side = issuer_tasks(tmp_path)
-    high = svc.registry.create(spiffe_id="spiffe://example.org/agent/h", parent="host-a", selectors=["unix:uid:7"],
-                               owner="o", purpose="p", expires_at=int(time.time()) + 3600,
-                               actor=Actor("operator", "t"), scopes=["repo:read"], tier="high")
+    high = high_tier_entry(svc)
     waiting = svc.request(side["host-a"], spec(high.id, task_id="waiting"))
     assert next(waiting)[0] == "pending"
     outcome: list = []
@@ -271,3 +273,15 @@ def _frames(frame):
     while frame is not None:
         yield frame
         frame = frame.f_back
+
+
+def test_a_decision_made_before_the_caller_starts_waiting_is_not_lost(tmp_path):
+    svc, store, _, side = issuer_tasks(tmp_path)
+    steps = svc.request(side["host-a"], spec(high_tier_entry(svc).id, task_id="decided-early"))
+    kind, approval = next(steps)
+    assert kind == "pending"
+    # The operator approves as soon as the request shows up, before the caller's next step waits.
+    svc.approvals.decide(approval.id, True, Actor("operator", "uid:0"), "ticket OPS-1")
+    kind, cred = next(steps)
+    assert kind == "svid" and cred.task_id == "decided-early"
+    store.close()
