@@ -3,8 +3,9 @@
 The database is the source of truth (each record commits with the change it
 describes). The JSON-lines file is a second, append-only copy apart from the
 operational logs, for shipping to a SIEM: a background thread appends and
-fsyncs it, and at start it catches up from the database, so a crash between
-the database commit and the file write loses nothing and duplicates nothing.
+fsyncs it, and catches up from the database at start and after a failed write,
+so a crash between the database commit and the file write, or a full disk,
+loses nothing, duplicates nothing and leaves no partial line.
 """
 
 from __future__ import annotations
@@ -165,23 +166,34 @@ def denial_reason(record: AuditRecord) -> str:
 
 
 _STOP = object()
+RETRY_SECONDS = 1.0  # after a failed write, how soon the file tries again if no new record comes
+CATCH_UP_PAGE = 5000  # records read from the database per step of a catch-up
+
+Reader = Callable[[int, int], list[AuditRecord]]  # (after seq, at most) -> committed records in seq order
 
 
 class AuditFile:
     """Appends committed audit records, in seq order, to a JSON-lines file (mode 0600).
 
-    At start the file catches up with what the database committed while no writer ran;
+    The file is a copy of the database's audit table, which `records` reads. At
+    start it catches up with what the database committed while no writer ran;
     after that the datastore hands over every record once, in seq order
     (SQLiteDatastore.notify), so the file only appends what it has not written yet.
+    A write that fails (a full disk) is undone, cutting any partial line, and the
+    file catches up from the database on the next record or within RETRY_SECONDS:
+    it never holds a torn line or a gap, only a delay.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, records: Reader):
         self.path = Path(path)
+        self._records = records
         self._lock = threading.Lock()
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
         self.written_seq = self._repair_and_last_seq()
-        self._file = open(self.path, "ab")
-        os.chmod(self.path, 0o600)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.fchmod(self._fd, 0o600)
+        self._good_size = os.fstat(self._fd).st_size  # the file up to its last complete, fsynced write
+        self.behind = False  # a write failed: the file lags the database until it catches up
         self._thread: threading.Thread | None = None
 
     def _repair_and_last_seq(self) -> int:
@@ -209,12 +221,20 @@ class AuditFile:
             lines = tail[:end].splitlines()
         return json.loads(lines[-1])["seq"] if lines else 0
 
-    def catch_up(self, records: Callable[[int], list[AuditRecord]]) -> int:
-        """Write what the database committed but the file lacks; `records(since_seq)` reads the store."""
+    def catch_up(self) -> int:
+        """Write what the database committed but the file lacks; returns how many records that was."""
         with self._lock:
-            missing = records(self.written_seq)
-            self._write(missing)
-        return len(missing)
+            return self._catch_up()
+
+    def _catch_up(self) -> int:
+        os.ftruncate(self._fd, self._good_size)  # cut what a failed write left
+        n = 0
+        while True:
+            page = self._records(self.written_seq, CATCH_UP_PAGE)
+            self._write(page)
+            n += len(page)
+            if len(page) < CATCH_UP_PAGE:
+                return n
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="audit-file", daemon=True)
@@ -227,31 +247,45 @@ class AuditFile:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            batch = [item]
+            try:
+                batch = [self._queue.get(timeout=RETRY_SECONDS if self.behind else None)]
+            except queue.Empty:
+                batch = []  # behind, and nothing new came: try again anyway
             while not self._queue.empty():  # one fsync for everything already waiting
                 batch.append(self._queue.get())
             stop = _STOP in batch
             with self._lock:
-                run = [r for records in batch if records is not _STOP for r in records if r.seq > self.written_seq]
                 try:
-                    self._write(run)
-                except OSError as e:
-                    # The database still holds the record; the next start's catch_up writes it.
-                    log.error("cannot append to the audit file", path=str(self.path), error=str(e))
+                    if self.behind:
+                        # The failed records and everything since come from the database.
+                        caught_up = self._catch_up()
+                        log.warning("audit file caught up after a failed write", path=str(self.path),
+                                    records=caught_up)
+                    else:
+                        self._write([r for records in batch if records is not _STOP
+                                     for r in records if r.seq > self.written_seq])
+                    self.behind = False
+                except Exception as e:  # noqa: BLE001 - this thread must outlive a full disk or a busy database
+                    if not self.behind:
+                        log.error("cannot append to the audit file; retrying from the database",
+                                  path=str(self.path), error=str(e))
+                    self.behind = True
             if stop:
                 return
 
     def _write(self, records: list[AuditRecord]) -> None:
         if not records:
             return
-        self._file.write(b"".join(record_line(r).encode() + b"\n" for r in records))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        data = memoryview(b"".join(record_line(r).encode() + b"\n" for r in records))
+        written = 0
+        while written < len(data):
+            written += os.write(self._fd, data[written:])
+        os.fsync(self._fd)
+        self._good_size += len(data)
         self.written_seq = records[-1].seq
 
     def close(self) -> None:
         if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join(timeout=10)
-        self._file.close()
+        os.close(self._fd)

@@ -83,8 +83,8 @@ class IssuerServer:
         os.chmod(cfg.data_dir, 0o700)
         self.store = SQLiteDatastore(cfg.data_dir / "tessera.db")
         # The JSON-lines copy of the trail first catches up with what the database already holds.
-        self.audit_file = AuditFile(cfg.audit_file)
-        self.audit_file.catch_up(self.store.audit_records)
+        self.audit_file = AuditFile(cfg.audit_file, self.store.audit_records)
+        self.audit_file.catch_up()
         self.audit_file.start()
         self.store.audit_listeners.append(self.audit_file)
         self.store.audit_listeners.append(metrics.observe_audit)

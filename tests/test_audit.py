@@ -1,5 +1,6 @@
 """The audit trail: hash chain verification, the JSON-lines file, and every decision audited end to end."""
 
+import errno
 import json
 import os
 import sqlite3
@@ -12,7 +13,7 @@ import pytest
 
 from harness import one_line_error, wait_for
 from issuer_client import attest, sidecar_stub, sign
-from issuer import sqlite_store
+from issuer import audit, sqlite_store
 from issuer.audit import AuditFile, read_jsonl, verify_chain
 from issuer.models import Actor, AuditEvent
 
@@ -93,8 +94,8 @@ def test_recomputed_hash_does_not_hide_an_edit(store, tmp_path):
 
 
 def test_audit_file_holds_every_record_in_order_with_concurrent_writers(store, tmp_path):
-    f = AuditFile(tmp_path / "audit.jsonl")
-    f.catch_up(store.audit_records)
+    f = AuditFile(tmp_path / "audit.jsonl", store.audit_records)
+    f.catch_up()
     f.start()
     store.audit_listeners.append(f)
 
@@ -127,23 +128,60 @@ def test_listeners_hear_records_handed_over_out_of_order_once_and_in_order(store
     assert [r.seq for r in heard] == [1, 2, 3] and heard == store.audit_records()
 
 
+def failing_writes(monkeypatch, fd: int, times: int) -> dict:
+    """The next `times` writes to `fd` put half their bytes on disk, then fail as a full disk does."""
+    real_write, left = os.write, {"n": times}
+
+    def write(target, data):
+        if target == fd and left["n"] > 0:
+            left["n"] -= 1
+            real_write(target, bytes(data[:len(data) // 2]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(target, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return left
+
+
+def test_audit_file_recovers_from_failed_writes_without_a_torn_line_or_a_gap(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(audit, "RETRY_SECONDS", 0.05)
+    path = tmp_path / "audit.jsonl"
+    fill(store, 2)
+    f = AuditFile(path, store.audit_records)
+    f.catch_up()
+    f.start()
+    store.audit_listeners.append(f)
+    left = failing_writes(monkeypatch, f._fd, 3)
+    fill(store, 4)  # records 3-6: the first writes fail halfway, the database commits regardless
+    # Nothing more is committed: the retry alone must bring the file level with the database.
+    wait_for(lambda: f.written_seq == 6 and not f.behind, what="the audit file to catch up")
+    assert left["n"] == 0  # every injected failure was hit
+    fill(store, 1)
+    f.close()
+    lines = path.read_bytes().splitlines()
+    assert all(json.loads(line) for line in lines)  # no half-written line anywhere
+    records = list(read_jsonl(path))
+    assert [r.seq for r in records] == list(range(1, 8))
+    assert records == store.audit_records() and verify_chain(records).ok
+
+
 def test_audit_file_resumes_after_restart_without_duplicates_or_gaps(store, tmp_path):
     path = tmp_path / "audit.jsonl"
     fill(store, 3)
-    f = AuditFile(path)
-    assert f.catch_up(store.audit_records) == 3
+    f = AuditFile(path, store.audit_records)
+    assert f.catch_up() == 3
     f.close()
     # Committed while no file writer ran (the issuer died between commit and file write).
     fill(store, 2)
     # And a torn last line from a crash mid-write.
     with open(path, "ab") as fh:
         fh.write(b'{"seq": 4, "trunc')
-    f = AuditFile(path)
+    f = AuditFile(path, store.audit_records)
     assert f.written_seq == 3
-    assert f.catch_up(store.audit_records) == 2
+    assert f.catch_up() == 2
     f.close()
-    f = AuditFile(path)
-    assert f.catch_up(store.audit_records) == 0
+    f = AuditFile(path, store.audit_records)
+    assert f.catch_up() == 0
     f.close()
     records = list(read_jsonl(path))
     assert [r.seq for r in records] == [1, 2, 3, 4, 5] and verify_chain(records).ok
@@ -300,13 +338,13 @@ def test_audit_file_survives_issuer_kill9_without_duplicates(running):
 def test_audit_file_resume_reads_only_the_tail_of_a_large_file(store, tmp_path):
     path = tmp_path / "audit.jsonl"
     store.append_audit([AuditEvent("entry.create", OP, "done", reason="x" * 500, subject=f"e{i}") for i in range(400)])
-    f = AuditFile(path)
-    f.catch_up(store.audit_records)
+    f = AuditFile(path, store.audit_records)
+    f.catch_up()
     f.close()
     assert path.stat().st_size > 3 * 65536
     with open(path, "ab") as fh:
         fh.write(b'{"seq": 401, "torn')
-    f = AuditFile(path)
+    f = AuditFile(path, store.audit_records)
     assert f.written_seq == 400
     f.close()
     assert [r.seq for r in read_jsonl(path)] == list(range(1, 401))
