@@ -10,12 +10,14 @@ loses nothing, duplicates nothing and leaves no partial line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import re
 import sqlite3
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -121,6 +123,18 @@ def read_sqlite(path: str | Path, since_ts: float = 0.0) -> Iterator[AuditRecord
         db.close()
 
 
+def records_after_sqlite(path: str | Path, since_seq: int, limit: int) -> list[AuditRecord]:
+    """At most `limit` audit records after `since_seq`, over a read-only connection of their own: the audit
+    file's catch-up reads pages of thousands, which must not hold the store's connection meanwhile."""
+    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    try:
+        return [audit_record_from_row(row) for row in db.execute(
+            "SELECT seq, ts, action, actor, decision, reason, subject, details, prev_hash, hash"
+            " FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (since_seq, limit))]
+    finally:
+        db.close()
+
+
 def newest_seq_sqlite(path: str | Path) -> int:
     db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
     try:
@@ -166,7 +180,8 @@ def denial_reason(record: AuditRecord) -> str:
 
 
 _STOP = object()
-RETRY_SECONDS = 1.0  # after a failed write, how soon the file tries again if no new record comes
+RETRY_SECONDS = 1.0  # after a failed write, how soon the file tries again from the database
+REMIND_SECONDS = 300.0  # while the file lags, its error is logged again this often (and whenever it changes)
 CATCH_UP_PAGE = 5000  # records read from the database per step of a catch-up
 
 Reader = Callable[[int, int], list[AuditRecord]]  # (after seq, at most) -> committed records in seq order
@@ -179,29 +194,35 @@ class AuditFile:
     start it catches up with what the database committed while no writer ran;
     after that the datastore hands over every record once, in seq order
     (SQLiteDatastore.notify), so the file only appends what it has not written yet.
-    A write that fails (a full disk) is undone, cutting any partial line, and the
-    file catches up from the database on the next record or within RETRY_SECONDS:
-    it never holds a torn line or a gap, only a delay.
+
+    A write that fails (a full disk) is cut back at once to the last complete line,
+    and from then on the file catches up from the database every RETRY_SECONDS
+    until it succeeds; what is handed over meanwhile is in the database already. The
+    file lags, but holds no partial line, no gap and no duplicate; `behind` says it
+    lags, and the error is logged when it starts, when it changes and every
+    REMIND_SECONDS. A failure never reaches the committing threads.
     """
 
     def __init__(self, path: str | Path, records: Reader):
         self.path = Path(path)
         self._records = records
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one writer at a time: the thread, catch_up() or close()
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
         self.written_seq = self._repair_and_last_seq()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.fchmod(self._fd, 0o600)
-        self._good_size = os.fstat(self._fd).st_size  # the file up to its last complete, fsynced write
-        self.behind = False  # a write failed: the file lags the database until it catches up
+        self._good_size = os.fstat(self._fd).st_size  # where the last complete, fsynced write ended
+        self.behind = False  # a write failed: the file lags the database until a catch-up succeeds
+        self._retry_at = 0.0
+        self._error = ""  # the failure last logged, and when
+        self._logged_at = 0.0
+        self._abandon = False  # close() gave up waiting: a catch-up stops at its next page
         self._thread: threading.Thread | None = None
 
     def _repair_and_last_seq(self) -> int:
         """The last seq in the file, after cutting a torn final line left by a crash."""
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600)
-            os.close(fd)
             return 0
         with open(self.path, "r+b") as f:
             size = f.seek(0, os.SEEK_END)
@@ -222,19 +243,13 @@ class AuditFile:
         return json.loads(lines[-1])["seq"] if lines else 0
 
     def catch_up(self) -> int:
-        """Write what the database committed but the file lacks; returns how many records that was."""
-        with self._lock:
-            return self._catch_up()
+        """Write what the database committed but the file lacks; returns how many records that was.
 
-    def _catch_up(self) -> int:
-        os.ftruncate(self._fd, self._good_size)  # cut what a failed write left
-        n = 0
-        while True:
-            page = self._records(self.written_seq, CATCH_UP_PAGE)
-            self._write(page)
-            n += len(page)
-            if len(page) < CATCH_UP_PAGE:
-                return n
+        Called at start. A failure there is logged and left to the thread's retries, as while
+        running: the issuer serves on, and the database holds every record.
+        """
+        with self._lock:
+            return self._attempt(self._catch_up) or 0
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="audit-file", daemon=True)
@@ -248,39 +263,83 @@ class AuditFile:
     def _run(self) -> None:
         while True:
             try:
-                batch = [self._queue.get(timeout=RETRY_SECONDS if self.behind else None)]
+                wait = max(0.0, self._retry_at - time.monotonic()) if self.behind else None
+                batch = [self._queue.get(timeout=wait)]
             except queue.Empty:
-                batch = []  # behind, and nothing new came: try again anyway
+                batch = []
             while not self._queue.empty():  # one fsync for everything already waiting
                 batch.append(self._queue.get())
             stop = _STOP in batch
             with self._lock:
-                try:
-                    if self.behind:
-                        # The failed records and everything since come from the database.
-                        caught_up = self._catch_up()
-                        log.warning("audit file caught up after a failed write", path=str(self.path),
-                                    records=caught_up)
-                    else:
-                        self._write([r for records in batch if records is not _STOP
-                                     for r in records if r.seq > self.written_seq])
-                    self.behind = False
-                except Exception as e:  # noqa: BLE001 - this thread must outlive a full disk or a busy database
-                    if not self.behind:
-                        log.error("cannot append to the audit file; retrying from the database",
-                                  path=str(self.path), error=str(e))
-                    self.behind = True
+                if not self.behind:
+                    self._attempt(lambda: self._write([r for records in batch if records is not _STOP
+                                                       for r in records if r.seq > self.written_seq]))
+                elif stop or time.monotonic() >= self._retry_at:
+                    # The failed records and everything since come from the database.
+                    self._attempt(self._catch_up)
+                if stop and self.behind:
+                    log.error("audit file stops behind the database; the next start catches up",
+                              path=str(self.path), written_seq=self.written_seq)
             if stop:
                 return
+
+    def _attempt(self, write: Callable[[], int | None]) -> int | None:
+        """Under self._lock: run one write or catch-up; on failure the file is behind until a catch-up succeeds."""
+        try:
+            result = write()
+        except Exception as e:  # noqa: BLE001 - a full disk or a busy database must not stop the file for good
+            now = time.monotonic()
+            text = str(e) or repr(e)
+            if not self.behind or text != self._error or now - self._logged_at >= REMIND_SECONDS:
+                log.error("cannot append to the audit file; retrying from the database", path=str(self.path),
+                          error=text, written_seq=self.written_seq)
+                self._error, self._logged_at = text, now
+            self.behind = True
+            self._retry_at = now + RETRY_SECONDS
+            return None
+        if self.behind:
+            log.warning("audit file caught up after a failed write", path=str(self.path), written_seq=self.written_seq)
+            self.behind, self._error = False, ""
+        return result
+
+    def _catch_up(self) -> int:
+        self._cut()
+        n = 0
+        while not self._abandon:
+            page = self._records(self.written_seq, CATCH_UP_PAGE)
+            self._write(page)
+            n += len(page)
+            if len(page) < CATCH_UP_PAGE:
+                return n
+        raise RuntimeError("the audit file closed during a catch-up")
+
+    def _cut(self) -> None:
+        """Drop what a failed write left after the last complete line.
+
+        A file shrunk from outside meanwhile (rotated by copy and truncate) is taken as it is:
+        truncating never extends it.
+        """
+        size = os.fstat(self._fd).st_size
+        if size > self._good_size:
+            os.ftruncate(self._fd, self._good_size)
+        else:
+            self._good_size = size
 
     def _write(self, records: list[AuditRecord]) -> None:
         if not records:
             return
         data = memoryview(b"".join(record_line(r).encode() + b"\n" for r in records))
-        written = 0
-        while written < len(data):
-            written += os.write(self._fd, data[written:])
-        os.fsync(self._fd)
+        # The file is whole here (a catch-up cut it first); it may have been rotated since the last write.
+        self._good_size = os.fstat(self._fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+            os.fsync(self._fd)
+        except BaseException:
+            with contextlib.suppress(OSError):  # else the next catch-up cuts it
+                os.ftruncate(self._fd, self._good_size)  # no partial line while the disk stays full
+            raise
         self._good_size += len(data)
         self.written_seq = records[-1].seq
 
@@ -288,4 +347,10 @@ class AuditFile:
         if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join(timeout=10)
-        os.close(self._fd)
+            if self._thread.is_alive():
+                self._abandon = True
+                log.error("audit file writer still busy at close; the next start catches up", path=str(self.path))
+        with self._lock:  # never under a write of the thread's
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1

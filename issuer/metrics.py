@@ -43,6 +43,8 @@ CRL_ENTRIES = Gauge("tessera_issuer_crl_entries", "Revoked serials listed in the
 CONNECTED_SIDECARS = Gauge("tessera_issuer_connected_sidecars", "Sidecars with an open sync stream",
                            registry=REGISTRY)
 AUDIT_RECORDS = Counter("tessera_issuer_audit_records", "Audit records committed", registry=REGISTRY)
+AUDIT_FILE_BEHIND = Gauge("tessera_issuer_audit_file_behind",
+                          "1 while the JSON-lines audit file lags the database after a failed write", registry=REGISTRY)
 
 
 # -- fed from the audit trail ----------------------------------------------------------------
@@ -99,6 +101,10 @@ def set_crl(number: int, size_bytes: int, entries: int) -> None:
 
 def watch_connected_sidecars(count: Callable[[], int]) -> None:
     CONNECTED_SIDECARS.set_function(count)
+
+
+def watch_audit_file(behind: Callable[[], bool]) -> None:
+    AUDIT_FILE_BEHIND.set_function(lambda: float(behind()))
 
 
 def serve(address: str):

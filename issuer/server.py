@@ -18,7 +18,7 @@ from issuer import policy as policy_mod
 from issuer.admin_api import AdminService
 from issuer.approvals import Approvals
 from issuer.attestation import SidecarAttestor
-from issuer.audit import AuditFile
+from issuer.audit import AuditFile, records_after_sqlite
 from issuer.ca import CertificateAuthority
 from issuer.config import IssuerConfig
 from issuer.events import EventHub
@@ -81,9 +81,10 @@ class IssuerServer:
         self.cfg = cfg
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(cfg.data_dir, 0o700)
-        self.store = SQLiteDatastore(cfg.data_dir / "tessera.db")
+        db_path = cfg.data_dir / "tessera.db"
+        self.store = SQLiteDatastore(db_path)
         # The JSON-lines copy of the trail first catches up with what the database already holds.
-        self.audit_file = AuditFile(cfg.audit_file, self.store.audit_records)
+        self.audit_file = AuditFile(cfg.audit_file, lambda seq, n: records_after_sqlite(db_path, seq, n))
         self.audit_file.catch_up()
         self.audit_file.start()
         self.store.audit_listeners.append(self.audit_file)
@@ -118,6 +119,7 @@ class IssuerServer:
         self.admin.evidence = self.evidence
         self.evidence.approval_covers = lambda e: policy_mod.approval_covers(cfg.policy, entry_view(e), time.time())
         metrics.watch_connected_sidecars(lambda: len(self.hub.connected()))
+        metrics.watch_audit_file(lambda: self.audit_file.behind)
         self.health = health_aio.HealthServicer()
         self.metrics_server = None
         self._grpc: grpc.aio.Server | None = None

@@ -128,41 +128,106 @@ def test_listeners_hear_records_handed_over_out_of_order_once_and_in_order(store
     assert [r.seq for r in heard] == [1, 2, 3] and heard == store.audit_records()
 
 
-def failing_writes(monkeypatch, fd: int, times: int) -> dict:
-    """The next `times` writes to `fd` put half their bytes on disk, then fail as a full disk does."""
-    real_write, left = os.write, {"n": times}
+class FullDisk:
+    """Fault injection at the OS boundary: while `writes` (or `fsyncs`) > 0, a write to the audit file's fd
+    puts half its bytes on disk and fails as a full disk does (an fsync fails outright); each failure
+    counts one down."""
 
-    def write(target, data):
-        if target == fd and left["n"] > 0:
-            left["n"] -= 1
-            real_write(target, bytes(data[:len(data) // 2]))
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(target, data)
+    def __init__(self, monkeypatch, f: AuditFile, writes: int = 0, fsyncs: int = 0):
+        self.writes, self.fsyncs = writes, fsyncs
+        real_write, real_fsync = os.write, os.fsync
 
-    monkeypatch.setattr(os, "write", write)
-    return left
+        def write(fd, data):
+            if fd == f._fd and self.writes > 0:
+                self.writes -= 1
+                real_write(fd, bytes(data[:len(data) // 2]))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_write(fd, data)
+
+        def fsync(fd):
+            if fd == f._fd and self.fsyncs > 0:
+                self.fsyncs -= 1
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return real_fsync(fd)
+
+        monkeypatch.setattr(os, "write", write)
+        monkeypatch.setattr(os, "fsync", fsync)
 
 
-def test_audit_file_recovers_from_failed_writes_without_a_torn_line_or_a_gap(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(audit, "RETRY_SECONDS", 0.05)
+def audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, records_before: int = 0, retry: float = 0.05,
+                                 **faults) -> tuple:
+    """(path, a running audit file holding `records_before` records, its FullDisk); retries every `retry` s."""
+    monkeypatch.setattr(audit, "RETRY_SECONDS", retry)
     path = tmp_path / "audit.jsonl"
-    fill(store, 2)
+    fill(store, records_before)
     f = AuditFile(path, store.audit_records)
     f.catch_up()
     f.start()
     store.audit_listeners.append(f)
-    left = failing_writes(monkeypatch, f._fd, 3)
-    fill(store, 4)  # records 3-6: the first writes fail halfway, the database commits regardless
-    # Nothing more is committed: the retry alone must bring the file level with the database.
+    return path, f, FullDisk(monkeypatch, f, **faults)
+
+
+def whole_lines(path) -> list[int]:
+    """The seqs in the file, asserting that every line is complete JSON (no partial line, no NUL bytes)."""
+    raw = path.read_bytes()
+    assert raw == b"" or raw.endswith(b"\n")
+    return [json.loads(line)["seq"] for line in raw.splitlines()]
+
+
+def test_a_failed_audit_write_leaves_no_partial_line_while_the_disk_stays_full(store, tmp_path, monkeypatch):
+    # No retry while the file is looked at.
+    path, f, disk = audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, 2, retry=3600.0, writes=10**6)
+    fill(store, 3)  # the database commits regardless; the file's writes fail halfway
+    wait_for(lambda: f.behind, what="the audit file to fall behind")
+    assert whole_lines(path) == [1, 2] and f.written_seq == 2
+    disk.writes = 0
+    assert f.catch_up() == 3 and not f.behind
+    f.close()
+    assert whole_lines(path) == [1, 2, 3, 4, 5]
+
+
+def test_audit_file_catches_up_by_its_retry_timer_alone(store, tmp_path, monkeypatch):
+    path, f, disk = audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, 2, writes=3)
+    # One commit, so one hand-over: after its write fails, only the timer retries (twice more in vain).
+    store.append_audit([AuditEvent("entry.create", OP, "done", subject=f"e{i}") for i in range(4)])
     wait_for(lambda: f.written_seq == 6 and not f.behind, what="the audit file to catch up")
-    assert left["n"] == 0  # every injected failure was hit
+    assert disk.writes == 0
     fill(store, 1)
     f.close()
-    lines = path.read_bytes().splitlines()
-    assert all(json.loads(line) for line in lines)  # no half-written line anywhere
+    assert whole_lines(path) == list(range(1, 8))
     records = list(read_jsonl(path))
-    assert [r.seq for r in records] == list(range(1, 8))
     assert records == store.audit_records() and verify_chain(records).ok
+
+
+def test_a_failed_fsync_is_written_again_without_duplicates(store, tmp_path, monkeypatch):
+    path, f, disk = audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, fsyncs=2)
+    fill(store, 3)
+    wait_for(lambda: f.written_seq == 3 and not f.behind and disk.fsyncs == 0, what="the audit file to catch up")
+    f.close()
+    assert whole_lines(path) == [1, 2, 3]
+
+
+def test_an_audit_file_closed_while_behind_is_whole_and_the_next_start_catches_up(store, tmp_path, monkeypatch):
+    path, f, disk = audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, 1, writes=10**6)
+    fill(store, 2)
+    wait_for(lambda: f.behind, what="the audit file to fall behind")
+    f.close()
+    assert whole_lines(path) == [1]
+    disk.writes = 0
+    g = AuditFile(path, store.audit_records)
+    assert g.catch_up() == 2
+    g.close()
+    assert whole_lines(path) == [1, 2, 3]
+
+
+def test_a_failed_write_after_the_file_was_rotated_does_not_pad_it(store, tmp_path, monkeypatch):
+    path, f, disk = audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, 2, writes=1)
+    os.truncate(path, 0)  # logrotate's copytruncate: the file continues from here
+    fill(store, 2)
+    wait_for(lambda: f.written_seq == 4 and not f.behind and disk.writes == 0, what="the audit file to catch up")
+    f.close()
+    assert b"\0" not in path.read_bytes()
+    assert whole_lines(path) == [3, 4]
 
 
 def test_audit_file_resumes_after_restart_without_duplicates_or_gaps(store, tmp_path):

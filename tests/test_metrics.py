@@ -57,6 +57,7 @@ def test_metrics_show_issuances_and_propagation_delay(deployment):
     assert metric(s, "tessera_issuer_connected_sidecars") == 1
     for family in ("tessera_issuer_pending_approvals", "tessera_issuer_crl_number", "tessera_issuer_crl_size_bytes"):
         assert (family, ()) in s, family
+    assert metric(s, "tessera_issuer_audit_file_behind") == 0
 
     sc = wait_for(lambda: (m := scrape(sidecar_port)) and metric(m, "tessera_sidecar_cached_svids") >= 1 and m,
                   what="sidecar cache metric")
