@@ -201,6 +201,10 @@ class AuditFile:
     file lags, but holds no partial line, no gap and no duplicate; `behind` says it
     lags, and the error is logged when it starts, when it changes and every
     REMIND_SECONDS. A failure never reaches the committing threads.
+
+    The file may be rotated from outside, by renaming it or by copying and truncating
+    it: a running writer goes on in a new file at the path, and a restart goes on from
+    the last seq written (kept in `.NAME.seq` beside it), not from the first record.
     """
 
     def __init__(self, path: str | Path, records: Reader):
@@ -208,9 +212,12 @@ class AuditFile:
         self._records = records
         self._lock = threading.Lock()  # one writer at a time: the thread, catch_up() or close()
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
-        self.written_seq = self._repair_and_last_seq()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        os.fchmod(self._fd, 0o600)
+        # The last seq written, kept beside the file: after the file was rotated away (renamed, or
+        # copied and truncated), a restart goes on from there instead of writing the whole trail again.
+        self._seq_path = self.path.with_name(f".{self.path.name}.seq")
+        self.written_seq = max(self._repair_and_last_seq(), self._saved_seq())
+        self._seq_fd = _open_0600(self._seq_path, os.O_RDWR)
+        self._fd = _open_0600(self.path, os.O_WRONLY | os.O_APPEND)
         self._good_size = os.fstat(self._fd).st_size  # where the last complete, fsynced write ended
         self.behind = False  # a write failed: the file lags the database until a catch-up succeeds
         self._retry_at = 0.0
@@ -218,6 +225,15 @@ class AuditFile:
         self._logged_at = 0.0
         self._abandon = False  # close() gave up waiting: a catch-up stops at its next page
         self._thread: threading.Thread | None = None
+
+    def _saved_seq(self) -> int:
+        try:
+            return int(self._seq_path.read_bytes() or b"0")
+        except FileNotFoundError:
+            return 0
+        except ValueError:
+            log.warning("unreadable audit file position; going by the file alone", path=str(self._seq_path))
+            return 0
 
     def _repair_and_last_seq(self) -> int:
         """The last seq in the file, after cutting a torn final line left by a crash."""
@@ -329,7 +345,8 @@ class AuditFile:
         if not records:
             return
         data = memoryview(b"".join(record_line(r).encode() + b"\n" for r in records))
-        # The file is whole here (a catch-up cut it first); it may have been rotated since the last write.
+        self._follow_rotation()
+        # The file is whole here (a catch-up cut it first); it may have been truncated since the last write.
         self._good_size = os.fstat(self._fd).st_size
         try:
             written = 0
@@ -342,6 +359,22 @@ class AuditFile:
             raise
         self._good_size += len(data)
         self.written_seq = records[-1].seq
+        # Not fsynced: after a crash the file's own last line is the newer word, and a rotation comes
+        # long after the kernel has written this out.
+        os.pwrite(self._seq_fd, b"%020d" % self.written_seq, 0)
+
+    def _follow_rotation(self) -> None:
+        """The file was renamed or deleted from outside (rotated): go on in a new file at the path."""
+        try:
+            st, mine = os.stat(self.path), os.fstat(self._fd)
+            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+                return
+        except FileNotFoundError:
+            pass
+        fd = _open_0600(self.path, os.O_WRONLY | os.O_APPEND)
+        os.close(self._fd)
+        self._fd = fd
+        log.info("audit file rotated; continuing in a new file", path=str(self.path), after_seq=self.written_seq)
 
     def close(self) -> None:
         if self._thread is not None:
@@ -353,4 +386,11 @@ class AuditFile:
         with self._lock:  # never under a write of the thread's
             if self._fd >= 0:
                 os.close(self._fd)
-                self._fd = -1
+                os.close(self._seq_fd)
+                self._fd = self._seq_fd = -1
+
+
+def _open_0600(path: Path, flags: int) -> int:
+    fd = os.open(path, flags | os.O_CREAT, 0o600)
+    os.fchmod(fd, 0o600)  # also when it existed with a wider mode
+    return fd

@@ -230,6 +230,42 @@ def test_a_failed_write_after_the_file_was_rotated_does_not_pad_it(store, tmp_pa
     assert whole_lines(path) == [3, 4]
 
 
+def test_a_restart_after_the_audit_file_was_rotated_goes_on_without_writing_the_trail_again(store, tmp_path):
+    path = tmp_path / "audit.jsonl"
+    fill(store, 3)
+    f = AuditFile(path, store.audit_records)
+    f.catch_up()
+    f.close()
+    os.truncate(path, 0)  # rotated by copy and truncate while the issuer was stopped
+    fill(store, 2)
+    f = AuditFile(path, store.audit_records)
+    assert f.catch_up() == 2
+    f.close()
+    assert whole_lines(path) == [4, 5]
+    os.rename(path, tmp_path / "audit.jsonl.1")  # rotated by renaming
+    fill(store, 1)
+    f = AuditFile(path, store.audit_records)
+    assert f.catch_up() == 1
+    f.close()
+    assert whole_lines(path) == [6] and whole_lines(tmp_path / "audit.jsonl.1") == [4, 5]
+    assert os.stat(tmp_path / ".audit.jsonl.seq").st_mode & 0o777 == 0o600
+
+
+def test_a_running_audit_file_follows_a_rename_rotation(store, tmp_path):
+    path = tmp_path / "audit.jsonl"
+    f = AuditFile(path, store.audit_records)
+    f.start()
+    store.audit_listeners.append(f)
+    fill(store, 2)
+    wait_for(lambda: f.written_seq == 2, what="the first records in the file")
+    os.rename(path, tmp_path / "audit.jsonl.1")
+    fill(store, 2)
+    wait_for(lambda: f.written_seq == 4, what="the records after the rotation")
+    f.close()
+    assert whole_lines(tmp_path / "audit.jsonl.1") == [1, 2] and whole_lines(path) == [3, 4]
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
 def test_audit_file_resumes_after_restart_without_duplicates_or_gaps(store, tmp_path):
     path = tmp_path / "audit.jsonl"
     fill(store, 3)
