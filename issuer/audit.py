@@ -15,7 +15,6 @@ import json
 import os
 import queue
 import re
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Callable, Iterable, Iterator
 
 from issuer.datastore import GENESIS_HASH, audit_hash, audit_record_from_row
 from issuer.models import AuditRecord
+from issuer.sqlite_store import AUDIT_COLUMNS, audit_records_after, connect_ro
 from tessera import logs
 
 log = logs.get("issuer.audit")
@@ -40,17 +40,24 @@ class ChainCheck:
     last_hash: str
     bad_seq: int = 0  # the first record that breaks the chain (0 when ok)
     problem: str = ""
+    first_seq: int = 0  # where the checked records start (1 from genesis)
 
 
-def verify_chain(records: Iterable[AuditRecord]) -> ChainCheck:
+def verify_chain(records: Iterable[AuditRecord], from_genesis: bool = True) -> ChainCheck:
     """Recompute the chain from the genesis hash; stop at the first record that breaks it.
 
     A record breaks the chain when its content no longer matches its hash (edited), when it
     does not point at its predecessor's hash (reordered or a predecessor was replaced), or
-    when its seq is not one more than its predecessor's (deleted or inserted).
+    when its seq is not one more than its predecessor's (deleted or inserted). With
+    `from_genesis` False (an audit file whose start was rotated away), the first record's
+    seq and predecessor hash are taken as they are, and the chain is checked from there.
     """
-    prev_seq, prev_hash, n = 0, GENESIS_HASH, 0
+    prev_seq, prev_hash, n, first = 0, GENESIS_HASH, 0, 0
     for r in records:
+        if not n:
+            first = r.seq
+            if not from_genesis:
+                prev_seq, prev_hash = r.seq - 1, r.prev_hash
         n += 1
         if r.seq != prev_seq + 1:
             return ChainCheck(False, n, prev_seq, prev_hash, r.seq,
@@ -63,7 +70,7 @@ def verify_chain(records: Iterable[AuditRecord]) -> ChainCheck:
             return ChainCheck(False, n, prev_seq, prev_hash, r.seq,
                               f"record {r.seq} ({r.action}) was altered: its content does not match its hash")
         prev_seq, prev_hash = r.seq, r.hash
-    return ChainCheck(True, n, prev_seq, prev_hash)
+    return ChainCheck(True, n, prev_seq, prev_hash, first_seq=first)
 
 
 # -- record shapes ---------------------------------------------------------------------------
@@ -114,33 +121,21 @@ def read_sqlite(path: str | Path, since_ts: float = 0.0) -> Iterator[AuditRecord
     Used by `tessera audit verify --db`, and by the issuer's own verification and report so a long
     scan never holds the store's write lock (WAL lets readers run beside the writer).
     """
-    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
-    try:
-        for row in db.execute("SELECT seq, ts, action, actor, decision, reason, subject, details, prev_hash, hash"
-                              " FROM audit WHERE ts >= ? ORDER BY seq", (since_ts,)):
+    with connect_ro(path) as db:
+        for row in db.execute(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE ts >= ? ORDER BY seq", (since_ts,)):
             yield audit_record_from_row(row)
-    finally:
-        db.close()
 
 
 def records_after_sqlite(path: str | Path, since_seq: int, limit: int) -> list[AuditRecord]:
     """At most `limit` audit records after `since_seq`, over a read-only connection of their own: the audit
     file's catch-up reads pages of thousands, which must not hold the store's connection meanwhile."""
-    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
-    try:
-        return [audit_record_from_row(row) for row in db.execute(
-            "SELECT seq, ts, action, actor, decision, reason, subject, details, prev_hash, hash"
-            " FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (since_seq, limit))]
-    finally:
-        db.close()
+    with connect_ro(path) as db:
+        return audit_records_after(db, since_seq, limit)
 
 
 def newest_seq_sqlite(path: str | Path) -> int:
-    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
-    try:
+    with connect_ro(path) as db:
         return db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
-    finally:
-        db.close()
 
 
 def read_jsonl(path: str | Path) -> Iterator[AuditRecord]:
@@ -215,10 +210,18 @@ class AuditFile:
         # The last seq written, kept beside the file: after the file was rotated away (renamed, or
         # copied and truncated), a restart goes on from there instead of writing the whole trail again.
         self._seq_path = self.path.with_name(f".{self.path.name}.seq")
-        self.written_seq = max(self._repair_and_last_seq(), self._saved_seq())
-        self._seq_fd = _open_0600(self._seq_path, os.O_RDWR)
-        self._fd = _open_0600(self.path, os.O_WRONLY | os.O_APPEND)
+        # A file with records goes by its own last line (so an older one put back gets its gap filled);
+        # an empty or missing one was rotated away, or is new: go on from the saved position.
+        self.written_seq = self._repair_and_last_seq() or self._saved_seq()
+        self._seq_fd = self._open_position()
+        try:
+            self._fd = _open_0600(self.path, os.O_WRONLY | os.O_APPEND)
+        except BaseException:
+            if self._seq_fd >= 0:
+                os.close(self._seq_fd)
+            raise
         self._good_size = os.fstat(self._fd).st_size  # where the last complete, fsynced write ended
+        self._save_position(sync=True)  # a new position file holds it before anything can rotate the file
         self.behind = False  # a write failed: the file lags the database until a catch-up succeeds
         self._retry_at = 0.0
         self._error = ""  # the failure last logged, and when
@@ -231,9 +234,30 @@ class AuditFile:
             return int(self._seq_path.read_bytes() or b"0")
         except FileNotFoundError:
             return 0
-        except ValueError:
-            log.warning("unreadable audit file position; going by the file alone", path=str(self._seq_path))
+        except (OSError, ValueError) as e:
+            log.warning("unreadable audit file position; going by the file alone", path=str(self._seq_path),
+                        error=str(e))
             return 0
+
+    def _open_position(self) -> int:
+        try:
+            return _open_0600(self._seq_path, os.O_RDWR)
+        except OSError as e:
+            log.warning("cannot keep the audit file's position: a restart after a rotation will write the "
+                        "whole trail into the new file", path=str(self._seq_path), error=str(e))
+            return -1
+
+    def _save_position(self, sync: bool = False) -> None:
+        # Not fsynced after each write: after a crash the file's own last line is the newer word, and a
+        # rotation comes long after the kernel has written this out.
+        if self._seq_fd < 0:
+            return
+        try:
+            os.pwrite(self._seq_fd, b"%020d" % self.written_seq, 0)
+            if sync:
+                os.fsync(self._seq_fd)
+        except OSError as e:
+            log.warning("cannot save the audit file's position", path=str(self._seq_path), error=str(e))
 
     def _repair_and_last_seq(self) -> int:
         """The last seq in the file, after cutting a torn final line left by a crash."""
@@ -330,24 +354,20 @@ class AuditFile:
         raise RuntimeError("the audit file closed during a catch-up")
 
     def _cut(self) -> None:
-        """Drop what a failed write left after the last complete line.
-
-        A file shrunk from outside meanwhile (rotated by copy and truncate) is taken as it is:
-        truncating never extends it.
-        """
-        size = os.fstat(self._fd).st_size
-        if size > self._good_size:
+        """Drop what a failed write left after the last complete line. Never extends the file: one
+        truncated from outside meanwhile (rotated by copy and truncate) is not padded with NULs."""
+        if os.fstat(self._fd).st_size > self._good_size:
             os.ftruncate(self._fd, self._good_size)
-        else:
-            self._good_size = size
 
     def _write(self, records: list[AuditRecord]) -> None:
         if not records:
             return
+        # The file is whole here (a catch-up cut it first), but may have been rotated since the last write.
+        self._good_size = self._follow_rotation()
+        if records[0].seq != self.written_seq + 1:  # never a gap: what is missing comes from the database
+            raise RuntimeError(f"the audit file ends at record {self.written_seq} and the next to write is "
+                               f"{records[0].seq}")
         data = memoryview(b"".join(record_line(r).encode() + b"\n" for r in records))
-        self._follow_rotation()
-        # The file is whole here (a catch-up cut it first); it may have been truncated since the last write.
-        self._good_size = os.fstat(self._fd).st_size
         try:
             written = 0
             while written < len(data):
@@ -355,26 +375,31 @@ class AuditFile:
             os.fsync(self._fd)
         except BaseException:
             with contextlib.suppress(OSError):  # else the next catch-up cuts it
-                os.ftruncate(self._fd, self._good_size)  # no partial line while the disk stays full
+                self._cut()  # no partial line while the disk stays full
             raise
         self._good_size += len(data)
         self.written_seq = records[-1].seq
-        # Not fsynced: after a crash the file's own last line is the newer word, and a rotation comes
-        # long after the kernel has written this out.
-        os.pwrite(self._seq_fd, b"%020d" % self.written_seq, 0)
+        self._save_position()
 
-    def _follow_rotation(self) -> None:
-        """The file was renamed or deleted from outside (rotated): go on in a new file at the path."""
+    def _follow_rotation(self) -> int:
+        """The file's size; if it was renamed or deleted from outside (rotated), in a new file at the path."""
+        mine = os.fstat(self._fd)
         try:
-            st, mine = os.stat(self.path), os.fstat(self._fd)
+            st = os.stat(self.path)
             if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
-                return
+                return mine.st_size
         except FileNotFoundError:
             pass
         fd = _open_0600(self.path, os.O_WRONLY | os.O_APPEND)
         os.close(self._fd)
         self._fd = fd
-        log.info("audit file rotated; continuing in a new file", path=str(self.path), after_seq=self.written_seq)
+        size = os.fstat(fd).st_size
+        if size:  # a file with records was put in its place (one restored, say): it goes by its last line
+            self.written_seq = self._repair_and_last_seq()
+            size = os.fstat(fd).st_size
+        log.info("audit file rotated; continuing in the file now at its path", path=str(self.path),
+                 after_seq=self.written_seq)
+        return size
 
     def close(self) -> None:
         if self._thread is not None:
@@ -385,12 +410,18 @@ class AuditFile:
                 log.error("audit file writer still busy at close; the next start catches up", path=str(self.path))
         with self._lock:  # never under a write of the thread's
             if self._fd >= 0:
+                self._save_position(sync=True)
                 os.close(self._fd)
-                os.close(self._seq_fd)
+                if self._seq_fd >= 0:
+                    os.close(self._seq_fd)
                 self._fd = self._seq_fd = -1
 
 
 def _open_0600(path: Path, flags: int) -> int:
     fd = os.open(path, flags | os.O_CREAT, 0o600)
-    os.fchmod(fd, 0o600)  # also when it existed with a wider mode
+    try:
+        os.fchmod(fd, 0o600)  # also when it existed with a wider mode (say, made by a rotation tool)
+    except BaseException:
+        os.close(fd)
+        raise
     return fd

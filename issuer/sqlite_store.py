@@ -145,15 +145,33 @@ def _issued(row: sqlite3.Row) -> IssuedSerial:
     return IssuedSerial(**{k: row[k] for k in row.keys()})
 
 
-def read_last_issued(path: str | Path) -> dict[str, int]:
-    """Entry id -> when a certificate was last issued for it, over a read-only connection: beside the
-    writer (WAL), not under the store's lock, and aggregated by SQLite rather than row by row here."""
+@contextlib.contextmanager
+def connect_ro(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to an issuer database: it reads beside the writer (WAL), never under the
+    store's lock, so a long scan holds up no commit."""
     db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
     try:
-        return dict(db.execute("SELECT entry_id, MAX(issued_at) FROM issued WHERE entry_id IS NOT NULL"
-                               " GROUP BY entry_id"))
+        yield db
     finally:
         db.close()
+
+
+AUDIT_COLUMNS = "seq, ts, action, actor, decision, reason, subject, details, prev_hash, hash"
+
+
+def audit_records_after(db: sqlite3.Connection, since_seq: int, limit: int | None = None) -> list[AuditRecord]:
+    q, args = f"SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq", (since_seq,)
+    if limit is not None:
+        q, args = q + " LIMIT ?", args + (limit,)
+    return [audit_record_from_row(r) for r in db.execute(q, args)]
+
+
+def read_last_issued(path: str | Path) -> dict[str, int]:
+    """Entry id -> when a certificate was last issued for it, over a read-only connection, aggregated by
+    SQLite rather than row by row here."""
+    with connect_ro(path) as db:
+        return dict(db.execute("SELECT entry_id, MAX(issued_at) FROM issued WHERE entry_id IS NOT NULL"
+                               " GROUP BY entry_id"))
 
 
 class _PendingSerials:
@@ -575,15 +593,8 @@ class SQLiteDatastore:
     # -- audit ------------------------------------------------------------------------
 
     def audit_records(self, since_seq: int = 0, limit: int | None = None) -> list[AuditRecord]:
-        q = ("SELECT seq, ts, action, actor, decision, reason, subject, details, prev_hash, hash"
-             " FROM audit WHERE seq > ? ORDER BY seq")
-        args: tuple = (since_seq,)
-        if limit is not None:
-            q += " LIMIT ?"
-            args += (limit,)
         with self._lock:
-            rows = self._db.execute(q, args).fetchall()
-        return [audit_record_from_row(r) for r in rows]
+            return audit_records_after(self._db, since_seq, limit)
 
     def close(self) -> None:
         with self._group_cond:

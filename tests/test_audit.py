@@ -1,5 +1,6 @@
 """The audit trail: hash chain verification, the JSON-lines file, and every decision audited end to end."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -135,6 +136,7 @@ class FullDisk:
 
     def __init__(self, monkeypatch, f: AuditFile, writes: int = 0, fsyncs: int = 0):
         self.writes, self.fsyncs = writes, fsyncs
+        self.during_fsync = lambda: None  # what else happens before a failing fsync returns
         real_write, real_fsync = os.write, os.fsync
 
         def write(fd, data):
@@ -147,6 +149,7 @@ class FullDisk:
         def fsync(fd):
             if fd == f._fd and self.fsyncs > 0:
                 self.fsyncs -= 1
+                self.during_fsync()
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
             return real_fsync(fd)
 
@@ -220,6 +223,20 @@ def test_an_audit_file_closed_while_behind_is_whole_and_the_next_start_catches_u
     assert whole_lines(path) == [1, 2, 3]
 
 
+def test_a_file_truncated_around_a_failed_write_is_not_padded(store, tmp_path, monkeypatch):
+    path, f, disk = audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, 2, retry=3600.0, writes=1)
+    fill(store, 1)
+    wait_for(lambda: f.behind, what="the write of record 3 to fail")
+    os.truncate(path, 0)  # rotated by copy and truncate after the failure
+    assert f.catch_up() == 1 and whole_lines(path) == [3]
+    disk.fsyncs, disk.during_fsync = 1, lambda: os.truncate(path, 0)  # and while a failing fsync runs
+    fill(store, 1)
+    wait_for(lambda: f.behind, what="the write of record 4 to fail")
+    assert f.catch_up() == 1 and not f.behind
+    f.close()
+    assert b"\0" not in path.read_bytes() and whole_lines(path) == [4]
+
+
 def test_a_failed_write_after_the_file_was_rotated_does_not_pad_it(store, tmp_path, monkeypatch):
     path, f, disk = audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, 2, writes=1)
     os.truncate(path, 0)  # logrotate's copytruncate: the file continues from here
@@ -248,7 +265,21 @@ def test_a_restart_after_the_audit_file_was_rotated_goes_on_without_writing_the_
     assert f.catch_up() == 1
     f.close()
     assert whole_lines(path) == [6] and whole_lines(tmp_path / "audit.jsonl.1") == [4, 5]
-    assert os.stat(tmp_path / ".audit.jsonl.seq").st_mode & 0o777 == 0o600
+    position = tmp_path / ".audit.jsonl.seq"
+    os.chmod(position, 0o644)
+    AuditFile(path, store.audit_records).close()
+    assert os.stat(position).st_mode & 0o777 == 0o600
+
+
+def test_a_rotated_file_verifies_from_its_first_record_and_an_edit_in_it_is_still_found(store):
+    fill(store, 5)
+    tail = store.audit_records()[2:]  # records 3-5: 1 and 2 were rotated away
+    check = verify_chain(tail, from_genesis=False)
+    assert check.ok and (check.first_seq, check.last_seq, check.records) == (3, 5, 3)
+    assert not verify_chain(tail).ok  # from genesis, records are missing
+    edited = [tail[0], dataclasses.replace(tail[1], reason="edited"), tail[2]]
+    check = verify_chain(edited, from_genesis=False)
+    assert not check.ok and check.bad_seq == 4
 
 
 def test_a_running_audit_file_follows_a_rename_rotation(store, tmp_path):
@@ -259,11 +290,41 @@ def test_a_running_audit_file_follows_a_rename_rotation(store, tmp_path):
     fill(store, 2)
     wait_for(lambda: f.written_seq == 2, what="the first records in the file")
     os.rename(path, tmp_path / "audit.jsonl.1")
+    path.touch(mode=0o644)  # as logrotate's `create 0644` leaves it
+    os.chmod(path, 0o644)
     fill(store, 2)
     wait_for(lambda: f.written_seq == 4, what="the records after the rotation")
     f.close()
     assert whole_lines(tmp_path / "audit.jsonl.1") == [1, 2] and whole_lines(path) == [3, 4]
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_an_older_audit_file_put_back_gets_its_gap_filled(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(audit, "RETRY_SECONDS", 0.05)
+    path = tmp_path / "audit.jsonl"
+    fill(store, 2)
+    f = AuditFile(path, store.audit_records)
+    f.catch_up()
+    f.close()
+    backup = path.read_bytes()
+    fill(store, 2)
+    f = AuditFile(path, store.audit_records)
+    f.catch_up()
+    f.start()
+    store.audit_listeners.append(f)
+    path.with_name("restored").write_bytes(backup)
+    os.rename(path.with_name("restored"), path)  # put back while running: records 3 and 4 are missing
+    fill(store, 1)
+    wait_for(lambda: f.written_seq == 5 and not f.behind, what="the restored file to catch up")
+    f.close()
+    assert whole_lines(path) == [1, 2, 3, 4, 5]
+    f = AuditFile(path, store.audit_records)
+    f.close()
+    path.write_bytes(backup)  # and put back while stopped
+    f = AuditFile(path, store.audit_records)
+    assert f.catch_up() == 3
+    f.close()
+    assert whole_lines(path) == [1, 2, 3, 4, 5]
 
 
 def test_audit_file_resumes_after_restart_without_duplicates_or_gaps(store, tmp_path):
@@ -328,6 +389,20 @@ def test_untouched_store_verifies_from_the_database_and_the_file(running):
     assert r.returncode == 0 and "intact" in r.stdout
     d.issuer.stop()
     assert d.cli("audit", "verify", "--db", str(d.issuer_dir / "tessera.db")).returncode == 0
+
+
+def test_a_rotated_audit_file_is_followed_by_the_issuer_and_verifies(running):
+    d = running
+    path = d.issuer_dir / "audit.jsonl"
+    d.entry("/agent/a", "host-a")
+    wait_for(lambda: path.exists() and len(path.read_text().splitlines()) >= len(export(d)), what="the audit file")
+    os.rename(path, d.issuer_dir / "audit.jsonl.1")
+    d.entry("/agent/b", "host-a")
+    n = len(export(d))
+    wait_for(lambda: path.exists() and whole_lines(path)[-1:] == [n], what="the new audit file")
+    r = d.cli("audit", "verify", "--file", str(path))
+    assert r.returncode == 0 and f"to {n}" in r.stdout and "rotated" in r.stdout
+    assert whole_lines(d.issuer_dir / "audit.jsonl.1") + whole_lines(path) == list(range(1, n + 1))
 
 
 def test_each_decision_type_appears_in_the_trail_with_actor_and_reason(running):
