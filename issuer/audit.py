@@ -49,26 +49,27 @@ def verify_chain(records: Iterable[AuditRecord], from_genesis: bool = True) -> C
     A record breaks the chain when its content no longer matches its hash (edited), when it
     does not point at its predecessor's hash (reordered or a predecessor was replaced), or
     when its seq is not one more than its predecessor's (deleted or inserted). With
-    `from_genesis` False (an audit file whose start was rotated away), the first record's
-    seq and predecessor hash are taken as they are, and the chain is checked from there.
+    `from_genesis` False (an audit file whose start was rotated away), a first record after
+    record 1 is taken with its seq and predecessor hash as they are, and the chain is
+    checked from there; record 1 always points at the genesis hash.
     """
     prev_seq, prev_hash, n, first = 0, GENESIS_HASH, 0, 0
     for r in records:
         if not n:
             first = r.seq
-            if not from_genesis:
+            if not from_genesis and r.seq > 1:
                 prev_seq, prev_hash = r.seq - 1, r.prev_hash
         n += 1
         if r.seq != prev_seq + 1:
             return ChainCheck(False, n, prev_seq, prev_hash, r.seq,
-                              f"record {r.seq} follows record {prev_seq}: records are missing or inserted")
+                              f"record {r.seq} follows record {prev_seq}: records are missing or inserted", first)
         if r.prev_hash != prev_hash:
             return ChainCheck(False, n, prev_seq, prev_hash, r.seq,
-                              f"record {r.seq} does not point at the hash of record {prev_seq}")
+                              f"record {r.seq} does not point at the hash of record {prev_seq}", first)
         expected = audit_hash(prev_hash, r.seq, r.ts, r.action, r.actor, r.decision, r.reason, r.subject, r.details)
         if r.hash != expected:
             return ChainCheck(False, n, prev_seq, prev_hash, r.seq,
-                              f"record {r.seq} ({r.action}) was altered: its content does not match its hash")
+                              f"record {r.seq} ({r.action}) was altered: its content does not match its hash", first)
         prev_seq, prev_hash = r.seq, r.hash
     return ChainCheck(True, n, prev_seq, prev_hash, first_seq=first)
 
@@ -343,7 +344,7 @@ class AuditFile:
         return result
 
     def _catch_up(self) -> int:
-        self._cut()
+        self._follow_outside_changes()  # also cuts what a failed write left, and goes by the file's last line
         n = 0
         while not self._abandon:
             page = self._records(self.written_seq, CATCH_UP_PAGE)
@@ -355,18 +356,25 @@ class AuditFile:
 
     def _cut(self) -> None:
         """Drop what a failed write left after the last complete line. Never extends the file: one
-        truncated from outside meanwhile (rotated by copy and truncate) is not padded with NULs."""
+        truncated from outside meanwhile (rotated by copy and truncate) is not padded with NULs; the
+        next write sees that change."""
         if os.fstat(self._fd).st_size > self._good_size:
             os.ftruncate(self._fd, self._good_size)
 
     def _write(self, records: list[AuditRecord]) -> None:
         if not records:
             return
-        # The file is whole here (a catch-up cut it first), but may have been rotated since the last write.
-        self._good_size = self._follow_rotation()
-        if records[0].seq != self.written_seq + 1:  # never a gap: what is missing comes from the database
-            raise RuntimeError(f"the audit file ends at record {self.written_seq} and the next to write is "
-                               f"{records[0].seq}")
+        self._follow_outside_changes()
+        records = [r for r in records if r.seq > self.written_seq]
+        if records and records[0].seq > self.written_seq + 1:
+            # Never a gap (the file was replaced by an older copy): what it lacks comes from the database.
+            missing: list[AuditRecord] = []
+            while len(page := self._records(self.written_seq + len(missing), CATCH_UP_PAGE)) == CATCH_UP_PAGE \
+                    and page[-1].seq < records[0].seq:
+                missing += page
+            records = [*missing, *(r for r in page if r.seq < records[0].seq), *records]
+        if not records:
+            return
         data = memoryview(b"".join(record_line(r).encode() + b"\n" for r in records))
         try:
             written = 0
@@ -381,25 +389,27 @@ class AuditFile:
         self.written_seq = records[-1].seq
         self._save_position()
 
-    def _follow_rotation(self) -> int:
-        """The file's size; if it was renamed or deleted from outside (rotated), in a new file at the path."""
+    def _follow_outside_changes(self) -> None:
+        """Before a write: if the file at the path is not the one this writer left (renamed or deleted,
+        truncated, or replaced, by a rotation or an operator), go on in the file now at the path. An
+        empty one continues from `written_seq`; one with records goes by its last line. One that does
+        not end in an audit record is not written to: the error says so, and the file stays behind."""
         mine = os.fstat(self._fd)
         try:
             st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
-                return mine.st_size
+            if (st.st_dev, st.st_ino, st.st_size) == (mine.st_dev, mine.st_ino, self._good_size):
+                return
         except FileNotFoundError:
             pass
+        last = self._repair_and_last_seq()  # raises, changing nothing, if the file is not ours to append to
         fd = _open_0600(self.path, os.O_WRONLY | os.O_APPEND)
         os.close(self._fd)
         self._fd = fd
-        size = os.fstat(fd).st_size
-        if size:  # a file with records was put in its place (one restored, say): it goes by its last line
-            self.written_seq = self._repair_and_last_seq()
-            size = os.fstat(fd).st_size
-        log.info("audit file rotated; continuing in the file now at its path", path=str(self.path),
-                 after_seq=self.written_seq)
-        return size
+        self._good_size = os.fstat(fd).st_size
+        if last:
+            self.written_seq = last
+        log.info("audit file changed from outside (rotated?); going on in the file at its path",
+                 path=str(self.path), after_seq=self.written_seq)
 
     def close(self) -> None:
         if self._thread is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -168,6 +169,8 @@ def build_parser() -> Parser:
     src = av.add_mutually_exclusive_group()
     src.add_argument("--db", help="read this issuer database directly (read-only) instead of asking the issuer")
     src.add_argument("--file", help="verify an audit JSON-lines file (the issuer's audit_file) instead")
+    av.add_argument("--rotated", action="store_true",
+                    help="with --file: its first records were rotated away; check it from its first record")
 
     rp = sub.add_parser("report", help="the trust-debt report")
     rp.add_argument("--unused-days", type=int, default=0, help="entries with no issuance in N days (default 30)")
@@ -249,8 +252,8 @@ def _record_row(r: admin_pb2.AuditRecord) -> list[str]:
 def _print_verification(ok: bool, records: int, last_seq: int, bad_seq: int, problem: str, source: str,
                         first_seq: int = 1) -> int:
     if ok and first_seq > 1:
-        print(f"audit trail intact: {records} records, seq {first_seq} to {last_seq}; the ones before are not "
-              f"in this file (rotated), so it is checked from record {first_seq} ({source})")
+        print(f"audit trail intact from record {first_seq}: {records} records, seq {first_seq} to {last_seq}; "
+              f"records 1 to {first_seq - 1} are not in this file and were not checked ({source})")
         return 0
     if ok:
         print(f"audit trail intact: {records} records, last seq {last_seq} ({source})")
@@ -266,10 +269,14 @@ def _verify_local(args) -> int:
     if not os.path.exists(path):
         raise CliError(f"{path} does not exist")
     try:
-        # A database holds the whole chain; a file may start later, its head rotated away.
-        check = verify_chain(read_sqlite(path)) if args.db else verify_chain(read_jsonl(path), from_genesis=False)
+        # From genesis unless the operator says the file's head was rotated away: records cut off the
+        # start of a file must not pass for a rotation unasked.
+        check = verify_chain(read_sqlite(path) if args.db else read_jsonl(path),
+                             from_genesis=not (args.file and args.rotated))
     except (sqlite3.Error, OSError, ValueError, KeyError, TypeError) as e:
         raise CliError(f"cannot read audit records from {path}: {e}", 1) from None
+    if not check.ok and args.file and not args.rotated and check.bad_seq == check.first_seq > 1:
+        check = dataclasses.replace(check, problem=check.problem + " (if this file was rotated, add --rotated)")
     return _print_verification(check.ok, check.records, check.last_seq, check.bad_seq, check.problem, path,
                                check.first_seq)
 

@@ -16,6 +16,7 @@ from harness import one_line_error, wait_for
 from issuer_client import attest, sidecar_stub, sign
 from issuer import audit, sqlite_store
 from issuer.audit import AuditFile, read_jsonl, verify_chain
+from issuer.datastore import audit_hash
 from issuer.models import Actor, AuditEvent
 
 OP = Actor("operator", "uid:0")
@@ -81,7 +82,6 @@ def test_recomputed_hash_does_not_hide_an_edit(store, tmp_path):
     # An attacker who rewrites a record and its own hash still breaks the link from the next record.
     fill(store, 4)
     recs = store.audit_records()
-    from issuer.datastore import audit_hash
 
     r = recs[1]
     forged = audit_hash(r.prev_hash, r.seq, r.ts, r.action, r.actor, r.decision, "forged", r.subject, r.details)
@@ -157,8 +157,8 @@ class FullDisk:
         monkeypatch.setattr(os, "fsync", fsync)
 
 
-def audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, records_before: int = 0, retry: float = 0.05,
-                                 **faults) -> tuple:
+def running_audit_file(store, tmp_path, monkeypatch, records_before: int = 0, retry: float = 0.05,
+                       **faults) -> tuple:
     """(path, a running audit file holding `records_before` records, its FullDisk); retries every `retry` s."""
     monkeypatch.setattr(audit, "RETRY_SECONDS", retry)
     path = tmp_path / "audit.jsonl"
@@ -179,7 +179,7 @@ def whole_lines(path) -> list[int]:
 
 def test_a_failed_audit_write_leaves_no_partial_line_while_the_disk_stays_full(store, tmp_path, monkeypatch):
     # No retry while the file is looked at.
-    path, f, disk = audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, 2, retry=3600.0, writes=10**6)
+    path, f, disk = running_audit_file(store, tmp_path, monkeypatch, 2, retry=3600.0, writes=10**6)
     fill(store, 3)  # the database commits regardless; the file's writes fail halfway
     wait_for(lambda: f.behind, what="the audit file to fall behind")
     assert whole_lines(path) == [1, 2] and f.written_seq == 2
@@ -190,7 +190,7 @@ def test_a_failed_audit_write_leaves_no_partial_line_while_the_disk_stays_full(s
 
 
 def test_audit_file_catches_up_by_its_retry_timer_alone(store, tmp_path, monkeypatch):
-    path, f, disk = audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, 2, writes=3)
+    path, f, disk = running_audit_file(store, tmp_path, monkeypatch, 2, writes=3)
     # One commit, so one hand-over: after its write fails, only the timer retries (twice more in vain).
     store.append_audit([AuditEvent("entry.create", OP, "done", subject=f"e{i}") for i in range(4)])
     wait_for(lambda: f.written_seq == 6 and not f.behind, what="the audit file to catch up")
@@ -203,7 +203,7 @@ def test_audit_file_catches_up_by_its_retry_timer_alone(store, tmp_path, monkeyp
 
 
 def test_a_failed_fsync_is_written_again_without_duplicates(store, tmp_path, monkeypatch):
-    path, f, disk = audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, fsyncs=2)
+    path, f, disk = running_audit_file(store, tmp_path, monkeypatch, fsyncs=2)
     fill(store, 3)
     wait_for(lambda: f.written_seq == 3 and not f.behind and disk.fsyncs == 0, what="the audit file to catch up")
     f.close()
@@ -211,7 +211,7 @@ def test_a_failed_fsync_is_written_again_without_duplicates(store, tmp_path, mon
 
 
 def test_an_audit_file_closed_while_behind_is_whole_and_the_next_start_catches_up(store, tmp_path, monkeypatch):
-    path, f, disk = audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, 1, writes=10**6)
+    path, f, disk = running_audit_file(store, tmp_path, monkeypatch, 1, writes=10**6)
     fill(store, 2)
     wait_for(lambda: f.behind, what="the audit file to fall behind")
     f.close()
@@ -224,7 +224,7 @@ def test_an_audit_file_closed_while_behind_is_whole_and_the_next_start_catches_u
 
 
 def test_a_file_truncated_around_a_failed_write_is_not_padded(store, tmp_path, monkeypatch):
-    path, f, disk = audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, 2, retry=3600.0, writes=1)
+    path, f, disk = running_audit_file(store, tmp_path, monkeypatch, 2, retry=3600.0, writes=1)
     fill(store, 1)
     wait_for(lambda: f.behind, what="the write of record 3 to fail")
     os.truncate(path, 0)  # rotated by copy and truncate after the failure
@@ -238,7 +238,7 @@ def test_a_file_truncated_around_a_failed_write_is_not_padded(store, tmp_path, m
 
 
 def test_a_failed_write_after_the_file_was_rotated_does_not_pad_it(store, tmp_path, monkeypatch):
-    path, f, disk = audit_file_on_a_failing_disk(store, tmp_path, monkeypatch, 2, writes=1)
+    path, f, disk = running_audit_file(store, tmp_path, monkeypatch, 2, writes=1)
     os.truncate(path, 0)  # logrotate's copytruncate: the file continues from here
     fill(store, 2)
     wait_for(lambda: f.written_seq == 4 and not f.behind and disk.writes == 0, what="the audit file to catch up")
@@ -280,15 +280,18 @@ def test_a_rotated_file_verifies_from_its_first_record_and_an_edit_in_it_is_stil
     edited = [tail[0], dataclasses.replace(tail[1], reason="edited"), tail[2]]
     check = verify_chain(edited, from_genesis=False)
     assert not check.ok and check.bad_seq == 4
+    # A whole chain re-hashed from a made-up anchor: record 1 must still point at genesis.
+    forged, prev = [], "f" * 64
+    for r in store.audit_records():
+        h = audit_hash(prev, r.seq, r.ts, r.action, r.actor, r.decision, r.reason, r.subject, r.details)
+        forged.append(dataclasses.replace(r, prev_hash=prev, hash=h))
+        prev = h
+    check = verify_chain(forged, from_genesis=False)
+    assert not check.ok and check.bad_seq == 1
 
 
-def test_a_running_audit_file_follows_a_rename_rotation(store, tmp_path):
-    path = tmp_path / "audit.jsonl"
-    f = AuditFile(path, store.audit_records)
-    f.start()
-    store.audit_listeners.append(f)
-    fill(store, 2)
-    wait_for(lambda: f.written_seq == 2, what="the first records in the file")
+def test_a_running_audit_file_follows_a_rename_rotation(store, tmp_path, monkeypatch):
+    path, f, _ = running_audit_file(store, tmp_path, monkeypatch, 2)
     os.rename(path, tmp_path / "audit.jsonl.1")
     path.touch(mode=0o644)  # as logrotate's `create 0644` leaves it
     os.chmod(path, 0o644)
@@ -315,16 +318,33 @@ def test_an_older_audit_file_put_back_gets_its_gap_filled(store, tmp_path, monke
     path.with_name("restored").write_bytes(backup)
     os.rename(path.with_name("restored"), path)  # put back while running: records 3 and 4 are missing
     fill(store, 1)
-    wait_for(lambda: f.written_seq == 5 and not f.behind, what="the restored file to catch up")
-    f.close()
+    wait_for(lambda: f.written_seq == 5, what="the restored file to catch up")
     assert whole_lines(path) == [1, 2, 3, 4, 5]
-    f = AuditFile(path, store.audit_records)
+    path.write_bytes(backup)  # copied back over the same file (same inode)
+    fill(store, 1)
+    wait_for(lambda: f.written_seq == 6, what="the copied-back file to catch up")
+    assert not f.behind
     f.close()
+    assert whole_lines(path) == [1, 2, 3, 4, 5, 6]
     path.write_bytes(backup)  # and put back while stopped
     f = AuditFile(path, store.audit_records)
-    assert f.catch_up() == 3
+    assert f.catch_up() == 4
     f.close()
-    assert whole_lines(path) == [1, 2, 3, 4, 5]
+    assert whole_lines(path) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_file_put_in_place_that_does_not_end_in_an_audit_record_is_not_written_to(store, tmp_path, monkeypatch):
+    path, f, _ = running_audit_file(store, tmp_path, monkeypatch, 2)
+    foreign = b"this is not an audit record\n" * 100
+    path.write_bytes(foreign)
+    fill(store, 1)
+    wait_for(lambda: f.behind, what="the writer to refuse the file")
+    assert f.catch_up() == 0 and f.behind  # a retry refuses it too
+    assert path.read_bytes() == foreign  # neither cut nor appended to
+    path.write_bytes(b"")  # the operator empties it: the writer goes on from where it was
+    wait_for(lambda: f.written_seq == 3 and not f.behind, what="the writer to go on")
+    f.close()
+    assert whole_lines(path) == [3]
 
 
 def test_audit_file_resumes_after_restart_without_duplicates_or_gaps(store, tmp_path):
@@ -386,7 +406,7 @@ def test_untouched_store_verifies_from_the_database_and_the_file(running):
     path = d.issuer_dir / "audit.jsonl"
     wait_for(lambda: path.exists() and len(path.read_text().splitlines()) >= n, what="the audit file")
     r = d.cli("audit", "verify", "--file", str(path))
-    assert r.returncode == 0 and "intact" in r.stdout
+    assert r.returncode == 0 and f"{n} records, last seq {n}" in r.stdout
     d.issuer.stop()
     assert d.cli("audit", "verify", "--db", str(d.issuer_dir / "tessera.db")).returncode == 0
 
@@ -400,8 +420,10 @@ def test_a_rotated_audit_file_is_followed_by_the_issuer_and_verifies(running):
     d.entry("/agent/b", "host-a")
     n = len(export(d))
     wait_for(lambda: path.exists() and whole_lines(path)[-1:] == [n], what="the new audit file")
-    r = d.cli("audit", "verify", "--file", str(path))
-    assert r.returncode == 0 and f"to {n}" in r.stdout and "rotated" in r.stdout
+    unsaid = d.cli("audit", "verify", "--file", str(path), check=False)  # from genesis unless told
+    assert unsaid.returncode == 1 and "--rotated" in unsaid.stderr
+    r = d.cli("audit", "verify", "--file", str(path), "--rotated")
+    assert r.returncode == 0 and f"to {n}" in r.stdout and "were not checked" in r.stdout
     assert whole_lines(d.issuer_dir / "audit.jsonl.1") + whole_lines(path) == list(range(1, n + 1))
 
 
