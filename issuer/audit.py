@@ -140,12 +140,14 @@ def newest_seq_sqlite(path: str | Path) -> int:
 
 
 def read_jsonl(path: str | Path) -> Iterator[AuditRecord]:
-    """Records from an audit JSON-lines file; a torn last line (crash mid-write) is skipped."""
+    """Records from an audit JSON-lines file; a torn last line (crash mid-write) and blank lines (a file
+    emptied with `echo >`) are skipped."""
     with open(path, "rb") as f:
         for raw in f:
             if not raw.endswith(b"\n"):
                 return
-            yield record_from_dict(json.loads(raw))
+            if raw.strip():
+                yield record_from_dict(json.loads(raw))
 
 
 _NOISE = (
@@ -211,24 +213,22 @@ class AuditFile:
         # The last seq written, kept beside the file: after the file was rotated away (renamed, or
         # copied and truncated), a restart goes on from there instead of writing the whole trail again.
         self._seq_path = self.path.with_name(f".{self.path.name}.seq")
-        # A file with records goes by its own last line (so an older one put back gets its gap filled);
-        # an empty or missing one was rotated away, or is new: go on from the saved position.
-        self.written_seq = self._repair_and_last_seq() or self._saved_seq()
-        self._seq_fd = self._open_position()
-        try:
-            self._fd = _open_0600(self.path, os.O_WRONLY | os.O_APPEND)
-        except BaseException:
-            if self._seq_fd >= 0:
-                os.close(self._seq_fd)
-            raise
-        self._good_size = os.fstat(self._fd).st_size  # where the last complete, fsynced write ended
-        self._save_position(sync=True)  # a new position file holds it before anything can rotate the file
         self.behind = False  # a write failed: the file lags the database until a catch-up succeeds
         self._retry_at = 0.0
         self._error = ""  # the failure last logged, and when
         self._logged_at = 0.0
         self._abandon = False  # close() gave up waiting: a catch-up stops at its next page
+        self._closed = False
+        self._dirty = False  # a write failed and its cut too: what it left is cut before anything else
         self._thread: threading.Thread | None = None
+        self._seq_fd = self._open_position()
+        self._fd, self._good_size = -1, 0  # the file written to, and where its last complete, fsynced write ended
+        self.written_seq = self._saved_seq()
+        try:
+            self._follow_outside_changes()
+        except Exception as e:  # noqa: BLE001 - as while running: the issuer starts, the file catches up later
+            self._failed(e)
+        self._save_position(sync=True)  # a new position file holds it before anything can rotate the file
 
     def _saved_seq(self) -> int:
         try:
@@ -261,27 +261,33 @@ class AuditFile:
             log.warning("cannot save the audit file's position", path=str(self._seq_path), error=str(e))
 
     def _repair_and_last_seq(self) -> int:
-        """The last seq in the file, after cutting a torn final line left by a crash."""
+        """The seq of the file's last record (0 for an empty or blank file), after cutting a torn final
+        line left by a crash. A file that does not end in an audit record raises, and is left as it is."""
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
             return 0
         with open(self.path, "r+b") as f:
             size = f.seek(0, os.SEEK_END)
-            # Read backwards until the tail holds the last complete line and the newline before it.
+            # Read backwards until the tail holds a whole non-blank line (or the whole file).
             chunk, tail = 65536, b""
             while True:
                 start = max(0, size - len(tail) - chunk)
                 f.seek(start)
                 tail = f.read(size - start)
                 end = tail.rfind(b"\n") + 1
-                if start == 0 or (end and tail.rfind(b"\n", 0, end - 1) >= 0):
+                whole = tail[:end] if start == 0 else tail[tail.find(b"\n") + 1:end]
+                lines = [line for line in whole.splitlines() if line.strip()]
+                if start == 0 or lines:
                     break
-            if end != len(tail):  # a torn final line from a crash mid-write
+            last = json.loads(lines[-1])["seq"] if lines else 0  # raises on a file that is not ours
+            torn = tail[end:]
+            if torn and not lines and not torn.startswith(b'{"action":'):  # record lines start so (sorted keys)
+                raise ValueError("the file does not end in an audit record")
+            if torn:  # a torn final line from a crash mid-write
                 f.truncate(start + end)
                 f.flush()
                 os.fsync(f.fileno())
-            lines = tail[:end].splitlines()
-        return json.loads(lines[-1])["seq"] if lines else 0
+        return last
 
     def catch_up(self) -> int:
         """Write what the database committed but the file lacks; returns how many records that was.
@@ -329,36 +335,49 @@ class AuditFile:
         try:
             result = write()
         except Exception as e:  # noqa: BLE001 - a full disk or a busy database must not stop the file for good
-            now = time.monotonic()
-            text = str(e) or repr(e)
-            if not self.behind or text != self._error or now - self._logged_at >= REMIND_SECONDS:
-                log.error("cannot append to the audit file; retrying from the database", path=str(self.path),
-                          error=text, written_seq=self.written_seq)
-                self._error, self._logged_at = text, now
-            self.behind = True
-            self._retry_at = now + RETRY_SECONDS
+            self._failed(e)
             return None
         if self.behind:
             log.warning("audit file caught up after a failed write", path=str(self.path), written_seq=self.written_seq)
             self.behind, self._error = False, ""
         return result
 
+    def _failed(self, e: Exception) -> None:
+        now = time.monotonic()
+        text = str(e) or repr(e)
+        if not self.behind or text != self._error or now - self._logged_at >= REMIND_SECONDS:
+            log.error("cannot append to the audit file; retrying from the database", path=str(self.path),
+                      error=text, written_seq=self.written_seq)
+            self._error, self._logged_at = text, now
+        self.behind = True
+        self._retry_at = now + RETRY_SECONDS
+
     def _catch_up(self) -> int:
-        self._follow_outside_changes()  # also cuts what a failed write left, and goes by the file's last line
-        n = 0
-        while not self._abandon:
-            page = self._records(self.written_seq, CATCH_UP_PAGE)
-            self._write(page)
-            n += len(page)
-            if len(page) < CATCH_UP_PAGE:
-                return n
-        raise RuntimeError("the audit file closed during a catch-up")
+        if self._dirty:  # a failed write whose cut failed too: cut it before the file may be rotated away
+            self._cut()
+            self._dirty = False
+        self._follow_outside_changes()
+        before = self.written_seq
+        self._fill_to(None)
+        return self.written_seq - before
+
+    def _fill_to(self, seq: int | None) -> None:
+        """Append the database's records after written_seq and before `seq` (None: all), a page at a time."""
+        while seq is None or self.written_seq + 1 < seq:
+            if self._abandon:
+                raise RuntimeError("the audit file closed during a catch-up")
+            page = [r for r in self._records(self.written_seq, CATCH_UP_PAGE) if seq is None or r.seq < seq]
+            if seq is not None and not page:
+                raise RuntimeError(f"records {self.written_seq + 1} to {seq - 1} are not in the database")
+            self._append(page)
+            if seq is None and len(page) < CATCH_UP_PAGE:
+                return
 
     def _cut(self) -> None:
         """Drop what a failed write left after the last complete line. Never extends the file: one
         truncated from outside meanwhile (rotated by copy and truncate) is not padded with NULs; the
         next write sees that change."""
-        if os.fstat(self._fd).st_size > self._good_size:
+        if self._fd >= 0 and os.fstat(self._fd).st_size > self._good_size:
             os.ftruncate(self._fd, self._good_size)
 
     def _write(self, records: list[AuditRecord]) -> None:
@@ -367,24 +386,26 @@ class AuditFile:
         self._follow_outside_changes()
         records = [r for r in records if r.seq > self.written_seq]
         if records and records[0].seq > self.written_seq + 1:
-            # Never a gap (the file was replaced by an older copy): what it lacks comes from the database.
-            missing: list[AuditRecord] = []
-            while len(page := self._records(self.written_seq + len(missing), CATCH_UP_PAGE)) == CATCH_UP_PAGE \
-                    and page[-1].seq < records[0].seq:
-                missing += page
-            records = [*missing, *(r for r in page if r.seq < records[0].seq), *records]
+            self._fill_to(records[0].seq)  # never a gap (an older copy was put back): from the database
+        self._append(records)
+
+    def _append(self, records: list[AuditRecord]) -> None:
+        """Write records that follow written_seq, fsync, and move written_seq; a failure leaves no partial line."""
         if not records:
             return
         data = memoryview(b"".join(record_line(r).encode() + b"\n" for r in records))
+        self._dirty = True
         try:
             written = 0
             while written < len(data):
                 written += os.write(self._fd, data[written:])
             os.fsync(self._fd)
         except BaseException:
-            with contextlib.suppress(OSError):  # else the next catch-up cuts it
+            with contextlib.suppress(OSError):  # else the next catch-up cuts it first
                 self._cut()  # no partial line while the disk stays full
+                self._dirty = False
             raise
+        self._dirty = False
         self._good_size += len(data)
         self.written_seq = records[-1].seq
         self._save_position()
@@ -394,22 +415,24 @@ class AuditFile:
         truncated, or replaced, by a rotation or an operator), go on in the file now at the path. An
         empty one continues from `written_seq`; one with records goes by its last line. One that does
         not end in an audit record is not written to: the error says so, and the file stays behind."""
-        mine = os.fstat(self._fd)
-        try:
-            st = os.stat(self.path)
-            if (st.st_dev, st.st_ino, st.st_size) == (mine.st_dev, mine.st_ino, self._good_size):
-                return
-        except FileNotFoundError:
-            pass
+        if self._fd >= 0:
+            mine = os.fstat(self._fd)
+            try:
+                st = os.stat(self.path)
+                if (st.st_dev, st.st_ino, st.st_size) == (mine.st_dev, mine.st_ino, self._good_size):
+                    return
+            except FileNotFoundError:
+                pass
         last = self._repair_and_last_seq()  # raises, changing nothing, if the file is not ours to append to
         fd = _open_0600(self.path, os.O_WRONLY | os.O_APPEND)
-        os.close(self._fd)
+        if self._fd >= 0:
+            os.close(self._fd)
+            log.info("audit file changed from outside (rotated?); going on in the file at its path",
+                     path=str(self.path), after_seq=last or self.written_seq)
         self._fd = fd
         self._good_size = os.fstat(fd).st_size
         if last:
             self.written_seq = last
-        log.info("audit file changed from outside (rotated?); going on in the file at its path",
-                 path=str(self.path), after_seq=self.written_seq)
 
     def close(self) -> None:
         if self._thread is not None:
@@ -419,12 +442,14 @@ class AuditFile:
                 self._abandon = True
                 log.error("audit file writer still busy at close; the next start catches up", path=str(self.path))
         with self._lock:  # never under a write of the thread's
-            if self._fd >= 0:
-                self._save_position(sync=True)
-                os.close(self._fd)
-                if self._seq_fd >= 0:
-                    os.close(self._seq_fd)
-                self._fd = self._seq_fd = -1
+            if self._closed:
+                return
+            self._closed = True
+            self._save_position(sync=True)
+            for fd in (self._fd, self._seq_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self._fd = self._seq_fd = -1
 
 
 def _open_0600(path: Path, flags: int) -> int:

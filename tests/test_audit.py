@@ -134,10 +134,10 @@ class FullDisk:
     puts half its bytes on disk and fails as a full disk does (an fsync fails outright); each failure
     counts one down."""
 
-    def __init__(self, monkeypatch, f: AuditFile, writes: int = 0, fsyncs: int = 0):
-        self.writes, self.fsyncs = writes, fsyncs
+    def __init__(self, monkeypatch, f: AuditFile, writes: int = 0, fsyncs: int = 0, truncates: int = 0):
+        self.writes, self.fsyncs, self.truncates = writes, fsyncs, truncates
         self.during_fsync = lambda: None  # what else happens before a failing fsync returns
-        real_write, real_fsync = os.write, os.fsync
+        real_write, real_fsync, real_ftruncate = os.write, os.fsync, os.ftruncate
 
         def write(fd, data):
             if fd == f._fd and self.writes > 0:
@@ -153,8 +153,15 @@ class FullDisk:
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
             return real_fsync(fd)
 
+        def ftruncate(fd, length):
+            if fd == f._fd and self.truncates > 0:
+                self.truncates -= 1
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_ftruncate(fd, length)
+
         monkeypatch.setattr(os, "write", write)
         monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "ftruncate", ftruncate)
 
 
 def running_audit_file(store, tmp_path, monkeypatch, records_before: int = 0, retry: float = 0.05,
@@ -235,6 +242,33 @@ def test_a_file_truncated_around_a_failed_write_is_not_padded(store, tmp_path, m
     assert f.catch_up() == 1 and not f.behind
     f.close()
     assert b"\0" not in path.read_bytes() and whole_lines(path) == [4]
+
+
+def test_a_failed_write_whose_cut_fails_too_is_cut_before_the_file_is_rotated_away(store, tmp_path, monkeypatch):
+    path, f, disk = running_audit_file(store, tmp_path, monkeypatch, 2, retry=3600.0, writes=1, truncates=1)
+    fill(store, 4)
+    wait_for(lambda: f.behind, what="the write to fail")
+    os.rename(path, tmp_path / "audit.jsonl.1")
+    assert f.catch_up() == 4 and not f.behind and disk.truncates == 0
+    f.close()
+    assert whole_lines(tmp_path / "audit.jsonl.1") == [1, 2] and whole_lines(path) == [3, 4, 5, 6]
+
+
+def test_an_issuer_starts_beside_a_file_that_is_not_an_audit_trail_and_leaves_it_alone(store, tmp_path, monkeypatch):
+    monkeypatch.setattr(audit, "RETRY_SECONDS", 3600.0)
+    path = tmp_path / "audit.jsonl"
+    fill(store, 2)
+    for foreign in (b"operator notes\n", b"operator notes: do not touch"):  # the second has no final newline
+        path.write_bytes(foreign)
+        f = AuditFile(path, store.audit_records)  # does not raise: the file is behind, as while running
+        assert f.behind and f.catch_up() == 0 and f.behind
+        f.close()
+        assert path.read_bytes() == foreign
+    path.write_bytes(b"\n")  # emptied with `echo >`
+    f = AuditFile(path, store.audit_records)
+    assert f.catch_up() == 2 and not f.behind
+    f.close()
+    assert [r.seq for r in read_jsonl(path)] == [1, 2]
 
 
 def test_a_failed_write_after_the_file_was_rotated_does_not_pad_it(store, tmp_path, monkeypatch):
