@@ -260,12 +260,12 @@ class AuditFile:
         except OSError as e:
             log.warning("cannot save the audit file's position", path=str(self._seq_path), error=str(e))
 
-    def _repair_and_last_seq(self) -> int:
-        """The seq of the file's last record (0 for an empty or blank file), after cutting a torn final
-        line left by a crash. A file that does not end in an audit record raises, and is left as it is."""
+    def _repair_and_last_record(self) -> tuple[int, str]:
+        """The seq and hash of the file's last record ((0, "") for an empty or blank file), after cutting a
+        torn final line left by a crash. A file that does not end in an audit record raises, left as it is."""
         if not self.path.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            return 0
+            return 0, ""
         with open(self.path, "r+b") as f:
             size = f.seek(0, os.SEEK_END)
             # Read backwards until the tail holds a whole non-blank line (or the whole file).
@@ -279,7 +279,8 @@ class AuditFile:
                 lines = [line for line in whole.splitlines() if line.strip()]
                 if start == 0 or lines:
                     break
-            last = json.loads(lines[-1])["seq"] if lines else 0  # raises on a file that is not ours
+            last = json.loads(lines[-1]) if lines else {"seq": 0, "hash": ""}  # raises on a file not ours
+            last = (last["seq"], last["hash"])
             torn = tail[end:]
             if torn and not lines and not torn.startswith(b'{"action":'):  # record lines start so (sorted keys)
                 raise ValueError("the file does not end in an audit record")
@@ -423,7 +424,8 @@ class AuditFile:
                     return
             except FileNotFoundError:
                 pass
-        last = self._repair_and_last_seq()  # raises, changing nothing, if the file is not ours to append to
+        last, last_hash = self._repair_and_last_record()  # raises, changing nothing, if not ours to append to
+        self._check_against_database(last or self.written_seq, last_hash)
         fd = _open_0600(self.path, os.O_WRONLY | os.O_APPEND)
         if self._fd >= 0:
             os.close(self._fd)
@@ -433,6 +435,17 @@ class AuditFile:
         self._good_size = os.fstat(fd).st_size
         if last:
             self.written_seq = last
+
+    def _check_against_database(self, seq: int, record_hash: str) -> None:
+        """Records the file (or its saved position) says are written must be the database's: else new
+        records would be taken for written ones and never reach the file (a database restored from an
+        older backup, a file from another issuer). Raises, changing nothing, on a mismatch."""
+        if not seq:
+            return
+        found = self._records(seq - 1, 1)
+        if not found or found[0].seq != seq or (record_hash and found[0].hash != record_hash):
+            raise ValueError(f"the audit file goes up to record {seq}, which the database does not hold as it is "
+                             "(was the database restored, or is the file another issuer's?); move the file away")
 
     def close(self) -> None:
         if self._thread is not None:

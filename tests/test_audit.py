@@ -164,17 +164,30 @@ class FullDisk:
         monkeypatch.setattr(os, "ftruncate", ftruncate)
 
 
-def running_audit_file(store, tmp_path, monkeypatch, records_before: int = 0, retry: float = 0.05,
-                       **faults) -> tuple:
-    """(path, a running audit file holding `records_before` records, its FullDisk); retries every `retry` s."""
+def caught_up_audit_file(store, tmp_path, monkeypatch, records: int, retry: float) -> tuple:
+    """(path, an audit file holding the store's first `records` records); it retries every `retry` s."""
     monkeypatch.setattr(audit, "RETRY_SECONDS", retry)
     path = tmp_path / "audit.jsonl"
-    fill(store, records_before)
+    fill(store, records)
     f = AuditFile(path, store.audit_records)
     f.catch_up()
+    return path, f
+
+
+def running_audit_file(store, tmp_path, monkeypatch, records_before: int = 0, retry: float = 0.05,
+                       **faults) -> tuple:
+    """(path, a running audit file holding `records_before` records, its FullDisk)."""
+    path, f = caught_up_audit_file(store, tmp_path, monkeypatch, records_before, retry)
     f.start()
     store.audit_listeners.append(f)
     return path, f, FullDisk(monkeypatch, f, **faults)
+
+
+def closed_audit_file(store, tmp_path, monkeypatch, records: int, retry: float = 0.05):
+    """The path of an audit file holding the store's first `records` records, its writer closed."""
+    path, f = caught_up_audit_file(store, tmp_path, monkeypatch, records, retry)
+    f.close()
+    return path
 
 
 def whole_lines(path) -> list[int]:
@@ -271,6 +284,30 @@ def test_an_issuer_starts_beside_a_file_that_is_not_an_audit_trail_and_leaves_it
     assert [r.seq for r in read_jsonl(path)] == [1, 2]
 
 
+def test_an_audit_file_ahead_of_a_restored_database_is_refused_not_silently_skipped(store, tmp_path, monkeypatch):
+    path = closed_audit_file(store, tmp_path, monkeypatch, 5, retry=3600.0)
+    written = path.read_bytes()
+    restored = sqlite_store.SQLiteDatastore(tmp_path / "restored.db")  # an older backup: other records 1-2
+    try:
+        fill(restored, 2)
+        f = AuditFile(path, restored.audit_records)  # the file's record 5 is not this database's
+        assert f.behind and f.catch_up() == 0 and f.behind
+        f.close()
+        assert path.read_bytes() == written
+        path.write_bytes(b"")  # emptied: its saved position, record 5, is not this database's either
+        f = AuditFile(path, restored.audit_records)
+        assert f.behind and path.read_bytes() == b""
+        f.close()
+        os.unlink(path)
+        os.unlink(tmp_path / ".audit.jsonl.seq")  # both moved away: the file starts again from the database
+        f = AuditFile(path, restored.audit_records)
+        assert f.catch_up() == 2 and not f.behind
+        f.close()
+        assert list(read_jsonl(path)) == restored.audit_records()
+    finally:
+        restored.close()
+
+
 def test_a_failed_write_after_the_file_was_rotated_does_not_pad_it(store, tmp_path, monkeypatch):
     path, f, disk = running_audit_file(store, tmp_path, monkeypatch, 2, writes=1)
     os.truncate(path, 0)  # logrotate's copytruncate: the file continues from here
@@ -337,12 +374,7 @@ def test_a_running_audit_file_follows_a_rename_rotation(store, tmp_path, monkeyp
 
 
 def test_an_older_audit_file_put_back_gets_its_gap_filled(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(audit, "RETRY_SECONDS", 0.05)
-    path = tmp_path / "audit.jsonl"
-    fill(store, 2)
-    f = AuditFile(path, store.audit_records)
-    f.catch_up()
-    f.close()
+    path = closed_audit_file(store, tmp_path, monkeypatch, 2)
     backup = path.read_bytes()
     fill(store, 2)
     f = AuditFile(path, store.audit_records)
