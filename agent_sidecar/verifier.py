@@ -218,19 +218,19 @@ class Verifier:
 
     def check(self, cert: x509.Certificate | bytes, policy: PeerPolicy | None = None) -> str:
         """The peer's SPIFFE ID; Rejected if it must not be trusted. `cert` may be DER or PEM bytes."""
-        state = self.state
+        state, policy = self.state, policy or self.policy
         if not isinstance(cert, bytes):
-            return check_certificate(state, cert, policy or self.policy)
+            return check_certificate(state, cert, policy)
         data = cert
         known = self._chained.get(data)
         if known is not None and known[1] is state.bundle:
-            return check_certificate(state, known[0], policy or self.policy, chained=True)
+            return check_certificate(state, known[0], policy, chained=True)
         try:
             cert = (x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----")
                     else x509.load_der_x509_certificate(data))
         except ValueError as e:
             raise Rejected(f"unreadable certificate: {e}") from None
-        sid = check_certificate(state, cert, policy or self.policy)
+        sid = check_certificate(state, cert, policy)
         if len(self._chained) >= CHAINED_MAX:  # bounded: peers rotate their SVIDs
             self._chained.clear()
         self._chained[data] = (cert, state.bundle)

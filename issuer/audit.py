@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Iterator
 
 from issuer.datastore import GENESIS_HASH, audit_hash, audit_record_from_row
 from issuer.models import AuditRecord
-from issuer.sqlite_store import AUDIT_COLUMNS, audit_records_after, connect_ro
+from issuer.sqlite_store import AUDIT_COLUMNS, audit_records_after, connect_ro, newest_audit_seq
 from tessera import logs
 
 log = logs.get("issuer.audit")
@@ -136,7 +136,7 @@ def records_after_sqlite(path: str | Path, since_seq: int, limit: int) -> list[A
 
 def newest_seq_sqlite(path: str | Path) -> int:
     with connect_ro(path) as db:
-        return db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
+        return newest_audit_seq(db)
 
 
 def read_jsonl(path: str | Path) -> Iterator[AuditRecord]:
@@ -279,8 +279,8 @@ class AuditFile:
                 lines = [line for line in whole.splitlines() if line.strip()]
                 if start == 0 or lines:
                     break
-            last = json.loads(lines[-1]) if lines else {"seq": 0, "hash": ""}  # raises on a file not ours
-            last = (last["seq"], last["hash"])
+            record = json.loads(lines[-1]) if lines else {"seq": 0, "hash": ""}  # raises on a file not ours
+            last = (record["seq"], record["hash"])
             torn = tail[end:]
             if torn and not lines and not torn.startswith(b'{"action":'):  # record lines start so (sorted keys)
                 raise ValueError("the file does not end in an audit record")
@@ -321,7 +321,7 @@ class AuditFile:
             with self._lock:
                 if not self.behind:
                     self._attempt(lambda: self._write([r for records in batch if records is not _STOP
-                                                       for r in records if r.seq > self.written_seq]))
+                                                       for r in records]))
                 elif stop or time.monotonic() >= self._retry_at:
                     # The failed records and everything since come from the database.
                     self._attempt(self._catch_up)
@@ -382,6 +382,7 @@ class AuditFile:
             os.ftruncate(self._fd, self._good_size)
 
     def _write(self, records: list[AuditRecord]) -> None:
+        """Append what of `records` the file lacks (the file it goes by may change first, see below)."""
         if not records:
             return
         self._follow_outside_changes()

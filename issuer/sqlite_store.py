@@ -166,6 +166,10 @@ def audit_records_after(db: sqlite3.Connection, since_seq: int, limit: int | Non
     return [audit_record_from_row(r) for r in db.execute(q, args)]
 
 
+def newest_audit_seq(db: sqlite3.Connection) -> int:
+    return db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
+
+
 def read_last_issued(path: str | Path) -> dict[str, int]:
     """Entry id -> when a certificate was last issued for it, over a read-only connection, aggregated by
     SQLite rather than row by row here."""
@@ -219,7 +223,7 @@ class SQLiteDatastore:
         self.audit_listeners: list = []  # called with committed AuditRecords (e.g. the JSON-lines file)
         self._relay_all = relay_all
         self._relay_lock = threading.Lock()
-        self._relayed = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
+        self._relayed = newest_audit_seq(self._db)
         self._waiting: dict[int, AuditRecord] = {}  # committed, handed over, waiting for an earlier record
         self._gap_since: float | None = None
         self._gap_timer: threading.Timer | None = None

@@ -94,11 +94,8 @@ def test_recomputed_hash_does_not_hide_an_edit(store, tmp_path):
 # -- the JSON-lines file ---------------------------------------------------------------------
 
 
-def test_audit_file_holds_every_record_in_order_with_concurrent_writers(store, tmp_path):
-    f = AuditFile(tmp_path / "audit.jsonl", store.audit_records)
-    f.catch_up()
-    f.start()
-    store.audit_listeners.append(f)
+def test_audit_file_holds_every_record_in_order_with_concurrent_writers(store, tmp_path, monkeypatch):
+    path, f, _ = running_audit_file(store, tmp_path, monkeypatch)
 
     def worker(k):
         for i in range(40):
@@ -110,11 +107,11 @@ def test_audit_file_holds_every_record_in_order_with_concurrent_writers(store, t
     for t in threads:
         t.join()
     f.close()
-    lines = list(read_jsonl(tmp_path / "audit.jsonl"))
+    lines = list(read_jsonl(path))
     assert [r.seq for r in lines] == list(range(1, 241))
     assert verify_chain(lines).ok
     assert lines == store.audit_records()
-    assert os.stat(tmp_path / "audit.jsonl").st_mode & 0o777 == 0o600
+    assert os.stat(path).st_mode & 0o777 == 0o600
 
 
 def test_listeners_hear_records_handed_over_out_of_order_once_and_in_order(store, monkeypatch):
@@ -129,10 +126,16 @@ def test_listeners_hear_records_handed_over_out_of_order_once_and_in_order(store
     assert [r.seq for r in heard] == [1, 2, 3] and heard == store.audit_records()
 
 
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch):
+    """Audit files here retry a failed write after 50 ms; a test that looks at the failed state sets longer."""
+    monkeypatch.setattr(audit, "RETRY_SECONDS", 0.05)
+
+
 class FullDisk:
-    """Fault injection at the OS boundary: while `writes` (or `fsyncs`) > 0, a write to the audit file's fd
-    puts half its bytes on disk and fails as a full disk does (an fsync fails outright); each failure
-    counts one down."""
+    """Fault injection at the OS boundary, for the audit file's fd only: while `writes` > 0, a write puts
+    half its bytes on disk and fails as a full disk does; while `fsyncs` > 0, an fsync fails (after
+    `during_fsync` ran); while `truncates` > 0, an ftruncate fails. Each failure counts one down."""
 
     def __init__(self, monkeypatch, f: AuditFile, writes: int = 0, fsyncs: int = 0, truncates: int = 0):
         self.writes, self.fsyncs, self.truncates = writes, fsyncs, truncates
@@ -164,9 +167,8 @@ class FullDisk:
         monkeypatch.setattr(os, "ftruncate", ftruncate)
 
 
-def caught_up_audit_file(store, tmp_path, monkeypatch, records: int, retry: float) -> tuple:
-    """(path, an audit file holding the store's first `records` records); it retries every `retry` s."""
-    monkeypatch.setattr(audit, "RETRY_SECONDS", retry)
+def caught_up_audit_file(store, tmp_path, records: int = 0) -> tuple:
+    """(path, an audit file holding the store's first `records` records)."""
     path = tmp_path / "audit.jsonl"
     fill(store, records)
     f = AuditFile(path, store.audit_records)
@@ -174,18 +176,17 @@ def caught_up_audit_file(store, tmp_path, monkeypatch, records: int, retry: floa
     return path, f
 
 
-def running_audit_file(store, tmp_path, monkeypatch, records_before: int = 0, retry: float = 0.05,
-                       **faults) -> tuple:
+def running_audit_file(store, tmp_path, monkeypatch, records_before: int = 0, **faults) -> tuple:
     """(path, a running audit file holding `records_before` records, its FullDisk)."""
-    path, f = caught_up_audit_file(store, tmp_path, monkeypatch, records_before, retry)
+    path, f = caught_up_audit_file(store, tmp_path, records_before)
     f.start()
     store.audit_listeners.append(f)
     return path, f, FullDisk(monkeypatch, f, **faults)
 
 
-def closed_audit_file(store, tmp_path, monkeypatch, records: int, retry: float = 0.05):
+def closed_audit_file(store, tmp_path, records: int):
     """The path of an audit file holding the store's first `records` records, its writer closed."""
-    path, f = caught_up_audit_file(store, tmp_path, monkeypatch, records, retry)
+    path, f = caught_up_audit_file(store, tmp_path, records)
     f.close()
     return path
 
@@ -198,8 +199,8 @@ def whole_lines(path) -> list[int]:
 
 
 def test_a_failed_audit_write_leaves_no_partial_line_while_the_disk_stays_full(store, tmp_path, monkeypatch):
-    # No retry while the file is looked at.
-    path, f, disk = running_audit_file(store, tmp_path, monkeypatch, 2, retry=3600.0, writes=10**6)
+    monkeypatch.setattr(audit, "RETRY_SECONDS", 3600.0)  # no retry while the file is looked at
+    path, f, disk = running_audit_file(store, tmp_path, monkeypatch, 2, writes=10**6)
     fill(store, 3)  # the database commits regardless; the file's writes fail halfway
     wait_for(lambda: f.behind, what="the audit file to fall behind")
     assert whole_lines(path) == [1, 2] and f.written_seq == 2
@@ -244,7 +245,8 @@ def test_an_audit_file_closed_while_behind_is_whole_and_the_next_start_catches_u
 
 
 def test_a_file_truncated_around_a_failed_write_is_not_padded(store, tmp_path, monkeypatch):
-    path, f, disk = running_audit_file(store, tmp_path, monkeypatch, 2, retry=3600.0, writes=1)
+    monkeypatch.setattr(audit, "RETRY_SECONDS", 3600.0)  # only the catch-ups below retry
+    path, f, disk = running_audit_file(store, tmp_path, monkeypatch, 2, writes=1)
     fill(store, 1)
     wait_for(lambda: f.behind, what="the write of record 3 to fail")
     os.truncate(path, 0)  # rotated by copy and truncate after the failure
@@ -258,7 +260,8 @@ def test_a_file_truncated_around_a_failed_write_is_not_padded(store, tmp_path, m
 
 
 def test_a_failed_write_whose_cut_fails_too_is_cut_before_the_file_is_rotated_away(store, tmp_path, monkeypatch):
-    path, f, disk = running_audit_file(store, tmp_path, monkeypatch, 2, retry=3600.0, writes=1, truncates=1)
+    monkeypatch.setattr(audit, "RETRY_SECONDS", 3600.0)  # only the catch-up below retries
+    path, f, disk = running_audit_file(store, tmp_path, monkeypatch, 2, writes=1, truncates=1)
     fill(store, 4)
     wait_for(lambda: f.behind, what="the write to fail")
     os.rename(path, tmp_path / "audit.jsonl.1")
@@ -268,7 +271,7 @@ def test_a_failed_write_whose_cut_fails_too_is_cut_before_the_file_is_rotated_aw
 
 
 def test_an_issuer_starts_beside_a_file_that_is_not_an_audit_trail_and_leaves_it_alone(store, tmp_path, monkeypatch):
-    monkeypatch.setattr(audit, "RETRY_SECONDS", 3600.0)
+    monkeypatch.setattr(audit, "RETRY_SECONDS", 3600.0)  # only the catch-ups below retry
     path = tmp_path / "audit.jsonl"
     fill(store, 2)
     for foreign in (b"operator notes\n", b"operator notes: do not touch"):  # the second has no final newline
@@ -285,7 +288,8 @@ def test_an_issuer_starts_beside_a_file_that_is_not_an_audit_trail_and_leaves_it
 
 
 def test_an_audit_file_ahead_of_a_restored_database_is_refused_not_silently_skipped(store, tmp_path, monkeypatch):
-    path = closed_audit_file(store, tmp_path, monkeypatch, 5, retry=3600.0)
+    monkeypatch.setattr(audit, "RETRY_SECONDS", 3600.0)  # only the catch-ups below retry
+    path = closed_audit_file(store, tmp_path, 5)
     written = path.read_bytes()
     restored = sqlite_store.SQLiteDatastore(tmp_path / "restored.db")  # an older backup: other records 1-2
     try:
@@ -319,11 +323,7 @@ def test_a_failed_write_after_the_file_was_rotated_does_not_pad_it(store, tmp_pa
 
 
 def test_a_restart_after_the_audit_file_was_rotated_goes_on_without_writing_the_trail_again(store, tmp_path):
-    path = tmp_path / "audit.jsonl"
-    fill(store, 3)
-    f = AuditFile(path, store.audit_records)
-    f.catch_up()
-    f.close()
+    path = closed_audit_file(store, tmp_path, 3)
     os.truncate(path, 0)  # rotated by copy and truncate while the issuer was stopped
     fill(store, 2)
     f = AuditFile(path, store.audit_records)
@@ -374,13 +374,8 @@ def test_a_running_audit_file_follows_a_rename_rotation(store, tmp_path, monkeyp
 
 
 def test_an_older_audit_file_put_back_gets_its_gap_filled(store, tmp_path, monkeypatch):
-    path = closed_audit_file(store, tmp_path, monkeypatch, 2)
-    backup = path.read_bytes()
-    fill(store, 2)
-    f = AuditFile(path, store.audit_records)
-    f.catch_up()
-    f.start()
-    store.audit_listeners.append(f)
+    backup = closed_audit_file(store, tmp_path, 2).read_bytes()
+    path, f, _ = running_audit_file(store, tmp_path, monkeypatch, 2)
     path.with_name("restored").write_bytes(backup)
     os.rename(path.with_name("restored"), path)  # put back while running: records 3 and 4 are missing
     fill(store, 1)

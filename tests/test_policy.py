@@ -2,6 +2,7 @@
 request, pending requests released or refused by `tessera approval`. Real daemons throughout."""
 
 import json
+import shutil
 import subprocess
 import tempfile
 import time
@@ -49,7 +50,7 @@ def gated(deployment):
 def test_the_approver_sees_the_waiting_workload_as_the_kernel_named_it(gated):
     gated.entry("/agent/other-user", "host-a", "unix:uid:5001", scope=["payments:write"], tier="high")
     out = Path(tempfile.mkdtemp())
-    out.chmod(0o777)  # the workload runs as another user
+    out.chmod(0o777)  # the workload runs as another user (pytest's tmp_path is closed to it)
     proc = subprocess.Popen(as_uid(5001, task_argv(gated, "as-5001", out / "t", "payments:write",
                                                    spiffe_id=f"spiffe://{gated.td}/agent/other-user"), gid=5002),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -61,6 +62,7 @@ def test_the_approver_sees_the_waiting_workload_as_the_kernel_named_it(gated):
     finally:
         proc.kill()
         proc.communicate()
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def test_high_tier_task_waits_for_approval_then_is_delivered(gated, tmp_path):
