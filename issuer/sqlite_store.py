@@ -291,8 +291,8 @@ class SQLiteDatastore:
         """Hand committed audit records to the listeners, also those another process committed.
 
         With `relay_all`, every record reaches the listeners exactly once and in seq order. Records
-        arrive out of order (each thread and each signing worker's feeder hands over its own), so
-        those after a gap wait for it to fill; a gap older than GAP_GRACE is read back from the
+        arrive out of order (each thread hands over its own, the event loop each signing worker's),
+        so those after a gap wait for it to fill; a gap older than GAP_GRACE is read back from the
         database (every record before a committed one is committed too): a signing worker that died
         between its commit and its answer never hands its records over.
         """

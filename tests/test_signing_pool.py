@@ -2,6 +2,10 @@
 nothing leaves unrecorded, one audit chain across processes."""
 
 import asyncio
+import os
+import pickle
+import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -14,7 +18,7 @@ from harness import wait_for
 from issuer.audit import verify_chain
 from issuer.ca import CertificateAuthority
 from issuer.models import Actor, AuditEvent
-from issuer.signing_pool import SigningPool, SignJob, sign_jobs
+from issuer.signing_pool import SigningPool, SignJob, astuple_job, sign_jobs
 from tessera import x509svid
 
 SID = "spiffe://example.org/agent/a"
@@ -184,7 +188,7 @@ def test_issuer_without_signing_workers_signs_in_process_and_records_the_serial(
     assert row is not None and row["kind"] == "identity"
 
 
-async def test_a_feeder_that_fails_answers_its_callers_and_goes_on_feeding(ca, store):
+async def test_a_failed_relay_of_committed_records_fails_its_callers_and_the_pool_goes_on(ca, store):
     told: list = []
 
     def committed(records):  # the relay to listeners fails once, after the worker committed
@@ -200,3 +204,47 @@ async def test_a_feeder_that_fails_answers_its_callers_and_goes_on_feeding(ca, s
         assert not signed.error and store.get_issued(signed.serial_hex) is not None
     finally:
         p.close()
+
+
+async def _until(condition, timeout: float = 15.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+    return value
+
+
+async def test_callers_of_a_chunk_whose_worker_dies_get_an_error_and_the_worker_is_replaced(pool, store):
+    csrs = [x509svid.make_csr(x509svid.new_key()) for _ in range(8)]
+    big = [job(csrs[i % 8], entry_id=f"e{i}") for i in range(256)]  # ~30 ms of signing: time to kill it
+    call = asyncio.create_task(pool.sign_and_record(big))
+    await asyncio.sleep(0)  # the request is queued and sent to an idle worker
+    (busy,) = [w for w in pool._workers if w.batch]
+    dead_pid = busy.proc.pid
+    os.kill(dead_pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="died"):
+        await asyncio.wait_for(call, 30)
+    await _until(lambda: dead_pid not in [p.pid for p in pool._procs] and all(p.is_alive() for p in pool._procs),
+                 what="the dead worker's replacement")
+    # The replacement signs a chunk larger than the socket's buffer each way (written and read in parts).
+    large = [job(x509svid.make_csr(x509svid.new_key()), entry_id=f"e{i}") for i in range(1024)]
+    with socket.socket(fileno=os.dup(pool._workers[0].fd)) as sock:
+        buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+    assert len(pickle.dumps([astuple_job(j) for j in large])) > buffer
+    signed = await asyncio.wait_for(pool.sign_and_record(large), 60)
+    assert len(signed) == 1024 and not any(s.error for s in signed)
+    assert [x509.load_der_x509_certificate(s.cert_der).public_key().public_numbers() for s in signed] == \
+        [x509.load_der_x509_csr(j.csr_der).public_key().public_numbers() for j in large]
+    assert all(store.get_issued(s.serial_hex) is not None for s in signed)
+
+
+async def test_a_worker_that_dies_while_idle_is_replaced_before_the_next_call(pool):
+    (first,) = await pool.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))])
+    old = [p.pid for p in pool._procs]
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    await _until(lambda: not set(old) & {p.pid for p in pool._procs} and all(p.is_alive() for p in pool._procs),
+                 what="both workers replaced")
+    (second,) = await asyncio.wait_for(pool.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))]), 30)
+    assert not second.error and second.serial != first.serial
