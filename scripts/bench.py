@@ -45,6 +45,7 @@ class Sizes:
     batch: int
     batched_concurrency: int
     unary_concurrency: int
+    unary_sweep: tuple[int, ...]  # further unary concurrencies, one run each: how the rate follows the load
     entries: int            # registered before the RSS reading (spread over the client sidecars)
     serials: int            # issued before the RSS reading
     sidecar_svids: int
@@ -55,11 +56,12 @@ class Sizes:
     crl_runs: int           # each CRL build is the best of this many
 
 
-FULL = Sizes(limit_bursts=10, phase_seconds=8, phase_runs=3, clients=4, batch=64, batched_concurrency=2, unary_concurrency=16,
+FULL = Sizes(limit_bursts=10, phase_seconds=8, phase_runs=3, clients=4, batch=64, batched_concurrency=2,
+             unary_concurrency=32, unary_sweep=(4, 16, 64),
              entries=10_000, serials=100_000, sidecar_svids=1_000,
              task_calls=200, sync_streams=100, sync_procs=4, revocations=20, crl_runs=3)
 QUICK = Sizes(limit_bursts=4, phase_seconds=4, phase_runs=1, clients=4, batch=64, batched_concurrency=2,
-              unary_concurrency=16,
+              unary_concurrency=32, unary_sweep=(),
               entries=2_000, serials=20_000, sidecar_svids=1_000,
               task_calls=50, sync_streams=100, sync_procs=4, revocations=10, crl_runs=1)
 
@@ -224,6 +226,13 @@ def measure_issuer(dep: Deployment, sz: Sizes, figures: dict, issuer_config: dic
             figures[f"issuer_sign_per_s_{mode}_p50_ms"] = stats.rounded(r["p50_ms"], 2)
             figures[f"issuer_sign_per_s_{mode}_p99_ms"] = stats.rounded(r["p99_ms"], 2)
             figures[f"ratio_{mode}"] = stats.rounded(r["per_s"] / figures["limit_sign_per_s"], 3)
+        for conc in sz.unary_sweep:
+            in_flight = conc * sz.clients
+            log(f"unary at {in_flight} calls in flight: {sz.clients} clients x {conc}, {sz.phase_seconds}s")
+            run = run_phase(clients, 1, conc, duration=sz.phase_seconds)
+            issued += run["ok"]
+            figures[f"unary_per_s_{in_flight}_in_flight"] = stats.rounded(run["per_s"], 0)
+            figures[f"unary_p50_ms_{in_flight}_in_flight"] = stats.rounded(run["p50_ms"], 2)
         if issued < sz.serials:
             log(f"issuing {sz.serials - issued} more serials for the memory reading")
             calls = -(-(sz.serials - issued) // (sz.batch * sz.clients * sz.batched_concurrency))
@@ -432,6 +441,8 @@ def note(key: str, figures: dict, sz: Sizes) -> str:
         parts.append(f"{sz.clients} client procs x {sz.batched_concurrency} in flight x {sz.batch} CSRs/call{best}")
     if key == "issuer_sign_per_s_unary":
         parts.append(f"{sz.clients} client procs x {sz.unary_concurrency} in flight x 1 CSR/call{best}")
+    if key.startswith("unary_per_s_"):
+        parts.append("the same unary calls at another load, one run")
     if key.startswith("issuer_cpu_us_per_csr"):
         parts.append("issuer main process + signing workers, in the reported run")
     if key.startswith("bench_cpu_share"):
@@ -465,6 +476,7 @@ def note(key: str, figures: dict, sz: Sizes) -> str:
 ORDER = ["limit_sign_per_s", "issuer_sign_per_s_batched", "issuer_sign_per_s_batched_p50_ms",
          "issuer_sign_per_s_batched_p99_ms", "ratio_batched", "issuer_sign_per_s_unary",
          "issuer_sign_per_s_unary_p50_ms", "issuer_sign_per_s_unary_p99_ms", "ratio_unary",
+         *(f"unary_{k}_{n * FULL.clients}_in_flight" for n in FULL.unary_sweep for k in ("per_s", "p50_ms")),
          "issuer_cpu_us_per_csr_batched", "issuer_cpu_us_per_csr_unary", "bench_cpu_share_batched",
          "bench_cpu_share_unary",
          "task_credential_p50_ms", "task_credential_p99_ms", "revocation_propagation_p50_ms",
@@ -518,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             "issuer_config": {k: v for k, v in issuer_config.items() if k != "policy"}}
     print(f"Tessera benchmark ({meta['mode']}, {meta['cpus']} CPUs shared by issuer, sidecar and load clients; "
           f"load average {load_before:.1f} before, {meta['loadavg_after']:.1f} after; {meta['seconds']}s)")
-    print(stats.table([(k, figures.get(k), note(k, figures, sz)) for k in ORDER]))
+    print(stats.table([(k, figures.get(k), note(k, figures, sz)) for k in ORDER
+                       if k in figures or not k.startswith("unary_")]))  # the sweep is not in --quick
     if args.json:
         Path(args.json).write_text(json.dumps({**figures, "meta": meta}, indent=2) + "\n")
     return 0
