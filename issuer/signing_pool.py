@@ -250,7 +250,14 @@ class _WorkerPipe:
         except OSError as e:
             failure = e
         # An answer that arrived before the worker went away still counts: its chunk was committed.
-        while (message := self._take_message()) is not None:
+        while True:
+            try:
+                message = self._take_message()
+            except Exception as e:  # noqa: BLE001 - an answer that cannot be read: treat the worker as failed
+                failure = RuntimeError(f"unreadable answer from a signing worker: {e!r}")
+                break
+            if message is None:
+                break
             self._on_message(message)
         if failure is not None and not self.closed:
             self._failed(failure)

@@ -6,6 +6,7 @@ import os
 import pickle
 import signal
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from harness import wait_for
 from issuer.audit import verify_chain
 from issuer.ca import CertificateAuthority
 from issuer.models import Actor, AuditEvent
-from issuer.signing_pool import SigningPool, SignJob, astuple_job, sign_jobs
+from issuer.signing_pool import SigningPool, SignJob, _Request, astuple_job, sign_jobs
 from tessera import x509svid
 
 SID = "spiffe://example.org/agent/a"
@@ -248,3 +249,20 @@ async def test_a_worker_that_dies_while_idle_is_replaced_before_the_next_call(po
                  what="both workers replaced")
     (second,) = await asyncio.wait_for(pool.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))]), 30)
     assert not second.error and second.serial != first.serial
+
+
+async def test_an_unreadable_answer_fails_its_callers_and_the_worker_is_replaced(pool):
+    await pool.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))])  # binds the pool to this loop
+    pipe = pool._workers[0]
+    waiting = _Request([job(b"csr")], [], asyncio.get_running_loop().create_future())
+    pipe.batch = [waiting]
+    # A frame whose body is not a pickle, as if the pipe had carried something else.
+    pipe._in += struct.pack("!i", 16) + b"\x00" * 16
+    pipe._readable()
+    with pytest.raises(RuntimeError, match="unreadable answer"):
+        await asyncio.wait_for(waiting.future, 5)
+    old_pid = pipe.proc.pid
+    await _until(lambda: old_pid not in [p.pid for p in pool._procs] and all(p.is_alive() for p in pool._procs),
+                 what="the worker's replacement")
+    (signed,) = await asyncio.wait_for(pool.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))]), 30)
+    assert not signed.error
