@@ -26,8 +26,11 @@ import datetime as dt
 import multiprocessing
 import os
 import pickle
+import select
 import signal
 import struct
+import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -45,8 +48,9 @@ log = logs.get("signing-pool")
 
 CHUNK_MAX = 256  # CSRs per trip to a worker: large enough to amortise the trip, small enough to spread
 # While one worker is busy, another is engaged only when at least CHUNK_MIN jobs are waiting (see
-# SigningPool._take). Idle, nothing waits.
+# SigningPool._dispatch). Idle, nothing waits.
 CHUNK_MIN = 32
+READY = "ready"  # a worker's first message: it holds the key and has opened the database
 
 
 @dataclass(frozen=True)
@@ -150,26 +154,32 @@ def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str, db_pa
     store = SQLiteDatastore(db_path, relay_all=False)  # hands the issuer only what it committed itself
     committed: list[AuditRecord] = []
     store.audit_listeners.append(committed.extend)
+    answer: object = READY  # a worker that dies before this never read a chunk: its chunk may go elsewhere
     while True:
         try:
+            conn.send(answer)
             job_tuples, audits = conn.recv()
         except (EOFError, OSError):
             store.close()
-            return  # the issuer closed the pipe: stop
+            return  # the issuer closed the pipe (it is stopping, or gone): stop
         committed.clear()
         try:
             signed = sign_and_record_jobs(ca, store, [SignJob(*t) for t in job_tuples], audits)
-            conn.send(([astuple_signed(s) for s in signed], [astuple_record(r) for r in committed]))
+            answer = ([astuple_signed(s) for s in signed], [astuple_record(r) for r in committed])
         except TesseraError as e:  # e.g. UNAVAILABLE: the database stayed locked; the caller gets its status
-            conn.send(e)
+            answer = e
         except Exception as e:  # noqa: BLE001 - reported to the caller, the worker carries on
-            conn.send(RuntimeError(f"signing worker failed: {e!r}"))
+            answer = RuntimeError(f"signing worker failed: {e!r}")
 
 
 # -- main-process side --------------------------------------------------------------------------
 
 Committed = Callable[[list[AuditRecord]], None]  # told of audit records a worker committed
 
+MAX_START_FAILURES = 3  # workers in a row that died before READY: then callers get an error, not a wait
+RESTART_DELAY = (0.1, 10.0)  # seconds before restarting after a failed start: first, and at most
+CLOSE_WAIT = 5.0  # seconds close() waits for chunks at workers to be answered, and for workers to exit
+_READ_SIZE = 1 << 18
 _HEADER = struct.Struct("!i")  # multiprocessing.Connection's framing, which the worker side uses
 _LONG_HEADER = struct.Struct("!Q")  # after a header of -1, for messages of 2 GiB or more
 
@@ -187,9 +197,10 @@ class _WorkerPipe:
     """The main process's end of one worker's pipe, non-blocking, driven by the event loop.
 
     The worker keeps a plain blocking multiprocessing.Connection; this end speaks the same
-    framing (a length header, then a pickle) without ever blocking the loop: a message that
-    does not fit in the socket buffer is finished by a writer callback, and an answer is
-    taken apart as its bytes arrive.
+    framing (a length header, then a pickle) without blocking the loop: what does not fit in
+    the socket buffer is written by a writer callback, and answers are taken apart as their
+    bytes arrive. A failure closes the pipe at once, so nothing more is sent to it, and is
+    reported on the loop's next turn, when no pool code is on the stack.
     """
 
     def __init__(self, conn, proc):
@@ -197,37 +208,41 @@ class _WorkerPipe:
         self.proc = proc
         self.fd = conn.fileno()
         os.set_blocking(self.fd, False)
-        self.loop: asyncio.AbstractEventLoop | None = None
         self.batch: list[_Request] | None = None  # the chunk at this worker
-        self._out = bytearray()
+        self.ready = False  # READY came: the worker started
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_message: Callable[[_WorkerPipe, object], None] | None = None
+        self._on_failure: Callable[[_WorkerPipe, BaseException], None] | None = None
+        self._out = memoryview(b"")
         self._in = bytearray()
-        self._on_message: Callable[[object], None] = lambda message: None
-        self._on_failure: Callable[[BaseException], None] = lambda error: None
 
     @property
     def closed(self) -> bool:
         return self.conn.closed
 
-    def attach(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[object], None],
-               on_failure: Callable[[BaseException], None]) -> None:
-        self.loop, self._on_message, self._on_failure = loop, on_message, on_failure
+    def attach(self, loop: asyncio.AbstractEventLoop, on_message: Callable[[_WorkerPipe, object], None],
+               on_failure: Callable[[_WorkerPipe, BaseException], None]) -> None:
+        self._loop, self._on_message, self._on_failure = loop, on_message, on_failure
         loop.add_reader(self.fd, self._readable)
 
-    def send(self, message: object) -> None:
+    def send(self, message: object) -> bool:
+        """Send a message; False when none of it could be written (the pipe failed: the worker has nothing)."""
         data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
         n = len(data)
         header = _HEADER.pack(n) if n <= 0x7FFFFFFF else _HEADER.pack(-1) + _LONG_HEADER.pack(n)
-        pending = not self._out
-        self._out += header
-        self._out += data
-        if pending:
-            self._writable()
-            if self._out:
-                self.loop.add_writer(self.fd, self._writable)
+        try:
+            sent = os.writev(self.fd, [header, data])
+        except BlockingIOError:
+            sent = 0
+        except OSError as e:
+            self._failed(e)
+            return False
+        if sent < len(header) + n:  # the rest when the socket has room
+            self._out = memoryview(header + data)[sent:]
+            self._loop.add_writer(self.fd, self._writable)
+        return True
 
     def _writable(self) -> None:
-        if self.closed:
-            return
         try:
             sent = os.write(self.fd, self._out)
         except BlockingIOError:
@@ -235,32 +250,33 @@ class _WorkerPipe:
         except OSError as e:
             self._failed(e)
             return
-        del self._out[:sent]
+        self._out = self._out[sent:]
         if not self._out:
-            self.loop.remove_writer(self.fd)
+            self._loop.remove_writer(self.fd)
 
     def _readable(self) -> None:
-        failure: BaseException | None = None
+        # One read per callback: the reader is level-triggered, so the rest comes on the next turns.
         try:
-            while chunk := os.read(self.fd, 1 << 20):
-                self._in += chunk
-            failure = EOFError("the worker closed its pipe")
+            chunk = os.read(self.fd, _READ_SIZE)
         except BlockingIOError:
-            pass
+            chunk = None
         except OSError as e:
-            failure = e
-        # An answer that arrived before the worker went away still counts: its chunk was committed.
+            self._failed(e)
+            return
+        if chunk == b"":
+            self._failed(EOFError("the worker closed its pipe"))
+            return
+        if chunk:
+            self._in += chunk
         while True:
             try:
                 message = self._take_message()
-            except Exception as e:  # noqa: BLE001 - an answer that cannot be read: treat the worker as failed
-                failure = RuntimeError(f"unreadable answer from a signing worker: {e!r}")
-                break
+            except Exception as e:  # noqa: BLE001 - an answer that cannot be read: the worker is failed
+                self._failed(RuntimeError(f"unreadable answer from a signing worker: {e!r}"))
+                return
             if message is None:
-                break
-            self._on_message(message)
-        if failure is not None and not self.closed:
-            self._failed(failure)
+                return
+            self._on_message(self, message)
 
     def _take_message(self) -> object | None:
         if len(self._in) < 4:
@@ -272,23 +288,47 @@ class _WorkerPipe:
             (n,), start = _LONG_HEADER.unpack_from(self._in, 4), 12
         if len(self._in) < start + n:
             return None
-        message = pickle.loads(self._in[start:start + n])
+        with memoryview(self._in) as view:
+            message = pickle.loads(view[start:start + n])
         del self._in[:start + n]
         return message
 
     def _failed(self, error: BaseException) -> None:
-        self.close()
-        self._on_failure(error)
+        if not self.closed:
+            self.close()
+            self._loop.call_soon(self._on_failure, self, error)
 
-    def detach(self) -> None:
-        if self.loop is not None and not self.loop.is_closed():
-            self.loop.remove_reader(self.fd)
-            self.loop.remove_writer(self.fd)
-        self.loop = None
+    def finish(self, deadline: float) -> object | None:
+        """Blocking, for close(): send what is left of the chunk and wait for its answer until `deadline`
+        (time.monotonic()). None if no answer came."""
+        self._unregister()
+        try:
+            while self._out:
+                if not select.select([], [self.fd], [], max(0.0, deadline - time.monotonic()))[1]:
+                    return None
+                self._out = self._out[os.write(self.fd, self._out):]
+            while True:
+                message = self._take_message()
+                if message is not None and message != READY:
+                    return message
+                if message is None:
+                    if not select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                        return None
+                    chunk = os.read(self.fd, _READ_SIZE)
+                    if not chunk:
+                        return None
+                    self._in += chunk
+        except Exception:  # noqa: BLE001 - closing: an answer that cannot be had is no answer
+            return None
+
+    def _unregister(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self.fd)
+            self._loop.remove_writer(self.fd)
 
     def close(self) -> None:
-        self.detach()
-        self.conn.close()
+        self._unregister()
+        self.conn.close()  # the worker sees EOF and exits
 
 
 class SigningPool:
@@ -301,9 +341,14 @@ class SigningPool:
     the loop gives the worker its next chunk, passes the committed audit records to
     `committed` and only then resolves the callers' futures. A caller costs one queue append;
     a chunk, one pickled message each way. (Feeding threads, one per worker, cost each chunk
-    two hand-offs of the GIL and a wake-up of the loop: side by side, ~7 % fewer unary calls.)
+    two hand-offs of the GIL and a wake-up of the loop: side by side, ~5 % fewer unary calls.)
 
-    Bound to the loop of its first caller; close() it on that loop or after the loop stopped.
+    A worker that dies is replaced; the callers of a chunk it held get an error, unless it
+    never received the chunk or never started (then nothing was signed, and the chunk goes
+    to another worker). Workers that keep dying before they start are restarted with a
+    growing delay, and after MAX_START_FAILURES in a row callers get an error.
+
+    Bound to the loop of its first caller.
     """
 
     def __init__(self, ca: CertificateAuthority, workers: int, db_path: str, committed: Committed):
@@ -315,6 +360,10 @@ class SigningPool:
         self._queued = 0  # jobs waiting in _queue (a request without jobs counts as one)
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._start_failures = 0  # in a row
+        self._start_error: BaseException | None = None
+        self._restart_at = 0.0  # time.monotonic() before which no worker is restarted
+        self._restart_timer: asyncio.TimerHandle | None = None
         self._workers = [self._spawn(i) for i in range(workers)]
 
     def _spawn(self, i: int) -> _WorkerPipe:
@@ -325,15 +374,8 @@ class SigningPool:
         child.close()
         pipe = _WorkerPipe(parent, proc)
         if self._loop is not None:
-            self._attach(i, pipe)
+            pipe.attach(self._loop, self._message, self._died)
         return pipe
-
-    def _attach(self, i: int, pipe: _WorkerPipe) -> None:
-        pipe.attach(self._loop, lambda message: self._answered(i, message), lambda error: self._died(i, error))
-
-    @property
-    def _procs(self) -> list:
-        return [w.proc for w in self._workers]
 
     async def sign_and_record(self, jobs: Sequence[SignJob], audits: Sequence[AuditEvent] = ()) -> list[Signed]:
         """Sign `jobs`, commit their serials and issuance records together with `audits`, and return them.
@@ -346,8 +388,8 @@ class SigningPool:
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
-            for i, pipe in enumerate(self._workers):
-                self._attach(i, pipe)
+            for pipe in self._workers:
+                pipe.attach(loop, self._message, self._died)
         elif loop is not self._loop:
             raise RuntimeError("the signing pool serves the event loop it was first called from")
         req = _Request(list(jobs), list(audits), loop.create_future())
@@ -363,13 +405,13 @@ class SigningPool:
         chunk: each trip to a worker costs pickling and pipe writes here, so a second worker
         pays for itself only under batch-sized load. Waiting requests batch naturally.
         """
-        failure = self._revive()
+        if self._closed:
+            return
+        self._restart_dead()
         while self._queue:
-            # Afresh each time: a failed send below ends up here again, through _died.
             live = [w for w in self._workers if not w.closed]
-            if not live:  # none could be started: nothing would ever answer these callers
-                waiting, self._queue, self._queued = list(self._queue), collections.deque(), 0
-                _resolve(waiting, RuntimeError(f"no signing worker could be started: {failure!r}"))
+            if not live:
+                self._no_worker()
                 return
             idle = [w for w in live if w.batch is None]
             if not idle or (len(idle) < len(live) and self._queued < CHUNK_MIN):
@@ -383,15 +425,64 @@ class SigningPool:
             self._queued -= sum(max(1, len(r.jobs)) for r in batch)
             pipe = idle[0]
             pipe.batch = batch
-            pipe.send(([astuple_job(j) for r in batch for j in r.jobs], [a for r in batch for a in r.audits]))
+            if not pipe.send(([astuple_job(j) for r in batch for j in r.jobs], [a for r in batch for a in r.audits])):
+                pipe.batch = None  # it got nothing: the chunk waits for another worker
+                self._requeue(batch)
 
-    def _answered(self, i: int, answer: object) -> None:
-        pipe = self._workers[i]
-        batch, pipe.batch = pipe.batch, None
-        self._dispatch()  # the worker starts on the next chunk while this one's callers are answered
-        if batch is None:
-            log.error("a signing worker answered without a chunk; ignored", worker=i)
+    def _requeue(self, batch: list[_Request]) -> None:
+        self._queue.extendleft(reversed(batch))
+        self._queued += sum(max(1, len(r.jobs)) for r in batch)
+
+    def _no_worker(self) -> None:
+        """Requests are queued and no worker is alive: wait for a restart, or fail them after repeated failed starts."""
+        if self._start_failures >= MAX_START_FAILURES:
+            waiting = list(self._queue)
+            self._queue.clear()
+            self._queued = 0
+            _resolve(waiting, RuntimeError(f"no signing worker could be started ({self._start_failures} failed "
+                                           f"in a row; last: {self._start_error!r})"))
+        elif self._restart_timer is None:
+            delay = max(0.0, self._restart_at - time.monotonic())
+            self._restart_timer = self._loop.call_later(delay, self._restart_due)
+
+    def _restart_due(self) -> None:
+        self._restart_timer = None
+        self._dispatch()
+
+    def _restart_dead(self) -> None:
+        """Replace workers whose pipe failed, unless a failed start asked to wait."""
+        if self._closed or time.monotonic() < self._restart_at:
             return
+        for i, pipe in enumerate(self._workers):
+            if pipe.closed:
+                try:
+                    self._workers[i] = self._spawn(i)
+                except OSError as e:  # e.g. out of processes
+                    log.error("could not start a signing worker", worker=i, error=repr(e))
+                    self._start_failed(e)
+                    return
+
+    def _start_failed(self, error: BaseException) -> None:
+        self._start_failures += 1
+        self._start_error = error
+        first, most = RESTART_DELAY
+        self._restart_at = time.monotonic() + min(most, first * 2 ** (self._start_failures - 1))
+
+    def _message(self, pipe: _WorkerPipe, message: object) -> None:
+        if message == READY:
+            pipe.ready = True
+            self._start_failures = 0
+            return
+        batch, pipe.batch = pipe.batch, None
+        if batch is None:
+            log.error("a signing worker answered without a chunk; ignored")
+            return
+        try:
+            self._dispatch()  # the worker starts on the next chunk while this one's callers are answered
+        finally:
+            self._deliver(batch, message)
+
+    def _deliver(self, batch: list[_Request], answer: object) -> None:
         if not isinstance(answer, BaseException):
             signed, records = answer
             try:
@@ -399,53 +490,91 @@ class SigningPool:
                 self._committed([AuditRecord(*t) for t in records])
                 answer = [Signed(*t) for t in signed]
             except Exception as e:  # noqa: BLE001 - whatever went wrong, this chunk's callers hear of it
-                log.exception("relaying a signing worker's records failed; its callers get the error", worker=i)
+                log.exception("relaying a signing worker's records failed; its callers get the error")
                 answer = e
         _resolve(batch, answer)
 
-    def _died(self, i: int, error: BaseException) -> None:
-        """Worker i's pipe failed (the worker died): its chunk's callers get the error, and it is replaced.
-
-        A worker that died after its commit leaves recorded serials nobody holds.
-        """
-        batch, self._workers[i].batch = self._workers[i].batch, None
+    def _died(self, pipe: _WorkerPipe, error: BaseException) -> None:
+        """A worker's pipe failed: the worker died, or its answer could not be read."""
+        batch, pipe.batch = pipe.batch, None
+        if self._closed:
+            return  # close() answered its callers
+        if not pipe.ready:
+            log.error("a signing worker died before it started", error=repr(error))
+            self._start_failed(error)
         if batch is not None:
-            _resolve(batch, RuntimeError(f"signing worker {i} died: {error!r}"))
+            if pipe.ready:  # it may have signed and committed: its callers get the error
+                _resolve(batch, RuntimeError(f"a signing worker died: {error!r}"))
+            else:
+                self._requeue(batch)
         self._dispatch()
 
-    def _revive(self) -> BaseException | None:
-        """Replace workers whose pipe failed; the error of the last replacement that failed, if any."""
-        failure = None
-        for i, pipe in enumerate(self._workers):
-            if pipe.closed and not self._closed:
-                try:
-                    self._workers[i] = self._spawn(i)
-                except OSError as e:  # e.g. out of processes: the next dispatch tries again
-                    log.error("could not restart a signing worker", worker=i, error=repr(e))
-                    failure = e
-        return failure
-
     def close(self) -> None:
+        """Stop the workers once the chunks they hold are answered (at most CLOSE_WAIT seconds).
+
+        Queued requests get an error. From another thread while the pool's loop runs, the
+        work is done on the loop.
+        """
+        loop = self._loop
+        if loop is not None and loop.is_running() and not _running_in(loop):
+            done = threading.Event()
+
+            def close_on_loop() -> None:
+                try:
+                    self._close()
+                finally:
+                    done.set()
+
+            try:
+                loop.call_soon_threadsafe(close_on_loop)
+            except RuntimeError:  # the loop closed meanwhile
+                self._close()
+                return
+            if not done.wait(3 * CLOSE_WAIT):
+                log.error("the event loop did not close the signing pool; stopping its workers")
+                for pipe in self._workers:
+                    pipe.proc.kill()
+            return
+        self._close()
+
+    def _close(self) -> None:
         self._closed = True
-        pending = [*self._queue, *(r for w in self._workers if w.batch for r in w.batch)]
+        if self._restart_timer is not None:
+            self._restart_timer.cancel()
+        queued = list(self._queue)
         self._queue.clear()
-        if self._loop is not None and not self._loop.is_closed():
-            _resolve(pending, RuntimeError("signing pool is closed"))
+        _resolve(queued, RuntimeError("signing pool is closed"))
+        deadline = time.monotonic() + CLOSE_WAIT
         for pipe in self._workers:
-            pipe.close()  # the worker sees EOF and exits
+            if pipe.batch is not None:
+                batch, pipe.batch = pipe.batch, None
+                answer = None if pipe.closed else pipe.finish(deadline)
+                self._deliver(batch, answer if answer is not None else RuntimeError("signing pool is closed"))
         for pipe in self._workers:
-            pipe.proc.join(timeout=5)
+            pipe.close()
+        for pipe in self._workers:
+            pipe.proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if pipe.proc.is_alive():
                 pipe.proc.kill()
                 pipe.proc.join()
 
 
+def _running_in(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 def _resolve(batch: list[_Request], answer: list[Signed] | BaseException) -> None:
-    """Hand each request of a chunk its certificates, or the chunk's error (a caller that went away is skipped)."""
+    """Hand each request of a chunk its certificates, or the chunk's error.
+
+    A caller that went away is skipped, and so is a loop that is closed (its callers are gone).
+    """
     k = 0
     for r in batch:
         start, k = k, k + len(r.jobs)
-        if r.future.done():
+        if r.future.done() or r.future.get_loop().is_closed():
             continue
         if isinstance(answer, BaseException):
             r.future.set_exception(answer)

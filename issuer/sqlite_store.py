@@ -294,13 +294,17 @@ class SQLiteDatastore:
         arrive out of order (each thread hands over its own, the event loop each signing worker's),
         so those after a gap wait for it to fill; a gap older than GAP_GRACE is read back from the
         database (every record before a committed one is committed too): a signing worker that died
-        between its commit and its answer never hands its records over.
+        between its commit and its answer never hands its records over. The read-back runs on the
+        gap timer's thread only, so a caller on an event loop never waits for the database.
         """
+        self._relay(records, read_back=False)
+
+    def _relay(self, records: list[AuditRecord], read_back: bool) -> None:
         with self._relay_lock:
             if self._closed:
                 return
             if self._relay_all:
-                records = self._in_order(records)
+                records = self._in_order(records, read_back)
             if not records:
                 return
             for listener in self.audit_listeners:
@@ -309,8 +313,8 @@ class SQLiteDatastore:
                 except Exception:  # noqa: BLE001 - committed is committed: a listener must not fail the write
                     log.exception("an audit listener failed", listener=repr(listener))
 
-    def _in_order(self, records: list[AuditRecord]) -> list[AuditRecord]:
-        """Under the relay lock: the records now due, in seq order."""
+    def _in_order(self, records: list[AuditRecord], read_back: bool) -> list[AuditRecord]:
+        """Under the relay lock: the records now due, in seq order (with `read_back`, also a gap past its grace)."""
         for r in records:
             if r.seq > self._relayed:
                 self._waiting[r.seq] = r
@@ -323,7 +327,7 @@ class SQLiteDatastore:
             self._gap_since = now
             self._arm_gap_timer()
             return due
-        if now - self._gap_since < GAP_GRACE:
+        if now - self._gap_since < GAP_GRACE or not read_back:
             self._arm_gap_timer()
             return due
         first = min(self._waiting)
@@ -351,7 +355,7 @@ class SQLiteDatastore:
     def _gap_timer_fired(self) -> None:
         with self._relay_lock:
             self._gap_timer_armed = False
-        self.notify([])
+        self._relay([], read_back=True)
 
     def _contiguous(self) -> list[AuditRecord]:
         run = []

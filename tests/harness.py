@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import json
 import os
 import queue
@@ -50,6 +52,17 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "c
         if v:
             return v
         time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+async def wait_for_async(pred, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    """wait_for for a coroutine: the event loop runs while it waits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 

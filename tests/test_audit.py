@@ -678,6 +678,30 @@ def test_a_gap_is_read_back_by_time_alone_when_nothing_else_commits(store, monke
     assert heard == store.audit_records()
 
 
+def test_a_gap_is_read_back_on_the_timer_thread_never_by_a_committing_caller(store, monkeypatch):
+    """The signing pool hands records over on the event loop: that call must never wait for the database."""
+    monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.05)
+    monkeypatch.setattr(store, "_arm_gap_timer", lambda: None)  # the timer is fired by hand below
+    heard = heard_by_a_listener(store)
+    committed_by_a_worker(store, 2)  # then the worker died before handing them over
+    readers = []
+    read_back = store.audit_records
+
+    def recorded(*args, **kwargs):
+        readers.append(threading.current_thread())
+        return read_back(*args, **kwargs)
+
+    monkeypatch.setattr(store, "audit_records", recorded)
+    fill(store, 1)  # record 3 waits for 1 and 2
+    time.sleep(0.1)
+    fill(store, 1)  # past the grace, on this thread: record 4 waits too, nothing is read
+    assert readers == [] and heard == []
+    timer = threading.Thread(target=store._gap_timer_fired)
+    timer.start()
+    timer.join()
+    assert readers == [timer] and [r.seq for r in heard] == [1, 2, 3, 4]
+
+
 def test_a_failed_read_back_loses_nothing_and_is_tried_again(store, monkeypatch):
     monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.05)
     heard = heard_by_a_listener(store)

@@ -4,6 +4,7 @@ nothing leaves unrecorded, one audit chain across processes."""
 import asyncio
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -15,11 +16,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from harness import wait_for
+from harness import wait_for, wait_for_async
 from issuer.audit import verify_chain
 from issuer.ca import CertificateAuthority
 from issuer.models import Actor, AuditEvent
-from issuer.signing_pool import SigningPool, SignJob, _Request, astuple_job, sign_jobs
+from issuer import signing_pool
+from issuer.signing_pool import SigningPool, SignJob, _Request, _WorkerPipe, astuple_job, sign_jobs
 from tessera import x509svid
 
 SID = "spiffe://example.org/agent/a"
@@ -137,7 +139,7 @@ async def test_failed_commit_means_no_certificate_is_returned(ca, store):
 
 async def test_closed_pool_refuses_work_and_its_workers_exit(ca, store):
     p = SigningPool(ca, 2, store.path, lambda records: None)
-    procs = list(p._procs)
+    procs = [w.proc for w in p._workers]
     p.close()
     assert all(not proc.is_alive() for proc in procs)
     with pytest.raises(RuntimeError, match="closed"):
@@ -207,62 +209,149 @@ async def test_a_failed_relay_of_committed_records_fails_its_callers_and_the_poo
         p.close()
 
 
-async def _until(condition, timeout: float = 15.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-    return value
+@pytest.fixture
+def one_worker(ca, store):
+    p = SigningPool(ca, 1, store.path, lambda records: None)
+    yield p
+    p.close()
 
 
-async def test_callers_of_a_chunk_whose_worker_dies_get_an_error_and_the_worker_is_replaced(pool, store):
-    csrs = [x509svid.make_csr(x509svid.new_key()) for _ in range(8)]
-    big = [job(csrs[i % 8], entry_id=f"e{i}") for i in range(256)]  # ~30 ms of signing: time to kill it
+def csr() -> bytes:
+    return x509svid.make_csr(x509svid.new_key())
+
+
+async def started(pool) -> list[int]:
+    """Bind the pool to this loop and wait until every worker has started; their pids."""
+    await pool.sign_and_record([job(csr())])
+    await wait_for_async(lambda: all(w.ready for w in pool._workers), what="the workers to start")
+    return [w.proc.pid for w in pool._workers]
+
+
+async def replaced(pool, pids: list[int]) -> None:
+    """Wait until none of these workers is in the pool any more, and their replacements have started."""
+    await wait_for_async(lambda: not set(pids) & {w.proc.pid for w in pool._workers}
+                         and all(w.ready and not w.closed for w in pool._workers), timeout=15,
+                         what="the workers' replacements")
+
+
+def kill(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+
+
+async def test_callers_of_a_chunk_whose_worker_dies_mid_chunk_get_an_error_and_the_worker_is_replaced(pool):
+    await started(pool)
+    big = [job(csr(), entry_id=f"e{i}") for i in range(256)]  # ~40 ms of signing
     call = asyncio.create_task(pool.sign_and_record(big))
-    await asyncio.sleep(0)  # the request is queued and sent to an idle worker
+    await asyncio.sleep(0)  # the chunk is at an idle, started worker
     (busy,) = [w for w in pool._workers if w.batch]
-    dead_pid = busy.proc.pid
-    os.kill(dead_pid, signal.SIGKILL)
+    kill(busy.proc.pid)
     with pytest.raises(RuntimeError, match="died"):
         await asyncio.wait_for(call, 30)
-    await _until(lambda: dead_pid not in [p.pid for p in pool._procs] and all(p.is_alive() for p in pool._procs),
-                 what="the dead worker's replacement")
-    # The replacement signs a chunk larger than the socket's buffer each way (written and read in parts).
-    large = [job(x509svid.make_csr(x509svid.new_key()), entry_id=f"e{i}") for i in range(1024)]
+    await replaced(pool, [busy.proc.pid])
+    (signed,) = await asyncio.wait_for(pool.sign_and_record([job(csr())]), 30)
+    assert not signed.error
+
+
+async def test_messages_larger_than_the_socket_buffer_cross_both_ways(pool, store, monkeypatch):
+    await started(pool)
+    rest_written = []
+    real_writable = _WorkerPipe._writable
+
+    def writable(self):  # the real callback, counted: it writes what did not fit at once
+        rest_written.append(1)
+        real_writable(self)
+
+    monkeypatch.setattr(_WorkerPipe, "_writable", writable)
+    large = [job(csr(), entry_id=f"e{i}") for i in range(1024)]
     with socket.socket(fileno=os.dup(pool._workers[0].fd)) as sock:
         buffer = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
     assert len(pickle.dumps([astuple_job(j) for j in large])) > buffer
     signed = await asyncio.wait_for(pool.sign_and_record(large), 60)
-    assert len(signed) == 1024 and not any(s.error for s in signed)
+    assert rest_written
+    # The answer carried more than one read takes: it was put together from several.
+    assert sum(len(s.cert_der) for s in signed) > signing_pool._READ_SIZE
     assert [x509.load_der_x509_certificate(s.cert_der).public_key().public_numbers() for s in signed] == \
         [x509.load_der_x509_csr(j.csr_der).public_key().public_numbers() for j in large]
     assert all(store.get_issued(s.serial_hex) is not None for s in signed)
 
 
 async def test_a_worker_that_dies_while_idle_is_replaced_before_the_next_call(pool):
-    (first,) = await pool.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))])
-    old = [p.pid for p in pool._procs]
-    for pid in old:
-        os.kill(pid, signal.SIGKILL)
-    await _until(lambda: not set(old) & {p.pid for p in pool._procs} and all(p.is_alive() for p in pool._procs),
-                 what="both workers replaced")
-    (second,) = await asyncio.wait_for(pool.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))]), 30)
-    assert not second.error and second.serial != first.serial
+    pids = await started(pool)
+    for pid in pids:
+        kill(pid)
+    await replaced(pool, pids)
+
+
+async def test_a_call_right_after_a_worker_died_unnoticed_goes_to_its_replacement(one_worker):
+    (pid,) = await started(one_worker)
+    kill(pid)
+    os.waitpid(pid, 0)  # dead, and its end of the pipe closed, before the loop has read the EOF
+    (signed,) = await asyncio.wait_for(one_worker.sign_and_record([job(csr())]), 30)
+    assert not signed.error and one_worker._workers[0].proc.pid != pid
+
+
+async def test_an_answer_that_arrives_with_the_workers_death_still_reaches_its_callers(one_worker):
+    (pid,) = await started(one_worker)
+    first = asyncio.create_task(one_worker.sign_and_record([job(csr())]))
+    await asyncio.sleep(0)  # at the worker
+    pipe = one_worker._workers[0]
+    assert select.select([pipe.fd], [], [], 30)[0]  # its answer is in the pipe, not yet read
+    second = asyncio.create_task(one_worker.sign_and_record([job(csr())]))  # queued behind it
+    kill(pid)
+    os.waitpid(pid, 0)
+    (a,), (b,) = await asyncio.wait_for(asyncio.gather(first, second), 30)
+    assert not a.error and not b.error
+
+
+async def test_workers_that_cannot_start_fail_callers_and_are_not_restarted_in_a_loop(ca, tmp_path, monkeypatch):
+    spawned = []
+    real_spawn = SigningPool._spawn
+    monkeypatch.setattr(SigningPool, "_spawn", lambda self, i: (spawned.append(i), real_spawn(self, i))[1])
+    p = SigningPool(ca, 2, str(tmp_path / "missing" / "tessera.db"), lambda records: None)  # cannot be opened
+    try:
+        with pytest.raises(RuntimeError, match="no signing worker could be started"):
+            await asyncio.wait_for(p.sign_and_record([job(csr())]), 30)
+        assert len(spawned) <= 2 + signing_pool.MAX_START_FAILURES
+        after = len(spawned)
+        await asyncio.sleep(1.0)  # no caller: nothing is restarted
+        assert len(spawned) == after
+        with pytest.raises(RuntimeError, match="no signing worker could be started"):  # fails, does not wait
+            await asyncio.wait_for(p.sign_and_record([job(csr())]), 30)
+    finally:
+        p.close()
+
+
+async def test_close_waits_for_a_chunk_at_a_worker_and_relays_its_records(ca, store):
+    heard: list = []
+    p = SigningPool(ca, 1, store.path, heard.extend)
+    await started(p)
+    call = asyncio.create_task(p.sign_and_record([job(csr(), entry_id=f"e{i}") for i in range(256)]))
+    await asyncio.sleep(0)
+    assert p._workers[0].batch
+    proc = p._workers[0].proc
+    p.close()
+    signed = await call
+    assert len(signed) == 256 and not any(s.error for s in signed)
+    assert sorted(r.seq for r in heard) == [r.seq for r in store.audit_records()]
+    assert proc.exitcode == 0  # it finished its chunk and stopped, without a broken-pipe traceback
+
+
+async def test_close_from_another_thread_is_done_on_the_pools_loop(pool):
+    await started(pool)
+    procs = [w.proc for w in pool._workers]
+    await asyncio.to_thread(pool.close)
+    assert all(not proc.is_alive() for proc in procs)
+    with pytest.raises(RuntimeError, match="closed"):
+        await pool.sign_and_record([job(csr())])
 
 
 async def test_an_unreadable_answer_fails_its_callers_and_the_worker_is_replaced(pool):
-    await pool.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))])  # binds the pool to this loop
+    pids = await started(pool)
     pipe = pool._workers[0]
     waiting = _Request([job(b"csr")], [], asyncio.get_running_loop().create_future())
     pipe.batch = [waiting]
-    # A frame whose body is not a pickle, as if the pipe had carried something else.
-    pipe._in += struct.pack("!i", 16) + b"\x00" * 16
+    pipe._in += struct.pack("!i", 16) + b"\x00" * 16  # a frame whose body is no pickle
     pipe._readable()
     with pytest.raises(RuntimeError, match="unreadable answer"):
         await asyncio.wait_for(waiting.future, 5)
-    old_pid = pipe.proc.pid
-    await _until(lambda: old_pid not in [p.pid for p in pool._procs] and all(p.is_alive() for p in pool._procs),
-                 what="the worker's replacement")
-    (signed,) = await asyncio.wait_for(pool.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))]), 30)
-    assert not signed.error
+    await replaced(pool, pids[:1])
