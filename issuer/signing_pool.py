@@ -272,6 +272,7 @@ class _WorkerPipe:
             try:
                 message = self._take_message()
             except Exception as e:  # noqa: BLE001 - an answer that cannot be read: the worker is failed
+                self.ready = True  # whatever it was, the worker ran: its chunk may have been signed
                 self._failed(RuntimeError(f"unreadable answer from a signing worker: {e!r}"))
                 return
             if message is None:
@@ -304,7 +305,7 @@ class _WorkerPipe:
         self._unregister()
         try:
             while self._out:
-                if not select.select([], [self.fd], [], max(0.0, deadline - time.monotonic()))[1]:
+                if not _wait(self.fd, select.POLLOUT, deadline):
                     return None
                 self._out = self._out[os.write(self.fd, self._out):]
             while True:
@@ -312,7 +313,7 @@ class _WorkerPipe:
                 if message is not None and message != READY:
                     return message
                 if message is None:
-                    if not select.select([self.fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    if not _wait(self.fd, select.POLLIN, deadline):
                         return None
                     chunk = os.read(self.fd, _READ_SIZE)
                     if not chunk:
@@ -466,7 +467,7 @@ class SigningPool:
         self._start_failures += 1
         self._start_error = error
         first, most = RESTART_DELAY
-        self._restart_at = time.monotonic() + min(most, first * 2 ** (self._start_failures - 1))
+        self._restart_at = time.monotonic() + min(most, first * 2 ** min(self._start_failures - 1, 16))
 
     def _message(self, pipe: _WorkerPipe, message: object) -> None:
         if message == READY:
@@ -497,8 +498,10 @@ class SigningPool:
     def _died(self, pipe: _WorkerPipe, error: BaseException) -> None:
         """A worker's pipe failed: the worker died, or its answer could not be read."""
         batch, pipe.batch = pipe.batch, None
-        if self._closed:
-            return  # close() answered its callers
+        if self._closed:  # a pipe close() no longer saw (already replaced): its callers still get an answer
+            if batch is not None:
+                _resolve(batch, RuntimeError("signing pool is closed"))
+            return
         if not pipe.ready:
             log.error("a signing worker died before it started", error=repr(error))
             self._start_failed(error)
@@ -557,6 +560,13 @@ class SigningPool:
             if pipe.proc.is_alive():
                 pipe.proc.kill()
                 pipe.proc.join()
+
+
+def _wait(fd: int, events: int, deadline: float) -> bool:
+    """Block until fd is ready for `events` or time.monotonic() passes `deadline` (poll: any fd number)."""
+    poller = select.poll()
+    poller.register(fd, events)
+    return bool(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
 
 
 def _running_in(loop: asyncio.AbstractEventLoop) -> bool:

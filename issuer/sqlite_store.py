@@ -294,27 +294,29 @@ class SQLiteDatastore:
         arrive out of order (each thread hands over its own, the event loop each signing worker's),
         so those after a gap wait for it to fill; a gap older than GAP_GRACE is read back from the
         database (every record before a committed one is committed too): a signing worker that died
-        between its commit and its answer never hands its records over. The read-back runs on the
-        gap timer's thread only, so a caller on an event loop never waits for the database.
+        between its commit and its answer never hands its records over. The gap timer's thread reads
+        it back without holding the relay lock, so a caller of notify (the event loop) never waits
+        for the database.
         """
-        self._relay(records, read_back=False)
-
-    def _relay(self, records: list[AuditRecord], read_back: bool) -> None:
         with self._relay_lock:
             if self._closed:
                 return
             if self._relay_all:
-                records = self._in_order(records, read_back)
-            if not records:
-                return
-            for listener in self.audit_listeners:
-                try:
-                    listener(records)
-                except Exception:  # noqa: BLE001 - committed is committed: a listener must not fail the write
-                    log.exception("an audit listener failed", listener=repr(listener))
+                records = self._in_order(records)
+            self._tell(records)
 
-    def _in_order(self, records: list[AuditRecord], read_back: bool) -> list[AuditRecord]:
-        """Under the relay lock: the records now due, in seq order (with `read_back`, also a gap past its grace)."""
+    def _tell(self, records: list[AuditRecord]) -> None:
+        """Under the relay lock: give records to every listener."""
+        if not records:
+            return
+        for listener in self.audit_listeners:
+            try:
+                listener(records)
+            except Exception:  # noqa: BLE001 - committed is committed: a listener must not fail the write
+                log.exception("an audit listener failed", listener=repr(listener))
+
+    def _in_order(self, records: list[AuditRecord]) -> list[AuditRecord]:
+        """Under the relay lock: the records now due, in seq order; a gap arms the timer that reads it back."""
         for r in records:
             if r.seq > self._relayed:
                 self._waiting[r.seq] = r
@@ -322,26 +324,9 @@ class SQLiteDatastore:
         if not self._waiting:
             self._gap_since = None
             return due
-        now = time.monotonic()
         if due or self._gap_since is None:  # a new gap: its clock starts now
-            self._gap_since = now
-            self._arm_gap_timer()
-            return due
-        if now - self._gap_since < GAP_GRACE or not read_back:
-            self._arm_gap_timer()
-            return due
-        first = min(self._waiting)
-        try:
-            missing = self.audit_records(self._relayed, limit=first - self._relayed - 1)
-        except sqlite3.Error as e:  # nothing was moved on: the next notify or the timer tries again
-            log.error("could not read back audit records missing from the relay", error=str(e))
-            self._arm_gap_timer()
-            return due
-        self._relayed = missing[-1].seq if missing else first - 1
-        due += missing + self._contiguous()
-        self._gap_since = now if self._waiting else None
-        if self._waiting:
-            self._arm_gap_timer()
+            self._gap_since = time.monotonic()
+        self._arm_gap_timer()
         return due
 
     def _arm_gap_timer(self) -> None:
@@ -355,7 +340,35 @@ class SQLiteDatastore:
     def _gap_timer_fired(self) -> None:
         with self._relay_lock:
             self._gap_timer_armed = False
-        self._relay([], read_back=True)
+            if self._closed or not self._waiting:
+                return
+            if time.monotonic() - self._gap_since < GAP_GRACE:
+                self._arm_gap_timer()
+                return
+            after, first = self._relayed, min(self._waiting)
+        try:  # without the relay lock: records handed over meanwhile do not wait for this read
+            missing = self.audit_records(after, limit=first - after - 1)
+        except sqlite3.Error as e:  # nothing was moved on: the timer tries again
+            log.error("could not read back audit records missing from the relay", error=str(e))
+            with self._relay_lock:
+                self._arm_gap_timer()
+            return
+        with self._relay_lock:
+            if self._closed:
+                return
+            for r in missing:
+                if r.seq > self._relayed:
+                    self._waiting[r.seq] = r
+            due = self._contiguous()
+            if self._relayed < first - 1:  # not in the database either: waiting longer would not bring them
+                log.error("audit records missing from the database were skipped by the relay",
+                          after=self._relayed, before=first)
+                self._relayed = first - 1
+                due += self._contiguous()
+            self._gap_since = time.monotonic() if self._waiting else None
+            if self._waiting:
+                self._arm_gap_timer()
+            self._tell(due)
 
     def _contiguous(self) -> list[AuditRecord]:
         run = []

@@ -678,7 +678,7 @@ def test_a_gap_is_read_back_by_time_alone_when_nothing_else_commits(store, monke
     assert heard == store.audit_records()
 
 
-def test_a_gap_is_read_back_on_the_timer_thread_never_by_a_committing_caller(store, monkeypatch):
+def test_a_gap_is_read_back_on_the_timer_thread_without_the_relay_lock(store, monkeypatch):
     """The signing pool hands records over on the event loop: that call must never wait for the database."""
     monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.05)
     monkeypatch.setattr(store, "_arm_gap_timer", lambda: None)  # the timer is fired by hand below
@@ -689,6 +689,9 @@ def test_a_gap_is_read_back_on_the_timer_thread_never_by_a_committing_caller(sto
 
     def recorded(*args, **kwargs):
         readers.append(threading.current_thread())
+        # The relay lock is free while the database is read: a hand-over now would not wait for it.
+        assert store._relay_lock.acquire(blocking=False)
+        store._relay_lock.release()
         return read_back(*args, **kwargs)
 
     monkeypatch.setattr(store, "audit_records", recorded)

@@ -315,8 +315,10 @@ async def test_workers_that_cannot_start_fail_callers_and_are_not_restarted_in_a
         after = len(spawned)
         await asyncio.sleep(1.0)  # no caller: nothing is restarted
         assert len(spawned) == after
-        with pytest.raises(RuntimeError, match="no signing worker could be started"):  # fails, does not wait
+        # A later caller gets the workers restarted once (the database may be back), then the error.
+        with pytest.raises(RuntimeError, match="no signing worker could be started"):
             await asyncio.wait_for(p.sign_and_record([job(csr())]), 30)
+        assert len(spawned) <= after + 2
     finally:
         p.close()
 
@@ -336,10 +338,19 @@ async def test_close_waits_for_a_chunk_at_a_worker_and_relays_its_records(ca, st
     assert proc.exitcode == 0  # it finished its chunk and stopped, without a broken-pipe traceback
 
 
-async def test_close_from_another_thread_is_done_on_the_pools_loop(pool):
+async def test_close_from_another_thread_is_done_on_the_pools_loop(pool, monkeypatch):
     await started(pool)
     procs = [w.proc for w in pool._workers]
+    closed_on = []
+    real_close = SigningPool._close
+
+    def close_here(self):  # the real _close, noting the thread it runs on
+        closed_on.append(threading.current_thread())
+        real_close(self)
+
+    monkeypatch.setattr(SigningPool, "_close", close_here)
     await asyncio.to_thread(pool.close)
+    assert closed_on == [threading.current_thread()]  # this thread runs the pool's loop
     assert all(not proc.is_alive() for proc in procs)
     with pytest.raises(RuntimeError, match="closed"):
         await pool.sign_and_record([job(csr())])
@@ -355,3 +366,16 @@ async def test_an_unreadable_answer_fails_its_callers_and_the_worker_is_replaced
     with pytest.raises(RuntimeError, match="unreadable answer"):
         await asyncio.wait_for(waiting.future, 5)
     await replaced(pool, pids[:1])
+
+
+async def test_a_chunk_at_a_failed_and_replaced_worker_is_answered_when_close_comes_first(one_worker):
+    await started(one_worker)
+    failed = one_worker._workers[0]
+    waiting = _Request([job(b"csr")], [], asyncio.get_running_loop().create_future())
+    failed.batch = [waiting]
+    failed._failed(EOFError("gone"))  # reported to the pool on the loop's next turn
+    one_worker._dispatch()  # as a new caller would: the failed worker is replaced at once
+    assert one_worker._workers[0] is not failed
+    one_worker.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await asyncio.wait_for(waiting.future, 5)
