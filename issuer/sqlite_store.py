@@ -317,17 +317,25 @@ class SQLiteDatastore:
 
     def _in_order(self, records: list[AuditRecord]) -> list[AuditRecord]:
         """Under the relay lock: the records now due, in seq order; a gap arms the timer that reads it back."""
+        due = self._merge(records)
+        self._watch_gap(new=bool(due))
+        return due
+
+    def _merge(self, records: list[AuditRecord]) -> list[AuditRecord]:
+        """Under the relay lock: take in records not relayed yet; those now due, in seq order."""
         for r in records:
             if r.seq > self._relayed:
                 self._waiting[r.seq] = r
-        due = self._contiguous()
+        return self._contiguous()
+
+    def _watch_gap(self, new: bool) -> None:
+        """Under the relay lock: while records wait, time the gap (from now if `new`) and keep the timer armed."""
         if not self._waiting:
             self._gap_since = None
-            return due
-        if due or self._gap_since is None:  # a new gap: its clock starts now
+            return
+        if new or self._gap_since is None:
             self._gap_since = time.monotonic()
         self._arm_gap_timer()
-        return due
 
     def _arm_gap_timer(self) -> None:
         """Under the relay lock: make sure a gap is looked at again even if nothing else commits."""
@@ -338,36 +346,34 @@ class SQLiteDatastore:
             self._gap_timer.start()
 
     def _gap_timer_fired(self) -> None:
+        # The timer counts as armed until this returns: a notify meanwhile starts no second one.
         with self._relay_lock:
-            self._gap_timer_armed = False
-            if self._closed or not self._waiting:
-                return
-            if time.monotonic() - self._gap_since < GAP_GRACE:
-                self._arm_gap_timer()
+            if self._closed or not self._waiting or time.monotonic() - self._gap_since < GAP_GRACE:
+                self._gap_timer_armed = False
+                self._watch_gap(new=False)
                 return
             after, first = self._relayed, min(self._waiting)
         try:  # without the relay lock: records handed over meanwhile do not wait for this read
-            missing = self.audit_records(after, limit=first - after - 1)
-        except sqlite3.Error as e:  # nothing was moved on: the timer tries again
-            log.error("could not read back audit records missing from the relay", error=str(e))
+            missing = [r for r in self.audit_records(after, limit=first - after - 1) if r.seq < first]
+        except sqlite3.Error as e:
             with self._relay_lock:
-                self._arm_gap_timer()
+                self._gap_timer_armed = False
+                if not self._closed:  # (closing closes the connection under the read: not a fault)
+                    log.error("could not read back audit records missing from the relay", error=str(e))
+                    self._arm_gap_timer()  # nothing was moved on: try again
             return
         with self._relay_lock:
+            self._gap_timer_armed = False
             if self._closed:
                 return
-            for r in missing:
-                if r.seq > self._relayed:
-                    self._waiting[r.seq] = r
-            due = self._contiguous()
-            if self._relayed < first - 1:  # not in the database either: waiting longer would not bring them
+            due = self._merge(missing)
+            # Seqs before `first` that the database does not have either cannot come: pass each such hole.
+            while self._waiting and (nxt := min(self._waiting)) <= first and nxt > self._relayed + 1:
                 log.error("audit records missing from the database were skipped by the relay",
-                          after=self._relayed, before=first)
-                self._relayed = first - 1
+                          after=self._relayed, before=nxt)
+                self._relayed = nxt - 1
                 due += self._contiguous()
-            self._gap_since = time.monotonic() if self._waiting else None
-            if self._waiting:
-                self._arm_gap_timer()
+            self._watch_gap(new=True)
             self._tell(due)
 
     def _contiguous(self) -> list[AuditRecord]:
@@ -622,7 +628,7 @@ class SQLiteDatastore:
             self._closing = True
             while self._committing or self._group.items:  # callers already waiting get their commit
                 self._group_cond.wait()
-        with self._relay_lock:  # first, alone: a relay in progress holds it and may want the connection
+        with self._relay_lock:  # before the connection closes: the gap timer checks _closed under this lock
             self._closed = True  # no new transaction, and nothing more relayed
             if self._gap_timer is not None:
                 self._gap_timer.cancel()  # what still waits reaches the audit file at the next start

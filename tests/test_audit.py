@@ -44,6 +44,14 @@ def committed_by_a_worker(store, n) -> list:
     return committed
 
 
+def fire_gap_timer(store) -> None:
+    """Run the gap timer's callback on a thread of its own, as the timer does, and wait for it."""
+    timer = threading.Thread(target=store._gap_timer_fired)
+    timer.start()
+    timer.join(10)
+    assert not timer.is_alive()
+
+
 # -- verification --------------------------------------------------------------------------
 
 
@@ -699,10 +707,42 @@ def test_a_gap_is_read_back_on_the_timer_thread_without_the_relay_lock(store, mo
     time.sleep(0.1)
     fill(store, 1)  # past the grace, on this thread: record 4 waits too, nothing is read
     assert readers == [] and heard == []
-    timer = threading.Thread(target=store._gap_timer_fired)
-    timer.start()
-    timer.join()
-    assert readers == [timer] and [r.seq for r in heard] == [1, 2, 3, 4]
+    fire_gap_timer(store)
+    assert len(readers) == 1 and readers[0] is not threading.current_thread()
+    assert [r.seq for r in heard] == [1, 2, 3, 4]
+
+
+def test_records_handed_over_during_the_read_back_are_relayed_once(store, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.05)
+    monkeypatch.setattr(store, "_arm_gap_timer", lambda: None)  # the timer is fired by hand below
+    heard = heard_by_a_listener(store)
+    late = committed_by_a_worker(store, 2)  # its answer is slow, not lost
+    fill(store, 1)
+    time.sleep(0.1)
+    read_back = store.audit_records
+
+    def answer_arrives_meanwhile(*args, **kwargs):
+        store.notify(late)  # the event loop relays the worker's answer while the timer reads
+        return read_back(*args, **kwargs)
+
+    monkeypatch.setattr(store, "audit_records", answer_arrives_meanwhile)
+    fire_gap_timer(store)
+    assert [r.seq for r in heard] == [1, 2, 3] and not store._waiting
+
+
+def test_a_record_missing_from_the_database_is_skipped_and_the_ones_after_it_are_relayed(store, monkeypatch):
+    monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.05)
+    monkeypatch.setattr(store, "_arm_gap_timer", lambda: None)
+    heard = heard_by_a_listener(store)
+    committed_by_a_worker(store, 4)
+    with sqlite3.connect(store.path) as db:  # damage: a row gone from the middle of the trail
+        db.execute("DELETE FROM audit WHERE seq = 2")
+    fill(store, 1)  # record 5 waits for 1-4
+    time.sleep(0.1)
+    fire_gap_timer(store)
+    assert [r.seq for r in heard] == [1, 3, 4, 5] and not store._waiting
+    fill(store, 1)
+    assert [r.seq for r in heard][-1] == 6
 
 
 def test_a_failed_read_back_loses_nothing_and_is_tried_again(store, monkeypatch):
