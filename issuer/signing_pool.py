@@ -185,12 +185,13 @@ _LONG_HEADER = struct.Struct("!Q")  # after a header of -1, for messages of 2 Gi
 
 
 class _Request:
-    __slots__ = ("jobs", "audits", "future")
+    __slots__ = ("jobs", "audits", "future", "weight")
 
     def __init__(self, jobs: list[SignJob], audits: list[AuditEvent], future: asyncio.Future):
         self.jobs = jobs
         self.audits = audits
         self.future = future
+        self.weight = max(1, len(jobs))  # what it counts for in SigningPool._queued (no jobs: one, for its commit)
 
 
 class _WorkerPipe:
@@ -358,7 +359,7 @@ class SigningPool:
         key_pem = pem.key_pem(ca.key)
         self._args = (pem.certs_pem([ca.cert]), key_pem, ca.trust_domain, str(db_path))
         self._queue: collections.deque[_Request] = collections.deque()
-        self._queued = 0  # jobs waiting in _queue (a request without jobs counts as one)
+        self._queued = 0  # the weight of the requests in _queue: jobs, a request without jobs counting one
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start_failures = 0  # in a row
@@ -395,7 +396,7 @@ class SigningPool:
             raise RuntimeError("the signing pool serves the event loop it was first called from")
         req = _Request(list(jobs), list(audits), loop.create_future())
         self._queue.append(req)
-        self._queued += max(1, len(req.jobs))
+        self._queued += req.weight
         self._dispatch()
         return await req.future
 
@@ -423,7 +424,7 @@ class SigningPool:
             while self._queue and size + len(self._queue[0].jobs) <= CHUNK_MAX:
                 size += len(self._queue[0].jobs)
                 batch.append(self._queue.popleft())
-            self._queued -= sum(max(1, len(r.jobs)) for r in batch)
+            self._queued -= sum(r.weight for r in batch)
             pipe = idle[0]
             pipe.batch = batch
             if not pipe.send(([astuple_job(j) for r in batch for j in r.jobs], [a for r in batch for a in r.audits])):
@@ -432,7 +433,7 @@ class SigningPool:
 
     def _requeue(self, batch: list[_Request]) -> None:
         self._queue.extendleft(reversed(batch))
-        self._queued += sum(max(1, len(r.jobs)) for r in batch)
+        self._queued += sum(r.weight for r in batch)
 
     def _no_worker(self) -> None:
         """Requests are queued and no worker is alive: wait for a restart, or fail them after repeated failed starts."""

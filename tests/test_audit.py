@@ -44,6 +44,19 @@ def committed_by_a_worker(store, n) -> list:
     return committed
 
 
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch):
+    """Audit files here retry a failed write after 50 ms; a test that looks at the failed state sets longer."""
+    monkeypatch.setattr(audit, "RETRY_SECONDS", 0.05)
+
+
+def gap_timer_by_hand(store, monkeypatch) -> list:
+    """A gap is past its grace after 0.1 s and read back only when fire_gap_timer says; what listeners heard."""
+    monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.05)
+    monkeypatch.setattr(store, "_arm_gap_timer", lambda: None)
+    return heard_by_a_listener(store)
+
+
 def fire_gap_timer(store) -> None:
     """Run the gap timer's callback on a thread of its own, as the timer does, and wait for it."""
     timer = threading.Thread(target=store._gap_timer_fired)
@@ -132,12 +145,6 @@ def test_listeners_hear_records_handed_over_out_of_order_once_and_in_order(store
     assert [r.seq for r in heard] == [1, 2, 3]
     store.notify(committed[:1])  # handed over twice: relayed once
     assert [r.seq for r in heard] == [1, 2, 3] and heard == store.audit_records()
-
-
-@pytest.fixture(autouse=True)
-def quick_retries(monkeypatch):
-    """Audit files here retry a failed write after 50 ms; a test that looks at the failed state sets longer."""
-    monkeypatch.setattr(audit, "RETRY_SECONDS", 0.05)
 
 
 class FullDisk:
@@ -688,9 +695,7 @@ def test_a_gap_is_read_back_by_time_alone_when_nothing_else_commits(store, monke
 
 def test_a_gap_is_read_back_on_the_timer_thread_without_the_relay_lock(store, monkeypatch):
     """The signing pool hands records over on the event loop: that call must never wait for the database."""
-    monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.05)
-    monkeypatch.setattr(store, "_arm_gap_timer", lambda: None)  # the timer is fired by hand below
-    heard = heard_by_a_listener(store)
+    heard = gap_timer_by_hand(store, monkeypatch)
     committed_by_a_worker(store, 2)  # then the worker died before handing them over
     readers = []
     read_back = store.audit_records
@@ -713,9 +718,7 @@ def test_a_gap_is_read_back_on_the_timer_thread_without_the_relay_lock(store, mo
 
 
 def test_records_handed_over_during_the_read_back_are_relayed_once(store, monkeypatch):
-    monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.05)
-    monkeypatch.setattr(store, "_arm_gap_timer", lambda: None)  # the timer is fired by hand below
-    heard = heard_by_a_listener(store)
+    heard = gap_timer_by_hand(store, monkeypatch)
     late = committed_by_a_worker(store, 2)  # its answer is slow, not lost
     fill(store, 1)
     time.sleep(0.1)
@@ -731,9 +734,7 @@ def test_records_handed_over_during_the_read_back_are_relayed_once(store, monkey
 
 
 def test_a_record_missing_from_the_database_is_skipped_and_the_ones_after_it_are_relayed(store, monkeypatch):
-    monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.05)
-    monkeypatch.setattr(store, "_arm_gap_timer", lambda: None)
-    heard = heard_by_a_listener(store)
+    heard = gap_timer_by_hand(store, monkeypatch)
     committed_by_a_worker(store, 4)
     with sqlite3.connect(store.path) as db:  # damage: a row gone from the middle of the trail
         db.execute("DELETE FROM audit WHERE seq = 2")

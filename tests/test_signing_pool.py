@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from harness import wait_for, wait_for_async
 from issuer.audit import verify_chain
@@ -42,8 +41,13 @@ def pool(ca, store):
     p.close()
 
 
-def job(csr: bytes, ttl: int = 600, entry_id: str = "e1") -> SignJob:
-    return SignJob(csr, SID, ttl, int(time.time()) + 3600, entry_id, "sidecar-1", int(time.time()))
+def job(csr_der: bytes, ttl: int = 600, entry_id: str = "e1") -> SignJob:
+    return SignJob(csr_der, SID, ttl, int(time.time()) + 3600, entry_id, "sidecar-1", int(time.time()))
+
+
+def csr() -> bytes:
+    """A fresh key's CSR."""
+    return x509svid.make_csr(x509svid.new_key())
 
 
 async def test_worker_signs_with_the_one_profile_and_chains_to_the_ca(pool, ca):
@@ -62,7 +66,7 @@ async def test_worker_signs_with_the_one_profile_and_chains_to_the_ca(pool, ca):
 
 
 async def test_invalid_csr_is_refused_and_nothing_is_signed_or_recorded_for_it(pool, store):
-    good = x509svid.make_csr(x509svid.new_key())
+    good = csr()
     tampered = bytearray(good)
     tampered[-5] ^= 0xFF  # breaks the self-signature
     results = await pool.sign_and_record([job(b"not a csr"), job(bytes(tampered)), job(good)])
@@ -73,7 +77,7 @@ async def test_invalid_csr_is_refused_and_nothing_is_signed_or_recorded_for_it(p
 
 
 async def test_concurrent_callers_each_get_their_own_certificates_all_recorded_before_return(pool, store):
-    csrs = [x509svid.make_csr(x509svid.new_key()) for _ in range(8)]
+    csrs = [csr() for _ in range(8)]
     out: dict[int, list] = {}
     seen_recorded: dict[int, bool] = {}
 
@@ -101,7 +105,7 @@ async def test_denials_commit_with_the_call_even_without_anything_to_sign(pool, 
 
 
 async def test_worker_and_main_process_commits_form_one_audit_chain(pool, store):
-    csrs = [x509svid.make_csr(x509svid.new_key()) for _ in range(4)]
+    csrs = [csr() for _ in range(4)]
     stop = threading.Event()
 
     def main_process_writes():
@@ -131,7 +135,7 @@ async def test_failed_commit_means_no_certificate_is_returned(ca, store):
     p = SigningPool(ca, 1, store.path, lambda records: None)
     try:
         with pytest.raises(RuntimeError, match="disk full"):
-            await p.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))])
+            await p.sign_and_record([job(csr())])
     finally:
         p.close()
     assert store.find_issued(entry_id="e1") == [] and store.audit_records() == []
@@ -143,7 +147,7 @@ async def test_closed_pool_refuses_work_and_its_workers_exit(ca, store):
     p.close()
     assert all(not proc.is_alive() for proc in procs)
     with pytest.raises(RuntimeError, match="closed"):
-        await p.sign_and_record([job(x509svid.make_csr(ec.generate_private_key(ec.SECP256R1())))])
+        await p.sign_and_record([job(csr())])
 
 
 def _workers(pid: int) -> set[int]:
@@ -202,8 +206,8 @@ async def test_a_failed_relay_of_committed_records_fails_its_callers_and_the_poo
     p = SigningPool(ca, 1, store.path, committed)
     try:
         with pytest.raises(RuntimeError, match="listener relay failed"):
-            await asyncio.wait_for(p.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))]), 30)
-        (signed,) = await asyncio.wait_for(p.sign_and_record([job(x509svid.make_csr(x509svid.new_key()))]), 30)
+            await asyncio.wait_for(p.sign_and_record([job(csr())]), 30)
+        (signed,) = await asyncio.wait_for(p.sign_and_record([job(csr())]), 30)
         assert not signed.error and store.get_issued(signed.serial_hex) is not None
     finally:
         p.close()
@@ -214,10 +218,6 @@ def one_worker(ca, store):
     p = SigningPool(ca, 1, store.path, lambda records: None)
     yield p
     p.close()
-
-
-def csr() -> bytes:
-    return x509svid.make_csr(x509svid.new_key())
 
 
 async def started(pool) -> list[int]:
