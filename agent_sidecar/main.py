@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import gc
 import signal
@@ -22,7 +23,11 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run the sidecar")
     run.add_argument("--config", required=True)
-    run.add_argument("--join-token", default=None, help="one-time join token (or join_token in the config)")
+    run.add_argument("--join-token-file", default=None, metavar="FILE",
+                     help="file holding the one-time join token (mode 0600, yours or root's), or - for stdin; "
+                          "or join_token / join_token_file in the config file")
+    # Defined only to refuse it with a clear line: a token in argv is readable by every local user.
+    run.add_argument("--join-token", nargs="?", const="", default=None, help=argparse.SUPPRESS)
 
     api = sub.add_parser("api", help="Workload API from the shell").add_subparsers(dest="api_cmd", required=True,
                                                                                   parser_class=Parser)
@@ -97,11 +102,18 @@ async def _run(cfg) -> int:
     return 0
 
 
+JOIN_TOKEN_REFUSED = ("--join-token is refused: a token on the command line is visible to every local user; "
+                      "use --join-token-file FILE (mode 0600), --join-token-file - (stdin), "
+                      "or join_token or join_token_file in the config file (mode 0600)")
+
+
 def cmd_run(args) -> int:
     from agent_sidecar import config as config_mod
 
+    if args.join_token is not None:
+        return fail(PROG, JOIN_TOKEN_REFUSED)
     try:
-        cfg = config_mod.load(args.config, join_token=args.join_token)
+        cfg = config_mod.load(args.config, join_token_file=args.join_token_file)
         logs.setup(cfg.log_level)
         return asyncio.run(_run(cfg))
     except (ConfigError, TesseraError, OSError) as e:

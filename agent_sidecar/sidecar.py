@@ -62,14 +62,15 @@ class SidecarRuntime:
             if not saved.bundle:
                 saved = SidecarIdentity(saved.sidecar_id, saved.chain, saved.key, load_trust_bundle(self.cfg.trust_bundle))
             return saved
-        if not self.cfg.join_token:
+        join_token = self.cfg.read_join_token()
+        if not join_token:
             raise ConfigError("join_token: no valid saved sidecar SVID in data_dir, so a join token is required "
                               "(tessera token create --sidecar NAME)")
         bundle = load_trust_bundle(self.cfg.trust_bundle)
         delay = BACKOFF_MIN
         while True:
             try:
-                ident = await self.client.attest(self.cfg.join_token, bundle)
+                ident = await self.client.attest(join_token, bundle)
                 break
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:

@@ -10,7 +10,18 @@ from pathlib import Path
 from issuer import policy as policy_mod
 
 from tessera import spiffeid
-from tessera.configfile import default_bootstrap_address, load_yaml
+from tessera.configfile import default_bootstrap_address, dns_name, load_yaml, log_level
+from tessera.durations import DAY, MAX_DURATION
+from tessera.selectors import UID_MAX
+
+# Bounds of the duration keys (seconds): long enough for any real deployment, short enough that
+# every date derived from them stays representable and nothing lives by mistake for centuries.
+MIN_TTL, MAX_X509_TTL = 10, 30 * DAY  # an identity SVID (default_x509_ttl, an entry's x509_ttl)
+MAX_SIDECAR_SVID_TTL = 30 * DAY
+MAX_JOIN_TOKEN_TTL = 7 * DAY  # as the issuer's CreateJoinToken enforces
+MIN_CA_TTL, MAX_CA_TTL = DAY, MAX_DURATION
+MIN_CRL_VALIDITY, MAX_CRL_VALIDITY = 10, 7 * DAY  # the CRL is re-signed at half of it
+MAX_RESYNC_INTERVAL = DAY
 
 
 @dataclass(frozen=True)
@@ -47,8 +58,9 @@ def load(path: str | Path) -> IssuerConfig:
     listen = sec.address("listen_address")
     bootstrap = sec.address("bootstrap_address", default_bootstrap_address(listen))
     admin_uids = sec.get("admin_uids", list, [])
-    if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in admin_uids):
-        raise sec.fail("admin_uids", "must be a list of numeric uids")
+    if len(admin_uids) > 1000 or not all(isinstance(u, int) and not isinstance(u, bool) and 0 <= u <= UID_MAX
+                                         for u in admin_uids):
+        raise sec.fail("admin_uids", f"must be a list of at most 1000 numeric uids, each 0 to {UID_MAX}")
     cfg = IssuerConfig(
         trust_domain=td,
         data_dir=data_dir,
@@ -56,30 +68,24 @@ def load(path: str | Path) -> IssuerConfig:
         bootstrap_address=bootstrap,
         admin_socket=sec.path("admin_socket", str(data_dir / "admin.sock")),
         admin_uids=tuple(sorted({0, os.getuid(), *admin_uids})),
-        default_x509_ttl=sec.duration("default_x509_ttl", "10m"),
-        sidecar_svid_ttl=sec.duration("sidecar_svid_ttl", "1h"),
-        join_token_ttl=sec.duration("join_token_ttl", "10m"),
+        default_x509_ttl=sec.duration("default_x509_ttl", "10m", minimum=MIN_TTL, maximum=MAX_X509_TTL),
+        sidecar_svid_ttl=sec.duration("sidecar_svid_ttl", "1h", minimum=60, maximum=MAX_SIDECAR_SVID_TTL),
+        join_token_ttl=sec.duration("join_token_ttl", "10m", maximum=MAX_JOIN_TOKEN_TTL),
         ca_cert=sec.path("ca_cert", None),
         ca_key=sec.path("ca_key", None),
-        ca_ttl=sec.duration("ca_ttl", "365d"),
-        server_name=sec.str("server_name", "tessera-issuer"),
-        resync_interval=sec.duration("resync_interval", "5m"),
-        max_workers=sec.get("max_workers", int, 256),
+        ca_ttl=sec.duration("ca_ttl", "365d", minimum=MIN_CA_TTL, maximum=MAX_CA_TTL),
+        server_name=sec.checked("server_name", dns_name, sec.str("server_name", "tessera-issuer")),
+        resync_interval=sec.duration("resync_interval", "5m", maximum=MAX_RESYNC_INTERVAL),
+        max_workers=sec.int("max_workers", 256, minimum=8, maximum=4096),
         # Processes that verify CSRs and sign certificates; 0 signs in the main process.
-        signing_workers=sec.get("signing_workers", int, os.cpu_count() or 1),
-        log_level=sec.str("log_level", "info"),
+        signing_workers=sec.int("signing_workers", min(os.cpu_count() or 1, 64), maximum=64),
+        log_level=sec.checked("log_level", log_level, sec.str("log_level", "info")),
         audit_file=sec.path("audit_file", str(data_dir / "audit.jsonl")),
         metrics_address=sec.address("metrics_address", None),
         policy=policy_mod.load(sec),
-        crl_validity=sec.duration("crl_validity", "10m"),
+        crl_validity=sec.duration("crl_validity", "10m", minimum=MIN_CRL_VALIDITY, maximum=MAX_CRL_VALIDITY),
     )
     if (cfg.ca_cert is None) != (cfg.ca_key is None):
         raise sec.fail("ca_key" if cfg.ca_key is None else "ca_cert", "ca_cert and ca_key must be given together")
-    if cfg.crl_validity < 10:
-        raise sec.fail("crl_validity", "must be at least 10s (the CRL is re-signed at half of it)")
-    if cfg.max_workers < 8:
-        raise sec.fail("max_workers", "must be at least 8")
-    if not 0 <= cfg.signing_workers <= 64:
-        raise sec.fail("signing_workers", "must be between 0 (sign in the main process) and 64")
     sec.reject_unknown()
     return cfg

@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import grpc  # noqa: E402
 
 from benchlib import crlbench, limit, lookupbench, stats  # noqa: E402
-from harness import BIN, Deployment, wait_for  # noqa: E402
+from harness import BIN, Deployment, wait_for, write_private  # noqa: E402
 from taskutil import policy  # noqa: E402
 from tessera.v1 import admin_pb2, admin_pb2_grpc, types_pb2  # noqa: E402
 
@@ -117,10 +117,10 @@ class Client:
 
     def __init__(self, dep: Deployment, name: str, csrs: int):
         self.name = name
-        token = dep.token(name)
+        token_file = write_private(dep.root / f"{name}.join-token", dep.token(name))  # never in argv
         self.proc = subprocess.Popen(
             [sys.executable, str(CLIENT), "--issuer", f"127.0.0.1:{dep.port}", "--bundle", str(dep.bundle_path),
-             f"--join-token={token}", "--csrs", str(csrs)],  # a token may begin with "-"
+             "--join-token-file", str(token_file), "--csrs", str(csrs)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def send(self, cmd: dict) -> None:

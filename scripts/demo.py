@@ -91,7 +91,7 @@ def main() -> int:
             d.start_issuer(policy=DEMO_POLICY)
             print(f"issuer listening on 127.0.0.1:{d.port}; admin socket {d.admin_socket}")
 
-            step("create a join token and start a sidecar with it")
+            step("create a join token and start a sidecar with it (--join-token-file, a 0600 file: never in argv)")
             d.start_sidecar("host-a", output_dir=str(Path(tmp) / "host-a-out"))
             print(f"sidecar attested as {d.sidecar_id('host-a')}; Workload API at {d.socket('host-a')}")
 

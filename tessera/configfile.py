@@ -1,14 +1,140 @@
-"""Reading YAML config files with errors that name the key and the problem."""
+"""Reading YAML config files with errors that name the key and the problem.
+
+Invariants: a config file is read through one loader that refuses duplicate keys, files over
+MAX_CONFIG_BYTES and nesting it cannot represent; every value a getter returns is bounded
+(durations by tessera.durations, paths without NUL and at most PATH_MAX); a secret is taken
+only from a file that is a regular file, not a link, owned by this user or root and private
+to its owner (read_secret_file, Section.secret), or from stdin.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+import stat
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from tessera.durations import parse_duration
+from tessera.durations import MAX_DURATION, format_duration, parse_duration
 from tessera.errors import ConfigError, InvalidArgument
+
+MAX_CONFIG_BYTES = 1 << 20  # a config or policy file larger than this is a mistake, not a config
+MAX_SECRET_BYTES = 4096
+PATH_MAX = 4096
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing a mapping that names a key twice (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: the base constructor says so
+                    continue
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"duplicate key {key!r} (first at line {first.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text as Python data through the one loader; ConfigError naming `source` and the position."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}: malformed YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: malformed YAML: nested too deeply") from None
+
+
+def check_path_text(value: str) -> str:
+    """A path as text: ValueError unless it is non-empty, without NUL and at most PATH_MAX bytes."""
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    if len(os.fsencode(value)) > PATH_MAX:
+        raise ValueError(f"is longer than {PATH_MAX} bytes")
+    return value
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)", re.ASCII)
+
+
+def log_level(value: str) -> str:
+    """A log level name; ValueError listing the known ones."""
+    if value.lower() not in LOG_LEVELS:
+        raise ValueError(f"unknown log level {value[:40]!r}: use one of {', '.join(LOG_LEVELS)}")
+    return value.lower()
+
+
+def dns_name(value: str) -> str:
+    """A DNS host name (LDH labels, at most 253 characters), lower-cased; ValueError otherwise."""
+    name = value.lower()
+    if len(name) > 253 or not all(_DNS_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError(f"{value[:80]!r} is not a DNS name (letters, digits and '-' in dot-separated labels)")
+    return name
+
+
+def check_private_file(path: Path | str, st: os.stat_result, what: str) -> None:
+    """A file that holds a secret: regular, owned by this user or root, no access for group or others."""
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{what}: {path} is not a regular file")
+    if st.st_uid not in (os.geteuid(), 0):
+        raise ConfigError(f"{what}: {path} is owned by uid {st.st_uid}, not by uid {os.geteuid()} or root")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o077:
+        raise ConfigError(f"{what}: {path} is open to group or others (mode {mode:04o}); chmod 600 it")
+
+
+def read_secret_file(path: Path | str, what: str) -> str:
+    """The secret in a file (one line, surrounding whitespace dropped), checked by check_private_file.
+
+    Opened without following a link and without blocking (a FIFO is refused, not waited on).
+    """
+    try:
+        check_path_text(str(path))
+    except ValueError as e:
+        raise ConfigError(f"{what}: {str(path)[:80]!r} {e}") from None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if os.path.islink(path):
+            raise ConfigError(f"{what}: {path} is a symbolic link; name the file itself") from None
+        raise ConfigError(f"{what}: cannot read {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        check_private_file(path, os.fstat(f.fileno()), what)
+        data = f.read(MAX_SECRET_BYTES + 1)
+    return _secret_text(data, f"{what}: {path}")
+
+
+def read_secret_stdin(what: str) -> str:
+    """The secret on standard input (its first line)."""
+    data = sys.stdin.buffer.readline(MAX_SECRET_BYTES + 1)
+    return _secret_text(data, f"{what}: standard input")
+
+
+def _secret_text(data: bytes, where: str) -> str:
+    if len(data) > MAX_SECRET_BYTES:
+        raise ConfigError(f"{where}: longer than {MAX_SECRET_BYTES} bytes")
+    try:
+        text = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not ASCII text") from None
+    if not text or not text.isprintable() or any(c.isspace() for c in text):
+        raise ConfigError(f"{where}: {'empty' if not text else 'not one word of printable characters'}")
+    return text
 
 
 def split_address(value: str) -> tuple[str, int]:
@@ -29,10 +155,11 @@ def default_bootstrap_address(listen_address: str) -> str:
 class Section:
     """A mapping from the config file; every getter names `prefix.key` when it fails."""
 
-    def __init__(self, data: dict, prefix: str = "", source: str = "config"):
+    def __init__(self, data: dict, prefix: str = "", source: str = "config", file: os.stat_result | None = None):
         self._data = data
         self._prefix = prefix
         self._source = source
+        self._file = file  # the config file as read (fstat), or None if it was read through a link
         self._seen: set[str] = set()
 
     def _name(self, key: str) -> str:
@@ -66,20 +193,44 @@ class Section:
             raise self.fail(key, "must not be empty")
         return v
 
-    def duration(self, key: str, default: Any = ...) -> int:
+    def int(self, key: str, default: Any = ..., minimum: int = 0, maximum: int = 2**31 - 1) -> int:
+        v = self.get(key, int, default)
+        if v is not None and not minimum <= v <= maximum:
+            raise self.fail(key, f"must be between {minimum} and {maximum}, got {v}")
+        return v
+
+    def duration(self, key: str, default: Any = ..., minimum: int = 1, maximum: int = MAX_DURATION) -> int:
+        """Seconds, between `minimum` and `maximum` (a default is trusted)."""
         self._seen.add(key)
         if not self.has(key):
             if default is ...:
                 raise self.fail(key, "is required")
             return default if isinstance(default, int) else parse_duration(default)
         try:
-            return parse_duration(self._data[key])
+            seconds = parse_duration(self._data[key], maximum)
         except InvalidArgument as e:
             raise self.fail(key, e.message) from None
+        if seconds < minimum:
+            raise self.fail(key, f"must be at least {format_duration(minimum)}")
+        return seconds
 
     def path(self, key: str, default: Any = ...) -> Path | None:
         v = self.str(key, default)
-        return Path(v) if isinstance(v, str) else v
+        if isinstance(v, str):
+            self.checked(key, check_path_text, v)
+            return Path(v)
+        return v
+
+    def secret(self, key: str) -> str | None:
+        """A secret written in this file: only if the file itself is private (check_private_file) and not a link."""
+        v = self.str(key, None)
+        if v is None:
+            return None
+        if self._file is None:
+            raise self.fail(key, f"{self._source} is a symbolic link or changed while read; a file holding a "
+                                 "secret must be named itself")
+        check_private_file(self._source, self._file, self._name(key))
+        return _secret_text(v.encode("ascii", "replace"), f"{self._source}: {self._name(key)}")
 
     def address(self, key: str, default: Any = ...) -> str:
         """HOST:PORT."""
@@ -103,7 +254,7 @@ class Section:
         v = self._data.get(key) or {}
         if not isinstance(v, dict):
             raise self.fail(key, "must be a mapping")
-        return Section(v, f"{self._name(key)}.", self._source)
+        return Section(v, f"{self._name(key)}.", self._source, self._file)
 
     def reject_unknown(self) -> None:
         unknown = sorted(set(self._data) - self._seen)
@@ -112,19 +263,32 @@ class Section:
 
 
 def load_yaml(path: str | Path) -> Section:
+    try:
+        check_path_text(str(path))
+    except ValueError as e:
+        raise ConfigError(f"config file {str(path)[:80]!r} {e}") from None
     p = Path(path)
     try:
-        text = p.read_text()
+        # Without blocking: a FIFO at this path is refused below, not waited on.
+        with os.fdopen(os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise ConfigError(f"{p}: cannot read config file: not a regular file")
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        # Read through a link, or replaced meanwhile: not the file at this path, so no secret may come from it.
+        lst = os.lstat(p)
+        same = not stat.S_ISLNK(lst.st_mode) and (lst.st_dev, lst.st_ino) == (st.st_dev, st.st_ino)
     except OSError as e:
         raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p}: config file is larger than {MAX_CONFIG_BYTES} bytes")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', e)}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: config file is not UTF-8 (byte {e.start})") from None
+    data = parse_yaml(text, str(p))
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the config file must be a YAML mapping of keys to values")
-    return Section(data, "", str(p))
+    return Section(data, "", str(p), st if same else None)

@@ -10,9 +10,10 @@ from typing import Iterable
 
 from tessera.errors import InvalidArgument
 
+UID_MAX = 2**32 - 2  # uid_t and gid_t are 32 bits; (uid_t)-1 means "no id" and never names a process
 _VALIDATORS = {
-    "uid": re.compile(r"^\d+$"),
-    "gid": re.compile(r"^\d+$"),
+    "uid": re.compile(r"^(0|[1-9][0-9]{0,9})\Z", re.ASCII),
+    "gid": re.compile(r"^(0|[1-9][0-9]{0,9})\Z", re.ASCII),
     "user": re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]*\$?$"),
     "group": re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]*\$?$"),
     "path": re.compile(r"^/.*$"),
@@ -33,8 +34,8 @@ def parse_selector(value: str) -> str:
         )
     if key == "sha256":
         val = val.lower()
-    if not _VALIDATORS[key].match(val):
-        raise InvalidArgument(f"invalid selector {value!r}: bad value for unix:{key}")
+    if not _VALIDATORS[key].match(val) or (key in ("uid", "gid") and int(val) > UID_MAX):
+        raise InvalidArgument(f"invalid selector {value[:200]!r}: bad value for unix:{key}")
     return f"unix:{key}:{val}"
 
 

@@ -70,6 +70,15 @@ def as_uid(uid: int, argv: list[str], gid: int | None = None) -> list[str]:
     return ["setpriv", f"--reuid={uid}", f"--regid={uid if gid is None else gid}", "--clear-groups", *argv]
 
 
+def write_private(path: Path, text: str) -> Path:
+    """`text` in a new file only its owner may read (mode 0600 from the first byte), for secrets."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    return path
+
+
 def one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
     """Bad input: exit code 2 and exactly one line on stderr containing `fragments`, no traceback."""
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
@@ -108,9 +117,10 @@ def metric(samples, name, **labels) -> float:
 
 
 class Daemon:
-    def __init__(self, name: str, argv: list[str], log: Path, ready: Path | None, env=None):
+    def __init__(self, name: str, argv: list[str], log: Path, ready: Path | None, env=None, stdin: bytes | None = None):
         self.name, self.argv, self.log_path, self.ready = name, argv, log, ready
         self.env = env
+        self.stdin = stdin  # written to the daemon's standard input at start, which is then closed
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 15.0) -> "Daemon":
@@ -118,7 +128,11 @@ class Daemon:
             self.ready.unlink()
         with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         stdin=subprocess.DEVNULL if self.stdin is None else subprocess.PIPE)
+        if self.stdin is not None:
+            self.proc.stdin.write(self.stdin)
+            self.proc.stdin.close()
         if self.ready is not None:
             deadline = time.monotonic() + timeout
             while not self.ready.exists():
@@ -307,18 +321,23 @@ class Deployment:
     def socket(self, name: str) -> Path:
         return self.root / f"{name}.sock"
 
-    def start_sidecar(self, name: str, token: str | None = None, **extra) -> Daemon:
+    def sidecar_config(self, name: str, **extra) -> Path:
+        """Write sidecar `name`'s config file (mode 0600) and return its path."""
         d = self.sidecar_dir(name)
         cfg = {"issuer_address": f"127.0.0.1:{self.port}", "trust_bundle": str(self.bundle_path),
                "data_dir": str(d / "data"), "socket_path": str(self.socket(name))}
         cfg.update(extra)
         d.mkdir(exist_ok=True)
-        (d / "sidecar.yaml").write_text(yaml.safe_dump(cfg))
-        argv = [str(BIN / "tessera-sidecar"), "run", "--config", str(d / "sidecar.yaml")]
+        return write_private(d / "sidecar.yaml", yaml.safe_dump(cfg))
+
+    def start_sidecar(self, name: str, token: str | None = None, **extra) -> Daemon:
+        d = self.sidecar_dir(name)
+        argv = [str(BIN / "tessera-sidecar"), "run", "--config", str(self.sidecar_config(name, **extra))]
         if token is None and name not in self.sidecars:
             token = self.token(name)
         if token:
-            argv.append(f"--join-token={token}")  # a token may start with "-"
+            # Never in argv (every local user reads /proc/PID/cmdline): a 0600 file named there instead.
+            argv.append(f"--join-token-file={write_private(d / 'join-token', token)}")
         daemon = Daemon(f"sidecar-{name}", argv, d / "sidecar.log", self.socket(name)).start()
         self.sidecars[name] = daemon
         return daemon

@@ -141,6 +141,6 @@ def test_invalid_sidecar_config_and_refused_join_token_are_one_line(deployment, 
     path.write_text(yaml.safe_dump({"issuer_address": f"127.0.0.1:{deployment.port}",
                                     "trust_bundle": str(deployment.bundle_path), "data_dir": str(tmp_path / "s"),
                                     "socket_path": str(tmp_path / "s.sock")}))
-    r = subprocess.run([str(BIN / "tessera-sidecar"), "run", "--config", str(path), "--join-token", "bogus"],
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run([str(BIN / "tessera-sidecar"), "run", "--config", str(path), "--join-token-file", "-"],
+                       input="bogus\n", capture_output=True, text=True, timeout=30)
     one_line_error(r, "join_token:", "refused")

@@ -22,8 +22,8 @@ def test_sidecar_restart_comes_back_from_its_saved_svid_without_a_token(running)
     assert running.fetch("host-a")["event"] == "update"
     sidecar = running.sidecars["host-a"]
     sidecar.stop()
-    assert any(a.startswith("--join-token") for a in sidecar.argv)
-    sidecar.argv = [a for a in sidecar.argv if not a.startswith("--join-token")]
+    assert any(a.startswith("--join-token-file=") for a in sidecar.argv)
+    sidecar.argv = [a for a in sidecar.argv if not a.startswith("--join-token-file=")]
     sidecar.start()
     after = running.fetch("host-a")
     assert after["event"] == "update" and after["svids"][0]["spiffe_id"] == "spiffe://example.org/agent/a"

@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography import x509
 
 from agent_sidecar.issuer_client import IssuerClient
-from tessera.configfile import default_bootstrap_address
+from tessera.configfile import default_bootstrap_address, read_secret_file
 from tessera import pem, x509svid
 from tessera.v1 import issuer_pb2
 
@@ -108,7 +108,7 @@ class LoadClient:
 async def main_async(args) -> int:
     bundle = tuple(x509.load_pem_x509_certificates(Path(args.bundle).read_bytes()))
     client = IssuerClient(args.issuer, default_bootstrap_address(args.issuer), "tessera-issuer")
-    ident = await client.attest(args.join_token, bundle)
+    ident = await client.attest(read_secret_file(args.join_token_file, "--join-token-file"), bundle)
     await client.connect(ident)
     keys = [x509svid.new_key() for _ in range(args.csrs)]
     load = LoadClient(client, [x509svid.make_csr(k) for k in keys])
@@ -136,7 +136,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--issuer", required=True, help="HOST:PORT of the issuer's mTLS API")
     p.add_argument("--bundle", required=True, help="PEM trust bundle")
-    p.add_argument("--join-token", required=True)
+    p.add_argument("--join-token-file", required=True, help="file holding the join token (mode 0600)")
     p.add_argument("--csrs", type=int, default=512, help="CSRs generated up front and reused in turn")
     return asyncio.run(main_async(p.parse_args()))
 
