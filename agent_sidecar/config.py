@@ -9,6 +9,7 @@ the sidecar must attest (so the file may go once it has joined), or from stdin
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +50,9 @@ def load(path: str | Path, join_token_file: str | None = None) -> SidecarConfig:
     sec = load_yaml(path)
     issuer = sec.address("issuer_address")
     mode_raw = sec.get("socket_mode", (str, int), "0666")
-    try:
-        mode = int(mode_raw, 8) if isinstance(mode_raw, str) else int(mode_raw)
-    except ValueError:
-        raise sec.fail("socket_mode", f"must be an octal mode like 0660, got {mode_raw!r}") from None
+    if isinstance(mode_raw, str) and not re.fullmatch(r"0?[0-7]{3}", mode_raw, re.ASCII):
+        raise sec.fail("socket_mode", f"must be an octal mode like 0660, got {mode_raw[:40]!r}")
+    mode = int(mode_raw, 8) if isinstance(mode_raw, str) else mode_raw
     if not 0 <= mode <= 0o777:
         raise sec.fail("socket_mode", "must be between 0000 and 0777")
     # Checked even when the command line names another token: a token in a file others can read is exposed.

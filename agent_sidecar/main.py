@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 
 from tessera import logs, pem
-from tessera.cliutil import CliError, Parser, duration_arg, fail, run_main
+from tessera.cliutil import CliError, Parser, duration_arg, fail, path_arg, run_main, seconds_arg
 from tessera.errors import ConfigError, TesseraError
 
 PROG = "tessera-sidecar"
@@ -22,8 +22,8 @@ def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Tessera sidecar: local identity for agent processes")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run the sidecar")
-    run.add_argument("--config", required=True)
-    run.add_argument("--join-token-file", default=None, metavar="FILE",
+    run.add_argument("--config", required=True, type=path_arg)
+    run.add_argument("--join-token-file", default=None, metavar="FILE", type=path_arg,
                      help="file holding the one-time join token (mode 0600, yours or root's), or - for stdin; "
                           "or join_token / join_token_file in the config file")
     # Defined only to refuse it with a clear line: a token in argv is readable by every local user.
@@ -32,29 +32,29 @@ def build_parser() -> Parser:
     api = sub.add_parser("api", help="Workload API from the shell").add_subparsers(dest="api_cmd", required=True,
                                                                                   parser_class=Parser)
     fetch = api.add_parser("fetch", help="fetch this process's X.509-SVID into PEM files")
-    fetch.add_argument("--socket", required=True, help="Workload API socket path")
-    fetch.add_argument("--out", required=True, help="directory for svid.pem, key.pem, bundle.pem")
-    fetch.add_argument("--timeout", type=float, default=15.0)
+    fetch.add_argument("--socket", required=True, type=path_arg, help="Workload API socket path")
+    fetch.add_argument("--out", required=True, type=path_arg, help="directory for svid.pem, key.pem, bundle.pem")
+    fetch.add_argument("--timeout", type=seconds_arg(0.1, 3600), default=15.0)
 
     hc = sub.add_parser("healthcheck", help="exit 0 when the sidecar is healthy (synced, own SVID valid), 1 if not")
     where = hc.add_mutually_exclusive_group(required=True)
-    where.add_argument("--socket", help="the sidecar's socket path")
-    where.add_argument("--config", help="the sidecar's config file (its socket_path)")
-    hc.add_argument("--timeout", type=float, default=5.0)
+    where.add_argument("--socket", type=path_arg, help="the sidecar's socket path")
+    where.add_argument("--config", type=path_arg, help="the sidecar's config file (its socket_path)")
+    hc.add_argument("--timeout", type=seconds_arg(0.1, 3600), default=5.0)
     task = sub.add_parser("task", help="per-task credentials from the shell").add_subparsers(
         dest="task_cmd", required=True, parser_class=Parser)
     ts = task.add_parser("start", help="obtain a task credential into PEM files; prints the serial. "
                                        "The task ends when the calling shell (this command's parent) exits")
-    ts.add_argument("--socket", required=True, help="sidecar socket path")
+    ts.add_argument("--socket", required=True, type=path_arg, help="sidecar socket path")
     ts.add_argument("--task-id", required=True)
     ts.add_argument("--scope", action="append", default=[], help="repeatable")
     ts.add_argument("--ttl", default="5m", help="requested lifetime (capped by policy)")
     ts.add_argument("--context", action="append", default=[], help="KEY=VALUE, repeatable")
     ts.add_argument("--spiffe-id", default="", help="which identity, if the caller has several")
-    ts.add_argument("--out", required=True, help="directory for svid.pem, key.pem, bundle.pem")
+    ts.add_argument("--out", required=True, type=path_arg, help="directory for svid.pem, key.pem, bundle.pem")
     ts.add_argument("--wait", default="2m", help="how long to wait, including for a human approval")
     te = task.add_parser("end", help="end a task: its credential is revoked at once")
-    te.add_argument("--socket", required=True)
+    te.add_argument("--socket", required=True, type=path_arg)
     te.add_argument("--task-id", required=True)
     return p
 

@@ -15,7 +15,7 @@ from issuer.convert import entry_pb, sidecar_pb
 from issuer.events import EventHub
 from issuer.evidence_api import EvidenceHandlers
 from issuer.models import Actor
-from issuer.registration import Registry
+from issuer.registration import Registry, optional_text
 from tessera import peercred
 from tessera.errors import InvalidArgument, PermissionDenied
 from tessera.rpc import grpclib_handler
@@ -128,7 +128,8 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
     async def DecideApproval(self, stream):
         req = await stream.recv_message()
         actor = self.operator(stream)
-        a = await asyncio.to_thread(self.approvals.decide, req.id, req.approve, actor, req.reason)
+        reason = optional_text("reason", req.reason)  # bounded here; approvals requires it
+        a = await asyncio.to_thread(self.approvals.decide, req.id, req.approve, actor, reason)
         await stream.send_message(approval_pb(a))
 
 

@@ -52,10 +52,11 @@ class CertificateAuthority:
         if ca_cert or ca_key:
             if not (ca_cert and ca_key):
                 raise ConfigError("ca_cert and ca_key must be given together")
-            return cls(_read_cert(ca_cert, "ca_cert"), _read_key(ca_key, "ca_key"), trust_domain)
+            return cls(_current(_read_cert(ca_cert, "ca_cert"), ca_cert), _read_key(ca_key, "ca_key"), trust_domain)
         cert_path, key_path = data_dir / "ca.pem", data_dir / "ca-key.pem"
         if cert_path.exists() or key_path.exists():
-            return cls(_read_cert(cert_path, "ca_cert"), _read_key(key_path, "ca_key"), trust_domain)
+            return cls(_current(_read_cert(cert_path, "ca_cert"), cert_path), _read_key(key_path, "ca_key"),
+                       trust_domain)
         key = x509svid.new_key()
         cert = x509svid.build_ca(key, trust_domain, dt.timedelta(seconds=ca_ttl_seconds))
         # Key first, 0600 from the first byte; the cert's presence then means both exist.
@@ -90,6 +91,17 @@ class CertificateAuthority:
             extra_extensions=extra_extensions,
         )
         return SignedCert(cert, serial, cert.not_valid_after_utc)
+
+
+def _current(cert: x509.Certificate, path: Path) -> x509.Certificate:
+    """A CA certificate that can sign now: one that expired or is not yet valid is one line, not a failed signing."""
+    now = dt.datetime.now(dt.timezone.utc)
+    if cert.not_valid_after_utc <= now:
+        raise ConfigError(f"ca_cert: {path} expired at {cert.not_valid_after_utc.isoformat()}; renew the CA")
+    if cert.not_valid_before_utc > now + x509svid.CLOCK_SKEW:
+        raise ConfigError(f"ca_cert: {path} is not valid before {cert.not_valid_before_utc.isoformat()}; "
+                          "check this host's clock")
+    return cert
 
 
 def _read_cert(path: Path, key: str) -> x509.Certificate:

@@ -8,6 +8,7 @@ from dataclasses import field
 from pathlib import Path
 
 from issuer import policy as policy_mod
+from issuer.registration import MAX_X509_TTL, MIN_TTL
 
 from tessera import spiffeid
 from tessera.configfile import default_bootstrap_address, dns_name, load_yaml, log_level
@@ -16,7 +17,6 @@ from tessera.selectors import UID_MAX
 
 # Bounds of the duration keys (seconds): long enough for any real deployment, short enough that
 # every date derived from them stays representable and nothing lives by mistake for centuries.
-MIN_TTL, MAX_X509_TTL = 10, 30 * DAY  # an identity SVID (default_x509_ttl, an entry's x509_ttl)
 MAX_SIDECAR_SVID_TTL = 30 * DAY
 MAX_JOIN_TOKEN_TTL = 7 * DAY  # as the issuer's CreateJoinToken enforces
 MIN_CA_TTL, MAX_CA_TTL = DAY, MAX_DURATION
@@ -85,6 +85,11 @@ def load(path: str | Path) -> IssuerConfig:
         policy=policy_mod.load(sec),
         crl_validity=sec.duration("crl_validity", "10m", minimum=MIN_CRL_VALIDITY, maximum=MAX_CRL_VALIDITY),
     )
+    for key in ("audit_file", "ca_cert", "ca_key"):
+        if getattr(cfg, key) is not None and getattr(cfg, key).is_dir():
+            raise sec.fail(key, f"{getattr(cfg, key)} is a directory; name a file")
+    if cfg.data_dir.exists() and not cfg.data_dir.is_dir():
+        raise sec.fail("data_dir", f"{cfg.data_dir} is not a directory")
     if (cfg.ca_cert is None) != (cfg.ca_key is None):
         raise sec.fail("ca_key" if cfg.ca_key is None else "ca_cert", "ca_cert and ca_key must be given together")
     sec.reject_unknown()

@@ -19,29 +19,66 @@ from issuer.models import ENTRY_STATES, Actor, AuditEvent, Entry
 from issuer.policy import TIER_NAME
 from tessera import selectors as sel
 from tessera import spiffeid
+from tessera.durations import DAY, MAX_DURATION, check_seconds, format_duration
 from tessera.errors import InvalidArgument, NotFound, PermissionDenied
 
-_SCOPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9:._/*-]{0,127}$")
-MIN_TTL = 10
+_SCOPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._/*-]{0,127}", re.ASCII)
+MIN_TTL, MAX_X509_TTL = 10, 30 * DAY  # an identity SVID's lifetime (x509_ttl)
+MAX_ENTRY_LIFETIME = MAX_DURATION  # expires_at at most this far from now: ten years
+MAX_SCOPES = 64
+MAX_SELECTORS = 32
+MAX_SELECTOR_LEN = 4200  # unix:path:/… holds a PATH_MAX path
+MAX_TEXT = 1024  # owner, purpose, reason
+MAX_ID = 128  # an entry id is a UUID (36); anything much longer is not one of ours
 DEFAULT_TIER = "low"
 
 
 def validate_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
+    scopes = list(scopes)
+    if len(scopes) > MAX_SCOPES:
+        raise InvalidArgument(f"at most {MAX_SCOPES} scopes per entry, got {len(scopes)}")
     out = []
     for s in scopes:
-        if not _SCOPE.match(s or ""):
-            raise InvalidArgument(f"invalid scope {s!r}: use letters, digits and : . _ / * -")
+        if not _SCOPE.fullmatch(s or ""):
+            raise InvalidArgument(f"invalid scope {s[:200]!r}: 1-128 of letters, digits and : . _ / * -")
         out.append(s)
     return tuple(sorted(set(out)))
 
 
+def validate_selectors(selectors: Iterable[str]) -> tuple[str, ...]:
+    selectors = list(selectors)
+    if len(selectors) > MAX_SELECTORS:
+        raise InvalidArgument(f"at most {MAX_SELECTORS} selectors per entry, got {len(selectors)}")
+    for s in selectors:
+        if len(s) > MAX_SELECTOR_LEN:
+            raise InvalidArgument(f"selector {s[:80]!r}... is longer than {MAX_SELECTOR_LEN} characters")
+    return sel.parse_selectors(selectors)
+
+
 def required_text(name: str, value: str) -> str:
-    """A required free-text field (owner, purpose, reason): present, not blank, bounded."""
+    """A required free-text field (owner, purpose, reason): present, not blank, bounded, no control characters."""
     if not value or not value.strip():
         raise InvalidArgument(f"{name} is required")
-    if len(value) > 1024:
-        raise InvalidArgument(f"{name} is longer than 1024 characters")
+    return optional_text(name, value)
+
+
+def optional_text(name: str, value: str) -> str:
+    """A free-text field that may be empty: bounded, printable (a newline or NUL would forge log lines)."""
+    if len(value) > MAX_TEXT:
+        raise InvalidArgument(f"{name} is longer than {MAX_TEXT} characters")
+    if not value.isprintable():
+        raise InvalidArgument(f"{name} must not contain control characters")
     return value.strip()
+
+
+def expiry(value: int, now: int) -> int:
+    """An entry's expires_at (unix seconds): in the future, at most MAX_ENTRY_LIFETIME away."""
+    if value <= now:
+        raise InvalidArgument("expiry must be in the future")
+    if value > now + MAX_ENTRY_LIFETIME:
+        raise InvalidArgument(f"expiry must be at most {format_duration(MAX_ENTRY_LIFETIME)} from now, "
+                              f"got {value}")
+    return int(value)
 
 
 class Registry:
@@ -63,7 +100,7 @@ class Registry:
     def require(self, entry_id: str) -> Entry:
         e = self._entries.get(entry_id)
         if e is None:
-            raise NotFound(f"no entry with id {entry_id!r}")
+            raise NotFound(f"no entry with id {entry_id[:MAX_ID]!r}")
         return e
 
     def servable_for(self, entry_id: str, sidecar_id: str, now: float) -> Entry:
@@ -123,9 +160,7 @@ class Registry:
     def _ttl(self, ttl: int) -> int:
         if ttl == 0:
             return self.default_x509_ttl
-        if ttl < MIN_TTL:
-            raise InvalidArgument(f"x509_ttl must be at least {MIN_TTL}s")
-        return ttl
+        return check_seconds("x509_ttl", ttl, MIN_TTL, MAX_X509_TTL)
 
 
     # -- writes ----------------------------------------------------------------------
@@ -136,19 +171,17 @@ class Registry:
         now = int(time.time())
         if not expires_at:
             raise InvalidArgument("expiry is required: no identity lives forever (e.g. --expires-in 30d)")
-        if expires_at <= now:
-            raise InvalidArgument("expiry must be in the future")
         entry = Entry(
             id=str(uuid.uuid4()),
             spiffe_id=self._spiffe_id(spiffe_id),
             parent_id=self.parent_id(parent),
-            selectors=sel.parse_selectors(selectors),
+            selectors=validate_selectors(selectors),
             owner=required_text("owner", owner),
             purpose=required_text("purpose", purpose),
             tier=self._tier(tier),
             scopes=validate_scopes(scopes),
             x509_ttl=self._ttl(x509_ttl),
-            expires_at=int(expires_at),
+            expires_at=expiry(expires_at, now),
             state="active",
             created_by=actor.id,
             created_at=now,
@@ -163,6 +196,7 @@ class Registry:
 
     def update(self, entry_id: str, actor: Actor, *, reason: str = "", **changes) -> Entry:
         """Apply the given fields. Extending the expiry needs a reason, which is audited."""
+        reason = optional_text("reason", reason)
         with self._lock:
             old = self.require(entry_id)
             fields: dict = {}
@@ -176,15 +210,13 @@ class Registry:
                 elif key == "scopes":
                     fields[key] = validate_scopes(value)
                 elif key == "selectors":
-                    fields[key] = sel.parse_selectors(value)
+                    fields[key] = validate_selectors(value)
                 elif key == "x509_ttl":
                     fields[key] = self._ttl(value)
                 elif key == "expires_at":
-                    if value <= int(time.time()):
-                        raise InvalidArgument("expiry must be in the future")
+                    fields[key] = expiry(value, int(time.time()))
                     if value > old.expires_at and not reason.strip():
                         raise InvalidArgument("extending an entry's expiry needs a reason (--reason)")
-                    fields[key] = int(value)
                 elif key == "state":
                     if value not in ENTRY_STATES:
                         raise InvalidArgument(f"invalid state {value!r}: use one of {', '.join(ENTRY_STATES)}")

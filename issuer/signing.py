@@ -91,7 +91,6 @@ class SvidSigner:
         if isinstance(outcome, TesseraError):
             return SignResult(entry_id, code=int(outcome.code), error=outcome.message)
         s: Signed = next(signed)  # the allowed items' certificates, in order
-        if s.error:
-            error = InvalidArgument(f"invalid CSR for entry {outcome.id}: {s.error}")
-            return SignResult(entry_id, code=int(error.code), error=error.message)
+        if s.error:  # this item alone: its own status and message
+            return SignResult(entry_id, code=s.code, error=s.error)
         return SignResult(outcome.id, outcome.spiffe_id, s.cert_der, s.serial_hex, s.not_after)

@@ -42,7 +42,7 @@ from issuer.ca import CertificateAuthority
 from issuer.datastore import Datastore
 from issuer.models import Actor, AuditEvent, AuditRecord, IssuedSerial
 from tessera import logs, pem, spiffeid, x509svid
-from tessera.errors import TesseraError
+from tessera.errors import Code, TesseraError
 
 log = logs.get("signing-pool")
 
@@ -69,7 +69,8 @@ class Signed:
     cert_der: bytes = b""
     serial: int = 0
     not_after: int = 0
-    error: str = ""  # set when the CSR is invalid; nothing was signed
+    error: str = ""  # why nothing was signed for this job (its caller's message); empty when signed
+    code: int = 0  # with error: the status (tessera.errors.Code) of this job alone
 
     @property
     def serial_hex(self) -> str:
@@ -77,19 +78,35 @@ class Signed:
 
 
 def sign_jobs(ca: CertificateAuthority, jobs: Sequence[SignJob]) -> list[Signed]:
-    """The per-CSR work, the same in a worker and in-process."""
+    """The per-CSR work, the same in a worker and in-process.
+
+    Each job succeeds or fails on its own: whatever one job raises becomes that job's error
+    status, so one bad CSR or entry never fails the other jobs of its chunk (other callers').
+    """
     out = []
     for job in jobs:
         try:
-            public_key = x509svid.load_csr(job.csr_der).public_key()
-        except ValueError as e:
-            out.append(Signed(error=str(e)))
-            continue
-        signed = ca.sign(public_key, spiffeid.parse(job.spiffe_id), job.ttl,
-                         not_after_cap=dt.datetime.fromtimestamp(job.not_after_cap, dt.timezone.utc))
-        out.append(Signed(signed.cert.public_bytes(Encoding.DER), signed.serial,
-                          int(signed.not_after.timestamp())))
+            out.append(_sign_one(ca, job))
+        except TesseraError as e:
+            out.append(Signed(error=f"cannot sign for entry {job.entry_id}: {e.message}", code=int(e.code)))
+        except Exception as e:  # noqa: BLE001 - this job's failure, not its neighbours'
+            log.error("signing one job failed", entry_id=job.entry_id, error=repr(e))
+            out.append(Signed(error=f"cannot sign for entry {job.entry_id}: {e!r}", code=int(Code.INTERNAL)))
     return out
+
+
+def _sign_one(ca: CertificateAuthority, job: SignJob) -> Signed:
+    try:
+        public_key = x509svid.load_csr(job.csr_der).public_key()
+    except ValueError as e:
+        return Signed(error=f"invalid CSR for entry {job.entry_id}: {e}", code=int(Code.INVALID_ARGUMENT))
+    try:
+        cap = dt.datetime.fromtimestamp(job.not_after_cap, dt.timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        raise TesseraError(f"the entry's expiry {job.not_after_cap} is out of range for a certificate; "
+                           "set a new one with `tessera entry update --expires-in`") from None
+    signed = ca.sign(public_key, spiffeid.parse(job.spiffe_id), job.ttl, not_after_cap=cap)
+    return Signed(signed.cert.public_bytes(Encoding.DER), signed.serial, int(signed.not_after.timestamp()))
 
 
 def issuance_records(jobs: Sequence[SignJob], signed: Sequence[Signed]) -> tuple[list[IssuedSerial],
@@ -126,7 +143,7 @@ def astuple_job(j: SignJob) -> tuple:
 
 
 def astuple_signed(s: Signed) -> tuple:
-    return (s.cert_der, s.serial, s.not_after, s.error)
+    return (s.cert_der, s.serial, s.not_after, s.error, s.code)
 
 
 def astuple_record(r: AuditRecord) -> tuple:

@@ -12,7 +12,8 @@ import time
 import grpc
 
 from tessera import crl as crl_mod
-from tessera.cliutil import CliError, Parser, duration_arg, fail, run_main
+from tessera.cliutil import CliError, Parser, duration_arg, fail, int_arg, path_arg, run_main
+from tessera.configfile import check_path_text
 from tessera.durations import format_duration, parse_duration
 from tessera.errors import InvalidArgument
 from tessera.uds import socket_target
@@ -22,6 +23,7 @@ PROG = "tessera"
 REVOKE_TARGETS = (("serial", "serial"), ("task", "task_id"), ("entry", "entry_id"), ("spiffe_id", "spiffe_id"),
                   ("sidecar", "sidecar"), ("owner", "owner"))
 DEFAULT_SOCKET = "/run/tessera/admin.sock"
+MAX_TAIL_LINES = 1_000_000
 
 
 def _ts(t: int) -> str:
@@ -85,7 +87,7 @@ def _print_revoked(r: admin_pb2.RevokeResponse, output: str, what: str) -> None:
 
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Operate a Tessera issuer over its admin socket.")
-    p.add_argument("--admin-socket", default=None,
+    p.add_argument("--admin-socket", default=None, type=path_arg,
                    help=f"issuer admin socket (default: $TESSERA_ADMIN_SOCKET or {DEFAULT_SOCKET})")
     sub = p.add_subparsers(dest="group", required=True, parser_class=Parser)
 
@@ -157,7 +159,7 @@ def build_parser() -> Parser:
 
     au = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="cmd", required=True, parser_class=Parser)
     at = au.add_parser("tail", help="show the latest audit records")
-    at.add_argument("-n", "--lines", type=int, default=20,
+    at.add_argument("-n", "--lines", type=int_arg(0, MAX_TAIL_LINES), default=20,
                     help="how many of the latest records (default 20; 0 with --follow: only new ones)")
     at.add_argument("--follow", "-f", action="store_true", help="keep printing records as they commit")
     _audit_filters(at)
@@ -167,15 +169,15 @@ def build_parser() -> Parser:
     _audit_filters(ax)
     av = au.add_parser("verify", help="recompute the hash chain; exit 0 intact, 1 naming the first bad record")
     src = av.add_mutually_exclusive_group()
-    src.add_argument("--db", help="read this issuer database directly (read-only) instead of asking the issuer")
-    src.add_argument("--file", help="verify an audit JSON-lines file (the issuer's audit_file) instead")
+    src.add_argument("--db", type=path_arg, help="read this issuer database directly (read-only) instead of asking the issuer")
+    src.add_argument("--file", type=path_arg, help="verify an audit JSON-lines file (the issuer's audit_file) instead")
     av.add_argument("--rotated", action="store_true",
                     help="with --file: its first records were rotated away; check it from its first record")
 
     rp = sub.add_parser("report", help="the trust-debt report")
-    rp.add_argument("--unused-days", type=int, default=0, help="entries with no issuance in N days (default 30)")
-    rp.add_argument("--expiring-days", type=int, default=0, help="entries expiring within N days (default 14)")
-    rp.add_argument("--silent-hours", type=int, default=0, help="sidecars not seen for N hours (default 24)")
+    rp.add_argument("--unused-days", type=int_arg(0, 3650), default=0, help="entries with no issuance in N days (default 30)")
+    rp.add_argument("--expiring-days", type=int_arg(0, 3650), default=0, help="entries expiring within N days (default 14)")
+    rp.add_argument("--silent-hours", type=int_arg(0, 87600), default=0, help="sidecars not seen for N hours (default 24)")
     rp.add_argument("--output", choices=["table", "json"], default="table")
     ap = sub.add_parser("approval", help="task requests awaiting a human decision").add_subparsers(
         dest="cmd", required=True, parser_class=Parser)
@@ -332,6 +334,10 @@ def run(args) -> int:
     if args.group == "audit" and args.cmd == "verify" and (args.db or args.file):
         return _verify_local(args)
     socket_path = args.admin_socket or os.environ.get("TESSERA_ADMIN_SOCKET") or DEFAULT_SOCKET
+    try:
+        check_path_text(socket_path)
+    except ValueError as e:
+        raise CliError(f"admin socket {socket_path[:80]!r} {e}") from None
     stub = _stub(socket_path)
     t = 30
     g, c = args.group, getattr(args, "cmd", None)
@@ -394,8 +400,6 @@ def run(args) -> int:
         print(json.dumps(d, indent=2) if args.output == "json" else
               "\n".join(f"{k + ':':<16} {v}" for k, v in d.items()))
     elif g == "audit" and c == "tail":
-        if args.lines < 0:
-            raise CliError("--lines must not be negative")
         stream = stub.ReadAudit(_audit_query(args, last=args.lines, from_end=args.lines == 0, follow=args.follow),
                                 timeout=None if args.follow else t)
         if args.output == "json" or args.follow:
@@ -412,9 +416,6 @@ def run(args) -> int:
         v = stub.VerifyAudit(types_pb2.Empty(), timeout=300)
         return _print_verification(v.ok, v.records, v.last_seq, v.bad_seq, v.problem, "issuer database")
     elif g == "report":
-        for name in ("unused_days", "expiring_days", "silent_hours"):
-            if getattr(args, name) < 0:
-                raise CliError(f"--{name.replace('_', '-')} must not be negative")
         rep = json.loads(stub.Report(admin_pb2.ReportRequest(
             unused_days=args.unused_days, expiring_days=args.expiring_days, silent_hours=args.silent_hours),
             timeout=120).json)

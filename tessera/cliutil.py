@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -24,7 +26,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def duration_arg(value: str, flag: str) -> int:
-    """A duration flag (30s, 10m, 24h, 30d) in seconds; CliError naming the flag."""
+    """A duration flag (30s, 10m, 24h, 30d) in seconds, at most durations.MAX_DURATION; CliError naming the flag."""
     from tessera.durations import parse_duration
     from tessera.errors import InvalidArgument
 
@@ -32,6 +34,40 @@ def duration_arg(value: str, flag: str) -> int:
         return parse_duration(value)
     except InvalidArgument as e:
         raise CliError(f"{flag}: {e.message}") from None
+
+
+# argparse `type=` converters: a bad value is a usage error, one line and exit 2 (Parser.error).
+
+def path_arg(value: str) -> str:
+    """A file system path: no NUL, at most PATH_MAX bytes."""
+    from tessera.configfile import check_path_text
+
+    try:
+        return check_path_text(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{value[:80]!r} {e}") from None
+
+
+def int_arg(lo: int, hi: int):
+    """An integer between lo and hi (ASCII digits), for `type=`."""
+    def convert(value: str) -> int:
+        if not re.fullmatch(r"-?[0-9]{1,12}", value.strip(), re.ASCII) or not lo <= int(value) <= hi:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {lo} to {hi}, got {value[:40]!r}")
+        return int(value)
+    return convert
+
+
+def seconds_arg(lo: float, hi: float):
+    """A number of seconds between lo and hi (finite), for `type=`."""
+    def convert(value: str) -> float:
+        try:
+            v = float(value) if re.fullmatch(r"[0-9.eE+-]{1,20}", value.strip(), re.ASCII) else math.nan
+        except ValueError:
+            v = math.nan
+        if not lo <= v <= hi:  # NaN fails this too
+            raise argparse.ArgumentTypeError(f"must be a number of seconds from {lo:g} to {hi:g}, got {value[:40]!r}")
+        return v
+    return convert
 
 
 def fail(prog: str, message: str, code: int = EXIT_BAD_INPUT) -> int:

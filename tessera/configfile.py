@@ -137,11 +137,15 @@ def _secret_text(data: bytes, where: str) -> str:
     return text
 
 
+_HOST = re.compile(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]", re.ASCII)
+
+
 def split_address(value: str) -> tuple[str, int]:
     """HOST:PORT as (HOST, PORT); an IPv6 HOST keeps its brackets. ValueError if it is not HOST:PORT."""
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"must be HOST:PORT, got {value!r}")
+    if (not sep or not _HOST.fullmatch(host) or not re.fullmatch(r"[0-9]{1,5}", port, re.ASCII)
+            or not 0 <= int(port) <= 65535):
+        raise ValueError(f"must be HOST:PORT, got {value[:300]!r}")
     return host, int(port)
 
 

@@ -16,8 +16,8 @@ DAY = 86400
 MAX_DURATION = 3650 * DAY  # ten years: the longest anything in Tessera may live (an entry, a CA)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": DAY}
-# At most 12 digits: int() never sees a long string, and the bound check below does the rest.
-_RE = re.compile(r"[ \t]*([0-9]{1,12})[ \t]*([smhd])[ \t]*", re.ASCII)
+# At most 40 digits (and 64 characters): int() never sees a long string; the bound check does the rest.
+_RE = re.compile(r"[ \t]*([0-9]{1,40})[ \t]*([smhd])[ \t]*", re.ASCII)
 
 
 def parse_duration(value: str | int, maximum: int = MAX_DURATION) -> int:

@@ -70,8 +70,13 @@ def parse(value: str, *, require_path: bool = False) -> SpiffeId:
     return SpiffeId(td, path)
 
 
+MAX_SIDECAR_NAME = 253  # a fully qualified host name fits
+
+
 def sidecar_id(trust_domain: str, name: str) -> SpiffeId:
     """The SPIFFE ID a sidecar named `name` holds."""
+    if len(name or "") > MAX_SIDECAR_NAME:
+        raise InvalidArgument(f"invalid sidecar name {name[:40]!r}...: longer than {MAX_SIDECAR_NAME} characters")
     if not _SEGMENT.match(name or "") or name in (".", ".."):
         raise InvalidArgument(
             f"invalid sidecar name {name!r}: use letters, digits, '.', '-' or '_'"
