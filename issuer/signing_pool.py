@@ -42,7 +42,7 @@ from issuer.ca import CertificateAuthority
 from issuer.datastore import Datastore
 from issuer.models import Actor, AuditEvent, AuditRecord, IssuedSerial
 from tessera import logs, pem, spiffeid, x509svid
-from tessera.errors import Code, TesseraError
+from tessera.errors import Code, FailedPrecondition, TesseraError
 
 log = logs.get("signing-pool")
 
@@ -103,7 +103,7 @@ def _sign_one(ca: CertificateAuthority, job: SignJob) -> Signed:
     try:
         cap = dt.datetime.fromtimestamp(job.not_after_cap, dt.timezone.utc)
     except (OverflowError, OSError, ValueError):
-        raise TesseraError(f"the entry's expiry {job.not_after_cap} is out of range for a certificate; "
+        raise FailedPrecondition(f"the entry's expiry {job.not_after_cap} is out of range for a certificate; "
                            "set a new one with `tessera entry update --expires-in`") from None
     signed = ca.sign(public_key, spiffeid.parse(job.spiffe_id), job.ttl, not_after_cap=cap)
     return Signed(signed.cert.public_bytes(Encoding.DER), signed.serial, int(signed.not_after.timestamp()))

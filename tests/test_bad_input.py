@@ -169,7 +169,7 @@ def test_one_entry_that_cannot_be_signed_fails_alone_in_its_batch(deployment, si
         ]), timeout=30)
         by_id = {i.entry_id: i for i in resp.items}
         assert [by_id[e].status_code for e in good] == [0, 0] and all(by_id[e].cert_chain for e in good)
-        assert by_id[bad].status_code == grpc.StatusCode.INTERNAL.value[0] and not by_id[bad].cert_chain
+        assert by_id[bad].status_code == grpc.StatusCode.FAILED_PRECONDITION.value[0] and not by_id[bad].cert_chain
         assert bad in by_id[bad].error and "expiry" in by_id[bad].error
 
 
@@ -366,3 +366,24 @@ def test_malformed_sidecar_config_files_are_one_line(tmp_path, text, fragments):
 def test_sidecar_cli_refuses_out_of_range_flags_with_one_line(args, fragments):
     r = subprocess.run([str(BIN / "tessera-sidecar"), *args], capture_output=True, text=True, timeout=30)
     one_line_error(r, *fragments)
+
+
+def test_each_signing_job_fails_alone_whatever_it_raises(tmp_path):
+    """The mechanism, in-process and in a worker alike: sign_jobs turns whatever one job raises into that job's
+    own status, and signs the others."""
+    from issuer.ca import CertificateAuthority
+    from issuer.signing_pool import SignJob, sign_jobs
+    from tessera import x509svid
+    from tessera.errors import Code
+
+    ca = CertificateAuthority.load_or_create("example.org", tmp_path)
+    now = int(time.time())
+
+    def job(entry_id, ttl=600, cap=now + 3600, sid="spiffe://example.org/a"):
+        return SignJob(x509svid.make_csr(x509svid.new_key()), sid, ttl, cap, entry_id, "sc", now)
+
+    out = sign_jobs(ca, [job("good1"), job("hugettl", ttl=10**20), job("hugecap", cap=10**18),
+                         job("badid", sid="spiffe://example.org/a/../b"), job("good2")])
+    assert [bool(s.cert_der) for s in out] == [True, False, False, False, True]
+    assert [s.code for s in out] == [0, Code.INTERNAL, Code.FAILED_PRECONDITION, Code.INVALID_ARGUMENT, 0]
+    assert all(f"entry {e}" in s.error for e, s in zip(("hugettl", "hugecap", "badid"), out[1:4]))
