@@ -15,7 +15,7 @@ from issuer.convert import entry_pb, sidecar_pb
 from issuer.events import EventHub
 from issuer.evidence_api import EvidenceHandlers
 from issuer.models import Actor
-from issuer.registration import Registry, optional_text
+from issuer.registration import Registry, bounded_ref, optional_text
 from tessera import peercred
 from tessera.errors import InvalidArgument, PermissionDenied
 from tessera.rpc import grpclib_handler
@@ -108,7 +108,7 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
     async def GetSidecar(self, stream):
         req = await stream.recv_message()
         self.operator(stream)
-        s = self.attestor.get(req.id)
+        s = self.attestor.get(bounded_ref("sidecar", req.id))
         await stream.send_message(sidecar_pb(s, s.id in self.hub.connected()))
 
     @grpclib_handler
@@ -129,7 +129,7 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
         req = await stream.recv_message()
         actor = self.operator(stream)
         reason = optional_text("reason", req.reason)  # bounded here; approvals requires it
-        a = await asyncio.to_thread(self.approvals.decide, req.id, req.approve, actor, reason)
+        a = await asyncio.to_thread(self.approvals.decide, bounded_ref("id", req.id), req.approve, actor, reason)
         await stream.send_message(approval_pb(a))
 
 
@@ -148,15 +148,16 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
         if which is None:
             raise InvalidArgument("name exactly one thing to revoke: serial, task, entry, SPIFFE ID, sidecar or owner")
         kind = {"task_id": "task", "entry_id": "entry"}.get(which, which)
-        result = await asyncio.to_thread(self.revocation.revoke, kind, getattr(req, which), req.reason, actor,
-                                         req.reason_code)
+        target = bounded_ref(kind.replace("_", " "), getattr(req, which))
+        result = await asyncio.to_thread(self.revocation.revoke, kind, target, req.reason, actor, req.reason_code)
         await stream.send_message(self._revoke_response(result))
 
     @grpclib_handler
     async def BanSidecar(self, stream):
         req = await stream.recv_message()
         actor = self.operator(stream)
-        result = await asyncio.to_thread(self.revocation.ban_sidecar, req.sidecar, req.reason, actor)
+        result = await asyncio.to_thread(self.revocation.ban_sidecar, bounded_ref("sidecar", req.sidecar),
+                                         req.reason, actor)
         await stream.send_message(self._revoke_response(result))
 
     @grpclib_handler

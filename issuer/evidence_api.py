@@ -18,6 +18,7 @@ from issuer import report
 from issuer.audit import AuditFilter, ChainCheck, newest_seq_sqlite, read_sqlite, verify_chain
 from issuer.events import EventHub
 from issuer.models import AuditRecord, Entry
+from issuer.registration import bounded_ref
 from issuer.sqlite_store import SQLiteDatastore, read_last_issued
 from tessera.errors import FailedPrecondition, InvalidArgument
 from tessera.rpc import grpclib_handler
@@ -111,7 +112,8 @@ class EvidenceHandlers:
         ev = self._evidence()
         if req.last < 0 or req.since_seq < 0:
             raise InvalidArgument("last and since_seq must not be negative")
-        flt = AuditFilter(action=req.action, decision=req.decision, actor=req.actor, subject=req.subject,
+        flt = AuditFilter(action=bounded_ref("action", req.action), decision=bounded_ref("decision", req.decision),
+                          actor=bounded_ref("actor", req.actor), subject=bounded_ref("subject", req.subject),
                           since_ts=req.since_ts)
         seq = req.since_seq
         if req.from_end:

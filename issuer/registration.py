@@ -30,6 +30,7 @@ MAX_SELECTORS = 32
 MAX_SELECTOR_LEN = 4200  # unix:path:/… holds a PATH_MAX path
 MAX_TEXT = 1024  # owner, purpose, reason
 MAX_ID = 128  # an entry id is a UUID (36); anything much longer is not one of ours
+MAX_REF = 2048  # a SPIFFE ID's limit, and so of anything that names one
 DEFAULT_TIER = "low"
 
 
@@ -69,6 +70,14 @@ def optional_text(name: str, value: str) -> str:
     if not value.isprintable():
         raise InvalidArgument(f"{name} must not contain control characters")
     return value.strip()
+
+
+def bounded_ref(name: str, value: str) -> str:
+    """What names something to look up (a revocation target, a sidecar, an audit filter): at most MAX_REF long,
+    so an error that repeats it stays small."""
+    if len(value) > MAX_REF:
+        raise InvalidArgument(f"{name} is longer than {MAX_REF} characters")
+    return value
 
 
 def expiry(value: int, now: int) -> int:

@@ -259,6 +259,15 @@ def test_admin_api_refuses_unbounded_fields_set_directly(issuer):
         admin_pb2.CreateJoinTokenRequest(sidecar_name="h", ttl_seconds=2**62), timeout=10))
     assert "unused_days must be between" in invalid(lambda: stub.Report(
         admin_pb2.ReportRequest(unused_days=2**62), timeout=10))
+    long = "spiffe://example.org/" + "x" * 5000
+    assert "longer than 2048" in invalid(lambda: stub.Revoke(admin_pb2.RevokeRequest(spiffe_id=long, reason="r"),
+                                                             timeout=10))
+    assert "longer than 2048" in invalid(lambda: stub.BanSidecar(admin_pb2.BanSidecarRequest(sidecar=long, reason="r"),
+                                                                 timeout=10))
+    assert "longer than 2048" in invalid(lambda: stub.GetSidecar(admin_pb2.SidecarRef(id=long), timeout=10))
+    assert "longer than 2048" in invalid(lambda: list(stub.ReadAudit(admin_pb2.AuditQuery(subject=long), timeout=10)))
+    assert "reason is longer" in invalid(lambda: stub.DecideApproval(
+        admin_pb2.DecideApprovalRequest(id="x", approve=True, reason="r" * 5000), timeout=10))
     assert not issuer.audit("join_token.create")
 
 
