@@ -69,7 +69,7 @@ def load(path: str | Path) -> IssuerConfig:
         admin_socket=sec.path("admin_socket", str(data_dir / "admin.sock")),
         admin_uids=tuple(sorted({0, os.getuid(), *admin_uids})),
         default_x509_ttl=sec.duration("default_x509_ttl", "10m", minimum=MIN_TTL, maximum=MAX_X509_TTL),
-        sidecar_svid_ttl=sec.duration("sidecar_svid_ttl", "1h", minimum=60, maximum=MAX_SIDECAR_SVID_TTL),
+        sidecar_svid_ttl=sec.duration("sidecar_svid_ttl", "1h", maximum=MAX_SIDECAR_SVID_TTL),
         join_token_ttl=sec.duration("join_token_ttl", "10m", maximum=MAX_JOIN_TOKEN_TTL),
         ca_cert=sec.path("ca_cert", None),
         ca_key=sec.path("ca_key", None),
