@@ -60,7 +60,7 @@ def parse_yaml(text: str, source: str) -> Any:
 
 
 def check_path_text(value: str) -> str:
-    """A path as text: ValueError unless it is non-empty, without NUL and at most PATH_MAX bytes."""
+    """A path as text: ValueError unless it is without NUL and at most PATH_MAX bytes (what the kernel takes)."""
     if "\0" in value:
         raise ValueError("must not contain a NUL character")
     if len(os.fsencode(value)) > PATH_MAX:
