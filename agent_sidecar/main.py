@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from tessera import logs, pem
+from tessera import fdlimits, logs, pem
 from tessera.cliutil import CliError, Parser, duration_arg, fail, run_main
 from tessera.errors import ConfigError, TesseraError
 
@@ -101,6 +101,7 @@ def cmd_run(args) -> int:
     from agent_sidecar import config as config_mod
 
     try:
+        fdlimits.raise_nofile_limit()  # every descriptor allowed: its caps on workload connections need them
         cfg = config_mod.load(args.config, join_token=args.join_token)
         logs.setup(cfg.log_level)
         return asyncio.run(_run(cfg))

@@ -37,7 +37,7 @@ class IssuerConfig:
     # Tiers and task rules (issuer/policy.py); the default has the standard tiers and no rules.
     policy: policy_mod.Policy = field(default_factory=lambda: policy_mod.DEFAULT_POLICY)
     crl_validity: int = 600
-
+    handshake_timeout: int = 10  # seconds a new connection has to finish TLS and HTTP/2 set-up
 
 
 def load(path: str | Path) -> IssuerConfig:
@@ -72,11 +72,14 @@ def load(path: str | Path) -> IssuerConfig:
         metrics_address=sec.address("metrics_address", None),
         policy=policy_mod.load(sec),
         crl_validity=sec.duration("crl_validity", "10m"),
+        handshake_timeout=sec.duration("handshake_timeout", "10s"),
     )
     if (cfg.ca_cert is None) != (cfg.ca_key is None):
         raise sec.fail("ca_key" if cfg.ca_key is None else "ca_cert", "ca_cert and ca_key must be given together")
     if cfg.crl_validity < 10:
         raise sec.fail("crl_validity", "must be at least 10s (the CRL is re-signed at half of it)")
+    if not 1 <= cfg.handshake_timeout <= 120:
+        raise sec.fail("handshake_timeout", "must be between 1s and 2m")
     if cfg.max_workers < 8:
         raise sec.fail("max_workers", "must be at least 8")
     if not 0 <= cfg.signing_workers <= 64:
