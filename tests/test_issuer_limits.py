@@ -46,10 +46,11 @@ def start_issuer_limited(d, nofile: str, **extra) -> Daemon:
     return d.issuer
 
 
-def open_idle(port: int, n: int, host: str = "127.0.0.1") -> list[socket.socket]:
-    """n TCP connections that never send a byte (the kernel completes them even if never accepted)."""
+def open_idle(port: int, n: int, host: str = "127.0.0.1", within: float = 15.0) -> list[socket.socket]:
+    """Up to n TCP connections that never send a byte, opened within `within` seconds."""
     socks = []
-    for _ in range(n):
+    deadline = time.monotonic() + within
+    while len(socks) < n and time.monotonic() < deadline:
         s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         s.settimeout(0.5)
         try:
@@ -60,9 +61,10 @@ def open_idle(port: int, n: int, host: str = "127.0.0.1") -> list[socket.socket]
     return socks
 
 
-def open_unix_idle(path, n: int) -> list[socket.socket]:
+def open_unix_idle(path, n: int, within: float = 15.0) -> list[socket.socket]:
     socks = []
-    for _ in range(n):
+    deadline = time.monotonic() + within
+    while len(socks) < n and time.monotonic() < deadline:
         s = socket.socket(socket.AF_UNIX)
         s.settimeout(0.5)
         try:
@@ -73,13 +75,16 @@ def open_unix_idle(path, n: int) -> list[socket.socket]:
     return socks
 
 
-def junk_handshakes(port: int, n: int) -> None:
-    """Connections that fail the TLS handshake (plain HTTP/1) or send garbage inside TLS."""
+def junk_handshakes(port: int, n: int, within: float = 10.0) -> None:
+    """n connections that fail the TLS handshake (plain HTTP/1) or send garbage inside TLS."""
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    deadline = time.monotonic() + within
     for i in range(n):
+        if time.monotonic() > deadline:
+            break
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
                 if i % 2:
                     s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
                     s.recv(100)
