@@ -26,8 +26,9 @@ from tessera.ratelimit import KeyedTokenBuckets, peer_host
 
 log = logs.get("attestation")
 
-# Join attempts per peer address (an IPv6 peer's /64): a burst, then a steady rate. Legitimate joins are
-# rare and one per host; many hosts behind one NAT may start at once, hence the burst.
+# Refused join attempts per peer address (an IPv6 peer's /64): a burst, then a steady rate; past it the
+# address gets UNAVAILABLE for any join until a token is back. Only refusals spend: a fleet rolled out
+# from behind one NAT, each host with its valid token, is never slowed down; a token guesser is.
 JOIN_BURST = 10
 JOIN_RATE = 1 / 3  # per second: 20 a minute
 # Refused joins: the first per peer address per window is one durable audit record, the rest in that
@@ -179,27 +180,34 @@ class SidecarAttestor:
     def attest(self, join_token: str, csr_der: bytes, peer: str) -> SidecarSVID:
         """First contact: trade a join token and a CSR for a sidecar SVID. `peer` is the grpcio peer string."""
         host = peer_host(peer)
-        wait = self.join_limit.take(host)
+        wait = self.join_limit.wait(host)
         if wait:
             self.denials.deny(host, peer, "rate limited")
-            raise Unavailable(f"too many join attempts from {host}: retry in {math.ceil(wait)}s")
+            raise Unavailable(f"too many refused join attempts from {host}: retry in {math.ceil(wait)}s")
+        try:
+            return self._attest(join_token, csr_der, peer)
+        except InvalidArgument:
+            self.join_limit.take(host)
+            raise
+        except PermissionDenied as e:
+            self.join_limit.take(host)
+            # A refused attempt is evidence too; it commits on its own, aggregated per peer under a flood.
+            self.denials.deny(host, peer, e.message)
+            raise
+
+    def _attest(self, join_token: str, csr_der: bytes, peer: str) -> SidecarSVID:
         if not join_token:
             raise InvalidArgument("join_token is required")
         public_key = x509svid.csr_public_key(csr_der)
         now = int(time.time())
         h = token_hash(join_token)
-        try:
-            with self.store.transaction():
-                tok = self.store.consume_join_token(h, now)
-                sid = str(spiffeid.sidecar_id(self.ca.trust_domain, tok.sidecar_name))
-                existing = self._sidecars.get(sid)
-                return self._issue(sid, tok.sidecar_name, public_key, now, existing,
-                                   AuditEvent("sidecar.attest", Actor("sidecar", sid, {"peer": peer}), "allow",
-                                              reason="join token", subject=sid))
-        except PermissionDenied as e:
-            # A refused attempt is evidence too; it commits on its own, aggregated per peer under a flood.
-            self.denials.deny(host, peer, e.message)
-            raise
+        with self.store.transaction():
+            tok = self.store.consume_join_token(h, now)
+            sid = str(spiffeid.sidecar_id(self.ca.trust_domain, tok.sidecar_name))
+            existing = self._sidecars.get(sid)
+            return self._issue(sid, tok.sidecar_name, public_key, now, existing,
+                               AuditEvent("sidecar.attest", Actor("sidecar", sid, {"peer": peer}), "allow",
+                                          reason="join token", subject=sid))
 
     def renew(self, caller: Sidecar, csr_der: bytes) -> SidecarSVID:
         public_key = x509svid.csr_public_key(csr_der)

@@ -17,6 +17,7 @@ import grpc
 import pytest
 import yaml
 from harness import BIN, Daemon, wait_for
+from test_logs import Clock
 
 from issuer.attestation import JoinDenials
 from tessera.errors import ConfigError
@@ -238,7 +239,7 @@ def test_bad_token_flood_is_rate_limited_per_peer_and_aggregated_in_the_audit_tr
         try:
             issuer_pb2_grpc.IssuerStub(ch).AttestSidecar(issuer_pb2.AttestSidecarRequest(join_token="x"), timeout=10)
         except grpc.RpcError as e:
-            assert "too many join attempts from ::/64" in e.details()
+            assert "too many refused join attempts from ::/64" in e.details()
     refused = [r for r in d.audit("sidecar.attest") if r["decision"] == "deny"]
     assert len(refused) == 1, "one durable record for the first refusal of the window"
     d.issuer.stop()  # a shutdown records the counts of the open window
@@ -266,22 +267,15 @@ def test_connection_caps_stay_below_the_descriptor_limit():
         connection_caps(RESERVED + 63)
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
-
-
 def test_token_bucket_allows_a_burst_then_the_rate_per_key():
     clock = Clock()
     b = KeyedTokenBuckets(rate=0.5, burst=3, max_keys=2, clock=clock)
     assert [b.take("a") for _ in range(3)] == [0.0, 0.0, 0.0]
-    assert b.take("a") == pytest.approx(2.0)
+    assert b.wait("a") == pytest.approx(2.0) and b.take("a") == pytest.approx(2.0)
     assert b.take("b") == 0.0  # another key has its own bucket
     clock.now += 2
     assert b.take("a") == 0.0 and b.take("a") > 0
+    assert b.wait("b") == 0.0 and b.wait("b") == 0.0, "waiting spends nothing"
     b.take("c")  # a third key evicts the least recently seen one ("b"), which starts full again
     assert [b.take("b") for _ in range(3)] == [0.0, 0.0, 0.0]
 
