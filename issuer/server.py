@@ -216,6 +216,9 @@ class IssuerServer:
             await server.start()
         return port, bootstrap_port
 
+    async def _stop_grpc(self, grace: float) -> None:
+        await asyncio.gather(*(server.stop(grace) for server in self._grpc))
+
     def _flush_denials(self) -> None:
         # Refused joins counted during a window become one audit record when it ends.
         while not self._flush_stop.wait(self.attestor.denials.window / 4):
@@ -249,8 +252,8 @@ class IssuerServer:
         # Requests waiting for an approval hold executor threads and would hold the grace period: end them first.
         self.approvals.close()
         self.revocation.stop()
-        for server in self._grpc:
-            self._on_loop(server.stop(grace))
+        if self._grpc:
+            self._on_loop(self._stop_grpc(grace))
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self._loop_thread:
