@@ -8,10 +8,11 @@ checks on every call that the SVID names a known, unbanned sidecar.
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from cryptography import x509
@@ -19,12 +20,106 @@ from cryptography import x509
 from issuer.ca import CertificateAuthority
 from issuer.datastore import Datastore
 from issuer.models import Actor, AuditEvent, IssuedSerial, JoinToken, Sidecar
-from tessera import spiffeid, x509svid
-from tessera.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from tessera import logs, spiffeid, x509svid
+from tessera.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
+from tessera.ratelimit import KeyedTokenBuckets, peer_host
+
+log = logs.get("attestation")
+
+# Refused join attempts per peer address (an IPv6 peer's /64): a burst, then a steady rate; past it the
+# address gets UNAVAILABLE for any join until a token is back. Only refusals spend: a fleet rolled out
+# from behind one NAT, each host with its valid token, is never slowed down; a token guesser is.
+JOIN_BURST = 10
+JOIN_RATE = 1 / 3  # per second: 20 a minute
+# Refused joins: the first per peer address per window is one durable audit record, the rest in that
+# window one record with their count; past DENIAL_RECORDS_PER_WINDOW first records in a window (many
+# addresses), further addresses are counted together under "*".
+DENIAL_WINDOW = 60.0
+DENIAL_RECORDS_PER_WINDOW = 100
+_MAX_REASONS = 8
 
 
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class _Refused:
+    since: float
+    count: int = 0  # refusals since the first, not yet recorded
+    reasons: dict[str, int] = field(default_factory=dict)
+
+
+class JoinDenials:
+    """Refused join attempts become audit records at a bounded rate, with nothing left out of the count.
+
+    Per peer address and window: the first refusal is recorded at once (as every refusal was before), the
+    later ones are counted and recorded as one aggregate when the window has ended (`flush`, which the
+    issuer calls periodically and at shutdown). So a flood of bad tokens writes at most
+    2 * DENIAL_RECORDS_PER_WINDOW + 1 records a window, whatever its rate or number of addresses.
+    """
+
+    def __init__(self, append_audit: Callable[[list[AuditEvent]], None], window: float = DENIAL_WINDOW,
+                 records_per_window: int = DENIAL_RECORDS_PER_WINDOW, clock=time.monotonic):
+        self._append = append_audit
+        self.window = window
+        self._records_per_window = records_per_window
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._peers: dict[str, _Refused] = {}
+        self._window_start = float("-inf")
+        self._recorded = 0  # first records written in the current window
+        self._log = logs.Throttled(log, window=window)
+
+    def deny(self, host: str, peer: str, reason: str) -> None:
+        now = self._clock()
+        first = None
+        with self._lock:
+            due = self._take_due(now, everything=False)
+            state = self._peers.get(host)
+            if state is None:
+                if now - self._window_start >= self.window:
+                    self._window_start, self._recorded = now, 0
+                if self._recorded < self._records_per_window:
+                    self._recorded += 1
+                    self._peers[host] = _Refused(now)
+                    first = AuditEvent("sidecar.attest", Actor("sidecar", "unknown", {"peer": peer}), "deny",
+                                       reason=reason, details={"peer_address": host})
+                else:
+                    state = self._peers.setdefault("*", _Refused(now))
+            if first is None:
+                state.count += 1
+                key = reason if reason in state.reasons or len(state.reasons) < _MAX_REASONS else "other"
+                state.reasons[key] = state.reasons.get(key, 0) + 1
+        self._log.log(host, "join refused", peer=host, reason=reason)
+        self._write(due + ([first] if first else []))
+
+    def flush(self, everything: bool = False) -> None:
+        """Record the counts of windows that have ended (all of them with `everything`, at shutdown)."""
+        with self._lock:
+            due = self._take_due(self._clock(), everything)
+        self._write(due)
+
+    def _take_due(self, now: float, everything: bool) -> list[AuditEvent]:
+        ended = [h for h, s in self._peers.items() if everything or now - s.since >= self.window]
+        events = []
+        for host in ended:
+            s = self._peers.pop(host)
+            if s.count:
+                source = "other addresses" if host == "*" else host
+                events.append(AuditEvent(
+                    "sidecar.attest", Actor("sidecar", "unknown", {"peer": host}), "deny",
+                    reason=f"{s.count} more refused join attempts from {source} within {self.window:g}s",
+                    details={"count": s.count, "window": self.window, "reasons": s.reasons}))
+        return events
+
+    def _write(self, events: list[AuditEvent]) -> None:
+        if not events:
+            return
+        try:
+            self._append(events)
+        except Exception as e:  # noqa: BLE001 - a full disk must not turn each refusal into a traceback
+            self._log.log("write-failed", "could not record refused join attempts", error=repr(e))
 
 
 @dataclass(frozen=True)
@@ -47,6 +142,8 @@ class SidecarAttestor:
         # presents the same certificate, so it is parsed once, not per call.
         self._peer_ids: dict[bytes, tuple[spiffeid.SpiffeId, str]] = {}
         self._sidecars: dict[str, Sidecar] = {s.id: s for s in store.list_sidecars()}
+        self.join_limit = KeyedTokenBuckets(JOIN_RATE, JOIN_BURST)
+        self.denials = JoinDenials(store.append_audit)
 
     # -- operator side -----------------------------------------------------------------
 
@@ -81,25 +178,36 @@ class SidecarAttestor:
     # -- sidecar side --------------------------------------------------------------------
 
     def attest(self, join_token: str, csr_der: bytes, peer: str) -> SidecarSVID:
-        """First contact: trade a join token and a CSR for a sidecar SVID."""
+        """First contact: trade a join token and a CSR for a sidecar SVID. `peer` is the grpcio peer string."""
+        host = peer_host(peer)
+        wait = self.join_limit.wait(host)
+        if wait:
+            self.denials.deny(host, peer, "rate limited")
+            raise Unavailable(f"too many refused join attempts from {host}: retry in {math.ceil(wait)}s")
+        try:
+            return self._attest(join_token, csr_der, peer)
+        except InvalidArgument:
+            self.join_limit.take(host)
+            raise
+        except PermissionDenied as e:
+            self.join_limit.take(host)
+            # A refused attempt is evidence too; it commits on its own, aggregated per peer under a flood.
+            self.denials.deny(host, peer, e.message)
+            raise
+
+    def _attest(self, join_token: str, csr_der: bytes, peer: str) -> SidecarSVID:
         if not join_token:
             raise InvalidArgument("join_token is required")
         public_key = x509svid.csr_public_key(csr_der)
         now = int(time.time())
         h = token_hash(join_token)
-        try:
-            with self.store.transaction():
-                tok = self.store.consume_join_token(h, now)
-                sid = str(spiffeid.sidecar_id(self.ca.trust_domain, tok.sidecar_name))
-                existing = self._sidecars.get(sid)
-                return self._issue(sid, tok.sidecar_name, public_key, now, existing,
-                                   AuditEvent("sidecar.attest", Actor("sidecar", sid, {"peer": peer}), "allow",
-                                              reason="join token", subject=sid))
-        except PermissionDenied as e:
-            # A refused attempt is evidence too; it commits on its own.
-            self.store.append_audit([AuditEvent("sidecar.attest", Actor("sidecar", "unknown", {"peer": peer}),
-                                                "deny", reason=e.message)])
-            raise
+        with self.store.transaction():
+            tok = self.store.consume_join_token(h, now)
+            sid = str(spiffeid.sidecar_id(self.ca.trust_domain, tok.sidecar_name))
+            existing = self._sidecars.get(sid)
+            return self._issue(sid, tok.sidecar_name, public_key, now, existing,
+                               AuditEvent("sidecar.attest", Actor("sidecar", sid, {"peer": peer}), "allow",
+                                          reason="join token", subject=sid))
 
     def renew(self, caller: Sidecar, csr_der: bytes) -> SidecarSVID:
         public_key = x509svid.csr_public_key(csr_der)

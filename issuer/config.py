@@ -48,7 +48,7 @@ class IssuerConfig:
     # Tiers and task rules (issuer/policy.py); the default has the standard tiers and no rules.
     policy: policy_mod.Policy = field(default_factory=lambda: policy_mod.DEFAULT_POLICY)
     crl_validity: int = 600
-
+    handshake_timeout: int = 10  # seconds a new connection has to finish TLS and HTTP/2 set-up
 
 
 def load(path: str | Path) -> IssuerConfig:
@@ -84,6 +84,7 @@ def load(path: str | Path) -> IssuerConfig:
         metrics_address=sec.address("metrics_address", None),
         policy=policy_mod.load(sec),
         crl_validity=sec.duration("crl_validity", "10m", minimum=MIN_CRL_VALIDITY, maximum=MAX_CRL_VALIDITY),
+        handshake_timeout=sec.duration("handshake_timeout", "10s", minimum=1, maximum=120),
     )
     for key in ("audit_file", "ca_cert", "ca_key"):
         if getattr(cfg, key) is not None and getattr(cfg, key).is_dir():

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import signal
 import socket
 import sys
 import threading
 
-from tessera import logs
+from tessera import fdlimits, logs
 from tessera.configfile import split_address
 from tessera.errors import ConfigError, TesseraError
 
@@ -43,9 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--config", required=True, help="path of issuer.yaml")
     args = parser.parse_args(argv)
 
+    # grpc-core writes a line to stderr for every failed TLS handshake (INFO), which any peer can cause at
+    # will: only its errors, unless the operator asks for more. Read when grpc is first imported, below.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from issuer import config as config_mod
 
     try:
+        # All the descriptors we may have: the listeners' caps are derived from this (tessera/fdlimits.py).
+        # Too few refuses the start here, before anything is written.
+        fdlimits.connection_caps(fdlimits.raise_nofile_limit())
         cfg = config_mod.load(args.config)
         for key in ("listen_address", "bootstrap_address", "metrics_address"):
             if getattr(cfg, key):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import threading
 import time
 from concurrent import futures
@@ -11,7 +12,6 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpclib.server import Server as GrpclibServer
 
 from issuer import metrics
 from issuer import policy as policy_mod
@@ -32,12 +32,22 @@ from issuer.signing_pool import SigningPool
 from issuer.sqlite_store import SQLiteDatastore
 from issuer.tasks import TaskService, entry_view
 from tessera import logs, pem, spiffeid, x509svid
+from tessera.connlimit import CappedServer
+from tessera.fdlimits import connection_caps
 from tessera.uds import bind_unix
 from tessera.v1 import issuer_pb2_grpc
 
 log = logs.get("issuer")
 
 SERVING_CERT_TTL = 24 * 3600
+# Per HTTP/2 connection. A sidecar multiplexes its sync stream, signing batches and task requests (a task
+# waiting for approval is an open stream) over one connection; bootstrap serves one AttestSidecar call.
+SIDECAR_MAX_STREAMS = 1000
+BOOTSTRAP_MAX_STREAMS = 4
+# AttestSidecar carries a token and a CSR (about 1 KB); anything far larger is not a join.
+BOOTSTRAP_MAX_MESSAGE = 64 * 1024
+# A bootstrap connection with no call open this long is closed: a join is one call.
+BOOTSTRAP_IDLE_MS = 30_000
 
 
 class ServingCert:
@@ -122,7 +132,12 @@ class IssuerServer:
         metrics.watch_audit_file(lambda: self.audit_file.behind)
         self.health = health_aio.HealthServicer()
         self.metrics_server = None
-        self._grpc: grpc.aio.Server | None = None
+        # Each listener's connections are capped below the descriptor limit (tessera/fdlimits.py), so a
+        # flood of one never takes the descriptors the others, the database and the admin socket need.
+        self.caps = connection_caps(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        self._grpc: list[grpc.aio.Server] = []
+        self._flush_stop = threading.Event()
+        self._flush_thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._blocking: futures.ThreadPoolExecutor | None = None
@@ -146,6 +161,8 @@ class IssuerServer:
         self._loop_thread.start()
         self.port, self.bootstrap_port = self._on_loop(self._start_grpc(serving))
         self.revocation.start()
+        self._flush_thread = threading.Thread(target=self._flush_denials, name="join-denials", daemon=True)
+        self._flush_thread.start()
         self._admin_thread = threading.Thread(target=self._run_admin, name="admin", daemon=True)
         self._admin_thread.start()
         self._admin_ready.wait()
@@ -154,42 +171,65 @@ class IssuerServer:
         for name in ("", "tessera.v1.Issuer"):
             self._on_loop(self.health.set(name, health_pb2.HealthCheckResponse.SERVING))
         log.info("issuer started", trust_domain=self.cfg.trust_domain, listen=self.cfg.listen_address,
-                 bootstrap=self.cfg.bootstrap_address, admin_socket=str(self.cfg.admin_socket))
+                 bootstrap=self.cfg.bootstrap_address, admin_socket=str(self.cfg.admin_socket),
+                 max_connections={"listen": self.caps.sidecar, "bootstrap": self.caps.bootstrap,
+                                  "admin": self.caps.admin})
 
     def _on_loop(self, coro):
         assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    async def _start_grpc(self, serving: ServingCert) -> tuple[int, int]:
-        server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.keepalive_time_ms", 20000),
-                     ("grpc.http2.min_ping_interval_without_data_ms", 5000),
-                     ("grpc.keepalive_permit_without_calls", 1)],
-        )
+    def _grpc_server(self, max_connections: int, max_streams: int, *extra) -> grpc.aio.Server:
+        server = grpc.aio.server(options=[
+            ("grpc.so_reuseport", 0), ("grpc.keepalive_time_ms", 20000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000), ("grpc.keepalive_permit_without_calls", 1),
+            # Past the cap grpc-core accepts and closes at once; a connection that has not finished TLS and
+            # HTTP/2 set-up by the timeout is closed, so idle connections cannot hold the slots for long.
+            ("grpc.max_allowed_incoming_connections", max_connections),
+            ("grpc.server_handshake_timeout_ms", self.cfg.handshake_timeout * 1000),
+            ("grpc.max_concurrent_streams", max_streams), *extra])
         issuer_pb2_grpc.add_IssuerServicer_to_server(self.service, server)
         # Standard gRPC health, on both ports: probes can use the bootstrap port without a client cert.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self._grpc.append(server)
+        return server
+
+    async def _start_grpc(self, serving: ServingCert) -> tuple[int, int]:
+        # One grpc server per listener: grpc-core takes its caps per server, and the bootstrap port, open to
+        # anyone who can connect, gets a far smaller one than the sidecars' mTLS port.
+        main = self._grpc_server(self.caps.sidecar, SIDECAR_MAX_STREAMS)
+        bootstrap = self._grpc_server(self.caps.bootstrap, BOOTSTRAP_MAX_STREAMS,
+                                      ("grpc.max_receive_message_length", BOOTSTRAP_MAX_MESSAGE),
+                                      ("grpc.max_connection_idle_ms", BOOTSTRAP_IDLE_MS))
         mtls = grpc.dynamic_ssl_server_credentials(serving.config(), serving.fetch,
                                                    require_client_authentication=True)
         tls = grpc.dynamic_ssl_server_credentials(serving.config(), serving.fetch,
                                                   require_client_authentication=False)
         try:
-            port = server.add_secure_port(self.cfg.listen_address, mtls)
-            bootstrap_port = server.add_secure_port(self.cfg.bootstrap_address, tls)
+            port = main.add_secure_port(self.cfg.listen_address, mtls)
+            bootstrap_port = bootstrap.add_secure_port(self.cfg.bootstrap_address, tls)
         except RuntimeError:
             port = bootstrap_port = 0
         if not port or not bootstrap_port:
             raise OSError(f"cannot listen on {self.cfg.listen_address} / {self.cfg.bootstrap_address}")
-        await server.start()
-        self._grpc = server
+        for server in self._grpc:
+            await server.start()
         return port, bootstrap_port
+
+    async def _stop_grpc(self, grace: float) -> None:
+        await asyncio.gather(*(server.stop(grace) for server in self._grpc))
+
+    def _flush_denials(self) -> None:
+        # Refused joins counted during a window become one audit record when it ends.
+        while not self._flush_stop.wait(self.attestor.denials.window / 4):
+            self.attestor.denials.flush()
 
     def _run_admin(self) -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self._admin_loop = loop
         try:
-            server = GrpclibServer([self.admin])
+            server = CappedServer([self.admin], self.caps.admin, self.caps.admin_per_uid)
             sock = bind_unix(self.cfg.admin_socket, 0o600)
             loop.run_until_complete(server.start(sock=sock))
         except BaseException as e:  # noqa: BLE001 - reported to start()
@@ -212,8 +252,8 @@ class IssuerServer:
         # Requests waiting for an approval hold executor threads and would hold the grace period: end them first.
         self.approvals.close()
         self.revocation.stop()
-        if self._grpc is not None:
-            self._on_loop(self._grpc.stop(grace))
+        if self._grpc:
+            self._on_loop(self._stop_grpc(grace))
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             if self._loop_thread:
@@ -225,6 +265,10 @@ class IssuerServer:
             self._blocking.shutdown(wait=True, cancel_futures=True)
         if self.signing_pool is not None:
             self.signing_pool.close()
+        self._flush_stop.set()
+        if self._flush_thread is not None:
+            self._flush_thread.join(timeout=5)
+        self.attestor.denials.flush(everything=True)
         if self._admin_loop is not None:
             self._admin_loop.call_soon_threadsafe(self._admin_loop.stop)
             if self._admin_thread:
