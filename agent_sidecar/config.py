@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent_sidecar.socket_server import SocketLimits, load_limits
 from tessera.configfile import default_bootstrap_address, load_yaml
 
 
@@ -23,6 +24,7 @@ class SidecarConfig:
     metrics_address: str | None = None  # HOST:PORT for Prometheus /metrics; off when unset
     output_dir: Path | None = None  # bundle.pem and crl.pem for nginx, openssl and friends
     crl_check_interval: int = 60    # periodic full CRL fetch (anti-entropy; changes arrive pushed)
+    socket_limits: SocketLimits = SocketLimits()  # what one local user may hold of the Workload API socket
 
 
 
@@ -53,6 +55,7 @@ def load(path: str | Path, join_token: str | None = None) -> SidecarConfig:
         metrics_address=sec.address("metrics_address", None),
         output_dir=sec.path("output_dir", None),
         crl_check_interval=sec.duration("crl_check_interval", "60s"),
+        socket_limits=load_limits(sec),
     )
     if not cfg.socket_path.is_absolute():
         raise sec.fail("socket_path", "must be an absolute path")
