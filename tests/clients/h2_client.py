@@ -2,8 +2,10 @@
 
   borrow SOCKET EXE     connect, wait for the server's SETTINGS, fork; the connecting process execs EXE
                         while its child sends FetchX509SVID on the inherited connection (finding 8)
-  flood SOCKET SECONDS  for SECONDS: idle connections, half-open streams and oversized messages, as many
-                        as the sidecar lets one uid have; reports what it managed, then exits
+  oversize SOCKET BYTES  one call announcing a request of BYTES, sending as much of it as the sidecar lets in
+  halfopen SOCKET N     N calls that send headers and never their request; each call's status and message
+  flood SOCKET SECONDS  for SECONDS: idle connections, half-open streams and oversized messages (see flood);
+                        reports what it sent, then exits
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 from pathlib import Path
 
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -110,59 +114,104 @@ def borrow(path: str, exe: str) -> None:
     os._exit(0)
 
 
+def send_oversized(conn: Conn, size: int, deadline: float, cap: int | None = None) -> dict:
+    """One call announcing a request of `size` bytes; sends as much of it (up to `cap`) as the sidecar lets in."""
+    sid = conn.h2.get_next_available_stream_id()
+    conn.h2.send_headers(sid, request_headers())
+    conn.h2.send_data(sid, frame(b"", size))
+    sent, headers = 0, {}
+    ended = False
+    while not ended and time.monotonic() < deadline:
+        room = min(conn.h2.local_flow_control_window(sid), conn.h2.max_outbound_frame_size,
+                   (size if cap is None else cap) - sent)
+        if room > 0:
+            try:
+                conn.h2.send_data(sid, b"\0" * room, end_stream=sent + room == size)
+                sent += room
+                conn.flush()
+                continue
+            except h2.exceptions.StreamClosedError:
+                pass  # refused meanwhile: read why
+            except OSError:
+                break  # closed, or not read for the socket's timeout
+        try:
+            evs = conn.events()
+        except (ConnectionError, OSError):
+            break
+        for e in evs:
+            if isinstance(e, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                headers.update(dict(e.headers))
+            elif isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)):
+                ended = True
+    return {"sent": sent, "status": int(headers.get("grpc-status", -1)), "message": headers.get("grpc-message", "")}
+
+
+def halfopen(path: str, n: int) -> None:
+    conn = Conn(path, timeout=30)
+    conn.wait_settings()
+    sids = []
+    for _ in range(n):
+        sid = conn.h2.get_next_available_stream_id()
+        conn.h2.send_headers(sid, request_headers())
+        sids.append(sid)
+    conn.flush()
+    headers: dict[int, dict] = {sid: {} for sid in sids}
+    ended: set[int] = set()
+    while len(ended) < n:
+        for e in conn.events():
+            if isinstance(e, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                headers[e.stream_id].update(dict(e.headers))
+            elif isinstance(e, (h2.events.StreamEnded, h2.events.StreamReset)):
+                ended.add(e.stream_id)
+    out({"statuses": [int(headers[s].get("grpc-status", -1)) for s in sids],
+         "messages": [headers[s].get("grpc-message", "") for s in sids]})
+
+
 def flood(path: str, seconds: float) -> None:
-    """Hold as much of the sidecar as one uid can for `seconds`: every connection opens streams that
-    never send their request, one stream per connection announces a 1 GiB message and sends what the
-    window lets it, and more connections stay idle. Counts what the sidecar accepted and refused."""
+    """Hold as much of the sidecar as one uid can for `seconds`: up to 400 connections, every other one
+    with 99 calls that never send their request (within HTTP/2's usual 100 streams), the rest idle,
+    and 4 more connections each sending a request announced as 1 GiB, up to 64 MiB of it."""
     deadline = time.monotonic() + seconds
+    big: list[int] = []
+    senders = [threading.Thread(target=lambda: big.append(send_oversized(Conn(path, timeout=2), 1 << 30, deadline,
+                                                                         64 << 20)["sent"]), daemon=True)
+               for _ in range(4)]
+    for t in senders:
+        t.start()
     conns: list[Conn] = []
-    refused_conns = 0
+    refused = 0
     for _ in range(400):
         if time.monotonic() > deadline - seconds / 2:
             break
         try:
-            c = Conn(path, timeout=2)
-            conns.append(c)
+            conns.append(Conn(path, timeout=2))
         except OSError:
-            refused_conns += 1
+            refused += 1
     streams = 0
-    big = b"\0" * 16384
-    for i, c in enumerate(conns):
+    for c in conns[::2]:
         try:
-            if i % 2:
-                continue  # every other connection stays idle
-            for _ in range(100):
-                sid = c.h2.get_next_available_stream_id()
-                c.h2.send_headers(sid, request_headers())  # half-open: no request follows
+            for _ in range(99):
+                c.h2.send_headers(c.h2.get_next_available_stream_id(), request_headers())
                 streams += 1
-            sid = c.h2.get_next_available_stream_id()
-            c.h2.send_headers(sid, request_headers())
-            c.h2.send_data(sid, frame(b"", 1 << 30))
-            while c.h2.local_flow_control_window(sid) >= len(big):
-                c.h2.send_data(sid, big)
             c.flush()
         except Exception:  # noqa: BLE001 - the sidecar closed it or refused more streams: that is the point
             pass
-    open_after = 0
     while time.monotonic() < deadline:
-        time.sleep(0.2)
-    for c in conns:
-        try:
-            c.sock.setblocking(False)
-            if c.sock.recv(1, socket.MSG_PEEK) != b"":
-                open_after += 1
-        except BlockingIOError:
-            open_after += 1
-        except OSError:
-            pass
-    out({"event": "flooded", "connections": len(conns), "refused_connections": refused_conns,
-         "streams_sent": streams, "open_at_end": open_after})
+        time.sleep(0.1)
+    for t in senders:
+        t.join(5)
+    out({"event": "flooded", "connections": len(conns), "refused_connections": refused, "streams_sent": streams,
+         "oversized_bytes_sent": sum(big)})
 
 
 def main() -> int:
     mode, path = sys.argv[1], sys.argv[2]
     if mode == "borrow":
         borrow(path, sys.argv[3])
+    elif mode == "oversize":
+        out(send_oversized(Conn(path), int(sys.argv[3]), time.monotonic() + 30))
+    elif mode == "halfopen":
+        halfopen(path, int(sys.argv[3]))
     elif mode == "flood":
         flood(path, float(sys.argv[3]))
     return 0
