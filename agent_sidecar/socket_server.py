@@ -359,7 +359,7 @@ class GuardedProtocol(H2Protocol):
             self.peer = await self.guard.attest(self.uid, sock)
         except AttestationError as e:
             self.attest_error = GRPCError(Status.PERMISSION_DENIED, f"workload attestation failed: {e}")
-        except (OSError, TimeoutError) as e:
+        except (OSError, TimeoutError, RuntimeError) as e:  # RuntimeError: the server is closing
             self.attest_error = GRPCError(Status.UNAVAILABLE, f"workload attestation failed: {e or 'timed out'}")
         if self.attest_error is not None:
             _refusals.log(f"attest:{self.uid}", "workload attestation failed", uid=self.uid,
