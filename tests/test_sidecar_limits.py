@@ -99,6 +99,12 @@ def test_request_longer_than_the_limit_is_refused_from_its_length_prefix(running
     assert result["sent"] <= 2 * 65536, result
 
 
+def test_header_block_longer_than_the_limit_closes_the_connection(running):
+    """h2 would keep 64 CONTINUATION frames (about 1 MiB) of an unfinished header block per connection."""
+    result = h2_client("headers", str(running.socket("host-a")), str(64 * 1024), uid=FLOODER)
+    assert result["closed"], result
+
+
 def test_connections_calls_and_silence_are_bounded_per_uid(deployment):
     deployment.start_issuer()
     deployment.start_sidecar("host-a", socket_limits={
@@ -139,6 +145,14 @@ def test_sidecar_raises_its_descriptor_soft_limit_to_the_hard_limit(running):
         line = next(x for x in f if x.startswith("Max open files"))
     soft, hard = line.split()[3:5]
     assert soft == hard, line
+
+
+def test_connection_limit_is_lowered_to_fit_the_descriptor_limit():
+    from agent_sidecar.socket_server import SocketLimits, fit_to_descriptors
+
+    assert fit_to_descriptors(SocketLimits(), 1 << 20) == SocketLimits()
+    fitted = fit_to_descriptors(SocketLimits(connections=1024, connections_per_uid=64), 356)
+    assert (fitted.connections, fitted.connections_per_uid) == (50, 50)  # (356 - 256 reserved) / 2 each
 
 
 @pytest.mark.parametrize("key,value,problem", [

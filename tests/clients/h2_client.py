@@ -4,6 +4,7 @@
                         while its child sends FetchX509SVID on the inherited connection (finding 8)
   oversize SOCKET BYTES  one call announcing a request of BYTES, sending as much of it as the sidecar lets in
   halfopen SOCKET N     N calls that send headers and never their request; each call's status and message
+  headers SOCKET BYTES  a header block that never ends: HEADERS, then CONTINUATION frames to BYTES; was it cut off?
   flood SOCKET SECONDS  for SECONDS: idle connections, half-open streams and oversized messages (see flood);
                         reports what it sent, then exits
 """
@@ -167,6 +168,29 @@ def halfopen(path: str, n: int) -> None:
          "messages": [headers[s].get("grpc-message", "") for s in sids]})
 
 
+def endless_headers(path: str, size: int) -> None:
+    from hyperframe.frame import ContinuationFrame, HeadersFrame
+
+    conn = Conn(path)
+    conn.wait_settings()
+    block = conn.h2.encoder.encode(request_headers())
+    first = HeadersFrame(1, data=block)  # no END_HEADERS: CONTINUATION frames must follow
+    conn.sock.sendall(first.serialize())
+    sent, closed = len(block), False
+    try:
+        while sent < size:
+            chunk = min(16384, size - sent)
+            conn.sock.sendall(ContinuationFrame(1, data=b"\0" * chunk).serialize())
+            sent += chunk
+        conn.sock.settimeout(3)
+        while conn.sock.recv(65536):
+            pass
+        closed = True
+    except (ConnectionError, OSError) as e:
+        closed = not isinstance(e, TimeoutError)
+    out({"sent": sent, "closed": closed})
+
+
 def flood(path: str, seconds: float) -> None:
     """Hold as much of the sidecar as one uid can for `seconds`: up to 400 connections, every other one
     with 99 calls that never send their request (within HTTP/2's usual 100 streams), the rest idle,
@@ -212,6 +236,8 @@ def main() -> int:
         out(send_oversized(Conn(path), int(sys.argv[3]), time.monotonic() + 30))
     elif mode == "halfopen":
         halfopen(path, int(sys.argv[3]))
+    elif mode == "headers":
+        endless_headers(path, int(sys.argv[3]))
     elif mode == "flood":
         flood(path, float(sys.argv[3]))
     return 0
