@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent_sidecar.socket_server import SocketLimits, load_limits
 from tessera.configfile import (default_bootstrap_address, dns_name, load_yaml, log_level, read_secret_file,
                                 read_secret_stdin)
 from tessera.durations import DAY
@@ -37,6 +38,7 @@ class SidecarConfig:
     output_dir: Path | None = None  # bundle.pem and crl.pem for nginx, openssl and friends
     crl_check_interval: int = 60    # periodic full CRL fetch (anti-entropy; changes arrive pushed)
     join_token_file: Path | None = None  # read only when the sidecar must attest (no valid saved SVID)
+    socket_limits: SocketLimits = SocketLimits()  # what one local user may hold of the Workload API socket
 
     def read_join_token(self) -> str | None:
         """The join token, if one was given; ConfigError when its file is not private to this user."""
@@ -79,6 +81,7 @@ def load(path: str | Path, join_token_file: str | None = None) -> SidecarConfig:
         output_dir=sec.path("output_dir", None),
         crl_check_interval=sec.duration("crl_check_interval", "60s", maximum=MAX_CRL_CHECK_INTERVAL),
         join_token_file=token_file,
+        socket_limits=load_limits(sec),
     )
     if not cfg.socket_path.is_absolute():
         raise sec.fail("socket_path", "must be an absolute path")

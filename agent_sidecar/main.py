@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 
-from tessera import fdlimits, logs, pem
+from tessera import logs, pem
 from tessera.cliutil import CliError, Parser, duration_arg, fail, path_arg, run_main, seconds_arg
 from tessera.errors import ConfigError, TesseraError
 
@@ -113,7 +113,6 @@ def cmd_run(args) -> int:
     if args.join_token is not None:
         return fail(PROG, JOIN_TOKEN_REFUSED)
     try:
-        fdlimits.raise_nofile_limit()  # every descriptor allowed: its caps on workload connections need them
         cfg = config_mod.load(args.config, join_token_file=args.join_token_file)
         logs.setup(cfg.log_level)
         return asyncio.run(_run(cfg))

@@ -8,7 +8,6 @@ import os
 
 import grpc
 from cryptography import x509
-from grpclib.server import Server
 
 from agent_sidecar import metrics
 from agent_sidecar.attestation import WorkloadAttestor
@@ -18,9 +17,11 @@ from agent_sidecar.health import HealthService
 from agent_sidecar.issuer_client import IdentityStore, IssuerClient, SidecarBanned, SidecarIdentity
 from agent_sidecar.task_api import TaskAPI
 from agent_sidecar.revocation import RevocationState
+from agent_sidecar.socket_server import Guard, GuardedServer, fit_to_descriptors
 from agent_sidecar.workload_api import WorkloadAPI
 from tessera import logs, pem, spiffeid
 from tessera.errors import ConfigError
+from tessera.fdlimits import raise_nofile_limit
 from tessera.uds import bind_unix
 
 log = logs.get("sidecar")
@@ -47,7 +48,7 @@ class SidecarRuntime:
         self._crl_offers: list[tuple[bytes, int | None]] = []  # CRLs waiting to be taken (data, committed_at)
         self._crl_task: asyncio.Task | None = None
         self._crl_unsaved = None  # a CRL in force whose files are not written yet (crl.Accepted)
-        self._server: Server | None = None
+        self._server: GuardedServer | None = None
         self.stopped = asyncio.Event()
         self.metrics_server = None
         metrics.watch_cache(lambda: len(self.cache.svids), lambda: len(self.cache.entries), lambda: self.cache.ready)
@@ -92,10 +93,10 @@ class SidecarRuntime:
         self.revocation.write_outputs(self.cache.bundle_der)
         await self.client.connect(self.ident)
         td = spiffeid.parse(self.ident.sidecar_id).trust_domain
-        self.workload_api = WorkloadAPI(self.cache, self.attestor, td, crls=self.revocation.crls)
+        self.workload_api = WorkloadAPI(self.cache, td, crls=self.revocation.crls)
         if self.cfg.metrics_address:
             self.metrics_server = metrics.serve(self.cfg.metrics_address)
-        self.task_api = TaskAPI(self.cache, self.attestor, self.client)
+        self.task_api = TaskAPI(self.cache, self.client)
         for coro in (self._sync_loop(), self._renew_loop(), self.cache.run(), self._crl_check_loop()):
             self._tasks.append(asyncio.create_task(coro))
         # Bind once the first snapshot is in, so a present socket means "ready"; if the issuer is
@@ -103,7 +104,9 @@ class SidecarRuntime:
         deadline = asyncio.get_running_loop().time() + STARTUP_SYNC_WAIT
         while not self.cache.ready and asyncio.get_running_loop().time() < deadline:
             await self.cache.wait_change(self.cache.version, timeout=0.5)
-        self._server = Server(self.services())
+        # Callers are attested as they connect, and what any local user can hold is bounded.
+        limits = fit_to_descriptors(self.cfg.socket_limits, raise_nofile_limit())
+        self._server = GuardedServer(self.services(), Guard(self.attestor, limits))
         sock = bind_unix(self.cfg.socket_path, self.cfg.socket_mode)
         await self._server.start(sock=sock)
         log.info("sidecar started", sidecar_id=self.ident.sidecar_id, socket=str(self.cfg.socket_path))

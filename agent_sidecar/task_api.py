@@ -24,11 +24,12 @@ import grpc
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from agent_sidecar.attestation import Workload, WorkloadAttestor, alive, peer_pidfd
+from agent_sidecar.attestation import AttestedPeer, Workload, alive
 from agent_sidecar.cache import CacheManager
 from agent_sidecar.issuer_client import IssuerClient
+from agent_sidecar.socket_server import current_peer
 from agent_sidecar.workload_api import caller
-from tessera import logs, peercred, pem, x509svid
+from tessera import logs, pem, x509svid
 from tessera.v1 import issuer_pb2, task_grpc, task_pb2
 
 log = logs.get("sidecar.task_api")
@@ -52,29 +53,24 @@ def _ppid(pid: int) -> int:
     return int(stat[stat.rindex(")") + 2:].split()[1])
 
 
-def owner_pidfd(sock, wl: Workload, parent: bool) -> tuple[int, int]:
+def owner_pidfd(peer: AttestedPeer, parent: bool) -> tuple[int, int]:
     """(pid, pidfd) of the process a task is tied to: the caller, or the caller's parent.
 
-    The caller's pidfd comes from its connection, as attestation's does, never from a pid number
-    that may have been recycled. The parent's is opened by number, then trusted only if the caller
-    is still alive with the same parent: a living process's parent changes only by exiting.
+    The caller's pidfd is the one its connection was attested with, never one opened from a pid
+    number that may have been recycled. The parent's is opened by number, then trusted only if the
+    caller is still alive with the same parent: a living process's parent changes only by exiting.
     """
-    caller_fd = peer_pidfd(sock, wl.pid)
-    if caller_fd is None or not alive(caller_fd):
-        if caller_fd is not None:
-            os.close(caller_fd)
+    wl = peer.workload
+    if peer.pidfd is None or not alive(peer.pidfd):
         raise GRPCError(Status.PERMISSION_DENIED, "the calling process exited during the request")
     if not parent:
-        return wl.pid, caller_fd
-    try:
-        ppid = _ppid(wl.pid)
-        fd = os.pidfd_open(ppid)
-        if not alive(caller_fd) or _ppid(wl.pid) != ppid:
-            os.close(fd)
-            raise GRPCError(Status.PERMISSION_DENIED, "the calling process's parent changed during the request")
-        return ppid, fd
-    finally:
-        os.close(caller_fd)
+        return wl.pid, os.dup(peer.pidfd)
+    ppid = _ppid(wl.pid)
+    fd = os.pidfd_open(ppid)
+    if not alive(peer.pidfd) or _ppid(wl.pid) != ppid:
+        os.close(fd)
+        raise GRPCError(Status.PERMISSION_DENIED, "the calling process's parent changed during the request")
+    return ppid, fd
 
 
 def _issuer_error(e: grpc.aio.AioRpcError) -> GRPCError:
@@ -85,16 +81,15 @@ def _issuer_error(e: grpc.aio.AioRpcError) -> GRPCError:
 
 
 class TaskAPI(task_grpc.TasksBase):
-    def __init__(self, cache: CacheManager, attestor: WorkloadAttestor, client: IssuerClient):
+    def __init__(self, cache: CacheManager, client: IssuerClient):
         self.cache = cache
-        self.attestor = attestor
         self.client = client
         self.tasks: dict[tuple[str, str], LiveTask] = {}  # (entry_id, task_id) -> task
         self._watched: dict[int, int] = {}  # pid -> pidfd
         self._background: set[asyncio.Task] = set()
 
     async def _caller(self, stream):
-        return await caller(stream, self.cache, self.attestor)
+        return await caller(stream, self.cache)
 
     def _entry(self, wl: Workload, spiffe_id: str):
         entries = self.cache.matching(wl.selectors)
@@ -108,7 +103,7 @@ class TaskAPI(task_grpc.TasksBase):
         req, wl = await self._caller(stream)
         entry = self._entry(wl, req.spiffe_id)
         try:
-            pid, pidfd = owner_pidfd(peercred.grpclib_socket(stream), wl, req.bind_to_parent)
+            pid, pidfd = owner_pidfd(current_peer(), req.bind_to_parent)
         except OSError as e:
             raise GRPCError(Status.PERMISSION_DENIED, f"cannot watch the task's process: {e}") from None
         try:

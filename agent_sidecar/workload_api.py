@@ -8,18 +8,19 @@ change; PERMISSION_DENIED mid-stream means "stop using all SVIDs".
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from agent_sidecar.attestation import AttestationError, Workload, WorkloadAttestor
+from agent_sidecar.attestation import AttestationError, Workload
 from agent_sidecar.cache import CacheManager
-from tessera import logs, peercred
+from agent_sidecar.socket_server import current_peer
+from tessera import logs
 from tessera.workload import workload_grpc, workload_pb2
 
 log = logs.get("sidecar.workload_api")
+_denials = logs.Throttled(log, level="info")
 
 FIRST_SVID_TIMEOUT = 10.0
 
@@ -30,41 +31,46 @@ def check_security_header(stream) -> None:
         raise GRPCError(Status.INVALID_ARGUMENT, "security header missing from request")
 
 
-async def attest(attestor: WorkloadAttestor, stream) -> Workload:
+def current_workload() -> Workload:
+    """The caller as attested when it connected, provided the process that connected still runs the
+    program it ran then (see attestation.AttestedPeer.check_unchanged)."""
+    peer = current_peer()
     try:
-        return await asyncio.to_thread(attestor.attest_socket, peercred.grpclib_socket(stream))
+        peer.check_unchanged()
     except AttestationError as e:
+        _denials.log(f"changed:{peer.workload.uid}", "workload changed since it connected", error=str(e),
+                     **peer.workload.describe())
         raise GRPCError(Status.PERMISSION_DENIED, f"workload attestation failed: {e}") from None
-    except (OSError, RuntimeError) as e:
-        raise GRPCError(Status.UNAVAILABLE, f"workload attestation failed: {e}") from None
+    return peer.workload
 
 
-async def caller(stream, cache: CacheManager, attestor: WorkloadAttestor):
-    """Every call on the sidecar's socket starts here: the security header, the request, a synced
-    cache, then the caller's identity from the kernel. Returns (request, workload)."""
+async def caller(stream, cache: CacheManager):
+    """Every call on the sidecar's socket starts here: the security header, the request (its size and
+    time bounded by the socket server), a synced cache, then the caller attested at connect."""
     check_security_header(stream)
     req = await stream.recv_message()
+    if req is None:
+        raise GRPCError(Status.INVALID_ARGUMENT, "the call carried no request message")
     if not cache.ready:
         raise GRPCError(Status.UNAVAILABLE, "sidecar is starting: no entries synced from the issuer yet")
-    return req, await attest(attestor, stream)
+    return req, current_workload()
 
 
 class WorkloadAPI(workload_grpc.SpiffeWorkloadAPIBase):
-    def __init__(self, cache: CacheManager, attestor: WorkloadAttestor, trust_domain: str, crls=lambda: []):
+    def __init__(self, cache: CacheManager, trust_domain: str, crls=lambda: []):
         self.cache = cache
         self.trust_domain = trust_domain
-        self.attestor = attestor
         self.crls = crls  # callable returning the current DER CRLs
 
     async def _caller(self, stream) -> Workload:
-        return (await caller(stream, self.cache, self.attestor))[1]
+        return (await caller(stream, self.cache))[1]
 
     async def FetchX509SVID(self, stream) -> None:
         wl = await self._caller(stream)
-        log.info("workload attested", **wl.describe())
         last = None
         served: set[str] = set()  # entries whose SVIDs this stream handed out
         deadline = time.monotonic() + FIRST_SVID_TIMEOUT
+        announced = False
         while True:
             version = self.cache.version
             entries, svids = self.cache.view(wl.selectors)
@@ -74,11 +80,17 @@ class WorkloadAPI(workload_grpc.SpiffeWorkloadAPIBase):
                 log.info("identity revoked; ending workload stream", entry_ids=revoked, **wl.describe())
                 raise GRPCError(Status.PERMISSION_DENIED, "identity revoked")
             if not entries:
+                _denials.log(f"none:{wl.uid}", "no identity for workload", **wl.describe())
                 raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
+            if not announced:
+                log.info("workload attested", **wl.describe())  # once a call; denials are throttled above
+                announced = True
             crls = list(self.crls())
             if svids:
                 state = (tuple(s.serial for s in svids), self.cache.bundle_der, tuple(crls))
                 if state != last:
+                    if last is not None:
+                        current_workload()  # new SVIDs only to the program that connected
                     await stream.send_message(workload_pb2.X509SVIDResponse(
                         svids=[workload_pb2.X509SVID(spiffe_id=s.spiffe_id, x509_svid=s.cert_der,
                                                      x509_svid_key=s.key_der, bundle=self.cache.bundle_der)
@@ -100,6 +112,8 @@ class WorkloadAPI(workload_grpc.SpiffeWorkloadAPIBase):
             crls = list(self.crls())
             state = (self.cache.bundle_der, tuple(crls))
             if state != last:
+                if last is not None:
+                    current_workload()
                 await stream.send_message(workload_pb2.X509BundlesResponse(
                     crl=crls, bundles={self.trust_domain: self.cache.bundle_der}))
                 last = state

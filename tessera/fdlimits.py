@@ -30,8 +30,11 @@ def raise_nofile_limit() -> int:
     """Raise this process's soft RLIMIT_NOFILE to its hard limit; returns the soft limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
-        with open("/proc/sys/fs/nr_open") as f:  # the most a process may have when "unlimited"
-            hard_value = int(f.read())
+        try:
+            with open("/proc/sys/fs/nr_open") as f:  # the most a process may have when "unlimited"
+                hard_value = int(f.read())
+        except (OSError, ValueError):
+            hard_value = max(soft, 65536) if soft != resource.RLIM_INFINITY else 65536
     else:
         hard_value = hard
     if soft == resource.RLIM_INFINITY or soft >= hard_value:

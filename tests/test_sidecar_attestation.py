@@ -99,3 +99,30 @@ def test_saved_identity_that_is_unreadable_or_mismatched_is_a_clear_error(tmp_pa
     store.identity.write_bytes(b"garbage")
     with pytest.raises(ConfigError, match="unreadable"):
         store.load()
+
+
+# -- workloads to the sidecar: the executable is that of the process that connected ----------------
+
+
+def test_exe_selectors_cannot_be_borrowed_by_a_child_after_the_connecting_process_execs(running):
+    """Finding 8: connect, fork, the connecting parent execs /usr/bin/sleep, the child asks. The path
+    selector must describe the process that connected as it was then, so the child gets nothing."""
+    import json
+    import subprocess
+    import sys
+
+    from harness import CLIENTS
+
+    running.entry("/agent/sleep", "host-a", "unix:path:/usr/bin/sleep")
+    proc = subprocess.Popen([sys.executable, str(CLIENTS / "h2_client.py"), "borrow", str(running.socket("host-a")),
+                             "/usr/bin/sleep"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert line, proc.stderr.read()
+    result = json.loads(line)
+    assert result["event"] == "error", result
+    assert result["status"] == 7  # PERMISSION_DENIED
+    assert "executed another program since connecting" in result["message"], result
