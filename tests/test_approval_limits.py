@@ -18,13 +18,15 @@ import pytest
 
 from agent_sidecar.workload_client import start_task
 from harness import CLIENTS, as_uid, wait_for
-from issuer_client import OPTIONS, sidecar_stub
-from taskutil import policy
-from tessera import pem, x509svid
+from issuer_client import aio_sidecar_channel
+from taskutil import ALLOW_ALL, policy
+from tessera import x509svid
 from tessera.v1 import issuer_pb2, issuer_pb2_grpc
 
 FLOOD_UID = 4242
 FLOOD = 400
+GUARDS = [{"name": f"guard-{i}", "effect": "deny", "reason": "not in that environment",
+           "condition": f'has(context.env) && context.env == "env-{i}" && "admin:all" in scopes'} for i in range(12)]
 
 
 def issuer_threads(d) -> int:
@@ -87,3 +89,46 @@ def test_an_approval_flood_from_one_workload_starves_no_one_and_leaves_when_its_
                          what="16 cancellations in the audit trail")
     assert {c["reason"] for c in cancelled} == {"caller went away"}
     assert {c["details"]["task_id"].split("-")[0] for c in cancelled} == {"flood"}
+
+
+def task_request(entry_id: str, task_id: str, uid: int, csr: bytes) -> issuer_pb2.TaskSVIDRequest:
+    return issuer_pb2.TaskSVIDRequest(entry_id=entry_id, task_id=task_id, scopes=["repo:read"], ttl_seconds=60,
+                                      csr=csr, selectors=[f"unix:uid:{uid}"],
+                                      workload=issuer_pb2.WorkloadInfo(pid=1000 + uid, uid=uid, gid=uid, exe="/bin/a"))
+
+
+def test_a_burst_of_task_requests_from_one_workload_does_not_delay_another_workloads_credential(deployment):
+    """As host-a's sidecar would send them: 400 ordinary task requests of uid 4242 at once, then one of root's.
+    The policy has a dozen rules, as a real one might: evaluating them is what takes the issuer's time."""
+    d = deployment
+    d.start_issuer(policy=policy(ALLOW_ALL, *GUARDS))
+    d.start_sidecar("host-a")
+    busy = d.entry("/agent/busy", "host-a", f"unix:uid:{FLOOD_UID}", scope=["repo:read"], tier="low")
+    legit = d.entry("/agent/legit", "host-a", "unix:uid:0", scope=["repo:read"], tier="low")
+    csr = x509svid.make_csr(x509svid.new_key())
+
+    async def one(stub, req) -> str:
+        try:
+            async for update in stub.RequestTaskSVID(req, timeout=60):
+                return update.WhichOneof("update")
+        except grpc.aio.AioRpcError as e:
+            return e.code().name
+        return "nothing"
+
+    async def scenario():
+        async with aio_sidecar_channel(d, "host-a") as ch:
+            stub = issuer_pb2_grpc.IssuerStub(ch)
+            assert await one(stub, task_request(legit, "warm-up", 0, csr)) == "svid"
+            burst = [asyncio.ensure_future(one(stub, task_request(busy, f"burst-{i}", FLOOD_UID, csr)))
+                     for i in range(FLOOD)]
+            await asyncio.sleep(0.3)  # the burst has reached the issuer
+            t0 = time.monotonic()
+            assert await one(stub, task_request(legit, "legit", 0, csr)) == "svid"
+            elapsed = time.monotonic() - t0
+            outcomes = await asyncio.gather(*burst)
+        return elapsed, outcomes
+
+    elapsed, outcomes = asyncio.run(scenario())
+    assert elapsed < 1.0, f"root's task credential took {elapsed:.2f}s behind uid {FLOOD_UID}'s burst"
+    # The burst itself: at most max_task_requests_per_workload (64) in progress, the rest refused at once.
+    assert outcomes.count("svid") >= 64 and set(outcomes) <= {"svid", "RESOURCE_EXHAUSTED"}, set(outcomes)
