@@ -23,6 +23,7 @@ from issuer.tasks import TaskService, TaskSpec
 from taskutil import end_task, policy, spiffe_parse, start_task, task_argv
 from tessera import taskext, x509svid
 from tessera.configfile import Section
+from tessera.errors import ConfigError
 from tessera.errors import DeadlineExceeded, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 
 
@@ -436,3 +437,9 @@ def test_task_requests_of_one_workload_take_turns_and_are_bounded(tmp_path):
 
     asyncio.run(scenario())
     store.close()
+
+
+@pytest.mark.parametrize("value", [0, -1, 100_001, "many", True])
+def test_a_limit_out_of_range_is_a_config_error_naming_it(value):
+    with pytest.raises(ConfigError, match="policy.max_pending_per_entry"):
+        load_section(Section({**policy(), "max_pending_per_entry": value}, "policy.", "issuer.yaml"))
