@@ -109,20 +109,22 @@ class Approvals:
     # -- the pending set (memory only, under the lock) ------------------------------------------
 
     def _reserve(self, req: ApprovalRequest) -> tuple[tuple, ...]:
+        counted = caps(req, self.limits)
         with self._lock:
             if self._closed:
                 raise Unavailable("the issuer is stopping; ask again once it is back")
-            counted = caps(req, self.limits)
-            for setting, key, limit, who in counted:
-                if self._counts[key] >= limit:
-                    _refusals.log(f"{setting}:{key}", "approval request refused: cap reached", cap=setting,
-                                  limit=limit, who=who, entry_id=req.entry_id, task_id=req.task_id)
-                    raise ResourceExhausted(f"{who} already has {limit} task requests waiting for approval "
-                                            f"(policy {setting}); wait for a decision or withdraw one")
-            keys = tuple(key for _, key, _, _ in counted)
-            self._counts.update(keys)
-            metrics.set_pending_approvals(self._counts[("all",)])
-            return keys
+            full = next(((setting, key, limit, who) for setting, key, limit, who in counted
+                         if self._counts[key] >= limit), None)
+            if full is None:
+                keys = tuple(key for _, key, _, _ in counted)
+                self._counts.update(keys)
+                metrics.set_pending_approvals(self._counts[("all",)])
+                return keys
+        setting, key, limit, who = full
+        _refusals.log(f"{setting}:{key}", "approval request refused: cap reached", cap=setting, limit=limit, who=who,
+                      entry_id=req.entry_id, task_id=req.task_id)
+        raise ResourceExhausted(f"{who} already has {limit} task requests waiting for approval "
+                                f"(policy {setting}); wait for a decision or withdraw one")
 
     def _release(self, keys: tuple[tuple, ...]) -> None:
         """Under the lock."""
@@ -149,12 +151,13 @@ class Approvals:
             self._counts.update(slot.keys)
             metrics.set_pending_approvals(self._counts[("all",)])
 
-    def _settle(self, slot: _Slot, final: ApprovalRequest) -> None:
-        """The outcome is final: hand it to the waiting caller, or keep it until the caller comes to wait."""
+    def _settle(self, slot: _Slot, final: ApprovalRequest, keep: bool = True) -> None:
+        """The outcome is final: hand it to the waiting caller, or keep it (unless not `keep`: nobody will come)
+        until the caller comes to wait."""
         with self._lock:
             slot.final = final
             waiter = slot.waiter
-            if waiter is not None:
+            if waiter is not None or not keep:
                 del self._slots[final.id]
             now = time.time()
             for k in [k for k, s in self._slots.items() if s.final and s.waiter is None and s.req.expires_at <= now]:
@@ -259,7 +262,7 @@ class Approvals:
         slot = self._take(approval_id)
         if slot is None:
             return
-        self._settle(slot, replace(slot.req, state="cancelled", decided_by="caller", decision_reason=why))
+        self._settle(slot, replace(slot.req, state="cancelled", decided_by="caller", decision_reason=why), keep=False)
         self._withdrawn.put(self._withdrawal(slot.req, why))
 
     def _record_withdrawals(self) -> None:
