@@ -7,10 +7,10 @@ leaves withdraws at once, and one workload's burst of task requests does not del
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -132,3 +132,29 @@ def test_a_burst_of_task_requests_from_one_workload_does_not_delay_another_workl
     assert elapsed < 1.0, f"root's task credential took {elapsed:.2f}s behind uid {FLOOD_UID}'s burst"
     # The burst itself: at most max_task_requests_per_workload (64) in progress, the rest refused at once.
     assert outcomes.count("svid") >= 64 and set(outcomes) <= {"svid", "RESOURCE_EXHAUSTED"}, set(outcomes)
+
+
+def test_stopping_the_issuer_answers_a_waiting_approval_at_once_and_records_the_withdrawal(two_workloads):
+    d = two_workloads
+    d.entry("/agent/gated", "host-a", "unix:uid:0", scope=["repo:read"], tier="high")
+    outcome: dict = {}
+
+    def ask():
+        try:
+            start_task(str(d.socket("host-a")), "gated", ["repo:read"], 60, {}, 30,
+                       spiffe_id="spiffe://example.org/agent/gated",
+                       on_pending=lambda p: outcome.setdefault("pending", p.approval_id))
+        except grpc.RpcError as e:
+            outcome["error"] = (e.code(), e.details())
+
+    caller = threading.Thread(target=ask)
+    caller.start()
+    wait_for(lambda: "pending" in outcome, timeout=15, what="the request pending")
+    t0 = time.monotonic()
+    assert d.issuer.stop() == 0
+    assert time.monotonic() - t0 < 5  # the waiting request does not hold the shutdown
+    caller.join(10)
+    code, details = outcome["error"]
+    assert code == grpc.StatusCode.UNAVAILABLE and "withdrawn: issuer stopping" in details, details
+    [withdrawn] = d.audit("task.approval_cancel")
+    assert withdrawn["reason"] == "issuer stopping" and withdrawn["details"]["approval_id"] == outcome["pending"]

@@ -414,11 +414,11 @@ def test_task_requests_of_one_workload_take_turns_and_are_bounded(tmp_path):
     async def scenario():
         first = asyncio.ensure_future(steps(svc.request(side["host-a"], spec(entry.id, task_id="t1"))))
         await asyncio.to_thread(started.wait, 10)
+        started.clear()
         second = asyncio.ensure_future(steps(svc.request(side["host-a"], spec(entry.id, task_id="t2"))))
         third = asyncio.ensure_future(steps(svc.request(side["host-a"], spec(entry.id, task_id="t3"))))
-        await asyncio.sleep(0.1)
-        started.clear()
-        assert not started.is_set()  # one thread per workload: the second waits for its turn, on the loop
+        await asyncio.sleep(0.2)
+        assert not started.is_set()  # one thread per workload: the others wait for their turn, on the loop
         with pytest.raises(ResourceExhausted, match="uid 7 on .* already has 3 .*max_task_requests_per_workload"):
             await steps(svc.request(side["host-a"], spec(entry.id, task_id="t4")))
         # Another workload is not held up by this one's turns.
