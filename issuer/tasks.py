@@ -106,7 +106,8 @@ async def _on_thread(fn, *args) -> None:
 
 class Turns:
     """Per key (a workload, a sidecar): at most `threads` callers at once in their blocking steps, at most
-    `limit` holding or waiting for a turn; one more is refused with RESOURCE_EXHAUSTED naming `setting`.
+    `limit` holding or waiting for a turn; one more is refused with RESOURCE_EXHAUSTED naming `setting`
+    (unless `refuse` is false: a request a human approved waits its turn but is never turned away).
     A caller waiting for its turn holds no thread. Event loop only."""
 
     def __init__(self, setting: str, limit: int, threads: int):
@@ -115,8 +116,8 @@ class Turns:
         self._turns: dict[Hashable, asyncio.Semaphore] = {}
 
     @contextlib.asynccontextmanager
-    async def turn(self, key: Hashable, who: str):
-        if self._count[key] >= self.limit:
+    async def turn(self, key: Hashable, who: str, refuse: bool = True):
+        if refuse and self._count[key] >= self.limit:
             raise ResourceExhausted(f"{who} already has {self.limit} task requests in progress "
                                     f"(policy {self.setting}); retry when they are answered")
         self._count[key] += 1
@@ -167,11 +168,11 @@ class TaskService:
         return entry
 
     @contextlib.asynccontextmanager
-    async def _turn(self, sidecar: Sidecar, spec: TaskSpec):
+    async def _turn(self, sidecar: Sidecar, spec: TaskSpec, refuse: bool = True):
         """A turn at the issuer's threads for this workload and sidecar (waited for without a thread)."""
         wl = pol.workload_key(sidecar.id, spec.workload)
-        async with self._workload_turns.turn(wl, pol.describe_workload(wl)), \
-                self._sidecar_turns.turn(sidecar.id, f"sidecar {sidecar.id}"):
+        async with self._workload_turns.turn(wl, pol.describe_workload(wl), refuse), \
+                self._sidecar_turns.turn(sidecar.id, f"sidecar {sidecar.id}", refuse):
             yield
 
     async def request(self, sidecar: Sidecar, spec: TaskSpec) -> AsyncIterator[tuple[str, Any]]:
@@ -195,7 +196,7 @@ class TaskService:
                                            f"{self.approvals.timeout}s")
                 if final.state != "approved":  # withdrawn: the issuer is stopping
                     raise Unavailable(f"approval {final.id} was withdrawn: {final.decision_reason}")
-                async with self._turn(sidecar, spec):
+                async with self._turn(sidecar, spec, refuse=False):
                     await _on_thread(self._issue_approved, sidecar, spec, ticket, final)
             yield "svid", ticket.svid
         finally:

@@ -19,7 +19,7 @@ from inproc import issuer_services
 from issuer.approvals import Approvals
 from issuer.models import Actor
 from issuer.policy import load_section
-from issuer.tasks import TaskService, TaskSpec
+from issuer.tasks import TaskService, TaskSpec, Turns
 from taskutil import end_task, policy, spiffe_parse, start_task, task_argv
 from tessera import taskext, x509svid
 from tessera.configfile import Section
@@ -443,3 +443,22 @@ def test_task_requests_of_one_workload_take_turns_and_are_bounded(tmp_path):
 def test_a_limit_out_of_range_is_a_config_error_naming_it(value):
     with pytest.raises(ConfigError, match="policy.max_pending_per_entry"):
         load_section(Section({**policy(), "max_pending_per_entry": value}, "policy.", "issuer.yaml"))
+
+
+def test_a_request_a_human_approved_waits_for_its_turn_but_is_never_turned_away():
+    async def scenario():
+        turns = Turns("max_task_requests_per_workload", limit=1, threads=1)
+
+        async def hold(**kw):
+            async with turns.turn("uid 7", "uid 7", **kw):
+                pass
+
+        async with turns.turn("uid 7", "uid 7"):
+            with pytest.raises(ResourceExhausted, match="uid 7 already has 1 .*max_task_requests_per_workload"):
+                await hold()
+            approved = asyncio.ensure_future(hold(refuse=False))
+            await asyncio.sleep(0.1)
+            assert not approved.done()  # waits for the turn
+        await asyncio.wait_for(approved, 5)
+
+    asyncio.run(scenario())
