@@ -241,13 +241,17 @@ class Approvals:
             if expiring is None:  # someone is recording a decision or a withdrawal: it arrives on the waiter
                 await asyncio.wait({waiter}, timeout=1.0)
                 continue
-            final = replace(req, state="expired", decided_by="issuer", decision_reason="nobody decided in time")
-            # A short commit: the one step of an expiry that needs a thread.
-            await loop.run_in_executor(None, self._record, expiring, AuditEvent(
-                "task.approval_expire", ISSUER, "deny", reason=f"no decision within {self.timeout}s",
-                subject=req.spiffe_id, details=req.details()))
-            self._settle(expiring, final)
+            # A short commit, the one step of an expiry that needs a thread. It settles there too, so a caller
+            # that leaves meanwhile leaves nothing half done.
+            await loop.run_in_executor(None, self._expire, expiring)
         return waiter.result()
+
+    def _expire(self, slot: _Slot) -> None:
+        req = slot.req
+        self._record(slot, AuditEvent("task.approval_expire", ISSUER, "deny",
+                                      reason=f"no decision within {self.timeout}s", subject=req.spiffe_id,
+                                      details=req.details()))
+        self._settle(slot, replace(req, state="expired", decided_by="issuer", decision_reason="nobody decided in time"))
 
     @staticmethod
     def _withdrawal(req: ApprovalRequest, why: str) -> AuditEvent:
