@@ -21,6 +21,7 @@ does. Write `has(context.env) && context.env == "prod"` to avoid that.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import fnmatch
 import re
@@ -57,10 +58,47 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """How much of the issuer task requests may hold at once (see issuer/approvals.py and issuer/tasks.py).
+
+    A workload is a uid on a sidecar, as the kernel attested it (see tasks.workload_key).
+    """
+
+    max_pending: int = 1024               # approval requests waiting for a human, all sidecars together
+    max_pending_per_sidecar: int = 256
+    max_pending_per_entry: int = 64
+    max_pending_per_workload: int = 16
+    max_task_requests_per_workload: int = 64   # being decided or issued, queued included (not waits)
+    max_task_requests_per_sidecar: int = 256
+    task_threads_per_workload: int = 2    # of those, how many use the issuer's threads at once
+    task_threads_per_sidecar: int = 8
+
+
+LIMIT_RANGE = (1, 100_000)
+
+
+def workload_key(sidecar_id: str, workload: Mapping[str, Any]) -> tuple[str, int]:
+    """Who counts as one workload for the limits: a uid on a sidecar, as the kernel attested it there.
+
+    Not the pid: any process can fork as many pids as it likes, so a per-pid cap caps nothing. The uid
+    is what the kernel separates (processes of one uid can already signal, trace and read one another),
+    and a process cannot change it without privilege. A sidecar is trusted only for its own workloads, so
+    the key carries its id: one sidecar's uid 1000 is not another's, and a sidecar that lies about uids
+    is still bounded by its per-sidecar and per-entry limits.
+    """
+    return sidecar_id, int(workload.get("uid") or 0)
+
+
+def describe_workload(key: tuple[str, int]) -> str:
+    return f"uid {key[1]} on {key[0]}"
+
+
+@dataclass(frozen=True)
 class Policy:
     tiers: Mapping[str, Tier]
     rules: tuple[Rule, ...]
     approval_timeout: int
+    limits: Limits = Limits()
 
     def tier_names(self) -> tuple[str, ...]:
         return tuple(self.tiers)
@@ -160,8 +198,19 @@ def load_section(sec: Section) -> Policy:
     timeout = sec.duration("approval_timeout", DEFAULT_APPROVAL_TIMEOUT)
     if not 1 <= timeout <= 86400:
         raise sec.fail("approval_timeout", "must be between 1s and 24h")
+    limits = _limits(sec)
     sec.reject_unknown()
-    return Policy(tiers, tuple(rules), timeout)
+    return Policy(tiers, tuple(rules), timeout, limits)
+
+
+def _limits(sec: Section) -> Limits:
+    values = {}
+    for f in dataclasses.fields(Limits):
+        v = sec.get(f.name, int, f.default)
+        if not LIMIT_RANGE[0] <= v <= LIMIT_RANGE[1]:
+            raise sec.fail(f.name, f"must be a whole number between {LIMIT_RANGE[0]} and {LIMIT_RANGE[1]}")
+        values[f.name] = v
+    return Limits(**values)
 
 
 def load(root: Section) -> Policy:

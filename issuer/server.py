@@ -114,7 +114,7 @@ class IssuerServer:
                                             cfg.crl_validity)
         self.signer = SvidSigner(self.store, self.ca, self.registry, self.revocation, self.signing_pool,
                                  identity_ttl=cfg.policy.identity_ttl)
-        self.approvals = Approvals(self.store, cfg.policy.approval_timeout)
+        self.approvals = Approvals(self.store, cfg.policy.approval_timeout, cfg.policy.limits)
         self.tasks = TaskService(self.store, self.ca, self.registry, cfg.policy, self.approvals,
                                  check_entry_allowed=self.revocation.check_entry,
                                  revoke=self.revocation.end_task,
@@ -153,7 +153,7 @@ class IssuerServer:
         serving = ServingCert(self.ca, self.store, self.cfg.server_name)
         # The sidecar-facing gRPC server runs on one event loop in its own thread: a call costs no thread
         # hand-off and a connected sidecar's sync stream no thread at all. Blocking work (commits, CA
-        # signatures outside the signing pool, approval waits) goes to the loop's default executor.
+        # signatures outside the signing pool) goes to the loop's default executor.
         self._blocking = futures.ThreadPoolExecutor(max_workers=self.cfg.max_workers, thread_name_prefix="blocking")
         self._loop = asyncio.new_event_loop()
         self._loop.set_default_executor(self._blocking)
@@ -249,7 +249,7 @@ class IssuerServer:
             self._on_loop(self.health.enter_graceful_shutdown())
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
-        # Requests waiting for an approval hold executor threads and would hold the grace period: end them first.
+        # Requests waiting for an approval would hold the grace period: end them first.
         self.approvals.close()
         self.revocation.stop()
         if self._grpc:

@@ -1,14 +1,15 @@
 """The grpc.aio servicer sidecars call. Thin: authenticate, translate, delegate.
 
-Handlers run on the issuer's event loop. What blocks (a commit, a CA signature, a
-wait for an approval) runs on the loop's executor; identity signing goes through the
-signing pool, whose worker processes sign and commit. Sync streams are coroutines, so a
-connected sidecar costs no thread.
+Handlers run on the issuer's event loop. What blocks (a commit, a CA signature) runs on
+the loop's executor; identity signing goes through the signing pool, whose worker
+processes sign and commit. Sync streams and waits for an approval are coroutines, so
+they cost no thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -37,20 +38,6 @@ def peer_cert_pem(context: grpc.ServicerContext) -> bytes | None:
 def _log_touch_failure(done: asyncio.Future) -> None:
     if not done.cancelled() and done.exception() is not None:
         log.error("could not record that a sidecar was seen", error=repr(done.exception()))
-
-
-async def _next_step(loop: asyncio.AbstractEventLoop, steps):
-    """The generator's next step, run on the executor; None when it is done.
-
-    If the caller goes away mid-step, the step still finishes on its thread; the generator is then
-    closed there too, which withdraws an approval request that step may just have submitted.
-    """
-    step = loop.run_in_executor(None, next, steps, None)
-    try:
-        return await asyncio.shield(step)
-    except asyncio.CancelledError:
-        step.add_done_callback(lambda _: loop.run_in_executor(None, steps.close))
-        raise
 
 
 class IssuerService(issuer_pb2_grpc.IssuerServicer):
@@ -165,26 +152,18 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
                         ttl=request.ttl_seconds, context=dict(request.context), csr=request.csr,
                         selectors=frozenset(request.selectors),
                         workload={"pid": w.pid, "uid": w.uid, "gid": w.gid, "exe": w.exe})
-        # The task service blocks (policy, commits, a wait for an approval): each step runs on the executor.
-        steps = self.tasks.request(sidecar, spec)
-        loop = asyncio.get_running_loop()
-        while (step := await _next_step(loop, steps)) is not None:
-            kind, value = step
-            if kind == "pending":
-                # A caller that goes away stops the wait (and the pending request) at once.
-                context.add_done_callback(lambda _ctx, a=value.id: loop.run_in_executor(
-                    None, self.tasks.approvals.cancel, a, "caller went away"))
-                yield issuer_pb2.TaskSVIDUpdate(pending=task_pb2.TaskPending(
-                    approval_id=value.id, reason=value.reason, expires_at=value.expires_at))
-            else:
-                # The credential is the last step: end the generator here (its cleanup does not block)
-                # rather than spend another trip to the executor to see it stop.
-                steps.close()
-                yield issuer_pb2.TaskSVIDUpdate(svid=issuer_pb2.SignedTaskSVID(
-                    entry_id=value.entry_id, spiffe_id=value.spiffe_id, cert_chain=value.cert_der,
-                    serial=value.serial, expires_at=value.expires_at, scopes=list(value.scopes),
-                    task_id=value.task_id))
-                return
+        # A caller that goes away cancels this coroutine; closing the steps withdraws an approval request at once.
+        async with contextlib.aclosing(self.tasks.request(sidecar, spec)) as steps:
+            async for kind, value in steps:
+                if kind == "pending":
+                    yield issuer_pb2.TaskSVIDUpdate(pending=task_pb2.TaskPending(
+                        approval_id=value.id, reason=value.reason, expires_at=value.expires_at))
+                else:
+                    yield issuer_pb2.TaskSVIDUpdate(svid=issuer_pb2.SignedTaskSVID(
+                        entry_id=value.entry_id, spiffe_id=value.spiffe_id, cert_chain=value.cert_der,
+                        serial=value.serial, expires_at=value.expires_at, scopes=list(value.scopes),
+                        task_id=value.task_id))
+                    return
 
     @grpcio_handler
     async def EndTask(self, request, context):

@@ -3,16 +3,23 @@
 A sidecar may request tasks only for entries whose parent it is, and only for
 workloads whose kernel-attested selectors (which it forwards) match the entry.
 Each issued task serial is recorded (kind "task") before the credential leaves.
+
+A request runs on the issuer's event loop. Its blocking steps take a thread in turns: per workload
+(a uid on a sidecar, policy.workload_key) and per sidecar, a few at once and a bounded number
+queued, so one agent's burst delays only itself. A wait for a human holds no thread and no turn.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import re
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Hashable
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -26,7 +33,7 @@ from issuer.signing import SignResult
 from tessera import selectors as sel
 from tessera import spiffeid, taskext, x509svid
 from tessera.errors import (AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied,
-                            Unavailable)
+                            ResourceExhausted, Unavailable)
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 _CONTEXT_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -71,6 +78,59 @@ def validate_context(context: dict[str, str]) -> dict[str, str]:
     return dict(context)
 
 
+@dataclass(eq=False)
+class _Ticket:
+    """One task request's progress, filled in by its blocking steps and read by its coroutine's cleanup."""
+
+    started: float
+    key: tuple[str, str] | None = None  # (entry id, task id), held in _in_flight
+    approval: ApprovalRequest | None = None
+    svid: TaskSVID | None = None
+    public_key: Any = None
+    actor: Actor | None = None
+    decision: pol.Decision | None = None
+    scopes: tuple[str, ...] = ()
+    details: dict = field(default_factory=dict)
+
+
+async def _on_thread(fn, *args) -> None:
+    """fn(*args) on the loop's executor. If the caller goes away meanwhile, the step still finishes (a thread
+    cannot be stopped) and is waited for, so the turn it holds and what it recorded are cleaned up after it."""
+    step = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    try:
+        await asyncio.shield(step)
+    except asyncio.CancelledError:
+        await asyncio.wait({step})
+        raise
+
+
+class Turns:
+    """Per key (a workload, a sidecar): at most `threads` callers at once in their blocking steps, at most
+    `limit` holding or waiting for a turn; one more is refused with RESOURCE_EXHAUSTED naming `setting`
+    (unless `refuse` is false: a request a human approved waits its turn but is never turned away).
+    A caller waiting for its turn holds no thread. Event loop only."""
+
+    def __init__(self, setting: str, limit: int, threads: int):
+        self.setting, self.limit, self.threads = setting, limit, threads
+        self._count: Counter = Counter()
+        self._turns: dict[Hashable, asyncio.Semaphore] = {}
+
+    @contextlib.asynccontextmanager
+    async def turn(self, key: Hashable, who: str, refuse: bool = True):
+        if refuse and self._count[key] >= self.limit:
+            raise ResourceExhausted(f"{who} already has {self.limit} task requests in progress "
+                                    f"(policy {self.setting}); retry when they are answered")
+        self._count[key] += 1
+        sem = self._turns.setdefault(key, asyncio.Semaphore(self.threads))
+        try:
+            async with sem:
+                yield
+        finally:
+            self._count[key] -= 1
+            if not self._count[key]:
+                del self._count[key], self._turns[key]
+
+
 def entry_view(e: Entry) -> dict[str, Any]:
     """What policy rules see of an entry."""
     return {"id": e.id, "spiffe_id": e.spiffe_id, "owner": e.owner, "purpose": e.purpose, "tier": e.tier,
@@ -94,6 +154,11 @@ class TaskService:
         self.recheck_issued = recheck_issued  # closes the sign/revoke race, as for identity SVIDs
         self._lock = threading.Lock()
         self._in_flight: set[tuple[str, str]] = set()
+        limits = policy.limits
+        self._workload_turns = Turns("max_task_requests_per_workload", limits.max_task_requests_per_workload,
+                                     limits.task_threads_per_workload)
+        self._sidecar_turns = Turns("max_task_requests_per_sidecar", limits.max_task_requests_per_sidecar,
+                                    limits.task_threads_per_sidecar)
 
     def _entry_for(self, sidecar: Sidecar, spec: TaskSpec, now: float) -> Entry:
         entry = self.registry.servable_for(spec.entry_id, sidecar.id, now)
@@ -102,9 +167,47 @@ class TaskService:
         self.check_entry_allowed(entry)
         return entry
 
-    def request(self, sidecar: Sidecar, spec: TaskSpec) -> Iterator[tuple[str, Any]]:
-        """Yields ("pending", ApprovalRequest) while a human decides, then ("svid", TaskSVID). Raises on refusal."""
-        started = time.monotonic()
+    @contextlib.asynccontextmanager
+    async def _turn(self, sidecar: Sidecar, spec: TaskSpec, refuse: bool = True):
+        """A turn at the issuer's threads for this workload and sidecar (waited for without a thread)."""
+        wl = pol.workload_key(sidecar.id, spec.workload)
+        async with self._workload_turns.turn(wl, pol.describe_workload(wl), refuse), \
+                self._sidecar_turns.turn(sidecar.id, f"sidecar {sidecar.id}", refuse):
+            yield
+
+    async def request(self, sidecar: Sidecar, spec: TaskSpec) -> AsyncIterator[tuple[str, Any]]:
+        """Yields ("pending", ApprovalRequest) while a human decides, then ("svid", TaskSVID). Raises on refusal.
+
+        Runs on the event loop; only its short blocking steps (checks, policy, commits, signing) take a
+        thread, in turns per workload and sidecar. A wait for a human takes none. A caller that goes
+        away (the coroutine is cancelled or closed) withdraws its approval request at once.
+        """
+        ticket = _Ticket(time.monotonic())
+        try:
+            async with self._turn(sidecar, spec):
+                await _on_thread(self._admit, sidecar, spec, ticket)
+            if ticket.approval is not None:
+                yield "pending", ticket.approval
+                final = await self.approvals.wait(ticket.approval)
+                if final.state == "denied":
+                    raise PermissionDenied(f"approval {final.id} denied by {final.decided_by}: {final.decision_reason}")
+                if final.state == "expired":
+                    raise DeadlineExceeded(f"approval {final.id} expired: nobody decided within "
+                                           f"{self.approvals.timeout}s")
+                if final.state != "approved":  # withdrawn: the issuer is stopping
+                    raise Unavailable(f"approval {final.id} was withdrawn: {final.decision_reason}")
+                async with self._turn(sidecar, spec, refuse=False):
+                    await _on_thread(self._issue_approved, sidecar, spec, ticket, final)
+            yield "svid", ticket.svid
+        finally:
+            if ticket.approval is not None:
+                self.approvals.withdraw(ticket.approval.id, "caller went away")  # nothing if already final
+            if ticket.key is not None:
+                with self._lock:
+                    self._in_flight.discard(ticket.key)
+
+    def _admit(self, sidecar: Sidecar, spec: TaskSpec, ticket: "_Ticket") -> None:
+        """Check and decide; issue at once when policy allows, or submit for approval. Blocks."""
         if not _TASK_ID.match(spec.task_id or ""):
             raise InvalidArgument("invalid task_id: use 1-128 letters, digits and . _ : @ / -")
         if len(spec.scopes) > MAX_SCOPES:
@@ -113,7 +216,7 @@ class TaskService:
         context = validate_context(spec.context)
         if spec.ttl <= 0:
             raise InvalidArgument("ttl_seconds must be positive")
-        public_key = x509svid.csr_public_key(spec.csr)
+        ticket.public_key = x509svid.csr_public_key(spec.csr)
         now = time.time()
         try:
             entry = self._entry_for(sidecar, spec, now)
@@ -124,72 +227,56 @@ class TaskService:
                 details={"task_id": spec.task_id, "entry_id": spec.entry_id, "scopes": list(scopes),
                          "requested_ttl": spec.ttl, "context": context, "rule": "entry"})])
             raise
-        actor = Actor("workload", entry.spiffe_id, {**spec.workload, "sidecar_id": sidecar.id})
+        ticket.actor = Actor("workload", entry.spiffe_id, {**spec.workload, "sidecar_id": sidecar.id})
         key = (entry.id, spec.task_id)
         with self._lock:
             if key in self._in_flight:
                 raise AlreadyExists(f"task {spec.task_id!r} is already being requested")
             self._in_flight.add(key)
-        try:
-            if self.store.find_issued(entry_id=entry.id, task_id=spec.task_id, unexpired_at=int(now), revoked=False):
-                raise AlreadyExists(f"task {spec.task_id!r} already has a live credential; end it first")
-            req = pol.TaskRequest(entry_view(entry), {"id": sidecar.id, "name": sidecar.name}, dict(spec.workload),
-                                  spec.task_id, scopes, spec.ttl, context, now)
-            decision = pol.evaluate(self.policy, req)
-            details = {"task_id": spec.task_id, "entry_id": entry.id, "scopes": list(scopes),
-                       "requested_ttl": spec.ttl, "context": context, "rule": decision.rule}
-            if decision.effect == "deny":
-                self.store.append_audit([AuditEvent("task.deny", actor, "deny", reason=decision.reason,
-                                                    subject=entry.spiffe_id, details=details)])
-                raise PermissionDenied(f"task denied by rule {decision.rule}: {decision.reason}")
-            approval = None
-            if decision.effect == "require_approval":
-                approval = self.approvals.submit(ApprovalRequest(
-                    "", spec.task_id, entry.id, entry.spiffe_id, entry.owner, entry.tier, scopes, decision.ttl,
-                    context, sidecar.id, dict(spec.workload), decision.reason, decision.rule, 0, 0), actor)
-                try:
-                    yield "pending", approval
-                except GeneratorExit:  # the caller went away before waiting: withdraw the request
-                    self.approvals.cancel(approval.id, "caller went away")
-                    raise
-                final = self.approvals.wait(approval)
-                if final.state == "denied":
-                    raise PermissionDenied(f"approval {final.id} denied by {final.decided_by}: {final.decision_reason}")
-                if final.state == "expired":
-                    raise DeadlineExceeded(f"approval {final.id} expired: nobody decided within "
-                                           f"{self.approvals.timeout}s")
-                if final.state != "approved":  # withdrawn: the caller left, or the issuer is stopping
-                    raise Unavailable(f"approval {final.id} was withdrawn: {final.decision_reason}")
-                now = time.time()
-                entry = self._entry_for(sidecar, spec, now)  # it may have changed while a human decided
-                details["approval_id"] = final.id
-                details["approved_by"] = final.decided_by
-            yield "svid", self._issue(sidecar, entry, spec.task_id, scopes, decision.ttl, public_key, actor,
-                                      decision.reason, details, started)
-        finally:
-            with self._lock:
-                self._in_flight.discard(key)
+            ticket.key = key
+        if self.store.find_issued(entry_id=entry.id, task_id=spec.task_id, unexpired_at=int(now), revoked=False):
+            raise AlreadyExists(f"task {spec.task_id!r} already has a live credential; end it first")
+        req = pol.TaskRequest(entry_view(entry), {"id": sidecar.id, "name": sidecar.name}, dict(spec.workload),
+                              spec.task_id, scopes, spec.ttl, context, now)
+        decision = ticket.decision = pol.evaluate(self.policy, req)
+        ticket.scopes = scopes
+        ticket.details = {"task_id": spec.task_id, "entry_id": entry.id, "scopes": list(scopes),
+                          "requested_ttl": spec.ttl, "context": context, "rule": decision.rule}
+        if decision.effect == "deny":
+            self.store.append_audit([AuditEvent("task.deny", ticket.actor, "deny", reason=decision.reason,
+                                                subject=entry.spiffe_id, details=ticket.details)])
+            raise PermissionDenied(f"task denied by rule {decision.rule}: {decision.reason}")
+        if decision.effect == "require_approval":
+            ticket.approval = self.approvals.submit(ApprovalRequest(
+                "", spec.task_id, entry.id, entry.spiffe_id, entry.owner, entry.tier, scopes, decision.ttl,
+                context, sidecar.id, dict(spec.workload), decision.reason, decision.rule, 0, 0), ticket.actor)
+            return
+        ticket.svid = self._issue(sidecar, entry, spec.task_id, ticket)
 
-    def _issue(self, sidecar: Sidecar, entry: Entry, task_id: str, scopes: tuple[str, ...], ttl: int,
-               public_key, actor: Actor, reason: str, details: dict, started: float) -> TaskSVID:
-        binding = taskext.TaskBinding(task_id, scopes, entry.id, entry.owner)
-        signed = self.ca.sign(public_key, spiffeid.parse(entry.spiffe_id), ttl,
+    def _issue_approved(self, sidecar: Sidecar, spec: TaskSpec, ticket: "_Ticket", final: ApprovalRequest) -> None:
+        entry = self._entry_for(sidecar, spec, time.time())  # it may have changed while a human decided
+        ticket.details = {**ticket.details, "approval_id": final.id, "approved_by": final.decided_by}
+        ticket.svid = self._issue(sidecar, entry, spec.task_id, ticket)
+
+    def _issue(self, sidecar: Sidecar, entry: Entry, task_id: str, ticket: "_Ticket") -> TaskSVID:
+        binding = taskext.TaskBinding(task_id, ticket.scopes, entry.id, entry.owner)
+        signed = self.ca.sign(ticket.public_key, spiffeid.parse(entry.spiffe_id), ticket.decision.ttl,
                               not_after_cap=dt.datetime.fromtimestamp(entry.expires_at, dt.timezone.utc),
                               extra_extensions=[taskext.encode(binding)])
         now = int(time.time())
         not_after = int(signed.not_after.timestamp())
-        latency_ms = round((time.monotonic() - started) * 1000, 3)
+        latency_ms = round((time.monotonic() - ticket.started) * 1000, 3)
         self.store.record_issued(
             [IssuedSerial(signed.serial_hex, entry.spiffe_id, "task", entry.id, sidecar.id, now, not_after,
                           task_id=task_id)],
-            [AuditEvent("task.issue", actor, "allow", reason=reason, subject=entry.spiffe_id,
-                        details={**details, "serial": signed.serial_hex, "ttl": not_after - now,
+            [AuditEvent("task.issue", ticket.actor, "allow", reason=ticket.decision.reason, subject=entry.spiffe_id,
+                        details={**ticket.details, "serial": signed.serial_hex, "ttl": not_after - now,
                                  "kind": "task", "latency_ms": latency_ms})])
         [checked] = self.recheck_issued([SignResult(entry.id, entry.spiffe_id, b"", signed.serial_hex, not_after)],
                                         sidecar.id)
         if checked.code:
             raise PermissionDenied(checked.error)
-        return TaskSVID(entry.id, entry.spiffe_id, task_id, scopes,
+        return TaskSVID(entry.id, entry.spiffe_id, task_id, ticket.scopes,
                         signed.cert.public_bytes(Encoding.DER), signed.serial_hex, not_after)
 
     def end(self, sidecar: Sidecar, task_id: str, entry_id: str, reason: str, actor: Actor) -> list[str]:

@@ -15,6 +15,7 @@ class Code(enum.IntEnum):
     NOT_FOUND = 5
     ALREADY_EXISTS = 6
     PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
     FAILED_PRECONDITION = 9
     UNIMPLEMENTED = 12
     INTERNAL = 13
@@ -45,6 +46,10 @@ class AlreadyExists(TesseraError):
 
 class PermissionDenied(TesseraError):
     code = Code.PERMISSION_DENIED
+
+
+class ResourceExhausted(TesseraError):
+    code = Code.RESOURCE_EXHAUSTED
 
 
 class FailedPrecondition(TesseraError):

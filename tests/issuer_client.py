@@ -17,11 +17,23 @@ def mtls_stub(address: str, bundle_pem: bytes, key_pem: bytes, cert_pem: bytes) 
     return issuer_pb2_grpc.IssuerStub(grpc.secure_channel(address, creds, options=OPTIONS))
 
 
-def sidecar_stub(deployment, sidecar: str) -> issuer_pb2_grpc.IssuerStub:
-    """A stub holding the real credentials a running sidecar saved in its data dir."""
+def sidecar_credentials(deployment, sidecar: str) -> grpc.ChannelCredentials:
+    """The real credentials a running sidecar saved in its data dir."""
     ident = IdentityStore(deployment.sidecar_dir(sidecar) / "data").load()
-    return mtls_stub(f"127.0.0.1:{deployment.port}", deployment.bundle_path.read_bytes(),
-                     pem.key_pem(ident.key), pem.certs_pem(ident.chain))
+    return grpc.ssl_channel_credentials(deployment.bundle_path.read_bytes(), pem.key_pem(ident.key),
+                                        pem.certs_pem(ident.chain))
+
+
+def sidecar_stub(deployment, sidecar: str) -> issuer_pb2_grpc.IssuerStub:
+    """A stub holding the real credentials of a running sidecar."""
+    return issuer_pb2_grpc.IssuerStub(grpc.secure_channel(f"127.0.0.1:{deployment.port}",
+                                                          sidecar_credentials(deployment, sidecar), options=OPTIONS))
+
+
+def aio_sidecar_channel(deployment, sidecar: str) -> grpc.aio.Channel:
+    """An asyncio channel holding the real credentials of a running sidecar (for many calls at once)."""
+    return grpc.aio.secure_channel(f"127.0.0.1:{deployment.port}", sidecar_credentials(deployment, sidecar),
+                                   options=OPTIONS)
 
 
 def bootstrap_stub(deployment) -> issuer_pb2_grpc.IssuerStub:

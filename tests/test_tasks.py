@@ -1,12 +1,14 @@
 """Per-task credentials end to end: real issuer and sidecar processes, the shell task commands,
 standard verifiers (openssl, the unmodified `spiffe` package), the issuer's SQLite datastore."""
 
+import asyncio
 import json
 import shlex
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from cryptography import x509
@@ -17,11 +19,12 @@ from inproc import issuer_services
 from issuer.approvals import Approvals
 from issuer.models import Actor
 from issuer.policy import load_section
-from issuer.tasks import TaskService, TaskSpec
+from issuer.tasks import TaskService, TaskSpec, Turns
 from taskutil import end_task, policy, spiffe_parse, start_task, task_argv
 from tessera import taskext, x509svid
 from tessera.configfile import Section
-from tessera.errors import NotFound, PermissionDenied, Unavailable
+from tessera.errors import ConfigError
+from tessera.errors import DeadlineExceeded, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 
 
 @pytest.fixture
@@ -169,11 +172,11 @@ def test_exit_of_the_shell_that_ran_task_start_ends_its_tasks(tasks, tmp_path):
 # -- the issuer's own checks, against a real datastore and CA (no sidecar can be made to lie here) --
 
 
-def issuer_tasks(tmp_path):
-    pol = load_section(Section(policy(), "policy.", "test"))
+def issuer_tasks(tmp_path, timeout: str = "60s", **limits):
+    pol = load_section(Section({**policy(timeout=timeout), **limits}, "policy.", "test"))
     s = issuer_services(tmp_path, ("host-a", "host-b"), tier_names=pol.tier_names)
     store, registry, attestor, revocation = s.store, s.registry, s.attestor, s.revocation
-    svc = TaskService(store, s.ca, registry, pol, Approvals(store, pol.approval_timeout),
+    svc = TaskService(store, s.ca, registry, pol, Approvals(store, pol.approval_timeout, pol.limits),
                       check_entry_allowed=revocation.check_entry, revoke=revocation.end_task,
                       recheck_issued=revocation.recheck_issued)
     entry = registry.create(spiffe_id="spiffe://example.org/agent/a", parent="host-a", selectors=["unix:uid:7"],
@@ -183,28 +186,32 @@ def issuer_tasks(tmp_path):
     return svc, store, entry, side
 
 
-def high_tier_entry(svc):
+def high_tier_entry(svc, path="/agent/h", selectors=("unix:uid:7",)):
     """An entry on host-a whose tasks need an operator's approval."""
-    return svc.registry.create(spiffe_id="spiffe://example.org/agent/h", parent="host-a", selectors=["unix:uid:7"],
+    return svc.registry.create(spiffe_id=f"spiffe://example.org{path}", parent="host-a", selectors=list(selectors),
                                owner="o", purpose="p", expires_at=int(time.time()) + 3600,
                                actor=Actor("operator", "t"), scopes=["repo:read"], tier="high")
 
 
-def spec(entry_id, selectors=("unix:uid:7",), task_id="t1"):
+def spec(entry_id, selectors=("unix:uid:7",), task_id="t1", uid=7):
     return TaskSpec(entry_id, task_id, ("repo:read",), 60, {}, x509svid.make_csr(x509svid.new_key()),
-                    frozenset(selectors))
+                    frozenset(selectors), {"pid": 100 + uid, "uid": uid, "gid": uid, "exe": "/bin/agent"})
+
+
+async def steps(request) -> list:
+    return [s async for s in request]
 
 
 def test_issuer_refuses_tasks_for_another_sidecars_entry_or_unmatched_selectors(tmp_path):
     svc, store, entry, side = issuer_tasks(tmp_path)
     with pytest.raises(PermissionDenied, match="not registered to"):
-        list(svc.request(side["host-b"], spec(entry.id)))
+        asyncio.run(steps(svc.request(side["host-b"], spec(entry.id))))
     with pytest.raises(PermissionDenied, match="does not match the selectors"):
-        list(svc.request(side["host-a"], spec(entry.id, ("unix:uid:8",))))
+        asyncio.run(steps(svc.request(side["host-a"], spec(entry.id, ("unix:uid:8",)))))
     assert [r.reason for r in store.audit_records() if r.action == "task.deny"] == [
         f"entry {entry.id!r} is not registered to {side['host-b'].id}",
         f"the calling workload does not match the selectors of entry {entry.id}"]
-    [(kind, svid)] = list(svc.request(side["host-a"], spec(entry.id)))
+    [(kind, svid)] = asyncio.run(steps(svc.request(side["host-a"], spec(entry.id))))
     assert kind == "svid" and store.get_issued(svid.serial).kind == "task"
     # Another sidecar cannot end it either.
     with pytest.raises(NotFound):
@@ -230,58 +237,228 @@ def test_revoke_task_ends_only_that_task_while_the_identity_and_other_tasks_keep
     assert end_task(tasks, "t-2").stdout.split() == [second]  # the other task still ends normally
 
 
+def cancellations(store) -> list[str]:
+    return [r.details["approval_id"] for r in store.audit_records() if r.action == "task.approval_cancel"]
+
+
 def test_a_task_request_abandoned_before_waiting_withdraws_its_approval(tmp_path):
     svc, store, _, side = issuer_tasks(tmp_path)
     high = high_tier_entry(svc)
-    steps = svc.request(side["host-a"], spec(high.id, task_id="needs-approval"))
-    kind, approval = next(steps)
-    assert kind == "pending" and [a.id for a in svc.approvals.list()] == [approval.id]
-    steps.close()  # what the gRPC handler does when its caller leaves right after this step
-    assert svc.approvals.list() == []
-    assert [r.details["approval_id"] for r in store.audit_records() if r.action == "task.approval_cancel"] == [
-        approval.id]
+
+    async def leave_after_pending():
+        request = svc.request(side["host-a"], spec(high.id, task_id="needs-approval"))
+        kind, approval = await anext(request)
+        assert kind == "pending" and [a.id for a in svc.approvals.list()] == [approval.id]
+        await request.aclose()  # what the gRPC handler does when its caller leaves right after this step
+        assert svc.approvals.list() == []  # at once, on the loop
+        return approval
+
+    approval = asyncio.run(leave_after_pending())
+    wait_for(lambda: cancellations(store) == [approval.id], what="the withdrawal audited")
+    store.close()
+
+
+def test_a_caller_that_leaves_while_waiting_withdraws_at_once_even_with_every_thread_busy(tmp_path):
+    svc, store, _, side = issuer_tasks(tmp_path)
+    high = high_tier_entry(svc)
+    busy = threading.Event()
+
+    async def leave_while_waiting():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        request = svc.request(side["host-a"], spec(high.id, task_id="waiting"))
+        kind, approval = await anext(request)
+        waiting = asyncio.ensure_future(anext(request))
+        await asyncio.sleep(0.1)
+        loop.run_in_executor(None, busy.wait, 10)  # the only thread is taken
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert svc.approvals.list() == []  # no thread needed to withdraw
+        busy.set()
+        return approval
+
+    approval = asyncio.run(leave_while_waiting())
+    wait_for(lambda: cancellations(store) == [approval.id], what="the withdrawal audited")
+    store.close()
+
+
+def test_waiting_approvals_hold_no_thread_and_a_decision_from_another_thread_reaches_its_waiter(tmp_path):
+    svc, store, entry, side = issuer_tasks(tmp_path)
+    high = high_tier_entry(svc)
+
+    async def scenario():
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=2))
+        waits = [svc.request(side["host-a"], spec(high.id, task_id=f"w{i}")) for i in range(10)]
+        approvals = [(await anext(w))[1] for w in waits]
+        outcomes = [asyncio.ensure_future(anext(w)) for w in waits]
+        await asyncio.sleep(0.1)
+        # Ten waits, two threads: an ordinary task still goes through.
+        [(kind, _)] = await asyncio.wait_for(steps(svc.request(side["host-a"], spec(entry.id, task_id="free"))), 10)
+        assert kind == "svid"
+        # The admin API decides on its own thread; the waiter on this loop gets it.
+        decide = threading.Thread(target=svc.approvals.decide,
+                                  args=(approvals[3].id, True, Actor("operator", "uid:0"), "ok"))
+        decide.start()
+        kind, cred = await asyncio.wait_for(outcomes[3], 10)
+        assert kind == "svid" and cred.task_id == "w3"
+        decide.join()
+        for o in outcomes:
+            o.cancel()
+        await asyncio.wait(outcomes)
+        assert svc.approvals.list() == []
+
+    asyncio.run(scenario())
     store.close()
 
 
 def test_a_stopping_issuer_refuses_new_approval_requests_and_answers_the_waiting_ones(tmp_path):
     svc, store, _, side = issuer_tasks(tmp_path)
     high = high_tier_entry(svc)
-    waiting = svc.request(side["host-a"], spec(high.id, task_id="waiting"))
-    assert next(waiting)[0] == "pending"
-    outcome: list = []
 
-    def wait_for_a_human():
-        try:
-            next(waiting)
-        except Exception as e:  # noqa: BLE001 - the answer under test
-            outcome.append(e)
+    async def scenario():
+        waiting = svc.request(side["host-a"], spec(high.id, task_id="waiting"))
+        assert (await anext(waiting))[0] == "pending"
+        outcome = asyncio.ensure_future(anext(waiting))
+        await asyncio.sleep(0.1)  # the caller waits
+        await asyncio.to_thread(svc.approvals.close)
+        with pytest.raises(Unavailable, match="withdrawn: issuer stopping"):
+            await asyncio.wait_for(outcome, 5)
+        assert svc.approvals.list() == []
+        with pytest.raises(Unavailable, match="stopping"):
+            await anext(svc.request(side["host-a"], spec(high.id, task_id="late")))
 
-    t = threading.Thread(target=wait_for_a_human)
-    t.start()
-    wait_for(lambda: any(f.f_code.co_name == "wait" and "approvals" in f.f_code.co_filename
-                         for f in _frames(sys._current_frames().get(t.ident))), what="the caller waiting")
-    svc.approvals.close()
-    t.join(5)
-    assert isinstance(outcome[0], Unavailable) and "withdrawn: issuer stopping" in outcome[0].message
-    assert svc.approvals.list() == []
-    with pytest.raises(Unavailable, match="stopping"):
-        next(svc.request(side["host-a"], spec(high.id, task_id="late")))
+    asyncio.run(scenario())
+    assert len(cancellations(store)) == 1  # recorded before close() returned
     store.close()
-
-
-def _frames(frame):
-    while frame is not None:
-        yield frame
-        frame = frame.f_back
 
 
 def test_a_decision_made_before_the_caller_starts_waiting_is_not_lost(tmp_path):
     svc, store, _, side = issuer_tasks(tmp_path)
-    steps = svc.request(side["host-a"], spec(high_tier_entry(svc).id, task_id="decided-early"))
-    kind, approval = next(steps)
-    assert kind == "pending"
-    # The operator approves as soon as the request shows up, before the caller's next step waits.
-    svc.approvals.decide(approval.id, True, Actor("operator", "uid:0"), "ticket OPS-1")
-    kind, cred = next(steps)
-    assert kind == "svid" and cred.task_id == "decided-early"
+
+    async def scenario():
+        request = svc.request(side["host-a"], spec(high_tier_entry(svc).id, task_id="decided-early"))
+        kind, approval = await anext(request)
+        assert kind == "pending"
+        # The operator approves as soon as the request shows up, before the caller's next step waits.
+        await asyncio.to_thread(svc.approvals.decide, approval.id, True, Actor("operator", "uid:0"), "ticket OPS-1")
+        kind, cred = await anext(request)
+        assert kind == "svid" and cred.task_id == "decided-early"
+
+    asyncio.run(scenario())
     store.close()
+
+
+def test_an_unanswered_approval_expires_and_its_caller_gets_deadline_exceeded(tmp_path):
+    svc, store, _, side = issuer_tasks(tmp_path, timeout="1s")
+
+    async def scenario():
+        request = svc.request(side["host-a"], spec(high_tier_entry(svc).id, task_id="slow-human"))
+        assert (await anext(request))[0] == "pending"
+        with pytest.raises(DeadlineExceeded, match="nobody decided within 1s"):
+            await asyncio.wait_for(anext(request), 10)
+
+    asyncio.run(scenario())
+    assert svc.approvals.list() == []
+    assert [r.action for r in store.audit_records() if r.action.startswith("task.approval")] == [
+        "task.approval_request", "task.approval_expire"]
+    store.close()
+
+
+def test_pending_approvals_are_capped_per_workload_per_entry_and_overall(tmp_path):
+    svc, store, _, side = issuer_tasks(tmp_path, max_pending_per_workload=2, max_pending_per_entry=3,
+                                       max_pending=4)
+    h1 = high_tier_entry(svc, "/agent/h1", ("unix:gid:0",))
+    h2 = high_tier_entry(svc, "/agent/h2", ("unix:gid:0",))
+
+    async def ask(entry, uid, task_id):
+        request = svc.request(side["host-a"], spec(entry.id, (f"unix:uid:{uid}", "unix:gid:0"), task_id, uid))
+        await anext(request)
+        return request
+
+    async def scenario():
+        held = [await ask(h1, 7, "a"), await ask(h1, 7, "b")]
+        with pytest.raises(ResourceExhausted, match="uid 7 on .*host-a already has 2 .*max_pending_per_workload"):
+            await ask(h1, 7, "c")
+        held.append(await ask(h1, 8, "d"))  # another uid: its own count
+        with pytest.raises(ResourceExhausted, match=f"entry {h1.id} already has 3 .*max_pending_per_entry"):
+            await ask(h1, 9, "e")
+        held.append(await ask(h2, 9, "f"))  # another entry
+        with pytest.raises(ResourceExhausted, match="the issuer already has 4 .*max_pending\\b"):
+            await ask(h2, 10, "g")
+        await held[0].aclose()  # a withdrawal makes room at once
+        held.append(await ask(h2, 10, "g"))
+        assert len(svc.approvals.list()) == 4
+        for r in held:
+            await r.aclose()
+
+    asyncio.run(scenario())
+    # Refusals over a cap record nothing: a flood of them costs no commits.
+    assert len([r for r in store.audit_records() if r.action == "task.approval_request"]) == 5
+    store.close()
+
+
+def test_task_requests_of_one_workload_take_turns_and_are_bounded(tmp_path):
+    svc, store, entry, side = issuer_tasks(tmp_path, task_threads_per_workload=1, max_task_requests_per_workload=3)
+    started = threading.Event()
+    release = threading.Event()
+    admit = svc._admit
+
+    def slow_admit(sidecar, spec, ticket):
+        started.set()
+        release.wait(10)
+        admit(sidecar, spec, ticket)
+
+    svc._admit = slow_admit
+
+    async def scenario():
+        first = asyncio.ensure_future(steps(svc.request(side["host-a"], spec(entry.id, task_id="t1"))))
+        await asyncio.to_thread(started.wait, 10)
+        started.clear()
+        second = asyncio.ensure_future(steps(svc.request(side["host-a"], spec(entry.id, task_id="t2"))))
+        third = asyncio.ensure_future(steps(svc.request(side["host-a"], spec(entry.id, task_id="t3"))))
+        await asyncio.sleep(0.2)
+        assert not started.is_set()  # one thread per workload: the others wait for their turn, on the loop
+        with pytest.raises(ResourceExhausted, match="uid 7 on .* already has 3 .*max_task_requests_per_workload"):
+            await steps(svc.request(side["host-a"], spec(entry.id, task_id="t4")))
+        # Another workload is not held up by this one's turns.
+        other = svc.registry.create(spiffe_id="spiffe://example.org/agent/o", parent="host-a",
+                                    selectors=["unix:uid:8"], owner="o", purpose="p",
+                                    expires_at=int(time.time()) + 3600, actor=Actor("operator", "t"),
+                                    scopes=["repo:read"])
+        svc._admit = admit
+        [(kind, _)] = await asyncio.wait_for(
+            steps(svc.request(side["host-a"], spec(other.id, ("unix:uid:8",), "o1", uid=8))), 10)
+        assert kind == "svid"
+        release.set()
+        for job in (first, second, third):
+            [(kind, _)] = await asyncio.wait_for(job, 10)
+            assert kind == "svid"
+
+    asyncio.run(scenario())
+    store.close()
+
+
+@pytest.mark.parametrize("value", [0, -1, 100_001, "many", True])
+def test_a_limit_out_of_range_is_a_config_error_naming_it(value):
+    with pytest.raises(ConfigError, match="policy.max_pending_per_entry"):
+        load_section(Section({**policy(), "max_pending_per_entry": value}, "policy.", "issuer.yaml"))
+
+
+def test_a_request_a_human_approved_waits_for_its_turn_but_is_never_turned_away():
+    async def scenario():
+        turns = Turns("max_task_requests_per_workload", limit=1, threads=1)
+
+        async def hold(**kw):
+            async with turns.turn("uid 7", "uid 7", **kw):
+                pass
+
+        async with turns.turn("uid 7", "uid 7"):
+            with pytest.raises(ResourceExhausted, match="uid 7 already has 1 .*max_task_requests_per_workload"):
+                await hold()
+            approved = asyncio.ensure_future(hold(refuse=False))
+            await asyncio.sleep(0.1)
+            assert not approved.done()  # waits for the turn
+        await asyncio.wait_for(approved, 5)
+
+    asyncio.run(scenario())
