@@ -89,9 +89,12 @@ class RevocationService:
         self._write_lock = threading.Lock()  # one revocation at a time: seq order is push order
         self._lock = threading.Lock()
         now = int(time.time())
-        self._revoked: dict[str, tuple[crl.Revoked, int]] = {
-            s.serial: (crl.Revoked(s.serial, s.revoked_at or now, s.revocation_reason or "unspecified"), s.not_after)
-            for s in store.find_issued(revoked=True, unexpired_at=now)}
+        unexpired = store.find_issued(revoked=True, unexpired_at=now)
+        self._revoked: dict[str, crl.Revoked] = {
+            s.serial: crl.Revoked(s.serial, s.revoked_at or now, s.revocation_reason or "unspecified") for s in unexpired}
+        # Kept apart so a build copies the records in one C call and scans expiries only when one is due.
+        self._not_after: dict[str, int] = {s.serial: s.not_after for s in unexpired}
+        self._next_expiry = min(self._not_after.values(), default=0)
         blocked = store.revocations(BLOCKING_KINDS)
         self._blocked_ids = {r.target for r in blocked if r.kind == "spiffe_id"}
         self._blocked_owners = {r.target for r in blocked if r.kind == "owner"}
@@ -292,7 +295,9 @@ class RevocationService:
             self.seq = seq
             with self._lock:
                 for s in newly:
-                    self._revoked[s] = (crl.Revoked(s, now, code), candidates[s].not_after)
+                    self._revoked[s] = crl.Revoked(s, now, code)
+                    self._not_after[s] = candidates[s].not_after
+                    self._next_expiry = min(self._next_expiry or candidates[s].not_after, candidates[s].not_after)
                 if kind == "spiffe_id":
                     self._blocked_ids.add(target)
                 elif kind == "owner":
@@ -359,9 +364,11 @@ class RevocationService:
         now = time.time()
         with self._lock:
             gen = self._gen
-            for s in [s for s, (_, not_after) in self._revoked.items() if not_after <= now]:
-                del self._revoked[s]  # expired certificates need no CRL entry
-            items = [r for r, _ in self._revoked.values()]
+            if self._next_expiry and self._next_expiry <= now:  # expired certificates need no CRL entry
+                for s in [s for s, not_after in self._not_after.items() if not_after <= now]:
+                    del self._revoked[s], self._not_after[s]
+                self._next_expiry = min(self._not_after.values(), default=0)
+            items = list(self._revoked.values())
         number = self.store.next_crl_number()
         der = crl.build(self.ca.cert, self.ca.key, items, number, now, now + self.crl_validity)
         info = CrlInfo(der, number, int(now), int(now + self.crl_validity), len(items))
