@@ -47,6 +47,8 @@ class SidecarRuntime:
         self._crl_offers: list[tuple[bytes, int | None]] = []  # CRLs waiting to be taken (data, committed_at)
         self._crl_task: asyncio.Task | None = None
         self._crl_unsaved = None  # a CRL in force whose files are not written yet (crl.Accepted)
+        self._pushed_unsaved = False  # pushed serials changed since they were last saved
+        self._pushed_task: asyncio.Task | None = None
         self._server: Server | None = None
         self.stopped = asyncio.Event()
         self.metrics_server = None
@@ -183,6 +185,8 @@ class SidecarRuntime:
         if self.revocation.note_revocation(rev.seq, rev.serials):
             log.warning("missed revocations; fetching the CRL", seq=rev.seq)
             self._one_off(self._fetch_crl())
+        if rev.serials:
+            self._save_pushed()
         # Revoked identities arrive as entry_upsert (state revoked); single serials are replaced here.
         self.cache.drop_revoked(self.revocation.is_revoked)
 
@@ -205,22 +209,46 @@ class SidecarRuntime:
         while self._crl_offers:
             offers, self._crl_offers = self._crl_offers, []
             accepted = await asyncio.to_thread(self.revocation.accept_newest, [data for data, _ in offers])
-            if accepted is not None and self.revocation.install(accepted):
-                self.cache.drop_revoked(self.revocation.is_revoked)
-                self.cache.bump()  # streams resend with the new `crl` field
-                self._crl_unsaved = accepted
-            for _, committed_at in offers:
-                if committed_at is not None:
-                    metrics.observe_sync_event("crl", committed_at)
-            # Saved after it is in force; a save that failed (a full disk) is retried with the next CRL
-            # offered, which every resync brings, so crl.pem cannot stay behind for good.
+            if accepted is not None:
+                self._crl_unsaved = accepted  # the newest: only _take_crls installs, one round at a time
+            # Saved before it is in force, so what is served survives a restart. A save that failed (a full
+            # disk) does not hold enforcement back: the CRL is installed all the same, and the save is
+            # retried with the next CRL offered, which every resync brings, so crl.pem cannot stay behind.
             if self._crl_unsaved is not None:
                 try:
                     await asyncio.to_thread(self.revocation.persist, self._crl_unsaved)
-                    self._crl_unsaved = None
                 except OSError as e:
                     log.error("could not save the CRL; retrying with the next one offered",
                               path=str(self.revocation.saved), error=str(e))
+                else:
+                    self._crl_unsaved = None
+            if accepted is not None:
+                pushed = len(self.revocation.pushed)
+                if self.revocation.install(accepted):
+                    self.cache.drop_revoked(self.revocation.is_revoked)
+                    self.cache.bump()  # streams resend with the new `crl` field
+                if len(self.revocation.pushed) != pushed:
+                    self._save_pushed()  # those the CRL now lists need not be kept apart
+            for _, committed_at in offers:
+                if committed_at is not None:
+                    metrics.observe_sync_event("crl", committed_at)
+
+    def _save_pushed(self) -> asyncio.Task:
+        """Save the pushed serials off the loop; changes made while a save runs are saved after it."""
+        self._pushed_unsaved = True
+        if self._pushed_task is None or self._pushed_task.done():
+            self._pushed_task = self._one_off(self._write_pushed())
+        return self._pushed_task
+
+    async def _write_pushed(self) -> None:
+        while self._pushed_unsaved:
+            self._pushed_unsaved = False
+            try:
+                await asyncio.to_thread(self.revocation.save_pushed, dict(self.revocation.pushed))
+            except OSError as e:  # enforced in memory all the same; the next push saves again
+                log.error("could not save pushed revocations", path=str(self.revocation.saved_pushed),
+                          error=str(e))
+                return
 
     async def _fetch_crl(self) -> None:
         try:

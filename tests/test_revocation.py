@@ -666,3 +666,44 @@ def test_a_sidecar_whose_svid_serial_is_revoked_fails_authentication(issuer):
     issuer.revocation.revoke("serial", x509svid.serial_hex(svid.chain[0].serial_number), "key leaked", OPERATOR)
     with pytest.raises(PermissionDenied, match="revoked"):
         issuer.attestor.authenticate(presented)
+
+
+async def test_sidecar_saves_a_crl_to_data_dir_before_putting_it_in_force(issuer, tmp_path):
+    runtime = _runtime(tmp_path, issuer.ca)
+    revoked = issuer.issue()
+    data = crl_mod.build(issuer.ca.cert, issuer.ca.key, [crl_mod.Revoked(revoked, int(time.time()))], 4,
+                         time.time(), time.time() + 600)
+    on_disk_at_install: list[set[str]] = []
+    install = runtime.revocation.install
+
+    def install_and_look(accepted):
+        saved = tmp_path / "data" / "crl.pem"
+        on_disk_at_install.append(set(crl_mod.serials(crl_mod.load(saved.read_bytes()))) if saved.exists() else set())
+        return install(accepted)
+
+    runtime.revocation.install = install_and_look
+    await runtime.offer_crl(data)
+    assert on_disk_at_install == [{revoked}] and runtime.revocation.is_revoked(revoked)
+
+
+async def test_sidecar_keeps_serials_pushed_without_a_crl_across_a_restart(issuer, tmp_path):
+    from agent_sidecar.revocation import RevocationState
+    from tessera.v1 import issuer_pb2
+
+    runtime = _runtime(tmp_path, issuer.ca)
+    pushed, listed = issuer.issue(), issuer.issue()
+    runtime.handle_revocation(issuer_pb2.Revocation(seq=1, serials=[pushed, listed]))
+    await runtime._pushed_task
+
+    def restarted():
+        state = RevocationState(lambda: [issuer.ca.cert], tmp_path / "data", tmp_path / "out")
+        state.load_saved()
+        return state
+
+    assert restarted().is_revoked(pushed) and restarted().is_revoked(listed)
+    # Once a CRL lists one of them, only the other is kept apart; both stay revoked after a restart.
+    await runtime.offer_crl(crl_mod.build(issuer.ca.cert, issuer.ca.key, [crl_mod.Revoked(listed, int(time.time()))],
+                                          2, time.time(), time.time() + 600))
+    await runtime._pushed_task
+    assert set(restarted().pushed) == {pushed}
+    assert restarted().is_revoked(pushed) and restarted().is_revoked(listed)
