@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import time
 
 import grpc
 from cryptography import x509
@@ -12,7 +13,7 @@ from grpclib.server import Server
 
 from agent_sidecar import metrics
 from agent_sidecar.attestation import WorkloadAttestor
-from agent_sidecar.cache import CacheManager
+from agent_sidecar.cache import CacheManager, SkewBackoff, clock_skew
 from agent_sidecar.config import SidecarConfig
 from agent_sidecar.health import HealthService
 from agent_sidecar.issuer_client import IdentityStore, IssuerClient, SidecarBanned, SidecarIdentity
@@ -27,6 +28,14 @@ log = logs.get("sidecar")
 
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 STARTUP_SYNC_WAIT = 5.0
+
+
+def clock_hint(details: str | None) -> dict[str, str]:
+    """A log field naming clock skew when a TLS handshake failed on a certificate's dates."""
+    if any(s in (details or "") for s in ("not yet valid", "certificate has expired", "certificate expired")):
+        return {"hint": "a certificate is outside its validity by this host's clock: "
+                        "check the clock skew between this host and the issuer (NTP)"}
+    return {}
 
 
 def load_trust_bundle(path) -> tuple[x509.Certificate, ...]:
@@ -50,6 +59,7 @@ class SidecarRuntime:
         self._pushed_unsaved = False  # pushed serials changed since they were last saved
         self._pushed_task: asyncio.Task | None = None
         self._server: Server | None = None
+        self._own_skew = SkewBackoff()
         self.stopped = asyncio.Event()
         self.metrics_server = None
         metrics.watch_cache(lambda: len(self.cache.svids), lambda: len(self.cache.entries), lambda: self.cache.ready)
@@ -76,7 +86,7 @@ class SidecarRuntime:
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise ConfigError(f"join_token: the issuer refused attestation: {e.details()}") from None
-                log.warning("issuer unreachable for attestation; retrying", error=e.details())
+                log.warning("issuer unreachable for attestation; retrying", error=e.details(), **clock_hint(e.details()))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
         self.ids.save(ident)
@@ -144,6 +154,7 @@ class SidecarRuntime:
                     log.error("the issuer cut this sidecar off; serving nothing more", error=e.details())
                     self.cache.cut_off()
                 log.warning("sync stream lost; reconnecting", code=e.code().name, error=e.details(),
+                            **clock_hint(e.details()),
                             retry_in=round(delay, 2))
             except asyncio.CancelledError:
                 if call is not self._sync_call and asyncio.current_task().cancelling() == 0:
@@ -263,10 +274,28 @@ class SidecarRuntime:
             if not self.cache.cut:
                 await self._fetch_crl()
 
+    def _own_svid_skew_wait(self) -> float | None:
+        """None if this sidecar's own SVID is valid by this host's clock; else logs the skew and returns how
+        long to wait before renewing (an SVID expired by our clock would otherwise be renewed at once,
+        again and again, each a certificate signed and recorded)."""
+        now = time.time()
+        skew = clock_skew(self.ident.not_before.timestamp(), self.ident.not_after.timestamp(), now)
+        if skew is None:
+            self._own_skew.valid()
+            return None
+        wait = self._own_skew.skewed()
+        log.error("this sidecar's own SVID is outside its validity by this host's clock: clock skew between "
+                  "this host and the issuer; fix the clocks (NTP). Health is NOT_SERVING until then",
+                  skew_seconds=round(skew), not_before=self.ident.not_before.isoformat(),
+                  not_after=self.ident.not_after.isoformat(), renew_in=wait)
+        return wait
+
     async def _renew_loop(self) -> None:
         delay = BACKOFF_MIN
         while True:
-            wait = self.ident.renew_delay(dt.datetime.now(dt.timezone.utc))
+            wait = self._own_svid_skew_wait()
+            if wait is None:
+                wait = self.ident.renew_delay(dt.datetime.now(dt.timezone.utc))
             if wait > 0:
                 await asyncio.sleep(wait)
             try:
@@ -276,7 +305,7 @@ class SidecarRuntime:
                 await asyncio.sleep(BACKOFF_MAX)
                 continue
             except grpc.aio.AioRpcError as e:
-                log.warning("sidecar SVID renewal failed; retrying", error=e.details())
+                log.warning("sidecar SVID renewal failed; retrying", error=e.details(), **clock_hint(e.details()))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue
