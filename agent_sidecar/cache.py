@@ -4,6 +4,12 @@ Entries arrive pushed from the issuer. For every servable entry the cache keeps
 an SVID whose key was generated here (keys never leave the host), minting
 missing ones and rotating at half-life in batched CSR calls. Every change bumps
 `version`; open Workload API streams wait on it and resend the new state.
+
+An SVID that arrives already expired or not yet valid by this host's clock (the
+issuer's clock is off from ours) is neither stored nor served: that would make it due
+again at once, a re-mint loop that signs certificates as fast as the issuer can. The
+skew is logged, and minting asks again for one entry only, after a delay that doubles
+up to SKEW_RETRY_MAX, until an SVID arrives valid.
 """
 
 from __future__ import annotations
@@ -23,6 +29,31 @@ log = logs.get("sidecar.cache")
 BATCH = 500
 RETRY_SECONDS = 1.0
 MATCHED_MAX = 4096
+SKEW_RETRY_MIN, SKEW_RETRY_MAX = 2.0, 300.0  # seconds between attempts while SVIDs arrive out of validity
+
+
+def clock_skew(not_before: float, not_after: float, now: float) -> float | None:
+    """For a certificate the issuer just signed: None if it is valid at `now`, else roughly how far the
+    issuer's clock is ahead of ours (negative: behind), in seconds. notBefore is the issuer's "now"
+    backdated by at most tessera.x509svid.CLOCK_SKEW, so the figure is that close."""
+    if not_before <= now < not_after:
+        return None
+    return not_before - now
+
+
+class SkewBackoff:
+    """The growing, bounded delay between attempts while certificates arrive out of validity."""
+
+    def __init__(self):
+        self.delay = 0.0  # 0: no skew seen since the last valid certificate
+
+    def skewed(self) -> float:
+        """Note one more out-of-validity certificate; returns how long to wait before asking again."""
+        self.delay = min(SKEW_RETRY_MAX, max(SKEW_RETRY_MIN, self.delay * 2))
+        return self.delay
+
+    def valid(self) -> None:
+        self.delay = 0.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +96,8 @@ class CacheManager:
         self._matched: dict[frozenset[str], list[types_pb2.Entry]] = {}
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()
+        self._skew = SkewBackoff()
+        self._skew_retry_at = 0.0  # while SVIDs arrive out of validity: no minting before this time
 
     # -- change notification ----------------------------------------------------------
 
@@ -174,7 +207,7 @@ class CacheManager:
         return due
 
     def _next_wake(self, now: float) -> float:
-        times = [s.rotate_at for s in self.svids.values()]
+        times = [self._skew_retry_at] + [s.rotate_at for s in self.svids.values()]
         times += [s.not_after for s in self.svids.values()]
         times += [e.expires_at for e in self.entries.values() if e.expires_at > now]
         future = [t for t in times if t > now]
@@ -188,6 +221,7 @@ class CacheManager:
             keys = {e.id: x509svid.new_key() for e in chunk}
             results = await self._sign([(e.id, x509svid.make_csr(keys[e.id])) for e in chunk])
             asked = {e.id: e for e in chunk}
+            skewed: list = []  # (skew, result, certificate) of those that arrived out of validity
             for r in results:
                 if r.status_code != 0:
                     log.warning("issuer refused an SVID", entry_id=r.entry_id, error=r.error)
@@ -196,16 +230,37 @@ class CacheManager:
                 if current is None or not servable(current, time.time()):
                     continue  # deleted or disabled while we waited
                 cert = pem.split_der(r.cert_chain)[0]  # parsed for its dates; served as the DER received
+                not_before, not_after = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
+                received_at = time.time()
+                skew = clock_skew(not_before, not_after, received_at)
+                if skew is not None:
+                    skewed.append((skew, r, cert))
+                    continue
+                self._skew.valid()
+                self._skew_retry_at = 0.0
                 self.svids[r.entry_id] = CachedSVID(
                     entry_id=r.entry_id, spiffe_id=r.spiffe_id,
                     cert_der=r.cert_chain, key_der=pem.key_pkcs8_der(keys[r.entry_id]),
-                    serial=r.serial, not_before=cert.not_valid_before_utc.timestamp(),
-                    not_after=cert.not_valid_after_utc.timestamp(), revision=asked[r.entry_id].revision,
-                    received_at=time.time())
+                    serial=r.serial, not_before=not_before, not_after=not_after,
+                    revision=asked[r.entry_id].revision, received_at=received_at)
                 stored += 1
             if results:
                 self.bump()
+            if skewed:
+                self._note_skew(skewed)
+                break  # the rest would arrive skewed too
         return stored
+
+    def _note_skew(self, skewed: list) -> None:
+        """SVIDs of one batch arrived out of validity: log it once and hold minting for a growing delay."""
+        skew, r, cert = skewed[0]
+        wait = self._skew.skewed()
+        self._skew_retry_at = time.time() + wait
+        log.error("SVID arrived outside its validity by this host's clock: clock skew between this host and "
+                  "the issuer; fix the clocks (NTP). Not served; asking again later", skew_seconds=round(skew),
+                  svids=len(skewed), entry_id=r.entry_id, serial=r.serial,
+                  not_before=cert.not_valid_before_utc.isoformat(),
+                  not_after=cert.not_valid_after_utc.isoformat(), retry_in=wait)
 
     async def run(self) -> None:
         """Keep every servable entry's SVID present and fresh, until cancelled."""
@@ -214,13 +269,16 @@ class CacheManager:
             now = time.time()
             if self._drop_unservable(now):
                 self.bump()
-            due = self._due(now) if self.ready else []
+            due = self._due(now) if self.ready and now >= self._skew_retry_at else []
+            if due and self._skew.delay:
+                due = due[:1]  # SVIDs arrived out of validity: one probe, not a batch, until one is valid
             delay = self._next_wake(now)
             if due:
                 try:
                     if await self.mint(due) == len(due):
                         continue
-                    delay = RETRY_SECONDS  # some were refused; do not hammer the issuer
+                    # Some were refused or arrived out of validity; do not hammer the issuer.
+                    delay = max(RETRY_SECONDS, self._skew_retry_at - time.time())
                 except Exception as e:  # noqa: BLE001 - issuer unreachable: keep serving what is still valid
                     log.warning("minting failed; will retry", error=str(e), entries=len(due))
                     delay = RETRY_SECONDS

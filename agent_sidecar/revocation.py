@@ -4,13 +4,16 @@ A CRL is applied only if its signature verifies against the trust bundle and its
 CRL number is not lower than the one held; anything else is refused and the last
 good CRL stays in force (also while the issuer is unreachable, and across
 restarts: it is kept in data_dir). Pushed revocations take effect at once, before
-the signed CRL that includes them arrives. Lookups are set membership.
+the signed CRL that includes them arrives, and are kept in data_dir too (they cannot
+go into crl.pem, which only holds what the issuer signed), so a restart keeps
+enforcing them in the sidecar's own checks. Lookups are set membership.
 
 Taking a new CRL has three steps so the sidecar's event loop never blocks on it:
 `accept_newest` (parse and verify each CRL offered: about 0.35 s at 100,000 entries)
 and `persist` (data_dir/crl.pem, and output_dir/crl.pem when set, each fsynced) run on
-a thread; `install`, which swaps the in-memory state, runs on the loop, so a pushed
-revocation handled meanwhile is never overwritten.
+a thread, in that order, so a CRL is on disk before it is served; `install`, which swaps
+the in-memory state, runs on the loop, so a pushed revocation handled meanwhile is never
+overwritten.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from typing import Callable, Iterable, Sequence
 from cryptography import x509
 
 from agent_sidecar import metrics
-from tessera import crl, logs, pem
+from tessera import crl, logs, pem, x509svid
 
 log = logs.get("sidecar.revocation")
 
 # A pushed serial that no CRL lists after this long was left out by the issuer because it expired.
 PUSHED_KEEP_SECONDS = 3600
+PUSHED_FILE = "revoked-pushed.txt"  # in data_dir: "<serial hex> <unix time pushed>" per line
 
 
 class RevocationState:
@@ -35,6 +39,7 @@ class RevocationState:
                  output_dir: Path | None = None):
         self._bundle = bundle
         self.saved = data_dir / "crl.pem"
+        self.saved_pushed = data_dir / PUSHED_FILE
         self.output_dir = output_dir
         self.der: bytes = b""
         self.number: int | None = None
@@ -55,7 +60,8 @@ class RevocationState:
     # -- updates --------------------------------------------------------------------------
 
     def load_saved(self) -> None:
-        """The CRL kept from the last run, if it still verifies."""
+        """The pushed serials and the CRL kept from the last run (the CRL if it still verifies)."""
+        self._load_pushed()
         if not self.saved.exists():
             return
         try:
@@ -116,6 +122,29 @@ class RevocationState:
         pem.write_atomic(self.saved, text, 0o644)
         if self.output_dir is not None:
             pem.write_atomic(self.output_dir / "crl.pem", text, 0o644)
+
+    def _load_pushed(self) -> None:
+        try:
+            lines = self.saved_pushed.read_text().splitlines()
+        except FileNotFoundError:
+            return
+        except (OSError, UnicodeDecodeError) as e:
+            log.warning("ignoring the saved pushed revocations", path=str(self.saved_pushed), error=str(e))
+            return
+        cutoff = time.time() - PUSHED_KEEP_SECONDS
+        for line in lines:
+            try:
+                serial, pushed_at = line.split()
+                n, t = int(serial, 16), float(pushed_at)
+            except ValueError:
+                continue  # a line this code did not write: skipped, its neighbours kept
+            if t > cutoff:
+                self.pushed[x509svid.serial_hex(n)] = t
+
+    def save_pushed(self, pushed: dict[str, float]) -> None:
+        """Keep pushed serials (a copy of `pushed` taken on the loop) across restarts (blocks)."""
+        text = "".join(f"{s} {t:.0f}\n" for s, t in pushed.items())
+        pem.write_atomic(self.saved_pushed, text.encode(), 0o600)
 
     def note_revocation(self, seq: int, serials: Iterable[str]) -> bool:
         """Apply a pushed revocation; True if revocations were missed (fetch the CRL)."""

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import time
 
 import grpc
 from cryptography import x509
 
 from agent_sidecar import metrics
 from agent_sidecar.attestation import WorkloadAttestor
-from agent_sidecar.cache import CacheManager
+from agent_sidecar.cache import CacheManager, SkewBackoff, clock_skew
 from agent_sidecar.config import SidecarConfig
 from agent_sidecar.health import HealthService
 from agent_sidecar.issuer_client import IdentityStore, IssuerClient, SidecarBanned, SidecarIdentity
@@ -28,6 +29,14 @@ log = logs.get("sidecar")
 
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
 STARTUP_SYNC_WAIT = 5.0
+
+
+def clock_hint(details: str | None) -> dict[str, str]:
+    """A log field naming clock skew when a TLS handshake failed on a certificate's dates."""
+    if any(s in (details or "") for s in ("not yet valid", "certificate has expired", "certificate expired")):
+        return {"hint": "a certificate is outside its validity by this host's clock: "
+                        "check the clock skew between this host and the issuer (NTP)"}
+    return {}
 
 
 def load_trust_bundle(path) -> tuple[x509.Certificate, ...]:
@@ -48,7 +57,10 @@ class SidecarRuntime:
         self._crl_offers: list[tuple[bytes, int | None]] = []  # CRLs waiting to be taken (data, committed_at)
         self._crl_task: asyncio.Task | None = None
         self._crl_unsaved = None  # a CRL in force whose files are not written yet (crl.Accepted)
+        self._pushed_unsaved = False  # pushed serials changed since they were last saved
+        self._pushed_task: asyncio.Task | None = None
         self._server: GuardedServer | None = None
+        self._own_skew = SkewBackoff()
         self.stopped = asyncio.Event()
         self.metrics_server = None
         metrics.watch_cache(lambda: len(self.cache.svids), lambda: len(self.cache.entries), lambda: self.cache.ready)
@@ -76,7 +88,7 @@ class SidecarRuntime:
             except grpc.aio.AioRpcError as e:
                 if e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise ConfigError(f"join_token: the issuer refused attestation: {e.details()}") from None
-                log.warning("issuer unreachable for attestation; retrying", error=e.details())
+                log.warning("issuer unreachable for attestation; retrying", error=e.details(), **clock_hint(e.details()))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
         self.ids.save(ident)
@@ -146,6 +158,7 @@ class SidecarRuntime:
                     log.error("the issuer cut this sidecar off; serving nothing more", error=e.details())
                     self.cache.cut_off()
                 log.warning("sync stream lost; reconnecting", code=e.code().name, error=e.details(),
+                            **clock_hint(e.details()),
                             retry_in=round(delay, 2))
             except asyncio.CancelledError:
                 if call is not self._sync_call and asyncio.current_task().cancelling() == 0:
@@ -187,6 +200,8 @@ class SidecarRuntime:
         if self.revocation.note_revocation(rev.seq, rev.serials):
             log.warning("missed revocations; fetching the CRL", seq=rev.seq)
             self._one_off(self._fetch_crl())
+        if rev.serials:
+            self._save_pushed()
         # Revoked identities arrive as entry_upsert (state revoked); single serials are replaced here.
         self.cache.drop_revoked(self.revocation.is_revoked)
 
@@ -209,22 +224,46 @@ class SidecarRuntime:
         while self._crl_offers:
             offers, self._crl_offers = self._crl_offers, []
             accepted = await asyncio.to_thread(self.revocation.accept_newest, [data for data, _ in offers])
-            if accepted is not None and self.revocation.install(accepted):
-                self.cache.drop_revoked(self.revocation.is_revoked)
-                self.cache.bump()  # streams resend with the new `crl` field
-                self._crl_unsaved = accepted
-            for _, committed_at in offers:
-                if committed_at is not None:
-                    metrics.observe_sync_event("crl", committed_at)
-            # Saved after it is in force; a save that failed (a full disk) is retried with the next CRL
-            # offered, which every resync brings, so crl.pem cannot stay behind for good.
+            if accepted is not None:
+                self._crl_unsaved = accepted  # the newest: only _take_crls installs, one round at a time
+            # Saved before it is in force, so what is served survives a restart. A save that failed (a full
+            # disk) does not hold enforcement back: the CRL is installed all the same, and the save is
+            # retried with the next CRL offered, which every resync brings, so crl.pem cannot stay behind.
             if self._crl_unsaved is not None:
                 try:
                     await asyncio.to_thread(self.revocation.persist, self._crl_unsaved)
-                    self._crl_unsaved = None
                 except OSError as e:
                     log.error("could not save the CRL; retrying with the next one offered",
                               path=str(self.revocation.saved), error=str(e))
+                else:
+                    self._crl_unsaved = None
+            if accepted is not None:
+                pushed = len(self.revocation.pushed)
+                if self.revocation.install(accepted):
+                    self.cache.drop_revoked(self.revocation.is_revoked)
+                    self.cache.bump()  # streams resend with the new `crl` field
+                if len(self.revocation.pushed) != pushed:
+                    self._save_pushed()  # those the CRL now lists need not be kept apart
+            for _, committed_at in offers:
+                if committed_at is not None:
+                    metrics.observe_sync_event("crl", committed_at)
+
+    def _save_pushed(self) -> asyncio.Task:
+        """Save the pushed serials off the loop; changes made while a save runs are saved after it."""
+        self._pushed_unsaved = True
+        if self._pushed_task is None or self._pushed_task.done():
+            self._pushed_task = self._one_off(self._write_pushed())
+        return self._pushed_task
+
+    async def _write_pushed(self) -> None:
+        while self._pushed_unsaved:
+            self._pushed_unsaved = False
+            try:
+                await asyncio.to_thread(self.revocation.save_pushed, dict(self.revocation.pushed))
+            except OSError as e:  # enforced in memory all the same; the next push saves again
+                log.error("could not save pushed revocations", path=str(self.revocation.saved_pushed),
+                          error=str(e))
+                return
 
     async def _fetch_crl(self) -> None:
         try:
@@ -239,10 +278,28 @@ class SidecarRuntime:
             if not self.cache.cut:
                 await self._fetch_crl()
 
+    def _own_svid_skew_wait(self) -> float | None:
+        """None if this sidecar's own SVID is valid by this host's clock; else logs the skew and returns how
+        long to wait before renewing (an SVID expired by our clock would otherwise be renewed at once,
+        again and again, each a certificate signed and recorded)."""
+        now = time.time()
+        skew = clock_skew(self.ident.not_before.timestamp(), self.ident.not_after.timestamp(), now)
+        if skew is None:
+            self._own_skew.valid()
+            return None
+        wait = self._own_skew.skewed()
+        log.error("this sidecar's own SVID is outside its validity by this host's clock: clock skew between "
+                  "this host and the issuer; fix the clocks (NTP). Health is NOT_SERVING until then",
+                  skew_seconds=round(skew), not_before=self.ident.not_before.isoformat(),
+                  not_after=self.ident.not_after.isoformat(), renew_in=wait)
+        return wait
+
     async def _renew_loop(self) -> None:
         delay = BACKOFF_MIN
         while True:
-            wait = self.ident.renew_delay(dt.datetime.now(dt.timezone.utc))
+            wait = self._own_svid_skew_wait()
+            if wait is None:
+                wait = self.ident.renew_delay(dt.datetime.now(dt.timezone.utc))
             if wait > 0:
                 await asyncio.sleep(wait)
             try:
@@ -252,7 +309,7 @@ class SidecarRuntime:
                 await asyncio.sleep(BACKOFF_MAX)
                 continue
             except grpc.aio.AioRpcError as e:
-                log.warning("sidecar SVID renewal failed; retrying", error=e.details())
+                log.warning("sidecar SVID renewal failed; retrying", error=e.details(), **clock_hint(e.details()))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
                 continue

@@ -1,11 +1,17 @@
 """Revocation on the issuer: commit durably, push to every sidecar, keep a signed CRL current.
 
-A revocation is on disk (serials marked, a row in the revocation log, the audit
-record, all in one transaction) before the caller hears back. It is then pushed
-to every connected sidecar with its sequence number, and a CRL rebuild is
-scheduled; rebuilds are coalesced so a burst of revocations signs one CRL, not
-one per revocation. The revoked set is held in memory (loaded at start), so
-checking a serial is a dict lookup and the CRL never needs the database.
+When `revoke` returns, three things hold: the revocation is on disk (serials marked,
+a row in the revocation log, the audit record, one transaction); it was pushed to every
+connected sidecar with its sequence number; and a signed CRL listing it was committed
+to the database and pushed too, so a sidecar that got the push enforces it in its
+crl.pem and Workload API `crl` fields even if the issuer dies a moment later.
+
+CRL builds are group-committed: a revocation waits for the first build that started
+after its own commit, and one build covers every revocation committed before it
+started, so a burst signs a few CRLs, not one each. CRL numbers come from a durable
+counter, so a restarted issuer only ever signs higher numbers. The revoked set is held
+in memory (loaded at start), so checking a serial is a dict lookup and a build reads no
+rows.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from issuer.models import ISSUER, Actor, AuditEvent, Entry, IssuedSerial, Revoca
 from issuer.registration import Registry, required_text
 from issuer.signing import SignResult
 from tessera import crl, logs, spiffeid, x509svid
-from tessera.errors import Code, InvalidArgument, NotFound, PermissionDenied
+from tessera.errors import Code, InvalidArgument, NotFound, PermissionDenied, Unavailable
 
 log = logs.get("issuer.revocation")
 
@@ -31,7 +37,6 @@ KINDS = ("serial", "task", "entry", "spiffe_id", "sidecar", "owner")
 # What a revocation means when the operator gives no RFC 5280 reason code.
 DEFAULT_CODES = {"serial": "unspecified", "task": "cessationOfOperation", "entry": "privilegeWithdrawn",
                  "spiffe_id": "privilegeWithdrawn", "owner": "privilegeWithdrawn", "sidecar": "keyCompromise"}
-COALESCE_SECONDS = 0.02  # a burst of revocations within this window signs one CRL
 # Identities revoked as a whole stay refused for new issuance, even for entries created later.
 BLOCKING_KINDS = ("spiffe_id", "owner")
 
@@ -84,15 +89,24 @@ class RevocationService:
         self._write_lock = threading.Lock()  # one revocation at a time: seq order is push order
         self._lock = threading.Lock()
         now = int(time.time())
-        self._revoked: dict[str, tuple[crl.Revoked, int]] = {
-            s.serial: (crl.Revoked(s.serial, s.revoked_at or now, s.revocation_reason or "unspecified"), s.not_after)
-            for s in store.find_issued(revoked=True, unexpired_at=now)}
+        unexpired = store.find_issued(revoked=True, unexpired_at=now)
+        self._revoked: dict[str, crl.Revoked] = {
+            s.serial: crl.Revoked(s.serial, s.revoked_at or now, s.revocation_reason or "unspecified") for s in unexpired}
+        # Kept apart so a build copies the records in one C call and scans expiries only when one is due.
+        self._not_after: dict[str, int] = {s.serial: s.not_after for s in unexpired}
+        self._next_expiry = min(self._not_after.values(), default=0)
         blocked = store.revocations(BLOCKING_KINDS)
         self._blocked_ids = {r.target for r in blocked if r.kind == "spiffe_id"}
         self._blocked_owners = {r.target for r in blocked if r.kind == "owner"}
         self.seq = store.last_revocation_seq()
         self._crl: CrlInfo | None = None
-        self._dirty = threading.Event()
+        # Group commit of CRL builds: `_gen` counts changes to the revoked set (under _lock), the CRL in
+        # force covers `_crl_gen` of them, and at most one build runs (`_building`, under _crl_done).
+        self._gen = 0
+        self._crl_gen = -1
+        self._building = False
+        self._crl_done = threading.Condition()
+        self._dirty = threading.Event()  # a build failed: the CRL thread retries
         self._stop = threading.Event()
         self._refresh_at = 0.0
         self._thread: threading.Thread | None = None
@@ -265,6 +279,7 @@ class RevocationService:
 
     def _commit(self, kind: str, target: str, reason: str, code: str, issued: list[IssuedSerial],
                 entry_ids: tuple[str, ...], actor: Actor, spiffe_ids: tuple[str, ...] = ()) -> RevokeResult:
+        """Commit, push the event, then sign, store and push a CRL covering it; returns after all of that."""
         now = int(time.time())
         # Expired certificates are no threat and need no CRL entry.
         candidates = {s.serial: s for s in issued if s.revoked_at is None and s.not_after > now}
@@ -280,17 +295,27 @@ class RevocationService:
             self.seq = seq
             with self._lock:
                 for s in newly:
-                    self._revoked[s] = (crl.Revoked(s, now, code), candidates[s].not_after)
+                    self._revoked[s] = crl.Revoked(s, now, code)
+                    self._not_after[s] = candidates[s].not_after
+                    self._next_expiry = min(self._next_expiry or candidates[s].not_after, candidates[s].not_after)
                 if kind == "spiffe_id":
                     self._blocked_ids.add(target)
                 elif kind == "owner":
                     self._blocked_owners.add(target)
+                self._gen += bool(newly)
+                gen = self._gen  # also covers what was revoked before, e.g. the same serial by a racing call
             event = RevocationEvent(seq, tuple(newly), entry_ids, spiffe_ids, reason)
             self.hub.broadcast(("revocation", event))
         self._close_sidecars_with_revoked_svid([candidates[s] for s in newly if candidates[s].kind == "sidecar"])
-        self._dirty.set()
         metrics.count_revocations(kind, len(newly))
         log.info("revoked", kind=kind, target=target, seq=seq, count=len(newly), reason_code=code)
+        try:
+            self._publish_crl(gen)
+        except Exception as e:  # noqa: BLE001 - committed and pushed; only the signed CRL is late
+            self._dirty.set()
+            log.exception("CRL for a revocation failed; retrying", seq=seq)
+            raise Unavailable(f"revocation {seq} is recorded and pushed to sidecars, but signing the CRL "
+                              f"failed ({e}); the issuer keeps retrying") from None
         return RevokeResult(seq, tuple(newly), entry_ids)
 
     def _close_sidecars_with_revoked_svid(self, revoked: list[IssuedSerial]) -> None:
@@ -306,29 +331,64 @@ class RevocationService:
     # -- the CRL ---------------------------------------------------------------------------
 
     def rebuild_crl(self) -> CrlInfo:
+        """Sign, store and push a CRL of everything revoked now (at start, on refresh, after a failure)."""
+        return self._publish_crl(None)
+
+    def _publish_crl(self, gen: int | None) -> CrlInfo:
+        """A CRL covering change `gen` (None: a new one in any case), built by this thread or a concurrent one.
+
+        Leader-based like the datastore's group commit: a caller that finds a build under way waits for
+        it; if that build started too early to cover `gen`, one of the waiters builds for all of them.
+        """
+        with self._crl_done:
+            while True:
+                if gen is not None and self._crl_gen >= gen:
+                    assert self._crl is not None
+                    return self._crl
+                if not self._building:
+                    break
+                self._crl_done.wait()
+            self._building = True
+        built = -1
+        try:
+            info, built = self._build_crl()
+            return info
+        finally:
+            with self._crl_done:
+                self._building = False
+                self._crl_gen = max(self._crl_gen, built)
+                self._crl_done.notify_all()
+
+    def _build_crl(self) -> tuple[CrlInfo, int]:
+        """Sign, commit and push one CRL; returns it and the change count it covers. One at a time."""
         now = time.time()
         with self._lock:
-            for s in [s for s, (_, not_after) in self._revoked.items() if not_after <= now]:
-                del self._revoked[s]  # expired certificates need no CRL entry
-            items = [r for r, _ in self._revoked.values()]
+            gen = self._gen
+            if self._next_expiry and self._next_expiry <= now:  # expired certificates need no CRL entry
+                for s in [s for s, not_after in self._not_after.items() if not_after <= now]:
+                    del self._revoked[s], self._not_after[s]
+                self._next_expiry = min(self._not_after.values(), default=0)
+            items = list(self._revoked.values())
         number = self.store.next_crl_number()
         der = crl.build(self.ca.cert, self.ca.key, items, number, now, now + self.crl_validity)
         info = CrlInfo(der, number, int(now), int(now + self.crl_validity), len(items))
+        self.store.save_crl(number, info.this_update, info.next_update, der)
         self._crl = info
         self._refresh_at = now + self.crl_validity / 2
         self.hub.broadcast(("crl", info.der))
         metrics.set_crl(number, len(info.der), len(items))
         log.info("CRL published", number=number, entries=len(items), bytes=len(info.der),
                  ms=round((time.time() - now) * 1000, 1))
-        return info
+        return info, gen
 
     def _crl_loop(self) -> None:
+        """Re-sign at half of the CRL's validity, and retry a build that failed."""
         while not self._stop.is_set():
-            changed = self._dirty.wait(timeout=max(0.0, self._refresh_at - time.time()))
+            failed = self._dirty.wait(timeout=max(0.0, self._refresh_at - time.time()))
             if self._stop.is_set():
                 return
-            if changed:
-                time.sleep(COALESCE_SECONDS)
+            if not failed and time.time() < self._refresh_at:
+                continue  # a revocation re-signed it meanwhile
             self._dirty.clear()
             try:
                 self.rebuild_crl()

@@ -108,6 +108,13 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS crl (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    number INTEGER NOT NULL,
+    this_update INTEGER NOT NULL,
+    next_update INTEGER NOT NULL,
+    der BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
     ts REAL NOT NULL,
@@ -616,6 +623,11 @@ class SQLiteDatastore:
             db.execute("INSERT INTO meta VALUES ('crl_number', 1)"
                        " ON CONFLICT(key) DO UPDATE SET value = value + 1")
             return db.execute("SELECT value FROM meta WHERE key='crl_number'").fetchone()[0]
+
+    def save_crl(self, number: int, this_update: int, next_update: int, der: bytes) -> None:
+        """Keep the last signed CRL, durably (one row, replaced)."""
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO crl VALUES (1,?,?,?,?)", (number, this_update, next_update, der))
 
     # -- audit ------------------------------------------------------------------------
 

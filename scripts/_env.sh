@@ -18,9 +18,9 @@ _apt_install() {
 }
 
 if [[ "${TESSERA_NEED_TOOLS:-}" == 1 ]]; then
-  # openssl for interop checks, util-linux for setpriv, sqlite3 for tamper tests
+  # openssl for interop checks, util-linux for setpriv, sqlite3 for tamper tests, faketime for clock skew
   command -v openssl >/dev/null && command -v setpriv >/dev/null && command -v sqlite3 >/dev/null \
-    || _apt_install openssl util-linux sqlite3
+    && command -v faketime >/dev/null || _apt_install openssl util-linux sqlite3 faketime
 fi
 
 stamp="$VENV/.tessera-stamp-$EXTRAS"

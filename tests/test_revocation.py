@@ -167,6 +167,61 @@ def test_issuer_killed_right_after_revoke_still_lists_the_serial(deployment):
     assert svid["serial"] in crl_serials(d)
 
 
+def workload_api_crl_serials(d, sidecar="host-a") -> set[str]:
+    """The serials in the `crl` fields of a Workload API answer to this process (plain grpcio)."""
+    import grpc
+    from agent_sidecar.workload_client import HEADER
+    from tessera.workload import workload_pb2, workload_pb2_grpc
+
+    with grpc.insecure_channel(f"unix://{d.socket(sidecar)}") as ch:
+        call = workload_pb2_grpc.SpiffeWorkloadAPIStub(ch).FetchX509SVID(
+            workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=10)
+        first = next(iter(call))
+        call.cancel()
+    return {s for der in first.crl for s in crl_mod.serials(crl_mod.load(der))}
+
+
+def test_revocation_acknowledged_then_issuer_killed_is_enforced_by_the_sidecar_also_after_its_restart(
+        deployment, tmp_path):
+    d = start(deployment, "host-a")
+    d.entry("/agent/a", "host-a", f"unix:uid:{AGENT_UID}")
+    d.entry("/svc/reader", "host-a", f"unix:uid:{os.getuid()}")  # this test reads the Workload API too
+    svid = d.fetch("host-a", uid=AGENT_UID)["svids"][0]
+    serial, cert = svid["serial"], write(tmp_path, "leaf.pem", svid["svid_pem"])
+    out = out_dir(d, "host-a")
+    wait_for(lambda: (out / "crl.pem").exists(), 5, what="crl.pem")
+    assert not openssl_says_revoked(out, cert) and serial not in workload_api_crl_serials(d)
+
+    d.cli("revoke", "--serial", serial, "--reason", "stolen")
+    d.issuer.kill9()  # before it could sign anything more
+
+    def refused_everywhere(what: str) -> None:
+        wait_for(lambda: openssl_says_revoked(out, cert), 5, what=f"crl.pem lists the serial ({what})")
+        v = Verifier.from_files(out / "bundle.pem", out / "crl.pem", PeerPolicy.trust_domain(d.td))
+        try:
+            with pytest.raises(Rejected, match="revoked"):
+                v.check(svid["svid_pem"].encode())
+        finally:
+            v.close()
+
+    refused_everywhere("issuer down")
+    assert serial in workload_api_crl_serials(d)
+    d.sidecars["host-a"].stop()
+    (out / "crl.pem").unlink()  # rewritten from data_dir at start
+    d.sidecars["host-a"].start()
+    refused_everywhere("sidecar restarted, issuer still down")
+    # Entries are not kept across a restart, so until it syncs the Workload API serves nothing at all.
+    with pytest.raises(Exception, match="UNAVAILABLE"):
+        workload_api_crl_serials(d)
+    # What the issuer acknowledged is a committed, signed CRL listing the serial.
+    db = sqlite3.connect(d.issuer_dir / "tessera.db")
+    try:
+        (stored,) = db.execute("SELECT der FROM crl").fetchone()
+    finally:
+        db.close()
+    assert serial in crl_mod.serials(crl_mod.load(stored))
+
+
 def test_sidecar_offline_during_revocation_enforces_it_within_a_second_of_reconnecting(deployment, tmp_path):
     d = start(deployment, "host-a", "host-b")
     d.entry("/agent/b", "host-b", f"unix:uid:{AGENT_UID}")
@@ -393,6 +448,42 @@ def test_crl_number_and_revoked_set_survive_a_restart(issuer):
         again.close()
 
 
+def stored_crl(store) -> tuple[int, bytes]:
+    with store._lock:
+        return tuple(store._db.execute("SELECT number, der FROM crl").fetchone())
+
+
+async def test_revoke_returns_after_a_crl_listing_it_is_committed_and_pushed(issuer):
+    s = issuer.issue()
+    sub = issuer.hub.subscribe(HOST)
+    result = await asyncio.to_thread(issuer.revocation.revoke, "serial", s, "stolen", OPERATOR)
+    number, der = stored_crl(issuer.store)
+    assert s in crl_mod.serials(crl_mod.load(der)) and issuer.revocation.crl_der() == der
+    pushed = [sub.queue.get_nowait() for _ in range(2)]  # both were queued before revoke returned
+    assert [k for k, _, _ in pushed] == ["revocation", "crl"] and pushed[0][1].seq == result.seq
+    assert pushed[1][1] == der and crl_mod.number_of(crl_mod.load(der)) == number
+
+
+def test_concurrent_revocations_share_crl_builds_and_each_returns_covered(issuer):
+    serials = [issuer.issue() for _ in range(24)]
+    first = crl_mod.number_of(crl_mod.load(issuer.revocation.crl_der()))
+    covered: list[bool] = []
+
+    def one(s):
+        issuer.revocation.revoke("serial", s, "burst", OPERATOR)
+        covered.append(s in crl_mod.serials(crl_mod.load(stored_crl(issuer.store)[1])))
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in serials]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert covered == [True] * len(serials)
+    builds = crl_mod.number_of(crl_mod.load(issuer.revocation.crl_der())) - first
+    assert 1 <= builds < len(serials), builds  # grouped: fewer CRLs signed than revocations
+    assert set(serials) <= crl_mod.serials(crl_mod.load(issuer.revocation.crl_der()))
+
+
 def test_revoked_identity_gets_no_new_certificates_even_from_a_new_entry(issuer):
     e = issuer.registry.create(spiffe_id="spiffe://example.org/agent/x", parent=HOST, selectors=["unix:uid:1"],
                                owner="bob", purpose="p", expires_at=int(time.time()) + 3600, actor=OPERATOR)
@@ -575,3 +666,44 @@ def test_a_sidecar_whose_svid_serial_is_revoked_fails_authentication(issuer):
     issuer.revocation.revoke("serial", x509svid.serial_hex(svid.chain[0].serial_number), "key leaked", OPERATOR)
     with pytest.raises(PermissionDenied, match="revoked"):
         issuer.attestor.authenticate(presented)
+
+
+async def test_sidecar_saves_a_crl_to_data_dir_before_putting_it_in_force(issuer, tmp_path):
+    runtime = _runtime(tmp_path, issuer.ca)
+    revoked = issuer.issue()
+    data = crl_mod.build(issuer.ca.cert, issuer.ca.key, [crl_mod.Revoked(revoked, int(time.time()))], 4,
+                         time.time(), time.time() + 600)
+    on_disk_at_install: list[set[str]] = []
+    install = runtime.revocation.install
+
+    def install_and_look(accepted):
+        saved = tmp_path / "data" / "crl.pem"
+        on_disk_at_install.append(set(crl_mod.serials(crl_mod.load(saved.read_bytes()))) if saved.exists() else set())
+        return install(accepted)
+
+    runtime.revocation.install = install_and_look
+    await runtime.offer_crl(data)
+    assert on_disk_at_install == [{revoked}] and runtime.revocation.is_revoked(revoked)
+
+
+async def test_sidecar_keeps_serials_pushed_without_a_crl_across_a_restart(issuer, tmp_path):
+    from agent_sidecar.revocation import RevocationState
+    from tessera.v1 import issuer_pb2
+
+    runtime = _runtime(tmp_path, issuer.ca)
+    pushed, listed = issuer.issue(), issuer.issue()
+    runtime.handle_revocation(issuer_pb2.Revocation(seq=1, serials=[pushed, listed]))
+    await runtime._pushed_task
+
+    def restarted():
+        state = RevocationState(lambda: [issuer.ca.cert], tmp_path / "data", tmp_path / "out")
+        state.load_saved()
+        return state
+
+    assert restarted().is_revoked(pushed) and restarted().is_revoked(listed)
+    # Once a CRL lists one of them, only the other is kept apart; both stay revoked after a restart.
+    await runtime.offer_crl(crl_mod.build(issuer.ca.cert, issuer.ca.key, [crl_mod.Revoked(listed, int(time.time()))],
+                                          2, time.time(), time.time() + 600))
+    await runtime._pushed_task
+    assert set(restarted().pushed) == {pushed}
+    assert restarted().is_revoked(pushed) and restarted().is_revoked(listed)
