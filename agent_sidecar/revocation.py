@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 from cryptography import x509
 
 from agent_sidecar import metrics
-from tessera import crl, logs, pem
+from tessera import crl, logs, pem, safefs
 
 log = logs.get("sidecar.revocation")
 
@@ -56,10 +56,12 @@ class RevocationState:
 
     def load_saved(self) -> None:
         """The CRL kept from the last run, if it still verifies."""
-        if not self.saved.exists():
+        try:
+            data = safefs.read_regular(self.saved, "data_dir")
+        except FileNotFoundError:
             return
         try:
-            self.apply(self.saved.read_bytes(), persist=False)
+            self.apply(data, persist=False)
         except crl.CrlError as e:
             log.warning("ignoring the saved CRL", path=str(self.saved), error=str(e))
 
@@ -133,7 +135,7 @@ class RevocationState:
         """bundle.pem and crl.pem in output_dir, e.g. at start."""
         if self.output_dir is None:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        safefs.make_dir(self.output_dir, "output_dir", 0o755)  # readers (nginx) need it; only we write it
         self.write_bundle(bundle_der)
         if self.der:
             pem.write_atomic(self.output_dir / "crl.pem", crl.pem(crl.load(self.der)), 0o644)
