@@ -205,7 +205,7 @@ class SQLiteDatastore:
         # SQLite opens the file, its -wal and -shm by name, following links: their directory must be one only
         # root or this uid can change, and the database a regular file of ours (made 0600 here: SQLite gives
         # the -wal and -shm the database's mode).
-        safefs.make_dir(self.path.parent, "data_dir")
+        safefs.make_dir(self.path.parent, "data_dir", create=False)
         os.close(safefs.open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o600, what="data_dir"))
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row

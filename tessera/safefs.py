@@ -157,13 +157,14 @@ def resolve_dir(path: str | os.PathLike, what: str, create: int | None = None) -
 
 
 def make_dir(path: str | os.PathLike, what: str, mode: int = 0o700, private: bool = True,
-             tighten: bool = False) -> Path:
-    """Directory `path`, made with `mode` if missing, its way checked; returns its physical path.
+             tighten: bool = False, create: bool = True) -> Path:
+    """Directory `path`, made with `mode` if missing (`create`; else FileNotFoundError), its way checked;
+    returns its physical path.
 
     `private`: it must not be writable by group or others even with the sticky bit (it holds
     state that others must not plant or swap). `tighten`: permission bits beyond `mode` are
     removed (a data_dir made 0755 by hand becomes 0700)."""
-    real = resolve_dir(path, what, create=mode)
+    real = resolve_dir(path, what, create=mode if create else None)
     st = os.lstat(real)
     problem = dir_problem(st, os.geteuid(), private=private)
     if problem:
