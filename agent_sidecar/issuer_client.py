@@ -14,7 +14,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tessera import pem, x509svid
+from tessera import pem, safefs, x509svid
 from tessera.errors import ConfigError
 from tessera.v1 import issuer_pb2, issuer_pb2_grpc
 
@@ -48,7 +48,8 @@ class IdentityStore:
     """The sidecar's key and SVID (one file, 0600) and the last trust bundle, on disk.
 
     Key and certificate chain live in one file replaced atomically, so a crash during renewal
-    leaves the old pair or the new pair, never a new key beside an old certificate.
+    leaves the old pair or the new pair, never a new key beside an old certificate. Files are
+    read and written by tessera.safefs's rules: no link followed, nothing another user owns.
     """
 
     def __init__(self, data_dir: Path):
@@ -57,13 +58,14 @@ class IdentityStore:
 
     def load(self) -> SidecarIdentity | None:
         """The saved identity; None if there is none; ConfigError if it is unreadable or inconsistent."""
-        if not self.identity.exists():
-            return None
         try:
-            data = self.identity.read_bytes()
+            data = _read_if_present(self.identity, key=True)
+            if data is None:
+                return None
             key = serialization.load_pem_private_key(data, password=None)
             chain = tuple(x509.load_pem_x509_certificates(data))
-            bundle = tuple(x509.load_pem_x509_certificates(self.bundle.read_bytes())) if self.bundle.exists() else ()
+            saved_bundle = _read_if_present(self.bundle)
+            bundle = tuple(x509.load_pem_x509_certificates(saved_bundle)) if saved_bundle is not None else ()
             sid = str(x509svid.spiffe_id_of(chain[0]))
         except (OSError, ValueError, TypeError) as e:
             raise ConfigError(f"data_dir: the saved sidecar identity {self.identity} is unreadable ({e}); "
@@ -74,12 +76,19 @@ class IdentityStore:
         return SidecarIdentity(sid, chain, key, bundle)
 
     def save(self, ident: SidecarIdentity) -> None:
-        pem.write_atomic(self.identity, pem.key_pem(ident.key) + pem.certs_pem(ident.chain), 0o600)
+        safefs.atomic_write(self.identity, pem.key_pem(ident.key) + pem.certs_pem(ident.chain), 0o600, "data_dir")
         self.save_bundle(ident.bundle)
 
     def save_bundle(self, bundle) -> None:
         if bundle:
-            pem.write_atomic(self.bundle, pem.certs_pem(bundle), 0o644)
+            safefs.atomic_write(self.bundle, pem.certs_pem(bundle), 0o644, "data_dir")
+
+
+def _read_if_present(path: Path, key: bool = False) -> bytes | None:
+    try:
+        return safefs.read_regular(path, "data_dir", key=key)
+    except FileNotFoundError:
+        return None
 
 
 def _options(server_name: str) -> list[tuple[str, object]]:

@@ -25,7 +25,8 @@ from typing import Callable, Iterable, Sequence
 from cryptography import x509
 
 from agent_sidecar import metrics
-from tessera import crl, logs, pem, x509svid
+from tessera import crl, logs, pem, safefs, x509svid
+from tessera.errors import ConfigError
 
 log = logs.get("sidecar.revocation")
 
@@ -62,10 +63,12 @@ class RevocationState:
     def load_saved(self) -> None:
         """The pushed serials and the CRL kept from the last run (the CRL if it still verifies)."""
         self._load_pushed()
-        if not self.saved.exists():
+        try:
+            data = safefs.read_regular(self.saved, "data_dir")
+        except FileNotFoundError:
             return
         try:
-            self.apply(self.saved.read_bytes(), persist=False)
+            self.apply(data, persist=False)
         except crl.CrlError as e:
             log.warning("ignoring the saved CRL", path=str(self.saved), error=str(e))
 
@@ -125,10 +128,10 @@ class RevocationState:
 
     def _load_pushed(self) -> None:
         try:
-            lines = self.saved_pushed.read_text().splitlines()
+            lines = safefs.read_regular(self.saved_pushed, "data_dir").decode().splitlines()
         except FileNotFoundError:
             return
-        except (OSError, UnicodeDecodeError) as e:
+        except (OSError, UnicodeDecodeError, ConfigError) as e:
             log.warning("ignoring the saved pushed revocations", path=str(self.saved_pushed), error=str(e))
             return
         cutoff = time.time() - PUSHED_KEEP_SECONDS
@@ -162,7 +165,7 @@ class RevocationState:
         """bundle.pem and crl.pem in output_dir, e.g. at start."""
         if self.output_dir is None:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        safefs.make_dir(self.output_dir, "output_dir", 0o755)  # readers (nginx) need it; only we write it
         self.write_bundle(bundle_der)
         if self.der:
             pem.write_atomic(self.output_dir / "crl.pem", crl.pem(crl.load(self.der)), 0o644)

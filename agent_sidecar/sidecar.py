@@ -20,10 +20,10 @@ from agent_sidecar.task_api import TaskAPI
 from agent_sidecar.revocation import RevocationState
 from agent_sidecar.socket_server import Guard, GuardedServer, fit_to_descriptors
 from agent_sidecar.workload_api import WorkloadAPI
-from tessera import logs, pem, spiffeid
+from tessera import logs, pem, safefs, spiffeid
 from tessera.errors import ConfigError
 from tessera.fdlimits import raise_nofile_limit
-from tessera.uds import bind_unix
+from tessera.uds import bind_unix, check_socket_path
 
 log = logs.get("sidecar")
 
@@ -96,8 +96,11 @@ class SidecarRuntime:
         return ident
 
     async def start(self) -> None:
-        self.cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.cfg.data_dir, 0o700)
+        safefs.make_dir(self.cfg.data_dir, "data_dir", 0o700, tighten=True)  # ours alone before anything is read
+        # Refused at once, before anything is logged, if another user controls them.
+        check_socket_path(self.cfg.socket_path)
+        if self.cfg.output_dir is not None:
+            safefs.make_dir(self.cfg.output_dir, "output_dir", 0o755)
         self.ident = await self._obtain_identity()
         self.cache.bundle_der = pem.der_concat(self.ident.bundle)
         # The last good CRL stays in force from the first moment, issuer reachable or not.

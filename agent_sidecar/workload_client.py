@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from tessera import pem
+from tessera import pem, safefs
 from tessera.uds import socket_target
 from tessera.v1 import task_pb2, task_pb2_grpc
 from tessera.workload import workload_pb2, workload_pb2_grpc
@@ -52,8 +52,11 @@ def end_task(socket_path: str, task_id: str, timeout: float = 30.0) -> list[str]
 
 
 def write_svid_files(out: Path, chain_der: bytes, key_der: bytes, bundle_der: bytes) -> None:
-    """svid.pem (leaf first), key.pem (0600), bundle.pem; like `spire-agent api fetch x509`."""
-    out.mkdir(parents=True, exist_ok=True)
-    pem.write_atomic(out / "key.pem", pem.key_pem_from_der(key_der), 0o600)
-    pem.write_atomic(out / "svid.pem", pem.certs_pem(pem.split_der(chain_der)), 0o644)
-    pem.write_atomic(out / "bundle.pem", pem.certs_pem(pem.split_der(bundle_der)), 0o644)
+    """svid.pem (leaf first), key.pem (0600), bundle.pem; like `spire-agent api fetch x509`.
+
+    `out` (made 0700 if missing) must be a directory only root and this user can write, reached
+    without another user's links; each file is replaced by a rename within it (tessera.safefs)."""
+    out = safefs.make_dir(out, "--out", 0o700)
+    safefs.atomic_write(out / "key.pem", pem.key_pem_from_der(key_der), 0o600, "--out")
+    safefs.atomic_write(out / "svid.pem", pem.certs_pem(pem.split_der(chain_der)), 0o644, "--out")
+    safefs.atomic_write(out / "bundle.pem", pem.certs_pem(pem.split_der(bundle_der)), 0o644, "--out")

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator
 from issuer.datastore import GENESIS_HASH, audit_hash, audit_record_from_row
 from issuer.models import AuditRecord
 from issuer.sqlite_store import AUDIT_COLUMNS, audit_records_after, connect_ro, newest_audit_seq
-from tessera import logs
+from tessera import logs, safefs
 
 log = logs.get("issuer.audit")
 
@@ -226,22 +226,28 @@ class AuditFile:
         self.written_seq = self._saved_seq()
         try:
             self._follow_outside_changes()
+        except safefs.UnsafePath:  # a path another user controls: the issuer does not start
+            self.close()
+            raise
         except Exception as e:  # noqa: BLE001 - as while running: the issuer starts, the file catches up later
             self._failed(e)
         self._save_position(sync=True)  # a new position file holds it before anything can rotate the file
 
     def _saved_seq(self) -> int:
-        try:
-            return int(self._seq_path.read_bytes() or b"0")
-        except FileNotFoundError:
+        if self._seq_fd < 0:
             return 0
+        try:
+            return int(os.pread(self._seq_fd, 64, 0) or b"0")
         except (OSError, ValueError) as e:
             log.warning("unreadable audit file position; going by the file alone", path=str(self._seq_path),
                         error=str(e))
             return 0
 
     def _open_position(self) -> int:
+        """The position file's descriptor, -1 if it cannot be kept; UnsafePath (the issuer does not start) if
+        it, or the directory it shares with the audit file, is not ours alone to write."""
         try:
+            safefs.make_dir(self.path.parent, "audit_file", private=False)
             return _open_0600(self._seq_path, os.O_RDWR)
         except OSError as e:
             log.warning("cannot keep the audit file's position: a restart after a rotation will write the "
@@ -262,11 +268,14 @@ class AuditFile:
 
     def _repair_and_last_record(self) -> tuple[int, str]:
         """The seq and hash of the file's last record ((0, "") for an empty or blank file), after cutting a
-        torn final line left by a crash. A file that does not end in an audit record raises, left as it is."""
-        if not self.path.exists():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        torn final line left by a crash. A file that does not end in an audit record raises, left as it is;
+        one that is a link, not a regular file, or not ours alone raises UnsafePath, untouched."""
+        try:
+            fd = safefs.open_regular(self.path, os.O_RDWR, what="audit_file")
+        except FileNotFoundError:
+            safefs.make_dir(self.path.parent, "audit_file", private=False)
             return 0, ""
-        with open(self.path, "r+b") as f:
+        with os.fdopen(fd, "r+b") as f:
             size = f.seek(0, os.SEEK_END)
             # Read backwards until the tail holds a whole non-blank line (or the whole file).
             chunk, tail = 65536, b""
@@ -420,7 +429,7 @@ class AuditFile:
         if self._fd >= 0:
             mine = os.fstat(self._fd)
             try:
-                st = os.stat(self.path)
+                st = os.lstat(self.path)  # a link put at the name is a change (and then refused)
                 if (st.st_dev, st.st_ino, st.st_size) == (mine.st_dev, mine.st_ino, self._good_size):
                     return
             except FileNotFoundError:
@@ -467,7 +476,8 @@ class AuditFile:
 
 
 def _open_0600(path: Path, flags: int) -> int:
-    fd = os.open(path, flags | os.O_CREAT, 0o600)
+    """Open or create an audit file (or its position file) 0600: never through a link, never another's file."""
+    fd = safefs.open_regular(path, flags | os.O_CREAT, 0o600, what="audit_file")
     try:
         os.fchmod(fd, 0o600)  # also when it existed with a wider mode (say, made by a rotation tool)
     except BaseException:

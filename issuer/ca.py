@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tessera import pem, spiffeid, x509svid
+from tessera import pem, safefs, spiffeid, x509svid
 from tessera.errors import ConfigError
 
 
@@ -54,14 +54,14 @@ class CertificateAuthority:
                 raise ConfigError("ca_cert and ca_key must be given together")
             return cls(_current(_read_cert(ca_cert, "ca_cert"), ca_cert), _read_key(ca_key, "ca_key"), trust_domain)
         cert_path, key_path = data_dir / "ca.pem", data_dir / "ca-key.pem"
-        if cert_path.exists() or key_path.exists():
+        if os.path.lexists(cert_path) or os.path.lexists(key_path):  # a link there is refused, not ignored
             return cls(_current(_read_cert(cert_path, "ca_cert"), cert_path), _read_key(key_path, "ca_key"),
                        trust_domain)
         key = x509svid.new_key()
         cert = x509svid.build_ca(key, trust_domain, dt.timedelta(seconds=ca_ttl_seconds))
         # Key first, 0600 from the first byte; the cert's presence then means both exist.
-        pem.write_atomic(key_path, pem.key_pem(key), 0o600)
-        pem.write_atomic(cert_path, pem.certs_pem([cert]), 0o644)
+        safefs.atomic_write(key_path, pem.key_pem(key), 0o600, "data_dir")
+        safefs.atomic_write(cert_path, pem.certs_pem([cert]), 0o644, "data_dir")
         return cls(cert, key, trust_domain)
 
     def sign(
@@ -109,8 +109,10 @@ def _read_cert(path: Path, key: str) -> x509.Certificate:
 
 
 def _read_key(path: Path, key: str) -> ec.EllipticCurvePrivateKey:
+    """The CA key: a regular file, not a link, owned by root or this uid, no group or other bits, in a
+    directory only they can change (tessera.safefs)."""
     try:
-        data = Path(path).read_bytes()
+        data = safefs.read_regular(path, key, key=True)
     except OSError as e:
         raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
     try:
@@ -119,7 +121,4 @@ def _read_key(path: Path, key: str) -> ec.EllipticCurvePrivateKey:
         raise ConfigError(f"{key}: {path} is not an unencrypted PEM private key") from None
     if not isinstance(k, ec.EllipticCurvePrivateKey):
         raise ConfigError(f"{key}: {path} must hold an ECDSA key")
-    mode = os.stat(path).st_mode & 0o777
-    if mode & 0o077:
-        raise ConfigError(f"{key}: {path} is readable by others (mode {mode:o}); chmod 600 it")
     return k

@@ -31,10 +31,10 @@ from issuer.signing import SvidSigner
 from issuer.signing_pool import SigningPool
 from issuer.sqlite_store import SQLiteDatastore
 from issuer.tasks import TaskService, entry_view
-from tessera import logs, pem, spiffeid, x509svid
+from tessera import logs, pem, safefs, spiffeid, x509svid
 from tessera.connlimit import CappedServer
 from tessera.fdlimits import connection_caps
-from tessera.uds import bind_unix
+from tessera.uds import bind_unix, check_socket_path
 from tessera.v1 import issuer_pb2_grpc
 
 log = logs.get("issuer")
@@ -89,8 +89,8 @@ class ServingCert:
 class IssuerServer:
     def __init__(self, cfg: IssuerConfig):
         self.cfg = cfg
-        cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(cfg.data_dir, 0o700)
+        safefs.make_dir(cfg.data_dir, "data_dir", 0o700, tighten=True)  # ours alone, before anything is read from it
+        check_socket_path(cfg.admin_socket)  # refused now, not after the listeners are up
         db_path = cfg.data_dir / "tessera.db"
         self.store = SQLiteDatastore(db_path)
         # The JSON-lines copy of the trail first catches up with what the database already holds.

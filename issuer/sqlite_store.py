@@ -34,7 +34,7 @@ from typing import Iterable, Iterator, Sequence
 
 from issuer.datastore import GENESIS_HASH, audit_hash, audit_record_from_row
 from issuer.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
-from tessera import logs
+from tessera import logs, safefs
 from tessera.errors import AlreadyExists, NotFound, PermissionDenied, Unavailable
 
 log = logs.get("datastore")
@@ -209,6 +209,11 @@ class SQLiteDatastore:
         """`relay_all`: listeners get every record committed, by any process (the issuer); else only
         this store's own (a signing worker, which hands them to the issuer)."""
         self.path = Path(path)
+        # SQLite opens the file, its -wal and -shm by name, following links: their directory must be one only
+        # root or this uid can change, and the database a regular file of ours (made 0600 here: SQLite gives
+        # the -wal and -shm the database's mode).
+        safefs.make_dir(self.path.parent, "data_dir", create=False)
+        os.close(safefs.open_regular(self.path, os.O_RDWR | os.O_CREAT, 0o600, what="data_dir"))
         self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -217,7 +222,8 @@ class SQLiteDatastore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         # Released by the kernel if the holder dies, unlike a semaphore: a killed worker cannot wedge the issuer.
-        self._write_lock = os.open(f"{self.path}.write-lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._write_lock = safefs.open_regular(f"{self.path}.write-lock", os.O_RDWR | os.O_CREAT, 0o600,
+                                               what="data_dir")
         self._writer = threading.Lock()  # one writing thread in this process (the flock orders processes)
         self._lock = threading.RLock()  # the connection
         self._depth = 0

@@ -93,6 +93,8 @@ def run_main(prog: str, fn, args) -> int:
     """The CLIs' one error boundary: typed and RPC errors become one line and an exit code."""
     import grpc
 
+    from tessera.errors import ConfigError
+
     try:
         return fn(args)
     except CliError as e:
@@ -100,7 +102,7 @@ def run_main(prog: str, fn, args) -> int:
     except grpc.RpcError as e:
         msg, code = rpc_error_line(e)
         return fail(prog, msg, code)
-    except OSError as e:
+    except (OSError, ConfigError) as e:  # ConfigError: also a path refused by tessera.safefs
         return fail(prog, str(e))
     except KeyboardInterrupt:
         return 130

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Iterable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tessera import der
+from tessera import der, safefs
 
 
 def der_concat(certs: Iterable[x509.Certificate]) -> bytes:
@@ -40,7 +38,7 @@ def read_certs(path: str | os.PathLike, key: str) -> tuple[x509.Certificate, ...
     from tessera.errors import ConfigError
 
     try:
-        return tuple(x509.load_pem_x509_certificates(Path(path).read_bytes()))
+        return tuple(x509.load_pem_x509_certificates(safefs.read_regular(path, key)))
     except OSError as e:
         raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
     except ValueError:
@@ -64,24 +62,6 @@ def key_pem_from_der(key_der: bytes) -> bytes:
     return key_pem(serialization.load_der_private_key(key_der, password=None))
 
 
-def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
-    """Replace `path` with `data` so readers see the old or the new file, never a mix.
-
-    The temporary file gets `mode` before any byte is written, so a key file is
-    never readable by others even for an instant.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+# The one atomic file replacement lives in tessera.safefs (its directory checked, links not followed);
+# this name stays for the callers that know it.
+write_atomic = safefs.atomic_write
