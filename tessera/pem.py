@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from tessera import der
@@ -60,8 +61,12 @@ def key_pem(key) -> bytes:
 
 
 def key_pem_from_der(key_der: bytes) -> bytes:
-    """A DER PKCS#8 private key (as the Workload API carries it) as the PEM that files and ssl take."""
-    return key_pem(serialization.load_der_private_key(key_der, password=None))
+    """A DER PKCS#8 private key (as the Workload API carries it) as the PEM that files and ssl take;
+    ValueError if it is not an unencrypted private key of a supported type."""
+    try:
+        return key_pem(serialization.load_der_private_key(key_der, password=None))
+    except (TypeError, UnsupportedAlgorithm) as e:  # encrypted, or an algorithm this build lacks
+        raise ValueError(f"not a usable private key: {e}") from None
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
