@@ -19,7 +19,7 @@ from agent_sidecar.issuer_client import IdentityStore, IssuerClient, SidecarBann
 from agent_sidecar.task_api import TaskAPI
 from agent_sidecar.revocation import RevocationState
 from agent_sidecar.workload_api import WorkloadAPI
-from tessera import logs, pem, spiffeid
+from tessera import logs, pem, rpc, spiffeid
 from tessera.errors import ConfigError
 from tessera.uds import bind_unix
 
@@ -102,7 +102,7 @@ class SidecarRuntime:
         deadline = asyncio.get_running_loop().time() + STARTUP_SYNC_WAIT
         while not self.cache.ready and asyncio.get_running_loop().time() < deadline:
             await self.cache.wait_change(self.cache.version, timeout=0.5)
-        self._server = Server(self.services())
+        self._server = Server(self.services(), codec=rpc.Codec())
         sock = bind_unix(self.cfg.socket_path, self.cfg.socket_mode)
         await self._server.start(sock=sock)
         log.info("sidecar started", sidecar_id=self.ident.sidecar_id, socket=str(self.cfg.socket_path))

@@ -31,7 +31,7 @@ from issuer.signing import SvidSigner
 from issuer.signing_pool import SigningPool
 from issuer.sqlite_store import SQLiteDatastore
 from issuer.tasks import TaskService, entry_view
-from tessera import logs, pem, spiffeid, x509svid
+from tessera import logs, pem, rpc, spiffeid, x509svid
 from tessera.uds import bind_unix
 from tessera.v1 import issuer_pb2_grpc
 
@@ -166,7 +166,7 @@ class IssuerServer:
                      ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                      ("grpc.keepalive_permit_without_calls", 1)],
         )
-        issuer_pb2_grpc.add_IssuerServicer_to_server(self.service, server)
+        rpc.add_servicer(issuer_pb2_grpc.add_IssuerServicer_to_server, self.service, server)
         # Standard gRPC health, on both ports: probes can use the bootstrap port without a client cert.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         mtls = grpc.dynamic_ssl_server_credentials(serving.config(), serving.fetch,
@@ -189,7 +189,7 @@ class IssuerServer:
         asyncio.set_event_loop(loop)
         self._admin_loop = loop
         try:
-            server = GrpclibServer([self.admin])
+            server = GrpclibServer([self.admin], codec=rpc.Codec())
             sock = bind_unix(self.cfg.admin_socket, 0o600)
             loop.run_until_complete(server.start(sock=sock))
         except BaseException as e:  # noqa: BLE001 - reported to start()
