@@ -177,3 +177,92 @@ def test_issuer_killed_under_load_loses_nothing_acknowledged(loaded):
     counts = {k: len(getattr(acked, k)) for k in ("serials", "revoked", "entries", "tasks")}
     assert counts["serials"] and counts["revoked"] and counts["entries"], (seed, counts)
     print(f"faults: {ITERATIONS} kills, seed {seed}, acknowledged and none lost: {counts}")
+
+
+# -- a full disk ------------------------------------------------------------------------------------
+
+def _mount_small_tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): {r.stderr.strip()}")
+
+
+def _fill(directory: Path) -> Path:
+    """A file that takes every free byte of `directory`'s filesystem."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        for size in (1 << 16, 512):  # big blocks, then the last crumbs
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+def _status(fn) -> grpc.StatusCode | None:
+    try:
+        fn()
+        return None
+    except grpc.RpcError as e:
+        assert e.details(), e
+        return e.code()
+
+
+def test_full_disk_fails_calls_as_unavailable_logs_boundedly_and_recovers_without_restart(deployment):
+    d = deployment
+    _mount_small_tmpfs(d.issuer_dir, "4m")
+    try:
+        d.start_issuer()
+        d.start_sidecar("host-a")
+        d.entry_id = d.entry("/agent", "host-a")
+        stub = sidecar_stub(d, "host-a")
+        acked = Acked()
+        for _ in range(3):
+            leaf = sign(stub, d.entry_id).cert_chain
+            acked.add("serials", x509svid.serial_hex(
+                x509.load_der_x509_certificate(leaf[:_first_len(leaf)]).serial_number))
+        acked.add("revoked", acked.serials[0])
+        d.cli("revoke", "--serial", acked.serials[0], "--reason", "before the disk filled")
+        pid = d.issuer.proc.pid
+
+        filler = _fill(d.issuer_dir)
+        log_before = d.issuer.log_path.read_text(errors="replace")
+        codes = []
+        for i in range(4):  # every kind of write, again and again
+            codes.append(_status(lambda: sign(stub, d.entry_id)))
+            r = d.cli("entry", "create", "--spiffe-id", f"spiffe://{d.td}/full/{i}", "--parent",
+                      d.sidecar_id("host-a"), "--owner", "bob", "--purpose", "disk", "--expires-in", "1d",
+                      "--selector", "unix:uid:4242", check=False)
+            assert r.returncode != 0 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
+            assert "UNAVAILABLE" in r.stderr or "cannot reach" in r.stderr or "disk" in r.stderr, r.stderr
+            assert r.returncode == 1, r.stderr  # EXIT_UNAVAILABLE: try again later, not bad input
+            r = d.cli("revoke", "--serial", acked.serials[1], "--reason", "while the disk is full", check=False)
+            assert (r.returncode, "Traceback" in r.stderr) == (1, False), (r.returncode, r.stderr)
+        assert set(codes) == {grpc.StatusCode.UNAVAILABLE}, codes
+        new_log = d.issuer.log_path.read_text(errors="replace")[len(log_before):]
+        # Bounded: the failure is logged, its repeats are counted, not written out one by one.
+        assert new_log.count("Traceback") == 0, new_log[-3000:]
+        assert len(new_log.splitlines()) <= 12, new_log[-3000:]
+
+        filler.unlink()
+        # Recovers without a restart: the same process signs, creates and revokes again.
+        time.sleep(0.5)
+        item = sign(stub, d.entry_id)
+        acked.add("serials", x509svid.serial_hex(
+            x509.load_der_x509_certificate(item.cert_chain[:_first_len(item.cert_chain)]).serial_number))
+        acked.add("entries", d.cli("entry", "create", "--spiffe-id", f"spiffe://{d.td}/after", "--parent",
+                                   d.sidecar_id("host-a"), "--owner", "bob", "--purpose", "disk",
+                                   "--expires-in", "1d", "--selector", "unix:uid:4242").stdout.strip())
+        d.cli("revoke", "--serial", acked.serials[2], "--reason", "after the disk was freed")
+        acked.add("revoked", acked.serials[2])
+        assert d.issuer.proc.pid == pid and d.issuer.proc.poll() is None
+        check_nothing_acknowledged_was_lost(d, acked)
+    finally:
+        d.close()
+        subprocess.run(["umount", "-l", str(d.issuer_dir)], capture_output=True)
