@@ -53,6 +53,19 @@ def mutate(base: bytes):
     )
 
 
+REFUSED = object()
+
+
+def outcome(fn, *args, error: type[Exception] = InvalidArgument):
+    """fn(*args), or REFUSED when it raised its documented `error` with a message. Any other exception
+    propagates and fails the property: that is the bug these tests look for."""
+    try:
+        return fn(*args)
+    except error as e:
+        assert str(e), f"{type(e).__name__} without a message"
+        return REFUSED
+
+
 def _flip(base: bytes, flips):
     out = bytearray(base)
     for i, v in flips:
@@ -77,10 +90,8 @@ _ID_CHARS = set(string.ascii_letters + string.digits + "._-/:")
 @example("spiffe://example.org/agent\n")
 @example("spiffe://example.org/a/b/\n")
 def test_spiffe_id_parser_gives_a_canonical_id_or_invalid_argument(value):
-    try:
-        sid = spiffeid.parse(value)
-    except InvalidArgument as e:
-        assert e.message
+    sid = outcome(spiffeid.parse, value)
+    if sid is REFUSED:
         return
     # Accepted means: only the characters the standard allows, and it prints back exactly.
     assert str(sid) == value
@@ -96,9 +107,8 @@ def test_every_well_formed_spiffe_id_is_accepted_and_round_trips(value):
 @given(TEXT)
 @example("host-a\n")
 def test_sidecar_name_gives_an_id_that_parses_back_or_invalid_argument(name):
-    try:
-        sid = spiffeid.sidecar_id("example.org", name)
-    except InvalidArgument:
+    sid = outcome(spiffeid.sidecar_id, "example.org", name)
+    if sid is REFUSED:
         return
     assert spiffeid.parse(str(sid)) == sid
     assert spiffeid.sidecar_name(sid) == name
@@ -119,10 +129,8 @@ _SELECTORS = st.one_of(TEXT, st.builds(lambda k, v: f"unix:{k}:{v}", _SEL_KEYS, 
 @example("unix:path:/usr/bin/\x00sleep")
 @example("unix:user:alice\n")
 def test_selector_parser_gives_a_canonical_selector_or_invalid_argument(value):
-    try:
-        canon = selectors.parse_selector(value)
-    except InvalidArgument as e:
-        assert e.message
+    canon = outcome(selectors.parse_selector, value)
+    if canon is REFUSED:
         return
     typ, key, val = canon.split(":", 2)
     assert typ == "unix"
@@ -152,10 +160,8 @@ _DURATIONS = st.one_of(TEXT, st.integers(-10, 2**80), st.builds(
 
 @given(_DURATIONS)
 def test_duration_parser_gives_a_positive_int_or_invalid_argument(value):
-    try:
-        seconds = durations.parse_duration(value)
-    except InvalidArgument as e:
-        assert e.message
+    seconds = outcome(durations.parse_duration, value)
+    if seconds is REFUSED:
         return
     assert isinstance(seconds, int) and seconds > 0
 
@@ -166,9 +172,8 @@ def test_duration_parser_gives_a_positive_int_or_invalid_argument(value):
 @example("99999999999999d")
 @example("1" * 5000 + "s")  # past Python's int-from-string digit limit: a raw ValueError today
 def test_duration_parser_takes_only_ascii_digits_and_bounded_values(value):
-    try:
-        seconds = durations.parse_duration(value)
-    except InvalidArgument:
+    seconds = outcome(durations.parse_duration, value)
+    if seconds is REFUSED:
         return
     assert str(value).isascii()
     assert seconds <= 100 * 365 * 86400  # more than a century is no lifetime Tessera deals in
@@ -183,9 +188,9 @@ def test_formatted_durations_parse_back_to_the_same_seconds(seconds):
 
 _YAML_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**70), st.floats(allow_nan=False),
                           TEXT, st.sampled_from(["10m", "0s", "-1s", "1d", "127.0.0.1:0", "0666", "/tmp"]))
+# Mapping keys are strings here; keys of other types have their own (xfail) test below.
 _YAML_VALUES = st.recursive(_YAML_SCALARS, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.one_of(TEXT, st.integers()), inner, max_size=4)),
-    max_leaves=12)
+    st.lists(inner, max_size=4), st.dictionaries(TEXT, inner, max_size=4)), max_leaves=12)
 
 
 def _write(tmp_path_factory, data) -> str:
@@ -196,20 +201,14 @@ def _write(tmp_path_factory, data) -> str:
 
 @given(st.one_of(TEXT.map(str.encode), _YAML_VALUES.map(lambda v: yaml.safe_dump(v).encode())))
 def test_yaml_loader_gives_a_section_or_config_error(tmp_path_factory, data):
-    try:
-        configfile.load_yaml(_write(tmp_path_factory, data))
-    except ConfigError as e:
-        assert str(e)
+    outcome(configfile.load_yaml, _write(tmp_path_factory, data), error=ConfigError)
 
 
 @pytest.mark.xfail(strict=False, reason="secrets helper: a config file that is not UTF-8 is a raw UnicodeDecodeError")
 @given(st.binary(max_size=200))
 @example(b"\x80")
 def test_yaml_loader_takes_any_bytes(tmp_path_factory, data):
-    try:
-        configfile.load_yaml(_write(tmp_path_factory, data))
-    except ConfigError as e:
-        assert str(e)
+    outcome(configfile.load_yaml, _write(tmp_path_factory, data), error=ConfigError)
 
 
 @pytest.mark.xfail(strict=False, reason="secrets helper: deeply nested YAML in configfile.load_yaml")
@@ -242,18 +241,20 @@ def _config_docs(keys, base):
 
 @given(_config_docs(_ISSUER_KEYS, _ISSUER_BASE))
 def test_issuer_config_gives_a_config_or_config_error(tmp_path_factory, doc):
-    try:
-        issuer_config.load(_write(tmp_path_factory, doc))
-    except ConfigError as e:
-        assert str(e)
+    outcome(issuer_config.load, _write(tmp_path_factory, doc), error=ConfigError)
 
 
 @given(_config_docs(_SIDECAR_KEYS, _SIDECAR_BASE))
 def test_sidecar_config_gives_a_config_or_config_error(tmp_path_factory, doc):
-    try:
-        sidecar_config.load(_write(tmp_path_factory, doc))
-    except ConfigError as e:
-        assert str(e)
+    outcome(sidecar_config.load, _write(tmp_path_factory, doc), error=ConfigError)
+
+
+@pytest.mark.xfail(strict=False, reason="secrets helper: Section.reject_unknown sorts keys of mixed types "
+                                         "(TypeError) in configfile.py")
+@pytest.mark.parametrize("doc", [{"policy": {"": None, 0: None}}, {1: "x", "trust_domain": "example.org"}])
+def test_config_with_a_non_string_key_is_a_config_error(tmp_path_factory, doc):
+    with pytest.raises(ConfigError):
+        issuer_config.load(_write(tmp_path_factory, {**_ISSUER_BASE, **doc}))
 
 
 # -- policy (tiers and CEL rules) ------------------------------------------------------------------
@@ -275,10 +276,7 @@ _POLICY_DOCS = st.fixed_dictionaries({}, optional={
 
 @given(_POLICY_DOCS)
 def test_policy_loader_gives_a_policy_or_config_error(doc):
-    try:
-        policy.load_section(configfile.Section(doc, "policy.", "config"))
-    except ConfigError as e:
-        assert str(e)
+    outcome(policy.load_section, configfile.Section(doc, "policy.", "config"), error=ConfigError)
 
 
 _CONTEXT = st.dictionaries(TEXT, TEXT, max_size=4)
@@ -289,10 +287,8 @@ _CONTEXT = st.dictionaries(TEXT, TEXT, max_size=4)
 def test_policy_evaluation_decides_for_any_request(rules, scopes, ttl, context):
     for i, r in enumerate(rules):
         r["name"] = f"r{i}"  # names must be unique; the rule's content is what is fuzzed
-    try:
-        pol = policy.load_section(configfile.Section({"rules": rules}, "policy.", "config"))
-    except ConfigError:
-        assume(False)
+    pol = outcome(policy.load_section, configfile.Section({"rules": rules}, "policy.", "config"), error=ConfigError)
+    assume(pol is not REFUSED)
     entry = {"id": "e1", "state": "active", "expires_at": 2e9, "tier": "low", "scopes": ["*"],
              "spiffe_id": "spiffe://example.org/a", "owner": "alice"}
     req = policy.TaskRequest(entry=entry, sidecar={"id": "s"}, workload={"uid": 1}, task_id="t",
@@ -322,10 +318,8 @@ P521_CSR = _other_csr(ec.generate_private_key(ec.SECP521R1()))
 @example(RSA_CSR)
 @example(ED_CSR)
 def test_csr_gives_an_ec_key_or_invalid_argument(data):
-    try:
-        key = x509svid.csr_public_key(data)
-    except InvalidArgument as e:
-        assert e.message
+    key = outcome(x509svid.csr_public_key, data)
+    if key is REFUSED:
         return
     assert isinstance(key, ec.EllipticCurvePublicKey)
     assert isinstance(key.curve, (ec.SECP256R1, ec.SECP384R1))
@@ -355,10 +349,9 @@ def test_spiffe_id_of_a_certificate_gives_an_id_or_value_error(uris):
         cert = _leaf_with_sans(uris)
     except ValueError:
         assume(False)
-    try:
-        sid = x509svid.spiffe_id_of(cert)
-    except ValueError as e:  # documented: the verifier and the issuer's peer check catch ValueError
-        assert str(e)
+    # Documented ValueError: the verifier and the issuer's peer check catch that.
+    sid = outcome(x509svid.spiffe_id_of, cert, error=ValueError)
+    if sid is REFUSED:
         return
     assert [str(sid)] == uris
 
@@ -367,10 +360,10 @@ def test_spiffe_id_of_a_certificate_gives_an_id_or_value_error(uris):
 
 @given(st.binary(max_size=64), st.integers(0, 70), st.integers(0, 255))
 def test_der_header_reader_gives_bounds_inside_the_buffer_or_value_error(buf, i, tag):
-    try:
-        start, end = der.read_header(buf, i, tag)
-    except ValueError:
+    got = outcome(der.read_header, buf, i, tag, error=ValueError)
+    if got is REFUSED:
         return
+    start, end = got
     assert i + 2 <= start <= end <= len(buf)
 
 
@@ -386,9 +379,8 @@ CERT_DER = CA_CERT.public_bytes(serialization.Encoding.DER)
 
 @given(st.one_of(mutate(CERT_DER), mutate(CERT_DER + CERT_DER)))
 def test_split_der_gives_certificates_or_value_error(blob):
-    try:
-        certs = pem.split_der(blob)
-    except ValueError:
+    certs = outcome(pem.split_der, blob, error=ValueError)
+    if certs is REFUSED:
         return
     assert pem.der_concat(certs) == blob
 
@@ -400,9 +392,8 @@ RSA_KEY_DER = pem.key_pkcs8_der(rsa.generate_private_key(65537, 1024))
 @given(st.one_of(mutate(KEY_DER), mutate(RSA_KEY_DER)))
 @example(b"")
 def test_key_from_der_gives_pem_or_value_error(data):
-    try:
-        out = pem.key_pem_from_der(data)
-    except ValueError:
+    out = outcome(pem.key_pem_from_der, data, error=ValueError)
+    if out is REFUSED:
         return
     assert out.startswith(b"-----BEGIN PRIVATE KEY-----")
 
@@ -435,10 +426,8 @@ def _utf8(text: bytes) -> bytes:
 @example(_utf8(b'{"v": true, "task_id": "t", "entry_id": "e", "owner": "o", "scopes": []}'))
 @example(_utf8(b'{"v": 1' + b"0" * 5000 + b"}"))
 def test_task_extension_gives_a_binding_or_value_error(value):
-    try:
-        b = taskext.decode_value(value)
-    except ValueError as e:
-        assert str(e)
+    b = outcome(taskext.decode_value, value, error=ValueError)
+    if b is REFUSED:
         return
     assert isinstance(b, taskext.TaskBinding)
     assert taskext.decode_value(taskext.encode(b).value) == b
@@ -451,10 +440,8 @@ def test_task_extension_gives_a_binding_or_value_error(value):
 @given(st.one_of(mutate(GOOD_CRL), mutate(crl.pem(crl.load(GOOD_CRL)))))
 @example(GOOD_CRL)
 def test_crl_accept_gives_a_crl_none_or_crl_error(data):
-    try:
-        got = crl.accept(data, [CA_CERT], None, None)
-    except crl.CrlError as e:
-        assert str(e)
+    got = outcome(crl.accept, data, [CA_CERT], None, None, error=crl.CrlError)
+    if got is REFUSED:
         return
     # Only a CRL the CA signed is ever taken.
     assert got is not None and crl.verify(got.crl, [CA_CERT]) is CA_CERT
