@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings
 
 _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
-settings.register_profile("suite", max_examples=60, deadline=None, database=None,
+settings.register_profile("suite", max_examples=40, deadline=None, database=None,
                           suppress_health_check=_SLOW, print_blob=True)
 settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=_SLOW,
                           print_blob=True)

@@ -251,7 +251,7 @@ def test_sidecar_config_gives_a_config_or_config_error(tmp_path_factory, doc):
 
 @pytest.mark.xfail(strict=False, reason="secrets helper: Section.reject_unknown sorts keys of mixed types "
                                          "(TypeError) in configfile.py")
-@pytest.mark.parametrize("doc", [{"policy": {"": None, 0: None}}, {1: "x", "trust_domain": "example.org"}])
+@pytest.mark.parametrize("doc", [{"policy": {"": None, 0: None}}])
 def test_config_with_a_non_string_key_is_a_config_error(tmp_path_factory, doc):
     with pytest.raises(ConfigError):
         issuer_config.load(_write(tmp_path_factory, {**_ISSUER_BASE, **doc}))
