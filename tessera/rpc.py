@@ -76,14 +76,16 @@ def add_servicer(add_to_server, servicer, server) -> None:
         raise RuntimeError(f"{add_to_server.__name__} registered no handlers by name")
 
 
+async def _refuse_malformed(request, context) -> None:
+    if isinstance(request, Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+
+
 def grpcio_handler(fn):
     """Wrap a grpc.aio servicer method (unary coroutine or async-generator stream) so typed errors become statuses.
 
     Cancellation (the caller went away) and an abort already under way pass through untouched.
     """
-    def malformed(request) -> bool:
-        return isinstance(request, Malformed)
-
     async def fail(context, fn_name: str, e: Exception):
         if isinstance(e, TesseraError):
             await context.abort(_grpcio_code(int(e.code)), e.message)
@@ -93,8 +95,7 @@ def grpcio_handler(fn):
     if inspect.isasyncgenfunction(fn):
         @functools.wraps(fn)
         async def stream(self, request, context):
-            if malformed(request):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+            await _refuse_malformed(request, context)
             try:
                 # aclosing: a cancelled call runs the handler's cleanup now, not when it is collected.
                 async with contextlib.aclosing(fn(self, request, context)) as messages:
@@ -109,8 +110,7 @@ def grpcio_handler(fn):
 
     @functools.wraps(fn)
     async def unary(self, request, context):
-        if malformed(request):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {request.error}")
+        await _refuse_malformed(request, context)
         try:
             return await fn(self, request, context)
         except (grpc.aio.AbortError, grpc.RpcError):

@@ -16,12 +16,12 @@ _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_to
 
 settings.register_profile("suite", max_examples=40, deadline=None, database=None,
                           suppress_health_check=_SLOW, print_blob=True)
-settings.register_profile("long", max_examples=5000, deadline=None, suppress_health_check=_SLOW,
+settings.register_profile("long", max_examples=1000, deadline=None, suppress_health_check=_SLOW,
                           print_blob=True)
 PROFILE = os.environ.get("TESSERA_FUZZ", "suite")
 settings.load_profile(PROFILE)
 
 
 def scaled(n: int) -> settings:
-    """`n` examples in the suite (a property that costs a daemon round trip each), 50x that in a long run."""
-    return settings(max_examples=n * 50 if PROFILE == "long" else n)
+    """`n` examples in the suite (a property that costs a daemon round trip each), 25x that in a long run."""
+    return settings(max_examples=n * 25 if PROFILE == "long" else n)

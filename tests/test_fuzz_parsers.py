@@ -199,7 +199,7 @@ def _write(tmp_path_factory, data) -> str:
     return str(p)
 
 
-@given(st.one_of(TEXT.map(str.encode), _YAML_VALUES.map(lambda v: yaml.safe_dump(v).encode())))
+@given(st.one_of(TEXT.map(lambda t: t.encode("utf-8", "replace")), _YAML_VALUES.map(lambda v: yaml.safe_dump(v).encode())))
 def test_yaml_loader_gives_a_section_or_config_error(tmp_path_factory, data):
     outcome(configfile.load_yaml, _write(tmp_path_factory, data), error=ConfigError)
 
