@@ -127,7 +127,10 @@ def spiffe_id_of(cert: x509.Certificate) -> spiffeid.SpiffeId:
 
 def load_csr(der: bytes) -> x509.CertificateSigningRequest:
     """Parse a DER CSR and check its self-signature (proof of key possession)."""
-    csr = x509.load_der_x509_csr(der)
+    try:
+        csr = x509.load_der_x509_csr(der)
+    except x509.InvalidVersion as e:  # not a ValueError, and a peer chooses it
+        raise ValueError(f"CSR version is not supported: {e}") from None
     try:
         valid = csr.is_signature_valid
         pub = csr.public_key()

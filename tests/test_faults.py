@@ -21,10 +21,10 @@ import grpc
 import pytest
 from cryptography import x509
 
-from harness import BIN, Deployment
+from harness import Deployment
 from issuer_client import sidecar_stub, sign
 from taskutil import policy, start_task
-from tessera import crl, x509svid
+from tessera import crl, pem, x509svid
 
 ITERATIONS = int(os.environ.get("TESSERA_FAULT_ITERATIONS", "2"))
 
@@ -42,6 +42,13 @@ class Acked:
     def add(self, kind: str, value: str) -> None:
         with self.lock:
             getattr(self, kind).append(value)
+
+
+def create_entry(d: Deployment, path: str) -> subprocess.CompletedProcess:
+    """`tessera entry create` of an entry no process here matches; the caller judges the outcome."""
+    return d.cli("entry", "create", "--spiffe-id", f"spiffe://{d.td}{path}", "--parent", d.sidecar_id("host-a"),
+                 "--owner", "bob", "--purpose", "faults", "--expires-in", "1d", "--selector", "unix:uid:4242",
+                 check=False)
 
 
 class Load:
@@ -80,8 +87,7 @@ class Load:
                 time.sleep(0.05)
                 continue
             if item.cert_chain:
-                leaf = x509.load_der_x509_certificate(item.cert_chain[:_first_len(item.cert_chain)])
-                self.acked.add("serials", x509svid.serial_hex(leaf.serial_number))
+                self.acked.add("serials", _serial(item.cert_chain))
 
     def _revoke(self):
         done: set[str] = set()
@@ -101,9 +107,7 @@ class Load:
         n = 0
         while not self.stop.is_set():
             n += 1
-            r = self.d.cli("entry", "create", "--spiffe-id", f"spiffe://{self.d.td}/fault/{self.tag}/{n}",
-                           "--parent", self.d.sidecar_id("host-a"), "--owner", "bob", "--purpose", "faults",
-                           "--expires-in", "1d", "--selector", "unix:uid:4242", check=False)
+            r = create_entry(self.d, f"/fault/{self.tag}/{n}")
             if r.returncode == 0 and r.stdout.strip():
                 self.acked.add("entries", r.stdout.strip())
 
@@ -119,9 +123,9 @@ class Load:
                 self.acked.add("tasks", f"fault-{self.tag}-{n}")
 
 
-def _first_len(chain: bytes) -> int:
-    from tessera import der
-    return der.read_header(chain, 0, 0x30)[1]
+def _serial(chain: bytes) -> str:
+    """The leaf's serial in a DER chain as SignX509SVIDs returns it."""
+    return x509svid.serial_hex(pem.split_der(chain)[0].serial_number)
 
 
 def check_nothing_acknowledged_was_lost(d: Deployment, acked: Acked) -> None:
@@ -224,9 +228,7 @@ def test_full_disk_fails_calls_as_unavailable_logs_boundedly_and_recovers_withou
         stub = sidecar_stub(d, "host-a")
         acked = Acked()
         for _ in range(3):
-            leaf = sign(stub, d.entry_id).cert_chain
-            acked.add("serials", x509svid.serial_hex(
-                x509.load_der_x509_certificate(leaf[:_first_len(leaf)]).serial_number))
+            acked.add("serials", _serial(sign(stub, d.entry_id).cert_chain))
         acked.add("revoked", acked.serials[0])
         d.cli("revoke", "--serial", acked.serials[0], "--reason", "before the disk filled")
         pid = d.issuer.proc.pid
@@ -236,9 +238,7 @@ def test_full_disk_fails_calls_as_unavailable_logs_boundedly_and_recovers_withou
         codes = []
         for i in range(4):  # every kind of write, again and again
             codes.append(_status(lambda: sign(stub, d.entry_id)))
-            r = d.cli("entry", "create", "--spiffe-id", f"spiffe://{d.td}/full/{i}", "--parent",
-                      d.sidecar_id("host-a"), "--owner", "bob", "--purpose", "disk", "--expires-in", "1d",
-                      "--selector", "unix:uid:4242", check=False)
+            r = create_entry(d, f"/full/{i}")
             assert r.returncode != 0 and "Traceback" not in r.stderr, (r.returncode, r.stderr)
             assert "UNAVAILABLE" in r.stderr or "cannot reach" in r.stderr or "disk" in r.stderr, r.stderr
             assert r.returncode == 1, r.stderr  # EXIT_UNAVAILABLE: try again later, not bad input
@@ -253,12 +253,10 @@ def test_full_disk_fails_calls_as_unavailable_logs_boundedly_and_recovers_withou
         filler.unlink()
         # Recovers without a restart: the same process signs, creates and revokes again.
         time.sleep(0.5)
-        item = sign(stub, d.entry_id)
-        acked.add("serials", x509svid.serial_hex(
-            x509.load_der_x509_certificate(item.cert_chain[:_first_len(item.cert_chain)]).serial_number))
-        acked.add("entries", d.cli("entry", "create", "--spiffe-id", f"spiffe://{d.td}/after", "--parent",
-                                   d.sidecar_id("host-a"), "--owner", "bob", "--purpose", "disk",
-                                   "--expires-in", "1d", "--selector", "unix:uid:4242").stdout.strip())
+        acked.add("serials", _serial(sign(stub, d.entry_id).cert_chain))
+        r = create_entry(d, "/after")
+        assert r.returncode == 0, r.stderr
+        acked.add("entries", r.stdout.strip())
         d.cli("revoke", "--serial", acked.serials[2], "--reason", "after the disk was freed")
         acked.add("revoked", acked.serials[2])
         assert d.issuer.proc.pid == pid and d.issuer.proc.poll() is None

@@ -9,7 +9,6 @@ daemon must still serve a legit call afterwards.
 
 from __future__ import annotations
 
-import os
 import string
 
 import grpc

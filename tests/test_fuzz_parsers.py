@@ -9,6 +9,7 @@ known failures are marked xfail(strict=False) with the owner named.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import string
 
 import pytest
@@ -315,6 +316,7 @@ P521_CSR = _other_csr(ec.generate_private_key(ec.SECP521R1()))
 @given(st.one_of(mutate(GOOD_CSR), mutate(RSA_CSR), mutate(ED_CSR), st.just(P521_CSR)))
 @example(b"")
 @example(GOOD_CSR.replace(bytes.fromhex("2a8648ce3d030107"), bytes.fromhex("008648ce3d030107")))  # unknown curve
+@example(GOOD_CSR.replace(b"\x02\x01\x00", b"\x02\x01\x01", 1))  # CSR version 2: InvalidVersion, no ValueError
 @example(RSA_CSR)
 @example(ED_CSR)
 def test_csr_gives_an_ec_key_or_invalid_argument(data):
@@ -418,8 +420,8 @@ def _utf8(text: bytes) -> bytes:
 @given(st.one_of(
     st.binary(max_size=100),
     _BINDINGS.map(lambda b: taskext.encode(b).value).flatmap(mutate),
-    _JSON.map(lambda j: _utf8(__import__("json").dumps(j).encode())),
-    _JSON.map(lambda j: _utf8(__import__("json").dumps({"v": 1, "task_id": j, "entry_id": "e", "owner": "o",
+    _JSON.map(lambda j: _utf8(json.dumps(j).encode())),
+    _JSON.map(lambda j: _utf8(json.dumps({"v": 1, "task_id": j, "entry_id": "e", "owner": "o",
                                                          "scopes": []}).encode())),
 ))
 @example(_utf8(b"[" * 100_000))  # nesting past Python's recursion limit
