@@ -19,7 +19,7 @@ def der_concat(certs: Iterable[x509.Certificate]) -> bytes:
 
 
 def split_der(blob: bytes) -> list[x509.Certificate]:
-    """Parse DER certificates laid back to back."""
+    """Parse DER certificates laid back to back; ValueError if they are not."""
     certs = []
     i = 0
     while i < len(blob):
@@ -27,7 +27,10 @@ def split_der(blob: bytes) -> list[x509.Certificate]:
             _, end = der.read_header(blob, i, 0x30)
         except ValueError as e:
             raise ValueError(f"malformed DER certificate sequence: {e}") from None
-        certs.append(x509.load_der_x509_certificate(blob[i:end]))
+        try:
+            certs.append(x509.load_der_x509_certificate(blob[i:end]))
+        except x509.InvalidVersion as e:  # not a ValueError: the documented error is
+            raise ValueError(f"malformed DER certificate sequence: {e}") from None
         i = end
     return certs
 

@@ -380,6 +380,7 @@ CERT_DER = CA_CERT.public_bytes(serialization.Encoding.DER)
 
 
 @given(st.one_of(mutate(CERT_DER), mutate(CERT_DER + CERT_DER)))
+@example(CERT_DER.replace(b"\xa0\x03\x02\x01\x02", b"\xa0\x03\x02\x01\x03", 1))  # X.509 "v4": InvalidVersion
 def test_split_der_gives_certificates_or_value_error(blob):
     certs = outcome(pem.split_der, blob, error=ValueError)
     if certs is REFUSED:
