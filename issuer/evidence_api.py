@@ -89,9 +89,10 @@ def record_pb(r: AuditRecord) -> admin_pb2.AuditRecord:
         details_json=json.dumps(r.details, sort_keys=True), prev_hash=r.prev_hash, hash=r.hash)
 
 
-def _positive(name: str, value: int, default: int) -> int:
-    if value < 0:
-        raise InvalidArgument(f"{name} must not be negative")
+def _positive(name: str, value: int, default: int, limit: int) -> int:
+    # Bounded: a window reaching past the epoch overflows the audit query (found by fuzzing).
+    if not 0 <= value <= limit:
+        raise InvalidArgument(f"{name} must be between 0 (the default, {default}) and {limit}")
     return value or default
 
 
@@ -175,8 +176,8 @@ class EvidenceHandlers:
         self.operator(stream)
         ev = self._evidence()
         d = report.Thresholds()
-        th = report.Thresholds(unused_days=_positive("unused_days", req.unused_days, d.unused_days),
-                               expiring_days=_positive("expiring_days", req.expiring_days, d.expiring_days),
-                               silent_hours=_positive("silent_hours", req.silent_hours, d.silent_hours))
+        th = report.Thresholds(unused_days=_positive("unused_days", req.unused_days, d.unused_days, 36500),
+                               expiring_days=_positive("expiring_days", req.expiring_days, d.expiring_days, 36500),
+                               silent_hours=_positive("silent_hours", req.silent_hours, d.silent_hours, 876000))
         data = await asyncio.to_thread(ev.build_report, th)
         await stream.send_message(admin_pb2.ReportResponse(json=json.dumps(data, sort_keys=True)))

@@ -196,6 +196,14 @@ def test_every_daemon_method_gives_a_clear_error_or_a_valid_result(dep, chans, w
         assert daemon.proc.poll() is None, f"{daemon.name} died:\n{daemon.log()}"
 
 
+@pytest.mark.parametrize("field", ["unused_days", "expiring_days", "silent_hours"])
+def test_report_threshold_past_a_century_is_invalid_argument(dep, chans, field):
+    # Found by scripts/fuzz: unused_days near 2**62 overflowed the audit query (INTERNAL).
+    method = admin_pb2.DESCRIPTOR.services_by_name["Admin"].methods_by_name["Report"]
+    payload = admin_pb2.ReportRequest(**{field: 2**62}).SerializeToString()
+    assert call(chans["admin"], method, payload) == grpc.StatusCode.INVALID_ARGUMENT
+
+
 def test_daemons_serve_legit_calls_after_the_fuzzing(dep, chans):
     _legit_calls_work(dep, chans)
     for daemon in (dep.issuer, *dep.sidecars.values()):
