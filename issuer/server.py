@@ -31,7 +31,7 @@ from issuer.signing import SvidSigner
 from issuer.signing_pool import SigningPool
 from issuer.sqlite_store import SQLiteDatastore
 from issuer.tasks import TaskService, entry_view
-from tessera import logs, pem, safefs, spiffeid, x509svid
+from tessera import logs, pem, rpc, safefs, spiffeid, x509svid
 from tessera.connlimit import CappedServer
 from tessera.fdlimits import connection_caps
 from tessera.uds import bind_unix, check_socket_path
@@ -188,7 +188,7 @@ class IssuerServer:
             ("grpc.max_allowed_incoming_connections", max_connections),
             ("grpc.server_handshake_timeout_ms", self.cfg.handshake_timeout * 1000),
             ("grpc.max_concurrent_streams", max_streams), *extra])
-        issuer_pb2_grpc.add_IssuerServicer_to_server(self.service, server)
+        rpc.add_servicer(issuer_pb2_grpc.add_IssuerServicer_to_server, self.service, server)
         # Standard gRPC health, on both ports: probes can use the bootstrap port without a client cert.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._grpc.append(server)

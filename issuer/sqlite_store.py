@@ -38,6 +38,8 @@ from tessera import logs, safefs
 from tessera.errors import AlreadyExists, NotFound, PermissionDenied, Unavailable
 
 log = logs.get("datastore")
+# A full or failing disk hits every write until it is fixed: one line per minute, repeats counted.
+_disk_log = logs.Throttled(log, window=60, level="error")
 
 WRITE_LOCK_TIMEOUT = 30.0  # seconds, as SQLite's own busy timeout below
 GAP_GRACE = 1.0  # seconds a gap in the records handed over may last before it is read back from the file
@@ -273,8 +275,11 @@ class SQLiteDatastore:
                             yield self._db
                             self._db.execute("COMMIT")
                         except BaseException:
-                            self._db.execute("ROLLBACK")
+                            if self._db.in_transaction:  # after SQLITE_FULL, SQLite has rolled back itself
+                                self._db.execute("ROLLBACK")
                             raise
+                    except sqlite3.Error as e:
+                        raise self._disk_error(e) or e
                     finally:
                         self._depth = 0
                         self._owner = None
@@ -282,6 +287,14 @@ class SQLiteDatastore:
             finally:
                 fcntl.flock(self._write_lock, fcntl.LOCK_UN)
         self.notify(records)
+
+    def _disk_error(self, e: sqlite3.Error) -> Unavailable | None:
+        """Unavailable for a full or failing disk (nothing was written; the caller may retry later)."""
+        if (getattr(e, "sqlite_errorcode", 0) & 0xFF) not in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR):
+            return None
+        _disk_log.log(f"disk:{self.path}", "the database cannot be written: writes fail until the disk has room",
+                      path=str(self.path), error=str(e))
+        return Unavailable(f"the issuer cannot write its database ({e}); try again later")
 
     def _lock_file(self) -> None:
         """The inter-process write lock, or Unavailable once another writer held it for WRITE_LOCK_TIMEOUT."""

@@ -6,6 +6,7 @@ import os
 from typing import Iterable, Sequence
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from tessera import der, safefs
@@ -16,7 +17,7 @@ def der_concat(certs: Iterable[x509.Certificate]) -> bytes:
 
 
 def split_der(blob: bytes) -> list[x509.Certificate]:
-    """Parse DER certificates laid back to back."""
+    """Parse DER certificates laid back to back; ValueError if they are not."""
     certs = []
     i = 0
     while i < len(blob):
@@ -24,7 +25,10 @@ def split_der(blob: bytes) -> list[x509.Certificate]:
             _, end = der.read_header(blob, i, 0x30)
         except ValueError as e:
             raise ValueError(f"malformed DER certificate sequence: {e}") from None
-        certs.append(x509.load_der_x509_certificate(blob[i:end]))
+        try:
+            certs.append(x509.load_der_x509_certificate(blob[i:end]))
+        except x509.InvalidVersion as e:  # not a ValueError: the documented error is
+            raise ValueError(f"malformed DER certificate sequence: {e}") from None
         i = end
     return certs
 
@@ -58,8 +62,12 @@ def key_pem(key) -> bytes:
 
 
 def key_pem_from_der(key_der: bytes) -> bytes:
-    """A DER PKCS#8 private key (as the Workload API carries it) as the PEM that files and ssl take."""
-    return key_pem(serialization.load_der_private_key(key_der, password=None))
+    """A DER PKCS#8 private key (as the Workload API carries it) as the PEM that files and ssl take;
+    ValueError if it is not an unencrypted private key of a supported type."""
+    try:
+        return key_pem(serialization.load_der_private_key(key_der, password=None))
+    except (TypeError, UnsupportedAlgorithm) as e:  # encrypted, or an algorithm this build lacks
+        raise ValueError(f"not a usable private key: {e}") from None
 
 
 # The one atomic file replacement lives in tessera.safefs (its directory checked, links not followed);

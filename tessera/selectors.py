@@ -1,6 +1,9 @@
 """Selectors: "type:key:value" strings that workload attestation produces.
 
 Only the kernel-derived unix selectors exist; nothing a caller sends is a selector.
+Invariant: a canonical selector is one the sidecar can derive from the kernel (ASCII digits within
+the 32-bit id range, no control characters in a path); others are refused rather than stored as
+entries that could never match. Patterns use fullmatch, since `$` would let a trailing newline through.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ from tessera.errors import InvalidArgument
 
 UID_MAX = 2**32 - 2  # uid_t and gid_t are 32 bits; (uid_t)-1 means "no id" and never names a process
 _VALIDATORS = {
-    "uid": re.compile(r"^(0|[1-9][0-9]{0,9})\Z", re.ASCII),
-    "gid": re.compile(r"^(0|[1-9][0-9]{0,9})\Z", re.ASCII),
-    "user": re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]*\$?$"),
-    "group": re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]*\$?$"),
-    "path": re.compile(r"^/.*$"),
-    "sha256": re.compile(r"^[0-9a-f]{64}$"),
+    "uid": re.compile(r"[0-9]{1,10}"),  # \d would take full-width and other Unicode digits
+    "gid": re.compile(r"[0-9]{1,10}"),
+    "user": re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*\$?"),
+    "group": re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*\$?"),
+    "path": re.compile(r"/[^\x00-\x1f\x7f]{0,4095}"),  # PATH_MAX; no NUL, newline or other control
+    "sha256": re.compile(r"[0-9a-f]{64}"),
 }
 SELECTOR_TYPES = tuple(f"unix:{k}" for k in _VALIDATORS)
 
@@ -34,8 +37,10 @@ def parse_selector(value: str) -> str:
         )
     if key == "sha256":
         val = val.lower()
-    if not _VALIDATORS[key].match(val) or (key in ("uid", "gid") and int(val) > UID_MAX):
+    if not _VALIDATORS[key].fullmatch(val) or (key in ("uid", "gid") and int(val) > UID_MAX):
         raise InvalidArgument(f"invalid selector {value[:200]!r}: bad value for unix:{key}")
+    if key in ("uid", "gid"):
+        val = str(int(val))  # the kernel's form: "01000" would never match "1000"
     return f"unix:{key}:{val}"
 
 

@@ -1,4 +1,9 @@
-"""The one SPIFFE ID parser (rules from the SPIFFE ID standard)."""
+"""The one SPIFFE ID parser (rules from the SPIFFE ID standard).
+
+Invariant: an accepted ID holds only the standard's characters and prints back exactly as given;
+anything else raises InvalidSpiffeId (an InvalidArgument). Patterns use fullmatch, since `$` would
+let a trailing newline through.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,8 @@ from dataclasses import dataclass
 
 from tessera.errors import InvalidArgument
 
-_TD = re.compile(r"^[a-z0-9._-]{1,255}$")
-_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+_TD = re.compile(r"[a-z0-9._-]{1,255}")
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
 _MAX_LEN = 2048
 _SCHEME = "spiffe://"
 
@@ -30,7 +35,7 @@ class SpiffeId:
 
 
 def validate_trust_domain(td: str) -> str:
-    if not _TD.match(td or ""):
+    if not _TD.fullmatch(td or ""):
         raise InvalidSpiffeId(
             f"invalid trust domain {td!r}: use 1-255 lowercase letters, digits, '.', '-' or '_'"
         )
@@ -40,7 +45,7 @@ def validate_trust_domain(td: str) -> str:
 def parse(value: str, *, require_path: bool = False) -> SpiffeId:
     if not isinstance(value, str) or not value:
         raise InvalidSpiffeId("invalid SPIFFE ID: empty")
-    if len(value.encode()) > _MAX_LEN:
+    if len(value.encode("utf-8", "surrogatepass")) > _MAX_LEN:  # argv may hold lone surrogates
         raise InvalidSpiffeId(f"invalid SPIFFE ID: longer than {_MAX_LEN} bytes")
     if not value.startswith(_SCHEME):
         raise InvalidSpiffeId(f"invalid SPIFFE ID {value!r}: must start with spiffe://")
@@ -61,7 +66,7 @@ def parse(value: str, *, require_path: bool = False) -> SpiffeId:
                 raise InvalidSpiffeId(f"invalid SPIFFE ID {value!r}: empty path segment")
             if seg in (".", ".."):
                 raise InvalidSpiffeId(f"invalid SPIFFE ID {value!r}: '.' and '..' segments not allowed")
-            if not _SEGMENT.match(seg):
+            if not _SEGMENT.fullmatch(seg):
                 raise InvalidSpiffeId(
                     f"invalid SPIFFE ID {value!r}: path segment {seg!r} may hold only letters, digits, '.', '-', '_'"
                 )
@@ -77,7 +82,7 @@ def sidecar_id(trust_domain: str, name: str) -> SpiffeId:
     """The SPIFFE ID a sidecar named `name` holds."""
     if len(name or "") > MAX_SIDECAR_NAME:
         raise InvalidArgument(f"invalid sidecar name {name[:40]!r}...: longer than {MAX_SIDECAR_NAME} characters")
-    if not _SEGMENT.match(name or "") or name in (".", ".."):
+    if not _SEGMENT.fullmatch(name or "") or name in (".", ".."):
         raise InvalidArgument(
             f"invalid sidecar name {name!r}: use letters, digits, '.', '-' or '_'"
         )

@@ -50,9 +50,10 @@ def decode_value(value: bytes) -> TaskBinding:
         raise ValueError("task extension length does not match its content")
     try:
         data = json.loads(value[start:].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, an over-long number, deep nesting
         raise ValueError(f"task extension is not JSON: {e}") from None
-    if not isinstance(data, dict) or data.get("v") != VERSION:
+    # `type(...) is int`: true and 1.0 equal 1 but are not this layout's version number.
+    if not isinstance(data, dict) or type(data.get("v")) is not int or data["v"] != VERSION:
         raise ValueError("task extension has an unknown version")
     scopes = data.get("scopes")
     fields = (data.get("task_id"), data.get("entry_id"), data.get("owner"))

@@ -11,6 +11,7 @@ import datetime as dt
 from typing import Sequence
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -118,15 +119,25 @@ def spiffe_id_of(cert: x509.Certificate) -> spiffeid.SpiffeId:
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
         raise ValueError(f"certificate must have exactly one URI SAN, has {len(uris)}")
-    return spiffeid.parse(uris[0])
+    try:
+        return spiffeid.parse(uris[0])
+    except spiffeid.InvalidSpiffeId as e:  # callers (verifier, issuer peer check) catch ValueError
+        raise ValueError(f"certificate URI SAN is not a SPIFFE ID: {e.message}") from None
 
 
 def load_csr(der: bytes) -> x509.CertificateSigningRequest:
     """Parse a DER CSR and check its self-signature (proof of key possession)."""
-    csr = x509.load_der_x509_csr(der)
-    if not csr.is_signature_valid:
+    try:
+        csr = x509.load_der_x509_csr(der)
+    except x509.InvalidVersion as e:  # not a ValueError, and a peer chooses it
+        raise ValueError(f"CSR version is not supported: {e}") from None
+    try:
+        valid = csr.is_signature_valid
+        pub = csr.public_key()
+    except UnsupportedAlgorithm as e:  # an unknown curve or key type: the peer's input, not our fault
+        raise ValueError(f"CSR key or signature algorithm is not supported: {e}") from None
+    if not valid:
         raise ValueError("CSR signature does not verify")
-    pub = csr.public_key()
     if not isinstance(pub, ec.EllipticCurvePublicKey) or not isinstance(pub.curve, (ec.SECP256R1, ec.SECP384R1)):
         raise ValueError("CSR key must be ECDSA P-256 or P-384")
     return csr
