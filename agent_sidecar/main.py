@@ -13,12 +13,14 @@ import grpc
 from tessera import logs, pem
 from tessera.cliutil import CliError, Parser, duration_arg, fail, run_main
 from tessera.errors import ConfigError, TesseraError
+from tessera.version import add_version_flag
 
 PROG = "tessera-sidecar"
 
 
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Tessera sidecar: local identity for agent processes")
+    add_version_flag(p)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run the sidecar")
     run.add_argument("--config", required=True)
