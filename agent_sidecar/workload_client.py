@@ -1,11 +1,26 @@
-"""A small Workload API client for the sidecar's shell commands (`api fetch`)."""
+"""A small Workload API client for the sidecar's shell commands (`api fetch`, `api watch`, `task`).
+
+SVID files have one writer, `write_svid_files`. DIR/svid.pem, key.pem, bundle.pem and crl.pem are
+fixed symlinks through DIR/.live, a symlink to the directory holding one complete set
+(DIR/.svid-XXXXXXXX). A new set is written into a new directory and published by renaming one
+symlink over .live, so at every instant the four names resolve to files written together: a key and
+a certificate that match, even if the writer dies halfway. Every file is created new in a directory
+this process just made (O_EXCL), so no link planted in DIR is ever followed or written through.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import grpc
 
+from tessera import crl as crl_mod
 from tessera import pem
 from tessera.uds import socket_target
 from tessera.v1 import task_pb2, task_pb2_grpc
@@ -14,14 +29,21 @@ from tessera.workload import workload_pb2, workload_pb2_grpc
 HEADER = (("workload.spiffe.io", "true"),)
 
 
-def fetch_x509(socket_path: str, timeout: float = 15.0) -> workload_pb2.X509SVIDResponse:
+@contextmanager
+def x509_stream(socket_path: str, timeout: float | None = None) -> Iterator:
+    """The FetchX509SVID stream: the complete state at once, then again on every change."""
     with grpc.insecure_channel(socket_target(socket_path)) as ch:
         stream = workload_pb2_grpc.SpiffeWorkloadAPIStub(ch).FetchX509SVID(
             workload_pb2.X509SVIDRequest(), metadata=HEADER, timeout=timeout)
         try:
-            return next(iter(stream))
+            yield stream
         finally:
             stream.cancel()
+
+
+def fetch_x509(socket_path: str, timeout: float = 15.0) -> workload_pb2.X509SVIDResponse:
+    with x509_stream(socket_path, timeout) as stream:
+        return next(iter(stream))
 
 
 def start_task(socket_path: str, task_id: str, scopes: list[str], ttl: int, context: dict[str, str],
@@ -51,9 +73,85 @@ def end_task(socket_path: str, task_id: str, timeout: float = 30.0) -> list[str]
     return list(resp.revoked_serials)
 
 
-def write_svid_files(out: Path, chain_der: bytes, key_der: bytes, bundle_der: bytes) -> None:
-    """svid.pem (leaf first), key.pem (0600), bundle.pem; like `spire-agent api fetch x509`."""
+LIVE = ".live"
+SET_PREFIX = ".svid-"
+CERT, KEY, BUNDLE, CRL = "svid.pem", "key.pem", "bundle.pem", "crl.pem"
+
+
+def svid_files(chain_der: bytes, key_der: bytes, bundle_der: bytes,
+               crls: Sequence[bytes] | None = None) -> dict[str, tuple[bytes, int]]:
+    """{name: (content, mode)}: svid.pem (leaf first), key.pem (0600), bundle.pem, and crl.pem when
+    `crls` is given (every CRL, PEM, one after another: what nginx's ssl_crl and openssl take)."""
+    files = {KEY: (pem.key_pem_from_der(key_der), 0o600),
+             CERT: (pem.certs_pem(pem.split_der(chain_der)), 0o644),
+             BUNDLE: (pem.certs_pem(pem.split_der(bundle_der)), 0o644)}
+    if crls is not None:
+        files[CRL] = (b"".join(crl_mod.pem(crl_mod.load(c)) for c in crls), 0o644)
+    return files
+
+
+def write_svid_files(out: Path, chain_der: bytes, key_der: bytes, bundle_der: bytes,
+                     crls: Sequence[bytes] | None = None) -> None:
+    """Like `spire-agent api fetch x509`, published as one set (see the module docstring)."""
+    publish(out, svid_files(chain_der, key_der, bundle_der, crls))
+
+
+def publish(out: Path, files: dict[str, tuple[bytes, int]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    pem.write_atomic(out / "key.pem", pem.key_pem_from_der(key_der), 0o600)
-    pem.write_atomic(out / "svid.pem", pem.certs_pem(pem.split_der(chain_der)), 0o644)
-    pem.write_atomic(out / "bundle.pem", pem.certs_pem(pem.split_der(bundle_der)), 0o644)
+    new = Path(tempfile.mkdtemp(prefix=SET_PREFIX, dir=out))
+    os.chmod(new, 0o755)  # readable like a plain directory of PEM files; key.pem itself is 0600
+    for name, (data, mode) in files.items():
+        pem.write_atomic(new / name, data, mode)
+    for name in files:  # fixed links first: they point through .live, so this changes no content
+        _symlink(out / name, f"{LIVE}/{name}")
+    _symlink(out / LIVE, new.name)  # the switch
+    for old in out.glob(SET_PREFIX + "*"):
+        if old != new:
+            shutil.rmtree(old, ignore_errors=True)  # never follows a link
+
+
+def read_published(out: Path) -> dict[str, bytes]:
+    """The contents the names in `out` resolve to now (names that do not resolve are left out)."""
+    found = {}
+    for name in (CERT, KEY, BUNDLE, CRL):
+        try:
+            found[name] = (out / name).read_bytes()
+        except OSError:
+            pass
+    return found
+
+
+def remove_key_and_svid(out: Path) -> None:
+    """After a revocation: key.pem and svid.pem go, in every set; bundle.pem and crl.pem stay."""
+    sets = []
+    for d in out.glob(SET_PREFIX + "*"):
+        try:
+            sets.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW))  # a set, never a link
+        except OSError:
+            pass
+    try:
+        for name in (KEY, CERT):
+            for dir_fd in (None, *sets):
+                try:
+                    os.unlink(name if dir_fd is not None else out / name, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    pass
+    finally:
+        for fd in sets:
+            os.close(fd)
+
+
+def _symlink(link: Path, target: str) -> None:
+    """`link` -> `target`, replacing whatever name was there in one rename (never following it)."""
+    try:
+        if os.readlink(link) == target:
+            return
+    except OSError:
+        pass
+    tmp = link.with_name(f".{link.name}.{secrets.token_hex(4)}")
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink()
+        raise
