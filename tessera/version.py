@@ -23,7 +23,8 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.exit(0, f"{parser.prog} {version()}\n")
+        print(f"{parser.prog} {version()}")
+        parser.exit(0)
 
 
 def add_version_flag(parser: argparse.ArgumentParser) -> None:
