@@ -117,9 +117,9 @@ def test_issuer_sidecar_and_workload_fetch_run_from_the_installed_wheel_alone(ve
     for path in where.stdout.split():
         assert Path(path).is_relative_to(venv.parent) and not Path(path).is_relative_to(REPO), path
 
+    (tmp_path / "dep").mkdir()
     d = Deployment(tmp_path / "dep")
     try:
-        d.root.mkdir(exist_ok=True)
         d.start_issuer()
         d.start_sidecar("host-a")
         d.entry("/agent/a", "host-a")
