@@ -81,11 +81,11 @@ CERT, KEY, BUNDLE, CRL = "svid.pem", "key.pem", "bundle.pem", "crl.pem"
 def svid_files(chain_der: bytes, key_der: bytes, bundle_der: bytes,
                crls: Sequence[bytes] | None = None) -> dict[str, tuple[bytes, int]]:
     """{name: (content, mode)}: svid.pem (leaf first), key.pem (0600), bundle.pem, and crl.pem when
-    `crls` is given (every CRL, PEM, one after another: what nginx's ssl_crl and openssl take)."""
+    there is a CRL (every CRL, PEM, one after another: what nginx's ssl_crl and openssl take)."""
     files = {KEY: (pem.key_pem_from_der(key_der), 0o600),
              CERT: (pem.certs_pem(pem.split_der(chain_der)), 0o644),
              BUNDLE: (pem.certs_pem(pem.split_der(bundle_der)), 0o644)}
-    if crls is not None:
+    if crls:
         files[CRL] = (b"".join(crl_mod.pem(crl_mod.load(c)) for c in crls), 0o644)
     return files
 
@@ -105,6 +105,8 @@ def publish(out: Path, files: dict[str, tuple[bytes, int]]) -> None:
     for name in files:  # fixed links first: they point through .live, so this changes no content
         _symlink(out / name, f"{LIVE}/{name}")
     _symlink(out / LIVE, new.name)  # the switch
+    for name in {CERT, KEY, BUNDLE, CRL} - files.keys():
+        (out / name).unlink(missing_ok=True)  # a name this set lacks (no CRL yet) is absent, not stale
     for old in out.glob(SET_PREFIX + "*"):
         if old != new:
             shutil.rmtree(old, ignore_errors=True)  # never follows a link

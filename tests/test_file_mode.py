@@ -292,3 +292,37 @@ def test_a_writer_killed_at_any_point_leaves_a_key_and_certificate_that_match(tm
         os.waitpid(pid, 0)
         if (out / "svid.pem").exists() and (out / "key.pem").exists():
             assert pair_matches(out), f"kill {n}: svid.pem and key.pem do not match"
+
+
+def test_a_pid_file_names_one_process_or_nothing_is_signalled(tmp_path):
+    from agent_sidecar.watch import read_pid
+
+    pid_file = tmp_path / "app.pid"
+    for bad in ("0", "-1", "1", "", "12 13", "abc", "9" * 80):
+        pid_file.write_text(bad + "\n")
+        with pytest.raises(ValueError):  # kill(2) takes 0 / -1 as "my group" / "everyone"
+            read_pid(pid_file)
+    pid_file.write_text("4242\n")
+    assert read_pid(pid_file) == 4242
+
+
+def test_publishing_replaces_planted_links_and_never_writes_through_them(tmp_path):
+    from agent_sidecar.workload_client import read_published, write_svid_files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    (tmp_path / "victim-dir").mkdir()
+    for name in ("key.pem", "svid.pem", "bundle.pem", "crl.pem"):
+        (out / name).symlink_to(victim)
+    (out / ".live").symlink_to(tmp_path / "victim-dir")
+    chain, key, bundle = svid_sets(1)[0]
+    write_svid_files(out, chain, key, bundle, [])
+    assert victim.read_text() == "untouched" and not list((tmp_path / "victim-dir").iterdir())
+    # No CRL known yet: no crl.pem (nginx must not start with an empty one), the planted link is gone.
+    assert pair_matches(out) and set(read_published(out)) == {"key.pem", "svid.pem", "bundle.pem"}
+    assert not os.path.lexists(out / "crl.pem")
+    live = out / os.readlink(out / ".live")
+    assert live.parent == out and (live / "key.pem").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".svid-")) == [live.name]
