@@ -188,6 +188,11 @@ class Watch:
                                    f"{self.out / wc.KEY} and {self.out / wc.CERT}", EXIT_DENIED) from None
                 log.warning("cannot watch the sidecar; retrying", socket=self.socket_path, code=e.code().name,
                             detail=e.details(), retry_in=round(delay, 1))
+            except (OSError, ValueError) as e:
+                # A full disk, a directory made unwritable: the stream is dropped and opened again after
+                # the backoff, and its first response (the complete state) is written then.
+                log.error("cannot write the SVID files; retrying", out=str(self.out), error=str(e),
+                          retry_in=round(delay, 1))
             self._wait(time.sleep, delay * random.uniform(0.8, 1.2))
             delay = min(BACKOFF_MAX, delay * 2)
 

@@ -218,17 +218,19 @@ def test_watch_on_a_revoked_identity_removes_key_and_exits_3(running, tmp_path):
     assert (out / "crl.pem").read_bytes().startswith(b"-----BEGIN X509 CRL")
 
 
-def test_failed_reload_is_logged_and_watch_reconnects_after_a_sidecar_restart(running, tmp_path):
+def test_failed_writes_and_reloads_are_logged_and_the_watch_goes_on_across_a_sidecar_restart(running, tmp_path):
     d = running
     d.entry("/agent/other", "host-a", f"unix:uid:{OTHER_UID}")
     victim = d.entry("/agent/victim", "host-a", "unix:uid:65534")
-    out = owned_dir(tmp_path / "out", OTHER_UID)
+    out = owned_dir(tmp_path / "out", 0)  # not writable by the watch's user, yet
     calls = owned_dir(tmp_path / "calls", OTHER_UID)
     script = tmp_path / "reload.sh"
     script.write_text(f"#!/bin/sh\necho \"$1\" >> {calls}/log\nexit 7\n")
     script.chmod(0o755)
     watch = start_watch(d, OTHER_UID, out, "--exec", f"{script} 'one arg'")
     try:
+        wait_for(lambda: "cannot write the SVID files" in watch_log(d, OTHER_UID), 20, what="the failed write")
+        os.chown(out, OTHER_UID, OTHER_UID)
         wait_for(lambda: (calls / "log").exists(), 20, what=f"the first reload:\n{watch_log(d, OTHER_UID)}")
         assert (calls / "log").read_text() == "one arg\n"  # argv from shlex, no shell word splitting
         wait_for(lambda: '"exit_code": 7' in watch_log(d, OTHER_UID), 5, what="the failure logged")
