@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,12 +98,13 @@ def write_svid_files(out: Path, chain_der: bytes, key_der: bytes, bundle_der: by
 
 
 def publish(out: Path, files: dict[str, tuple[bytes, int]]) -> None:
+    """Write `files` as a new set in `out` and switch the names to it at once; the old set goes."""
     out.mkdir(parents=True, exist_ok=True)
     new = Path(tempfile.mkdtemp(prefix=SET_PREFIX, dir=out))
     os.chmod(new, 0o755)  # readable like a plain directory of PEM files; key.pem itself is 0600
     for name, (data, mode) in files.items():
         pem.write_atomic(new / name, data, mode)
-    for name in files:  # fixed links first: they point through .live, so this changes no content
+    for name in files:  # the fixed links first: until the switch they show the set in place, if any
         _symlink(out / name, f"{LIVE}/{name}")
     _symlink(out / LIVE, new.name)  # the switch
     for name in {CERT, KEY, BUNDLE, CRL} - files.keys():
@@ -113,13 +115,29 @@ def publish(out: Path, files: dict[str, tuple[bytes, int]]) -> None:
 
 
 def read_published(out: Path) -> dict[str, bytes]:
-    """The contents the names in `out` resolve to now (names that do not resolve are left out)."""
+    """What the names in `out` show now, if they are this module's links into a set of its own;
+    a name that is anything else is left out (so it differs, and the next write replaces it)."""
+    try:
+        live = os.readlink(out / LIVE)
+        if not live.startswith(SET_PREFIX) or "/" in live:
+            return {}
+        dir_fd = os.open(out / live, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return {}
     found = {}
-    for name in (CERT, KEY, BUNDLE, CRL):
-        try:
-            found[name] = (out / name).read_bytes()
-        except OSError:
-            pass
+    try:
+        for name in (CERT, KEY, BUNDLE, CRL):
+            try:
+                if os.readlink(out / name) != f"{LIVE}/{name}":
+                    continue
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
+            except OSError:
+                continue
+            with os.fdopen(fd, "rb") as f:
+                if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    found[name] = f.read()
+    finally:
+        os.close(dir_fd)
     return found
 
 

@@ -319,6 +319,7 @@ def test_publishing_replaces_planted_links_and_never_writes_through_them(tmp_pat
     for name in ("key.pem", "svid.pem", "bundle.pem", "crl.pem"):
         (out / name).symlink_to(victim)
     (out / ".live").symlink_to(tmp_path / "victim-dir")
+    assert read_published(out) == {}  # not a set of ours: nothing is taken as already written
     chain, key, bundle = svid_sets(1)[0]
     write_svid_files(out, chain, key, bundle, [])
     assert victim.read_text() == "untouched" and not list((tmp_path / "victim-dir").iterdir())
