@@ -14,12 +14,14 @@ import grpc
 from tessera import logs, pem
 from tessera.cliutil import CliError, Parser, duration_arg, fail, path_arg, run_main, seconds_arg
 from tessera.errors import ConfigError, TesseraError
+from tessera.version import add_version_flag
 
 PROG = "tessera-sidecar"
 
 
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Tessera sidecar: local identity for agent processes")
+    add_version_flag(p)
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run the sidecar")
     run.add_argument("--config", required=True, type=path_arg)
@@ -33,8 +35,17 @@ def build_parser() -> Parser:
                                                                                   parser_class=Parser)
     fetch = api.add_parser("fetch", help="fetch this process's X.509-SVID into PEM files")
     fetch.add_argument("--socket", required=True, type=path_arg, help="Workload API socket path")
-    fetch.add_argument("--out", required=True, type=path_arg, help="directory for svid.pem, key.pem, bundle.pem")
+    fetch.add_argument("--out", required=True, type=path_arg, help="directory for svid.pem, key.pem, bundle.pem, crl.pem")
     fetch.add_argument("--timeout", type=seconds_arg(0.1, 3600), default=15.0)
+    watch = api.add_parser("watch", help="keep svid.pem, key.pem, bundle.pem, crl.pem current and reload the "
+                                         "application after each change (run as the application's user)")
+    watch.add_argument("--socket", required=True, type=path_arg, help="Workload API socket path")
+    watch.add_argument("--out", required=True, type=path_arg, help="directory for svid.pem, key.pem (0600), bundle.pem, crl.pem")
+    how = watch.add_mutually_exclusive_group()
+    how.add_argument("--exec", dest="exec_cmd", metavar="CMD",
+                     help="run CMD after each change (split like a shell would, but no shell runs it)")
+    how.add_argument("--signal", help="send this signal (HUP, SIGHUP, 1) after each change, to the pid in --pid-file")
+    watch.add_argument("--pid-file", type=path_arg, help="the application's pid file, for --signal")
 
     hc = sub.add_parser("healthcheck", help="exit 0 when the sidecar is healthy (synced, own SVID valid), 1 if not")
     where = hc.add_mutually_exclusive_group(required=True)
@@ -125,11 +136,19 @@ def cmd_fetch(args) -> int:
     resp = fetch_x509(args.socket, args.timeout)
     svid = resp.svids[0]
     out = Path(args.out)
-    write_svid_files(out, svid.x509_svid, svid.x509_svid_key, svid.bundle)
+    write_svid_files(out, svid.x509_svid, svid.x509_svid_key, svid.bundle, resp.crl)
     leaf = pem.split_der(svid.x509_svid)[0]
     print(svid.spiffe_id)
     print(f"serial {leaf.serial_number:x} expires {leaf.not_valid_after_utc.isoformat()}", file=sys.stderr)
     return 0
+
+
+def cmd_watch(args) -> int:
+    from agent_sidecar.watch import Reload, Watch
+
+    reload = Reload.from_args(args.exec_cmd, args.signal, args.pid_file)
+    logs.setup("info")
+    return Watch(args.socket, Path(args.out), reload).run()
 
 
 def cmd_healthcheck(args) -> int:
@@ -165,7 +184,7 @@ def dispatch(args) -> int:
         return cmd_healthcheck(args)
     if args.command == "task":
         return cmd_task_start(args) if args.task_cmd == "start" else cmd_task_end(args)
-    return cmd_fetch(args)
+    return cmd_watch(args) if args.api_cmd == "watch" else cmd_fetch(args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import threading
 from tessera import fdlimits, logs
 from tessera.configfile import split_address
 from tessera.errors import ConfigError, TesseraError
+from tessera.version import add_version_flag
 
 
 def check_can_listen(key: str, address: str) -> None:
@@ -39,6 +40,7 @@ def check_can_listen(key: str, address: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tessera-issuer", description="Tessera issuer: the CA daemon")
+    add_version_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the issuer")
     run.add_argument("--config", required=True, help="path of issuer.yaml")

@@ -18,13 +18,15 @@ _apt_install() {
 }
 
 if [[ "${TESSERA_NEED_TOOLS:-}" == 1 ]]; then
-  # openssl for interop checks, util-linux for setpriv, sqlite3 for tamper tests, faketime for clock skew
+  # openssl for interop checks, util-linux for setpriv, sqlite3 for tamper tests, faketime for clock
+  # skew, nginx for file mode
   command -v openssl >/dev/null && command -v setpriv >/dev/null && command -v sqlite3 >/dev/null \
-    && command -v faketime >/dev/null || _apt_install openssl util-linux sqlite3 faketime
+    && command -v faketime >/dev/null && command -v nginx >/dev/null \
+    || _apt_install openssl util-linux sqlite3 faketime nginx
 fi
 
 stamp="$VENV/.tessera-stamp-$EXTRAS"
-want="$(cat "$REPO/pyproject.toml" | sha256sum | cut -c1-16)"
+want="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" | sha256sum | cut -c1-16)"
 if [[ ! -x "$VENV/bin/python" ]]; then
   # Debian ships ensurepip disabled until python3-venv is installed: try, then install and retry.
   if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
@@ -38,8 +40,10 @@ if [[ ! -f "$stamp" || "$(cat "$stamp")" != "$want" ]]; then
   "$VENV/bin/python" -m pip install -q -e "$REPO[$EXTRAS]"
   echo "$want" > "$stamp"
 fi
-# Generated code is rebuilt whenever a .proto is newer than its output.
-if [[ ! -f "$REPO/tessera/v1/issuer_pb2.py" ]] || [[ -n "$(find "$REPO/proto" -name '*.proto' -newer "$REPO/tessera/v1/issuer_pb2.py")" ]]; then
-  "$VENV/bin/python" "$REPO/scripts/gen_proto.py"
+# The editable install generated the gRPC code from proto/ in place (setup.py's build hook);
+# it is redone whenever a .proto or the generator is newer than that output.
+gen="$REPO/tessera/v1/issuer_pb2.py"
+if [[ ! -f "$gen" ]] || [[ -n "$(find "$REPO/proto" "$REPO/scripts/gen_proto.py" -newer "$gen" -print -quit)" ]]; then
+  "$VENV/bin/python" -m pip install -q --no-deps -e "$REPO" >/dev/null
 fi
 export PATH="$VENV/bin:$PATH"

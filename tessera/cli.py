@@ -18,6 +18,7 @@ from tessera.durations import format_duration, parse_duration
 from tessera.errors import InvalidArgument
 from tessera.uds import socket_target
 from tessera.v1 import admin_pb2, admin_pb2_grpc, types_pb2
+from tessera.version import add_version_flag
 
 PROG = "tessera"
 REVOKE_TARGETS = (("serial", "serial"), ("task", "task_id"), ("entry", "entry_id"), ("spiffe_id", "spiffe_id"),
@@ -87,6 +88,7 @@ def _print_revoked(r: admin_pb2.RevokeResponse, output: str, what: str) -> None:
 
 def build_parser() -> Parser:
     p = Parser(prog=PROG, description="Operate a Tessera issuer over its admin socket.")
+    add_version_flag(p)
     p.add_argument("--admin-socket", default=None, type=path_arg,
                    help=f"issuer admin socket (default: $TESSERA_ADMIN_SOCKET or {DEFAULT_SOCKET})")
     sub = p.add_subparsers(dest="group", required=True, parser_class=Parser)

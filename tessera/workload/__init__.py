@@ -1,0 +1,1 @@
+"""The SPIFFE Workload API, generated from proto/tessera/workload/ at build time."""
