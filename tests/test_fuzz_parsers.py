@@ -2,8 +2,6 @@
 documented error type, nothing else (no KeyError, RecursionError, UnicodeError, TypeError...).
 
 Bounded by the profile in tests/fuzzing.py (TESSERA_FUZZ=long for the nightly run, scripts/fuzz).
-Files owned by other helpers (durations, config loaders, the CRL) are only reported on: their
-known failures are marked xfail(strict=False) with the owner named.
 """
 
 from __future__ import annotations
@@ -153,7 +151,7 @@ def test_selector_matching_needs_every_selector_and_at_least_one(entry_sels, wor
     assert got == (bool(entry_sels) and all(s in workload_sels for s in entry_sels))
 
 
-# -- durations (tessera/durations.py belongs to the secrets helper: failures are reported) ----------
+# -- durations -------------------------------------------------------------------------------------
 
 _DURATIONS = st.one_of(TEXT, st.integers(-10, 2**80), st.builds(
     lambda n, u: f"{n}{u}", st.integers(-5, 10**30), st.sampled_from(["s", "m", "h", "d", "", "w", " d"])))
@@ -167,7 +165,6 @@ def test_duration_parser_gives_a_positive_int_or_invalid_argument(value):
     assert isinstance(seconds, int) and seconds > 0
 
 
-@pytest.mark.xfail(strict=False, reason="secrets helper: ASCII-only digits and an upper bound in durations.py")
 @given(_DURATIONS)
 @example("\uff13\uff10s")  # full-width "30s"
 @example("99999999999999d")
@@ -180,16 +177,16 @@ def test_duration_parser_takes_only_ascii_digits_and_bounded_values(value):
     assert seconds <= 100 * 365 * 86400  # more than a century is no lifetime Tessera deals in
 
 
-@given(st.integers(1, 10**9))
+@given(st.integers(1, durations.MAX_DURATION))
 def test_formatted_durations_parse_back_to_the_same_seconds(seconds):
     assert durations.parse_duration(durations.format_duration(seconds)) == seconds
 
 
-# -- config files (configfile, issuer/config, agent_sidecar/config: the secrets helper's) -----------
+# -- config files (configfile, issuer/config, agent_sidecar/config) ---------------------------------
 
 _YAML_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2**40, 2**70), st.floats(allow_nan=False),
                           TEXT, st.sampled_from(["10m", "0s", "-1s", "1d", "127.0.0.1:0", "0666", "/tmp"]))
-# Mapping keys are strings here; keys of other types have their own (xfail) test below.
+# Mapping keys are strings here; keys of other types have their own test below.
 _YAML_VALUES = st.recursive(_YAML_SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(TEXT, inner, max_size=4)), max_leaves=12)
 
@@ -205,14 +202,12 @@ def test_yaml_loader_gives_a_section_or_config_error(tmp_path_factory, data):
     outcome(configfile.load_yaml, _write(tmp_path_factory, data), error=ConfigError)
 
 
-@pytest.mark.xfail(strict=False, reason="secrets helper: a config file that is not UTF-8 is a raw UnicodeDecodeError")
 @given(st.binary(max_size=200))
 @example(b"\x80")
 def test_yaml_loader_takes_any_bytes(tmp_path_factory, data):
     outcome(configfile.load_yaml, _write(tmp_path_factory, data), error=ConfigError)
 
 
-@pytest.mark.xfail(strict=False, reason="secrets helper: deeply nested YAML in configfile.load_yaml")
 @pytest.mark.parametrize("opener", ["[", "{a: "])
 def test_deeply_nested_yaml_is_a_config_error(tmp_path, opener):
     # One depth, not a search: each failing example takes PyYAML seconds, and shrinking them took minutes.
@@ -250,8 +245,6 @@ def test_sidecar_config_gives_a_config_or_config_error(tmp_path_factory, doc):
     outcome(sidecar_config.load, _write(tmp_path_factory, doc), error=ConfigError)
 
 
-@pytest.mark.xfail(strict=False, reason="secrets helper: Section.reject_unknown sorts keys of mixed types "
-                                         "(TypeError) in configfile.py")
 @pytest.mark.parametrize("doc", [{"policy": {"": None, 0: None}}])
 def test_config_with_a_non_string_key_is_a_config_error(tmp_path_factory, doc):
     with pytest.raises(ConfigError):
@@ -436,10 +429,8 @@ def test_task_extension_gives_a_binding_or_value_error(value):
     assert taskext.decode_value(taskext.encode(b).value) == b
 
 
-# -- CRLs (tessera/crl.py belongs to revokedurable: failures are reported) -------------------------------
+# -- CRLs -------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=False, reason="revokedurable: a CRL with a malformed issuer Name raises a bare ValueError "
-                                         "from crl.verify (crl.issuer is parsed lazily), not CrlError")
 @given(st.one_of(mutate(GOOD_CRL), mutate(crl.pem(crl.load(GOOD_CRL)))))
 @example(GOOD_CRL)
 def test_crl_accept_gives_a_crl_none_or_crl_error(data):
