@@ -122,9 +122,9 @@ class RevocationState:
     def persist(self, accepted: crl.Accepted) -> None:
         """Keep an installed CRL across restarts, and publish it as output_dir/crl.pem (blocks)."""
         text = crl.pem(accepted.crl)
-        pem.write_atomic(self.saved, text, 0o644)
+        safefs.atomic_write(self.saved, text, 0o644)
         if self.output_dir is not None:
-            pem.write_atomic(self.output_dir / "crl.pem", text, 0o644)
+            safefs.atomic_write(self.output_dir / "crl.pem", text, 0o644)
 
     def _load_pushed(self) -> None:
         try:
@@ -147,7 +147,7 @@ class RevocationState:
     def save_pushed(self, pushed: dict[str, float]) -> None:
         """Keep pushed serials (a copy of `pushed` taken on the loop) across restarts (blocks)."""
         text = "".join(f"{s} {t:.0f}\n" for s, t in pushed.items())
-        pem.write_atomic(self.saved_pushed, text.encode(), 0o600)
+        safefs.atomic_write(self.saved_pushed, text.encode(), 0o600)
 
     def note_revocation(self, seq: int, serials: Iterable[str]) -> bool:
         """Apply a pushed revocation; True if revocations were missed (fetch the CRL)."""
@@ -159,7 +159,7 @@ class RevocationState:
 
     def write_bundle(self, bundle_der: bytes) -> None:
         if self.output_dir is not None and bundle_der:
-            pem.write_atomic(self.output_dir / "bundle.pem", pem.certs_pem(pem.split_der(bundle_der)), 0o644)
+            safefs.atomic_write(self.output_dir / "bundle.pem", pem.certs_pem(pem.split_der(bundle_der)), 0o644)
 
     def write_outputs(self, bundle_der: bytes) -> None:
         """bundle.pem and crl.pem in output_dir, e.g. at start."""
@@ -168,4 +168,4 @@ class RevocationState:
         safefs.make_dir(self.output_dir, "output_dir", 0o755)  # readers (nginx) need it; only we write it
         self.write_bundle(bundle_der)
         if self.der:
-            pem.write_atomic(self.output_dir / "crl.pem", crl.pem(crl.load(self.der)), 0o644)
+            safefs.atomic_write(self.output_dir / "crl.pem", crl.pem(crl.load(self.der)), 0o644)

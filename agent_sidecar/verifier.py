@@ -30,7 +30,7 @@ import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from tessera import crl, logs, pem, spiffeid, taskext, x509svid
+from tessera import crl, logs, pem, safefs, spiffeid, taskext, x509svid
 
 log = logs.get("verifier")
 
@@ -334,8 +334,8 @@ def _load_chain(ctx: ssl.SSLContext, svid: OwnSVID) -> None:
     # ssl loads keys only from files: a private 0700 directory, removed at once.
     with tempfile.TemporaryDirectory(prefix="tessera-svid-") as d:
         cert_path, key_path = Path(d) / "svid.pem", Path(d) / "key.pem"
-        pem.write_atomic(cert_path, pem.certs_pem(svid.chain), 0o600)
-        pem.write_atomic(key_path, pem.key_pem_from_der(svid.key_der), 0o600)
+        safefs.atomic_write(cert_path, pem.certs_pem(svid.chain), 0o600)
+        safefs.atomic_write(key_path, pem.key_pem_from_der(svid.key_der), 0o600)
         ctx.load_cert_chain(str(cert_path), str(key_path))
 
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import yaml
 
+from tessera import safefs
 from tessera.durations import MAX_DURATION, format_duration, parse_duration
 from tessera.errors import ConfigError, InvalidArgument
 
@@ -88,34 +89,26 @@ def dns_name(value: str) -> str:
 
 
 def check_private_file(path: Path | str, st: os.stat_result, what: str) -> None:
-    """A file that holds a secret: regular, owned by this user or root, no access for group or others."""
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{what}: {path} is not a regular file")
-    if st.st_uid not in (os.geteuid(), 0):
-        raise ConfigError(f"{what}: {path} is owned by uid {st.st_uid}, not by uid {os.geteuid()} or root")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:
-        raise ConfigError(f"{what}: {path} is open to group or others (mode {mode:04o}); chmod 600 it")
+    """A file that holds a secret: the rules of a key file in tessera.safefs (regular, owned by this
+    user or root, no access for group or others)."""
+    problem = safefs.file_problem(st, os.geteuid(), key=True)
+    if problem:
+        raise ConfigError(f"{what}: {path} {problem}")
 
 
 def read_secret_file(path: Path | str, what: str) -> str:
-    """The secret in a file (one line, surrounding whitespace dropped), checked by check_private_file.
-
-    Opened without following a link and without blocking (a FIFO is refused, not waited on).
-    """
+    """The secret in a file (one line, surrounding whitespace dropped), read as tessera.safefs reads a
+    key file: no link followed on the way or at the name, a FIFO refused rather than waited on."""
     try:
         check_path_text(str(path))
     except ValueError as e:
         raise ConfigError(f"{what}: {str(path)[:80]!r} {e}") from None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = safefs.read_regular(path, what, key=True, limit=MAX_SECRET_BYTES)
+    except ConfigError:
+        raise
     except OSError as e:
-        if os.path.islink(path):
-            raise ConfigError(f"{what}: {path} is a symbolic link; name the file itself") from None
         raise ConfigError(f"{what}: cannot read {path}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        check_private_file(path, os.fstat(f.fileno()), what)
-        data = f.read(MAX_SECRET_BYTES + 1)
     return _secret_text(data, f"{what}: {path}")
 
 

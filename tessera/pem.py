@@ -68,8 +68,3 @@ def key_pem_from_der(key_der: bytes) -> bytes:
         return key_pem(serialization.load_der_private_key(key_der, password=None))
     except (TypeError, UnsupportedAlgorithm) as e:  # encrypted, or an algorithm this build lacks
         raise ValueError(f"not a usable private key: {e}") from None
-
-
-# The one atomic file replacement lives in tessera.safefs (its directory checked, links not followed);
-# this name stays for the callers that know it.
-write_atomic = safefs.atomic_write

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from agent_sidecar.verifier import (OwnSVID, PeerPolicy, Rejected, TrustState, Verifier, check_certificate,
                                      revoked_serial)
 from harness import openssl_says_revoked, openssl_verify, wait_for
-from tessera import crl, pem, spiffeid, x509svid
+from tessera import crl, pem, safefs, spiffeid, x509svid
 
 TD = "example.org"
 
@@ -130,12 +130,12 @@ def test_verifier_ignores_forged_and_older_crls(ca):
 
 def test_file_source_follows_the_sidecars_atomic_replacements(ca, tmp_path):
     cert, _ = ca.leaf("/agent/a")
-    pem.write_atomic(tmp_path / "bundle.pem", pem.certs_pem([ca.cert]))
-    pem.write_atomic(tmp_path / "crl.pem", crl.pem(crl.load(ca.crl())))
+    safefs.atomic_write(tmp_path / "bundle.pem", pem.certs_pem([ca.cert]))
+    safefs.atomic_write(tmp_path / "crl.pem", crl.pem(crl.load(ca.crl())))
     v = Verifier.from_files(tmp_path / "bundle.pem", tmp_path / "crl.pem", PeerPolicy.trust_domain(TD), poll=0.05)
     try:
         assert v.check(cert) == "spiffe://example.org/agent/a"
-        pem.write_atomic(tmp_path / "crl.pem", crl.pem(crl.load(ca.crl(cert))))
+        safefs.atomic_write(tmp_path / "crl.pem", crl.pem(crl.load(ca.crl(cert))))
         wait_for(lambda: cert.serial_number in v.state.revoked, 5, what="new crl.pem read")
         with pytest.raises(Rejected, match="revoked"):
             v.check(cert)
@@ -271,10 +271,10 @@ def test_openssl_reads_the_crl_and_refuses_only_the_certificates_it_lists(ca, tm
     shown = ("Unspecified", "Key Compromise", "Affiliation Changed", "Superseded", "Cessation Of Operation",
              "Privilege Withdrawn")
     assert [text.count(name) for name in shown] == [0, 2, 1, 1, 1, 1]
-    pem.write_atomic(tmp_path / "crl.pem", crl.pem(crl.load(der)))
-    pem.write_atomic(tmp_path / "bundle.pem", pem.certs_pem([ca.cert]))
+    safefs.atomic_write(tmp_path / "crl.pem", crl.pem(crl.load(der)))
+    safefs.atomic_write(tmp_path / "bundle.pem", pem.certs_pem([ca.cert]))
     for name, cert in (("listed", listed), ("other", other)):
-        pem.write_atomic(tmp_path / f"{name}.pem", pem.certs_pem([cert]))
+        safefs.atomic_write(tmp_path / f"{name}.pem", pem.certs_pem([cert]))
     assert openssl_says_revoked(tmp_path / "bundle.pem", tmp_path / "listed.pem", tmp_path / "crl.pem")
     assert openssl_verify(tmp_path / "bundle.pem", tmp_path / "other.pem", tmp_path / "crl.pem").returncode == 0
 
