@@ -235,7 +235,7 @@ class SidecarRuntime:
             if self._crl_unsaved is not None:
                 try:
                     await asyncio.to_thread(self.revocation.persist, self._crl_unsaved)
-                except OSError as e:
+                except (OSError, ConfigError) as e:  # ConfigError: a path made unsafe while running
                     log.error("could not save the CRL; retrying with the next one offered",
                               path=str(self.revocation.saved), error=str(e))
                 else:
@@ -263,7 +263,7 @@ class SidecarRuntime:
             self._pushed_unsaved = False
             try:
                 await asyncio.to_thread(self.revocation.save_pushed, dict(self.revocation.pushed))
-            except OSError as e:  # enforced in memory all the same; the next push saves again
+            except (OSError, ConfigError) as e:  # enforced in memory all the same; the next push saves again
                 log.error("could not save pushed revocations", path=str(self.revocation.saved_pushed),
                           error=str(e))
                 return

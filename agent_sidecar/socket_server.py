@@ -145,23 +145,35 @@ class Guard:
         attest_timeout. A result that arrives after the caller gave up is closed, not leaked."""
         sem, users = self._per_uid.get(uid) or (asyncio.Semaphore(ATTEST_PER_UID), 0)
         self._per_uid[uid] = (sem, users + 1)
-        owned = False
+        owned = acquired = False
         job = None
         try:
             async with asyncio.timeout(self.limits.attest_timeout):
-                async with sem:
-                    job = self._executor.submit(self.attestor.attest_socket, sock)
-                    peer = await asyncio.wrap_future(job)
-                    owned = True
-                    return peer
+                await sem.acquire()
+                acquired = True
+                job = self._executor.submit(self.attestor.attest_socket, sock)
+                peer = await asyncio.wrap_future(job)
+                owned = True
+                return peer
         finally:
-            if job is not None and not owned:
-                job.add_done_callback(_close_result)
-            sem, users = self._per_uid[uid]
-            if users == 1:
-                del self._per_uid[uid]
+            if job is None:
+                self._release(uid, acquired)
             else:
-                self._per_uid[uid] = (sem, users - 1)
+                # The uid's slot is free only when its thread is: a job that outlives the timeout (a hung
+                # read of its executable) keeps holding it, so one uid cannot take every attest thread.
+                loop = asyncio.get_running_loop()
+                job.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release, uid, True))
+                if not owned:
+                    job.add_done_callback(_close_result)
+
+    def _release(self, uid: int, acquired: bool) -> None:
+        sem, users = self._per_uid[uid]
+        if acquired:
+            sem.release()
+        if users == 1:
+            del self._per_uid[uid]
+        else:
+            self._per_uid[uid] = (sem, users - 1)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -210,7 +222,8 @@ def current_peer() -> AttestedPeer:
     Raises the call's GRPCError when that attestation failed."""
     conn = _CALL.get().conn
     if conn.peer is None:
-        raise conn.attest_error
+        # A new error each time: re-raising the stored one would chain every call's frames onto it.
+        raise GRPCError(conn.attest_error.status, conn.attest_error.message)
     return conn.peer
 
 
@@ -427,6 +440,7 @@ class GuardedProtocol(H2Protocol):
 
     def connection_lost(self, exc) -> None:
         if not self._admitted:
+            self.handler.close()  # marked closing, so grpclib's server forgets it
             return
         self._admitted = False
         self._cancel_timer()

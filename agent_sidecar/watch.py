@@ -31,8 +31,9 @@ from pathlib import Path
 import grpc
 
 from agent_sidecar import workload_client as wc
-from tessera import logs, pem
+from tessera import logs, pem, safefs
 from tessera.cliutil import CliError
+from tessera.errors import ConfigError
 
 log = logs.get("sidecar.watch")
 
@@ -93,8 +94,11 @@ def parse_signal(name: str) -> signal.Signals:
 def read_pid(path: Path) -> int:
     """The pid in a pid file; ValueError unless it names one process (never 0, -1 or 1: kill(2)
     would take those as this process group, every process, or init)."""
-    with open(path, "rb") as f:
-        data = f.read(PID_FILE_MAX_BYTES + 1)
+    # Not through a link, a FIFO or a file of another user's: a planted pid file would aim the signal.
+    try:
+        data = safefs.read_regular(path, "--pid-file", limit=PID_FILE_MAX_BYTES)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
     text = data.decode("ascii", "replace").strip()
     if len(data) > PID_FILE_MAX_BYTES or not text.isdigit() or int(text) <= 1:
         raise ValueError(f"{path} does not hold a process id: {text[:20]!r}")

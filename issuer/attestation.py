@@ -91,7 +91,7 @@ class JoinDenials:
                 state.count += 1
                 key = reason if reason in state.reasons or len(state.reasons) < _MAX_REASONS else "other"
                 state.reasons[key] = state.reasons.get(key, 0) + 1
-        self._log.log(host, "join refused", peer=host, reason=reason)
+        self._log.log("join-refused", "join refused", peer=host, reason=reason)  # one key: many addresses, few lines
         self._write(due + ([first] if first else []))
 
     def flush(self, everything: bool = False) -> None:
@@ -180,20 +180,20 @@ class SidecarAttestor:
     def attest(self, join_token: str, csr_der: bytes, peer: str) -> SidecarSVID:
         """First contact: trade a join token and a CSR for a sidecar SVID. `peer` is the grpcio peer string."""
         host = peer_host(peer)
-        wait = self.join_limit.wait(host)
+        # Charged before the attempt, so attempts sent at once cannot all pass one check; a join that
+        # succeeds gets its token back, so only refused attempts count against the peer.
+        wait = self.join_limit.take(host)
         if wait:
             self.denials.deny(host, peer, "rate limited")
             raise Unavailable(f"too many refused join attempts from {host}: retry in {math.ceil(wait)}s")
         try:
-            return self._attest(join_token, csr_der, peer)
-        except InvalidArgument:
-            self.join_limit.take(host)
-            raise
+            svid = self._attest(join_token, csr_der, peer)
         except PermissionDenied as e:
-            self.join_limit.take(host)
             # A refused attempt is evidence too; it commits on its own, aggregated per peer under a flood.
             self.denials.deny(host, peer, e.message)
             raise
+        self.join_limit.refund(host)
+        return svid
 
     def _attest(self, join_token: str, csr_der: bytes, peer: str) -> SidecarSVID:
         if not join_token:

@@ -206,10 +206,7 @@ def load_section(sec: Section) -> Policy:
 def _limits(sec: Section) -> Limits:
     values = {}
     for f in dataclasses.fields(Limits):
-        v = sec.get(f.name, int, f.default)
-        if not LIMIT_RANGE[0] <= v <= LIMIT_RANGE[1]:
-            raise sec.fail(f.name, f"must be a whole number between {LIMIT_RANGE[0]} and {LIMIT_RANGE[1]}")
-        values[f.name] = v
+        values[f.name] = sec.int(f.name, f.default, minimum=LIMIT_RANGE[0], maximum=LIMIT_RANGE[1])
     return Limits(**values)
 
 

@@ -34,10 +34,10 @@ MAX_REF = 2048  # a SPIFFE ID's limit, and so of anything that names one
 DEFAULT_TIER = "low"
 
 
-def validate_scopes(scopes: Iterable[str]) -> tuple[str, ...]:
+def validate_scopes(scopes: Iterable[str], per: str = "entry") -> tuple[str, ...]:
     scopes = list(scopes)
     if len(scopes) > MAX_SCOPES:
-        raise InvalidArgument(f"at most {MAX_SCOPES} scopes per entry, got {len(scopes)}")
+        raise InvalidArgument(f"at most {MAX_SCOPES} scopes per {per}, got {len(scopes)}")
     out = []
     for s in scopes:
         if not _SCOPE.fullmatch(s or ""):

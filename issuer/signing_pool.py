@@ -91,7 +91,7 @@ def sign_jobs(ca: CertificateAuthority, jobs: Sequence[SignJob]) -> list[Signed]
             out.append(Signed(error=f"cannot sign for entry {job.entry_id}: {e.message}", code=int(e.code)))
         except Exception as e:  # noqa: BLE001 - this job's failure, not its neighbours'
             log.error("signing one job failed", entry_id=job.entry_id, error=repr(e))
-            out.append(Signed(error=f"cannot sign for entry {job.entry_id}: {e!r}", code=int(Code.INTERNAL)))
+            out.append(Signed(error=f"cannot sign for entry {job.entry_id}: internal error", code=int(Code.INTERNAL)))
     return out
 
 

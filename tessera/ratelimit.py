@@ -1,7 +1,8 @@
 """Per-key token buckets, for requests a peer can repeat at will (refused join attempts).
 
 Invariant: memory is bounded by `max_keys`; when the table is full the least recently seen key is
-forgotten (it starts again with a full bucket, which only ever favours a peer that went quiet).
+forgotten and starts again with a full bucket. Only keys that spent a token are kept, so peers that
+never spend one cannot push out the buckets of those that do.
 """
 
 from __future__ import annotations
@@ -26,13 +27,6 @@ class KeyedTokenBuckets:
 
     def take(self, key: str) -> float:
         """Spend one token for `key`: 0.0 when allowed, else the seconds until the next token."""
-        return self._check(key, spend=True)
-
-    def wait(self, key: str) -> float:
-        """The seconds until `key` has a token (0.0: it has one now); spends nothing."""
-        return self._check(key, spend=False)
-
-    def _check(self, key: str, spend: bool) -> float:
         now = self._clock()
         with self._lock:
             tokens, at = self._buckets.pop(key, (float(self.burst), now))
@@ -40,10 +34,17 @@ class KeyedTokenBuckets:
             if len(self._buckets) >= self._max_keys:
                 self._buckets.popitem(last=False)
             if tokens >= 1.0:
-                self._buckets[key] = (tokens - 1.0 if spend else tokens, now)
+                self._buckets[key] = (tokens - 1.0, now)
                 return 0.0
             self._buckets[key] = (tokens, now)
             return (1.0 - tokens) / self.rate
+
+    def refund(self, key: str) -> None:
+        """Give back a token spent on an attempt that turned out well (up to `burst`)."""
+        with self._lock:
+            if key in self._buckets:
+                tokens, at = self._buckets[key]
+                self._buckets[key] = (min(float(self.burst), tokens + 1.0), at)
 
 
 def peer_host(peer: str) -> str:

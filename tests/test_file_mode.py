@@ -306,6 +306,10 @@ def test_a_pid_file_names_one_process_or_nothing_is_signalled(tmp_path):
             read_pid(pid_file)
     pid_file.write_text("4242\n")
     assert read_pid(pid_file) == 4242
+    planted = tmp_path / "planted.pid"
+    planted.symlink_to(pid_file)  # a link could aim the signal at any process
+    with pytest.raises(ValueError, match="link"):
+        read_pid(planted)
 
 
 def test_publishing_replaces_planted_links_and_never_writes_through_them(tmp_path):
