@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(cfg, key):
                 check_can_listen(key, getattr(cfg, key))
         logs.setup(cfg.log_level)
-        from issuer.server import IssuerServer
+        from issuer.app import IssuerServer
 
         server = IssuerServer(cfg)
         server.start()

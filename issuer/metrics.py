@@ -12,8 +12,8 @@ from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from issuer.audit import denial_reason
-from issuer.models import AuditRecord
+from issuer.audit.records import denial_reason
+from issuer.core.models import AuditRecord
 from tessera import metricsserver
 
 REGISTRY = CollectorRegistry(auto_describe=True)

@@ -6,7 +6,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Deployment  # noqa: E402
-from issuer.sqlite_store import SQLiteDatastore  # noqa: E402
+from issuer.datastore.sqlite import SQLiteDatastore  # noqa: E402
 
 
 @pytest.fixture

@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from issuer.attestation import SidecarAttestor
-from issuer.ca import CertificateAuthority
-from issuer.events import EventHub
-from issuer.models import Actor
-from issuer.registration import Registry
-from issuer.revocation import RevocationService
-from issuer.sqlite_store import SQLiteDatastore
+from issuer.identity.attestation import SidecarAttestor
+from issuer.ca.authority import CertificateAuthority
+from issuer.core.events import EventHub
+from issuer.core.models import Actor
+from issuer.identity.registration import Registry
+from issuer.revocation.service import RevocationService
+from issuer.datastore.sqlite import SQLiteDatastore
 from tessera import x509svid
 
 TD = "example.org"

@@ -14,10 +14,11 @@ import pytest
 
 from harness import one_line_error, wait_for
 from issuer_client import attest, sidecar_stub, sign
-from issuer import audit, sqlite_store
-from issuer.audit import AuditFile, read_jsonl, verify_chain
-from issuer.datastore import audit_hash
-from issuer.models import Actor, AuditEvent
+from issuer.audit import records as audit
+from issuer.datastore import sqlite as sqlite_store
+from issuer.audit.records import AuditFile, read_jsonl, verify_chain
+from issuer.datastore.interface import audit_hash
+from issuer.core.models import Actor, AuditEvent
 
 OP = Actor("operator", "uid:0")
 
@@ -91,7 +92,7 @@ def test_deleted_record_breaks_the_chain_at_its_successor(store, tmp_path):
 
 
 def test_row_edited_into_invalid_json_is_named_not_a_crash(store, tmp_path):
-    from issuer.audit import read_sqlite
+    from issuer.audit.records import read_sqlite
 
     fill(store, 3)
     subprocess.run(["sqlite3", str(tmp_path / "t.db"), "UPDATE audit SET actor='{oops' WHERE seq=2"], check=True)

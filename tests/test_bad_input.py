@@ -114,7 +114,7 @@ def test_unreadable_or_invalid_ca_key_stops_the_issuer(deployment, tmp_path):
     cfg.update(ca_cert=str(ca), ca_key=str(key))
     one_line_error(deployment.run_issuer_once(cfg), "ca_cert:", "holds no PEM certificate")
     # A real certificate with a key file that is garbage, missing, or readable by others.
-    from issuer.ca import CertificateAuthority
+    from issuer.ca.authority import CertificateAuthority
 
     real_dir = tmp_path / "real"
     real_dir.mkdir()
@@ -212,8 +212,7 @@ def test_cli_refuses_out_of_range_numbers_with_one_line(issuer, args, fragments)
 
 
 def test_nul_in_a_cli_path_is_one_line(capsys):
-    from tessera import cli
-
+    from issuer import cli
     with pytest.raises(SystemExit) as e:
         cli.main(["--admin-socket", "/tmp/a\0b", "entry", "list"])
     assert e.value.code == 2
@@ -380,8 +379,8 @@ def test_sidecar_cli_refuses_out_of_range_flags_with_one_line(args, fragments):
 def test_each_signing_job_fails_alone_whatever_it_raises(tmp_path):
     """The mechanism, in-process and in a worker alike: sign_jobs turns whatever one job raises into that job's
     own status, and signs the others."""
-    from issuer.ca import CertificateAuthority
-    from issuer.signing_pool import SignJob, sign_jobs
+    from issuer.ca.authority import CertificateAuthority
+    from issuer.issuance.pool import SignJob, sign_jobs
     from tessera import x509svid
     from tessera.errors import Code
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from issuer.datastore import GENESIS_HASH, audit_hash
-from issuer.models import Actor, AuditEvent, IssuedSerial
-from issuer.sqlite_store import SQLiteDatastore
+from issuer.datastore.interface import GENESIS_HASH, audit_hash
+from issuer.core.models import Actor, AuditEvent, IssuedSerial
+from issuer.datastore.sqlite import SQLiteDatastore
 from tessera.errors import PermissionDenied
 
 OP = Actor("operator", "uid:0")
@@ -102,7 +102,7 @@ def test_revoke_serials_marks_each_once(store):
 
 
 def test_join_token_is_usable_once(store):
-    from issuer.models import JoinToken
+    from issuer.core.models import JoinToken
 
     store.create_join_token(JoinToken("h", "host", int(time.time()) + 60, "uid:0", 0), AuditEvent("t", OP, "done"))
     store.consume_join_token("h", int(time.time()))
@@ -114,7 +114,7 @@ def test_a_writer_waits_for_another_process_write_lock_readers_do_not_and_a_stuc
                                                                                                   monkeypatch):
     import fcntl
 
-    from issuer import sqlite_store
+    from issuer.datastore import sqlite as sqlite_store
     from tessera.errors import Unavailable
 
     event = AuditEvent("entry.create", Actor("operator", "op"), "done", subject="e1")

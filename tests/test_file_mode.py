@@ -254,7 +254,7 @@ def test_failed_writes_and_reloads_are_logged_and_the_watch_goes_on_across_a_sid
 
 def svid_sets(n: int) -> list[tuple[bytes, bytes, bytes]]:
     """n (chain, key, bundle) in the Workload API's DER, each with its own key, from a real CA."""
-    from issuer.ca import CertificateAuthority
+    from issuer.ca.authority import CertificateAuthority
     from tessera import pem, spiffeid, x509svid
 
     ca_key = x509svid.new_key()

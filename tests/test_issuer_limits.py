@@ -19,7 +19,7 @@ import yaml
 from harness import BIN, Daemon, wait_for
 from test_logs import Clock
 
-from issuer.attestation import JoinDenials
+from issuer.identity.attestation import JoinDenials
 from tessera.errors import ConfigError
 from tessera.fdlimits import RESERVED, connection_caps
 from tessera.ratelimit import KeyedTokenBuckets, peer_host

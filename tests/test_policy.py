@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from harness import as_uid, metric, one_line_error, scrape, wait_for
-from issuer import policy as pol
+from issuer.tasks import policy as pol
 from taskutil import ALLOW_ALL, TIERS, policy, start_task, task_argv
 from tessera.configfile import Section
 from tessera.errors import ConfigError

@@ -6,9 +6,9 @@ import time
 import pytest
 
 from harness import one_line_error
-from issuer import report
-from issuer.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar
-from issuer.sqlite_store import SQLiteDatastore, read_last_issued
+from issuer.audit import report
+from issuer.core.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar
+from issuer.datastore.sqlite import SQLiteDatastore, read_last_issued
 
 TD = "example.org"
 DAY = 86400

@@ -374,7 +374,7 @@ def test_crl_show_prints_a_signed_v2_crl_with_number_and_authority_key_id(deploy
 # -- the issuer's revocation service in-process (task credentials, the EndTask entry point) ---------
 
 from inproc import OPERATOR, issuer_services  # noqa: E402
-from issuer.models import Actor, AuditEvent, IssuedSerial  # noqa: E402
+from issuer.core.models import Actor, AuditEvent, IssuedSerial  # noqa: E402
 from tessera import pem, spiffeid, x509svid  # noqa: E402
 from tessera.errors import PermissionDenied  # noqa: E402
 
@@ -530,7 +530,7 @@ def test_sidecar_refuses_a_crl_signed_by_another_key_or_with_a_lower_number(issu
 
 
 def test_svid_signed_while_its_entry_was_being_revoked_is_revoked_and_withheld(issuer):
-    from issuer.signing import SignResult
+    from issuer.issuance.signer import SignResult
 
     e = issuer.registry.create(spiffe_id="spiffe://example.org/agent/r", parent=HOST, selectors=["unix:uid:1"],
                                owner="bob", purpose="p", expires_at=int(time.time()) + 3600, actor=OPERATOR)
@@ -542,7 +542,7 @@ def test_svid_signed_while_its_entry_was_being_revoked_is_revoked_and_withheld(i
 
 
 def test_svid_signed_while_its_sidecar_was_being_banned_is_revoked_and_withheld(issuer):
-    from issuer.signing import SignResult
+    from issuer.issuance.signer import SignResult
 
     e = issuer.registry.create(spiffe_id="spiffe://example.org/agent/r", parent=HOST, selectors=["unix:uid:1"],
                                owner="bob", purpose="p", expires_at=int(time.time()) + 3600, actor=OPERATOR)

@@ -6,7 +6,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from issuer.ca import CertificateAuthority
+from issuer.ca.authority import CertificateAuthority
 from tessera import spiffeid, x509svid
 from tessera.durations import parse_duration
 from tessera.errors import InvalidArgument

@@ -181,7 +181,7 @@ def test_a_link_put_at_the_audit_file_after_a_rotation_is_not_written_through(de
 
 
 def test_a_data_dir_another_user_created_is_refused_with_its_ca_key(deployment):
-    from issuer.ca import CertificateAuthority
+    from issuer.ca.authority import CertificateAuthority
 
     planted = safefs.make_dir(deployment.root / "issuer", "x")
     CertificateAuthority.load_or_create("example.org", planted)  # the attacker's CA, all of it theirs
@@ -203,7 +203,7 @@ def test_a_data_dir_writable_by_group_or_others_is_refused(deployment, mode):
 
 
 def test_a_ca_key_another_user_owns_is_refused_even_at_0600(deployment):
-    from issuer.ca import CertificateAuthority
+    from issuer.ca.authority import CertificateAuthority
 
     ca_dir = safefs.make_dir(deployment.root / "ca", "x")
     CertificateAuthority.load_or_create("example.org", ca_dir)

@@ -81,7 +81,7 @@ def test_sidecar_renews_its_own_svid_over_mtls_and_keeps_syncing(deployment):
 
 def test_saved_identity_that_is_unreadable_or_mismatched_is_a_clear_error(tmp_path):
     from agent_sidecar.issuer_client import IdentityStore, SidecarIdentity
-    from issuer.ca import CertificateAuthority
+    from issuer.ca.authority import CertificateAuthority
     from tessera import pem, spiffeid, x509svid
     from tessera.errors import ConfigError
 

@@ -16,11 +16,11 @@ import pytest
 from cryptography import x509
 
 from harness import wait_for, wait_for_async
-from issuer.audit import verify_chain
-from issuer.ca import CertificateAuthority
-from issuer.models import Actor, AuditEvent
-from issuer import signing_pool
-from issuer.signing_pool import SigningPool, SignJob, _Request, _WorkerPipe, astuple_job, sign_jobs
+from issuer.audit.records import verify_chain
+from issuer.ca.authority import CertificateAuthority
+from issuer.core.models import Actor, AuditEvent
+from issuer.issuance import pool as signing_pool
+from issuer.issuance.pool import SigningPool, SignJob, _Request, _WorkerPipe, astuple_job, sign_jobs
 from tessera import x509svid
 
 SID = "spiffe://example.org/agent/a"

@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from harness import CLIENTS, one_line_error, openssl_says_revoked, openssl_verify, wait_for
 from inproc import issuer_services
-from issuer.approvals import Approvals
-from issuer.models import Actor
-from issuer.policy import load_section
-from issuer.tasks import TaskService, TaskSpec, Turns
+from issuer.tasks.approvals import Approvals
+from issuer.core.models import Actor
+from issuer.tasks.policy import load_section
+from issuer.tasks.service import TaskService, TaskSpec, Turns
 from taskutil import end_task, policy, spiffe_parse, start_task, task_argv
 from tessera import taskext, x509svid
 from tessera.configfile import Section

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from agent_sidecar.verifier import PeerPolicy, Verifier, revoked_serial
-from issuer.ca import CertificateAuthority
+from issuer.ca.authority import CertificateAuthority
 from tessera import crl, spiffeid, x509svid
 
 

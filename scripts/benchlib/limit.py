@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from issuer.ca import CertificateAuthority
+from issuer.ca.authority import CertificateAuthority
 from tessera import spiffeid, x509svid
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from agent_sidecar.cache import CacheManager
 from agent_sidecar.verifier import PeerPolicy, Verifier
-from issuer.ca import CertificateAuthority
+from issuer.ca.authority import CertificateAuthority
 from tessera import pem, spiffeid, x509svid
 from tessera.v1 import types_pb2
 

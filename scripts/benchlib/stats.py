@@ -5,9 +5,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Sequence
 
-from issuer import report
-
-
+from issuer.audit import report
 def percentile(values: Sequence[float], p: float) -> float:
     """The p-th percentile (0-100), nearest rank as in the trust-debt report; NaN for no values."""
     if not 0 <= p <= 100:

@@ -14,12 +14,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from issuer import report
-from issuer.audit import AuditFilter, ChainCheck, newest_seq_sqlite, read_sqlite, verify_chain
-from issuer.events import EventHub
-from issuer.models import AuditRecord, Entry
-from issuer.registration import bounded_ref
-from issuer.sqlite_store import SQLiteDatastore, read_last_issued
+from issuer.audit import report
+from issuer.audit.records import AuditFilter, ChainCheck, newest_seq_sqlite, read_sqlite, verify_chain
+from issuer.core.events import EventHub
+from issuer.core.models import AuditRecord, Entry
+from issuer.identity.registration import bounded_ref
+from issuer.datastore.sqlite import SQLiteDatastore, read_last_issued
 from tessera.errors import FailedPrecondition, InvalidArgument
 from tessera.rpc import grpclib_handler
 from tessera.v1 import admin_pb2

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from issuer.datastore import GENESIS_HASH, audit_hash, audit_record_from_row
-from issuer.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
+from issuer.datastore.interface import GENESIS_HASH, audit_hash, audit_record_from_row
+from issuer.core.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
 from tessera import logs, safefs
 from tessera.errors import AlreadyExists, NotFound, PermissionDenied, Unavailable
 

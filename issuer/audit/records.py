@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from issuer.datastore import GENESIS_HASH, audit_hash, audit_record_from_row
-from issuer.models import AuditRecord
-from issuer.sqlite_store import AUDIT_COLUMNS, audit_records_after, connect_ro, newest_audit_seq
+from issuer.datastore.interface import GENESIS_HASH, audit_hash, audit_record_from_row
+from issuer.core.models import AuditRecord
+from issuer.datastore.sqlite import AUDIT_COLUMNS, audit_records_after, connect_ro, newest_audit_seq
 from tessera import logs, safefs
 
-log = logs.get("issuer.audit")
+log = logs.get("issuer.audit.records")
 
 
 # -- verification (pure) ---------------------------------------------------------------

@@ -11,15 +11,15 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from issuer.ca import CertificateAuthority
-from issuer.datastore import Datastore
-from issuer.models import Actor, AuditEvent, Entry, Sidecar
-from issuer.registration import Registry
-from issuer.signing_pool import Signed, SigningPool, SignJob, sign_and_record_jobs
+from issuer.ca.authority import CertificateAuthority
+from issuer.datastore.interface import Datastore
+from issuer.core.models import Actor, AuditEvent, Entry, Sidecar
+from issuer.identity.registration import Registry
+from issuer.issuance.pool import Signed, SigningPool, SignJob, sign_and_record_jobs
 from tessera.errors import Code, InvalidArgument, TesseraError
 
 if TYPE_CHECKING:  # the revocation service imports SignResult from here
-    from issuer.revocation import RevocationService
+    from issuer.revocation.service import RevocationService
 
 MAX_BATCH = 1000
 

@@ -17,9 +17,9 @@ from typing import Callable
 
 from cryptography import x509
 
-from issuer.ca import CertificateAuthority
-from issuer.datastore import Datastore
-from issuer.models import Actor, AuditEvent, IssuedSerial, JoinToken, Sidecar
+from issuer.ca.authority import CertificateAuthority
+from issuer.datastore.interface import Datastore
+from issuer.core.models import Actor, AuditEvent, IssuedSerial, JoinToken, Sidecar
 from tessera import logs, spiffeid, x509svid
 from tessera.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
 from tessera.ratelimit import KeyedTokenBuckets, peer_host

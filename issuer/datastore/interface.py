@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Iterable, Protocol, Sequence
 
-from issuer.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
+from issuer.core.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
 
 GENESIS_HASH = "0" * 64
 

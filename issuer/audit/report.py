@@ -13,8 +13,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-from issuer.audit import denial_reason
-from issuer.models import AuditRecord, Entry, Sidecar
+from issuer.audit.records import denial_reason
+from issuer.core.models import AuditRecord, Entry, Sidecar
 
 DAY = 86400
 HOUR = 3600

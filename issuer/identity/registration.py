@@ -13,10 +13,10 @@ import uuid
 from dataclasses import replace
 from typing import Callable, Iterable
 
-from issuer.datastore import Datastore
-from issuer.events import EventHub
-from issuer.models import ENTRY_STATES, Actor, AuditEvent, Entry
-from issuer.policy import TIER_NAME
+from issuer.datastore.interface import Datastore
+from issuer.core.events import EventHub
+from issuer.core.models import ENTRY_STATES, Actor, AuditEvent, Entry
+from issuer.tasks.policy import TIER_NAME
 from tessera import selectors as sel
 from tessera import spiffeid
 from tessera.durations import DAY, MAX_DURATION, check_seconds, format_duration

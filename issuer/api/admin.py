@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import time
 
-from issuer.approvals import ApprovalRequest, Approvals
-from issuer.attestation import SidecarAttestor
-from issuer.convert import entry_pb, sidecar_pb
-from issuer.events import EventHub
-from issuer.evidence_api import EvidenceHandlers
-from issuer.models import Actor
-from issuer.registration import Registry, bounded_ref, optional_text
+from issuer.tasks.approvals import ApprovalRequest, Approvals
+from issuer.identity.attestation import SidecarAttestor
+from issuer.api.convert import entry_pb, sidecar_pb
+from issuer.core.events import EventHub
+from issuer.api.evidence import EvidenceHandlers
+from issuer.core.models import Actor
+from issuer.identity.registration import Registry, bounded_ref, optional_text
 from tessera import peercred
 from tessera.errors import InvalidArgument, PermissionDenied
 from tessera.rpc import grpclib_handler

@@ -266,7 +266,7 @@ def _print_verification(ok: bool, records: int, last_seq: int, bad_seq: int, pro
 
 
 def _verify_local(args) -> int:
-    from issuer.audit import read_jsonl, read_sqlite, verify_chain
+    from issuer.audit.records import read_jsonl, read_sqlite, verify_chain
     import sqlite3
 
     path = args.db or args.file

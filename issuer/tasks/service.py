@@ -23,13 +23,13 @@ from typing import Any, AsyncIterator, Callable, Hashable
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from issuer import policy as pol
-from issuer.approvals import ApprovalRequest, Approvals
-from issuer.ca import CertificateAuthority
-from issuer.datastore import Datastore
-from issuer.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar
-from issuer.registration import Registry, validate_scopes
-from issuer.signing import SignResult
+from issuer.tasks import policy as pol
+from issuer.tasks.approvals import ApprovalRequest, Approvals
+from issuer.ca.authority import CertificateAuthority
+from issuer.datastore.interface import Datastore
+from issuer.core.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar
+from issuer.identity.registration import Registry, validate_scopes
+from issuer.issuance.signer import SignResult
 from tessera import selectors as sel
 from tessera import spiffeid, taskext, x509svid
 from tessera.errors import (AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied,

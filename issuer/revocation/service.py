@@ -21,17 +21,17 @@ import time
 from dataclasses import dataclass
 
 from issuer import metrics
-from issuer.attestation import SidecarAttestor
-from issuer.ca import CertificateAuthority
-from issuer.datastore import Datastore
-from issuer.events import CLOSE, EventHub
-from issuer.models import ISSUER, Actor, AuditEvent, Entry, IssuedSerial, Revocation
-from issuer.registration import Registry, required_text
-from issuer.signing import SignResult
+from issuer.identity.attestation import SidecarAttestor
+from issuer.ca.authority import CertificateAuthority
+from issuer.datastore.interface import Datastore
+from issuer.core.events import CLOSE, EventHub
+from issuer.core.models import ISSUER, Actor, AuditEvent, Entry, IssuedSerial, Revocation
+from issuer.identity.registration import Registry, required_text
+from issuer.issuance.signer import SignResult
 from tessera import crl, logs, spiffeid, x509svid
 from tessera.errors import Code, InvalidArgument, NotFound, PermissionDenied, Unavailable
 
-log = logs.get("issuer.revocation")
+log = logs.get("issuer.revocation.service")
 
 KINDS = ("serial", "task", "entry", "spiffe_id", "sidecar", "owner")
 # What a revocation means when the operator gives no RFC 5280 reason code.

@@ -15,13 +15,13 @@ import time
 import grpc
 
 from issuer import metrics
-from issuer.attestation import SidecarAttestor
-from issuer.convert import entry_pb
-from issuer.events import CLOSE, EventHub
-from issuer.models import Actor, Sidecar
-from issuer.registration import Registry
-from issuer.signing import SvidSigner
-from issuer.tasks import TaskService, TaskSpec
+from issuer.identity.attestation import SidecarAttestor
+from issuer.api.convert import entry_pb
+from issuer.core.events import CLOSE, EventHub
+from issuer.core.models import Actor, Sidecar
+from issuer.identity.registration import Registry
+from issuer.issuance.signer import SvidSigner
+from issuer.tasks.service import TaskService, TaskSpec
 from tessera import logs, pem
 from tessera.errors import PermissionDenied
 from tessera.rpc import grpcio_handler

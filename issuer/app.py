@@ -14,23 +14,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from issuer import metrics
-from issuer import policy as policy_mod
-from issuer.admin_api import AdminService
-from issuer.approvals import Approvals
-from issuer.attestation import SidecarAttestor
-from issuer.audit import AuditFile, records_after_sqlite
-from issuer.ca import CertificateAuthority
+from issuer.tasks import policy as policy_mod
+from issuer.api.admin import AdminService
+from issuer.tasks.approvals import Approvals
+from issuer.identity.attestation import SidecarAttestor
+from issuer.audit.records import AuditFile, records_after_sqlite
+from issuer.ca.authority import CertificateAuthority
 from issuer.config import IssuerConfig
-from issuer.events import EventHub
-from issuer.evidence_api import Evidence
-from issuer.models import ISSUER, AuditEvent, IssuedSerial
-from issuer.registration import Registry
-from issuer.revocation import RevocationService
-from issuer.sidecar_api import IssuerService
-from issuer.signing import SvidSigner
-from issuer.signing_pool import SigningPool
-from issuer.sqlite_store import SQLiteDatastore
-from issuer.tasks import TaskService, entry_view
+from issuer.core.events import EventHub
+from issuer.api.evidence import Evidence
+from issuer.core.models import ISSUER, AuditEvent, IssuedSerial
+from issuer.identity.registration import Registry
+from issuer.revocation.service import RevocationService
+from issuer.api.sidecar import IssuerService
+from issuer.issuance.signer import SvidSigner
+from issuer.issuance.pool import SigningPool
+from issuer.datastore.sqlite import SQLiteDatastore
+from issuer.tasks.service import TaskService, entry_view
 from tessera import logs, pem, rpc, safefs, spiffeid, x509svid
 from tessera.connlimit import CappedServer
 from tessera.fdlimits import connection_caps

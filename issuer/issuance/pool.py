@@ -38,9 +38,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from issuer.ca import CertificateAuthority
-from issuer.datastore import Datastore
-from issuer.models import Actor, AuditEvent, AuditRecord, IssuedSerial
+from issuer.ca.authority import CertificateAuthority
+from issuer.datastore.interface import Datastore
+from issuer.core.models import Actor, AuditEvent, AuditRecord, IssuedSerial
 from tessera import logs, pem, spiffeid, x509svid
 from tessera.errors import Code, FailedPrecondition, TesseraError
 
@@ -164,7 +164,7 @@ def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str, db_pa
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the issuer decides when workers stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    from issuer.sqlite_store import SQLiteDatastore  # the worker's own connection to the issuer's database
+    from issuer.datastore.sqlite import SQLiteDatastore  # the worker's own connection to the issuer's database
 
     key = serialization.load_pem_private_key(key_pem, password=None)
     ca = CertificateAuthority(x509.load_pem_x509_certificate(cert_pem), key, trust_domain)

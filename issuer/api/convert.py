@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from issuer.models import Entry, Sidecar
+from issuer.core.models import Entry, Sidecar
 from tessera.v1 import types_pb2
 
 

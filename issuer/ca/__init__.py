@@ -1,0 +1,1 @@
+"""The certificate authority: its key and certificate, and the issuer's own serving certificate."""

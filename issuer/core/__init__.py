@@ -1,0 +1,1 @@
+"""The issuer's records and its in-process event hub."""

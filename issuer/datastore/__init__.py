@@ -1,0 +1,1 @@
+"""The datastore contract and its engines."""

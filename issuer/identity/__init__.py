@@ -1,0 +1,1 @@
+"""Who may hold an identity: registration entries and sidecar attestation."""

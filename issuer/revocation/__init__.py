@@ -1,0 +1,1 @@
+"""Revocation: the kill switch, its log and the signed CRL."""

@@ -1,0 +1,1 @@
+"""Per-task credentials: the task service, its policy and the approval queue."""
