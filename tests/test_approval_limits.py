@@ -71,10 +71,14 @@ def test_an_approval_flood_from_one_workload_starves_no_one_and_leaves_when_its_
                              stdout=subprocess.PIPE, text=True)
     try:
         summary = json.loads(flood.stdout.readline())
-        # The default cap, max_pending_per_workload 16: the rest are refused at once, naming the cap.
+        # The default cap, max_pending_per_workload 16: the rest are refused at once, naming the cap. On a
+        # slow machine some arrive while 64 of the workload's requests are still in progress, and are
+        # refused by that cap (max_task_requests_per_workload) instead: either way, named.
         assert summary["pending"] == 16 and summary["waiting"] == 0, json.dumps(summary)
         assert summary["errors"] == {"RESOURCE_EXHAUSTED": FLOOD - 16}, summary
-        assert "max_pending_per_workload" in summary["messages"]["RESOURCE_EXHAUSTED"], summary
+        refusals = summary["messages"]["RESOURCE_EXHAUSTED"]
+        assert any("max_pending_per_workload" in m for m in refusals), summary
+        assert all("max_pending_per_workload" in m or "max_task_requests_per_workload" in m for m in refusals), summary
         assert len(pending_approvals(d)) == 16
 
         # Meanwhile another workload's ordinary task is served at once, and a new sidecar joins.

@@ -5,7 +5,7 @@
 
 Prints one JSON line once every request has an answer (its first update, or its error) or after
 SETTLE_SECONDS, whichever comes first: {"pending": n, "issued": n, "waiting": n, "errors": {CODE: n},
-"messages": {CODE: one message}}. Then holds the pending streams open until it is killed.
+"messages": {CODE: [its distinct messages]}}. Then holds the pending streams open until it is killed.
 """
 
 import asyncio
@@ -33,7 +33,7 @@ async def one(stub, task_id: str, scopes: list[str], outcomes: Counter, messages
         outcomes["pending" if update.WhichOneof("update") == "pending" else "issued"] += 1
     except grpc.aio.AioRpcError as e:
         outcomes[e.code().name] += 1
-        messages.setdefault(e.code().name, e.details())
+        messages.setdefault(e.code().name, set()).add(e.details())
     settled.append(call)
 
 
@@ -51,7 +51,8 @@ async def main() -> None:
     await asyncio.wait(jobs, timeout=float(settle))
     errors = {k: v for k, v in outcomes.items() if k not in ("pending", "issued")}
     print(json.dumps({"pending": outcomes["pending"], "issued": outcomes["issued"],
-                      "waiting": sum(not j.done() for j in jobs), "errors": errors, "messages": messages}),
+                      "waiting": sum(not j.done() for j in jobs), "errors": errors,
+                      "messages": {k: sorted(v) for k, v in messages.items()}}),
           flush=True)
     await asyncio.Event().wait()  # until killed
 
