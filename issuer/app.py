@@ -1,4 +1,9 @@
-"""Wiring: the issuer's services, its gRPC listeners and its admin socket, started and stopped together."""
+"""The composition root: every issuer service built through its constructor, in one place (`build`), and the
+runtime that serves them (`IssuerApp`: gRPC listeners, the admin socket, background threads).
+
+`tessera-issuer` runs an IssuerApp; tests that exercise the services in-process call `build` with a real
+config, so both run the same wiring.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +11,31 @@ import asyncio
 import os
 import resource
 import threading
-import time
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from issuer import metrics
-from issuer.tasks import policy as policy_mod
 from issuer.api.admin import AdminService
-from issuer.tasks.approvals import Approvals
-from issuer.identity.attestation import SidecarAttestor
+from issuer.api.evidence import Evidence
+from issuer.api.sidecar import IssuerService
 from issuer.audit.records import AuditFile, records_after_sqlite
 from issuer.ca.authority import CertificateAuthority
+from issuer.ca.serving import ServingCert
 from issuer.config import IssuerConfig
 from issuer.core.events import EventHub
-from issuer.api.evidence import Evidence
-from issuer.core.models import ISSUER, AuditEvent, IssuedSerial
-from issuer.identity.registration import Registry
-from issuer.revocation.service import RevocationService
-from issuer.api.sidecar import IssuerService
-from issuer.issuance.signer import SvidSigner
-from issuer.issuance.pool import SigningPool
 from issuer.datastore.sqlite import SQLiteDatastore
-from issuer.tasks.service import TaskService, entry_view
-from tessera import logs, pem, rpc, safefs, spiffeid, x509svid
+from issuer.identity.attestation import SidecarAttestor
+from issuer.identity.registration import Registry
+from issuer.issuance.pool import SigningPool
+from issuer.issuance.signer import SvidSigner
+from issuer.revocation.service import RevocationService
+from issuer.tasks.approvals import Approvals
+from issuer.tasks.service import TaskService
+from tessera import logs, rpc, safefs
 from tessera.connlimit import CappedServer
 from tessera.fdlimits import connection_caps
 from tessera.uds import bind_unix, check_socket_path
@@ -39,7 +43,6 @@ from tessera.v1 import issuer_pb2_grpc
 
 log = logs.get("issuer")
 
-SERVING_CERT_TTL = 24 * 3600
 # Per HTTP/2 connection. A sidecar multiplexes its sync stream, signing batches and task requests (a task
 # waiting for approval is an open stream) over one connection; bootstrap serves one AttestSidecar call.
 SIDECAR_MAX_STREAMS = 1000
@@ -50,86 +53,76 @@ BOOTSTRAP_MAX_MESSAGE = 64 * 1024
 BOOTSTRAP_IDLE_MS = 30_000
 
 
-class ServingCert:
-    """The issuer's own TLS certificate, re-issued at half-life and picked up by new handshakes."""
+@dataclass(frozen=True)
+class Services:
+    """Every issuer service, built once by `build`."""
 
-    def __init__(self, ca: CertificateAuthority, store: SQLiteDatastore, server_name: str):
-        self.ca = ca
-        self.store = store
-        self.server_name = server_name
-        self._lock = threading.Lock()
-        self._renew_at = 0.0
-        self._pair: tuple[bytes, bytes] = self._issue()
+    store: SQLiteDatastore
+    audit_file: AuditFile
+    ca: CertificateAuthority
+    hub: EventHub
+    registry: Registry
+    attestor: SidecarAttestor
+    revocation: RevocationService
+    signing_pool: SigningPool | None
+    signer: SvidSigner
+    approvals: Approvals
+    tasks: TaskService
+    evidence: Evidence
+    sidecar_api: IssuerService
+    admin_api: AdminService
 
-    def _issue(self) -> tuple[bytes, bytes]:
-        key = x509svid.new_key()
-        sid = spiffeid.parse(f"spiffe://{self.ca.trust_domain}/tessera/issuer")
-        signed = self.ca.sign(key.public_key(), sid, SERVING_CERT_TTL, dns_names=[self.server_name])
-        now = int(time.time())
-        not_after = int(signed.not_after.timestamp())
-        self.store.record_issued(
-            [IssuedSerial(signed.serial_hex, str(sid), "issuer", None, None, now, not_after)],
-            [AuditEvent("issuer.serving_cert", ISSUER, "allow", reason="issuer TLS serving certificate",
-                        subject=str(sid), details={"serial": signed.serial_hex, "ttl": not_after - now,
-                                                   "kind": "issuer", "dns_names": [self.server_name]})])
-        self._renew_at = time.time() + SERVING_CERT_TTL / 2
-        return pem.key_pem(key), pem.certs_pem([signed.cert])
-
-    def config(self) -> grpc.ServerCertificateConfiguration:
-        return grpc.ssl_server_certificate_configuration([self._pair], root_certificates=self.ca.bundle_pem)
-
-    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
-        with self._lock:
-            if time.time() < self._renew_at:
-                return None
-            self._pair = self._issue()
-            return self.config()
+    def close(self) -> None:
+        """Stop what `build` started, store last (the audit file drains what the store handed it first)."""
+        self.approvals.close()
+        self.revocation.stop()
+        if self.signing_pool is not None:
+            self.signing_pool.close()
+        self.attestor.denials.flush(everything=True)
+        self.audit_file.close()
+        self.store.close()
 
 
-class IssuerServer:
+def build(cfg: IssuerConfig) -> Services:
+    """Open the datastore, the audit file and the CA, and wire every service to them through constructors."""
+    safefs.make_dir(cfg.data_dir, "data_dir", 0o700, tighten=True)  # ours alone, before anything is read from it
+    db_path = cfg.data_dir / "tessera.db"
+    store = SQLiteDatastore(db_path)
+    # The JSON-lines copy of the trail first catches up with what the database already holds.
+    audit_file = AuditFile(cfg.audit_file, lambda seq, n: records_after_sqlite(db_path, seq, n))
+    audit_file.catch_up()
+    audit_file.start()
+    store.audit_listeners.append(audit_file)
+    store.audit_listeners.append(metrics.observe_audit)
+    ca = CertificateAuthority.load_or_create(cfg.trust_domain, cfg.data_dir, cfg.ca_cert, cfg.ca_key, cfg.ca_ttl)
+    hub = EventHub()
+    registry = Registry(store, hub, cfg.trust_domain, cfg.default_x509_ttl, tier_names=cfg.policy.tier_names)
+    attestor = SidecarAttestor(store, ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl)
+    revocation = RevocationService(store, ca, registry, attestor, hub, cfg.crl_validity)
+    signing_pool = (SigningPool(ca, cfg.signing_workers, store.path, store.notify)
+                    if cfg.signing_workers else None)
+    signer = SvidSigner(store, ca, registry, revocation, signing_pool, identity_ttl=cfg.policy.identity_ttl)
+    approvals = Approvals(store, cfg.policy.approval_timeout, cfg.policy.limits)
+    tasks = TaskService(store, ca, registry, cfg.policy, approvals, revocation)
+    evidence = Evidence(store, registry, attestor, hub, cfg.policy)
+    store.audit_listeners.append(evidence.feed)
+    return Services(
+        store=store, audit_file=audit_file, ca=ca, hub=hub, registry=registry, attestor=attestor,
+        revocation=revocation, signing_pool=signing_pool, signer=signer, approvals=approvals, tasks=tasks,
+        evidence=evidence,
+        sidecar_api=IssuerService(attestor, signer, registry, hub, ca, revocation, tasks, cfg.resync_interval),
+        admin_api=AdminService(registry, attestor, hub, ca, approvals, revocation, evidence, cfg.admin_uids))
+
+
+class IssuerApp:
+    """The running issuer: `build`'s services behind their listeners."""
+
     def __init__(self, cfg: IssuerConfig):
         self.cfg = cfg
-        safefs.make_dir(cfg.data_dir, "data_dir", 0o700, tighten=True)  # ours alone, before anything is read from it
         check_socket_path(cfg.admin_socket)  # refused now, not after the listeners are up
-        db_path = cfg.data_dir / "tessera.db"
-        self.store = SQLiteDatastore(db_path)
-        # The JSON-lines copy of the trail first catches up with what the database already holds.
-        self.audit_file = AuditFile(cfg.audit_file, lambda seq, n: records_after_sqlite(db_path, seq, n))
-        self.audit_file.catch_up()
-        self.audit_file.start()
-        self.store.audit_listeners.append(self.audit_file)
-        self.store.audit_listeners.append(metrics.observe_audit)
-        self.ca = CertificateAuthority.load_or_create(cfg.trust_domain, cfg.data_dir, cfg.ca_cert, cfg.ca_key,
-                                                      cfg.ca_ttl)
-        self.hub = EventHub()
-        self.registry = Registry(self.store, self.hub, cfg.trust_domain, cfg.default_x509_ttl,
-                                 tier_names=cfg.policy.tier_names)
-        # Revoked sidecar SVIDs fail authentication. The attestor and the revocation service need each other:
-        # the check is looked up when called, and fails (never passes) if the service were missing.
-        self.attestor = SidecarAttestor(self.store, self.ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl,
-                                        is_revoked=lambda serial: self.revocation.is_revoked(serial))
-        self.signing_pool = (SigningPool(self.ca, cfg.signing_workers, self.store.path, self.store.notify)
-                             if cfg.signing_workers else None)
-        self.revocation = RevocationService(self.store, self.ca, self.registry, self.attestor, self.hub,
-                                            cfg.crl_validity)
-        self.signer = SvidSigner(self.store, self.ca, self.registry, self.revocation, self.signing_pool,
-                                 identity_ttl=cfg.policy.identity_ttl)
-        self.approvals = Approvals(self.store, cfg.policy.approval_timeout, cfg.policy.limits)
-        self.tasks = TaskService(self.store, self.ca, self.registry, cfg.policy, self.approvals,
-                                 check_entry_allowed=self.revocation.check_entry,
-                                 revoke=self.revocation.end_task,
-                                 recheck_issued=self.revocation.recheck_issued)
-        self.service = IssuerService(self.attestor, self.signer, self.registry, self.hub,
-                                     lambda: self.ca.bundle_der, cfg.resync_interval, tasks=self.tasks,
-                                     crl_der=self.revocation.crl_der)
-        self.admin = AdminService(self.registry, self.attestor, self.hub, lambda: self.ca.bundle_pem,
-                                  cfg.admin_uids, approvals=self.approvals, revocation=self.revocation)
-        self.evidence = Evidence(self.store, self.registry, self.attestor, self.hub)
-        self.store.audit_listeners.append(self.evidence.feed)
-        self.admin.evidence = self.evidence
-        self.evidence.approval_covers = lambda e: policy_mod.approval_covers(cfg.policy, entry_view(e), time.time())
-        metrics.watch_connected_sidecars(lambda: len(self.hub.connected()))
-        metrics.watch_audit_file(lambda: self.audit_file.behind)
+        self.services = build(cfg)
+        metrics.watch_connected_sidecars(self.services.hub)
+        metrics.watch_audit_file(self.services.audit_file)
         self.health = health_aio.HealthServicer()
         self.metrics_server = None
         # Each listener's connections are capped below the descriptor limit (tessera/fdlimits.py), so a
@@ -150,7 +143,7 @@ class IssuerServer:
         if self.cfg.metrics_address:
             # First, so a taken port fails the start before any listener is up.
             self.metrics_server = metrics.serve(self.cfg.metrics_address)
-        serving = ServingCert(self.ca, self.store, self.cfg.server_name)
+        serving = ServingCert(self.services.ca, self.services.store, self.cfg.server_name)
         # The sidecar-facing gRPC server runs on one event loop in its own thread: a call costs no thread
         # hand-off and a connected sidecar's sync stream no thread at all. Blocking work (commits, CA
         # signatures outside the signing pool) goes to the loop's default executor.
@@ -160,7 +153,7 @@ class IssuerServer:
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
         self._loop_thread.start()
         self.port, self.bootstrap_port = self._on_loop(self._start_grpc(serving))
-        self.revocation.start()
+        self.services.revocation.start()
         self._flush_thread = threading.Thread(target=self._flush_denials, name="join-denials", daemon=True)
         self._flush_thread.start()
         self._admin_thread = threading.Thread(target=self._run_admin, name="admin", daemon=True)
@@ -188,7 +181,7 @@ class IssuerServer:
             ("grpc.max_allowed_incoming_connections", max_connections),
             ("grpc.server_handshake_timeout_ms", self.cfg.handshake_timeout * 1000),
             ("grpc.max_concurrent_streams", max_streams), *extra])
-        rpc.add_servicer(issuer_pb2_grpc.add_IssuerServicer_to_server, self.service, server)
+        rpc.add_servicer(issuer_pb2_grpc.add_IssuerServicer_to_server, self.services.sidecar_api, server)
         # Standard gRPC health, on both ports: probes can use the bootstrap port without a client cert.
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         self._grpc.append(server)
@@ -221,15 +214,15 @@ class IssuerServer:
 
     def _flush_denials(self) -> None:
         # Refused joins counted during a window become one audit record when it ends.
-        while not self._flush_stop.wait(self.attestor.denials.window / 4):
-            self.attestor.denials.flush()
+        while not self._flush_stop.wait(self.services.attestor.denials.window / 4):
+            self.services.attestor.denials.flush()
 
     def _run_admin(self) -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
         self._admin_loop = loop
         try:
-            server = CappedServer([self.admin], self.caps.admin, self.caps.admin_per_uid)
+            server = CappedServer([self.services.admin_api], self.caps.admin, self.caps.admin_per_uid)
             sock = bind_unix(self.cfg.admin_socket, 0o600)
             loop.run_until_complete(server.start(sock=sock))
         except BaseException as e:  # noqa: BLE001 - reported to start()
@@ -250,8 +243,8 @@ class IssuerServer:
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
         # Requests waiting for an approval would hold the grace period: end them first.
-        self.approvals.close()
-        self.revocation.stop()
+        self.services.approvals.close()
+        self.services.revocation.stop()
         if self._grpc:
             self._on_loop(self._stop_grpc(grace))
         if self._loop is not None:
@@ -263,12 +256,9 @@ class IssuerServer:
         if self._blocking is not None:
             # Let running blocking work (a commit, an attestation) finish before the store closes.
             self._blocking.shutdown(wait=True, cancel_futures=True)
-        if self.signing_pool is not None:
-            self.signing_pool.close()
         self._flush_stop.set()
         if self._flush_thread is not None:
             self._flush_thread.join(timeout=5)
-        self.attestor.denials.flush(everything=True)
         if self._admin_loop is not None:
             self._admin_loop.call_soon_threadsafe(self._admin_loop.stop)
             if self._admin_thread:
@@ -277,6 +267,5 @@ class IssuerServer:
             os.unlink(self.cfg.admin_socket)
         except OSError:
             pass
-        self.audit_file.close()  # drains what the store handed over, then the store closes
-        self.store.close()
+        self.services.close()  # the signing pool, the last refused joins, the audit file, then the store
         log.info("issuer stopped")

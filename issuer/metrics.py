@@ -8,11 +8,12 @@ commit. Latency, gauges and the CRL are fed by the code that knows them.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from issuer.audit.records import denial_reason
+from issuer.audit.records import AuditFile, denial_reason
+from issuer.core.events import EventHub
 from issuer.core.models import AuditRecord
 from tessera import metricsserver
 
@@ -99,12 +100,12 @@ def set_crl(number: int, size_bytes: int, entries: int) -> None:
     CRL_ENTRIES.set(entries)
 
 
-def watch_connected_sidecars(count: Callable[[], int]) -> None:
-    CONNECTED_SIDECARS.set_function(count)
+def watch_connected_sidecars(hub: EventHub) -> None:
+    CONNECTED_SIDECARS.set_function(lambda: len(hub.connected()))
 
 
-def watch_audit_file(behind: Callable[[], bool]) -> None:
-    AUDIT_FILE_BEHIND.set_function(lambda: float(behind()))
+def watch_audit_file(audit_file: AuditFile) -> None:
+    AUDIT_FILE_BEHIND.set_function(lambda: float(audit_file.behind))
 
 
 def serve(address: str):

@@ -530,7 +530,7 @@ def test_sidecar_refuses_a_crl_signed_by_another_key_or_with_a_lower_number(issu
 
 
 def test_svid_signed_while_its_entry_was_being_revoked_is_revoked_and_withheld(issuer):
-    from issuer.issuance.signer import SignResult
+    from issuer.core.models import SignResult
 
     e = issuer.registry.create(spiffe_id="spiffe://example.org/agent/r", parent=HOST, selectors=["unix:uid:1"],
                                owner="bob", purpose="p", expires_at=int(time.time()) + 3600, actor=OPERATOR)
@@ -542,7 +542,7 @@ def test_svid_signed_while_its_entry_was_being_revoked_is_revoked_and_withheld(i
 
 
 def test_svid_signed_while_its_sidecar_was_being_banned_is_revoked_and_withheld(issuer):
-    from issuer.issuance.signer import SignResult
+    from issuer.core.models import SignResult
 
     e = issuer.registry.create(spiffe_id="spiffe://example.org/agent/r", parent=HOST, selectors=["unix:uid:1"],
                                owner="bob", purpose="p", expires_at=int(time.time()) + 3600, actor=OPERATOR)
@@ -662,10 +662,10 @@ def test_a_sidecar_whose_svid_serial_is_revoked_fails_authentication(issuer):
     token, _, _ = issuer.attestor.create_token("host-r", 600, OPERATOR)
     svid = issuer.attestor.attest(token, x509svid.make_csr(x509svid.new_key()), "test")
     presented = pem.certs_pem([svid.chain[0]])
-    assert issuer.attestor.authenticate(presented).id == svid.sidecar_id
+    assert issuer.attestor.authenticate(presented, issuer.revocation).id == svid.sidecar_id
     issuer.revocation.revoke("serial", x509svid.serial_hex(svid.chain[0].serial_number), "key leaked", OPERATOR)
     with pytest.raises(PermissionDenied, match="revoked"):
-        issuer.attestor.authenticate(presented)
+        issuer.attestor.authenticate(presented, issuer.revocation)
 
 
 async def test_sidecar_saves_a_crl_to_data_dir_before_putting_it_in_force(issuer, tmp_path):

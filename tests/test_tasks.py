@@ -16,10 +16,9 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from harness import CLIENTS, one_line_error, openssl_says_revoked, openssl_verify, wait_for
 from inproc import issuer_services
-from issuer.tasks.approvals import Approvals
 from issuer.core.models import Actor
 from issuer.tasks.policy import load_section
-from issuer.tasks.service import TaskService, TaskSpec, Turns
+from issuer.tasks.service import TaskSpec, Turns
 from taskutil import end_task, policy, spiffe_parse, start_task, task_argv
 from tessera import taskext, x509svid
 from tessera.configfile import Section
@@ -173,12 +172,8 @@ def test_exit_of_the_shell_that_ran_task_start_ends_its_tasks(tasks, tmp_path):
 
 
 def issuer_tasks(tmp_path, timeout: str = "60s", **limits):
-    pol = load_section(Section({**policy(timeout=timeout), **limits}, "policy.", "test"))
-    s = issuer_services(tmp_path, ("host-a", "host-b"), tier_names=pol.tier_names)
-    store, registry, attestor, revocation = s.store, s.registry, s.attestor, s.revocation
-    svc = TaskService(store, s.ca, registry, pol, Approvals(store, pol.approval_timeout, pol.limits),
-                      check_entry_allowed=revocation.check_entry, revoke=revocation.end_task,
-                      recheck_issued=revocation.recheck_issued)
+    s = issuer_services(tmp_path, ("host-a", "host-b"), policy={**policy(timeout=timeout), **limits})
+    svc, store, registry, attestor = s.tasks, s.store, s.registry, s.attestor
     entry = registry.create(spiffe_id="spiffe://example.org/agent/a", parent="host-a", selectors=["unix:uid:7"],
                             owner="o", purpose="p", expires_at=int(time.time()) + 3600, actor=Actor("operator", "t"),
                             scopes=["repo:read"])

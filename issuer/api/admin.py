@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import time
 
-from issuer.tasks.approvals import ApprovalRequest, Approvals
-from issuer.identity.attestation import SidecarAttestor
 from issuer.api.convert import entry_pb, sidecar_pb
+from issuer.api.evidence import Evidence, EvidenceHandlers
+from issuer.ca.authority import CertificateAuthority
 from issuer.core.events import EventHub
-from issuer.api.evidence import EvidenceHandlers
 from issuer.core.models import Actor
+from issuer.identity.attestation import SidecarAttestor
 from issuer.identity.registration import Registry, bounded_ref, optional_text
+from issuer.revocation.service import RevocationService
+from issuer.tasks.approvals import ApprovalRequest, Approvals
 from tessera import peercred
 from tessera.errors import InvalidArgument, PermissionDenied
 from tessera.rpc import grpclib_handler
@@ -23,15 +25,17 @@ from tessera.v1 import admin_grpc, admin_pb2, types_pb2
 
 
 class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
-    def __init__(self, registry: Registry, attestor: SidecarAttestor, hub: EventHub, bundle_pem,
-                 allowed_uids: tuple[int, ...], approvals: Approvals | None = None, revocation=None):
+    def __init__(self, registry: Registry, attestor: SidecarAttestor, hub: EventHub, ca: CertificateAuthority,
+                 approvals: Approvals, revocation: RevocationService, evidence: Evidence,
+                 allowed_uids: tuple[int, ...]):
         self.registry = registry
         self.attestor = attestor
         self.hub = hub
-        self.bundle_pem = bundle_pem
-        self.allowed_uids = set(allowed_uids)
+        self.ca = ca
         self.approvals = approvals
-        self.revocation = revocation  # issuer.revocation.RevocationService
+        self.revocation = revocation
+        self.evidence = evidence
+        self.allowed_uids = set(allowed_uids)
 
     def operator(self, stream) -> Actor:
         cred = peercred.from_grpclib_stream(stream)
@@ -115,7 +119,7 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
     async def GetBundle(self, stream):
         await stream.recv_message()
         self.operator(stream)
-        await stream.send_message(admin_pb2.Bundle(pem=self.bundle_pem().decode()))
+        await stream.send_message(admin_pb2.Bundle(pem=self.ca.bundle_pem.decode()))
 
     @grpclib_handler
     async def ListApprovals(self, stream):

@@ -12,15 +12,17 @@ import json
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 from issuer.audit import report
 from issuer.audit.records import AuditFilter, ChainCheck, newest_seq_sqlite, read_sqlite, verify_chain
 from issuer.core.events import EventHub
 from issuer.core.models import AuditRecord, Entry
-from issuer.identity.registration import bounded_ref
 from issuer.datastore.sqlite import SQLiteDatastore, read_last_issued
-from tessera.errors import FailedPrecondition, InvalidArgument
+from issuer.identity.attestation import SidecarAttestor
+from issuer.identity.registration import Registry, bounded_ref
+from issuer.tasks.policy import Policy, approval_covers
+from issuer.tasks.service import entry_view
+from tessera.errors import InvalidArgument
 from tessera.rpc import grpclib_handler
 from tessera.v1 import admin_pb2
 
@@ -59,14 +61,18 @@ class AuditFeed:
 
 @dataclass
 class Evidence:
-    """What the evidence handlers read. `approval_covers` is wired in once the policy engine is."""
+    """What the evidence handlers read."""
 
     store: SQLiteDatastore
-    registry: object  # issuer.registration.Registry
-    attestor: object  # issuer.attestation.SidecarAttestor
+    registry: Registry
+    attestor: SidecarAttestor
     hub: EventHub
+    policy: Policy
     feed: AuditFeed = field(default_factory=AuditFeed)
-    approval_covers: Callable[[Entry], bool] | None = None
+
+    def approval_covers(self, entry: Entry) -> bool:
+        """Whether the policy puts this entry's tasks behind an operator's approval (the report counts them)."""
+        return approval_covers(self.policy, entry_view(entry), time.time())
 
     # The store is SQLite: bulk reads go over read-only connections beside the writer, never under its lock.
     def verify(self) -> ChainCheck:
@@ -98,11 +104,9 @@ def _positive(name: str, value: int, default: int, maximum: int) -> int:
 
 
 class EvidenceHandlers:
-    evidence: Evidence | None = None
+    evidence: Evidence  # set by AdminService's constructor
 
     def _evidence(self) -> Evidence:
-        if self.evidence is None:
-            raise FailedPrecondition("this issuer has no audit store wired in")
         return self.evidence
 
     @grpclib_handler

@@ -15,12 +15,14 @@ import time
 import grpc
 
 from issuer import metrics
-from issuer.identity.attestation import SidecarAttestor
 from issuer.api.convert import entry_pb
+from issuer.ca.authority import CertificateAuthority
 from issuer.core.events import CLOSE, EventHub
 from issuer.core.models import Actor, Sidecar
+from issuer.identity.attestation import SidecarAttestor
 from issuer.identity.registration import Registry
 from issuer.issuance.signer import SvidSigner
+from issuer.revocation.service import RevocationService
 from issuer.tasks.service import TaskService, TaskSpec
 from tessera import logs, pem
 from tessera.errors import PermissionDenied
@@ -42,18 +44,18 @@ def _log_touch_failure(done: asyncio.Future) -> None:
 
 class IssuerService(issuer_pb2_grpc.IssuerServicer):
     def __init__(self, attestor: SidecarAttestor, signer: SvidSigner, registry: Registry, hub: EventHub,
-                 bundle_der, resync_interval: int, tasks: TaskService, crl_der):
+                 ca: CertificateAuthority, revocation: RevocationService, tasks: TaskService, resync_interval: int):
         self.attestor = attestor
         self.signer = signer
         self.registry = registry
         self.hub = hub
-        self.bundle_der = bundle_der  # callable returning the current bundle
-        self.resync_interval = resync_interval
+        self.ca = ca
+        self.revocation = revocation
         self.tasks = tasks
-        self.crl_der = crl_der  # callable returning the current signed CRL (DER)
+        self.resync_interval = resync_interval
 
     def _caller(self, context) -> Sidecar:
-        sidecar = self.attestor.authenticate(peer_cert_pem(context))
+        sidecar = self.attestor.authenticate(peer_cert_pem(context), self.revocation)
         if self.attestor.touch_due(sidecar.id):
             # A write, at most once a minute per sidecar: off the loop, and nobody waits for it.
             done = asyncio.get_running_loop().run_in_executor(None, self.attestor.touch, sidecar.id)
@@ -62,7 +64,7 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
 
     def _svid_response(self, svid) -> issuer_pb2.SidecarSVIDResponse:
         return issuer_pb2.SidecarSVIDResponse(
-            sidecar_id=svid.sidecar_id, svid_chain=pem.der_concat(svid.chain), bundle=self.bundle_der())
+            sidecar_id=svid.sidecar_id, svid_chain=pem.der_concat(svid.chain), bundle=self.ca.bundle_der)
 
     @grpcio_handler
     async def AttestSidecar(self, request, context):
@@ -93,7 +95,7 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
     def snapshot(self, sidecar_id: str) -> issuer_pb2.SyncEvent:
         return issuer_pb2.SyncEvent(snapshot=issuer_pb2.EntrySnapshot(
             entries=[entry_pb(e) for e in self.registry.list(parent_id=sidecar_id)],
-            bundle=self.bundle_der()))
+            bundle=self.ca.bundle_der))
 
     def event_message(self, event) -> issuer_pb2.SyncEvent | None:
         kind, payload, committed_at = event
@@ -111,12 +113,12 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
 
     def full_state(self, sidecar_id: str) -> tuple[issuer_pb2.SyncEvent, issuer_pb2.SyncEvent]:
         """The snapshot, then the current CRL: how a sidecar that was offline (or drifted) catches up."""
-        return self.snapshot(sidecar_id), issuer_pb2.SyncEvent(crl=self.crl_der())
+        return self.snapshot(sidecar_id), issuer_pb2.SyncEvent(crl=self.revocation.crl_der())
 
     @grpcio_handler
     async def FetchCRL(self, request, context):
         self._caller(context)
-        return issuer_pb2.FetchCRLResponse(crl=self.crl_der())
+        return issuer_pb2.FetchCRLResponse(crl=self.revocation.crl_der())
 
     @grpcio_handler
     async def Sync(self, request, context):

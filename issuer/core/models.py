@@ -114,3 +114,15 @@ class AuditRecord:
     details: dict[str, Any]
     prev_hash: str
     hash: str
+
+
+@dataclass(frozen=True)
+class SignResult:
+    """One entry's outcome in a signing batch: a certificate, or the status code and message that refused it."""
+    entry_id: str
+    spiffe_id: str = ""
+    cert_der: bytes = b""
+    serial: str = ""
+    expires_at: int = 0
+    code: int = 0
+    error: str = ""

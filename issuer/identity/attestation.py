@@ -13,7 +13,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Protocol
 
 from cryptography import x509
 
@@ -128,11 +128,13 @@ class SidecarSVID:
     chain: tuple[x509.Certificate, ...]
 
 
+class RevokedSerials(Protocol):
+    def is_revoked(self, serial_hex: str) -> bool: ...
+
+
 class SidecarAttestor:
-    def __init__(self, store: Datastore, ca: CertificateAuthority, svid_ttl: int, token_ttl: int,
-                 is_revoked: Callable[[str], bool]):
+    def __init__(self, store: Datastore, ca: CertificateAuthority, svid_ttl: int, token_ttl: int):
         self.store = store
-        self.is_revoked = is_revoked  # serial hex -> revoked? (the revocation service's answer)
         self.ca = ca
         self.svid_ttl = svid_ttl
         self.token_ttl = token_ttl
@@ -264,8 +266,9 @@ class SidecarAttestor:
         finally:
             self._touching.discard(sidecar_id)
 
-    def authenticate(self, peer_cert_pem: bytes | None) -> Sidecar:
-        """The sidecar behind an mTLS call. The TLS layer already verified the chain and expiry."""
+    def authenticate(self, peer_cert_pem: bytes | None, revoked: RevokedSerials) -> Sidecar:
+        """The sidecar behind an mTLS call. The TLS layer already verified the chain and expiry; `revoked`
+        (the revocation service, which itself needs this service) answers for the SVID's serial."""
         if not peer_cert_pem:
             raise Unauthenticated("a sidecar SVID (client certificate) is required")
         sid, serial = self._peer_ids.get(peer_cert_pem) or self._parse_peer(peer_cert_pem)
@@ -276,7 +279,7 @@ class SidecarAttestor:
             raise PermissionDenied(f"sidecar {sid} is not attested")
         if s.state == "banned":
             raise PermissionDenied(f"sidecar {sid} is banned")
-        if self.is_revoked(serial):
+        if revoked.is_revoked(serial):
             raise PermissionDenied(f"the SVID of sidecar {sid} is revoked")
         return s
 

@@ -8,31 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 from issuer.ca.authority import CertificateAuthority
 from issuer.datastore.interface import Datastore
-from issuer.core.models import Actor, AuditEvent, Entry, Sidecar
+from issuer.core.models import Actor, AuditEvent, Entry, Sidecar, SignResult
 from issuer.identity.registration import Registry
+from issuer.revocation.service import RevocationService
 from issuer.issuance.pool import Signed, SigningPool, SignJob, sign_and_record_jobs
 from tessera.errors import Code, InvalidArgument, TesseraError
 
-if TYPE_CHECKING:  # the revocation service imports SignResult from here
-    from issuer.revocation.service import RevocationService
 
 MAX_BATCH = 1000
 
-
-@dataclass(frozen=True)
-class SignResult:
-    entry_id: str
-    spiffe_id: str = ""
-    cert_der: bytes = b""
-    serial: str = ""
-    expires_at: int = 0
-    code: int = 0
-    error: str = ""
 
 
 class SvidSigner:

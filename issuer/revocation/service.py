@@ -25,9 +25,8 @@ from issuer.identity.attestation import SidecarAttestor
 from issuer.ca.authority import CertificateAuthority
 from issuer.datastore.interface import Datastore
 from issuer.core.events import CLOSE, EventHub
-from issuer.core.models import ISSUER, Actor, AuditEvent, Entry, IssuedSerial, Revocation
+from issuer.core.models import ISSUER, Actor, AuditEvent, Entry, IssuedSerial, Revocation, SignResult
 from issuer.identity.registration import Registry, required_text
-from issuer.issuance.signer import SignResult
 from tessera import crl, logs, spiffeid, x509svid
 from tessera.errors import Code, InvalidArgument, NotFound, PermissionDenied, Unavailable
 

@@ -19,17 +19,17 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Hashable
+from typing import Any, AsyncIterator, Hashable
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from issuer.ca.authority import CertificateAuthority
+from issuer.core.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar, SignResult
+from issuer.datastore.interface import Datastore
+from issuer.identity.registration import Registry, validate_scopes
+from issuer.revocation.service import RevocationService
 from issuer.tasks import policy as pol
 from issuer.tasks.approvals import ApprovalRequest, Approvals
-from issuer.ca.authority import CertificateAuthority
-from issuer.datastore.interface import Datastore
-from issuer.core.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar
-from issuer.identity.registration import Registry, validate_scopes
-from issuer.issuance.signer import SignResult
 from tessera import selectors as sel
 from tessera import spiffeid, taskext, x509svid
 from tessera.errors import (AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied,
@@ -139,18 +139,15 @@ def entry_view(e: Entry) -> dict[str, Any]:
 
 class TaskService:
     def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry,
-                 policy: pol.Policy, approvals: Approvals,
-                 check_entry_allowed: Callable[[Entry], None],
-                 revoke: Callable[[list[IssuedSerial], str, Actor, str], list[str]],
-                 recheck_issued: Callable[[list[SignResult], str], list[SignResult]]):
+                 policy: pol.Policy, approvals: Approvals, revocation: RevocationService):
         self.store = store
         self.ca = ca
         self.registry = registry
         self.policy = policy
         self.approvals = approvals
-        self.check_entry_allowed = check_entry_allowed  # the revocation service's hook, as for identity SVIDs
-        self.revoke = revoke  # the revocation service: durable, in the CRL, pushed to sidecars
-        self.recheck_issued = recheck_issued  # closes the sign/revoke race, as for identity SVIDs
+        # Refuses revoked entries, closes the sign/revoke race and ends tasks (durable, in the CRL, pushed
+        # to sidecars), as for identity SVIDs.
+        self.revocation = revocation
         self._lock = threading.Lock()
         self._in_flight: set[tuple[str, str]] = set()
         limits = policy.limits
@@ -163,7 +160,7 @@ class TaskService:
         entry = self.registry.servable_for(spec.entry_id, sidecar.id, now)
         if not sel.matches(entry.selectors, spec.selectors):
             raise PermissionDenied(f"the calling workload does not match the selectors of entry {entry.id}")
-        self.check_entry_allowed(entry)
+        self.revocation.check_entry(entry)
         return entry
 
     @contextlib.asynccontextmanager
@@ -269,8 +266,8 @@ class TaskService:
             [AuditEvent("task.issue", ticket.actor, "allow", reason=ticket.decision.reason, subject=entry.spiffe_id,
                         details={**ticket.details, "serial": signed.serial_hex, "ttl": not_after - now,
                                  "kind": "task", "latency_ms": latency_ms})])
-        [checked] = self.recheck_issued([SignResult(entry.id, entry.spiffe_id, b"", signed.serial_hex, not_after)],
-                                        sidecar.id)
+        [checked] = self.revocation.recheck_issued(
+            [SignResult(entry.id, entry.spiffe_id, b"", signed.serial_hex, not_after)], sidecar.id)
         if checked.code:
             raise PermissionDenied(checked.error)
         return TaskSVID(entry.id, entry.spiffe_id, task_id, ticket.scopes,
@@ -286,4 +283,4 @@ class TaskService:
         live = [i for i in issued if i.revoked_at is None]
         if not live:
             return []
-        return self.revoke(live, reason or "task ended", actor, task_id)
+        return self.revocation.end_task(live, reason or "task ended", actor, task_id)
