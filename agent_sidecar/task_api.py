@@ -30,7 +30,8 @@ from agent_sidecar.workload_api import caller
 from tessera import logs, pem, x509svid
 from tessera.errors import Code, NotFound, PermissionDenied, TesseraError, Unavailable, for_code
 from tessera.rpc import grpclib_handler
-from tessera.v1 import issuer_pb2, task_grpc, task_pb2
+from tessera.taskspec import TaskSpec
+from tessera.v1 import task_grpc, task_pb2
 
 log = logs.get("sidecar.task_api")
 
@@ -108,10 +109,10 @@ class TaskAPI(task_grpc.TasksBase):
             raise PermissionDenied(f"cannot watch the task's process: {e}") from None
         try:
             key = x509svid.new_key()
-            call = self.client.request_task(issuer_pb2.TaskSVIDRequest(
-                entry_id=entry.id, task_id=req.task_id, scopes=list(req.scopes), ttl_seconds=req.ttl_seconds,
-                context=dict(req.context), csr=x509svid.make_csr(key), selectors=sorted(wl.selectors),
-                workload=issuer_pb2.WorkloadInfo(pid=wl.pid, uid=wl.uid, gid=wl.gid, exe=wl.exe or "")))
+            call = self.client.request_task(TaskSpec(
+                entry_id=entry.id, task_id=req.task_id, scopes=tuple(req.scopes), ttl=req.ttl_seconds,
+                context=dict(req.context), csr=x509svid.make_csr(key), selectors=frozenset(wl.selectors),
+                workload={"pid": wl.pid, "uid": wl.uid, "gid": wl.gid, "exe": wl.exe or ""}).to_proto())
             try:
                 async for update in call:
                     if update.WhichOneof("update") == "pending":
