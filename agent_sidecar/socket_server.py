@@ -29,9 +29,7 @@ from dataclasses import dataclass, replace
 
 import h2.connection
 import h2.settings
-from grpclib import GRPCError
 from grpclib.config import Configuration
-from grpclib.const import Status
 from grpclib.metadata import encode_grpc_message
 from grpclib.protocol import Connection, EventsProcessor, H2Protocol
 from grpclib.protocol import Stream as H2Stream
@@ -41,6 +39,7 @@ from h2.settings import SettingCodes
 from agent_sidecar.attestation import AttestationError, AttestedPeer, WorkloadAttestor
 from tessera import logs, peercred, rpc
 from tessera.configfile import Section
+from tessera.errors import DeadlineExceeded, PermissionDenied, ResourceExhausted, TesseraError, Unavailable
 
 log = logs.get("sidecar.socket")
 _refusals = logs.Throttled(log)
@@ -219,11 +218,12 @@ _CALL: contextvars.ContextVar[Call] = contextvars.ContextVar("tessera_socket_cal
 
 def current_peer() -> AttestedPeer:
     """The caller of the current call, as attested when its connection was accepted.
-    Raises the call's GRPCError when that attestation failed."""
+    Raises the call's typed error when that attestation failed."""
     conn = _CALL.get().conn
     if conn.peer is None:
         # A new error each time: re-raising the stored one would chain every call's frames onto it.
-        raise GRPCError(conn.attest_error.status, conn.attest_error.message)
+        kind, message = conn.attest_error
+        raise kind(message)
     return conn.peer
 
 
@@ -237,16 +237,16 @@ class _BoundedStream(H2Stream):
         call = self.call
         limit = call.conn.guard.limits.max_request_bytes
         if size > limit:
-            raise GRPCError(Status.RESOURCE_EXHAUSTED,
-                            f"request message of {size} bytes is larger than the sidecar's limit of {limit} bytes")
+            raise ResourceExhausted(
+                f"request message of {size} bytes is larger than the sidecar's limit of {limit} bytes")
         if not call.pending:
             return await super().recv_data(size)
         try:
             async with asyncio.timeout_at(call.request_deadline):
                 data = await super().recv_data(size)
         except TimeoutError:
-            raise GRPCError(Status.DEADLINE_EXCEEDED, "no complete request message within "
-                            f"{call.conn.guard.limits.request_timeout:g}s of the call's start") from None
+            raise DeadlineExceeded("no complete request message within "
+                                   f"{call.conn.guard.limits.request_timeout:g}s of the call's start") from None
         call.read(data)
         return data
 
@@ -256,12 +256,13 @@ class _GuardedConnection(Connection):
         return _BoundedStream(self, self._connection, self._transport, stream_id=stream_id, wrapper=wrapper)
 
 
-async def _refuse(stream: H2Stream, message: str, release_stream) -> None:
-    """Answer a call RESOURCE_EXHAUSTED (trailers only) without running its handler."""
+async def _refuse(stream: H2Stream, error: TesseraError, release_stream) -> None:
+    """Answer a call with `error`'s status (trailers only) without running its handler."""
+    status, message = rpc.grpclib_status(error)
     try:
         await stream.send_headers([
             (":status", "200"), ("content-type", "application/grpc"),
-            ("grpc-status", str(Status.RESOURCE_EXHAUSTED.value)), ("grpc-message", encode_grpc_message(message)),
+            ("grpc-status", str(status.value)), ("grpc-message", encode_grpc_message(message)),
         ], end_stream=True)
         if stream.closable:
             stream.reset_nowait()
@@ -296,7 +297,7 @@ class GuardedHandler(Handler):
         if refusal is not None:
             _refusals.log(f"call:{self.conn.uid}", "call refused", uid=self.conn.uid, reason=refusal)
             release = _once(release_stream)
-            self._start(stream, _refuse(stream, refusal, release), release)
+            self._start(stream, _refuse(stream, ResourceExhausted(refusal), release), release)
             return
         call = Call(self.conn, self.loop.time() + self.conn.guard.limits.request_timeout)
         stream.call = call
@@ -328,7 +329,7 @@ class GuardedProtocol(H2Protocol):
         self.guard = guard
         self.uid: int | None = None
         self.peer: AttestedPeer | None = None
-        self.attest_error: GRPCError | None = None
+        self.attest_error: tuple[type[TesseraError], str] | None = None  # raised anew in each call
         self.calls = 0
         self._admitted = False
         self._attested = False
@@ -370,12 +371,12 @@ class GuardedProtocol(H2Protocol):
         try:
             self.peer = await self.guard.attest(self.uid, sock)
         except AttestationError as e:
-            self.attest_error = GRPCError(Status.PERMISSION_DENIED, f"workload attestation failed: {e}")
+            self.attest_error = PermissionDenied, f"workload attestation failed: {e}"
         except (OSError, TimeoutError, RuntimeError) as e:  # RuntimeError: the server is closing
-            self.attest_error = GRPCError(Status.UNAVAILABLE, f"workload attestation failed: {e or 'timed out'}")
+            self.attest_error = Unavailable, f"workload attestation failed: {e or 'timed out'}"
         if self.attest_error is not None:
             _refusals.log(f"attest:{self.uid}", "workload attestation failed", uid=self.uid,
-                          error=self.attest_error.message)
+                          error=self.attest_error[1])
         self._attested = True
         self.connection.flush()  # the server's SETTINGS: the caller may speak now
         self.connection.initialize()

@@ -21,8 +21,6 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from grpclib import GRPCError
-from grpclib.const import Status
 
 from agent_sidecar.attestation import AttestedPeer, Workload, alive
 from agent_sidecar.cache import CacheManager
@@ -30,7 +28,10 @@ from agent_sidecar.issuer_client import IssuerClient
 from agent_sidecar.socket_server import current_peer
 from agent_sidecar.workload_api import caller
 from tessera import logs, pem, x509svid
-from tessera.v1 import issuer_pb2, task_grpc, task_pb2
+from tessera.errors import Code, NotFound, PermissionDenied, TesseraError, Unavailable, for_code
+from tessera.rpc import grpclib_handler
+from tessera.taskspec import TaskSpec
+from tessera.v1 import task_grpc, task_pb2
 
 log = logs.get("sidecar.task_api")
 
@@ -62,22 +63,21 @@ def owner_pidfd(peer: AttestedPeer, parent: bool) -> tuple[int, int]:
     """
     wl = peer.workload
     if peer.pidfd is None or not alive(peer.pidfd):
-        raise GRPCError(Status.PERMISSION_DENIED, "the calling process exited during the request")
+        raise PermissionDenied("the calling process exited during the request")
     if not parent:
         return wl.pid, os.dup(peer.pidfd)
     ppid = _ppid(wl.pid)
     fd = os.pidfd_open(ppid)
     if not alive(peer.pidfd) or _ppid(wl.pid) != ppid:
         os.close(fd)
-        raise GRPCError(Status.PERMISSION_DENIED, "the calling process's parent changed during the request")
+        raise PermissionDenied("the calling process's parent changed during the request")
     return ppid, fd
 
 
-def _issuer_error(e: grpc.aio.AioRpcError) -> GRPCError:
+def _issuer_error(e: grpc.aio.AioRpcError) -> TesseraError:
     """Relay the issuer's status and message; the issuer's words are the rule's reason."""
     code = e.code()
-    status = Status(code.value[0]) if code is not None else Status.UNKNOWN
-    return GRPCError(status, e.details() or code.name)
+    return for_code(code.value[0] if code is not None else Code.UNKNOWN, e.details() or code.name)
 
 
 class TaskAPI(task_grpc.TasksBase):
@@ -96,22 +96,23 @@ class TaskAPI(task_grpc.TasksBase):
         if spiffe_id:
             entries = [e for e in entries if e.spiffe_id == spiffe_id]
         if not entries:
-            raise GRPCError(Status.PERMISSION_DENIED, "no identity issued" + (f" for {spiffe_id}" if spiffe_id else ""))
+            raise PermissionDenied("no identity issued" + (f" for {spiffe_id}" if spiffe_id else ""))
         return entries[0]
 
+    @grpclib_handler
     async def StartTask(self, stream) -> None:
         req, wl = await self._caller(stream)
         entry = self._entry(wl, req.spiffe_id)
         try:
             pid, pidfd = owner_pidfd(current_peer(), req.bind_to_parent)
         except OSError as e:
-            raise GRPCError(Status.PERMISSION_DENIED, f"cannot watch the task's process: {e}") from None
+            raise PermissionDenied(f"cannot watch the task's process: {e}") from None
         try:
             key = x509svid.new_key()
-            call = self.client.request_task(issuer_pb2.TaskSVIDRequest(
-                entry_id=entry.id, task_id=req.task_id, scopes=list(req.scopes), ttl_seconds=req.ttl_seconds,
-                context=dict(req.context), csr=x509svid.make_csr(key), selectors=sorted(wl.selectors),
-                workload=issuer_pb2.WorkloadInfo(pid=wl.pid, uid=wl.uid, gid=wl.gid, exe=wl.exe or "")))
+            call = self.client.request_task(TaskSpec(
+                entry_id=entry.id, task_id=req.task_id, scopes=tuple(req.scopes), ttl=req.ttl_seconds,
+                context=dict(req.context), csr=x509svid.make_csr(key), selectors=frozenset(wl.selectors),
+                workload={"pid": wl.pid, "uid": wl.uid, "gid": wl.gid, "exe": wl.exe or ""}).to_proto())
             try:
                 async for update in call:
                     if update.WhichOneof("update") == "pending":
@@ -133,17 +134,18 @@ class TaskAPI(task_grpc.TasksBase):
                 raise _issuer_error(e) from None
             finally:
                 call.cancel()  # the caller left: the issuer withdraws a pending request
-            raise GRPCError(Status.UNAVAILABLE, "the issuer ended the task request without an answer")
+            raise Unavailable("the issuer ended the task request without an answer")
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
 
+    @grpclib_handler
     async def EndTask(self, stream) -> None:
         req, wl = await self._caller(stream)
         mine = {e.id for e in self.cache.matching(wl.selectors)}
         found = [t for (eid, tid), t in self.tasks.items() if tid == req.task_id and eid in mine]
         if not found:
-            raise GRPCError(Status.NOT_FOUND, f"no task {req.task_id!r} of yours is live on this sidecar")
+            raise NotFound(f"no task {req.task_id!r} of yours is live on this sidecar")
         revoked: list[str] = []
         for t in found:
             revoked += await self._end(t, "task ended by the workload")
@@ -187,8 +189,8 @@ class TaskAPI(task_grpc.TasksBase):
                 try:
                     await self._end(t, f"process {pid} exited")
                     break
-                except GRPCError as e:
-                    if e.status == Status.NOT_FOUND or t.expires_at <= time.time():
+                except TesseraError as e:
+                    if e.code == Code.NOT_FOUND or t.expires_at <= time.time():
                         self.tasks.pop((t.entry_id, t.task_id), None)
                         break
                     log.warning("could not end task after process exit; retrying", task_id=t.task_id,

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import time
 
-from grpclib import GRPCError
-from grpclib.const import Status
-
 from agent_sidecar.attestation import AttestationError, Workload
 from agent_sidecar.cache import CacheManager
 from agent_sidecar.socket_server import current_peer
 from tessera import logs
+from tessera.errors import InvalidArgument, PermissionDenied, Unavailable, Unimplemented
+from tessera.rpc import grpclib_handler
 from tessera.workload import workload_grpc, workload_pb2
 
 log = logs.get("sidecar.workload_api")
@@ -28,7 +27,7 @@ FIRST_SVID_TIMEOUT = 10.0
 def check_security_header(stream) -> None:
     values = stream.metadata.getall("workload.spiffe.io", []) if stream.metadata else []
     if values != ["true"]:
-        raise GRPCError(Status.INVALID_ARGUMENT, "security header missing from request")
+        raise InvalidArgument("security header missing from request")
 
 
 def current_workload() -> Workload:
@@ -40,7 +39,7 @@ def current_workload() -> Workload:
     except AttestationError as e:
         _denials.log(f"changed:{peer.workload.uid}", "workload changed since it connected", error=str(e),
                      **peer.workload.describe())
-        raise GRPCError(Status.PERMISSION_DENIED, f"workload attestation failed: {e}") from None
+        raise PermissionDenied(f"workload attestation failed: {e}") from None
     return peer.workload
 
 
@@ -50,9 +49,9 @@ async def caller(stream, cache: CacheManager):
     check_security_header(stream)
     req = await stream.recv_message()
     if req is None:
-        raise GRPCError(Status.INVALID_ARGUMENT, "the call carried no request message")
+        raise InvalidArgument("the call carried no request message")
     if not cache.ready:
-        raise GRPCError(Status.UNAVAILABLE, "sidecar is starting: no entries synced from the issuer yet")
+        raise Unavailable("sidecar is starting: no entries synced from the issuer yet")
     return req, current_workload()
 
 
@@ -65,6 +64,7 @@ class WorkloadAPI(workload_grpc.SpiffeWorkloadAPIBase):
     async def _caller(self, stream) -> Workload:
         return (await caller(stream, self.cache))[1]
 
+    @grpclib_handler
     async def FetchX509SVID(self, stream) -> None:
         wl = await self._caller(stream)
         last = None
@@ -78,10 +78,10 @@ class WorkloadAPI(workload_grpc.SpiffeWorkloadAPIBase):
             if revoked or self.cache.cut:
                 # "Stop using all SVIDs": the client must drop the revoked identity's credentials now.
                 log.info("identity revoked; ending workload stream", entry_ids=revoked, **wl.describe())
-                raise GRPCError(Status.PERMISSION_DENIED, "identity revoked")
+                raise PermissionDenied("identity revoked")
             if not entries:
                 _denials.log(f"none:{wl.uid}", "no identity for workload", **wl.describe())
-                raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
+                raise PermissionDenied("no identity issued")
             if not announced:
                 log.info("workload attested", **wl.describe())  # once a call; denials are throttled above
                 announced = True
@@ -100,15 +100,16 @@ class WorkloadAPI(workload_grpc.SpiffeWorkloadAPIBase):
                     served.update(s.entry_id for s in svids)
             timeout = None if last is not None else max(0.0, deadline - time.monotonic())
             if not await self.cache.wait_change(version, timeout):
-                raise GRPCError(Status.UNAVAILABLE, "identity not yet available from the issuer; retry")
+                raise Unavailable("identity not yet available from the issuer; retry")
 
+    @grpclib_handler
     async def FetchX509Bundles(self, stream) -> None:
         wl = await self._caller(stream)
         last = None
         while True:
             version = self.cache.version
             if not self.cache.matching(wl.selectors):
-                raise GRPCError(Status.PERMISSION_DENIED, "no identity issued")
+                raise PermissionDenied("no identity issued")
             crls = list(self.crls())
             state = (self.cache.bundle_der, tuple(crls))
             if state != last:
@@ -119,14 +120,17 @@ class WorkloadAPI(workload_grpc.SpiffeWorkloadAPIBase):
                 last = state
             await self.cache.wait_change(version)
 
+    @grpclib_handler
     async def FetchJWTSVID(self, stream) -> None:
         check_security_header(stream)
-        raise GRPCError(Status.UNIMPLEMENTED, "JWT-SVIDs are not supported by this sidecar")
+        raise Unimplemented("JWT-SVIDs are not supported by this sidecar")
 
+    @grpclib_handler
     async def FetchJWTBundles(self, stream) -> None:
         check_security_header(stream)
-        raise GRPCError(Status.UNIMPLEMENTED, "JWT-SVIDs are not supported by this sidecar")
+        raise Unimplemented("JWT-SVIDs are not supported by this sidecar")
 
+    @grpclib_handler
     async def ValidateJWTSVID(self, stream) -> None:
         check_security_header(stream)
-        raise GRPCError(Status.UNIMPLEMENTED, "JWT-SVIDs are not supported by this sidecar")
+        raise Unimplemented("JWT-SVIDs are not supported by this sidecar")

@@ -10,7 +10,10 @@ import enum
 
 
 class Code(enum.IntEnum):
-    # Numeric values are the gRPC status codes (identical in grpcio and grpclib).
+    # Numeric values are the gRPC status codes (identical in grpcio and grpclib). Every non-OK code is
+    # here so that a status relayed from another service keeps its code (see for_code).
+    CANCELLED = 1
+    UNKNOWN = 2
     INVALID_ARGUMENT = 3
     NOT_FOUND = 5
     ALREADY_EXISTS = 6
@@ -22,6 +25,9 @@ class Code(enum.IntEnum):
     UNAVAILABLE = 14
     DEADLINE_EXCEEDED = 4
     UNAUTHENTICATED = 16
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    DATA_LOSS = 15
 
 
 class TesseraError(Exception):
@@ -66,6 +72,27 @@ class Unavailable(TesseraError):
 
 class DeadlineExceeded(TesseraError):
     code = Code.DEADLINE_EXCEEDED
+
+
+class Unimplemented(TesseraError):
+    code = Code.UNIMPLEMENTED
+
+
+class Relayed(TesseraError):
+    """Another service's status, passed on as it was: its code and message are that service's words."""
+
+    def __init__(self, code: Code, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def for_code(code: int, message: str) -> TesseraError:
+    """The typed error for a gRPC status code (a code outside the enum, or OK, is UNKNOWN)."""
+    try:
+        known = Code(code)
+    except ValueError:
+        known = Code.UNKNOWN
+    return Relayed(known, message)
 
 
 class ConfigError(Exception):

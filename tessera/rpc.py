@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from grpclib import GRPCError
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import ProtocolError, StreamTerminatedError
 
 from tessera import logs
 from tessera.errors import TesseraError
@@ -132,18 +133,28 @@ class Codec(ProtoCodec):
             raise GRPCError(Status.INVALID_ARGUMENT, f"malformed request: {e}") from None
 
 
+def grpclib_status(e: TesseraError) -> tuple[Status, str]:
+    """The grpclib status and message a typed error reaches the caller as."""
+    return Status(int(e.code)), e.message
+
+
 def grpclib_handler(fn):
-    """Wrap a grpclib handler (async, takes a stream) so typed errors become statuses."""
+    """Wrap a grpclib handler (async, takes a stream) so typed errors become statuses.
+
+    grpclib's own errors pass through untouched: a GRPCError from its codec or deadline (and the Codec
+    above), and a stream the caller reset or a connection that broke, which grpclib logs as such.
+    Anything else is a bug: logged with its traceback here, INTERNAL "internal error" to the caller.
+    """
 
     @functools.wraps(fn)
     async def handler(self, stream, *args, **kwargs):
         try:
             return await fn(self, stream, *args, **kwargs)
         except TesseraError as e:
-            raise GRPCError(Status(int(e.code)), e.message) from None
-        except GRPCError:
+            raise GRPCError(*grpclib_status(e)) from None
+        except (GRPCError, StreamTerminatedError, ProtocolError):
             raise
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - last-resort boundary
             log.exception("unhandled error", method=fn.__name__)
             raise GRPCError(Status.INTERNAL, "internal error") from None
 

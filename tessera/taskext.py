@@ -14,7 +14,7 @@ and decodable without an ASN.1 schema; `v` versions the layout.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 from cryptography import x509
 
@@ -27,6 +27,8 @@ _UTF8STRING = 0x0C
 
 @dataclass(frozen=True)
 class TaskBinding:
+    """The extension's content; its JSON keys are these field names (and `v`)."""
+
     task_id: str
     scopes: tuple[str, ...]
     entry_id: str
@@ -34,9 +36,7 @@ class TaskBinding:
 
 
 def encode(binding: TaskBinding) -> x509.UnrecognizedExtension:
-    text = json.dumps({"v": VERSION, "task_id": binding.task_id, "scopes": list(binding.scopes),
-                       "entry_id": binding.entry_id, "owner": binding.owner},
-                      sort_keys=True, separators=(",", ":")).encode()
+    text = json.dumps({"v": VERSION, **asdict(binding)}, sort_keys=True, separators=(",", ":")).encode()
     return x509.UnrecognizedExtension(TASK_OID, der.tlv(_UTF8STRING, text))
 
 
@@ -55,12 +55,13 @@ def decode_value(value: bytes) -> TaskBinding:
     # `type(...) is int`: true and 1.0 equal 1 but are not this layout's version number.
     if not isinstance(data, dict) or type(data.get("v")) is not int or data["v"] != VERSION:
         raise ValueError("task extension has an unknown version")
-    scopes = data.get("scopes")
-    fields = (data.get("task_id"), data.get("entry_id"), data.get("owner"))
-    if not all(isinstance(f, str) for f in fields) or not isinstance(scopes, list) or \
+    # Every field is text but scopes, a list of texts.
+    values = {f.name: data.get(f.name) for f in fields(TaskBinding)}
+    scopes = values["scopes"]
+    if not all(isinstance(v, str) for k, v in values.items() if k != "scopes") or not isinstance(scopes, list) or \
             not all(isinstance(s, str) for s in scopes):
         raise ValueError("task extension is missing fields")
-    return TaskBinding(data["task_id"], tuple(scopes), data["entry_id"], data["owner"])
+    return TaskBinding(**{**values, "scopes": tuple(scopes)})
 
 
 def read(cert: x509.Certificate) -> TaskBinding | None:

@@ -18,12 +18,13 @@ from harness import CLIENTS, one_line_error, openssl_says_revoked, openssl_verif
 from inproc import issuer_services
 from issuer.core.models import Actor
 from issuer.tasks.policy import load_section
-from issuer.tasks.service import TaskSpec, Turns
+from issuer.tasks.service import Turns
 from taskutil import end_task, policy, spiffe_parse, start_task, task_argv
 from tessera import taskext, x509svid
 from tessera.configfile import Section
 from tessera.errors import ConfigError
 from tessera.errors import DeadlineExceeded, NotFound, PermissionDenied, ResourceExhausted, Unavailable
+from tessera.taskspec import TaskSpec
 
 
 @pytest.fixture
@@ -195,6 +196,13 @@ def spec(entry_id, selectors=("unix:uid:7",), task_id="t1", uid=7):
 
 async def steps(request) -> list:
     return [s async for s in request]
+
+
+def test_a_task_request_reaches_the_issuer_as_the_sidecar_built_it():
+    sent = TaskSpec("e1", "t1", ("repo:read", "db:write"), 60, {"ticket": "OPS-1"}, b"csr-bytes",
+                    frozenset({"unix:uid:7", "unix:gid:7"}), {"pid": 107, "uid": 7, "gid": 7, "exe": "/bin/agent"})
+    assert TaskSpec.from_proto(type(sent.to_proto()).FromString(sent.to_proto().SerializeToString())) == sent
+    assert sent.binding("alice") == taskext.TaskBinding("t1", ("repo:read", "db:write"), "e1", "alice")
 
 
 def test_issuer_refuses_tasks_for_another_sidecars_entry_or_unmatched_selectors(tmp_path):

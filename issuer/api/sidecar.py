@@ -23,10 +23,11 @@ from issuer.identity.attestation import SidecarAttestor
 from issuer.identity.registration import Registry
 from issuer.issuance.signer import SvidSigner
 from issuer.revocation.service import RevocationService
-from issuer.tasks.service import TaskService, TaskSpec
+from issuer.tasks.service import TaskService
 from tessera import logs, pem
 from tessera.errors import PermissionDenied
 from tessera.rpc import grpcio_handler
+from tessera.taskspec import TaskSpec
 from tessera.v1 import issuer_pb2, issuer_pb2_grpc, task_pb2
 
 log = logs.get("sidecar-api")
@@ -149,11 +150,7 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
     @grpcio_handler
     async def RequestTaskSVID(self, request, context):
         sidecar = self._caller(context)
-        w = request.workload
-        spec = TaskSpec(entry_id=request.entry_id, task_id=request.task_id, scopes=tuple(request.scopes),
-                        ttl=request.ttl_seconds, context=dict(request.context), csr=request.csr,
-                        selectors=frozenset(request.selectors),
-                        workload={"pid": w.pid, "uid": w.uid, "gid": w.gid, "exe": w.exe})
+        spec = TaskSpec.from_proto(request)
         # A caller that goes away cancels this coroutine; closing the steps withdraws an approval request at once.
         async with contextlib.aclosing(self.tasks.request(sidecar, spec)) as steps:
             async for kind, value in steps:

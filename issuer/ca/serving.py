@@ -32,11 +32,11 @@ class ServingCert:
         signed = self.ca.sign(key.public_key(), sid, SERVING_CERT_TTL, dns_names=[self.server_name])
         now = int(time.time())
         not_after = int(signed.not_after.timestamp())
+        record = IssuedSerial(signed.serial_hex, str(sid), "issuer", None, None, now, not_after)
         self.store.record_issued(
-            [IssuedSerial(signed.serial_hex, str(sid), "issuer", None, None, now, not_after)],
+            [record],
             [AuditEvent("issuer.serving_cert", ISSUER, "allow", reason="issuer TLS serving certificate",
-                        subject=str(sid), details={"serial": signed.serial_hex, "ttl": not_after - now,
-                                                   "kind": "issuer", "dns_names": [self.server_name]})])
+                        subject=str(sid), details={**record.audit_details(), "dns_names": [self.server_name]})])
         self._renew_at = time.time() + SERVING_CERT_TTL / 2
         return pem.key_pem(key), pem.certs_pem([signed.cert])
 

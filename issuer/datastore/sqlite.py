@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import operator
 import os
 import sqlite3
 import threading
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from issuer.core.models import ISSUED_FIELDS
 from issuer.datastore.interface import GENESIS_HASH, audit_hash, audit_record_from_row
 from issuer.core.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
 from tessera import logs, safefs
@@ -152,6 +154,11 @@ def _sidecar(row: sqlite3.Row) -> Sidecar:
 
 def _issued(row: sqlite3.Row) -> IssuedSerial:
     return IssuedSerial(**{k: row[k] for k in row.keys()})
+
+
+# The issued table's row, named column by column from the record's fields (see IssuedSerial).
+_issued_row = operator.attrgetter(*ISSUED_FIELDS)
+_INSERT_ISSUED = f"INSERT INTO issued ({', '.join(ISSUED_FIELDS)}) VALUES ({', '.join('?' * len(ISSUED_FIELDS))})"
 
 
 @contextlib.contextmanager
@@ -565,10 +572,9 @@ class SQLiteDatastore:
             raise group.error
 
     def _insert_issued(self, db: sqlite3.Connection, group: list[_PendingSerials]) -> None:
-        rows = [(s.serial, s.spiffe_id, s.kind, s.entry_id, s.sidecar_id, s.task_id, s.issued_at, s.not_after,
-                 s.revoked_at, s.revocation_reason) for p in group for s in p.serials]
+        rows = [_issued_row(s) for p in group for s in p.serials]
         if rows:
-            db.executemany("INSERT INTO issued VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+            db.executemany(_INSERT_ISSUED, rows)
         self._audit_many(db, [a for p in group for a in p.audits])
 
     def get_issued(self, serial: str) -> IssuedSerial | None:

@@ -231,9 +231,11 @@ class SidecarAttestor:
             renewing = existing is not None and audit.action == "sidecar.renew"
             attested_at = existing.attested_at if renewing else now
             sidecar = Sidecar(sid, name, "active", attested_at, now, signed.serial_hex, not_after)
-            self.store.record_issued([IssuedSerial(signed.serial_hex, sid, "sidecar", None, sid, now, not_after)])
-            self.store.upsert_sidecar(sidecar, replace(audit, details={"serial": signed.serial_hex,
-                                                                       "ttl": self.svid_ttl, "kind": "sidecar"}))
+            record = IssuedSerial(signed.serial_hex, sid, "sidecar", None, sid, now, not_after)
+            self.store.record_issued([record])
+            # The ttl asked for, as this event has always said (the CA may cap not_after below it).
+            self.store.upsert_sidecar(sidecar, replace(audit, details={**record.audit_details(),
+                                                                       "ttl": self.svid_ttl}))
             self._sidecars[sid] = sidecar
         return SidecarSVID(sid, (signed.cert,))
 

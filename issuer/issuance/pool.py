@@ -116,14 +116,13 @@ def issuance_records(jobs: Sequence[SignJob], signed: Sequence[Signed]) -> tuple
     for job, s in zip(jobs, signed):
         if s.error:
             continue
-        serial = s.serial_hex
-        issued.append(IssuedSerial(serial, job.spiffe_id, "identity", job.entry_id, job.sidecar_id, job.issued_at,
-                                   s.not_after))
+        record = IssuedSerial(s.serial_hex, job.spiffe_id, "identity", job.entry_id, job.sidecar_id, job.issued_at,
+                              s.not_after)
+        issued.append(record)
         audits.append(AuditEvent(
             "svid.issue", Actor("sidecar", job.sidecar_id), "allow",
             reason="entry active, unexpired, parent is the caller", subject=job.spiffe_id,
-            details={"serial": serial, "entry_id": job.entry_id, "sidecar_id": job.sidecar_id,
-                     "ttl": s.not_after - job.issued_at, "kind": "identity"}))
+            details={**record.audit_details(), "entry_id": job.entry_id, "sidecar_id": job.sidecar_id}))
     return issued, audits
 
 

@@ -18,7 +18,7 @@ import re
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Hashable
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -34,25 +34,12 @@ from tessera import selectors as sel
 from tessera import spiffeid, taskext, x509svid
 from tessera.errors import (AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied,
                             ResourceExhausted, Unavailable)
+from tessera.taskspec import TaskSpec
 
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
 _CONTEXT_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 MAX_CONTEXT = 32
 MAX_CONTEXT_VALUE = 256
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """A task request as the sidecar forwards it."""
-
-    entry_id: str
-    task_id: str
-    scopes: tuple[str, ...]
-    ttl: int
-    context: dict[str, str]
-    csr: bytes
-    selectors: frozenset[str]
-    workload: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -88,7 +75,7 @@ class _Ticket:
     public_key: Any = None
     actor: Actor | None = None
     decision: pol.Decision | None = None
-    scopes: tuple[str, ...] = ()
+    spec: TaskSpec | None = None  # the request once its scopes and context are checked
     details: dict = field(default_factory=dict)
 
 
@@ -206,8 +193,8 @@ class TaskService:
         """Check and decide; issue at once when policy allows, or submit for approval. Blocks."""
         if not _TASK_ID.match(spec.task_id or ""):
             raise InvalidArgument("invalid task_id: use 1-128 letters, digits and . _ : @ / -")
-        scopes = validate_scopes(spec.scopes, per="task")  # they all go into the certificate
-        context = validate_context(spec.context)
+        spec = ticket.spec = replace(spec, scopes=validate_scopes(spec.scopes, per="task"),  # all go into the cert
+                                     context=validate_context(spec.context))
         if spec.ttl <= 0:
             raise InvalidArgument("ttl_seconds must be positive")
         ticket.public_key = x509svid.csr_public_key(spec.csr)
@@ -217,9 +204,7 @@ class TaskService:
         except PermissionDenied as e:
             self.store.append_audit([AuditEvent(
                 "task.deny", Actor("workload", "unknown", {**spec.workload, "sidecar_id": sidecar.id}), "deny",
-                reason=e.message, subject=spec.entry_id,
-                details={"task_id": spec.task_id, "entry_id": spec.entry_id, "scopes": list(scopes),
-                         "requested_ttl": spec.ttl, "context": context, "rule": "entry"})])
+                reason=e.message, subject=spec.entry_id, details={**spec.audit_details(), "rule": "entry"})])
             raise
         ticket.actor = Actor("workload", entry.spiffe_id, {**spec.workload, "sidecar_id": sidecar.id})
         key = (entry.id, spec.task_id)
@@ -231,19 +216,17 @@ class TaskService:
         if self.store.find_issued(entry_id=entry.id, task_id=spec.task_id, unexpired_at=int(now), revoked=False):
             raise AlreadyExists(f"task {spec.task_id!r} already has a live credential; end it first")
         req = pol.TaskRequest(entry_view(entry), {"id": sidecar.id, "name": sidecar.name}, dict(spec.workload),
-                              spec.task_id, scopes, spec.ttl, context, now)
+                              spec.task_id, spec.scopes, spec.ttl, spec.context, now)
         decision = ticket.decision = pol.evaluate(self.policy, req)
-        ticket.scopes = scopes
-        ticket.details = {"task_id": spec.task_id, "entry_id": entry.id, "scopes": list(scopes),
-                          "requested_ttl": spec.ttl, "context": context, "rule": decision.rule}
+        ticket.details = {**spec.audit_details(), "rule": decision.rule}
         if decision.effect == "deny":
             self.store.append_audit([AuditEvent("task.deny", ticket.actor, "deny", reason=decision.reason,
                                                 subject=entry.spiffe_id, details=ticket.details)])
             raise PermissionDenied(f"task denied by rule {decision.rule}: {decision.reason}")
         if decision.effect == "require_approval":
             ticket.approval = self.approvals.submit(ApprovalRequest(
-                "", spec.task_id, entry.id, entry.spiffe_id, entry.owner, entry.tier, scopes, decision.ttl,
-                context, sidecar.id, dict(spec.workload), decision.reason, decision.rule, 0, 0), ticket.actor)
+                "", spec.task_id, entry.id, entry.spiffe_id, entry.owner, entry.tier, spec.scopes, decision.ttl,
+                dict(spec.context), sidecar.id, dict(spec.workload), decision.reason, decision.rule, 0, 0), ticket.actor)
             return
         ticket.svid = self._issue(sidecar, entry, spec.task_id, ticket)
 
@@ -253,24 +236,24 @@ class TaskService:
         ticket.svid = self._issue(sidecar, entry, spec.task_id, ticket)
 
     def _issue(self, sidecar: Sidecar, entry: Entry, task_id: str, ticket: "_Ticket") -> TaskSVID:
-        binding = taskext.TaskBinding(task_id, ticket.scopes, entry.id, entry.owner)
+        binding = ticket.spec.binding(entry.owner)
         signed = self.ca.sign(ticket.public_key, spiffeid.parse(entry.spiffe_id), ticket.decision.ttl,
                               not_after_cap=dt.datetime.fromtimestamp(entry.expires_at, dt.timezone.utc),
                               extra_extensions=[taskext.encode(binding)])
         now = int(time.time())
         not_after = int(signed.not_after.timestamp())
         latency_ms = round((time.monotonic() - ticket.started) * 1000, 3)
+        record = IssuedSerial(signed.serial_hex, entry.spiffe_id, "task", entry.id, sidecar.id, now, not_after,
+                              task_id=task_id)
         self.store.record_issued(
-            [IssuedSerial(signed.serial_hex, entry.spiffe_id, "task", entry.id, sidecar.id, now, not_after,
-                          task_id=task_id)],
+            [record],
             [AuditEvent("task.issue", ticket.actor, "allow", reason=ticket.decision.reason, subject=entry.spiffe_id,
-                        details={**ticket.details, "serial": signed.serial_hex, "ttl": not_after - now,
-                                 "kind": "task", "latency_ms": latency_ms})])
+                        details={**ticket.details, **record.audit_details(), "latency_ms": latency_ms})])
         [checked] = self.revocation.recheck_issued(
             [SignResult(entry.id, entry.spiffe_id, b"", signed.serial_hex, not_after)], sidecar.id)
         if checked.code:
             raise PermissionDenied(checked.error)
-        return TaskSVID(entry.id, entry.spiffe_id, task_id, ticket.scopes,
+        return TaskSVID(entry.id, entry.spiffe_id, task_id, ticket.spec.scopes,
                         signed.cert.public_bytes(Encoding.DER), signed.serial_hex, not_after)
 
     def end(self, sidecar: Sidecar, task_id: str, entry_id: str, reason: str, actor: Actor) -> list[str]:
