@@ -10,6 +10,7 @@ import time
 from concurrent import futures
 
 import grpc
+from cryptography.hazmat.primitives import hashes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -18,7 +19,8 @@ from issuer.tasks import policy as policy_mod
 from issuer.api.admin import AdminService
 from issuer.tasks.approvals import Approvals
 from issuer.identity.attestation import SidecarAttestor
-from issuer.audit.records import AuditFile, records_after_sqlite
+from issuer.audit.records import AuditFile
+from issuer.audit.relay import AuditRelay
 from issuer.ca.authority import CertificateAuthority
 from issuer.config import IssuerConfig
 from issuer.core.events import EventHub
@@ -29,7 +31,8 @@ from issuer.revocation.service import RevocationService
 from issuer.api.sidecar import IssuerService
 from issuer.issuance.signer import SvidSigner
 from issuer.issuance.pool import SigningPool
-from issuer.datastore.sqlite import SQLiteDatastore
+from issuer.datastore import open_store
+from issuer.datastore.interface import Datastore
 from issuer.tasks.service import TaskService, entry_view
 from tessera import logs, pem, rpc, safefs, spiffeid, x509svid
 from tessera.connlimit import CappedServer
@@ -53,7 +56,7 @@ BOOTSTRAP_IDLE_MS = 30_000
 class ServingCert:
     """The issuer's own TLS certificate, re-issued at half-life and picked up by new handshakes."""
 
-    def __init__(self, ca: CertificateAuthority, store: SQLiteDatastore, server_name: str):
+    def __init__(self, ca: CertificateAuthority, store: Datastore, server_name: str):
         self.ca = ca
         self.store = store
         self.server_name = server_name
@@ -91,16 +94,19 @@ class IssuerServer:
         self.cfg = cfg
         safefs.make_dir(cfg.data_dir, "data_dir", 0o700, tighten=True)  # ours alone, before anything is read from it
         check_socket_path(cfg.admin_socket)  # refused now, not after the listeners are up
-        db_path = cfg.data_dir / "tessera.db"
-        self.store = SQLiteDatastore(db_path)
+        self.audit_relay = AuditRelay()
+        self.store = open_store(cfg.data_dir / "tessera.db", relay=self.audit_relay)
         # The JSON-lines copy of the trail first catches up with what the database already holds.
-        self.audit_file = AuditFile(cfg.audit_file, lambda seq, n: records_after_sqlite(db_path, seq, n))
+        self.audit_file = AuditFile(cfg.audit_file, self.store.audit_records)
         self.audit_file.catch_up()
         self.audit_file.start()
-        self.store.audit_listeners.append(self.audit_file)
-        self.store.audit_listeners.append(metrics.observe_audit)
+        self.audit_relay.subscribe(self.audit_file)
+        self.audit_relay.subscribe(metrics.observe_audit)
         self.ca = CertificateAuthority.load_or_create(cfg.trust_domain, cfg.data_dir, cfg.ca_cert, cfg.ca_key,
                                                       cfg.ca_ttl)
+        # A CA the store has not seen is an authority change on the feed (other issuers follow it).
+        self.store.note_authority(self.ca.cert.fingerprint(hashes.SHA256()).hex(),
+                                  int(self.ca.cert.not_valid_after_utc.timestamp()), int(time.time()))
         self.hub = EventHub()
         self.registry = Registry(self.store, self.hub, cfg.trust_domain, cfg.default_x509_ttl,
                                  tier_names=cfg.policy.tier_names)
@@ -108,7 +114,7 @@ class IssuerServer:
         # the check is looked up when called, and fails (never passes) if the service were missing.
         self.attestor = SidecarAttestor(self.store, self.ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl,
                                         is_revoked=lambda serial: self.revocation.is_revoked(serial))
-        self.signing_pool = (SigningPool(self.ca, cfg.signing_workers, self.store.path, self.store.notify)
+        self.signing_pool = (SigningPool(self.ca, cfg.signing_workers, self.store.opener(), self.audit_relay.publish)
                              if cfg.signing_workers else None)
         self.revocation = RevocationService(self.store, self.ca, self.registry, self.attestor, self.hub,
                                             cfg.crl_validity)
@@ -125,7 +131,7 @@ class IssuerServer:
         self.admin = AdminService(self.registry, self.attestor, self.hub, lambda: self.ca.bundle_pem,
                                   cfg.admin_uids, approvals=self.approvals, revocation=self.revocation)
         self.evidence = Evidence(self.store, self.registry, self.attestor, self.hub)
-        self.store.audit_listeners.append(self.evidence.feed)
+        self.audit_relay.subscribe(self.evidence.feed)
         self.admin.evidence = self.evidence
         self.evidence.approval_covers = lambda e: policy_mod.approval_covers(cfg.policy, entry_view(e), time.time())
         metrics.watch_connected_sidecars(lambda: len(self.hub.connected()))

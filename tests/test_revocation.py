@@ -448,40 +448,55 @@ def test_crl_number_and_revoked_set_survive_a_restart(issuer):
         again.close()
 
 
-def stored_crl(store) -> tuple[int, bytes]:
-    with store._lock:
-        return tuple(store._db.execute("SELECT number, der FROM crl").fetchone())
-
-
 async def test_revoke_returns_after_a_crl_listing_it_is_committed_and_pushed(issuer):
     s = issuer.issue()
     sub = issuer.hub.subscribe(HOST)
     result = await asyncio.to_thread(issuer.revocation.revoke, "serial", s, "stolen", OPERATOR)
-    number, der = stored_crl(issuer.store)
-    assert s in crl_mod.serials(crl_mod.load(der)) and issuer.revocation.crl_der() == der
+    info = issuer.revocation.crl_info()
+    assert s in crl_mod.serials(crl_mod.load(info.der)) and crl_mod.number_of(crl_mod.load(info.der)) == info.number
+    assert issuer.store.next_crl_number() == info.number + 1  # its number committed with the revocation
     pushed = [sub.queue.get_nowait() for _ in range(2)]  # both were queued before revoke returned
     assert [k for k, _, _ in pushed] == ["revocation", "crl"] and pushed[0][1].seq == result.seq
-    assert pushed[1][1] == der and crl_mod.number_of(crl_mod.load(der)) == number
+    assert pushed[1][1] == info.der
 
 
-def test_concurrent_revocations_share_crl_builds_and_each_returns_covered(issuer):
+def test_a_crl_that_cannot_be_signed_leaves_the_revocation_uncommitted(issuer, monkeypatch):
+    s = issuer.issue()
+    seq, number = issuer.store.last_revocation_seq(), issuer.revocation.crl_info().number
+
+    def no_signature(*args, **kwargs):
+        raise RuntimeError("the CA key is unavailable")
+
+    with monkeypatch.context() as m:
+        m.setattr(crl_mod, "build", no_signature)
+        with pytest.raises(RuntimeError, match="CA key is unavailable"):
+            issuer.revocation.revoke("serial", s, "stolen", OPERATOR)
+    assert issuer.store.get_issued(s).revoked_at is None and issuer.store.last_revocation_seq() == seq
+    assert not issuer.revocation.is_revoked(s) and issuer.revocation.crl_info().number == number
+    issuer.revocation.revoke("serial", s, "stolen", OPERATOR)  # the caller may simply try again
+    assert s in crl_mod.serials(crl_mod.load(issuer.revocation.crl_der()))
+
+
+def test_concurrent_revocations_each_return_covered_by_a_higher_numbered_crl(issuer):
     serials = [issuer.issue() for _ in range(24)]
-    first = crl_mod.number_of(crl_mod.load(issuer.revocation.crl_der()))
-    covered: list[bool] = []
+    covered: list[tuple[bool, int]] = []
+    lock = threading.Lock()
 
     def one(s):
         issuer.revocation.revoke("serial", s, "burst", OPERATOR)
-        covered.append(s in crl_mod.serials(crl_mod.load(stored_crl(issuer.store)[1])))
+        info = issuer.revocation.crl_info()
+        with lock:
+            covered.append((s in crl_mod.serials(crl_mod.load(info.der)), info.number))
 
     threads = [threading.Thread(target=one, args=(s,)) for s in serials]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert covered == [True] * len(serials)
-    builds = crl_mod.number_of(crl_mod.load(issuer.revocation.crl_der())) - first
-    assert 1 <= builds < len(serials), builds  # grouped: fewer CRLs signed than revocations
+    assert [c for c, _ in covered] == [True] * len(serials)
     assert set(serials) <= crl_mod.serials(crl_mod.load(issuer.revocation.crl_der()))
+    # One CRL per revocation, signed in its transaction: the CRL in force only ever grows in number.
+    assert crl_mod.number_of(crl_mod.load(issuer.revocation.crl_der())) == max(n for _, n in covered)
 
 
 def test_revoked_identity_gets_no_new_certificates_even_from_a_new_entry(issuer):

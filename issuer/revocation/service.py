@@ -1,16 +1,20 @@
 """Revocation on the issuer: commit durably, push to every sidecar, keep a signed CRL current.
 
 When `revoke` returns, three things hold: the revocation is on disk (serials marked,
-a row in the revocation log, the audit record, one transaction); it was pushed to every
-connected sidecar with its sequence number; and a signed CRL listing it was committed
-to the database and pushed too, so a sidecar that got the push enforces it in its
-crl.pem and Workload API `crl` fields even if the issuer dies a moment later.
+a row in the revocation log, the audit record and the number of the CRL that lists it,
+one transaction: they commit together or not at all); it was pushed to every connected
+sidecar with its sequence number; and the signed CRL listing it was pushed too, so a
+sidecar that got the push enforces it in its crl.pem and Workload API `crl` fields even
+if the issuer dies a moment later. (An entry, identity or owner revoked as a whole is
+first marked revoked through the registry, its own commit, so the registry's lock is
+never taken under the store's.)
 
-CRL builds are group-committed: a revocation waits for the first build that started
-after its own commit, and one build covers every revocation committed before it
-started, so a burst signs a few CRLs, not one each. CRL numbers come from a durable
-counter, so a restarted issuer only ever signs higher numbers. The revoked set is held
-in memory (loaded at start), so checking a serial is a dict lookup and a build reads no
+The CRL is signed inside the revocation's transaction, so a CRL that fails to sign
+leaves nothing committed. Revocations and CRL builds (at start, on refresh) run one at a
+time under `_write_lock`: the CRL in force only ever grows in number. The CRL itself is
+not stored: it is derived from the revoked serials and the durable CRL number, so a
+restarted issuer signs a fresh one with a higher number. The revoked set is held in
+memory (loaded at start), so checking a serial is a dict lookup and a build reads no
 rows.
 """
 
@@ -29,7 +33,7 @@ from issuer.core.models import ISSUER, Actor, AuditEvent, Entry, IssuedSerial, R
 from issuer.identity.registration import Registry, required_text
 from issuer.issuance.signer import SignResult
 from tessera import crl, logs, spiffeid, x509svid
-from tessera.errors import Code, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from tessera.errors import Code, InvalidArgument, NotFound, PermissionDenied
 
 log = logs.get("issuer.revocation.service")
 
@@ -100,12 +104,6 @@ class RevocationService:
         self._blocked_owners = {r.target for r in blocked if r.kind == "owner"}
         self.seq = store.last_revocation_seq()
         self._crl: CrlInfo | None = None
-        # Group commit of CRL builds: `_gen` counts changes to the revoked set (under _lock), the CRL in
-        # force covers `_crl_gen` of them, and at most one build runs (`_building`, under _crl_done).
-        self._gen = 0
-        self._crl_gen = -1
-        self._building = False
-        self._crl_done = threading.Condition()
         self._dirty = threading.Event()  # a build failed: the CRL thread retries
         self._stop = threading.Event()
         self._refresh_at = 0.0
@@ -279,7 +277,7 @@ class RevocationService:
 
     def _commit(self, kind: str, target: str, reason: str, code: str, issued: list[IssuedSerial],
                 entry_ids: tuple[str, ...], actor: Actor, spiffe_ids: tuple[str, ...] = ()) -> RevokeResult:
-        """Commit, push the event, then sign, store and push a CRL covering it; returns after all of that."""
+        """Commit the revocation and its CRL in one transaction, then push both; returns after all of that."""
         now = int(time.time())
         # Expired certificates are no threat and need no CRL entry.
         candidates = {s.serial: s for s in issued if s.revoked_at is None and s.not_after > now}
@@ -292,6 +290,7 @@ class RevocationService:
                     "revoke", actor, "done", reason=reason, subject=f"{kind}:{target}",
                     details={"seq": seq, "count": len(newly), "serials": newly[:1000], "entry_ids": list(entry_ids),
                              "reason_code": code})])
+                info = self._sign_crl([crl.Revoked(s, now, code) for s in newly])
             self.seq = seq
             with self._lock:
                 for s in newly:
@@ -302,20 +301,11 @@ class RevocationService:
                     self._blocked_ids.add(target)
                 elif kind == "owner":
                     self._blocked_owners.add(target)
-                self._gen += bool(newly)
-                gen = self._gen  # also covers what was revoked before, e.g. the same serial by a racing call
-            event = RevocationEvent(seq, tuple(newly), entry_ids, spiffe_ids, reason)
-            self.hub.broadcast(("revocation", event))
+            self.hub.broadcast(("revocation", RevocationEvent(seq, tuple(newly), entry_ids, spiffe_ids, reason)))
+            self._publish_crl(info)
         self._close_sidecars_with_revoked_svid([candidates[s] for s in newly if candidates[s].kind == "sidecar"])
         metrics.count_revocations(kind, len(newly))
         log.info("revoked", kind=kind, target=target, seq=seq, count=len(newly), reason_code=code)
-        try:
-            self._publish_crl(gen)
-        except Exception as e:  # noqa: BLE001 - committed and pushed; only the signed CRL is late
-            self._dirty.set()
-            log.exception("CRL for a revocation failed; retrying", seq=seq)
-            raise Unavailable(f"revocation {seq} is recorded and pushed to sidecars, but signing the CRL "
-                              f"failed ({e}); the issuer keeps retrying") from None
         return RevokeResult(seq, tuple(newly), entry_ids)
 
     def _close_sidecars_with_revoked_svid(self, revoked: list[IssuedSerial]) -> None:
@@ -331,55 +321,36 @@ class RevocationService:
     # -- the CRL ---------------------------------------------------------------------------
 
     def rebuild_crl(self) -> CrlInfo:
-        """Sign, store and push a CRL of everything revoked now (at start, on refresh, after a failure)."""
-        return self._publish_crl(None)
+        """Sign, commit (its number) and push a CRL of everything revoked now (at start, on refresh, after a failure)."""
+        with self._write_lock:
+            with self.store.transaction():
+                info = self._sign_crl([])
+            self._publish_crl(info)
+        return info
 
-    def _publish_crl(self, gen: int | None) -> CrlInfo:
-        """A CRL covering change `gen` (None: a new one in any case), built by this thread or a concurrent one.
-
-        Leader-based like the datastore's group commit: a caller that finds a build under way waits for
-        it; if that build started too early to cover `gen`, one of the waiters builds for all of them.
-        """
-        with self._crl_done:
-            while True:
-                if gen is not None and self._crl_gen >= gen:
-                    assert self._crl is not None
-                    return self._crl
-                if not self._building:
-                    break
-                self._crl_done.wait()
-            self._building = True
-        built = -1
-        try:
-            info, built = self._build_crl()
-            return info
-        finally:
-            with self._crl_done:
-                self._building = False
-                self._crl_gen = max(self._crl_gen, built)
-                self._crl_done.notify_all()
-
-    def _build_crl(self) -> tuple[CrlInfo, int]:
-        """Sign, commit and push one CRL; returns it and the change count it covers. One at a time."""
+    def _sign_crl(self, newly: list[crl.Revoked]) -> CrlInfo:
+        """Inside the caller's transaction, under _write_lock: take the next CRL number and sign a CRL of the
+        revoked set and `newly` (revoked in this transaction, not yet in memory)."""
         now = time.time()
         with self._lock:
-            gen = self._gen
             if self._next_expiry and self._next_expiry <= now:  # expired certificates need no CRL entry
                 for s in [s for s, not_after in self._not_after.items() if not_after <= now]:
                     del self._revoked[s], self._not_after[s]
                 self._next_expiry = min(self._not_after.values(), default=0)
             items = list(self._revoked.values())
+        items += [r for r in newly if r.serial not in self._revoked]
         number = self.store.next_crl_number()
         der = crl.build(self.ca.cert, self.ca.key, items, number, now, now + self.crl_validity)
-        info = CrlInfo(der, number, int(now), int(now + self.crl_validity), len(items))
-        self.store.save_crl(number, info.this_update, info.next_update, der)
-        self._crl = info
-        self._refresh_at = now + self.crl_validity / 2
-        self.hub.broadcast(("crl", info.der))
-        metrics.set_crl(number, len(info.der), len(items))
-        log.info("CRL published", number=number, entries=len(items), bytes=len(info.der),
+        log.info("CRL signed", number=number, entries=len(items), bytes=len(der),
                  ms=round((time.time() - now) * 1000, 1))
-        return info, gen
+        return CrlInfo(der, number, int(now), int(now + self.crl_validity), len(items))
+
+    def _publish_crl(self, info: CrlInfo) -> None:
+        """After its commit, under _write_lock: the CRL in force, pushed to every sidecar."""
+        self._crl = info
+        self._refresh_at = info.this_update + self.crl_validity / 2
+        self.hub.broadcast(("crl", info.der))
+        metrics.set_crl(info.number, len(info.der), info.entries)
 
     def _crl_loop(self) -> None:
         """Re-sign at half of the CRL's validity, and retry a build that failed."""
