@@ -213,13 +213,17 @@ def test_revocation_acknowledged_then_issuer_killed_is_enforced_by_the_sidecar_a
     # Entries are not kept across a restart, so until it syncs the Workload API serves nothing at all.
     with pytest.raises(Exception, match="UNAVAILABLE"):
         workload_api_crl_serials(d)
-    # What the issuer acknowledged is a committed, signed CRL listing the serial.
+    # What the issuer acknowledged is committed: the serial marked, the revocation logged, and the number of
+    # the CRL it pushed (the next CRL, signed at start from these, is numbered above it).
     db = sqlite3.connect(d.issuer_dir / "tessera.db")
     try:
-        (stored,) = db.execute("SELECT der FROM crl").fetchone()
+        (revoked_at,) = db.execute("SELECT revoked_at FROM issued WHERE serial = ?", (serial,)).fetchone()
+        (logged,) = db.execute("SELECT serials FROM revocations ORDER BY seq DESC").fetchone()
+        (number,) = db.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()
     finally:
         db.close()
-    assert serial in crl_mod.serials(crl_mod.load(stored))
+    assert revoked_at and serial in json.loads(logged)
+    assert number == crl_mod.number_of(crl_mod.load((out / "crl.pem").read_bytes()))
 
 
 def test_sidecar_offline_during_revocation_enforces_it_within_a_second_of_reconnecting(deployment, tmp_path):

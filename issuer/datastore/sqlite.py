@@ -49,6 +49,7 @@ log = logs.get("datastore")
 # A full or failing disk hits every write until it is fixed: one line per minute, repeats counted.
 _disk_log = logs.Throttled(log, window=60, level="error")
 
+_DUPLICATE = (sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY, sqlite3.SQLITE_CONSTRAINT_UNIQUE)
 WRITE_LOCK_TIMEOUT = 30.0  # seconds, as SQLite's own busy timeout below
 
 SCHEMA = """
@@ -558,7 +559,9 @@ class SQLiteDatastore:
         if rows:
             try:
                 db.executemany("INSERT INTO issued VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
-            except sqlite3.IntegrityError:
+            except sqlite3.IntegrityError as e:
+                if getattr(e, "sqlite_errorcode", 0) not in _DUPLICATE:
+                    raise
                 raise AlreadyExists("a serial recorded as issued was recorded before") from None
         self._audit_many(db, [a for p in group for a in p.audits])
 
