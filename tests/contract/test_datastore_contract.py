@@ -443,3 +443,18 @@ def test_a_bad_position_file_is_a_clear_error(store, tmp_path):
     (tmp_path / "feed.position").write_text("twelve\n")
     with pytest.raises(ConfigError, match="must be a whole number"):
         ChangeFollower(store, tmp_path / "feed.position", lambda changes: None)
+
+
+def test_the_store_offers_every_method_of_the_contract_with_its_parameters(store):
+    """A new engine that leaves a method out, or names its parameters differently, fails here first."""
+    import inspect
+
+    from issuer.datastore.interface import Datastore
+
+    names = {n for c in Datastore.__mro__ if c.__module__ == "issuer.datastore.interface" for n, v in vars(c).items()
+             if callable(v) and not n.startswith("_")}
+    assert {"transaction", "changes_after", "audit_since", "opener", "consume_join_token"} <= names
+    for name in sorted(names):
+        want = [p for p in inspect.signature(getattr(Datastore, name)).parameters if p != "self"]
+        assert list(inspect.signature(getattr(store, name)).parameters) == want, name
+    assert isinstance(store.relay, AuditRelay)
