@@ -290,11 +290,13 @@ class RevocationService:
                     "revoke", actor, "done", reason=reason, subject=f"{kind}:{target}",
                     details={"seq": seq, "count": len(newly), "serials": newly[:1000], "entry_ids": list(entry_ids),
                              "reason_code": code})])
-                info = self._sign_crl([crl.Revoked(s, now, code) for s in newly])
+                # The same records go into memory below: each keeps its encoded CRL entry for later builds.
+                fresh = {s: crl.Revoked(s, now, code) for s in newly}
+                info = self._sign_crl(list(fresh.values()))
             self.seq = seq
             with self._lock:
                 for s in newly:
-                    self._revoked[s] = crl.Revoked(s, now, code)
+                    self._revoked[s] = fresh[s]
                     self._not_after[s] = candidates[s].not_after
                     self._next_expiry = min(self._next_expiry or candidates[s].not_after, candidates[s].not_after)
                 if kind == "spiffe_id":
