@@ -458,3 +458,19 @@ def test_the_store_offers_every_method_of_the_contract_with_its_parameters(store
         want = [p for p in inspect.signature(getattr(Datastore, name)).parameters if p != "self"]
         assert list(inspect.signature(getattr(store, name)).parameters) == want, name
     assert isinstance(store.relay, AuditRelay)
+
+
+def test_only_the_sqlite_engine_module_knows_the_store_is_sqlite():
+    """Callers go through the contract: no other program module imports sqlite3 or an engine module."""
+    root = Path(__file__).resolve().parents[2]
+    engine = root / "issuer" / "datastore" / "sqlite.py"
+    chooser = root / "issuer" / "datastore" / "__init__.py"  # open_store / open_reader pick the engine
+    offenders = []
+    for package in ("issuer", "agent_sidecar", "tessera"):
+        for path in sorted((root / package).rglob("*.py")):
+            text = path.read_text()
+            if path == engine:
+                continue
+            if "import sqlite3" in text or ("datastore.sqlite import" in text and path != chooser):
+                offenders.append(str(path.relative_to(root)))
+    assert offenders == []
