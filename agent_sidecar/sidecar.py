@@ -16,9 +16,9 @@ from agent_sidecar.cache import CacheManager, SkewBackoff, clock_skew
 from agent_sidecar.config import SidecarConfig
 from agent_sidecar.health import HealthService
 from agent_sidecar.issuer_client import IdentityStore, IssuerClient, SidecarBanned, SidecarIdentity
-from agent_sidecar.task_api import TaskAPI
 from agent_sidecar.revocation import RevocationState
 from agent_sidecar.socket_server import Guard, GuardedServer, fit_to_descriptors
+from agent_sidecar.task_api import TaskAPI
 from agent_sidecar.workload_api import WorkloadAPI
 from tessera import logs, pem, safefs, spiffeid
 from tessera.errors import ConfigError

@@ -11,10 +11,12 @@ import asyncio
 import os
 import resource
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+from cryptography.hazmat.primitives import hashes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -22,12 +24,14 @@ from issuer import metrics
 from issuer.api.admin import AdminService
 from issuer.api.evidence import Evidence
 from issuer.api.sidecar import IssuerService
-from issuer.audit.records import AuditFile, records_after_sqlite
+from issuer.audit.records import AuditFile
+from issuer.audit.relay import AuditRelay
 from issuer.ca.authority import CertificateAuthority
 from issuer.ca.serving import ServingCert
 from issuer.config import IssuerConfig
 from issuer.core.events import EventHub
-from issuer.datastore.sqlite import SQLiteDatastore
+from issuer.datastore import open_store
+from issuer.datastore.interface import Datastore
 from issuer.identity.attestation import SidecarAttestor
 from issuer.identity.registration import Registry
 from issuer.issuance.pool import SigningPool
@@ -57,7 +61,8 @@ BOOTSTRAP_IDLE_MS = 30_000
 class Services:
     """Every issuer service, built once by `build`."""
 
-    store: SQLiteDatastore
+    audit_relay: AuditRelay
+    store: Datastore
     audit_file: AuditFile
     ca: CertificateAuthority
     hub: EventHub
@@ -86,28 +91,32 @@ class Services:
 def build(cfg: IssuerConfig) -> Services:
     """Open the datastore, the audit file and the CA, and wire every service to them through constructors."""
     safefs.make_dir(cfg.data_dir, "data_dir", 0o700, tighten=True)  # ours alone, before anything is read from it
-    db_path = cfg.data_dir / "tessera.db"
-    store = SQLiteDatastore(db_path)
+    # Every committed audit record reaches the relay's subscribers in seq order, whichever process wrote it.
+    audit_relay = AuditRelay()
+    store = open_store(cfg.data_dir / "tessera.db", relay=audit_relay)
     # The JSON-lines copy of the trail first catches up with what the database already holds.
-    audit_file = AuditFile(cfg.audit_file, lambda seq, n: records_after_sqlite(db_path, seq, n))
+    audit_file = AuditFile(cfg.audit_file, store.audit_records)
     audit_file.catch_up()
     audit_file.start()
-    store.audit_listeners.append(audit_file)
-    store.audit_listeners.append(metrics.observe_audit)
+    audit_relay.subscribe(audit_file)
+    audit_relay.subscribe(metrics.observe_audit)
     ca = CertificateAuthority.load_or_create(cfg.trust_domain, cfg.data_dir, cfg.ca_cert, cfg.ca_key, cfg.ca_ttl)
+    # A CA the store has not seen is an authority change on the feed (other issuers follow it).
+    store.note_authority(ca.cert.fingerprint(hashes.SHA256()).hex(), int(ca.cert.not_valid_after_utc.timestamp()),
+                         int(time.time()))
     hub = EventHub()
     registry = Registry(store, hub, cfg.trust_domain, cfg.default_x509_ttl, tier_names=cfg.policy.tier_names)
     attestor = SidecarAttestor(store, ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl)
     revocation = RevocationService(store, ca, registry, attestor, hub, cfg.crl_validity)
-    signing_pool = (SigningPool(ca, cfg.signing_workers, store.path, store.notify)
+    signing_pool = (SigningPool(ca, cfg.signing_workers, store.opener(), audit_relay.publish)
                     if cfg.signing_workers else None)
     signer = SvidSigner(store, ca, registry, revocation, signing_pool, identity_ttl=cfg.policy.identity_ttl)
     approvals = Approvals(store, cfg.policy.approval_timeout, cfg.policy.limits)
     tasks = TaskService(store, ca, registry, cfg.policy, approvals, revocation)
     evidence = Evidence(store, registry, attestor, hub, cfg.policy)
-    store.audit_listeners.append(evidence.feed)
+    audit_relay.subscribe(evidence.feed)
     return Services(
-        store=store, audit_file=audit_file, ca=ca, hub=hub, registry=registry, attestor=attestor,
+        audit_relay=audit_relay, store=store, audit_file=audit_file, ca=ca, hub=hub, registry=registry, attestor=attestor,
         revocation=revocation, signing_pool=signing_pool, signer=signer, approvals=approvals, tasks=tasks,
         evidence=evidence,
         sidecar_api=IssuerService(attestor, signer, registry, hub, ca, revocation, tasks, cfg.resync_interval),

@@ -11,11 +11,12 @@ import time
 
 import grpc
 
+from issuer.core.models import AUDIT_FIELDS, AUDIT_JSON_FIELDS
 from tessera import crl as crl_mod
 from tessera.cliutil import CliError, Parser, duration_arg, fail, int_arg, path_arg, run_main
 from tessera.configfile import check_path_text
 from tessera.durations import format_duration, parse_duration
-from tessera.errors import InvalidArgument
+from tessera.errors import InvalidArgument, TesseraError
 from tessera.uds import socket_target
 from tessera.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from tessera.version import add_version_flag
@@ -238,9 +239,9 @@ def _audit_query(args, **kw) -> admin_pb2.AuditQuery:
 
 
 def _record_dict(r: admin_pb2.AuditRecord) -> dict:
-    return {"seq": r.seq, "ts": r.ts, "action": r.action, "actor": json.loads(r.actor_json or "{}"),
-            "decision": r.decision, "reason": r.reason, "subject": r.subject,
-            "details": json.loads(r.details_json or "{}"), "prev_hash": r.prev_hash, "hash": r.hash}
+    """The record's fields (issuer/core/models.py); actor and details arrive as JSON text."""
+    return {k: json.loads(getattr(r, f"{k}_json") or "{}") if k in AUDIT_JSON_FIELDS else getattr(r, k)
+            for k in AUDIT_FIELDS}
 
 
 AUDIT_HEADERS = ["TIME", "SEQ", "ACTION", "DECISION", "ACTOR", "SUBJECT", "REASON"]
@@ -266,8 +267,8 @@ def _print_verification(ok: bool, records: int, last_seq: int, bad_seq: int, pro
 
 
 def _verify_local(args) -> int:
-    from issuer.audit.records import read_jsonl, read_sqlite, verify_chain
-    import sqlite3
+    from issuer.audit.records import read_jsonl, verify_chain
+    from issuer.datastore import open_reader
 
     path = args.db or args.file
     if not os.path.exists(path):
@@ -275,9 +276,9 @@ def _verify_local(args) -> int:
     try:
         # From genesis unless the operator says the file's head was rotated away: records cut off the
         # start of a file must not pass for a rotation unasked.
-        check = verify_chain(read_sqlite(path) if args.db else read_jsonl(path),
+        check = verify_chain(open_reader(path).audit_since() if args.db else read_jsonl(path),
                              from_genesis=not (args.file and args.rotated))
-    except (sqlite3.Error, OSError, ValueError, KeyError, TypeError) as e:
+    except (TesseraError, OSError, ValueError, KeyError, TypeError) as e:
         raise CliError(f"cannot read audit records from {path}: {e}", 1) from None
     if not check.ok and args.file and not args.rotated and check.bad_seq == check.first_seq > 1:
         check = dataclasses.replace(check, problem=check.problem + " (if this file was rotated, add --rotated)")

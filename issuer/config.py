@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
 
-from issuer.tasks import policy as policy_mod
 from issuer.identity.registration import MAX_X509_TTL, MIN_TTL
+from issuer.tasks import policy as policy_mod
 
 from tessera import spiffeid
 from tessera.configfile import default_bootstrap_address, dns_name, load_yaml, log_level

@@ -13,12 +13,14 @@ import grpc
 import pytest
 
 from harness import one_line_error, wait_for
-from issuer_client import attest, sidecar_stub, sign
 from issuer.audit import records as audit
-from issuer.datastore import sqlite as sqlite_store
+from issuer.audit import relay as relay_mod
 from issuer.audit.records import AuditFile, read_jsonl, verify_chain
-from issuer.datastore.interface import audit_hash
-from issuer.core.models import Actor, AuditEvent
+from issuer.audit.relay import AuditRelay
+from issuer.core.models import Actor, AuditEvent, audit_hash
+from issuer.datastore import open_reader
+from issuer.datastore import sqlite as sqlite_store
+from issuer_client import attest, sidecar_stub, sign
 
 OP = Actor("operator", "uid:0")
 
@@ -30,13 +32,13 @@ def fill(store, n):
 
 def heard_by_a_listener(store) -> list:
     heard: list = []
-    store.audit_listeners.append(heard.extend)
+    store.relay.subscribe(heard.extend)
     return heard
 
 
 def committed_by_a_worker(store, n) -> list:
     """n records a signing worker committed through its own connection; returns them, not yet handed over."""
-    worker = sqlite_store.SQLiteDatastore(store.path, relay_all=False)
+    worker = store.opener().open(relay=AuditRelay(in_order=False))
     committed = heard_by_a_listener(worker)
     try:
         fill(worker, n)
@@ -53,14 +55,14 @@ def quick_retries(monkeypatch):
 
 def gap_timer_by_hand(store, monkeypatch) -> list:
     """A gap is past its grace after 0.1 s and read back only when fire_gap_timer says; what listeners heard."""
-    monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.05)
-    monkeypatch.setattr(store, "_arm_gap_timer", lambda: None)
+    monkeypatch.setattr(relay_mod, "GAP_GRACE", 0.05)
+    monkeypatch.setattr(store.relay, "_arm_gap_timer", lambda: None)
     return heard_by_a_listener(store)
 
 
 def fire_gap_timer(store) -> None:
     """Run the gap timer's callback on a thread of its own, as the timer does, and wait for it."""
-    timer = threading.Thread(target=store._gap_timer_fired)
+    timer = threading.Thread(target=store.relay._gap_timer_fired)
     timer.start()
     timer.join(10)
     assert not timer.is_alive()
@@ -92,11 +94,9 @@ def test_deleted_record_breaks_the_chain_at_its_successor(store, tmp_path):
 
 
 def test_row_edited_into_invalid_json_is_named_not_a_crash(store, tmp_path):
-    from issuer.audit.records import read_sqlite
-
     fill(store, 3)
     subprocess.run(["sqlite3", str(tmp_path / "t.db"), "UPDATE audit SET actor='{oops' WHERE seq=2"], check=True)
-    check = verify_chain(read_sqlite(tmp_path / "t.db"))
+    check = verify_chain(open_reader(tmp_path / "t.db").audit_since())
     assert not check.ok and check.bad_seq == 2
 
 
@@ -106,7 +106,7 @@ def test_recomputed_hash_does_not_hide_an_edit(store, tmp_path):
     recs = store.audit_records()
 
     r = recs[1]
-    forged = audit_hash(r.prev_hash, r.seq, r.ts, r.action, r.actor, r.decision, "forged", r.subject, r.details)
+    forged = audit_hash(dataclasses.replace(r, reason="forged"))
     subprocess.run(["sqlite3", str(tmp_path / "t.db"),
                     f"UPDATE audit SET reason='forged', hash='{forged}' WHERE seq=2"], check=True)
     check = verify_chain(store.audit_records())
@@ -137,14 +137,14 @@ def test_audit_file_holds_every_record_in_order_with_concurrent_writers(store, t
 
 
 def test_listeners_hear_records_handed_over_out_of_order_once_and_in_order(store, monkeypatch):
-    monkeypatch.setattr(sqlite_store, "GAP_GRACE", 60.0)  # the late hand-over below, not a read-back, fills the gap
+    monkeypatch.setattr(relay_mod, "GAP_GRACE", 60.0)  # the late hand-over below, not a read-back, fills the gap
     heard = heard_by_a_listener(store)
     committed = committed_by_a_worker(store, 2)  # committed first, handed over last (its feeder ran late)
     fill(store, 1)
     assert heard == []  # record 3 waits for 1 and 2
-    store.notify(committed)
+    store.relay.publish(committed)
     assert [r.seq for r in heard] == [1, 2, 3]
-    store.notify(committed[:1])  # handed over twice: relayed once
+    store.relay.publish(committed[:1])  # handed over twice: relayed once
     assert [r.seq for r in heard] == [1, 2, 3] and heard == store.audit_records()
 
 
@@ -196,7 +196,7 @@ def running_audit_file(store, tmp_path, monkeypatch, records_before: int = 0, **
     """(path, a running audit file holding `records_before` records, its FullDisk)."""
     path, f = caught_up_audit_file(store, tmp_path, records_before)
     f.start()
-    store.audit_listeners.append(f)
+    store.relay.subscribe(f)
     return path, f, FullDisk(monkeypatch, f, **faults)
 
 
@@ -370,7 +370,7 @@ def test_a_rotated_file_verifies_from_its_first_record_and_an_edit_in_it_is_stil
     # A whole chain re-hashed from a made-up anchor: record 1 must still point at genesis.
     forged, prev = [], "f" * 64
     for r in store.audit_records():
-        h = audit_hash(prev, r.seq, r.ts, r.action, r.actor, r.decision, r.reason, r.subject, r.details)
+        h = audit_hash(dataclasses.replace(r, prev_hash=prev))
         forged.append(dataclasses.replace(r, prev_hash=prev, hash=h))
         prev = h
     check = verify_chain(forged, from_genesis=False)
@@ -686,7 +686,7 @@ def test_task_policy_approval_and_revocation_decisions_are_in_the_trail(deployme
 
 
 def test_a_gap_is_read_back_by_time_alone_when_nothing_else_commits(store, monkeypatch):
-    monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.1)
+    monkeypatch.setattr(relay_mod, "GAP_GRACE", 0.1)
     heard = heard_by_a_listener(store)
     committed_by_a_worker(store, 2)  # then the worker died before handing them over
     fill(store, 1)  # the gap is noticed; nothing commits after it
@@ -704,8 +704,8 @@ def test_a_gap_is_read_back_on_the_timer_thread_without_the_relay_lock(store, mo
     def recorded(*args, **kwargs):
         readers.append(threading.current_thread())
         # The relay lock is free while the database is read: a hand-over now would not wait for it.
-        assert store._relay_lock.acquire(blocking=False)
-        store._relay_lock.release()
+        assert store.relay._lock.acquire(blocking=False)
+        store.relay._lock.release()
         return read_back(*args, **kwargs)
 
     monkeypatch.setattr(store, "audit_records", recorded)
@@ -726,12 +726,12 @@ def test_records_handed_over_during_the_read_back_are_relayed_once(store, monkey
     read_back = store.audit_records
 
     def answer_arrives_meanwhile(*args, **kwargs):
-        store.notify(late)  # the event loop relays the worker's answer while the timer reads
+        store.relay.publish(late)  # the event loop relays the worker's answer while the timer reads
         return read_back(*args, **kwargs)
 
     monkeypatch.setattr(store, "audit_records", answer_arrives_meanwhile)
     fire_gap_timer(store)
-    assert [r.seq for r in heard] == [1, 2, 3] and not store._waiting
+    assert [r.seq for r in heard] == [1, 2, 3] and not store.relay._waiting
 
 
 def test_a_record_missing_from_the_database_is_skipped_and_the_ones_after_it_are_relayed(store, monkeypatch):
@@ -742,13 +742,13 @@ def test_a_record_missing_from_the_database_is_skipped_and_the_ones_after_it_are
     fill(store, 1)  # record 5 waits for 1-4
     time.sleep(0.1)
     fire_gap_timer(store)
-    assert [r.seq for r in heard] == [1, 3, 4, 5] and not store._waiting
+    assert [r.seq for r in heard] == [1, 3, 4, 5] and not store.relay._waiting
     fill(store, 1)
     assert [r.seq for r in heard][-1] == 6
 
 
 def test_a_failed_read_back_loses_nothing_and_is_tried_again(store, monkeypatch):
-    monkeypatch.setattr(sqlite_store, "GAP_GRACE", 0.05)
+    monkeypatch.setattr(relay_mod, "GAP_GRACE", 0.05)
     heard = heard_by_a_listener(store)
     committed_by_a_worker(store, 2)  # then the worker died before handing them over
     read_back = store.audit_records

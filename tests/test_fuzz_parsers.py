@@ -19,9 +19,9 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import fuzzing  # noqa: F401 - loads the hypothesis profile
+from agent_sidecar import config as sidecar_config
 from issuer import config as issuer_config
 from issuer.tasks import policy
-from agent_sidecar import config as sidecar_config
 from tessera import configfile, crl, der, durations, pem, selectors, spiffeid, taskext, x509svid
 from tessera.errors import ConfigError, InvalidArgument
 

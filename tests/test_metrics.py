@@ -7,9 +7,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from harness import BIN, free_ports, metric, one_line_error, scrape, wait_for
-from issuer_client import attest
 from issuer import metrics
 from issuer.core.models import AuditRecord
+from issuer_client import attest
 
 
 def rec(action, decision, reason="", **details) -> AuditRecord:

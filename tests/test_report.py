@@ -8,7 +8,7 @@ import pytest
 from harness import one_line_error
 from issuer.audit import report
 from issuer.core.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar
-from issuer.datastore.sqlite import SQLiteDatastore, read_last_issued
+from issuer.datastore.sqlite import SQLiteDatastore
 
 TD = "example.org"
 DAY = 86400
@@ -79,7 +79,7 @@ def seeded(store):
 
 def build(store, now, **kw):
     return report.build(entries=store.list_entries(), sidecars=store.list_sidecars(),
-                        last_issued=read_last_issued(store.path), audit=store.audit_records(), connected=set(),
+                        last_issued=store.last_issued_by_entry(), audit=store.audit_records(), connected=set(),
                         now=now, **kw)
 
 

@@ -38,3 +38,21 @@ def test_issued_serials_survive_kill_9_of_the_issuer(running):
     listed = running.cli("entry", "list", "--output", "json").stdout
     assert "spiffe://example.org/agent/a" in listed
     wait_for(lambda: running.fetch("host-a")["event"] == "update", timeout=15, what="serving after restart")
+
+
+def test_the_ca_is_an_authority_change_on_the_feed_once_across_restarts(running):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    from issuer.datastore import open_store
+
+    running.restart_issuer(kill9=True)
+    running.restart_issuer()
+    ca = x509.load_pem_x509_certificate((running.issuer_dir / "ca.pem").read_bytes())
+    store = open_store(running.issuer_dir / "tessera.db")  # a second store object beside the running issuer
+    try:
+        authorities = [c for c in store.changes_after(0) if c.kind == "authority"]
+    finally:
+        store.close()
+    assert [(c.op, c.key, c.payload["not_after"]) for c in authorities] == [
+        ("add", ca.fingerprint(hashes.SHA256()).hex(), int(ca.not_valid_after_utc.timestamp()))]

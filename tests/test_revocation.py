@@ -213,13 +213,17 @@ def test_revocation_acknowledged_then_issuer_killed_is_enforced_by_the_sidecar_a
     # Entries are not kept across a restart, so until it syncs the Workload API serves nothing at all.
     with pytest.raises(Exception, match="UNAVAILABLE"):
         workload_api_crl_serials(d)
-    # What the issuer acknowledged is a committed, signed CRL listing the serial.
+    # What the issuer acknowledged is committed: the serial marked, the revocation logged, and the number of
+    # the CRL it pushed (the next CRL, signed at start from these, is numbered above it).
     db = sqlite3.connect(d.issuer_dir / "tessera.db")
     try:
-        (stored,) = db.execute("SELECT der FROM crl").fetchone()
+        (revoked_at,) = db.execute("SELECT revoked_at FROM issued WHERE serial = ?", (serial,)).fetchone()
+        (logged,) = db.execute("SELECT serials FROM revocations ORDER BY seq DESC").fetchone()
+        (number,) = db.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()
     finally:
         db.close()
-    assert serial in crl_mod.serials(crl_mod.load(stored))
+    assert revoked_at and serial in json.loads(logged)
+    assert number == crl_mod.number_of(crl_mod.load((out / "crl.pem").read_bytes()))
 
 
 def test_sidecar_offline_during_revocation_enforces_it_within_a_second_of_reconnecting(deployment, tmp_path):
@@ -388,10 +392,10 @@ class Issuer:
         self.store, self.ca, self.hub, self.registry = s.store, s.ca, s.hub, s.registry
         self.attestor, self.revocation = s.attestor, s.revocation
 
-    def issue(self, kind="identity", task_id=None, path="/agent/a") -> str:
+    def issue(self, kind="identity", task_id=None, path="/agent/a", entry_id="e1") -> str:
         signed = self.ca.sign(x509svid.new_key().public_key(), spiffeid.parse(f"spiffe://example.org{path}"), 600)
         now = int(time.time())
-        self.store.record_issued([IssuedSerial(signed.serial_hex, f"spiffe://example.org{path}", kind, "e1", HOST,
+        self.store.record_issued([IssuedSerial(signed.serial_hex, f"spiffe://example.org{path}", kind, entry_id, HOST,
                                                now, int(signed.not_after.timestamp()), task_id=task_id)])
         return signed.serial_hex
 
@@ -448,40 +452,81 @@ def test_crl_number_and_revoked_set_survive_a_restart(issuer):
         again.close()
 
 
-def stored_crl(store) -> tuple[int, bytes]:
-    with store._lock:
-        return tuple(store._db.execute("SELECT number, der FROM crl").fetchone())
-
-
 async def test_revoke_returns_after_a_crl_listing_it_is_committed_and_pushed(issuer):
     s = issuer.issue()
     sub = issuer.hub.subscribe(HOST)
     result = await asyncio.to_thread(issuer.revocation.revoke, "serial", s, "stolen", OPERATOR)
-    number, der = stored_crl(issuer.store)
-    assert s in crl_mod.serials(crl_mod.load(der)) and issuer.revocation.crl_der() == der
+    info = issuer.revocation.crl_info()
+    assert s in crl_mod.serials(crl_mod.load(info.der)) and crl_mod.number_of(crl_mod.load(info.der)) == info.number
+    assert issuer.store.next_crl_number() == info.number + 1  # its number committed with the revocation
     pushed = [sub.queue.get_nowait() for _ in range(2)]  # both were queued before revoke returned
     assert [k for k, _, _ in pushed] == ["revocation", "crl"] and pushed[0][1].seq == result.seq
-    assert pushed[1][1] == der and crl_mod.number_of(crl_mod.load(der)) == number
+    assert pushed[1][1] == info.der
 
 
-def test_concurrent_revocations_share_crl_builds_and_each_returns_covered(issuer):
+def test_a_crl_that_cannot_be_signed_leaves_the_revocation_uncommitted(issuer, monkeypatch):
+    s = issuer.issue()
+    seq, number = issuer.store.last_revocation_seq(), issuer.revocation.crl_info().number
+
+    def no_signature(*args, **kwargs):
+        raise RuntimeError("the CA key is unavailable")
+
+    with monkeypatch.context() as m:
+        m.setattr(crl_mod, "build", no_signature)
+        with pytest.raises(RuntimeError, match="CA key is unavailable"):
+            issuer.revocation.revoke("serial", s, "stolen", OPERATOR)
+    assert issuer.store.get_issued(s).revoked_at is None and issuer.store.last_revocation_seq() == seq
+    assert not issuer.revocation.is_revoked(s) and issuer.revocation.crl_info().number == number
+    issuer.revocation.revoke("serial", s, "stolen", OPERATOR)  # the caller may simply try again
+    assert s in crl_mod.serials(crl_mod.load(issuer.revocation.crl_der()))
+
+
+def test_an_entry_revocation_commits_once_with_its_serials_or_not_at_all(issuer, monkeypatch):
+    e = issuer.registry.create(spiffe_id="spiffe://example.org/agent/once", parent=HOST, selectors=["unix:uid:1"],
+                               owner="bob", purpose="p", expires_at=int(time.time()) + 3600, actor=OPERATOR)
+    s = issuer.issue(path="/agent/once", entry_id=e.id)
+    position = issuer.store.last_change_position()
+
+    def no_signature(*args, **kwargs):
+        raise RuntimeError("the CA key is unavailable")
+
+    with monkeypatch.context() as m:
+        m.setattr(crl_mod, "build", no_signature)
+        with pytest.raises(RuntimeError, match="CA key is unavailable"):
+            issuer.revocation.revoke("entry", e.id, "compromised", OPERATOR)
+    # Nothing of it committed: the entry is active in the store and in the registry, no change on the feed.
+    assert issuer.registry.get(e.id).state == "active"
+    assert [x.state for x in issuer.store.list_entries() if x.id == e.id] == ["active"]
+    assert issuer.store.last_change_position() == position
+
+    issuer.revocation.revoke("entry", e.id, "compromised", OPERATOR)
+    assert issuer.registry.get(e.id).state == "revoked" and issuer.revocation.is_revoked(s)
+    # The entry's state and the revocation, one after the other on the change feed.
+    changes = issuer.store.changes_after(position, 100)
+    assert [(c.kind, c.op) for c in changes] == [("entry", "update"), ("revocation", "create")]
+    assert changes[0].payload["state"] == "revoked"
+
+
+def test_concurrent_revocations_each_return_covered_by_a_higher_numbered_crl(issuer):
     serials = [issuer.issue() for _ in range(24)]
-    first = crl_mod.number_of(crl_mod.load(issuer.revocation.crl_der()))
-    covered: list[bool] = []
+    covered: list[tuple[bool, int]] = []
+    lock = threading.Lock()
 
     def one(s):
         issuer.revocation.revoke("serial", s, "burst", OPERATOR)
-        covered.append(s in crl_mod.serials(crl_mod.load(stored_crl(issuer.store)[1])))
+        info = issuer.revocation.crl_info()
+        with lock:
+            covered.append((s in crl_mod.serials(crl_mod.load(info.der)), info.number))
 
     threads = [threading.Thread(target=one, args=(s,)) for s in serials]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert covered == [True] * len(serials)
-    builds = crl_mod.number_of(crl_mod.load(issuer.revocation.crl_der())) - first
-    assert 1 <= builds < len(serials), builds  # grouped: fewer CRLs signed than revocations
+    assert [c for c, _ in covered] == [True] * len(serials)
     assert set(serials) <= crl_mod.serials(crl_mod.load(issuer.revocation.crl_der()))
+    # One CRL per revocation, signed in its transaction: the CRL in force only ever grows in number.
+    assert crl_mod.number_of(crl_mod.load(issuer.revocation.crl_der())) == max(n for _, n in covered)
 
 
 def test_revoked_identity_gets_no_new_certificates_even_from_a_new_entry(issuer):

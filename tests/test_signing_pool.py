@@ -7,6 +7,7 @@ import pickle
 import select
 import signal
 import socket
+import sqlite3
 import struct
 import threading
 import time
@@ -19,6 +20,7 @@ from harness import wait_for, wait_for_async
 from issuer.audit.records import verify_chain
 from issuer.ca.authority import CertificateAuthority
 from issuer.core.models import Actor, AuditEvent
+from issuer.datastore.sqlite import SQLiteOpener
 from issuer.issuance import pool as signing_pool
 from issuer.issuance.pool import SigningPool, SignJob, _Request, _WorkerPipe, astuple_job, sign_jobs
 from tessera import x509svid
@@ -35,7 +37,7 @@ def ca(tmp_path_factory):
 def pool(ca, store):
     """Two workers committing to the test's real datastore; `pool.heard` is what they told the main process."""
     heard: list = []
-    p = SigningPool(ca, 2, store.path, heard.extend)
+    p = SigningPool(ca, 2, store.opener(), heard.extend)
     p.heard = heard
     yield p
     p.close()
@@ -130,9 +132,10 @@ async def test_worker_and_main_process_commits_form_one_audit_chain(pool, store)
 
 async def test_failed_commit_means_no_certificate_is_returned(ca, store):
     # A real failure inside the worker's transaction: the database refuses the serial row.
-    with store.transaction() as db:
+    with sqlite3.connect(store.path) as db:
         db.execute("CREATE TRIGGER refuse BEFORE INSERT ON issued BEGIN SELECT RAISE(ABORT, 'disk full'); END")
-    p = SigningPool(ca, 1, store.path, lambda records: None)
+    db.close()
+    p = SigningPool(ca, 1, store.opener(), lambda records: None)
     try:
         with pytest.raises(RuntimeError, match="disk full"):
             await p.sign_and_record([job(csr())])
@@ -142,7 +145,7 @@ async def test_failed_commit_means_no_certificate_is_returned(ca, store):
 
 
 async def test_closed_pool_refuses_work_and_its_workers_exit(ca, store):
-    p = SigningPool(ca, 2, store.path, lambda records: None)
+    p = SigningPool(ca, 2, store.opener(), lambda records: None)
     procs = [w.proc for w in p._workers]
     p.close()
     assert all(not proc.is_alive() for proc in procs)
@@ -203,7 +206,7 @@ async def test_a_failed_relay_of_committed_records_fails_its_callers_and_the_poo
         if len(told) == 1:
             raise RuntimeError("listener relay failed")
 
-    p = SigningPool(ca, 1, store.path, committed)
+    p = SigningPool(ca, 1, store.opener(), committed)
     try:
         with pytest.raises(RuntimeError, match="listener relay failed"):
             await asyncio.wait_for(p.sign_and_record([job(csr())]), 30)
@@ -215,7 +218,7 @@ async def test_a_failed_relay_of_committed_records_fails_its_callers_and_the_poo
 
 @pytest.fixture
 def one_worker(ca, store):
-    p = SigningPool(ca, 1, store.path, lambda records: None)
+    p = SigningPool(ca, 1, store.opener(), lambda records: None)
     yield p
     p.close()
 
@@ -307,7 +310,7 @@ async def test_workers_that_cannot_start_fail_callers_and_are_not_restarted_in_a
     spawned = []
     real_spawn = SigningPool._spawn
     monkeypatch.setattr(SigningPool, "_spawn", lambda self, i: (spawned.append(i), real_spawn(self, i))[1])
-    p = SigningPool(ca, 2, str(tmp_path / "missing" / "tessera.db"), lambda records: None)  # cannot be opened
+    p = SigningPool(ca, 2, SQLiteOpener(str(tmp_path / "missing" / "tessera.db")), lambda records: None)  # cannot be opened
     try:
         with pytest.raises(RuntimeError, match="no signing worker could be started"):
             await asyncio.wait_for(p.sign_and_record([job(csr())]), 30)
@@ -325,7 +328,7 @@ async def test_workers_that_cannot_start_fail_callers_and_are_not_restarted_in_a
 
 async def test_close_waits_for_a_chunk_at_a_worker_and_relays_its_records(ca, store):
     heard: list = []
-    p = SigningPool(ca, 1, store.path, heard.extend)
+    p = SigningPool(ca, 1, store.opener(), heard.extend)
     await started(p)
     call = asyncio.create_task(p.sign_and_record([job(csr(), entry_id=f"e{i}") for i in range(256)]))
     await asyncio.sleep(0)

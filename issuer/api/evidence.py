@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass, field
 
 from issuer.audit import report
-from issuer.audit.records import AuditFilter, ChainCheck, newest_seq_sqlite, read_sqlite, verify_chain
+from issuer.audit.records import AuditFilter, ChainCheck, verify_chain
 from issuer.core.events import EventHub
-from issuer.core.models import AuditRecord, Entry
-from issuer.datastore.sqlite import SQLiteDatastore, read_last_issued
+from issuer.core.models import AUDIT_JSON_FIELDS, AuditRecord, Entry, audit_record_dict
+from issuer.datastore.interface import Datastore
 from issuer.identity.attestation import SidecarAttestor
 from issuer.identity.registration import Registry, bounded_ref
 from issuer.tasks.policy import Policy, approval_covers
@@ -63,7 +63,7 @@ class AuditFeed:
 class Evidence:
     """What the evidence handlers read."""
 
-    store: SQLiteDatastore
+    store: Datastore
     registry: Registry
     attestor: SidecarAttestor
     hub: EventHub
@@ -74,26 +74,26 @@ class Evidence:
         """Whether the policy puts this entry's tasks behind an operator's approval (the report counts them)."""
         return approval_covers(self.policy, entry_view(entry), time.time())
 
-    # The store is SQLite: bulk reads go over read-only connections beside the writer, never under its lock.
+    # The store's audit reads run beside its writer, never under its write lock.
     def verify(self) -> ChainCheck:
-        return verify_chain(read_sqlite(self.store.path))
+        return verify_chain(self.store.audit_since())
 
     def newest_seq(self) -> int:
-        return newest_seq_sqlite(self.store.path)
+        return self.store.newest_audit_seq()
 
     def build_report(self, thresholds: report.Thresholds) -> dict:
         now = int(time.time())
         return report.build(
-            entries=self.registry.list(), sidecars=self.attestor.list(), last_issued=read_last_issued(self.store.path),
-            audit=list(read_sqlite(self.store.path, since_ts=now - thresholds.unused_days * report.DAY)),
+            entries=self.registry.list(), sidecars=self.attestor.list(), last_issued=self.store.last_issued_by_entry(),
+            audit=list(self.store.audit_since(now - thresholds.unused_days * report.DAY)),
             connected=self.hub.connected(), now=now, thresholds=thresholds, approval_covers=self.approval_covers)
 
 
 def record_pb(r: AuditRecord) -> admin_pb2.AuditRecord:
-    return admin_pb2.AuditRecord(
-        seq=r.seq, ts=r.ts, action=r.action, actor_json=json.dumps(r.actor, sort_keys=True),
-        decision=r.decision, reason=r.reason, subject=r.subject,
-        details_json=json.dumps(r.details, sort_keys=True), prev_hash=r.prev_hash, hash=r.hash)
+    """The record's fields; those held as JSON (actor, details) travel as `<name>_json` text."""
+    return admin_pb2.AuditRecord(**{
+        (f"{k}_json" if k in AUDIT_JSON_FIELDS else k): (json.dumps(v, sort_keys=True) if k in AUDIT_JSON_FIELDS else v)
+        for k, v in audit_record_dict(r).items()})
 
 
 def _positive(name: str, value: int, default: int, maximum: int) -> int:

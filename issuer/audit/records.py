@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from issuer.datastore.interface import GENESIS_HASH, audit_hash, audit_record_from_row
-from issuer.core.models import AuditRecord
-from issuer.datastore.sqlite import AUDIT_COLUMNS, audit_records_after, connect_ro, newest_audit_seq
+from issuer.core.models import GENESIS_HASH, AuditRecord, audit_hash, audit_record_dict, audit_record_from_dict
 from tessera import logs, safefs
 
 log = logs.get("issuer.audit.records")
@@ -66,8 +64,7 @@ def verify_chain(records: Iterable[AuditRecord], from_genesis: bool = True) -> C
         if r.prev_hash != prev_hash:
             return ChainCheck(False, n, prev_seq, prev_hash, r.seq,
                               f"record {r.seq} does not point at the hash of record {prev_seq}", first)
-        expected = audit_hash(prev_hash, r.seq, r.ts, r.action, r.actor, r.decision, r.reason, r.subject, r.details)
-        if r.hash != expected:
+        if r.hash != audit_hash(r):
             return ChainCheck(False, n, prev_seq, prev_hash, r.seq,
                               f"record {r.seq} ({r.action}) was altered: its content does not match its hash", first)
         prev_seq, prev_hash = r.seq, r.hash
@@ -77,20 +74,9 @@ def verify_chain(records: Iterable[AuditRecord], from_genesis: bool = True) -> C
 # -- record shapes ---------------------------------------------------------------------------
 
 
-def record_dict(r: AuditRecord) -> dict:
-    return {"seq": r.seq, "ts": r.ts, "action": r.action, "actor": r.actor, "decision": r.decision,
-            "reason": r.reason, "subject": r.subject, "details": r.details, "prev_hash": r.prev_hash,
-            "hash": r.hash}
-
-
-def record_from_dict(d: dict) -> AuditRecord:
-    return AuditRecord(seq=d["seq"], ts=d["ts"], action=d["action"], actor=d["actor"], decision=d["decision"],
-                       reason=d["reason"], subject=d["subject"], details=d["details"], prev_hash=d["prev_hash"],
-                       hash=d["hash"])
-
-
 def record_line(r: AuditRecord) -> str:
-    return json.dumps(record_dict(r), sort_keys=True, separators=(",", ":"))
+    """The file's line: the record's fields (issuer/core/models.py) as compact JSON."""
+    return json.dumps(audit_record_dict(r), sort_keys=True, separators=(",", ":"))
 
 
 @dataclass(frozen=True)
@@ -116,29 +102,6 @@ class AuditFilter:
         return r.ts >= self.since_ts
 
 
-def read_sqlite(path: str | Path, since_ts: float = 0.0) -> Iterator[AuditRecord]:
-    """Audit records (from `since_ts` on) straight from an issuer database over a read-only connection.
-
-    Used by `tessera audit verify --db`, and by the issuer's own verification and report so a long
-    scan never holds the store's write lock (WAL lets readers run beside the writer).
-    """
-    with connect_ro(path) as db:
-        for row in db.execute(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE ts >= ? ORDER BY seq", (since_ts,)):
-            yield audit_record_from_row(row)
-
-
-def records_after_sqlite(path: str | Path, since_seq: int, limit: int) -> list[AuditRecord]:
-    """At most `limit` audit records after `since_seq`, over a read-only connection of their own: the audit
-    file's catch-up reads pages of thousands, which must not hold the store's connection meanwhile."""
-    with connect_ro(path) as db:
-        return audit_records_after(db, since_seq, limit)
-
-
-def newest_seq_sqlite(path: str | Path) -> int:
-    with connect_ro(path) as db:
-        return newest_audit_seq(db)
-
-
 def read_jsonl(path: str | Path) -> Iterator[AuditRecord]:
     """Records from an audit JSON-lines file; a torn last line (crash mid-write) and blank lines (a file
     emptied with `echo >`) are skipped."""
@@ -147,7 +110,7 @@ def read_jsonl(path: str | Path) -> Iterator[AuditRecord]:
             if not raw.endswith(b"\n"):
                 return
             if raw.strip():
-                yield record_from_dict(json.loads(raw))
+                yield audit_record_from_dict(json.loads(raw))
 
 
 _NOISE = (
@@ -191,7 +154,7 @@ class AuditFile:
     The file is a copy of the database's audit table, which `records` reads. At
     start it catches up with what the database committed while no writer ran;
     after that the datastore hands over every record once, in seq order
-    (SQLiteDatastore.notify), so the file only appends what it has not written yet.
+    (through the AuditRelay), so the file only appends what it has not written yet.
 
     A write that fails (a full disk) is cut back at once to the last complete line,
     and from then on the file catches up from the database every RETRY_SECONDS

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 ENTRY_STATES = ("active", "disabled", "revoked")
@@ -125,6 +127,55 @@ class AuditRecord:
     details: dict[str, Any]
     prev_hash: str
     hash: str
+
+
+# The audit record is spelled once, above: every conversion derives its field list from the dataclass.
+AUDIT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AuditRecord))
+AUDIT_JSON_FIELDS = ("actor", "details")  # stored as JSON text by engines without a JSON type
+GENESIS_HASH = "0" * 64
+
+
+def audit_hash(r: AuditRecord) -> str:
+    """The hash `r` must carry: its content (every field but the two hashes) and its predecessor's hash.
+
+    The hashed JSON is byte-identical to the one the chain has always used: the same keys (`prev` for
+    prev_hash), sorted, compact separators, so chains written before still verify."""
+    body = {k: v for k, v in asdict(r).items() if k not in ("prev_hash", "hash")}
+    body["prev"] = r.prev_hash
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def audit_record_dict(r: AuditRecord) -> dict[str, Any]:
+    return {k: getattr(r, k) for k in AUDIT_FIELDS}
+
+
+def audit_record_from_dict(d: dict[str, Any]) -> AuditRecord:
+    return AuditRecord(**{k: d[k] for k in AUDIT_FIELDS})
+
+
+def audit_record_tuple(r: AuditRecord) -> tuple:
+    """In AUDIT_FIELDS order (plain tuples cross the signing workers' pipe cheaply)."""
+    return tuple(getattr(r, k) for k in AUDIT_FIELDS)
+
+
+CHANGE_KINDS = ("entry", "sidecar", "revocation", "authority")
+
+
+@dataclass(frozen=True)
+class Change:
+    """One committed change, as the change feed serves it.
+
+    `position` strictly increases in commit order across every process writing the store; a follower
+    that saved position p resumes with the first change after p. `key` names the thing changed (an
+    entry id, a sidecar's SPIFFE ID, a revocation's seq, a CA certificate's fingerprint); `payload` is
+    its new state (for a deletion, what was deleted)."""
+
+    position: int
+    ts: float
+    kind: str  # one of CHANGE_KINDS
+    op: str  # entry: create | update | delete; sidecar: upsert | ban | unban; revocation: create; authority: add
+    key: str
+    payload: dict[str, Any]
 
 
 @dataclass(frozen=True)

@@ -1,55 +1,61 @@
-"""The datastore interface the issuer depends on, and the audit hash chain rule.
+"""The datastore contract: everything the issuer does with its store goes through these protocols.
 
 Every write that changes state takes the audit event describing it, and the
 implementation appends that record in the same transaction: a change and its
-evidence commit together or not at all. Writes return only once durable.
+evidence commit together or not at all. Writes return only once durable. Each
+committed audit record is published to the store's AuditRelay (given to its
+constructor). Changes other issuer processes must see (entries, sidecars and their
+bans, revocations, authorities) are appended to the change feed in the same
+transaction; feed positions strictly increase in commit order.
+
+A store makes no authorization decisions: it stores, finds and atomically
+updates; the services decide. The engine (SQLite today) is known only to its own
+module; tests/contract/ is the suite every engine must pass.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from typing import Iterable, Protocol, Sequence
+from contextlib import AbstractContextManager
+from typing import Iterable, Iterator, Protocol, Sequence
 
-from issuer.core.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
-
-GENESIS_HASH = "0" * 64
+from issuer.audit.relay import AuditRelay
+from issuer.core.models import AuditEvent, AuditRecord, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
 
 
-def audit_hash(prev_hash: str, seq: int, ts: float, action: str, actor: dict, decision: str,
-               reason: str, subject: str, details: dict) -> str:
-    """Each record commits to its content and to the previous record's hash."""
-    body = json.dumps(
-        {"seq": seq, "ts": ts, "action": action, "actor": actor, "decision": decision,
-         "reason": reason, "subject": subject, "details": details, "prev": prev_hash},
-        sort_keys=True, separators=(",", ":"),
-    )
-    return hashlib.sha256(body.encode()).hexdigest()
+class AuditReader(Protocol):
+    """Read-only audit reads; what `tessera audit verify --db` opens (datastore.open_reader)."""
+
+    def audit_records(self, since_seq: int = 0, limit: int | None = None) -> list[AuditRecord]: ...
+    def audit_since(self, since_ts: float = 0.0) -> Iterator[AuditRecord]: ...
+    def newest_audit_seq(self) -> int: ...
+    def close(self) -> None: ...
 
 
-def _json_or_raw(text):
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return {"unparseable": text}
+class Opener(Protocol):
+    """A picklable recipe for opening a store on the same data from another process (a signing worker)."""
+
+    def open(self, relay: AuditRelay | None = None) -> Datastore: ...
 
 
-def audit_record_from_row(row) -> AuditRecord:
-    """An audit row (seq, ts, action, actor, decision, reason, subject, details, prev_hash, hash)."""
-    return AuditRecord(row[0], row[1], row[2], _json_or_raw(row[3]), row[4], row[5], row[6],
-                       _json_or_raw(row[7]), row[8], row[9])
+class Datastore(AuditReader, Protocol):
+    relay: AuditRelay  # where committed audit records are published
 
+    def transaction(self) -> AbstractContextManager[None]:
+        """Every store call this thread makes inside commits once, durably, or not at all (an exception
+        inside rolls it all back); nested uses join the outer one."""
+        ...
 
-class Datastore(Protocol):
     # entries
-    def create_entry(self, entry: Entry, audit: AuditEvent) -> None: ...
-    def update_entry(self, entry: Entry, audit: AuditEvent) -> None: ...
-    def delete_entry(self, entry_id: str, audit: AuditEvent) -> None: ...
+    def create_entry(self, entry: Entry, audit: AuditEvent) -> None: ...  # AlreadyExists
+    def update_entry(self, entry: Entry, audit: AuditEvent) -> None: ...  # NotFound
+    def delete_entry(self, entry_id: str, audit: AuditEvent) -> None: ...  # NotFound
     def list_entries(self, parent_id: str | None = None) -> list[Entry]: ...
 
     # join tokens and sidecars
     def create_join_token(self, token: JoinToken, audit: AuditEvent) -> None: ...
-    def consume_join_token(self, token_hash: str, now: int) -> JoinToken: ...
+    def consume_join_token(self, token_hash: str, now: int) -> JoinToken | None:
+        """The token as it was (None if unknown), marked used at `now` if it was unused; the caller decides."""
+        ...
     def upsert_sidecar(self, sidecar: Sidecar, audit: AuditEvent | None) -> None: ...
     def list_sidecars(self) -> list[Sidecar]: ...
     def touch_sidecar(self, sidecar_id: str, now: int) -> None: ...
@@ -62,16 +68,23 @@ class Datastore(Protocol):
     def find_issued(self, *, entry_id: str | None = None, task_id: str | None = None,
                     spiffe_id: str | None = None, sidecar_id: str | None = None,
                     unexpired_at: int | None = None, revoked: bool | None = None) -> list[IssuedSerial]: ...
+    def last_issued_by_entry(self) -> dict[str, int]: ...
 
     # revocation log and CRL numbers
     def record_revocation(self, rec: Revocation) -> int: ...
     def revocations(self, kinds: Sequence[str] | None = None, since_seq: int = 0) -> list[Revocation]: ...
     def last_revocation_seq(self) -> int: ...
     def next_crl_number(self) -> int: ...
-    def save_crl(self, number: int, this_update: int, next_update: int, der: bytes) -> None: ...
 
-    # audit
+    # authorities
+    def note_authority(self, fingerprint: str, not_after: int, now: int) -> bool: ...
+
+    # the change feed
+    def changes_after(self, position: int, limit: int = 1000) -> list[Change]: ...
+    def last_change_position(self) -> int: ...
+
+    # audit (reads are AuditReader's)
     def append_audit(self, events: Iterable[AuditEvent]) -> None: ...
-    def audit_records(self, since_seq: int = 0, limit: int | None = None) -> list[AuditRecord]: ...
 
+    def opener(self) -> Opener: ...
     def close(self) -> None: ...

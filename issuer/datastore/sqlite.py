@@ -14,15 +14,22 @@ millisecond back-off, where SQLite's busy handler sleeps in steps of millisecond
 then the connection; readers only ever take the connection, so they never wait
 behind another process's commit. Each write transaction reads the audit chain's
 head once it holds the write lock, so records from every process form one chain.
-Listeners get every committed audit record once, in order: records handed over
-out of order wait for the gap before them to fill, and a gap that lasts longer than
-GAP_GRACE (a signing worker that died between its commit and its answer) is read
-back from the file.
+Committed audit records are published to the store's AuditRelay (issuer/audit/relay.py).
+
+Every change other issuer processes must see (entries, sidecars, revocations,
+authorities) also appends a row to `changes` in its own transaction; the rowid is the
+feed position, so positions increase in commit order (one writer at a time, and
+AUTOINCREMENT never reuses a position).
+
+Only this module knows the store is SQLite: the rest of the issuer reaches it through
+the Datastore protocol, `SQLiteOpener` (what a signing worker is given to open its
+own store) and `open_reader` (a read-only view for `tessera audit verify --db`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import operator
@@ -31,20 +38,20 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-from issuer.core.models import ISSUED_FIELDS
-from issuer.datastore.interface import GENESIS_HASH, audit_hash, audit_record_from_row
-from issuer.core.models import AuditEvent, AuditRecord, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
+from issuer.audit.relay import AuditRelay
+from issuer.core.models import (AUDIT_FIELDS, AUDIT_JSON_FIELDS, GENESIS_HASH, ISSUED_FIELDS, AuditEvent, AuditRecord,
+                                Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar, audit_hash)
 from tessera import logs, safefs
-from tessera.errors import AlreadyExists, NotFound, PermissionDenied, Unavailable
+from tessera.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 
 log = logs.get("datastore")
 # A full or failing disk hits every write until it is fixed: one line per minute, repeats counted.
 _disk_log = logs.Throttled(log, window=60, level="error")
 
+_DUPLICATE = (sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY, sqlite3.SQLITE_CONSTRAINT_UNIQUE)
 WRITE_LOCK_TIMEOUT = 30.0  # seconds, as SQLite's own busy timeout below
-GAP_GRACE = 1.0  # seconds a gap in the records handed over may last before it is read back from the file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -112,12 +119,21 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS crl (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    number INTEGER NOT NULL,
-    this_update INTEGER NOT NULL,
-    next_update INTEGER NOT NULL,
-    der BLOB NOT NULL
+-- The last signed CRL was kept here but never read: a CRL is derived from the revoked serials and the
+-- durable CRL number (meta), and the issuer signs a fresh one at start.
+DROP TABLE IF EXISTS crl;
+CREATE TABLE IF NOT EXISTS authorities (
+    fingerprint TEXT PRIMARY KEY,
+    not_after INTEGER NOT NULL,
+    first_seen INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS changes (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    kind TEXT NOT NULL,
+    op TEXT NOT NULL,
+    key TEXT NOT NULL,
+    payload TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
@@ -161,37 +177,96 @@ _issued_row = operator.attrgetter(*ISSUED_FIELDS)
 _INSERT_ISSUED = f"INSERT INTO issued ({', '.join(ISSUED_FIELDS)}) VALUES ({', '.join('?' * len(ISSUED_FIELDS))})"
 
 
+def _json_or_raw(text):
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return {"unparseable": text}
+
+
+# The audit table's columns are AuditRecord's fields, in order; actor and details are JSON text.
+AUDIT_COLUMNS = ", ".join(AUDIT_FIELDS)
+_AUDIT_INSERT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({', '.join('?' * len(AUDIT_FIELDS))})"
+
+
+def _audit_row(r: AuditRecord) -> tuple:
+    return tuple(_dumps(getattr(r, k)) if k in AUDIT_JSON_FIELDS else getattr(r, k) for k in AUDIT_FIELDS)
+
+
+def _audit_record(row) -> AuditRecord:
+    """From a row of AUDIT_COLUMNS; JSON that no longer parses (a tampered row) is kept for the verifier to flag."""
+    return AuditRecord(*(_json_or_raw(v) if k in AUDIT_JSON_FIELDS else v for k, v in zip(AUDIT_FIELDS, row)))
+
+
 @contextlib.contextmanager
-def connect_ro(path: str | Path) -> Iterator[sqlite3.Connection]:
-    """A read-only connection to an issuer database: it reads beside the writer (WAL), never under the
-    store's lock, so a long scan holds up no commit."""
-    db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+def _connect_ro(path: str | Path) -> Iterator[sqlite3.Connection]:
+    """A read-only connection: it reads beside the writer (WAL), never under a store's lock, so a long scan
+    holds up no commit. SQLite's errors become FailedPrecondition (not a database, unreadable, ...)."""
+    try:
+        db = sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        raise FailedPrecondition(f"cannot open it as a database: {e}") from None
     try:
         yield db
+    except sqlite3.Error as e:
+        raise FailedPrecondition(f"not a readable issuer database: {e}") from None
     finally:
         db.close()
 
 
-AUDIT_COLUMNS = "seq, ts, action, actor, decision, reason, subject, details, prev_hash, hash"
-
-
-def audit_records_after(db: sqlite3.Connection, since_seq: int, limit: int | None = None) -> list[AuditRecord]:
+def _audit_after(path: Path, since_seq: int, limit: int | None) -> list[AuditRecord]:
     q, args = f"SELECT {AUDIT_COLUMNS} FROM audit WHERE seq > ? ORDER BY seq", (since_seq,)
     if limit is not None:
         q, args = q + " LIMIT ?", args + (limit,)
-    return [audit_record_from_row(r) for r in db.execute(q, args)]
+    with _connect_ro(path) as db:
+        return [_audit_record(r) for r in db.execute(q, args)]
 
 
-def newest_audit_seq(db: sqlite3.Connection) -> int:
-    return db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
+def _audit_since(path: Path, since_ts: float) -> Iterator[AuditRecord]:
+    with _connect_ro(path) as db:
+        for row in db.execute(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE ts >= ? ORDER BY seq", (since_ts,)):
+            yield _audit_record(row)
 
 
-def read_last_issued(path: str | Path) -> dict[str, int]:
-    """Entry id -> when a certificate was last issued for it, over a read-only connection, aggregated by
-    SQLite rather than row by row here."""
-    with connect_ro(path) as db:
-        return dict(db.execute("SELECT entry_id, MAX(issued_at) FROM issued WHERE entry_id IS NOT NULL"
-                               " GROUP BY entry_id"))
+def _newest_audit_seq(path: Path) -> int:
+    with _connect_ro(path) as db:
+        return db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
+
+
+class SQLiteReader:
+    """Read-only audit reads of an issuer database (for `tessera audit verify --db`); opens nothing for writing,
+    creates nothing, and may run beside a live issuer."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise NotFound(f"{path} does not exist")
+
+    def audit_records(self, since_seq: int = 0, limit: int | None = None) -> list[AuditRecord]:
+        return _audit_after(self.path, since_seq, limit)
+
+    def audit_since(self, since_ts: float = 0.0) -> Iterator[AuditRecord]:
+        return _audit_since(self.path, since_ts)
+
+    def newest_audit_seq(self) -> int:
+        return _newest_audit_seq(self.path)
+
+    def close(self) -> None:
+        pass  # each read opens and closes its own connection
+
+
+@dataclasses.dataclass(frozen=True)
+class SQLiteOpener:
+    """What a signing worker is handed to open its own store on the issuer's database (picklable)."""
+
+    path: str
+
+    def open(self, relay: AuditRelay | None = None) -> "SQLiteDatastore":
+        return SQLiteDatastore(self.path, relay=relay)
+
+
+def _change_payload(obj) -> str:
+    return _dumps(dataclasses.asdict(obj))
 
 
 class _PendingSerials:
@@ -214,9 +289,9 @@ class _Group:
 
 
 class SQLiteDatastore:
-    def __init__(self, path: str | Path, relay_all: bool = True):
-        """`relay_all`: listeners get every record committed, by any process (the issuer); else only
-        this store's own (a signing worker, which hands them to the issuer)."""
+    def __init__(self, path: str | Path, relay: AuditRelay | None = None):
+        """`relay` is given every audit record this store commits (default: a relay of its own, with no
+        subscribers); in the issuer it also gets the signing workers' records, and reads gaps back from here."""
         self.path = Path(path)
         # SQLite opens the file, its -wal and -shm by name, following links: their directory must be one only
         # root or this uid can change, and the database a regular file of ours (made 0600 here: SQLite gives
@@ -242,21 +317,21 @@ class SQLiteDatastore:
         self._committing = False  # a caller is writing a group (see record_issued)
         self._closing = False
         self._audit_seq, self._audit_hash = 0, GENESIS_HASH  # the chain's head, read in each write transaction
-        self.audit_listeners: list = []  # called with committed AuditRecords (e.g. the JSON-lines file)
-        self._relay_all = relay_all
-        self._relay_lock = threading.Lock()
-        self._relayed = newest_audit_seq(self._db)
-        self._waiting: dict[int, AuditRecord] = {}  # committed, handed over, waiting for an earlier record
-        self._gap_since: float | None = None
-        self._gap_timer: threading.Timer | None = None
-        self._gap_timer_armed = False
         self._closed = False
+        self.relay = relay if relay is not None else AuditRelay()
+        self.relay.attach(self.newest_audit_seq(), lambda after, n: self.audit_records(after, n))
 
     # -- transactions ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One durable commit for everything done inside; nested uses join the outer one."""
+    def transaction(self) -> Iterator[None]:
+        """One durable commit for every store call made inside (by this thread); nested uses join the outer one.
+        An exception inside rolls all of it back."""
+        with self._tx():
+            yield
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
         if self._owner == threading.get_ident():  # only this thread ever sets it to this thread
             with self._lock:
                 self._depth += 1
@@ -293,7 +368,7 @@ class SQLiteDatastore:
                     records, self._new_records = self._new_records, []
             finally:
                 fcntl.flock(self._write_lock, fcntl.LOCK_UN)
-        self.notify(records)
+        self.relay.publish(records)
 
     def _disk_error(self, e: sqlite3.Error) -> Unavailable | None:
         """Unavailable for a full or failing disk (nothing was written; the caller may retry later)."""
@@ -320,102 +395,6 @@ class SQLiteDatastore:
             time.sleep(delay)  # another process's commit: typically well under a millisecond
             delay = min(delay * 2, 0.001)
 
-    def notify(self, records: list[AuditRecord]) -> None:
-        """Hand committed audit records to the listeners, also those another process committed.
-
-        With `relay_all`, every record reaches the listeners exactly once and in seq order. Records
-        arrive out of order (each thread hands over its own, the event loop each signing worker's),
-        so those after a gap wait for it to fill; a gap older than GAP_GRACE is read back from the
-        database (every record before a committed one is committed too): a signing worker that died
-        between its commit and its answer never hands its records over. The gap timer's thread reads
-        it back without holding the relay lock, so a caller of notify (the event loop) never waits
-        for the database.
-        """
-        with self._relay_lock:
-            if self._closed:
-                return
-            if self._relay_all:
-                records = self._in_order(records)
-            self._tell(records)
-
-    def _tell(self, records: list[AuditRecord]) -> None:
-        """Under the relay lock: give records to every listener."""
-        if not records:
-            return
-        for listener in self.audit_listeners:
-            try:
-                listener(records)
-            except Exception:  # noqa: BLE001 - committed is committed: a listener must not fail the write
-                log.exception("an audit listener failed", listener=repr(listener))
-
-    def _in_order(self, records: list[AuditRecord]) -> list[AuditRecord]:
-        """Under the relay lock: the records now due, in seq order; a gap arms the timer that reads it back."""
-        due = self._merge(records)
-        self._watch_gap(new=bool(due))
-        return due
-
-    def _merge(self, records: list[AuditRecord]) -> list[AuditRecord]:
-        """Under the relay lock: take in records not relayed yet; those now due, in seq order."""
-        for r in records:
-            if r.seq > self._relayed:
-                self._waiting[r.seq] = r
-        return self._contiguous()
-
-    def _watch_gap(self, new: bool) -> None:
-        """Under the relay lock: while records wait, time the gap (from now if `new`) and keep the timer armed."""
-        if not self._waiting:
-            self._gap_since = None
-            return
-        if new or self._gap_since is None:
-            self._gap_since = time.monotonic()
-        self._arm_gap_timer()
-
-    def _arm_gap_timer(self) -> None:
-        """Under the relay lock: make sure a gap is looked at again even if nothing else commits."""
-        if not self._gap_timer_armed and not self._closed:
-            self._gap_timer_armed = True
-            self._gap_timer = threading.Timer(GAP_GRACE * 1.1, self._gap_timer_fired)
-            self._gap_timer.daemon = True
-            self._gap_timer.start()
-
-    def _gap_timer_fired(self) -> None:
-        # The timer counts as armed until this returns: a notify meanwhile starts no second one.
-        with self._relay_lock:
-            if self._closed or not self._waiting or time.monotonic() - self._gap_since < GAP_GRACE:
-                self._gap_timer_armed = False
-                self._watch_gap(new=False)
-                return
-            after, first = self._relayed, min(self._waiting)
-        try:  # without the relay lock: records handed over meanwhile do not wait for this read
-            missing = [r for r in self.audit_records(after, limit=first - after - 1) if r.seq < first]
-        except sqlite3.Error as e:
-            with self._relay_lock:
-                self._gap_timer_armed = False
-                if not self._closed:  # (closing closes the connection under the read: not a fault)
-                    log.error("could not read back audit records missing from the relay", error=str(e))
-                    self._arm_gap_timer()  # nothing was moved on: try again
-            return
-        with self._relay_lock:
-            self._gap_timer_armed = False
-            if self._closed:
-                return
-            due = self._merge(missing)
-            # Seqs before `first` that the database does not have either cannot come: pass each such hole.
-            while self._waiting and (nxt := min(self._waiting)) <= first and nxt > self._relayed + 1:
-                log.error("audit records missing from the database were skipped by the relay",
-                          after=self._relayed, before=nxt)
-                self._relayed = nxt - 1
-                due += self._contiguous()
-            self._watch_gap(new=True)
-            self._tell(due)
-
-    def _contiguous(self) -> list[AuditRecord]:
-        run = []
-        while (r := self._waiting.pop(self._relayed + 1, None)) is not None:
-            run.append(r)
-            self._relayed = r.seq
-        return run
-
     def _audit(self, db: sqlite3.Connection, event: AuditEvent | None) -> None:
         if event is not None:
             self._audit_many(db, [event])
@@ -424,28 +403,29 @@ class SQLiteDatastore:
         """Chain and insert audit records; one statement for many keeps the group commit short."""
         rows = []
         for event in events:
-            seq = self._audit_seq + 1
-            ts = round(time.time(), 6)
-            actor = event.actor.as_dict()
-            h = audit_hash(self._audit_hash, seq, ts, event.action, actor, event.decision,
-                           event.reason, event.subject, event.details)
-            rows.append((seq, ts, event.action, _dumps(actor), event.decision, event.reason, event.subject,
-                         _dumps(event.details), self._audit_hash, h))
-            self._new_records.append(AuditRecord(seq, ts, event.action, actor, event.decision, event.reason,
-                                                 event.subject, event.details, self._audit_hash, h))
-            self._audit_seq, self._audit_hash = seq, h
+            r = AuditRecord(self._audit_seq + 1, round(time.time(), 6), event.action, event.actor.as_dict(),
+                            event.decision, event.reason, event.subject, event.details, self._audit_hash, "")
+            r = dataclasses.replace(r, hash=audit_hash(r))
+            rows.append(_audit_row(r))
+            self._new_records.append(r)
+            self._audit_seq, self._audit_hash = r.seq, r.hash
         if rows:
-            db.executemany("INSERT INTO audit VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+            db.executemany(_AUDIT_INSERT, rows)
+
+    def _change(self, db: sqlite3.Connection, kind: str, op: str, key: str, payload: dict[str, Any] | str) -> None:
+        """Append to the change feed, in the caller's transaction: the change and its feed row commit together."""
+        db.execute("INSERT INTO changes (ts, kind, op, key, payload) VALUES (?,?,?,?,?)",
+                   (round(time.time(), 6), kind, op, key, payload if isinstance(payload, str) else _dumps(payload)))
 
     def append_audit(self, events: Iterable[AuditEvent]) -> None:
-        with self.transaction() as db:
+        with self._tx() as db:
             for e in events:
                 self._audit(db, e)
 
     # -- entries --------------------------------------------------------------------
 
     def create_entry(self, entry: Entry, audit: AuditEvent) -> None:
-        with self.transaction() as db:
+        with self._tx() as db:
             try:
                 db.execute(
                     "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -456,10 +436,11 @@ class SQLiteDatastore:
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"entry {entry.id} already exists") from None
+            self._change(db, "entry", "create", entry.id, _change_payload(entry))
             self._audit(db, audit)
 
     def update_entry(self, entry: Entry, audit: AuditEvent) -> None:
-        with self.transaction() as db:
+        with self._tx() as db:
             cur = db.execute(
                 "UPDATE entries SET spiffe_id=?, parent_id=?, selectors=?, owner=?, purpose=?, tier=?,"
                 " scopes=?, x509_ttl=?, expires_at=?, state=?, updated_at=?, revision=? WHERE id=?",
@@ -469,13 +450,16 @@ class SQLiteDatastore:
             )
             if cur.rowcount == 0:
                 raise NotFound(f"no entry with id {entry.id}")
+            self._change(db, "entry", "update", entry.id, _change_payload(entry))
             self._audit(db, audit)
 
     def delete_entry(self, entry_id: str, audit: AuditEvent) -> None:
-        with self.transaction() as db:
-            cur = db.execute("DELETE FROM entries WHERE id=?", (entry_id,))
-            if cur.rowcount == 0:
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM entries WHERE id=?", (entry_id,)).fetchone()
+            if row is None:
                 raise NotFound(f"no entry with id {entry_id}")
+            db.execute("DELETE FROM entries WHERE id=?", (entry_id,))
+            self._change(db, "entry", "delete", entry_id, _change_payload(_entry(row)))
             self._audit(db, audit)
 
     def list_entries(self, parent_id: str | None = None) -> list[Entry]:
@@ -491,28 +475,31 @@ class SQLiteDatastore:
     # -- join tokens and sidecars ----------------------------------------------------------
 
     def create_join_token(self, token: JoinToken, audit: AuditEvent) -> None:
-        with self.transaction() as db:
+        with self._tx() as db:
             db.execute(
                 "INSERT INTO join_tokens VALUES (?,?,?,?,?,NULL)",
                 (token.token_hash, token.sidecar_name, token.expires_at, token.created_by, token.created_at),
             )
             self._audit(db, audit)
 
-    def consume_join_token(self, token_hash: str, now: int) -> JoinToken:
-        """Mark a token used, once. Unknown, used and expired tokens are refused alike to the caller."""
-        with self.transaction() as db:
+    def consume_join_token(self, token_hash: str, now: int) -> JoinToken | None:
+        """The token as it was before this call (None if unknown), marked used at `now` if it was not used.
+
+        No decision here: the caller decides whether what was found may join (used before, expired), inside
+        its transaction, so raising there rolls the mark back."""
+        with self._tx() as db:
             row = db.execute("SELECT * FROM join_tokens WHERE token_hash=?", (token_hash,)).fetchone()
             if row is None:
-                raise PermissionDenied("join token is not valid")
-            if row["used_at"] is not None:
-                raise PermissionDenied("join token was already used")
-            if row["expires_at"] <= now:
-                raise PermissionDenied("join token has expired")
-            db.execute("UPDATE join_tokens SET used_at=? WHERE token_hash=?", (now, token_hash))
-            return JoinToken(**{**{k: row[k] for k in row.keys()}, "used_at": now})
+                return None
+            if row["used_at"] is None:
+                db.execute("UPDATE join_tokens SET used_at=? WHERE token_hash=?", (now, token_hash))
+            return JoinToken(**{k: row[k] for k in row.keys()})
 
     def upsert_sidecar(self, sidecar: Sidecar, audit: AuditEvent | None) -> None:
-        with self.transaction() as db:
+        with self._tx() as db:
+            before = db.execute("SELECT state FROM sidecars WHERE id=?", (sidecar.id,)).fetchone()
+            was_banned, banned = before is not None and before[0] == "banned", sidecar.state == "banned"
+            op = "ban" if banned and not was_banned else "unban" if was_banned and not banned else "upsert"
             db.execute(
                 "INSERT INTO sidecars VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET"
                 " state=excluded.state, attested_at=excluded.attested_at, last_seen=excluded.last_seen,"
@@ -520,6 +507,7 @@ class SQLiteDatastore:
                 (sidecar.id, sidecar.name, sidecar.state, sidecar.attested_at, sidecar.last_seen,
                  sidecar.svid_serial, sidecar.svid_expires_at),
             )
+            self._change(db, "sidecar", op, sidecar.id, _change_payload(sidecar))
             self._audit(db, audit)
 
     def list_sidecars(self) -> list[Sidecar]:
@@ -528,7 +516,7 @@ class SQLiteDatastore:
         return [_sidecar(r) for r in rows]
 
     def touch_sidecar(self, sidecar_id: str, now: int) -> None:
-        with self.transaction() as db:
+        with self._tx() as db:
             db.execute("UPDATE sidecars SET last_seen=? WHERE id=?", (now, sidecar_id))
 
     # -- issued serials ---------------------------------------------------------------
@@ -560,7 +548,7 @@ class SQLiteDatastore:
                 leader = False
         if leader:
             try:
-                with self.transaction() as db:
+                with self._tx() as db:
                     self._insert_issued(db, group.items)
             except BaseException as e:  # noqa: BLE001 - every caller in the group gets it
                 group.error = e
@@ -574,7 +562,12 @@ class SQLiteDatastore:
     def _insert_issued(self, db: sqlite3.Connection, group: list[_PendingSerials]) -> None:
         rows = [_issued_row(s) for p in group for s in p.serials]
         if rows:
-            db.executemany(_INSERT_ISSUED, rows)
+            try:
+                db.executemany(_INSERT_ISSUED, rows)
+            except sqlite3.IntegrityError as e:
+                if getattr(e, "sqlite_errorcode", 0) not in _DUPLICATE:
+                    raise
+                raise AlreadyExists("a serial recorded as issued was recorded before") from None
         self._audit_many(db, [a for p in group for a in p.audits])
 
     def get_issued(self, serial: str) -> IssuedSerial | None:
@@ -585,7 +578,7 @@ class SQLiteDatastore:
     def revoke_serials(self, serials: Sequence[str], reason: str, now: int,
                        audit: AuditEvent | None) -> list[str]:
         """Mark serials revoked, durably, with the audit record; returns those not revoked before."""
-        with self.transaction() as db:
+        with self._tx() as db:
             newly = []
             for serial in serials:
                 cur = db.execute(
@@ -620,13 +613,15 @@ class SQLiteDatastore:
 
     def record_revocation(self, rec: Revocation) -> int:
         """Append one revocation to the log (join the caller's transaction); returns its seq."""
-        with self.transaction() as db:
+        with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO revocations (ts, kind, target, reason, reason_code, serials, entry_ids)"
                 " VALUES (?,?,?,?,?,?,?)",
                 (rec.ts, rec.kind, rec.target, rec.reason, rec.reason_code, _dumps(list(rec.serials)),
                  _dumps(list(rec.entry_ids))))
-            return cur.lastrowid
+            seq = cur.lastrowid
+            self._change(db, "revocation", "create", str(seq), _change_payload(dataclasses.replace(rec, seq=seq)))
+            return seq
 
     def revocations(self, kinds: Sequence[str] | None = None, since_seq: int = 0) -> list[Revocation]:
         q, args = "SELECT * FROM revocations WHERE seq > ?", [since_seq]
@@ -644,31 +639,64 @@ class SQLiteDatastore:
 
     def next_crl_number(self) -> int:
         """Take the next CRL number, durably: a number is never handed out twice, even across crashes."""
-        with self.transaction() as db:
+        with self._tx() as db:
             db.execute("INSERT INTO meta VALUES ('crl_number', 1)"
                        " ON CONFLICT(key) DO UPDATE SET value = value + 1")
             return db.execute("SELECT value FROM meta WHERE key='crl_number'").fetchone()[0]
 
-    def save_crl(self, number: int, this_update: int, next_update: int, der: bytes) -> None:
-        """Keep the last signed CRL, durably (one row, replaced)."""
-        with self.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO crl VALUES (1,?,?,?,?)", (number, this_update, next_update, der))
+    # -- authorities --------------------------------------------------------------------
 
-    # -- audit ------------------------------------------------------------------------
+    def note_authority(self, fingerprint: str, not_after: int, now: int) -> bool:
+        """Record a CA certificate the store has not seen (and its change); True if it was new."""
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO authorities VALUES (?,?,?) ON CONFLICT(fingerprint) DO NOTHING",
+                             (fingerprint, not_after, now))
+            if cur.rowcount:
+                self._change(db, "authority", "add", fingerprint, {"fingerprint": fingerprint, "not_after": not_after})
+            return bool(cur.rowcount)
+
+    # -- the change feed ------------------------------------------------------------------
+
+    def changes_after(self, position: int, limit: int = 1000) -> list[Change]:
+        """Committed changes after `position`, in position order, at most `limit`."""
+        with _connect_ro(self.path) as db:
+            rows = db.execute("SELECT position, ts, kind, op, key, payload FROM changes WHERE position > ?"
+                              " ORDER BY position LIMIT ?", (position, limit)).fetchall()
+        return [Change(p, ts, kind, op, key, json.loads(payload)) for p, ts, kind, op, key, payload in rows]
+
+    def last_change_position(self) -> int:
+        with _connect_ro(self.path) as db:
+            return db.execute("SELECT COALESCE(MAX(position), 0) FROM changes").fetchone()[0]
+
+    # -- audit and evidence reads (read-only connections: a long scan holds up no commit) ----------------
 
     def audit_records(self, since_seq: int = 0, limit: int | None = None) -> list[AuditRecord]:
-        with self._lock:
-            return audit_records_after(self._db, since_seq, limit)
+        return _audit_after(self.path, since_seq, limit)
+
+    def audit_since(self, since_ts: float = 0.0) -> Iterator[AuditRecord]:
+        """Every audit record with ts >= since_ts, in seq order (read lazily)."""
+        return _audit_since(self.path, since_ts)
+
+    def newest_audit_seq(self) -> int:
+        return _newest_audit_seq(self.path)
+
+    def last_issued_by_entry(self) -> dict[str, int]:
+        """Entry id -> when a certificate was last issued for it (aggregated by SQLite, not row by row here)."""
+        with _connect_ro(self.path) as db:
+            return dict(db.execute("SELECT entry_id, MAX(issued_at) FROM issued WHERE entry_id IS NOT NULL"
+                                   " GROUP BY entry_id"))
+
+    def opener(self) -> SQLiteOpener:
+        """How another process opens a store on this same database (the signing workers)."""
+        return SQLiteOpener(str(self.path))
 
     def close(self) -> None:
         with self._group_cond:
             self._closing = True
             while self._committing or self._group.items:  # callers already waiting get their commit
                 self._group_cond.wait()
-        with self._relay_lock:  # before the connection closes: the gap timer checks _closed under this lock
-            self._closed = True  # no new transaction, and nothing more relayed
-            if self._gap_timer is not None:
-                self._gap_timer.cancel()  # what still waits reaches the audit file at the next start
+        self.relay.close()  # nothing more relayed; what still waits reaches the audit file at the next start
+        self._closed = True  # no new transaction
         with self._writer, self._lock:  # a transaction under way finishes first
             self._db.close()
             if self._write_lock >= 0:  # closing twice is harmless, as it is for the connection

@@ -18,8 +18,8 @@ from typing import Callable, Protocol
 from cryptography import x509
 
 from issuer.ca.authority import CertificateAuthority
-from issuer.datastore.interface import Datastore
 from issuer.core.models import Actor, AuditEvent, IssuedSerial, JoinToken, Sidecar
+from issuer.datastore.interface import Datastore
 from tessera import logs, spiffeid, x509svid
 from tessera.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable
 from tessera.ratelimit import KeyedTokenBuckets, peer_host
@@ -204,7 +204,15 @@ class SidecarAttestor:
         now = int(time.time())
         h = token_hash(join_token)
         with self.store.transaction():
+            # The store marks the token used; refusing here rolls that back. Unknown, used and expired
+            # tokens are refused alike to the caller.
             tok = self.store.consume_join_token(h, now)
+            if tok is None:
+                raise PermissionDenied("join token is not valid")
+            if tok.used_at is not None:
+                raise PermissionDenied("join token was already used")
+            if tok.expires_at <= now:
+                raise PermissionDenied("join token has expired")
             sid = str(spiffeid.sidecar_id(self.ca.trust_domain, tok.sidecar_name))
             existing = self._sidecars.get(sid)
             return self._issue(sid, tok.sidecar_name, public_key, now, existing,

@@ -6,16 +6,17 @@ issuer commits) so the signing path never reads the database.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 import time
 import uuid
 from dataclasses import replace
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Sequence
 
-from issuer.datastore.interface import Datastore
 from issuer.core.events import EventHub
 from issuer.core.models import ENTRY_STATES, Actor, AuditEvent, Entry
+from issuer.datastore.interface import Datastore
 from issuer.tasks.policy import TIER_NAME
 from tessera import selectors as sel
 from tessera import spiffeid
@@ -244,6 +245,32 @@ class Registry:
 
     def set_state(self, entry_id: str, state: str, actor: Actor, reason: str) -> Entry:
         return self.update(entry_id, actor, reason=reason, state=state)
+
+    @contextlib.contextmanager
+    def revoking(self, entry_ids: Sequence[str], actor: Actor, reason: str) -> Iterator[None]:
+        """One store transaction, opened here, that marks these entries revoked; the caller's store writes inside
+        the block join it, so an entry's revocation and everything revoked with it commit once, or not at all.
+
+        The registry's lock is taken before the store's, the order of every registry write. The cache and the
+        sidecars (an entry_upsert push, so they stop serving at once) see the entries revoked only after the
+        commit."""
+        if not entry_ids:
+            with self.store.transaction():
+                yield
+            return
+        with self._lock:
+            now = int(time.time())
+            marked = [replace(old, state="revoked", updated_at=now, revision=old.revision + 1)
+                      for old in map(self.require, entry_ids) if old.state != "revoked"]
+            with self.store.transaction():
+                for new in marked:
+                    self.store.update_entry(new, AuditEvent("entry.update", actor, "done", reason=reason,
+                                                            subject=new.id, details={"changed": {"state": "revoked"}}))
+                yield
+            for new in marked:
+                self._entries[new.id] = new
+        for new in marked:
+            self.hub.publish(new.parent_id, ("entry_upsert", new))
 
     def delete(self, entry_id: str, actor: Actor, reason: str = "") -> None:
         with self._lock:

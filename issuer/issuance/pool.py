@@ -5,7 +5,8 @@ work (verify the CSR, build and sign the leaf with the one profile builder via
 CertificateAuthority.sign, DER-encode) and the commit of what was signed (the
 serial rows and their audit records, one transaction per chunk) run in spawned
 workers that hold the CA key in memory and write the issuer's database through
-their own `SQLiteDatastore`. Jobs from concurrent callers are coalesced into
+a store of their own, opened with the picklable `Opener` the issuer's store gives
+(`store.opener()`). Jobs from concurrent callers are coalesced into
 chunks, so a unary call costs the main process a queue append and its share of
 one pipe round trip.
 
@@ -13,8 +14,8 @@ Authorization stays in the main process (issuer/signing.py): a worker only turns
 jobs the main process allowed into certificates and records. No certificate is
 handed back to a caller before its serial is committed: the worker commits, then
 answers. The worker returns the audit records it committed, and the main process's
-event loop hands them to the store's listeners (the JSON-lines file, metrics)
-before it resolves the callers.
+event loop publishes them to the issuer's AuditRelay (the JSON-lines file, metrics,
+the evidence stream) before it resolves the callers.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from issuer.audit.relay import AuditRelay
 from issuer.ca.authority import CertificateAuthority
-from issuer.datastore.interface import Datastore
-from issuer.core.models import Actor, AuditEvent, AuditRecord, IssuedSerial
+from issuer.core.models import Actor, AuditEvent, AuditRecord, IssuedSerial, audit_record_tuple
+from issuer.datastore.interface import Datastore, Opener
 from tessera import logs, pem, spiffeid, x509svid
 from tessera.errors import Code, FailedPrecondition, TesseraError
 
@@ -145,10 +147,6 @@ def astuple_signed(s: Signed) -> tuple:
     return (s.cert_der, s.serial, s.not_after, s.error, s.code)
 
 
-def astuple_record(r: AuditRecord) -> tuple:
-    return (r.seq, r.ts, r.action, r.actor, r.decision, r.reason, r.subject, r.details, r.prev_hash, r.hash)
-
-
 # -- worker side ------------------------------------------------------------------------------
 
 def _die_with_parent() -> None:
@@ -159,17 +157,18 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str, db_path: str) -> None:
+def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str, opener: Opener) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the issuer decides when workers stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    from issuer.datastore.sqlite import SQLiteDatastore  # the worker's own connection to the issuer's database
-
     key = serialization.load_pem_private_key(key_pem, password=None)
     ca = CertificateAuthority(x509.load_pem_x509_certificate(cert_pem), key, trust_domain)
-    store = SQLiteDatastore(db_path, relay_all=False)  # hands the issuer only what it committed itself
+    # Its own store on the issuer's data; its relay passes on only what this worker committed, unordered:
+    # the issuer's relay orders them among everyone's.
+    relay = AuditRelay(in_order=False)
     committed: list[AuditRecord] = []
-    store.audit_listeners.append(committed.extend)
+    relay.subscribe(committed.extend)
+    store = opener.open(relay=relay)
     answer: object = READY  # a worker that dies before this never read a chunk: its chunk may go elsewhere
     while True:
         try:
@@ -181,7 +180,7 @@ def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str, db_pa
         committed.clear()
         try:
             signed = sign_and_record_jobs(ca, store, [SignJob(*t) for t in job_tuples], audits)
-            answer = ([astuple_signed(s) for s in signed], [astuple_record(r) for r in committed])
+            answer = ([astuple_signed(s) for s in signed], [audit_record_tuple(r) for r in committed])
         except TesseraError as e:  # e.g. UNAVAILABLE: the database stayed locked; the caller gets its status
             answer = e
         except Exception as e:  # noqa: BLE001 - reported to the caller, the worker carries on
@@ -355,7 +354,7 @@ class SigningPool:
     The pool lives on its callers' event loop (the issuer's gRPC loop) and has no thread of
     its own. A caller queues a request; an idle worker takes whatever is queued (up to
     CHUNK_MAX jobs) down its pipe; the worker signs the chunk, commits all of its records in
-    one transaction to the database at `db_path` and answers. When the answer is readable,
+    one transaction to the store `opener` opens and answers. When the answer is readable,
     the loop gives the worker its next chunk, passes the committed audit records to
     `committed` and only then resolves the callers' futures. A caller costs one queue append;
     a chunk, one pickled message each way. (Feeding threads, one per worker, cost each chunk
@@ -369,11 +368,11 @@ class SigningPool:
     Bound to the loop of its first caller.
     """
 
-    def __init__(self, ca: CertificateAuthority, workers: int, db_path: str, committed: Committed):
+    def __init__(self, ca: CertificateAuthority, workers: int, opener: Opener, committed: Committed):
         self._committed = committed
         self._ctx = multiprocessing.get_context("spawn")  # not fork: gRPC threads do not survive a fork
         key_pem = pem.key_pem(ca.key)
-        self._args = (pem.certs_pem([ca.cert]), key_pem, ca.trust_domain, str(db_path))
+        self._args = (pem.certs_pem([ca.cert]), key_pem, ca.trust_domain, opener)
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued = 0  # the weight of the requests in _queue: jobs, a request without jobs counting one
         self._closed = False

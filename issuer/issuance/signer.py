@@ -11,11 +11,11 @@ import time
 from typing import Callable, Sequence
 
 from issuer.ca.authority import CertificateAuthority
-from issuer.datastore.interface import Datastore
 from issuer.core.models import Actor, AuditEvent, Entry, Sidecar, SignResult
+from issuer.datastore.interface import Datastore
 from issuer.identity.registration import Registry
-from issuer.revocation.service import RevocationService
 from issuer.issuance.pool import Signed, SigningPool, SignJob, sign_and_record_jobs
+from issuer.revocation.service import RevocationService
 from tessera.errors import Code, InvalidArgument, TesseraError
 
 

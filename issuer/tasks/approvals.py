@@ -29,9 +29,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from issuer import metrics
-from issuer.tasks import policy as pol
-from issuer.datastore.interface import Datastore
 from issuer.core.models import ISSUER, Actor, AuditEvent
+from issuer.datastore.interface import Datastore
+from issuer.tasks import policy as pol
 from tessera import logs
 from tessera.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from cryptography import x509
 
 from agent_sidecar.issuer_client import IssuerClient
-from tessera.configfile import default_bootstrap_address, read_secret_file
 from tessera import pem, x509svid
+from tessera.configfile import default_bootstrap_address, read_secret_file
 from tessera.v1 import issuer_pb2
 
 

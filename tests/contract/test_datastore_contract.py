@@ -1,0 +1,476 @@
+"""The datastore contract: what every engine must do, run against each engine in conftest.ENGINES.
+
+Every method of the Datastore protocol; durability of each acknowledged write (a writer
+killed with SIGKILL right after its call returned loses nothing); the audit chain (linked,
+tamper found by the verifier, old chains still verify); the change feed (order, atomicity
+with the change, resume after a restart with no gap and no duplicate)."""
+
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from issuer.audit.records import verify_chain
+from issuer.audit.relay import AuditRelay
+from issuer.core.models import (GENESIS_HASH, AuditEvent, AuditRecord, Change, JoinToken, Revocation, Sidecar,
+                                audit_hash)
+from issuer.datastore import open_reader
+from issuer.datastore.feed import ChangeFollower
+from tessera.errors import AlreadyExists, NotFound, Unavailable
+
+from writes import CHECKS, NOW, OP, SID, SIDECAR, WRITES, entry, event, issued
+
+WRITES_PY = Path(__file__).with_name("writes.py")
+
+
+# -- entries --------------------------------------------------------------------------------
+
+
+def test_entries_are_created_listed_by_parent_updated_and_deleted(store):
+    store.create_entry(entry("e1"), event("entry.create"))
+    store.create_entry(entry("e2", parent_id="spiffe://example.org/other", created_at=NOW + 1), event("entry.create"))
+    assert [e.id for e in store.list_entries()] == ["e1", "e2"]
+    assert [e.id for e in store.list_entries(SID)] == ["e1"]
+    store.update_entry(entry("e1", state="disabled", revision=2), event("entry.update"))
+    assert store.list_entries(SID) == [entry("e1", state="disabled", revision=2)]
+    store.delete_entry("e1", event("entry.delete"))
+    assert [e.id for e in store.list_entries()] == ["e2"]
+    assert [r.action for r in store.audit_records()] == ["entry.create"] * 2 + ["entry.update", "entry.delete"]
+
+
+def test_entry_writes_refuse_duplicates_and_missing_entries_and_record_nothing(store):
+    store.create_entry(entry("e1"), event("entry.create"))
+    with pytest.raises(AlreadyExists):
+        store.create_entry(entry("e1"), event("entry.create"))
+    with pytest.raises(NotFound):
+        store.update_entry(entry("nope"), event("entry.update"))
+    with pytest.raises(NotFound):
+        store.delete_entry("nope", event("entry.delete"))
+    assert len(store.audit_records()) == 1 and [c.op for c in store.changes_after(0)] == ["create"]
+
+
+# -- join tokens and sidecars -------------------------------------------------------------------
+
+
+def test_join_token_is_marked_used_once_and_the_store_decides_nothing(store):
+    tok = JoinToken("h", "host", NOW + 60, "uid:0", NOW)
+    store.create_join_token(tok, event("join_token.create"))
+    assert store.consume_join_token("unknown", NOW) is None
+    assert store.consume_join_token("h", NOW + 1) == tok  # as it was: unused; now marked used
+    assert store.consume_join_token("h", NOW + 2).used_at == NOW + 1  # used before: the caller refuses it
+    expired = JoinToken("x", "host", NOW, "uid:0", NOW)
+    store.create_join_token(expired, event("join_token.create"))
+    assert store.consume_join_token("x", NOW + 5) == expired  # expired: returned as found, the caller refuses it
+
+
+def test_a_consumed_token_is_unmarked_when_the_callers_transaction_rolls_back(store):
+    store.create_join_token(JoinToken("h", "host", NOW + 60, "uid:0", NOW), event("join_token.create"))
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.consume_join_token("h", NOW)
+            raise RuntimeError("the caller refused it")
+    assert store.consume_join_token("h", NOW).used_at is None
+
+
+def test_sidecars_are_upserted_touched_and_listed(store):
+    store.upsert_sidecar(SIDECAR, event("sidecar.attest", SID))
+    other = Sidecar("spiffe://example.org/tessera/sidecar/a", "a", "active", NOW, NOW, "bb", NOW + 60)
+    store.upsert_sidecar(other, None)
+    store.touch_sidecar(SID, NOW + 30)
+    banned = Sidecar(SID, "h", "banned", NOW, NOW + 30, "aa", NOW + 60)
+    store.upsert_sidecar(banned, event("sidecar.ban", SID))
+    assert store.list_sidecars() == [other, banned]  # ordered by id
+
+
+# -- issued serials ---------------------------------------------------------------------------
+
+
+def test_issued_serials_are_found_by_every_filter(store):
+    store.record_issued([issued(1, task_id="t1", kind="task"), issued(2, entry_id="e2", not_after=NOW + 10),
+                         issued(3, entry_id=None, sidecar_id="spiffe://example.org/tessera/sidecar/a",
+                                spiffe_id="spiffe://example.org/tessera/sidecar/a", kind="sidecar", issued_at=NOW + 5)],
+                        [event("svid.issue")])
+    assert store.get_issued("1") == issued(1, task_id="t1", kind="task") and store.get_issued("9") is None
+    assert [s.serial for s in store.find_issued(task_id="t1")] == ["1"]
+    assert [s.serial for s in store.find_issued(entry_id="e2")] == ["2"]
+    assert [s.serial for s in store.find_issued(spiffe_id="spiffe://example.org/e1")] == ["1", "2"]
+    assert [s.serial for s in store.find_issued(sidecar_id=SID)] == ["1", "2"]
+    assert [s.serial for s in store.find_issued(unexpired_at=NOW + 30)] == ["1", "3"]
+    store.revoke_serials(["2"], "test", NOW, None)
+    assert [s.serial for s in store.find_issued(revoked=True)] == ["2"]
+    assert [s.serial for s in store.find_issued(revoked=False)] == ["1", "3"]
+    assert store.last_issued_by_entry() == {"e1": NOW, "e2": NOW}
+
+
+def test_revoke_serials_marks_each_once(store):
+    store.record_issued([issued(1, task_id="t1"), issued(2)], [])
+    assert store.revoke_serials(["1", "2"], "test", 5, AuditEvent("revoke", OP, "done")) == ["1", "2"]
+    assert store.revoke_serials(["1"], "again", 6, None) == []
+    assert store.get_issued("1").revoked_at == 5 and store.get_issued("1").revocation_reason == "test"
+
+
+def test_concurrent_record_issued_commits_every_serial_once(store, engine):
+    def worker(start):
+        for i in range(start, start + 50):
+            store.record_issued([issued(i)], [AuditEvent("svid.issue", OP, "allow", subject=str(i))])
+
+    threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reopened = engine.opener().open()
+    assert len(reopened.find_issued()) == 400
+    assert len(reopened.audit_records()) == 400
+    reopened.close()
+
+
+def test_close_during_concurrent_issuance_commits_or_refuses_every_caller(engine):
+    s = engine.opener().open()
+    outcomes: dict[int, str] = {}
+
+    def worker(start):
+        for i in range(start, start + 200):
+            try:
+                s.record_issued([issued(i)], [])
+                outcomes[i] = "ok"
+            except Exception as e:  # noqa: BLE001 - anything but a clean refusal is a failure below
+                outcomes[i] = "refused" if isinstance(e, RuntimeError) and "closed" in str(e) else repr(e)
+                return
+
+    threads = [threading.Thread(target=worker, args=(k * 1000,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    s.close()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()  # nobody is left waiting for a commit that never comes
+    assert set(outcomes.values()) <= {"ok", "refused"}, outcomes
+    reopened = engine.opener().open()
+    committed = {r.serial for r in reopened.find_issued()}
+    reopened.close()
+    assert committed == {f"{i:x}" for i, o in outcomes.items() if o == "ok"}
+
+
+def test_failed_group_commit_records_nothing_and_raises(store):
+    store.record_issued([issued(1)], [])
+    with pytest.raises(AlreadyExists):
+        store.record_issued([issued(2), issued(1)], [event("svid.issue")])  # a duplicate: all rolls back
+    assert store.get_issued("2") is None and store.audit_records() == []
+
+
+# -- revocations, CRL numbers, authorities ----------------------------------------------------------
+
+
+def test_revocations_are_logged_in_order_and_read_by_kind_and_seq(store):
+    assert store.last_revocation_seq() == 0
+    a = store.record_revocation(Revocation(0, NOW, "serial", "1", "r", "keyCompromise", ("1",)))
+    b = store.record_revocation(Revocation(0, NOW, "spiffe_id", "spiffe://example.org/x", "r", "privilegeWithdrawn",
+                                           (), ("e1",)))
+    assert (a, b) == (1, 2) and store.last_revocation_seq() == 2
+    assert [r.seq for r in store.revocations()] == [1, 2]
+    assert store.revocations(["spiffe_id"]) == [Revocation(2, NOW, "spiffe_id", "spiffe://example.org/x", "r",
+                                                           "privilegeWithdrawn", (), ("e1",))]
+    assert [r.seq for r in store.revocations(since_seq=1)] == [2]
+
+
+def test_a_revocation_commits_as_one_transaction_or_not_at_all(store):
+    """The serials marked, the log row, the audit record and the CRL number: all or nothing."""
+    store.record_issued([issued(1)], [])
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.revoke_serials(["1"], "keyCompromise", NOW, None)
+            store.record_revocation(Revocation(0, NOW, "serial", "1", "r", "keyCompromise", ("1",)))
+            store.append_audit([event("revoke")])
+            store.next_crl_number()
+            raise RuntimeError("signing the CRL failed")
+    assert store.get_issued("1").revoked_at is None and store.revocations() == []
+    assert store.audit_records() == [] and store.next_crl_number() == 1
+    assert [c.kind for c in store.changes_after(0)] == []
+
+
+def test_crl_numbers_are_never_handed_out_twice(store, engine):
+    assert [store.next_crl_number() for _ in range(3)] == [1, 2, 3]
+    other = engine.opener().open()
+    assert other.next_crl_number() == 4
+    other.close()
+
+
+def test_an_authority_is_noted_once(store):
+    assert store.note_authority("ab" * 32, NOW + 86400, NOW) is True
+    assert store.note_authority("ab" * 32, NOW + 86400, NOW + 5) is False
+    assert [(c.kind, c.op, c.key, c.payload) for c in store.changes_after(0)] == [
+        ("authority", "add", "ab" * 32, {"fingerprint": "ab" * 32, "not_after": NOW + 86400})]
+
+
+# -- transactions and other processes ------------------------------------------------------------
+
+
+def test_a_writer_waits_for_another_writer_readers_do_not_and_a_stuck_one_is_an_error(store, engine, monkeypatch):
+    other = engine.opener().open()  # another store on the same data: another writer, as a signing worker is
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with other.transaction():
+            other.append_audit([event("other")])
+            holding.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert holding.wait(5)
+        wrote = threading.Event()
+        writer = threading.Thread(target=lambda: (store.append_audit([event("mine")]), wrote.set()))
+        writer.start()
+        assert not wrote.wait(0.3)  # queued behind the other writer...
+        assert store.audit_records() == [] and store.newest_audit_seq() == 0  # ...while a reader goes ahead
+        release.set()
+        writer.join(10)
+        assert wrote.is_set()
+        assert [r.action for r in store.audit_records()] == ["other", "mine"]  # one chain from both writers
+
+        release.clear()
+        holding.clear()
+        t = threading.Thread(target=hold)
+        t.start()
+        assert holding.wait(5)
+        engine.shorten_lock_timeout(monkeypatch, 0.2)
+        with pytest.raises(Unavailable, match="stayed locked by another writer"):
+            store.append_audit([event("stuck")])
+    finally:
+        release.set()
+        t.join(10)
+        other.close()
+    store.append_audit([event("after")])
+    assert verify_chain(store.audit_since()).ok and store.newest_audit_seq() == 4
+
+
+def test_the_opener_is_picklable_and_opens_the_same_data(store):
+    store.create_entry(entry("e1"), event("entry.create"))
+    again = pickle.loads(pickle.dumps(store.opener())).open()
+    try:
+        assert [e.id for e in again.list_entries()] == ["e1"]
+    finally:
+        again.close()
+
+
+def test_committed_audit_records_are_published_to_the_relay_in_order_and_rolled_back_ones_never(engine):
+    relay, heard = AuditRelay(), []
+    relay.subscribe(heard.extend)
+    s = engine.opener().open(relay=relay)
+    try:
+        s.append_audit([event("a")])
+        with pytest.raises(RuntimeError):
+            with s.transaction():
+                s.append_audit([event("lost")])
+                raise RuntimeError("boom")
+        s.create_entry(entry(), event("entry.create"))
+        assert [r.action for r in heard] == ["a", "entry.create"] and heard == s.audit_records()
+    finally:
+        s.close()
+
+
+# -- durability --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("write", sorted(WRITES))
+def test_an_acknowledged_write_survives_sigkill(engine, write):
+    opener = engine.opener()
+    opener.open().close()  # the empty store exists before the writer starts
+    proc = subprocess.Popen([sys.executable, str(WRITES_PY), pickle.dumps(opener).hex(), write],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "acked"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    reopened = opener.open()
+    try:
+        assert CHECKS[write](reopened), write
+    finally:
+        reopened.close()
+
+
+# -- the audit chain ---------------------------------------------------------------------------------
+
+
+def test_audit_records_form_a_hash_chain(store):
+    store.append_audit([AuditEvent("a", OP, "done"), AuditEvent("b", OP, "deny", reason="why")])
+    recs = store.audit_records()
+    prev = GENESIS_HASH
+    for r in recs:
+        assert r.prev_hash == prev and r.hash == audit_hash(r)
+        prev = r.hash
+    assert [r.seq for r in recs] == [1, 2] and store.newest_audit_seq() == 2
+    assert store.audit_records(1) == recs[1:] and store.audit_records(0, limit=1) == recs[:1]
+    assert list(store.audit_since(recs[1].ts)) == [r for r in recs if r.ts >= recs[1].ts]
+
+
+def test_rolled_back_transaction_leaves_audit_chain_unbroken(store):
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.append_audit([AuditEvent("lost", OP, "done")])
+            raise RuntimeError("boom")
+    store.append_audit([AuditEvent("kept", OP, "done")])
+    recs = store.audit_records()
+    assert [r.action for r in recs] == ["kept"] and recs[0].prev_hash == GENESIS_HASH
+
+
+@pytest.mark.parametrize("column, value", [("reason", "nothing to see"), ("details", '{"serial":"ff"}'),
+                                           ("actor", "not json")])
+def test_the_verifier_finds_a_tampered_record_through_a_read_only_reader(store, engine, column, value):
+    store.append_audit([event("a"), AuditEvent("b", OP, "deny", reason="why", details={"serial": "aa"}), event("c")])
+    reader = open_reader(engine.reader_source())
+    assert verify_chain(reader.audit_since()).ok
+    engine.tamper_audit(2, column, value)
+    check = verify_chain(reader.audit_since())
+    assert not check.ok and check.bad_seq == 2 and "altered" in check.problem
+
+
+def test_a_chain_written_before_the_record_was_spelled_once_still_verifies():
+    """Two records and their hashes as the earlier code computed them (its own JSON body, field by field)."""
+    r1 = AuditRecord(1, 1764745200.123456, "entry.create", {"kind": "operator", "id": "uid:0"}, "done", "", "e1",
+                     {"spiffe_id": "spiffe://example.org/a", "scopes": ["x"]}, GENESIS_HASH,
+                     "12ab83ae613ca31aeec665093a27059d9f983e4272e93c4b0d9ef41a13305427")
+    r2 = AuditRecord(2, 1764745201.5, "svid.deny", {"kind": "sidecar", "id": "spiffe://example.org/tessera/sidecar/h"},
+                     "deny", "entry 'e1' is disabled", "spiffe://example.org/a", {}, r1.hash,
+                     "6342d3824eaa76806953dca37dfa78f143fb9df643345047071eda4aa79976aa")
+    assert verify_chain([r1, r2]).ok
+
+
+# -- the change feed -----------------------------------------------------------------------------------
+
+
+def test_every_kind_of_change_is_on_the_feed_in_commit_order(store):
+    store.create_entry(entry("e1"), event("entry.create"))
+    store.update_entry(entry("e1", state="disabled", revision=2), event("entry.update"))
+    store.upsert_sidecar(SIDECAR, event("sidecar.attest"))
+    store.upsert_sidecar(Sidecar(SID, "h", "banned", NOW, NOW, "aa", NOW + 60), event("sidecar.ban"))
+    store.upsert_sidecar(SIDECAR, event("sidecar.unban"))
+    seq = store.record_revocation(Revocation(0, NOW, "entry", "e1", "r", "privilegeWithdrawn", (), ("e1",)))
+    store.delete_entry("e1", event("entry.delete"))
+    store.note_authority("cd" * 32, NOW + 60, NOW)
+    store.touch_sidecar(SID, NOW + 1)  # last-seen only: not a change other issuers need
+    changes = store.changes_after(0)
+    assert [(c.kind, c.op, c.key) for c in changes] == [
+        ("entry", "create", "e1"), ("entry", "update", "e1"), ("sidecar", "upsert", SID), ("sidecar", "ban", SID),
+        ("sidecar", "unban", SID), ("revocation", "create", str(seq)), ("entry", "delete", "e1"),
+        ("authority", "add", "cd" * 32)]
+    positions = [c.position for c in changes]
+    assert positions == sorted(set(positions)) and store.last_change_position() == positions[-1]
+    assert changes[1].payload["state"] == "disabled" and changes[5].payload["entry_ids"] == ["e1"]
+    assert all(isinstance(c, Change) for c in changes)
+    assert store.changes_after(positions[2], limit=2) == changes[3:5]
+
+
+def test_changes_commit_with_their_change_or_not_at_all(store):
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.create_entry(entry("e1"), event("entry.create"))
+            raise RuntimeError("boom")
+    assert store.changes_after(0) == [] and store.last_change_position() == 0
+
+
+def test_positions_increase_in_commit_order_across_writers(store, engine):
+    other = engine.opener().open()
+    try:
+        def write(s, prefix):
+            for i in range(30):
+                s.create_entry(entry(f"{prefix}{i}"), event("entry.create"))
+
+        threads = [threading.Thread(target=write, args=(s, p)) for s, p in ((store, "a"), (other, "b"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        changes = other.changes_after(0)
+        assert len(changes) == 60 and [c.position for c in changes] == sorted({c.position for c in changes})
+        # Each writer's own changes appear in the order it committed them.
+        for p in "ab":
+            assert [c.key for c in changes if c.key.startswith(p)] == [f"{p}{i}" for i in range(30)]
+    finally:
+        other.close()
+
+
+def test_a_follower_on_another_store_object_resumes_after_a_restart_with_no_gap_and_no_duplicate(engine, tmp_path):
+    writer, follower_store = engine.opener().open(), engine.opener().open()
+    position_file = tmp_path / "feed.position"
+    seen: list[Change] = []
+    try:
+        for i in range(5):
+            writer.create_entry(entry(f"e{i}"), event("entry.create"))
+        follower = ChangeFollower(follower_store, position_file, seen.extend, batch=2)
+        assert follower.poll() == 5 and follower.poll() == 0
+        follower_store.close()  # the follower's process stops...
+        writer.update_entry(entry("e0", state="disabled", revision=2), event("entry.update"))
+        writer.delete_entry("e1", event("entry.delete"))
+        follower_store = engine.opener().open()  # ...and starts again, from its saved position
+        follower = ChangeFollower(follower_store, position_file, seen.extend)
+        assert follower.position == seen[4].position
+        follower.start(interval=0.02)
+        writer.upsert_sidecar(SIDECAR, event("sidecar.attest"))
+        deadline = time.monotonic() + 5
+        while len(seen) < 8 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        follower.stop()
+    finally:
+        writer.close()
+        follower_store.close()
+    assert [c.position for c in seen] == [c.position for c in writer_changes(engine)]
+    assert [(c.kind, c.op, c.key) for c in seen[5:]] == [("entry", "update", "e0"), ("entry", "delete", "e1"),
+                                                          ("sidecar", "upsert", SID)]
+    assert int(position_file.read_text()) == seen[-1].position
+
+
+def writer_changes(engine) -> list[Change]:
+    s = engine.opener().open()
+    try:
+        return s.changes_after(0)
+    finally:
+        s.close()
+
+
+def test_a_bad_position_file_is_a_clear_error(store, tmp_path):
+    from tessera.errors import ConfigError
+
+    (tmp_path / "feed.position").write_text("twelve\n")
+    with pytest.raises(ConfigError, match="must be a whole number"):
+        ChangeFollower(store, tmp_path / "feed.position", lambda changes: None)
+
+
+def test_the_store_offers_every_method_of_the_contract_with_its_parameters(store):
+    """A new engine that leaves a method out, or names its parameters differently, fails here first."""
+    import inspect
+
+    from issuer.datastore.interface import Datastore
+
+    names = {n for c in Datastore.__mro__ if c.__module__ == "issuer.datastore.interface" for n, v in vars(c).items()
+             if callable(v) and not n.startswith("_")}
+    assert {"transaction", "changes_after", "audit_since", "opener", "consume_join_token"} <= names
+    for name in sorted(names):
+        want = [p for p in inspect.signature(getattr(Datastore, name)).parameters if p != "self"]
+        assert list(inspect.signature(getattr(store, name)).parameters) == want, name
+    assert isinstance(store.relay, AuditRelay)
+
+
+def test_only_the_sqlite_engine_module_knows_the_store_is_sqlite():
+    """Callers go through the contract: no other program module imports sqlite3 or an engine module."""
+    root = Path(__file__).resolve().parents[2]
+    engine = root / "issuer" / "datastore" / "sqlite.py"
+    chooser = root / "issuer" / "datastore" / "__init__.py"  # open_store / open_reader pick the engine
+    offenders = []
+    for package in ("issuer", "agent_sidecar", "tessera"):
+        for path in sorted((root / package).rglob("*.py")):
+            text = path.read_text()
+            if path == engine:
+                continue
+            if "import sqlite3" in text or ("datastore.sqlite import" in text and path != chooser):
+                offenders.append(str(path.relative_to(root)))
+    assert offenders == []
