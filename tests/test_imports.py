@@ -1,5 +1,6 @@
 """The import graph keeps the architecture: no cycles among the project's modules, and no upward imports
-(tessera/, the library every program shares, imports no daemon; the sidecar does not import the issuer).
+(tessera/, the library every program shares, imports no daemon; the sidecar does not import the issuer;
+inside the issuer, core <- datastore <- services <- api <- app <- main).
 
 Every import counts, at module level or inside a function, except those only for type checkers."""
 
@@ -123,6 +124,26 @@ def test_the_shared_library_imports_no_daemon_and_the_sidecar_not_the_issuer():
     assert upward_imports(import_graph()) == []
 
 
+def layering_breaches(graph: dict[str, set[str]]) -> list[str]:
+    """Within the issuer, dependencies point one way: core/ depends on nothing of the issuer; the datastore
+    on core/ and the audit relay only; the API handlers are wired by app.py alone, and app.py by main.py."""
+    def breach(mod: str, dep: str) -> bool:
+        if not (mod.startswith("issuer.") and dep.startswith("issuer.")):
+            return False
+        if mod.startswith("issuer.core.") or mod == "issuer.audit.relay":
+            return not dep.startswith("issuer.core.")
+        if mod.startswith("issuer.datastore"):
+            return not (dep.startswith(("issuer.core.", "issuer.datastore")) or dep == "issuer.audit.relay")
+        if dep.startswith("issuer.api."):
+            return not (mod.startswith("issuer.api.") or mod == "issuer.app")
+        return dep == "issuer.app" and mod != "issuer.main"
+    return sorted(f"{mod} -> {dep}" for mod, deps in graph.items() for dep in deps if breach(mod, dep))
+
+
+def test_the_issuer_layers_depend_one_way():
+    assert layering_breaches(import_graph()) == []
+
+
 def test_the_checks_see_a_cycle_and_an_upward_import(tmp_path):
     # The checks themselves can fail: a cycle, an upward import and a lazy import inside a function are found.
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
@@ -135,3 +156,7 @@ def test_the_checks_see_a_cycle_and_an_upward_import(tmp_path):
     assert deps == {"issuer.app", "agent_sidecar.main"}
     assert upward_imports({**graph, "tessera.planted": deps}) == [
         "tessera.planted -> agent_sidecar.main", "tessera.planted -> issuer.app"]
+    assert layering_breaches({**graph, "issuer.core.models": {"issuer.datastore.interface"},
+                              "issuer.revocation.service": {"issuer.api.admin", "issuer.app"}}) == [
+        "issuer.core.models -> issuer.datastore.interface", "issuer.revocation.service -> issuer.api.admin",
+        "issuer.revocation.service -> issuer.app"]
