@@ -1,21 +1,19 @@
 """Revocation on the issuer: commit durably, push to every sidecar, keep a signed CRL current.
 
-When `revoke` returns, three things hold: the revocation is on disk (serials marked,
-a row in the revocation log, the audit record and the number of the CRL that lists it,
-one transaction: they commit together or not at all); it was pushed to every connected
-sidecar with its sequence number; and the signed CRL listing it was pushed too, so a
-sidecar that got the push enforces it in its crl.pem and Workload API `crl` fields even
-if the issuer dies a moment later. (An entry, identity or owner revoked as a whole is
-first marked revoked through the registry, its own commit, so the registry's lock is
-never taken under the store's.)
+When `revoke` returns, three things hold: the revocation is on disk (the entries revoked as
+a whole, the serials marked, a row in the revocation log and the audit record, one
+transaction: they commit together or not at all); it was pushed to every connected sidecar
+with its sequence number; and a signed CRL listing it was pushed too, so a sidecar that got
+the push enforces it in its crl.pem and Workload API `crl` fields even if the issuer dies a
+moment later.
 
-The CRL is signed inside the revocation's transaction, so a CRL that fails to sign
-leaves nothing committed. Revocations and CRL builds (at start, on refresh) run one at a
-time under `_write_lock`: the CRL in force only ever grows in number. The CRL itself is
-not stored: it is derived from the revoked serials and the durable CRL number, so a
-restarted issuer signs a fresh one with a higher number. The revoked set is held in
-memory (loaded at start), so checking a serial is a dict lookup and a build reads no
-rows.
+CRL builds are group-committed: a revocation waits for the first build that started after
+its own commit, and one build covers every revocation committed before it started, so a
+burst signs a few CRLs, not one each (at 100,000 revoked serials a build is tens of
+milliseconds). CRL numbers come from a durable counter, so a restarted issuer only ever
+signs higher numbers; the CRL itself is not stored, since it derives from the revoked
+serials: at start the issuer signs a fresh one. The revoked set is held in memory (loaded
+at start), so checking a serial is a dict lookup and a build reads no rows.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from issuer.datastore.interface import Datastore
 from issuer.identity.attestation import SidecarAttestor
 from issuer.identity.registration import Registry, required_text
 from tessera import crl, logs, spiffeid, x509svid
-from tessera.errors import Code, InvalidArgument, NotFound, PermissionDenied
+from tessera.errors import Code, InvalidArgument, NotFound, PermissionDenied, Unavailable
 
 log = logs.get("issuer.revocation.service")
 
@@ -103,6 +101,12 @@ class RevocationService:
         self._blocked_owners = {r.target for r in blocked if r.kind == "owner"}
         self.seq = store.last_revocation_seq()
         self._crl: CrlInfo | None = None
+        # Group commit of CRL builds: `_gen` counts changes to the revoked set (under _lock), the CRL in
+        # force covers `_crl_gen` of them, and at most one build runs (`_building`, under _crl_done).
+        self._gen = 0
+        self._crl_gen = -1
+        self._building = False
+        self._crl_done = threading.Condition()
         self._dirty = threading.Event()  # a build failed: the CRL thread retries
         self._stop = threading.Event()
         self._refresh_at = 0.0
@@ -267,11 +271,12 @@ class RevocationService:
 
     def _commit(self, kind: str, target: str, reason: str, code: str, issued: list[IssuedSerial],
                 entry_ids: tuple[str, ...], actor: Actor, spiffe_ids: tuple[str, ...] = ()) -> RevokeResult:
-        """Commit the revocation and its CRL in one transaction, then push both; returns after all of that."""
+        """Commit (one transaction), push the event, then have a CRL covering it signed and pushed; returns after
+        all of that."""
         now = int(time.time())
         # Expired certificates are no threat and need no CRL entry.
         candidates = {s.serial: s for s in issued if s.revoked_at is None and s.not_after > now}
-        with self._write_lock:
+        with self._write_lock:  # one revocation at a time: seq order is push order
             # The entries revoked as a whole are marked in the same transaction (an entry revocation commits once).
             with self.registry.revoking(entry_ids, actor, reason):
                 newly = self.store.revoke_serials(list(candidates), code, now, None)
@@ -281,24 +286,29 @@ class RevocationService:
                     "revoke", actor, "done", reason=reason, subject=f"{kind}:{target}",
                     details={"seq": seq, "count": len(newly), "serials": newly[:1000], "entry_ids": list(entry_ids),
                              "reason_code": code})])
-                # The same records go into memory below: each keeps its encoded CRL entry for later builds.
-                fresh = {s: crl.Revoked(s, now, code) for s in newly}
-                info = self._sign_crl(list(fresh.values()))
             self.seq = seq
             with self._lock:
                 for s in newly:
-                    self._revoked[s] = fresh[s]
+                    self._revoked[s] = crl.Revoked(s, now, code)
                     self._not_after[s] = candidates[s].not_after
                     self._next_expiry = min(self._next_expiry or candidates[s].not_after, candidates[s].not_after)
                 if kind == "spiffe_id":
                     self._blocked_ids.add(target)
                 elif kind == "owner":
                     self._blocked_owners.add(target)
+                self._gen += bool(newly)
+                gen = self._gen  # also covers what was revoked before, e.g. the same serial by a racing call
             self.hub.broadcast(("revocation", RevocationEvent(seq, tuple(newly), entry_ids, spiffe_ids, reason)))
-            self._publish_crl(info)
         self._close_sidecars_with_revoked_svid([candidates[s] for s in newly if candidates[s].kind == "sidecar"])
         metrics.count_revocations(kind, len(newly))
         log.info("revoked", kind=kind, target=target, seq=seq, count=len(newly), reason_code=code)
+        try:
+            self._publish_crl(gen)
+        except Exception as e:  # noqa: BLE001 - committed and pushed; only the signed CRL is late
+            self._dirty.set()
+            log.exception("CRL for a revocation failed; retrying", seq=seq)
+            raise Unavailable(f"revocation {seq} is recorded and pushed to sidecars, but signing the CRL "
+                              f"failed ({e}); the issuer keeps retrying") from None
         return RevokeResult(seq, tuple(newly), entry_ids)
 
     def _close_sidecars_with_revoked_svid(self, revoked: list[IssuedSerial]) -> None:
@@ -315,35 +325,54 @@ class RevocationService:
 
     def rebuild_crl(self) -> CrlInfo:
         """Sign, commit (its number) and push a CRL of everything revoked now (at start, on refresh, after a failure)."""
-        with self._write_lock:
-            with self.store.transaction():
-                info = self._sign_crl([])
-            self._publish_crl(info)
-        return info
+        return self._publish_crl(None)
 
-    def _sign_crl(self, newly: list[crl.Revoked]) -> CrlInfo:
-        """Inside the caller's transaction, under _write_lock: take the next CRL number and sign a CRL of the
-        revoked set and `newly` (revoked in this transaction, not yet in memory)."""
+    def _publish_crl(self, gen: int | None) -> CrlInfo:
+        """A CRL covering change `gen` (None: a new one in any case), built by this thread or a concurrent one.
+
+        Leader-based like the datastore's group commit: a caller that finds a build under way waits for
+        it; if that build started too early to cover `gen`, one of the waiters builds for all of them.
+        """
+        with self._crl_done:
+            while True:
+                if gen is not None and self._crl_gen >= gen:
+                    assert self._crl is not None
+                    return self._crl
+                if not self._building:
+                    break
+                self._crl_done.wait()
+            self._building = True
+        built = -1
+        try:
+            info, built = self._build_crl()
+            return info
+        finally:
+            with self._crl_done:
+                self._building = False
+                self._crl_gen = max(self._crl_gen, built)
+                self._crl_done.notify_all()
+
+    def _build_crl(self) -> tuple[CrlInfo, int]:
+        """Sign and push one CRL, its number committed first; returns it and the change count it covers.
+        One at a time."""
         now = time.time()
         with self._lock:
+            gen = self._gen
             if self._next_expiry and self._next_expiry <= now:  # expired certificates need no CRL entry
                 for s in [s for s, not_after in self._not_after.items() if not_after <= now]:
                     del self._revoked[s], self._not_after[s]
                 self._next_expiry = min(self._not_after.values(), default=0)
             items = list(self._revoked.values())
-        items += [r for r in newly if r.serial not in self._revoked]
         number = self.store.next_crl_number()
         der = crl.build(self.ca.cert, self.ca.key, items, number, now, now + self.crl_validity)
-        log.info("CRL signed", number=number, entries=len(items), bytes=len(der),
-                 ms=round((time.time() - now) * 1000, 1))
-        return CrlInfo(der, number, int(now), int(now + self.crl_validity), len(items))
-
-    def _publish_crl(self, info: CrlInfo) -> None:
-        """After its commit, under _write_lock: the CRL in force, pushed to every sidecar."""
+        info = CrlInfo(der, number, int(now), int(now + self.crl_validity), len(items))
         self._crl = info
-        self._refresh_at = info.this_update + self.crl_validity / 2
+        self._refresh_at = now + self.crl_validity / 2
         self.hub.broadcast(("crl", info.der))
-        metrics.set_crl(info.number, len(info.der), info.entries)
+        metrics.set_crl(number, len(info.der), len(items))
+        log.info("CRL published", number=number, entries=len(items), bytes=len(info.der),
+                 ms=round((time.time() - now) * 1000, 1))
+        return info, gen
 
     def _crl_loop(self) -> None:
         """Re-sign at half of the CRL's validity, and retry a build that failed."""
