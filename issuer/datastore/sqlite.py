@@ -233,7 +233,23 @@ def _newest_audit_seq(path: Path) -> int:
         return db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
 
 
-class SQLiteReader:
+class _AuditReads:
+    """The audit reads, over read-only connections of their own: a long scan holds up no commit."""
+
+    path: Path
+
+    def audit_records(self, since_seq: int = 0, limit: int | None = None) -> list[AuditRecord]:
+        return _audit_after(self.path, since_seq, limit)
+
+    def audit_since(self, since_ts: float = 0.0) -> Iterator[AuditRecord]:
+        """Every audit record with ts >= since_ts, in seq order (read lazily)."""
+        return _audit_since(self.path, since_ts)
+
+    def newest_audit_seq(self) -> int:
+        return _newest_audit_seq(self.path)
+
+
+class SQLiteReader(_AuditReads):
     """Read-only audit reads of an issuer database (for `tessera audit verify --db`); opens nothing for writing,
     creates nothing, and may run beside a live issuer."""
 
@@ -241,15 +257,6 @@ class SQLiteReader:
         self.path = Path(path)
         if not self.path.is_file():
             raise NotFound(f"{path} does not exist")
-
-    def audit_records(self, since_seq: int = 0, limit: int | None = None) -> list[AuditRecord]:
-        return _audit_after(self.path, since_seq, limit)
-
-    def audit_since(self, since_ts: float = 0.0) -> Iterator[AuditRecord]:
-        return _audit_since(self.path, since_ts)
-
-    def newest_audit_seq(self) -> int:
-        return _newest_audit_seq(self.path)
 
     def close(self) -> None:
         pass  # each read opens and closes its own connection
@@ -288,7 +295,7 @@ class _Group:
         self.error: BaseException | None = None
 
 
-class SQLiteDatastore:
+class SQLiteDatastore(_AuditReads):
     def __init__(self, path: str | Path, relay: AuditRelay | None = None):
         """`relay` is given every audit record this store commits (default: a relay of its own, with no
         subscribers); in the issuer it also gets the signing workers' records, and reads gaps back from here."""
@@ -668,17 +675,7 @@ class SQLiteDatastore:
         with _connect_ro(self.path) as db:
             return db.execute("SELECT COALESCE(MAX(position), 0) FROM changes").fetchone()[0]
 
-    # -- audit and evidence reads (read-only connections: a long scan holds up no commit) ----------------
-
-    def audit_records(self, since_seq: int = 0, limit: int | None = None) -> list[AuditRecord]:
-        return _audit_after(self.path, since_seq, limit)
-
-    def audit_since(self, since_ts: float = 0.0) -> Iterator[AuditRecord]:
-        """Every audit record with ts >= since_ts, in seq order (read lazily)."""
-        return _audit_since(self.path, since_ts)
-
-    def newest_audit_seq(self) -> int:
-        return _newest_audit_seq(self.path)
+    # -- evidence reads (read-only connections, as the audit reads inherited from _AuditReads) -----------
 
     def last_issued_by_entry(self) -> dict[str, int]:
         """Entry id -> when a certificate was last issued for it (aggregated by SQLite, not row by row here)."""
