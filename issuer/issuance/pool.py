@@ -10,7 +10,7 @@ a store of their own, opened with the picklable `Opener` the issuer's store give
 chunks, so a unary call costs the main process a queue append and its share of
 one pipe round trip.
 
-Authorization stays in the main process (issuer/signing.py): a worker only turns
+Authorization stays in the main process (issuer/issuance/signer.py): a worker only turns
 jobs the main process allowed into certificates and records. No certificate is
 handed back to a caller before its serial is committed: the worker commits, then
 answers. The worker returns the audit records it committed, and the main process's
