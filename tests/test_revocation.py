@@ -509,10 +509,17 @@ def test_an_entry_revocation_commits_once_with_its_serials_or_not_at_all(issuer,
     assert changes[0].payload["state"] == "revoked"
 
 
-def test_concurrent_revocations_share_crl_builds_and_each_returns_covered(issuer):
+def test_concurrent_revocations_share_crl_builds_and_each_returns_covered(issuer, monkeypatch):
     serials = [issuer.issue() for _ in range(24)]
     first = crl_mod.number_of(crl_mod.load(issuer.revocation.crl_der()))
     covered: list[bool] = []
+    build = crl_mod.build
+
+    def slow_build(*args, **kwargs):  # as a CRL of many serials is: revocations commit while it is signed
+        time.sleep(0.05)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(crl_mod, "build", slow_build)
 
     def one(s):
         issuer.revocation.revoke("serial", s, "burst", OPERATOR)

@@ -326,6 +326,7 @@ class SQLiteDatastore(_AuditReads):
         self._audit_seq, self._audit_hash = 0, GENESIS_HASH  # the chain's head, read in each write transaction
         self._closed = False
         self.relay = relay if relay is not None else AuditRelay()
+        # Looked up at each read-back, not bound now: the relay follows this store as it is when a gap lasts.
         self.relay.attach(self.newest_audit_seq(), lambda after, n: self.audit_records(after, n))
 
     # -- transactions ---------------------------------------------------------------
