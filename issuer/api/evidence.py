@@ -106,14 +106,11 @@ def _positive(name: str, value: int, default: int, maximum: int) -> int:
 class EvidenceHandlers:
     evidence: Evidence  # set by AdminService's constructor
 
-    def _evidence(self) -> Evidence:
-        return self.evidence
-
     @grpclib_handler
     async def ReadAudit(self, stream):
         req = await stream.recv_message()
         self.operator(stream)
-        ev = self._evidence()
+        ev = self.evidence
         if req.last < 0 or req.since_seq < 0:
             raise InvalidArgument("last and since_seq must not be negative")
         flt = AuditFilter(action=bounded_ref("action", req.action), decision=bounded_ref("decision", req.decision),
@@ -170,7 +167,7 @@ class EvidenceHandlers:
     async def VerifyAudit(self, stream):
         await stream.recv_message()
         self.operator(stream)
-        ev = self._evidence()
+        ev = self.evidence
         check = await asyncio.to_thread(ev.verify)
         await stream.send_message(admin_pb2.AuditVerification(
             ok=check.ok, records=check.records, last_seq=check.last_seq, bad_seq=check.bad_seq,
@@ -180,7 +177,7 @@ class EvidenceHandlers:
     async def Report(self, stream):
         req = await stream.recv_message()
         self.operator(stream)
-        ev = self._evidence()
+        ev = self.evidence
         d = report.Thresholds()
         th = report.Thresholds(unused_days=_positive("unused_days", req.unused_days, d.unused_days, 3650),
                                expiring_days=_positive("expiring_days", req.expiring_days, d.expiring_days, 3650),

@@ -7,8 +7,8 @@ from pathlib import Path
 
 def open_store(path: str | Path, relay=None):
     """The issuer's store at `path` (SQLite is the one engine today)."""
-    from issuer.datastore.sqlite import SQLiteDatastore
-    return SQLiteDatastore(path, relay=relay)
+    from issuer.datastore.sqlite import SQLiteOpener
+    return SQLiteOpener(str(path)).open(relay=relay)  # the one way a store is opened, here or in a worker
 
 
 def open_reader(path: str | Path):

@@ -38,7 +38,7 @@ class ChangeFollower:
     def _load(self) -> int:
         if not self.position_file.exists():
             return 0
-        text = safefs.read_regular(self.position_file, "change feed position").decode().strip()
+        text = safefs.read_regular(self.position_file, "change feed position").decode("ascii", "replace").strip()
         if not text.isdigit():
             raise ConfigError(f"{self.position_file}: a change feed position must be a whole number, got {text!r}")
         return int(text)

@@ -440,9 +440,10 @@ def writer_changes(engine) -> list[Change]:
 def test_a_bad_position_file_is_a_clear_error(store, tmp_path):
     from tessera.errors import ConfigError
 
-    (tmp_path / "feed.position").write_text("twelve\n")
-    with pytest.raises(ConfigError, match="must be a whole number"):
-        ChangeFollower(store, tmp_path / "feed.position", lambda changes: None)
+    for bad in (b"twelve\n", b"\xff\xfe1\n"):  # words, or bytes that are not text at all
+        (tmp_path / "feed.position").write_bytes(bad)
+        with pytest.raises(ConfigError, match="must be a whole number"):
+            ChangeFollower(store, tmp_path / "feed.position", lambda changes: None)
 
 
 def test_the_store_offers_every_method_of_the_contract_with_its_parameters(store):
