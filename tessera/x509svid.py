@@ -33,32 +33,72 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 
 
-def build_ca(key: ec.EllipticCurvePrivateKey, trust_domain: str, ttl: dt.timedelta) -> x509.Certificate:
-    now = _now()
-    name = x509.Name([
+def authority_id(public_key) -> str:
+    """An authority's id: its key's subject key identifier (RFC 5280 4.2.1.2, method 1) in hex, which every
+    certificate and CRL it signs carries as the authority key identifier."""
+    return x509.SubjectKeyIdentifier.from_public_key(public_key).digest.hex()
+
+
+_CA_KU = x509.KeyUsage(
+    digital_signature=False, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+    encipher_only=False, decipher_only=False,
+)
+
+
+def _authority_name(role: str, trust_domain: str, public_key) -> x509.Name:
+    # Each authority gets its own name: CRLs and chains are matched to their signer by name first.
+    return x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tessera"),
-        x509.NameAttribute(NameOID.COMMON_NAME, f"Tessera CA {trust_domain}"),
+        x509.NameAttribute(NameOID.COMMON_NAME, f"Tessera {role} {trust_domain} {authority_id(public_key)[:16]}"),
     ])
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+
+
+def _ca_builder(subject: x509.Name, issuer: x509.Name, public_key, trust_domain: str, not_before: dt.datetime,
+                not_after: dt.datetime, path_length: int | None) -> x509.CertificateBuilder:
     return (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + ttl)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]), critical=False)
-        .add_extension(ski, critical=False)
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(_CA_KU, critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
+                       critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+    )
+
+
+def build_ca(key: ec.EllipticCurvePrivateKey, trust_domain: str, ttl: dt.timedelta) -> x509.Certificate:
+    """A self-signed root: what bundles hold. It signs intermediates (pathLen 1 leaves room for exactly them)."""
+    now = _now()
+    name = _authority_name("root", trust_domain, key.public_key())
+    return _ca_builder(name, name, key.public_key(), trust_domain, now - CLOCK_SKEW, now + ttl, 1).sign(
+        key, hashes.SHA256())
+
+
+def build_intermediate(public_key, trust_domain: str, not_after: dt.datetime, root_cert: x509.Certificate,
+                       root_key) -> x509.Certificate:
+    """A signing authority under `root_cert`: it signs SVIDs and its own CRL, never another CA (pathLen 0)."""
+    now = _now()
+    b = _ca_builder(_authority_name("signing", trust_domain, public_key), root_cert.subject, public_key,
+                    trust_domain, now - CLOCK_SKEW, min(not_after, root_cert.not_valid_after_utc), 0)
+    b = b.add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False)
+    return b.sign(root_key, hashes.SHA256())
+
+
+def intermediate_csr(key: ec.EllipticCurvePrivateKey, trust_domain: str) -> x509.CertificateSigningRequest:
+    """The request an offline root signs: the subject and extensions Tessera would give the intermediate."""
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(_authority_name("signing", trust_domain, key.public_key()))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_CA_KU, critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]),
+                       critical=False)
         .sign(key, hashes.SHA256())
     )
 

@@ -1,9 +1,10 @@
-"""The certificate authority: its key and certificate, and signing SVIDs from CSRs."""
+"""A signing authority (an intermediate, or a root that signed leaves before intermediates existed): its key
+and certificate, and signing SVIDs from public keys. Which authority signs is decided by
+issuer/ca/authorities.py; this module only signs."""
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -11,6 +12,7 @@ from typing import Sequence
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from tessera import pem, safefs, spiffeid, x509svid
 from tessera.errors import ConfigError
@@ -21,48 +23,47 @@ class SignedCert:
     cert: x509.Certificate
     serial: int
     not_after: dt.datetime
+    chain: tuple[x509.Certificate, ...]  # the leaf, then the authority's certificate (roots stay out)
+    authority: str  # id of the authority that signed it
 
     @property
     def serial_hex(self) -> str:
         return x509svid.serial_hex(self.serial)
 
+    @property
+    def chain_der(self) -> bytes:
+        return pem.der_concat(self.chain)
 
-class CertificateAuthority:
-    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, trust_domain: str):
+
+class SigningAuthority:
+    """Signs leaves with one key. `chain` is what follows a leaf on the wire: the intermediate itself."""
+
+    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, trust_domain: str,
+                 chain: Sequence[x509.Certificate] | None = None):
         if cert.public_key().public_numbers() != key.public_key().public_numbers():
             raise ConfigError("CA certificate and key do not match")
         self.cert = cert
         self.key = key
         self.trust_domain = trust_domain
-        self.bundle = (cert,)
-        self.bundle_der = pem.der_concat(self.bundle)
-        self.bundle_pem = pem.certs_pem(self.bundle)
+        self.id = x509svid.authority_id(key.public_key())
+        self.chain = tuple(chain) if chain is not None else (cert,)
+        self._chain_der = tuple(c.public_bytes(Encoding.DER) for c in self.chain)
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
 
+    @property
+    def not_after(self) -> dt.datetime:
+        return self.cert.not_valid_after_utc
+
+    def portable(self) -> tuple[str, bytes, bytes, str]:
+        """What a signing worker rebuilds this authority from (it crosses the worker's pipe, never a disk)."""
+        return (self.id, pem.certs_pem(self.chain), pem.key_pem(self.key), self.trust_domain)
+
     @classmethod
-    def load_or_create(
-        cls,
-        trust_domain: str,
-        data_dir: Path,
-        ca_cert: Path | None = None,
-        ca_key: Path | None = None,
-        ca_ttl_seconds: int = 365 * 86400,
-    ) -> "CertificateAuthority":
-        """Use the configured CA files, else the one in data_dir, else create one there."""
-        if ca_cert or ca_key:
-            if not (ca_cert and ca_key):
-                raise ConfigError("ca_cert and ca_key must be given together")
-            return cls(_current(_read_cert(ca_cert, "ca_cert"), ca_cert), _read_key(ca_key, "ca_key"), trust_domain)
-        cert_path, key_path = data_dir / "ca.pem", data_dir / "ca-key.pem"
-        if os.path.lexists(cert_path) or os.path.lexists(key_path):  # a link there is refused, not ignored
-            return cls(_current(_read_cert(cert_path, "ca_cert"), cert_path), _read_key(key_path, "ca_key"),
-                       trust_domain)
-        key = x509svid.new_key()
-        cert = x509svid.build_ca(key, trust_domain, dt.timedelta(seconds=ca_ttl_seconds))
-        # Key first, 0600 from the first byte; the cert's presence then means both exist.
-        safefs.atomic_write(key_path, pem.key_pem(key), 0o600, "data_dir")
-        safefs.atomic_write(cert_path, pem.certs_pem([cert]), 0o644, "data_dir")
-        return cls(cert, key, trust_domain)
+    def from_portable(cls, portable: tuple[str, bytes, bytes, str]) -> "SigningAuthority":
+        _, chain_pem, key_pem, trust_domain = portable
+        chain = x509.load_pem_x509_certificates(chain_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        return cls(chain[0], key, trust_domain, chain)  # type: ignore[arg-type]
 
     def sign(
         self,
@@ -74,6 +75,7 @@ class CertificateAuthority:
         dns_names: Sequence[str] = (),
         extra_extensions: Sequence[x509.ExtensionType] = (),
     ) -> SignedCert:
+        """A leaf that never outlives this authority (build_leaf caps it at the authority's notAfter)."""
         now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
         not_after = now + dt.timedelta(seconds=ttl_seconds)
         if not_after_cap is not None:
@@ -90,26 +92,33 @@ class CertificateAuthority:
             dns_names=dns_names,
             extra_extensions=extra_extensions,
         )
-        return SignedCert(cert, serial, cert.not_valid_after_utc)
+        return SignedCert(cert, serial, cert.not_valid_after_utc, (cert, *self.chain), self.id)
+
+    def sign_der(self, public_key, spiffe_id: spiffeid.SpiffeId, ttl_seconds: int, *,
+                 not_after_cap: dt.datetime | None = None) -> tuple[bytes, int, int]:
+        """(chain DER, serial, notAfter) for the signing workers' hot path: the chain's tail is encoded once."""
+        s = self.sign(public_key, spiffe_id, ttl_seconds, not_after_cap=not_after_cap)
+        return (s.cert.public_bytes(Encoding.DER) + b"".join(self._chain_der), s.serial,
+                int(s.not_after.timestamp()))
 
 
-def _current(cert: x509.Certificate, path: Path) -> x509.Certificate:
+def current(cert: x509.Certificate, what: str) -> x509.Certificate:
     """A CA certificate that can sign now: one that expired or is not yet valid is one line, not a failed signing."""
     now = dt.datetime.now(dt.timezone.utc)
     if cert.not_valid_after_utc <= now:
-        raise ConfigError(f"ca_cert: {path} expired at {cert.not_valid_after_utc.isoformat()}; renew the CA")
+        raise ConfigError(f"{what} expired at {cert.not_valid_after_utc.isoformat()}; renew it")
     if cert.not_valid_before_utc > now + x509svid.CLOCK_SKEW:
-        raise ConfigError(f"ca_cert: {path} is not valid before {cert.not_valid_before_utc.isoformat()}; "
+        raise ConfigError(f"{what} is not valid before {cert.not_valid_before_utc.isoformat()}; "
                           "check this host's clock")
     return cert
 
 
-def _read_cert(path: Path, key: str) -> x509.Certificate:
+def read_cert(path: Path, key: str) -> x509.Certificate:
     return pem.read_certs(path, key)[0]
 
 
-def _read_key(path: Path, key: str) -> ec.EllipticCurvePrivateKey:
-    """The CA key: a regular file, not a link, owned by root or this uid, no group or other bits, in a
+def read_key(path: Path, key: str) -> ec.EllipticCurvePrivateKey:
+    """A CA key file: a regular file, not a link, owned by root or this uid, no group or other bits, in a
     directory only they can change (tessera.safefs)."""
     try:
         data = safefs.read_regular(path, key, key=True)

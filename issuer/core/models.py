@@ -67,6 +67,7 @@ class IssuedSerial:
     task_id: str | None = None
     revoked_at: int | None = None
     revocation_reason: str | None = None
+    authority: str | None = None  # id of the authority that signed it (None: signed before authorities rotated)
 
     def audit_details(self) -> dict[str, Any]:
         """What every issuance's audit event says of the certificate; callers add what they know besides."""
@@ -74,6 +75,38 @@ class IssuedSerial:
 
 
 ISSUED_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(IssuedSerial))
+
+AUTHORITY_KINDS = ("root", "x509", "jwt")
+# prepared: exists, not yet used to sign (a root is already in the bundle, a JWT key already published);
+# active: signs (one per kind); retired: replaced, still published with its CRL until it expires;
+# tainted: replaced at once, everything it signed is being re-issued; revoked: nothing under it is accepted.
+AUTHORITY_STATES = ("prepared", "active", "retired", "tainted", "revoked")
+
+
+@dataclass(frozen=True)
+class Authority:
+    """A root, an X.509 intermediate or a JWT signing key. Its id is the key's subject key identifier (hex),
+    which every certificate it signs names as its authority key identifier."""
+
+    id: str
+    kind: str  # one of AUTHORITY_KINDS
+    state: str  # one of AUTHORITY_STATES
+    source: str  # root: created | upstream | offline; x509: signed by the root here, or offline; jwt: created
+    parent: str | None  # an intermediate's root
+    public_der: bytes  # SubjectPublicKeyInfo
+    cert_der: bytes  # empty for a JWT key and for an intermediate waiting for its offline-signed certificate
+    sealed_key: bytes  # the private key sealed under the key-encryption key; empty when it is not held here
+    kek_id: str  # which key-encryption key sealed it
+    not_before: int
+    not_after: int  # for a pending intermediate: when it was prepared (no validity yet)
+    created_at: int
+    activated_at: int | None = None
+    retired_at: int | None = None
+    tainted_at: int | None = None
+    revoked_at: int | None = None
+
+
+AUTHORITY_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Authority))
 
 
 @dataclass(frozen=True)

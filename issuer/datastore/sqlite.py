@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from issuer.audit.relay import AuditRelay
-from issuer.core.models import (AUDIT_FIELDS, AUDIT_JSON_FIELDS, GENESIS_HASH, ISSUED_FIELDS, AuditEvent, AuditRecord,
-                                Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar, audit_hash)
+from issuer.core.models import (AUDIT_FIELDS, AUDIT_JSON_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS,
+                                AuditEvent, AuditRecord, Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar, audit_hash)
 from tessera import logs, safefs
 from tessera.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 
@@ -99,7 +99,8 @@ CREATE TABLE IF NOT EXISTS issued (
     issued_at INTEGER NOT NULL,
     not_after INTEGER NOT NULL,
     revoked_at INTEGER,
-    revocation_reason TEXT
+    revocation_reason TEXT,
+    authority TEXT
 );
 CREATE INDEX IF NOT EXISTS issued_entry ON issued(entry_id);
 CREATE INDEX IF NOT EXISTS issued_not_after ON issued(not_after);
@@ -123,10 +124,24 @@ CREATE TABLE IF NOT EXISTS meta (
 -- durable CRL number (meta), and the issuer signs a fresh one at start.
 DROP TABLE IF EXISTS crl;
 CREATE TABLE IF NOT EXISTS authorities (
-    fingerprint TEXT PRIMARY KEY,
+    id TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    source TEXT NOT NULL,
+    parent TEXT,
+    public_der BLOB NOT NULL,
+    cert_der BLOB NOT NULL,
+    sealed_key BLOB NOT NULL,
+    kek_id TEXT NOT NULL,
+    not_before INTEGER NOT NULL,
     not_after INTEGER NOT NULL,
-    first_seen INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    activated_at INTEGER,
+    retired_at INTEGER,
+    tainted_at INTEGER,
+    revoked_at INTEGER
 );
+CREATE INDEX IF NOT EXISTS issued_authority ON issued(authority);
 CREATE TABLE IF NOT EXISTS changes (
     position INTEGER PRIMARY KEY AUTOINCREMENT,
     ts REAL NOT NULL,
@@ -148,6 +163,28 @@ CREATE TABLE IF NOT EXISTS audit (
     hash TEXT NOT NULL
 );
 """
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+
+
+def _upgrade(db: sqlite3.Connection) -> None:
+    """Bring a store written by an earlier release to this schema before SCHEMA's CREATEs run."""
+    if "fingerprint" in _columns(db, "authorities"):
+        db.execute("DROP TABLE authorities")  # it only noted CA fingerprints; the authorities table replaces it
+    if _columns(db, "issued") and "authority" not in _columns(db, "issued"):
+        db.execute("ALTER TABLE issued ADD COLUMN authority TEXT")
+
+
+def _authority(row: sqlite3.Row) -> Authority:
+    return Authority(**{k: (bytes(row[k]) if isinstance(row[k], (bytes, memoryview)) else row[k])
+                        for k in AUTHORITY_FIELDS})
+
+
+_INSERT_AUTHORITY = (f"INSERT INTO authorities ({', '.join(AUTHORITY_FIELDS)}) "
+                     f"VALUES ({', '.join('?' * len(AUTHORITY_FIELDS))})")
+_authority_row = operator.attrgetter(*AUTHORITY_FIELDS)
 
 
 def _dumps(v) -> str:
@@ -311,6 +348,7 @@ class SQLiteDatastore(_AuditReads):
         # FULL: a commit is on disk (not only in the OS cache) before we acknowledge it.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        _upgrade(self._db)
         self._db.executescript(SCHEMA)
         # Released by the kernel if the holder dies, unlike a semaphore: a killed worker cannot wedge the issuer.
         self._write_lock = safefs.open_regular(f"{self.path}.write-lock", os.O_RDWR | os.O_CREAT, 0o600,
@@ -645,23 +683,58 @@ class SQLiteDatastore(_AuditReads):
         with self._lock:
             return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM revocations").fetchone()[0]
 
-    def next_crl_number(self) -> int:
-        """Take the next CRL number, durably: a number is never handed out twice, even across crashes."""
+    def next_crl_number(self, authority: str) -> int:
+        """Take `authority`'s next CRL number, durably: a number is never handed out twice, even across crashes."""
+        key = f"crl_number:{authority}"
         with self._tx() as db:
-            db.execute("INSERT INTO meta VALUES ('crl_number', 1)"
-                       " ON CONFLICT(key) DO UPDATE SET value = value + 1")
-            return db.execute("SELECT value FROM meta WHERE key='crl_number'").fetchone()[0]
+            db.execute("INSERT INTO meta VALUES (?, 1) ON CONFLICT(key) DO UPDATE SET value = value + 1", (key,))
+            return db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0]
 
     # -- authorities --------------------------------------------------------------------
 
-    def note_authority(self, fingerprint: str, not_after: int, now: int) -> bool:
-        """Record a CA certificate the store has not seen (and its change); True if it was new."""
+    def put_authority(self, authority: Authority, audit: AuditEvent | None, *,
+                      expect_state: str | None = None) -> bool:
+        """Add an authority (expect_state None; AlreadyExists if its id is taken) or replace one whose stored state
+        is still `expect_state` (False, nothing written, when it is not): two issuers cannot both move it."""
         with self._tx() as db:
-            cur = db.execute("INSERT INTO authorities VALUES (?,?,?) ON CONFLICT(fingerprint) DO NOTHING",
-                             (fingerprint, not_after, now))
-            if cur.rowcount:
-                self._change(db, "authority", "add", fingerprint, {"fingerprint": fingerprint, "not_after": not_after})
-            return bool(cur.rowcount)
+            if expect_state is None:
+                try:
+                    db.execute(_INSERT_AUTHORITY, _authority_row(authority))
+                except sqlite3.IntegrityError as e:
+                    if e.sqlite_errorcode in _DUPLICATE:
+                        raise AlreadyExists(f"authority {authority.id} already exists") from None
+                    raise
+                op = "add"
+            else:
+                cur = db.execute(f"UPDATE authorities SET ({', '.join(AUTHORITY_FIELDS)}) = "
+                                 f"({', '.join('?' * len(AUTHORITY_FIELDS))}) WHERE id=? AND state=?",
+                                 (*_authority_row(authority), authority.id, expect_state))
+                if not cur.rowcount:
+                    return False
+                op = "update"
+            self._change(db, "authority", op, authority.id,
+                         {"id": authority.id, "kind": authority.kind, "state": authority.state})
+            self._audit(db, audit)
+            return True
+
+    def list_authorities(self) -> list[Authority]:
+        with self._lock:
+            return [_authority(r) for r in self._db.execute("SELECT * FROM authorities ORDER BY created_at, id")]
+
+    def adopt_unattributed(self, authority: str) -> int:
+        """Name `authority` as the signer of the serials, and the owner of the CRL numbers, of a store written before
+        authorities were tracked (the one CA of then); the number of serials it took."""
+        with self._tx() as db:
+            db.execute("INSERT INTO meta SELECT ?, value FROM meta WHERE key='crl_number' ON CONFLICT(key) DO NOTHING",
+                       (f"crl_number:{authority}",))
+            db.execute("DELETE FROM meta WHERE key='crl_number'")
+            return db.execute("UPDATE issued SET authority=? WHERE authority IS NULL", (authority,)).rowcount
+
+    def count_outstanding(self, authority: str, now: int) -> int:
+        """Unexpired, unrevoked certificates `authority` signed."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM issued WHERE authority=? AND not_after > ?"
+                                    " AND revoked_at IS NULL", (authority, now)).fetchone()[0]
 
     # -- the change feed ------------------------------------------------------------------
 
