@@ -11,12 +11,10 @@ import asyncio
 import os
 import resource
 import threading
-import time
 from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
-from cryptography.hazmat.primitives import hashes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
@@ -26,7 +24,8 @@ from issuer.api.evidence import Evidence
 from issuer.api.sidecar import IssuerService
 from issuer.audit.records import AuditFile
 from issuer.audit.relay import AuditRelay
-from issuer.ca.authority import CertificateAuthority
+from issuer.ca.authorities import Authorities, AuthorityConfig
+from issuer.ca.keys import KeyEncryptionKey
 from issuer.ca.serving import ServingCert
 from issuer.config import IssuerConfig
 from issuer.core.events import EventHub
@@ -55,6 +54,7 @@ BOOTSTRAP_MAX_STREAMS = 4
 BOOTSTRAP_MAX_MESSAGE = 64 * 1024
 # A bootstrap connection with no call open this long is closed: a join is one call.
 BOOTSTRAP_IDLE_MS = 30_000
+ROTATION_CHECK = 1.0  # seconds between checks whether an authority's successor is due
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class Services:
     audit_relay: AuditRelay
     store: Datastore
     audit_file: AuditFile
-    ca: CertificateAuthority
+    authorities: Authorities
     hub: EventHub
     registry: Registry
     attestor: SidecarAttestor
@@ -100,27 +100,36 @@ def build(cfg: IssuerConfig) -> Services:
     audit_file.start()
     audit_relay.subscribe(audit_file)
     audit_relay.subscribe(metrics.observe_audit)
-    ca = CertificateAuthority.load_or_create(cfg.trust_domain, cfg.data_dir, cfg.ca_cert, cfg.ca_key, cfg.ca_ttl)
-    # A CA the store has not seen is an authority change on the feed (other issuers follow it).
-    store.note_authority(ca.cert.fingerprint(hashes.SHA256()).hex(), int(ca.cert.not_valid_after_utc.timestamp()),
-                         int(time.time()))
+    kek = KeyEncryptionKey.load(cfg.kek_file, cfg.data_dir)
+    authorities = Authorities(store, kek, AuthorityConfig(
+        trust_domain=cfg.trust_domain, data_dir=cfg.data_dir, ca_cert=cfg.ca_cert, ca_key=cfg.ca_key,
+        ca_offline=cfg.ca_offline, ca_ttl=cfg.ca_ttl, root_ttl=cfg.root_ttl))
     hub = EventHub()
     registry = Registry(store, hub, cfg.trust_domain, cfg.default_x509_ttl, tier_names=cfg.policy.tier_names)
-    attestor = SidecarAttestor(store, ca, cfg.sidecar_svid_ttl, cfg.join_token_ttl)
-    revocation = RevocationService(store, ca, registry, attestor, hub, cfg.crl_validity)
-    signing_pool = (SigningPool(ca, cfg.signing_workers, store.opener(), audit_relay.publish)
+    attestor = SidecarAttestor(store, authorities, cfg.sidecar_svid_ttl, cfg.join_token_ttl)
+    revocation = RevocationService(store, authorities, registry, attestor, hub, cfg.crl_validity)
+    signing_pool = (SigningPool(authorities, cfg.signing_workers, store.opener(), audit_relay.publish)
                     if cfg.signing_workers else None)
-    signer = SvidSigner(store, ca, registry, revocation, signing_pool, identity_ttl=cfg.policy.identity_ttl)
+    signer = SvidSigner(store, authorities, registry, revocation, signing_pool, identity_ttl=cfg.policy.identity_ttl)
     approvals = Approvals(store, cfg.policy.approval_timeout, cfg.policy.limits)
-    tasks = TaskService(store, ca, registry, cfg.policy, approvals, revocation)
+    tasks = TaskService(store, authorities, registry, cfg.policy, approvals, revocation)
     evidence = Evidence(store, registry, attestor, hub, cfg.policy)
     audit_relay.subscribe(evidence.feed)
+
+    def publish_trust(change: str) -> None:
+        # The new CRL set first (an intermediate's CRL is out before it signs), then the roots if they changed.
+        revocation.rebuild_crl()
+        if change in ("bundle", "signer"):
+            hub.broadcast(("bundle", authorities.bundle_der))
+
+    authorities.subscribe(publish_trust)
     return Services(
-        audit_relay=audit_relay, store=store, audit_file=audit_file, ca=ca, hub=hub, registry=registry, attestor=attestor,
+        audit_relay=audit_relay, store=store, audit_file=audit_file, authorities=authorities, hub=hub, registry=registry, attestor=attestor,
         revocation=revocation, signing_pool=signing_pool, signer=signer, approvals=approvals, tasks=tasks,
         evidence=evidence,
-        sidecar_api=IssuerService(attestor, signer, registry, hub, ca, revocation, tasks, cfg.resync_interval),
-        admin_api=AdminService(registry, attestor, hub, ca, approvals, revocation, evidence, cfg.admin_uids))
+        sidecar_api=IssuerService(attestor, signer, registry, hub, authorities, revocation, tasks,
+                                  cfg.resync_interval),
+        admin_api=AdminService(registry, attestor, hub, authorities, approvals, revocation, evidence, cfg.admin_uids))
 
 
 class IssuerApp:
@@ -140,6 +149,7 @@ class IssuerApp:
         self._grpc: list[grpc.aio.Server] = []
         self._flush_stop = threading.Event()
         self._flush_thread: threading.Thread | None = None
+        self._rotation_thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._blocking: futures.ThreadPoolExecutor | None = None
@@ -152,7 +162,7 @@ class IssuerApp:
         if self.cfg.metrics_address:
             # First, so a taken port fails the start before any listener is up.
             self.metrics_server = metrics.serve(self.cfg.metrics_address)
-        serving = ServingCert(self.services.ca, self.services.store, self.cfg.server_name)
+        serving = ServingCert(self.services.authorities, self.services.store, self.cfg.server_name)
         # The sidecar-facing gRPC server runs on one event loop in its own thread: a call costs no thread
         # hand-off and a connected sidecar's sync stream no thread at all. Blocking work (commits, CA
         # signatures outside the signing pool) goes to the loop's default executor.
@@ -165,6 +175,8 @@ class IssuerApp:
         self.services.revocation.start()
         self._flush_thread = threading.Thread(target=self._flush_denials, name="join-denials", daemon=True)
         self._flush_thread.start()
+        self._rotation_thread = threading.Thread(target=self._rotate, name="authorities", daemon=True)
+        self._rotation_thread.start()
         self._admin_thread = threading.Thread(target=self._run_admin, name="admin", daemon=True)
         self._admin_thread.start()
         self._admin_ready.wait()
@@ -226,6 +238,14 @@ class IssuerApp:
         while not self._flush_stop.wait(self.services.attestor.denials.window / 4):
             self.services.attestor.denials.flush()
 
+    def _rotate(self) -> None:
+        # Successors are prepared and activated ahead of need: a signing request never waits for one.
+        while not self._flush_stop.wait(ROTATION_CHECK):
+            try:
+                self.services.authorities.tick()
+            except Exception:  # noqa: BLE001 - the active authority keeps signing; try again next time
+                log.exception("authority rotation check failed")
+
     def _run_admin(self) -> None:
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
@@ -266,8 +286,9 @@ class IssuerApp:
             # Let running blocking work (a commit, an attestation) finish before the store closes.
             self._blocking.shutdown(wait=True, cancel_futures=True)
         self._flush_stop.set()
-        if self._flush_thread is not None:
-            self._flush_thread.join(timeout=5)
+        for thread in (self._flush_thread, self._rotation_thread):
+            if thread is not None:
+                thread.join(timeout=5)
         if self._admin_loop is not None:
             self._admin_loop.call_soon_threadsafe(self._admin_loop.stop)
             if self._admin_thread:

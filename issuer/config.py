@@ -19,7 +19,8 @@ from tessera.selectors import UID_MAX
 # every date derived from them stays representable and nothing lives by mistake for centuries.
 MAX_SIDECAR_SVID_TTL = 30 * DAY
 MAX_JOIN_TOKEN_TTL = 7 * DAY  # as the issuer's CreateJoinToken enforces
-MIN_CA_TTL, MAX_CA_TTL = DAY, MAX_DURATION
+MIN_CA_TTL, MAX_CA_TTL = 60, 365 * DAY  # an intermediate's (and a JWT key's) lifetime; it rotates on its own
+MIN_ROOT_TTL, MAX_ROOT_TTL = DAY, MAX_DURATION
 MIN_CRL_VALIDITY, MAX_CRL_VALIDITY = 10, 7 * DAY  # the CRL is re-signed at half of it
 MAX_RESYNC_INTERVAL = DAY
 
@@ -35,9 +36,9 @@ class IssuerConfig:
     default_x509_ttl: int
     sidecar_svid_ttl: int
     join_token_ttl: int
-    ca_cert: Path | None
+    ca_cert: Path | None  # an operator's root (upstream, with ca_key; offline, with ca_offline)
     ca_key: Path | None
-    ca_ttl: int
+    ca_ttl: int  # each intermediate's and JWT key's lifetime
     server_name: str
     resync_interval: int
     max_workers: int
@@ -49,6 +50,9 @@ class IssuerConfig:
     policy: policy_mod.Policy = field(default_factory=lambda: policy_mod.DEFAULT_POLICY)
     crl_validity: int = 600
     handshake_timeout: int = 10  # seconds a new connection has to finish TLS and HTTP/2 set-up
+    ca_offline: bool = False  # the root's key never reaches this host (ca_cert only)
+    root_ttl: int = 10 * 365 * DAY  # a root created here
+    kek_file: Path | None = None  # key-encryption key for authorities' keys (default data_dir/kek; or TESSERA_KEK)
 
 
 def load(path: str | Path) -> IssuerConfig:
@@ -73,7 +77,10 @@ def load(path: str | Path) -> IssuerConfig:
         join_token_ttl=sec.duration("join_token_ttl", "10m", maximum=MAX_JOIN_TOKEN_TTL),
         ca_cert=sec.path("ca_cert", None),
         ca_key=sec.path("ca_key", None),
-        ca_ttl=sec.duration("ca_ttl", "365d", minimum=MIN_CA_TTL, maximum=MAX_CA_TTL),
+        ca_ttl=sec.duration("ca_ttl", "7d", minimum=MIN_CA_TTL, maximum=MAX_CA_TTL),
+        ca_offline=sec.get("ca_offline", bool, False),
+        root_ttl=sec.duration("root_ttl", "3650d", minimum=MIN_ROOT_TTL, maximum=MAX_ROOT_TTL),
+        kek_file=sec.path("kek_file", None),
         server_name=sec.checked("server_name", dns_name, sec.str("server_name", "tessera-issuer")),
         resync_interval=sec.duration("resync_interval", "5m", maximum=MAX_RESYNC_INTERVAL),
         max_workers=sec.int("max_workers", 256, minimum=8, maximum=4096),
@@ -86,12 +93,16 @@ def load(path: str | Path) -> IssuerConfig:
         crl_validity=sec.duration("crl_validity", "10m", minimum=MIN_CRL_VALIDITY, maximum=MAX_CRL_VALIDITY),
         handshake_timeout=sec.duration("handshake_timeout", "10s", minimum=1, maximum=120),
     )
-    for key in ("audit_file", "ca_cert", "ca_key"):
+    for key in ("audit_file", "ca_cert", "ca_key", "kek_file"):
         if getattr(cfg, key) is not None and getattr(cfg, key).is_dir():
             raise sec.fail(key, f"{getattr(cfg, key)} is a directory; name a file")
     if cfg.data_dir.exists() and not cfg.data_dir.is_dir():
         raise sec.fail("data_dir", f"{cfg.data_dir} is not a directory")
-    if (cfg.ca_cert is None) != (cfg.ca_key is None):
-        raise sec.fail("ca_key" if cfg.ca_key is None else "ca_cert", "ca_cert and ca_key must be given together")
+    if cfg.ca_offline:
+        if cfg.ca_cert is None or cfg.ca_key is not None:
+            raise sec.fail("ca_offline", "an offline root takes ca_cert (its certificate) and no ca_key")
+    elif (cfg.ca_cert is None) != (cfg.ca_key is None):
+        raise sec.fail("ca_key" if cfg.ca_key is None else "ca_cert", "ca_cert and ca_key must be given together "
+                       "(or ca_cert with ca_offline: true for an offline root)")
     sec.reject_unknown()
     return cfg

@@ -9,6 +9,7 @@ import queue
 import signal
 import socket
 import sqlite3
+import re
 import subprocess
 import sys
 import threading
@@ -91,10 +92,21 @@ def one_line_error(r: subprocess.CompletedProcess, *fragments: str) -> str:
 
 
 def openssl_verify(bundle: Path, leaf: Path, crl: Path | None = None) -> subprocess.CompletedProcess:
-    """`openssl verify` of `leaf` against `bundle`, with `-crl_check` when a CRL is given."""
+    """`openssl verify` of the chain in `leaf` (leaf first, then intermediates, as an SVID carries it) against the
+    roots in `bundle`, the intermediates given as -untrusted; with a CRL file, every certificate of the chain must
+    be covered by a CRL in it (-crl_check_all)."""
+    blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?", Path(leaf).read_bytes(), re.S)
     argv = ["openssl", "verify", "-CAfile", str(bundle)]
+    if len(blocks) > 1:
+        rest = Path(f"{leaf}.untrusted")
+        rest.write_bytes(b"".join(blocks[1:]))
+        argv += ["-untrusted", str(rest)]
     if crl is not None:
-        argv += ["-crl_check", "-CRLfile", str(crl)]
+        argv += ["-crl_check_all", "-CRLfile", str(crl)]
+    if len(blocks) > 1:
+        first = Path(f"{leaf}.leaf")
+        first.write_bytes(blocks[0])
+        leaf = first
     return subprocess.run([*argv, str(leaf)], capture_output=True, text=True)
 
 

@@ -11,7 +11,7 @@ import time
 
 from issuer.api.convert import entry_pb, sidecar_pb
 from issuer.api.evidence import Evidence, EvidenceHandlers
-from issuer.ca.authority import CertificateAuthority
+from issuer.ca.authorities import Authorities
 from issuer.core.events import EventHub
 from issuer.core.models import Actor
 from issuer.identity.attestation import SidecarAttestor
@@ -19,19 +19,19 @@ from issuer.identity.registration import Registry, bounded_ref, optional_text
 from issuer.revocation.service import RevocationService
 from issuer.tasks.approvals import ApprovalRequest, Approvals
 from tessera import peercred
-from tessera.errors import InvalidArgument, PermissionDenied
+from tessera.errors import InvalidArgument, PermissionDenied, Unimplemented
 from tessera.rpc import grpclib_handler
 from tessera.v1 import admin_grpc, admin_pb2, types_pb2
 
 
 class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
-    def __init__(self, registry: Registry, attestor: SidecarAttestor, hub: EventHub, ca: CertificateAuthority,
+    def __init__(self, registry: Registry, attestor: SidecarAttestor, hub: EventHub, authorities: Authorities,
                  approvals: Approvals, revocation: RevocationService, evidence: Evidence,
                  allowed_uids: tuple[int, ...]):
         self.registry = registry
         self.attestor = attestor
         self.hub = hub
-        self.ca = ca
+        self.authorities = authorities
         self.approvals = approvals
         self.revocation = revocation
         self.evidence = evidence
@@ -119,7 +119,7 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
     async def GetBundle(self, stream):
         await stream.recv_message()
         self.operator(stream)
-        await stream.send_message(admin_pb2.Bundle(pem=self.ca.bundle_pem.decode()))
+        await stream.send_message(admin_pb2.Bundle(pem=self.authorities.bundle_pem.decode()))
 
     @grpclib_handler
     async def ListApprovals(self, stream):
@@ -171,6 +171,12 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
         info = self.revocation.crl_info()
         await stream.send_message(admin_pb2.CRL(der=info.der, number=info.number, this_update=info.this_update,
                                                 next_update=info.next_update, entries=info.entries))
+
+    # Placeholders until the operator commands land (branch h15/cli): the servicer must define every method.
+    async def ListAuthorities(self, stream):
+        raise Unimplemented("not yet")
+
+    PrepareAuthority = ActivateAuthority = TaintAuthority = RevokeAuthority = ListAuthorities
 
 
 def approval_pb(a: ApprovalRequest) -> admin_pb2.Approval:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from issuer.core.models import Entry, Sidecar
-from tessera.v1 import types_pb2
+from issuer.revocation.service import CrlSet
+from tessera.v1 import issuer_pb2, types_pb2
 
 
 def entry_pb(e: Entry) -> types_pb2.Entry:
@@ -20,3 +21,7 @@ def sidecar_pb(s: Sidecar, connected: bool) -> types_pb2.Sidecar:
         id=s.id, name=s.name, state=s.state, attested_at=s.attested_at, last_seen=s.last_seen,
         svid_serial=s.svid_serial, svid_expires_at=s.svid_expires_at, connected=connected,
     )
+
+
+def crl_set_pb(published: CrlSet) -> issuer_pb2.CrlSet:
+    return issuer_pb2.CrlSet(crls=[c.der for c in published.crls], intermediates=list(published.intermediates))

@@ -15,8 +15,8 @@ import time
 import grpc
 
 from issuer import metrics
-from issuer.api.convert import entry_pb
-from issuer.ca.authority import CertificateAuthority
+from issuer.api.convert import crl_set_pb, entry_pb
+from issuer.ca.authorities import Authorities
 from issuer.core.events import CLOSE, EventHub
 from issuer.core.models import Actor, Sidecar
 from issuer.identity.attestation import SidecarAttestor
@@ -45,12 +45,12 @@ def _log_touch_failure(done: asyncio.Future) -> None:
 
 class IssuerService(issuer_pb2_grpc.IssuerServicer):
     def __init__(self, attestor: SidecarAttestor, signer: SvidSigner, registry: Registry, hub: EventHub,
-                 ca: CertificateAuthority, revocation: RevocationService, tasks: TaskService, resync_interval: int):
+                 authorities: Authorities, revocation: RevocationService, tasks: TaskService, resync_interval: int):
         self.attestor = attestor
         self.signer = signer
         self.registry = registry
         self.hub = hub
-        self.ca = ca
+        self.authorities = authorities
         self.revocation = revocation
         self.tasks = tasks
         self.resync_interval = resync_interval
@@ -65,7 +65,7 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
 
     def _svid_response(self, svid) -> issuer_pb2.SidecarSVIDResponse:
         return issuer_pb2.SidecarSVIDResponse(
-            sidecar_id=svid.sidecar_id, svid_chain=pem.der_concat(svid.chain), bundle=self.ca.bundle_der)
+            sidecar_id=svid.sidecar_id, svid_chain=pem.der_concat(svid.chain), bundle=self.authorities.bundle_der)
 
     @grpcio_handler
     async def AttestSidecar(self, request, context):
@@ -96,7 +96,7 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
     def snapshot(self, sidecar_id: str) -> issuer_pb2.SyncEvent:
         return issuer_pb2.SyncEvent(snapshot=issuer_pb2.EntrySnapshot(
             entries=[entry_pb(e) for e in self.registry.list(parent_id=sidecar_id)],
-            bundle=self.ca.bundle_der))
+            bundle=self.authorities.bundle_der))
 
     def event_message(self, event) -> issuer_pb2.SyncEvent | None:
         kind, payload, committed_at = event
@@ -108,18 +108,22 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
             return issuer_pb2.SyncEvent(revocation=issuer_pb2.Revocation(
                 seq=payload.seq, serials=payload.serials, entry_ids=payload.entry_ids,
                 spiffe_ids=payload.spiffe_ids, reason=payload.reason), committed_at=committed_at)
-        if kind == "crl":
-            return issuer_pb2.SyncEvent(crl=payload, committed_at=committed_at)
+        if kind == "crls":
+            return issuer_pb2.SyncEvent(crls=crl_set_pb(payload), committed_at=committed_at)
+        if kind == "bundle":
+            return issuer_pb2.SyncEvent(bundle=payload, committed_at=committed_at)
+        if kind == "taint":
+            return issuer_pb2.SyncEvent(taint=issuer_pb2.Taint(authority_ids=payload), committed_at=committed_at)
         return None
 
     def full_state(self, sidecar_id: str) -> tuple[issuer_pb2.SyncEvent, issuer_pb2.SyncEvent]:
-        """The snapshot, then the current CRL: how a sidecar that was offline (or drifted) catches up."""
-        return self.snapshot(sidecar_id), issuer_pb2.SyncEvent(crl=self.revocation.crl_der())
+        """The snapshot, then the CRL set: how a sidecar that was offline (or drifted) catches up."""
+        return self.snapshot(sidecar_id), issuer_pb2.SyncEvent(crls=crl_set_pb(self.revocation.crl_set()))
 
     @grpcio_handler
     async def FetchCRL(self, request, context):
         self._caller(context)
-        return issuer_pb2.FetchCRLResponse(crl=self.revocation.crl_der())
+        return issuer_pb2.FetchCRLResponse(crls=crl_set_pb(self.revocation.crl_set()))
 
     @grpcio_handler
     async def Sync(self, request, context):
@@ -163,6 +167,14 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
                         serial=value.serial, expires_at=value.expires_at, scopes=list(value.scopes),
                         task_id=value.task_id))
                     return
+
+    @grpcio_handler
+    async def ReissueTaskSVID(self, request, context):
+        sidecar = self._caller(context)
+        svid = await asyncio.to_thread(self.tasks.reissue, sidecar, request.cert_chain, request.csr)
+        return issuer_pb2.SignedTaskSVID(entry_id=svid.entry_id, spiffe_id=svid.spiffe_id, cert_chain=svid.cert_der,
+                                         serial=svid.serial, expires_at=svid.expires_at, scopes=list(svid.scopes),
+                                         task_id=svid.task_id)
 
     @grpcio_handler
     async def EndTask(self, request, context):

@@ -591,6 +591,7 @@ class Authorities:
         if not self.store.put_authority(a, audit, expect_state=expect):
             raise FailedPrecondition(f"authority {a.id} changed meanwhile (another issuer?); try again")
         self._records[a.id] = a
+        self._load_cert(a)
 
     def _refresh(self) -> None:
         now = time.time()

@@ -17,7 +17,7 @@ from typing import Callable, Protocol
 
 from cryptography import x509
 
-from issuer.ca.authority import CertificateAuthority
+from issuer.ca.authorities import Authorities
 from issuer.core.models import Actor, AuditEvent, IssuedSerial, JoinToken, Sidecar
 from issuer.datastore.interface import Datastore
 from tessera import logs, spiffeid, x509svid
@@ -133,9 +133,10 @@ class RevokedSerials(Protocol):
 
 
 class SidecarAttestor:
-    def __init__(self, store: Datastore, ca: CertificateAuthority, svid_ttl: int, token_ttl: int):
+    def __init__(self, store: Datastore, authorities: Authorities, svid_ttl: int, token_ttl: int):
         self.store = store
-        self.ca = ca
+        self.authorities = authorities
+        self.trust_domain = authorities.trust_domain
         self.svid_ttl = svid_ttl
         self.token_ttl = token_ttl
         self._lock = threading.Lock()
@@ -150,7 +151,7 @@ class SidecarAttestor:
     # -- operator side -----------------------------------------------------------------
 
     def create_token(self, sidecar_name: str, ttl: int, actor: Actor) -> tuple[str, str, int]:
-        sid = str(spiffeid.sidecar_id(self.ca.trust_domain, sidecar_name))
+        sid = str(spiffeid.sidecar_id(self.trust_domain, sidecar_name))
         existing = self._sidecars.get(sid)
         if existing is not None and existing.state == "banned":
             raise PermissionDenied(f"sidecar {sid} is banned; pick a new name")
@@ -168,7 +169,7 @@ class SidecarAttestor:
 
     def get(self, sidecar_ref: str) -> Sidecar:
         sid = sidecar_ref if sidecar_ref.startswith("spiffe://") else str(
-            spiffeid.sidecar_id(self.ca.trust_domain, sidecar_ref))
+            spiffeid.sidecar_id(self.trust_domain, sidecar_ref))
         s = self._sidecars.get(sid)
         if s is None:
             raise NotFound(f"no sidecar {sid}")
@@ -213,7 +214,7 @@ class SidecarAttestor:
                 raise PermissionDenied("join token was already used")
             if tok.expires_at <= now:
                 raise PermissionDenied("join token has expired")
-            sid = str(spiffeid.sidecar_id(self.ca.trust_domain, tok.sidecar_name))
+            sid = str(spiffeid.sidecar_id(self.trust_domain, tok.sidecar_name))
             existing = self._sidecars.get(sid)
             return self._issue(sid, tok.sidecar_name, public_key, now, existing,
                                AuditEvent("sidecar.attest", Actor("sidecar", sid, {"peer": peer}), "allow",
@@ -234,18 +235,19 @@ class SidecarAttestor:
             current = self._sidecars.get(sid)
             if current is not None and current.state == "banned":
                 raise PermissionDenied(f"sidecar {sid} is banned")
-            signed = self.ca.sign(public_key, spiffeid.parse(sid), self.svid_ttl)
+            signed = self.authorities.signer().sign(public_key, spiffeid.parse(sid), self.svid_ttl)
             not_after = int(signed.not_after.timestamp())
             renewing = existing is not None and audit.action == "sidecar.renew"
             attested_at = existing.attested_at if renewing else now
             sidecar = Sidecar(sid, name, "active", attested_at, now, signed.serial_hex, not_after)
-            record = IssuedSerial(signed.serial_hex, sid, "sidecar", None, sid, now, not_after)
+            record = IssuedSerial(signed.serial_hex, sid, "sidecar", None, sid, now, not_after,
+                                  authority=signed.authority)
             self.store.record_issued([record])
             # The ttl asked for, as this event has always said (the CA may cap not_after below it).
             self.store.upsert_sidecar(sidecar, replace(audit, details={**record.audit_details(),
                                                                        "ttl": self.svid_ttl}))
             self._sidecars[sid] = sidecar
-        return SidecarSVID(sid, (signed.cert,))
+        return SidecarSVID(sid, signed.chain)
 
     def set_banned(self, sidecar: Sidecar, audit: AuditEvent) -> Sidecar:
         with self.store.transaction(), self._lock:
@@ -282,7 +284,7 @@ class SidecarAttestor:
         if not peer_cert_pem:
             raise Unauthenticated("a sidecar SVID (client certificate) is required")
         sid, serial = self._peer_ids.get(peer_cert_pem) or self._parse_peer(peer_cert_pem)
-        if not sid.member_of(self.ca.trust_domain) or spiffeid.sidecar_name(sid) is None:
+        if not sid.member_of(self.trust_domain) or spiffeid.sidecar_name(sid) is None:
             raise PermissionDenied(f"{sid} is not a sidecar identity")
         s = self._sidecars.get(str(sid))
         if s is None:

@@ -35,15 +35,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import Encoding
 
 from issuer.audit.relay import AuditRelay
-from issuer.ca.authority import CertificateAuthority
+from issuer.ca.authorities import Authorities
+from issuer.ca.authority import SigningAuthority
 from issuer.core.models import Actor, AuditEvent, AuditRecord, IssuedSerial, audit_record_tuple
 from issuer.datastore.interface import Datastore, Opener
-from tessera import logs, pem, spiffeid, x509svid
+from tessera import logs, spiffeid, x509svid
 from tessera.errors import Code, FailedPrecondition, TesseraError
 
 log = logs.get("signing-pool")
@@ -79,7 +77,7 @@ class Signed:
         return x509svid.serial_hex(self.serial)
 
 
-def sign_jobs(ca: CertificateAuthority, jobs: Sequence[SignJob]) -> list[Signed]:
+def sign_jobs(ca: SigningAuthority, jobs: Sequence[SignJob]) -> list[Signed]:
     """The per-CSR work, the same in a worker and in-process.
 
     Each job succeeds or fails on its own: whatever one job raises becomes that job's error
@@ -97,7 +95,7 @@ def sign_jobs(ca: CertificateAuthority, jobs: Sequence[SignJob]) -> list[Signed]
     return out
 
 
-def _sign_one(ca: CertificateAuthority, job: SignJob) -> Signed:
+def _sign_one(ca: SigningAuthority, job: SignJob) -> Signed:
     try:
         public_key = x509svid.load_csr(job.csr_der).public_key()
     except ValueError as e:
@@ -107,19 +105,18 @@ def _sign_one(ca: CertificateAuthority, job: SignJob) -> Signed:
     except (OverflowError, OSError, ValueError):
         raise FailedPrecondition(f"the entry's expiry {job.not_after_cap} is out of range for a certificate; "
                            "set a new one with `tessera entry update --expires-in`") from None
-    signed = ca.sign(public_key, spiffeid.parse(job.spiffe_id), job.ttl, not_after_cap=cap)
-    return Signed(signed.cert.public_bytes(Encoding.DER), signed.serial, int(signed.not_after.timestamp()))
+    return Signed(*ca.sign_der(public_key, spiffeid.parse(job.spiffe_id), job.ttl, not_after_cap=cap))
 
 
-def issuance_records(jobs: Sequence[SignJob], signed: Sequence[Signed]) -> tuple[list[IssuedSerial],
-                                                                                   list[AuditEvent]]:
+def issuance_records(jobs: Sequence[SignJob], signed: Sequence[Signed],
+                     authority: str) -> tuple[list[IssuedSerial], list[AuditEvent]]:
     """The serial rows and audit events that must commit before these certificates leave."""
     issued, audits = [], []
     for job, s in zip(jobs, signed):
         if s.error:
             continue
         record = IssuedSerial(s.serial_hex, job.spiffe_id, "identity", job.entry_id, job.sidecar_id, job.issued_at,
-                              s.not_after)
+                              s.not_after, authority=authority)
         issued.append(record)
         audits.append(AuditEvent(
             "svid.issue", Actor("sidecar", job.sidecar_id), "allow",
@@ -128,11 +125,11 @@ def issuance_records(jobs: Sequence[SignJob], signed: Sequence[Signed]) -> tuple
     return issued, audits
 
 
-def sign_and_record_jobs(ca: CertificateAuthority, store: Datastore, jobs: Sequence[SignJob],
+def sign_and_record_jobs(ca: SigningAuthority, store: Datastore, jobs: Sequence[SignJob],
                          audits: Sequence[AuditEvent]) -> list[Signed]:
     """Sign, then commit the serials with `audits` and the issuance records: the same in a worker and in-process."""
     signed = sign_jobs(ca, jobs)
-    issued, issue_audits = issuance_records(jobs, signed)
+    issued, issue_audits = issuance_records(jobs, signed, ca.id)
     if issued or audits:
         store.record_issued(issued, [*audits, *issue_audits])
     return signed
@@ -157,12 +154,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str, opener: Opener) -> None:
+def _worker_main(conn, opener: Opener) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the issuer decides when workers stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    ca = CertificateAuthority(x509.load_pem_x509_certificate(cert_pem), key, trust_domain)
+    ca: SigningAuthority | None = None  # the issuer sends the active authority with the first chunk after a change
     # Its own store on the issuer's data; its relay passes on only what this worker committed, unordered:
     # the issuer's relay orders them among everyone's.
     relay = AuditRelay(in_order=False)
@@ -173,12 +169,15 @@ def _worker_main(conn, cert_pem: bytes, key_pem: bytes, trust_domain: str, opene
     while True:
         try:
             conn.send(answer)
-            job_tuples, audits = conn.recv()
+            authority, job_tuples, audits = conn.recv()
         except (EOFError, OSError):
             store.close()
             return  # the issuer closed the pipe (it is stopping, or gone): stop
         committed.clear()
         try:
+            if authority is not None:
+                ca = SigningAuthority.from_portable(authority)
+            assert ca is not None, "a chunk came before any signing authority"
             signed = sign_and_record_jobs(ca, store, [SignJob(*t) for t in job_tuples], audits)
             answer = ([astuple_signed(s) for s in signed], [audit_record_tuple(r) for r in committed])
         except TesseraError as e:  # e.g. UNAVAILABLE: the database stayed locked; the caller gets its status
@@ -225,6 +224,7 @@ class _WorkerPipe:
         self.fd = conn.fileno()
         os.set_blocking(self.fd, False)
         self.batch: list[_Request] | None = None  # the chunk at this worker
+        self.authority: str | None = None  # id of the signing authority this worker holds
         self.ready = False  # READY came: the worker started
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_message: Callable[[_WorkerPipe, object], None] | None = None
@@ -368,11 +368,11 @@ class SigningPool:
     Bound to the loop of its first caller.
     """
 
-    def __init__(self, ca: CertificateAuthority, workers: int, opener: Opener, committed: Committed):
+    def __init__(self, authorities: Authorities, workers: int, opener: Opener, committed: Committed):
         self._committed = committed
         self._ctx = multiprocessing.get_context("spawn")  # not fork: gRPC threads do not survive a fork
-        key_pem = pem.key_pem(ca.key)
-        self._args = (pem.certs_pem([ca.cert]), key_pem, ca.trust_domain, opener)
+        self._authorities = authorities
+        self._args = (opener,)
         self._queue: collections.deque[_Request] = collections.deque()
         self._queued = 0  # the weight of the requests in _queue: jobs, a request without jobs counting one
         self._closed = False
@@ -442,9 +442,15 @@ class SigningPool:
             self._queued -= sum(r.weight for r in batch)
             pipe = idle[0]
             pipe.batch = batch
-            if not pipe.send(([astuple_job(j) for r in batch for j in r.jobs], [a for r in batch for a in r.audits])):
+            # A worker learns of a rotation with its next chunk: the key crosses its pipe, never a file.
+            signer = self._authorities.signer()
+            authority = signer.portable() if pipe.authority != signer.id else None
+            if not pipe.send((authority, [astuple_job(j) for r in batch for j in r.jobs],
+                              [a for r in batch for a in r.audits])):
                 pipe.batch = None  # it got nothing: the chunk waits for another worker
                 self._requeue(batch)
+            else:
+                pipe.authority = signer.id
 
     def _requeue(self, batch: list[_Request]) -> None:
         self._queue.extendleft(reversed(batch))

@@ -10,7 +10,7 @@ import asyncio
 import time
 from typing import Callable, Sequence
 
-from issuer.ca.authority import CertificateAuthority
+from issuer.ca.authorities import Authorities
 from issuer.core.models import Actor, AuditEvent, Entry, Sidecar, SignResult
 from issuer.datastore.interface import Datastore
 from issuer.identity.registration import Registry
@@ -24,11 +24,11 @@ MAX_BATCH = 1000
 
 
 class SvidSigner:
-    def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry,
+    def __init__(self, store: Datastore, authorities: Authorities, registry: Registry,
                  revocation: RevocationService, pool: SigningPool | None = None,
                  identity_ttl: Callable[[str, int], int] = lambda tier, ttl: ttl):
         self.store = store
-        self.ca = ca
+        self.authorities = authorities
         self.registry = registry
         # Identities revoked as a whole get no new SVIDs, and one revoked while its batch was signed
         # is withheld and revoked (see RevocationService.recheck_issued).
@@ -41,7 +41,7 @@ class SvidSigner:
 
     async def _sign_and_record_here(self, jobs: list[SignJob], audits: list[AuditEvent]) -> list[Signed]:
         # Signing and the commit block: they run on the loop's executor, not on the loop.
-        return await asyncio.to_thread(sign_and_record_jobs, self.ca, self.store, jobs, audits)
+        return await asyncio.to_thread(sign_and_record_jobs, self.authorities.signer(), self.store, jobs, audits)
 
     async def sign_batch(self, sidecar: Sidecar, items: Sequence[tuple[str, bytes]]) -> list[SignResult]:
         if len(items) > MAX_BATCH:

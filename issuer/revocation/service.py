@@ -3,14 +3,16 @@
 When `revoke` returns, three things hold: the revocation is on disk (the entries revoked as
 a whole, the serials marked, a row in the revocation log and the audit record, one
 transaction: they commit together or not at all); it was pushed to every connected sidecar
-with its sequence number; and a signed CRL listing it was pushed too, so a sidecar that got
+with its sequence number; and the signed CRL set listing it was pushed too (one CRL per
+publishing authority: each intermediate lists what it signed, a root the intermediates it
+withdrew), so a sidecar that got
 the push enforces it in its crl.pem and Workload API `crl` fields even if the issuer dies a
 moment later.
 
 CRL builds are group-committed: a revocation waits for the first build that started after
 its own commit, and one build covers every revocation committed before it started, so a
 burst signs a few CRLs, not one each (at 100,000 revoked serials a build is tens of
-milliseconds). CRL numbers come from a durable counter, so a restarted issuer only ever
+milliseconds). CRL numbers come from a durable counter per authority, so a restarted issuer only ever
 signs higher numbers; the CRL itself is not stored, since it derives from the revoked
 serials: at start the issuer signs a fresh one. The revoked set is held in memory (loaded
 at start), so checking a serial is a dict lookup and a build reads no rows.
@@ -22,8 +24,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from issuer import metrics
-from issuer.ca.authority import CertificateAuthority
+from issuer.ca.authorities import Authorities
 from issuer.core.events import CLOSE, EventHub
 from issuer.core.models import ISSUER, Actor, AuditEvent, Entry, IssuedSerial, Revocation, SignResult
 from issuer.datastore.interface import Datastore
@@ -65,6 +69,15 @@ class CrlInfo:
     this_update: int
     next_update: int
     entries: int
+    authority: str  # the signer's id
+
+
+@dataclass(frozen=True)
+class CrlSet:
+    """Every CRL published now, the active signer's first, and the intermediates' certificates to check them with."""
+
+    crls: tuple[CrlInfo, ...]
+    intermediates: tuple[bytes, ...]
 
 
 def normalize_serial(value: str) -> str:
@@ -79,10 +92,10 @@ def normalize_serial(value: str) -> str:
 
 
 class RevocationService:
-    def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry, attestor: SidecarAttestor,
+    def __init__(self, store: Datastore, authorities: Authorities, registry: Registry, attestor: SidecarAttestor,
                  hub: EventHub, crl_validity: int):
         self.store = store
-        self.ca = ca
+        self.authorities = authorities
         self.registry = registry
         self.attestor = attestor
         self.hub = hub
@@ -95,12 +108,13 @@ class RevocationService:
             s.serial: crl.Revoked(s.serial, s.revoked_at or now, s.revocation_reason or "unspecified") for s in unexpired}
         # Kept apart so a build copies the records in one C call and scans expiries only when one is due.
         self._not_after: dict[str, int] = {s.serial: s.not_after for s in unexpired}
+        self._signer: dict[str, str] = {s.serial: s.authority or "" for s in unexpired}  # which CRL lists it
         self._next_expiry = min(self._not_after.values(), default=0)
         blocked = store.revocations(BLOCKING_KINDS)
         self._blocked_ids = {r.target for r in blocked if r.kind == "spiffe_id"}
         self._blocked_owners = {r.target for r in blocked if r.kind == "owner"}
         self.seq = store.last_revocation_seq()
-        self._crl: CrlInfo | None = None
+        self._crls: CrlSet | None = None
         # Group commit of CRL builds: `_gen` counts changes to the revoked set (under _lock), the CRL in
         # force covers `_crl_gen` of them, and at most one build runs (`_building`, under _crl_done).
         self._gen = 0
@@ -183,9 +197,13 @@ class RevocationService:
             self.revoke_serials(late, "revoked while its certificate was being signed", ISSUER,
                                 reason_code="privilegeWithdrawn", kind="serial", target=",".join(late))
 
+    def crl_set(self) -> CrlSet:
+        assert self._crls is not None
+        return self._crls
+
     def crl_info(self) -> CrlInfo:
-        assert self._crl is not None
-        return self._crl
+        """The active signer's CRL."""
+        return self.crl_set().crls[0]
 
     def crl_der(self) -> bytes:
         return self.crl_info().der
@@ -291,6 +309,7 @@ class RevocationService:
                 for s in newly:
                     self._revoked[s] = crl.Revoked(s, now, code)
                     self._not_after[s] = candidates[s].not_after
+                    self._signer[s] = candidates[s].authority or ""
                     self._next_expiry = min(self._next_expiry or candidates[s].not_after, candidates[s].not_after)
                 if kind == "spiffe_id":
                     self._blocked_ids.add(target)
@@ -323,11 +342,11 @@ class RevocationService:
 
     # -- the CRL ---------------------------------------------------------------------------
 
-    def rebuild_crl(self) -> CrlInfo:
+    def rebuild_crl(self) -> CrlSet:
         """Sign, commit (its number) and push a CRL of everything revoked now (at start, on refresh, after a failure)."""
         return self._publish_crl(None)
 
-    def _publish_crl(self, gen: int | None) -> CrlInfo:
+    def _publish_crl(self, gen: int | None) -> CrlSet:
         """A CRL covering change `gen` (None: a new one in any case), built by this thread or a concurrent one.
 
         Leader-based like the datastore's group commit: a caller that finds a build under way waits for
@@ -336,8 +355,8 @@ class RevocationService:
         with self._crl_done:
             while True:
                 if gen is not None and self._crl_gen >= gen:
-                    assert self._crl is not None
-                    return self._crl
+                    assert self._crls is not None
+                    return self._crls
                 if not self._building:
                     break
                 self._crl_done.wait()
@@ -352,27 +371,49 @@ class RevocationService:
                 self._crl_gen = max(self._crl_gen, built)
                 self._crl_done.notify_all()
 
-    def _build_crl(self) -> tuple[CrlInfo, int]:
-        """Sign and push one CRL, its number committed first; returns it and the change count it covers.
+    def _build_crl(self) -> tuple[CrlSet, int]:
+        """Sign and push the CRL set, each CRL's number committed first; returns it and the change count it covers.
         One at a time."""
         now = time.time()
         with self._lock:
             gen = self._gen
             if self._next_expiry and self._next_expiry <= now:  # expired certificates need no CRL entry
                 for s in [s for s, not_after in self._not_after.items() if not_after <= now]:
-                    del self._revoked[s], self._not_after[s]
+                    del self._revoked[s], self._not_after[s], self._signer[s]
                 self._next_expiry = min(self._not_after.values(), default=0)
-            items = list(self._revoked.values())
-        number = self.store.next_crl_number()
-        der = crl.build(self.ca.cert, self.ca.key, items, number, now, now + self.crl_validity)
-        info = CrlInfo(der, number, int(now), int(now + self.crl_validity), len(items))
-        self._crl = info
+            by_signer: dict[str, list[crl.Revoked]] = {}
+            for s, r in self._revoked.items():
+                by_signer.setdefault(self._signer[s], []).append(r)
+        signers = self.authorities.crl_signers(now)
+        active = self.authorities.signer().id
+        signers.sort(key=lambda t: (t[0].id != active, t[0].kind == "root", t[0].created_at))
+        withdrawn = self._withdrawn_intermediates(now)
+        infos = []
+        for authority, cert, key in signers:
+            items = by_signer.get(authority.id, []) + withdrawn.get(authority.id, [])
+            number = self.store.next_crl_number(authority.id)
+            der = crl.build(cert, key, items, number, now, now + self.crl_validity)
+            infos.append(CrlInfo(der, number, int(now), int(now + self.crl_validity), len(items), authority.id))
+        published = CrlSet(tuple(infos), tuple(c.public_bytes(Encoding.DER)
+                                               for c in self.authorities.intermediates(now)))
+        self._crls = published
         self._refresh_at = now + self.crl_validity / 2
-        self.hub.broadcast(("crl", info.der))
-        metrics.set_crl(number, len(info.der), len(items))
-        log.info("CRL published", number=number, entries=len(items), bytes=len(info.der),
-                 ms=round((time.time() - now) * 1000, 1))
-        return info, gen
+        self.hub.broadcast(("crls", published))
+        metrics.set_crl(infos[0].number, sum(len(i.der) for i in infos), sum(i.entries for i in infos))
+        log.info("CRLs published", numbers={i.authority[:16]: i.number for i in infos},
+                 entries=sum(i.entries for i in infos), ms=round((time.time() - now) * 1000, 1))
+        return published, gen
+
+    def _withdrawn_intermediates(self, now: float) -> dict[str, list[crl.Revoked]]:
+        """Per root: the revoked intermediates it signed that have not expired (its CRL withdraws them)."""
+        out: dict[str, list[crl.Revoked]] = {}
+        for a in self.authorities.list():
+            if a.kind == "x509" and a.state == "revoked" and a.cert_der and a.not_after > now and a.parent:
+                cert = self.authorities.certificate(a.id)
+                if cert is not None:
+                    out.setdefault(a.parent, []).append(
+                        crl.Revoked(x509svid.serial_hex(cert.serial_number), a.revoked_at or int(now), "keyCompromise"))
+        return out
 
     def _crl_loop(self) -> None:
         """Re-sign at half of the CRL's validity, and retry a build that failed."""

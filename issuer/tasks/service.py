@@ -21,9 +21,9 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, AsyncIterator, Hashable
 
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.exceptions import InvalidSignature
 
-from issuer.ca.authority import CertificateAuthority
+from issuer.ca.authorities import Authorities
 from issuer.core.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar, SignResult
 from issuer.datastore.interface import Datastore
 from issuer.identity.registration import Registry, validate_scopes
@@ -31,8 +31,8 @@ from issuer.revocation.service import RevocationService
 from issuer.tasks import policy as pol
 from issuer.tasks.approvals import ApprovalRequest, Approvals
 from tessera import selectors as sel
-from tessera import spiffeid, taskext, x509svid
-from tessera.errors import (AlreadyExists, DeadlineExceeded, InvalidArgument, NotFound, PermissionDenied,
+from tessera import pem, spiffeid, taskext, x509svid
+from tessera.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,
                             ResourceExhausted, Unavailable)
 from tessera.taskspec import TaskSpec
 
@@ -125,10 +125,10 @@ def entry_view(e: Entry) -> dict[str, Any]:
 
 
 class TaskService:
-    def __init__(self, store: Datastore, ca: CertificateAuthority, registry: Registry,
+    def __init__(self, store: Datastore, authorities: Authorities, registry: Registry,
                  policy: pol.Policy, approvals: Approvals, revocation: RevocationService):
         self.store = store
-        self.ca = ca
+        self.authorities = authorities
         self.registry = registry
         self.policy = policy
         self.approvals = approvals
@@ -237,14 +237,14 @@ class TaskService:
 
     def _issue(self, sidecar: Sidecar, entry: Entry, task_id: str, ticket: "_Ticket") -> TaskSVID:
         binding = ticket.spec.binding(entry.owner)
-        signed = self.ca.sign(ticket.public_key, spiffeid.parse(entry.spiffe_id), ticket.decision.ttl,
+        signed = self.authorities.signer().sign(ticket.public_key, spiffeid.parse(entry.spiffe_id), ticket.decision.ttl,
                               not_after_cap=dt.datetime.fromtimestamp(entry.expires_at, dt.timezone.utc),
                               extra_extensions=[taskext.encode(binding)])
         now = int(time.time())
         not_after = int(signed.not_after.timestamp())
         latency_ms = round((time.monotonic() - ticket.started) * 1000, 3)
         record = IssuedSerial(signed.serial_hex, entry.spiffe_id, "task", entry.id, sidecar.id, now, not_after,
-                              task_id=task_id)
+                              task_id=task_id, authority=signed.authority)
         self.store.record_issued(
             [record],
             [AuditEvent("task.issue", ticket.actor, "allow", reason=ticket.decision.reason, subject=entry.spiffe_id,
@@ -254,7 +254,59 @@ class TaskService:
         if checked.code:
             raise PermissionDenied(checked.error)
         return TaskSVID(entry.id, entry.spiffe_id, task_id, ticket.spec.scopes,
-                        signed.cert.public_bytes(Encoding.DER), signed.serial_hex, not_after)
+                        signed.chain_der, signed.serial_hex, not_after)
+
+    def reissue(self, sidecar: Sidecar, chain_der: bytes, csr_der: bytes) -> TaskSVID:
+        """A task credential signed by a tainted authority, signed again by the active one: the same task binding and
+        notAfter for a new key, without asking policy or a human again (the task was granted; only its signer
+        changed). Only for the sidecar it was issued to, while it is unexpired and unrevoked."""
+        public_key = x509svid.csr_public_key(csr_der)
+        try:
+            old = pem.split_der(chain_der)[0]
+        except (ValueError, IndexError):
+            raise InvalidArgument("cert_chain must be DER certificates, the task credential first") from None
+        serial = x509svid.serial_hex(old.serial_number)
+        issued = self.store.get_issued(serial)
+        if issued is None or issued.kind != "task" or issued.sidecar_id != sidecar.id:
+            raise PermissionDenied(f"certificate {serial} is not a task credential issued to {sidecar.id}")
+        signer_cert = self.authorities.certificate(issued.authority or "")
+        try:
+            if signer_cert is None:
+                raise ValueError("unknown signer")
+            old.verify_directly_issued_by(signer_cert)  # the very certificate recorded, not one naming its serial
+        except (ValueError, TypeError, InvalidSignature):
+            raise PermissionDenied(f"certificate {serial} was not signed by this issuer") from None
+        now = int(time.time())
+        if issued.revoked_at is not None:
+            raise PermissionDenied(f"task credential {serial} is revoked")
+        if issued.not_after <= now:
+            raise FailedPrecondition(f"task credential {serial} has expired")
+        if self.authorities.get(issued.authority or "").state != "tainted":
+            raise FailedPrecondition(f"task credential {serial} was not signed by a tainted authority; it is renewed "
+                                     "by asking for the task again")
+        binding = taskext.read(old)
+        entry = self.registry.get(issued.entry_id or "")
+        if binding is None or entry is None:
+            raise PermissionDenied(f"certificate {serial} carries no task binding for a known entry")
+        if entry.state != "active":
+            raise PermissionDenied(f"entry {entry.id} is {entry.state}")
+        self.revocation.check_entry(entry)
+        signed = self.authorities.signer().sign(public_key, spiffeid.parse(entry.spiffe_id), issued.not_after - now,
+                                                not_after_cap=old.not_valid_after_utc,
+                                                extra_extensions=[taskext.encode(binding)])
+        not_after = int(signed.not_after.timestamp())
+        record = IssuedSerial(signed.serial_hex, entry.spiffe_id, "task", entry.id, sidecar.id, now, not_after,
+                              task_id=issued.task_id, authority=signed.authority)
+        self.store.record_issued([record], [AuditEvent(
+            "task.reissue", Actor("sidecar", sidecar.id), "allow", reason=f"its signer {issued.authority} is tainted",
+            subject=entry.spiffe_id, details={**record.audit_details(), "replaces": serial,
+                                              "task_id": issued.task_id, "entry_id": entry.id})])
+        [checked] = self.revocation.recheck_issued(
+            [SignResult(entry.id, entry.spiffe_id, b"", signed.serial_hex, not_after)], sidecar.id)
+        if checked.code:
+            raise PermissionDenied(checked.error)
+        return TaskSVID(entry.id, entry.spiffe_id, issued.task_id or "", tuple(binding.scopes), signed.chain_der,
+                        signed.serial_hex, not_after)
 
     def end(self, sidecar: Sidecar, task_id: str, entry_id: str, reason: str, actor: Actor) -> list[str]:
         """Revoke the live credentials of one of this sidecar's tasks; returns the serials revoked now."""
