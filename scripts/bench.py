@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]  # other work on the machine skews every figure: say how much there was
     figures: dict = {}
 
-    log(f"limit: parse+verify CSR, CertificateAuthority.sign, DER in one process, best of {sz.limit_bursts} bursts")
+    log(f"limit: parse+verify CSR, SigningAuthority.sign_der (leaf + intermediate) in one process, best of {sz.limit_bursts} bursts")
     figures["limit_sign_per_s"] = stats.rounded(limit.sign_per_s(sz.limit_bursts, 0.5, limit.make_csrs(64)), 0)
     measure_crl(sz, figures)
     measure_lookups(figures)

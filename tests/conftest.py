@@ -30,3 +30,14 @@ def store(tmp_path):
     s = SQLiteDatastore(tmp_path / "t.db")
     yield s
     s.close()
+
+
+@pytest.fixture
+def authorities(tmp_path):
+    """Authorities on a store of their own, so the test's `store` holds only what the test wrote."""
+    (tmp_path / "ca").mkdir()
+    own = SQLiteDatastore(tmp_path / "ca" / "authorities.db")
+    from cautil import make_authorities
+
+    yield make_authorities(own, tmp_path / "ca")
+    own.close()

@@ -114,11 +114,11 @@ def test_unreadable_or_invalid_ca_key_stops_the_issuer(deployment, tmp_path):
     cfg.update(ca_cert=str(ca), ca_key=str(key))
     one_line_error(deployment.run_issuer_once(cfg), "ca_cert:", "holds no PEM certificate")
     # A real certificate with a key file that is garbage, missing, or readable by others.
-    from issuer.ca.authority import CertificateAuthority
+    from cautil import write_root
 
     real_dir = tmp_path / "real"
     real_dir.mkdir()
-    CertificateAuthority.load_or_create("example.org", real_dir)  # writes ca.pem and its key there
+    write_root(real_dir)  # writes ca.pem and its key there
     cfg.update(ca_cert=str(real_dir / "ca.pem"), ca_key=str(tmp_path / "missing.pem"))
     one_line_error(deployment.run_issuer_once(cfg), "ca_key:", "cannot read")
     bad = tmp_path / "garbage.pem"
@@ -379,12 +379,12 @@ def test_sidecar_cli_refuses_out_of_range_flags_with_one_line(args, fragments):
 def test_each_signing_job_fails_alone_whatever_it_raises(tmp_path):
     """The mechanism, in-process and in a worker alike: sign_jobs turns whatever one job raises into that job's
     own status, and signs the others."""
-    from issuer.ca.authority import CertificateAuthority
+    from cautil import write_root
     from issuer.issuance.pool import SignJob, sign_jobs
     from tessera import x509svid
     from tessera.errors import Code
 
-    ca = CertificateAuthority.load_or_create("example.org", tmp_path)
+    ca = write_root(tmp_path)
     now = int(time.time())
 
     def job(entry_id, ttl=600, cap=now + 3600, sid="spiffe://example.org/a"):
@@ -392,6 +392,6 @@ def test_each_signing_job_fails_alone_whatever_it_raises(tmp_path):
 
     out = sign_jobs(ca, [job("good1"), job("hugettl", ttl=10**20), job("hugecap", cap=10**18),
                          job("badid", sid="spiffe://example.org/a/../b"), job("good2")])
-    assert [bool(s.cert_der) for s in out] == [True, False, False, False, True]
+    assert [bool(s.chain_der) for s in out] == [True, False, False, False, True]
     assert [s.code for s in out] == [0, Code.INTERNAL, Code.FAILED_PRECONDITION, Code.INVALID_ARGUMENT, 0]
     assert all(f"entry {e}" in s.error for e, s in zip(("hugettl", "hugecap", "badid"), out[1:4]))

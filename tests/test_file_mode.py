@@ -254,16 +254,16 @@ def test_failed_writes_and_reloads_are_logged_and_the_watch_goes_on_across_a_sid
 
 def svid_sets(n: int) -> list[tuple[bytes, bytes, bytes]]:
     """n (chain, key, bundle) in the Workload API's DER, each with its own key, from a real CA."""
-    from issuer.ca.authority import CertificateAuthority
+    from issuer.ca.authority import SigningAuthority
     from tessera import pem, spiffeid, x509svid
 
     ca_key = x509svid.new_key()
-    ca = CertificateAuthority(x509svid.build_ca(ca_key, "example.org", dt.timedelta(days=1)), ca_key, "example.org")
+    ca = SigningAuthority(x509svid.build_ca(ca_key, "example.org", dt.timedelta(days=1)), ca_key, "example.org")
     sets = []
     for _ in range(n):
         key = x509svid.new_key()
         signed = ca.sign(key.public_key(), spiffeid.parse("spiffe://example.org/a"), 3600)
-        sets.append((pem.der_concat([signed.cert]), pem.key_pkcs8_der(key), ca.bundle_der))
+        sets.append((pem.der_concat([signed.cert]), pem.key_pkcs8_der(key), pem.der_concat([ca.cert])))
     return sets
 
 

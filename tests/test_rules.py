@@ -6,7 +6,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from issuer.ca.authority import CertificateAuthority
+from cautil import write_root
 from tessera import spiffeid, x509svid
 from tessera.durations import parse_duration
 from tessera.errors import InvalidArgument
@@ -57,7 +57,7 @@ def test_bad_durations(text):
 
 
 def test_leaf_profile_matches_the_x509_svid_standard(tmp_path):
-    ca = CertificateAuthority.load_or_create("example.org", tmp_path)
+    ca = write_root(tmp_path)
     key = x509svid.new_key()
     signed = ca.sign(key.public_key(), spiffeid.parse("spiffe://example.org/agent/a"), 600)
     cert = signed.cert
@@ -79,15 +79,20 @@ def test_leaf_profile_matches_the_x509_svid_standard(tmp_path):
 
 
 def test_leaf_lifetime_never_exceeds_the_cap(tmp_path):
-    ca = CertificateAuthority.load_or_create("example.org", tmp_path)
+    ca = write_root(tmp_path)
     cap = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(seconds=60)
     signed = ca.sign(x509svid.new_key().public_key(), spiffeid.parse("spiffe://example.org/a"), 3600,
                      not_after_cap=cap)
     assert signed.not_after == cap
 
 
-def test_ca_key_file_is_private(tmp_path):
-    CertificateAuthority.load_or_create("example.org", tmp_path)
-    assert (tmp_path / "ca-key.pem").stat().st_mode & 0o777 == 0o600
-    cert = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+def test_kek_file_is_private_and_keys_in_the_store_are_sealed(tmp_path, store):
+    from cautil import make_authorities
+
+    authorities = make_authorities(store, tmp_path / "data")
+    assert (tmp_path / "data" / "kek").stat().st_mode & 0o777 == 0o600
+    for a in store.list_authorities():
+        assert a.sealed_key and b"PRIVATE KEY" not in a.sealed_key
+    root = next(a for a in authorities.list() if a.kind == "root")
+    cert = authorities.certificate(root.id)
     assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca

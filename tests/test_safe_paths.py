@@ -181,10 +181,10 @@ def test_a_link_put_at_the_audit_file_after_a_rotation_is_not_written_through(de
 
 
 def test_a_data_dir_another_user_created_is_refused_with_its_ca_key(deployment):
-    from issuer.ca.authority import CertificateAuthority
+    from cautil import write_root
 
     planted = safefs.make_dir(deployment.root / "issuer", "x")
-    CertificateAuthority.load_or_create("example.org", planted)  # the attacker's CA, all of it theirs
+    write_root(planted)  # the attacker's CA, all of it theirs
     for f in (planted, *planted.iterdir()):
         os.chown(f, ATTACKER, ATTACKER)
     line = one_line_error(deployment.run_issuer_once(deployment.issuer_config()),
@@ -203,10 +203,10 @@ def test_a_data_dir_writable_by_group_or_others_is_refused(deployment, mode):
 
 
 def test_a_ca_key_another_user_owns_is_refused_even_at_0600(deployment):
-    from issuer.ca.authority import CertificateAuthority
+    from cautil import write_root
 
     ca_dir = safefs.make_dir(deployment.root / "ca", "x")
-    CertificateAuthority.load_or_create("example.org", ca_dir)
+    write_root(ca_dir)
     os.chown(ca_dir / "ca-key.pem", ATTACKER, ATTACKER)
     assert stat.S_IMODE(os.stat(ca_dir / "ca-key.pem").st_mode) == 0o600
     cfg = deployment.issuer_config(ca_cert=str(ca_dir / "ca.pem"), ca_key=str(ca_dir / "ca-key.pem"))

@@ -81,16 +81,16 @@ def test_sidecar_renews_its_own_svid_over_mtls_and_keeps_syncing(deployment):
 
 def test_saved_identity_that_is_unreadable_or_mismatched_is_a_clear_error(tmp_path):
     from agent_sidecar.issuer_client import IdentityStore, SidecarIdentity
-    from issuer.ca.authority import CertificateAuthority
+    from cautil import write_root
     from tessera import pem, spiffeid, x509svid
     from tessera.errors import ConfigError
 
-    ca = CertificateAuthority.load_or_create("example.org", tmp_path)
+    ca = write_root(tmp_path)
     key = x509svid.new_key()
     cert = ca.sign(key.public_key(), spiffeid.parse("spiffe://example.org/tessera/sidecar/h"), 600).cert
     store = IdentityStore(tmp_path / "data")
     (tmp_path / "data").mkdir()
-    store.save(SidecarIdentity("spiffe://example.org/tessera/sidecar/h", (cert,), key, ca.bundle))
+    store.save(SidecarIdentity("spiffe://example.org/tessera/sidecar/h", (cert,), key, (ca.cert,)))
     assert store.identity.stat().st_mode & 0o777 == 0o600
     assert store.load().chain[0] == cert
     store.identity.write_bytes(pem.key_pem(x509svid.new_key()) + pem.certs_pem([cert]))

@@ -18,19 +18,18 @@ from cryptography import x509
 
 from harness import wait_for, wait_for_async
 from issuer.audit.records import verify_chain
-from issuer.ca.authority import CertificateAuthority
 from issuer.core.models import Actor, AuditEvent
 from issuer.datastore.sqlite import SQLiteOpener
 from issuer.issuance import pool as signing_pool
 from issuer.issuance.pool import SigningPool, SignJob, _Request, _WorkerPipe, astuple_job, sign_jobs
-from tessera import x509svid
+from tessera import pem, x509svid
 
 SID = "spiffe://example.org/agent/a"
 
 
-@pytest.fixture(scope="module")
-def ca(tmp_path_factory):
-    return CertificateAuthority.load_or_create("example.org", tmp_path_factory.mktemp("ca"))
+@pytest.fixture
+def ca(authorities):
+    return authorities
 
 
 @pytest.fixture
@@ -55,14 +54,14 @@ def csr() -> bytes:
 async def test_worker_signs_with_the_one_profile_and_chains_to_the_ca(pool, ca):
     key = x509svid.new_key()
     (signed,) = await pool.sign_and_record([job(x509svid.make_csr(key))])
-    cert = x509.load_der_x509_certificate(signed.cert_der)
+    cert = pem.split_der(signed.chain_der)[0]
     assert str(x509svid.spiffe_id_of(cert)) == SID
     assert cert.public_key().public_numbers() == key.public_key().public_numbers()
     assert cert.serial_number == signed.serial
-    cert.verify_directly_issued_by(ca.cert)
+    cert.verify_directly_issued_by(ca.signer().cert)
     # Identical extensions to a certificate signed in-process by the same builder.
-    (here,) = sign_jobs(ca, [job(x509svid.make_csr(key))])
-    local = x509.load_der_x509_certificate(here.cert_der)
+    (here,) = sign_jobs(ca.signer(), [job(x509svid.make_csr(key))])
+    local = pem.split_der(here.chain_der)[0]
     assert [e.oid for e in cert.extensions] == [e.oid for e in local.extensions]
     assert cert.not_valid_after_utc - cert.not_valid_before_utc == local.not_valid_after_utc - local.not_valid_before_utc
 
@@ -73,7 +72,7 @@ async def test_invalid_csr_is_refused_and_nothing_is_signed_or_recorded_for_it(p
     tampered[-5] ^= 0xFF  # breaks the self-signature
     results = await pool.sign_and_record([job(b"not a csr"), job(bytes(tampered)), job(good)])
     assert results[0].error and results[1].error and not results[2].error
-    assert results[0].cert_der == b"" and results[1].cert_der == b""
+    assert results[0].chain_der == b"" and results[1].chain_der == b""
     assert [s.serial for s in store.find_issued(entry_id="e1")] == [results[2].serial_hex]
     assert [r.details["serial"] for r in store.audit_records() if r.action == "svid.issue"] == [results[2].serial_hex]
 
@@ -92,7 +91,7 @@ async def test_concurrent_callers_each_get_their_own_certificates_all_recorded_b
     await asyncio.gather(*(call(i) for i in range(40)))
     assert all(seen_recorded.values()) and len(seen_recorded) == 40
     for i, res in out.items():
-        keys = [x509.load_der_x509_certificate(r.cert_der).public_key().public_numbers() for r in res]
+        keys = [pem.split_der(r.chain_der)[0].public_key().public_numbers() for r in res]
         want = [x509.load_der_x509_csr(c).public_key().public_numbers() for c in (csrs[i % 8], csrs[(i + 1) % 8])]
         assert keys == want
     assert len({r.serial for res in out.values() for r in res}) == 80
@@ -272,8 +271,8 @@ async def test_messages_larger_than_the_socket_buffer_cross_both_ways(pool, stor
     signed = await asyncio.wait_for(pool.sign_and_record(large), 60)
     assert rest_written
     # The answer carried more than one read takes: it was put together from several.
-    assert sum(len(s.cert_der) for s in signed) > signing_pool._READ_SIZE
-    assert [x509.load_der_x509_certificate(s.cert_der).public_key().public_numbers() for s in signed] == \
+    assert sum(len(s.chain_der) for s in signed) > signing_pool._READ_SIZE
+    assert [pem.split_der(s.chain_der)[0].public_key().public_numbers() for s in signed] == \
         [x509.load_der_x509_csr(j.csr_der).public_key().public_numbers() for j in large]
     assert all(store.get_issued(s.serial_hex) is not None for s in signed)
 

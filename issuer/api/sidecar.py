@@ -88,7 +88,7 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
         results = await self.signer.sign_batch(sidecar, [(i.entry_id, i.csr) for i in request.items])
         metrics.observe_issuance_latency("identity", time.monotonic() - t0, sum(1 for r in results if not r.code))
         return issuer_pb2.SignX509SVIDsResponse(items=[
-            issuer_pb2.SignedSVID(entry_id=r.entry_id, spiffe_id=r.spiffe_id, cert_chain=r.cert_der,
+            issuer_pb2.SignedSVID(entry_id=r.entry_id, spiffe_id=r.spiffe_id, cert_chain=r.chain_der,
                                   serial=r.serial, expires_at=r.expires_at, status_code=r.code, error=r.error)
             for r in results
         ])
@@ -163,7 +163,7 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
                         approval_id=value.id, reason=value.reason, expires_at=value.expires_at))
                 else:
                     yield issuer_pb2.TaskSVIDUpdate(svid=issuer_pb2.SignedTaskSVID(
-                        entry_id=value.entry_id, spiffe_id=value.spiffe_id, cert_chain=value.cert_der,
+                        entry_id=value.entry_id, spiffe_id=value.spiffe_id, cert_chain=value.chain_der,
                         serial=value.serial, expires_at=value.expires_at, scopes=list(value.scopes),
                         task_id=value.task_id))
                     return
@@ -172,7 +172,7 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
     async def ReissueTaskSVID(self, request, context):
         sidecar = self._caller(context)
         svid = await asyncio.to_thread(self.tasks.reissue, sidecar, request.cert_chain, request.csr)
-        return issuer_pb2.SignedTaskSVID(entry_id=svid.entry_id, spiffe_id=svid.spiffe_id, cert_chain=svid.cert_der,
+        return issuer_pb2.SignedTaskSVID(entry_id=svid.entry_id, spiffe_id=svid.spiffe_id, cert_chain=svid.chain_der,
                                          serial=svid.serial, expires_at=svid.expires_at, scopes=list(svid.scopes),
                                          task_id=svid.task_id)
 

@@ -216,7 +216,7 @@ class SignResult:
     """One entry's outcome in a signing batch: a certificate, or the status code and message that refused it."""
     entry_id: str
     spiffe_id: str = ""
-    cert_der: bytes = b""
+    chain_der: bytes = b""  # DER, the leaf then its signer
     serial: str = ""
     expires_at: int = 0
     code: int = 0

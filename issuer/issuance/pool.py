@@ -66,7 +66,7 @@ class SignJob:
 
 @dataclass(frozen=True)
 class Signed:
-    cert_der: bytes = b""
+    chain_der: bytes = b""  # DER, the leaf then its signer
     serial: int = 0
     not_after: int = 0
     error: str = ""  # why nothing was signed for this job (its caller's message); empty when signed
@@ -141,7 +141,7 @@ def astuple_job(j: SignJob) -> tuple:
 
 
 def astuple_signed(s: Signed) -> tuple:
-    return (s.cert_der, s.serial, s.not_after, s.error, s.code)
+    return (s.chain_der, s.serial, s.not_after, s.error, s.code)
 
 
 # -- worker side ------------------------------------------------------------------------------

@@ -81,4 +81,4 @@ class SvidSigner:
         s: Signed = next(signed)  # the allowed items' certificates, in order
         if s.error:  # this item alone: its own status and message
             return SignResult(entry_id, code=s.code, error=s.error)
-        return SignResult(outcome.id, outcome.spiffe_id, s.cert_der, s.serial_hex, s.not_after)
+        return SignResult(outcome.id, outcome.spiffe_id, s.chain_der, s.serial_hex, s.not_after)

@@ -48,7 +48,7 @@ class TaskSVID:
     spiffe_id: str
     task_id: str
     scopes: tuple[str, ...]
-    cert_der: bytes
+    chain_der: bytes  # DER, the leaf then its signer
     serial: str
     expires_at: int
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-import tempfile
 import time
-from pathlib import Path
 
 from agent_sidecar.verifier import PeerPolicy, Verifier, revoked_serial
-from issuer.ca.authority import CertificateAuthority
+from benchlib import authority
+from issuer.ca.authority import SigningAuthority
 from tessera import crl, spiffeid, x509svid
 
 
@@ -19,7 +18,7 @@ def revoked_entries(n: int, now: int) -> list[crl.Revoked]:
     return [crl.Revoked(format(secrets.randbits(159) | 1 << 150, "x"), now - i, reasons[i % 3]) for i in range(n)]
 
 
-def build_ms(ca: CertificateAuthority, n: int, now: int, runs: int) -> tuple[float, float, bytes, list]:
+def build_ms(ca: SigningAuthority, n: int, now: int, runs: int) -> tuple[float, float, bytes, list]:
     """(cold, rebuild, DER, records): best wall times of crl.build (encode + sign to DER) over n serials.
 
     cold: every run from fresh records, as at issuer start. rebuild: the issuer's steady state, its
@@ -40,10 +39,10 @@ def build_ms(ca: CertificateAuthority, n: int, now: int, runs: int) -> tuple[flo
     return cold, rebuild, der, entries
 
 
-def lookup_ns(ca: CertificateAuthority, der: bytes, revoked: list[crl.Revoked], rounds: int = 200_000) -> float:
+def lookup_ns(ca: SigningAuthority, der: bytes, revoked: list[crl.Revoked], rounds: int = 200_000) -> float:
     """ns per `verifier.revoked_serial` on certificates, half listed in the CRL, after Verifier.update applied it."""
     v = Verifier(PeerPolicy.trust_domain(ca.trust_domain))
-    v.update(bundle=ca.bundle, crls=[der])
+    v.update(bundle=(ca.cert,), crls=[der])
     state = v.state
     if len(state.revoked) != len(revoked):
         raise RuntimeError(f"the verifier holds {len(state.revoked)} revoked serials, expected {len(revoked)}")
@@ -67,8 +66,7 @@ def lookup_ns(ca: CertificateAuthority, der: bytes, revoked: list[crl.Revoked], 
 
 def measure(sizes: tuple[int, ...], runs: int) -> dict:
     out = {}
-    with tempfile.TemporaryDirectory() as d:
-        ca = CertificateAuthority.load_or_create("example.org", Path(d))
+    ca = authority.root()
     now = int(time.time())
     der, entries = b"", []
     for n in sizes:

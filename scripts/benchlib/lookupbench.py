@@ -3,24 +3,21 @@ entries a workload's selectors match in the sidecar's cache."""
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 from agent_sidecar.cache import CacheManager
 from agent_sidecar.verifier import PeerPolicy, Verifier
-from issuer.ca.authority import CertificateAuthority
+from benchlib import authority
 from tessera import pem, spiffeid, x509svid
 from tessera.v1 import types_pb2
 
 
 def verifier_check_us(rounds: int = 20_000) -> float:
     """µs per Verifier.check on the PEM a TLS peer presents, the same certificate on every call."""
-    with tempfile.TemporaryDirectory() as d:
-        ca = CertificateAuthority.load_or_create("example.org", Path(d))
+    ca = authority.root()
     cert = ca.sign(x509svid.new_key().public_key(), spiffeid.parse("spiffe://example.org/bench/peer"), 600).cert
     v = Verifier(PeerPolicy.trust_domain("example.org"))
-    v.update(bundle=ca.bundle)
+    v.update(bundle=(ca.cert,))
     presented = pem.certs_pem([cert])
     if v.check(presented) != "spiffe://example.org/bench/peer":
         raise RuntimeError("the verifier refused a good certificate")
