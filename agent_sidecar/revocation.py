@@ -159,6 +159,10 @@ class RevocationState:
         with a newer push must not drop an authority the push just added. If a CRL is refused, no
         authority is dropped.
         """
+        # Every trust domain has an authority publishing a CRL: a set with none is an issuer not ready, not news.
+        offers = [o for o in offers if o.crls]
+        if not offers:
+            return None
         roots = list(self._bundle())
         held = self.held
         taken: dict[str, crl.Accepted] = {}

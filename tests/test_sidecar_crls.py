@@ -290,3 +290,20 @@ def test_a_serial_pushed_while_a_set_is_being_accepted_stays_revoked_after_it_is
     state.note_revocation(1, [serial(pushed)])  # the loop handles a push meanwhile
     assert state.install(taken)
     assert state.is_revoked(serial(listed)) and state.is_revoked(serial(pushed))
+
+
+def test_an_empty_set_is_ignored_not_taken_as_every_authority_gone(h, tmp_path):
+    a = h.intermediate()
+    revoked = a.leaf()
+    state = _state(tmp_path, h)
+    state.apply(CrlOffer((a.crl(revoked.cert),), (der(a.cert),)))
+    assert not state.apply(CrlOffer(()))  # e.g. FetchCRL answered by an issuer that has not published yet
+    assert state.is_revoked(serial(revoked)) and state.number(a.id) == 1
+
+
+def test_an_accepted_set_is_not_installed_over_a_newer_crl_of_the_same_authority(h, tmp_path):
+    state = _state(tmp_path, h)
+    older = state.accept_sets([CrlOffer((h.root.crl(number=8),))])
+    assert state.install(state.accept_sets([CrlOffer((h.root.crl(number=9),))]))
+    assert not state.install(older)
+    assert state.number(h.root.id) == 9
