@@ -194,7 +194,8 @@ class Verifier:
         self._chained: dict[bytes, tuple[x509.Certificate, tuple[x509.Certificate, ...],
                                          tuple[x509.Certificate, ...]]] = {}
         # Intermediates seen (own SVID chain, peers' validated paths), DER -> certificate: where a path is looked
-        # for when a peer's handshake gave its leaf only. Each is validated again whenever it is used.
+        # for when a peer's handshake gave its leaf only. Each is validated again whenever it is used. Replaced
+        # whole on change (see _remember).
         self._known: dict[bytes, x509.Certificate] = {}
         # Intermediates' CRLs, verified lazily: CRL DER -> accepted (None: refused); authority id -> newest.
         self._lazy_lock = threading.Lock()
@@ -312,9 +313,10 @@ class Verifier:
     def _remember(self, ca: x509.Certificate) -> None:
         der = pem.der_concat([ca])
         if der not in self._known:
-            if len(self._known) >= CHAINED_MAX:
-                self._known.clear()
-            self._known[der] = ca
+            # Replaced whole, never changed in place: checks on other threads iterate the one they read.
+            known = {} if len(self._known) >= CHAINED_MAX else dict(self._known)
+            known[der] = ca
+            self._known = known
 
     def _revoked_under(self, state: TrustState, ca: x509.Certificate) -> frozenset[int]:
         """What the CRL of intermediate `ca` lists (nothing for a root: its CRL is in state.revoked). Each CRL

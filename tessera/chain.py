@@ -40,8 +40,13 @@ def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 
 
 def check_intermediate(cert: x509.Certificate, roots: Iterable[x509.Certificate],
-                       now: dt.datetime | None = None) -> x509.Certificate:
-    """The bundle root that signed the CA certificate `cert`; ChainError saying why if it may not sign."""
+                       now: dt.datetime | None = None, dates: bool = True) -> x509.Certificate:
+    """The bundle root that signed the CA certificate `cert`; ChainError saying why if it may not sign.
+
+    `dates=False` for checking the signer of a CRL: the CRL is authentic if the key the root certified
+    signed it, whatever the time (a host whose clock lags the issuer's must still take a new
+    intermediate's CRL); the dates matter to the certificates an intermediate signs, and `path` checks them.
+    """
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except (x509.ExtensionNotFound, ValueError):
@@ -54,7 +59,7 @@ def check_intermediate(cert: x509.Certificate, roots: Iterable[x509.Certificate]
     except x509.ExtensionNotFound:
         pass
     now = now or dt.datetime.now(dt.timezone.utc)
-    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+    if dates and not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise ChainError("intermediate is expired or not yet valid")
     for root in roots:
         if issued_by(cert, root):

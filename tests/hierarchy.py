@@ -8,6 +8,7 @@ import datetime as dt
 import time
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from issuer.ca.authority import SignedCert, SigningAuthority
@@ -47,11 +48,21 @@ class Hierarchy:
         key = x509svid.new_key()
         self.root = Authority(x509svid.build_ca(key, TD, dt.timedelta(days=days)), key)
 
-    def intermediate(self, days: int = 7) -> Authority:
+    def intermediate(self, days: int = 7, starts_in: dt.timedelta | None = None) -> Authority:
+        """An intermediate signed by the root; `starts_in`: its notBefore that far ahead (an issuer whose clock
+        runs ahead of this host's)."""
         key = x509svid.new_key()
         not_after = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=days)
-        return Authority(x509svid.build_intermediate(key.public_key(), TD, not_after, self.root.cert, self.root.key),
-                         key)
+        cert = x509svid.build_intermediate(key.public_key(), TD, not_after, self.root.cert, self.root.key)
+        if starts_in is not None:
+            start = cert.not_valid_before_utc + starts_in
+            b = (x509.CertificateBuilder().subject_name(cert.subject).issuer_name(cert.issuer)
+                 .public_key(cert.public_key()).serial_number(cert.serial_number)
+                 .not_valid_before(start).not_valid_after(cert.not_valid_after_utc + starts_in))
+            for ext in cert.extensions:
+                b = b.add_extension(ext.value, ext.critical)
+            cert = b.sign(self.root.key, hashes.SHA256())
+        return Authority(cert, key)
 
     @property
     def bundle_der(self) -> bytes:

@@ -298,3 +298,27 @@ async def test_a_task_stream_stays_open_for_replacements_and_ends_with_its_task(
     revoked = await asyncio.to_thread(workload_client.end_task, served.socket, "ended")
     assert revoked == [cred.serial]
     assert await stream.end(2) is None  # ended cleanly with the task
+
+
+async def test_a_crl_set_reaches_open_streams_and_a_verifier_fed_by_the_workload_api_enforces_it(served):
+    from agent_sidecar.verifier import PeerPolicy, Rejected, Verifier
+
+    svids, bundles = served.x509_svids(), served.bundles()
+    await svids.next()
+    await bundles.next()
+    a = served.a
+    peer, revoked = a.leaf("/agent/peer"), a.leaf("/agent/revoked")
+    crls = [served.h.root.crl(), a.crl(revoked.cert)]
+    served.rt.handle_sync_event(issuer_pb2.SyncEvent(crls=issuer_pb2.CrlSet(crls=crls, intermediates=[der(a.cert)])))
+    await served.rt._crl_task
+    assert sorted((await svids.next(2)).crl) == sorted(crls)
+    assert sorted((await bundles.next(2)).crl) == sorted(crls)
+    v = await asyncio.to_thread(Verifier.from_sidecar, served.socket, PeerPolicy.trust_domain(TD))
+    try:
+        await asyncio.to_thread(v.wait_ready, 5, True)
+        # Peers presenting their leaf alone: the verifier places them under the intermediate of its own SVID.
+        assert await asyncio.to_thread(v.check, peer.cert) == "spiffe://example.org/agent/peer"
+        with pytest.raises(Rejected, match="is revoked"):
+            await asyncio.to_thread(v.check, revoked.cert)
+    finally:
+        await asyncio.to_thread(v.close)

@@ -307,3 +307,13 @@ def test_an_accepted_set_is_not_installed_over_a_newer_crl_of_the_same_authority
     assert state.install(state.accept_sets([CrlOffer((h.root.crl(number=9),))]))
     assert not state.install(older)
     assert state.number(h.root.id) == 9
+
+
+def test_a_new_intermediates_crl_is_taken_even_by_a_sidecar_whose_clock_lags_the_issuers(h, tmp_path):
+    import datetime as dt
+
+    early = h.intermediate(starts_in=dt.timedelta(hours=1))  # not yet valid by this host's clock
+    revoked = early.leaf()
+    state = _state(tmp_path, h)
+    assert state.apply(CrlOffer((early.crl(revoked.cert),), (der(early.cert),)))
+    assert state.is_revoked(serial(revoked)) and state.refused == 0
