@@ -67,7 +67,7 @@ class CachedSVID:
     not_after: float
     revision: int
     received_at: float
-    authority: str = ""  # id of the leaf's signer (its authority key identifier, hex): what a taint names
+    authorities: frozenset[str] = frozenset()  # ids of the authorities above it (tessera.chain.signers)
     asked_at: float = 0.0  # when its CSR was sent: one asked for before a taint arrived may be signed under it
 
     @property
@@ -157,14 +157,13 @@ class CacheManager:
         ids = {a.lower() for a in authority_ids}
         for a in ids:
             self.tainted[a] = now
-        due = sum(1 for s in self.svids.values() if s.authority in ids)
+        due = sum(1 for s in self.svids.values() if s.authorities & ids)
         if due:
             self._wake.set()
         return due
 
     def _tainted(self, s: CachedSVID) -> bool:
-        at = self.tainted.get(s.authority)
-        return at is not None and s.asked_at <= at
+        return any(s.asked_at <= self.tainted[a] for a in s.authorities if a in self.tainted)
 
     def cut_off(self) -> None:
         """This sidecar is banned (or its own SVID revoked): serve nothing more."""
@@ -250,7 +249,8 @@ class CacheManager:
                 current = self.entries.get(r.entry_id)
                 if current is None or not servable(current, time.time()):
                     continue  # deleted or disabled while we waited
-                cert = pem.split_der(r.cert_chain)[0]  # parsed for its dates; served as the DER received
+                certs = pem.split_der(r.cert_chain)  # parsed for dates and signers; served as the DER received
+                cert = certs[0]
                 not_before, not_after = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
                 received_at = time.time()
                 skew = clock_skew(not_before, not_after, received_at)
@@ -264,7 +264,7 @@ class CacheManager:
                     cert_der=r.cert_chain, key_der=pem.key_pkcs8_der(keys[r.entry_id]),
                     serial=r.serial, not_before=not_before, not_after=not_after,
                     revision=asked[r.entry_id].revision, received_at=received_at,
-                    authority=chain.authority_key_id(cert) or "", asked_at=asked_at)
+                    authorities=chain.signers(certs), asked_at=asked_at)
                 stored += 1
             if results:
                 self.bump()

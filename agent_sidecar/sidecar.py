@@ -223,7 +223,7 @@ class SidecarRuntime:
         cache), this sidecar's own SVID (renewed now), and live task credentials (signed again)."""
         ids = {a.lower() for a in authority_ids}
         svids = self.cache.taint(ids)
-        own = self.ident is not None and chain.authority_key_id(self.ident.chain[0]) in ids
+        own = self.ident is not None and bool(chain.signers(self.ident.chain) & ids)
         if own:
             self._renew_now.set()
         tasks = self.task_api.taint(ids)

@@ -52,18 +52,18 @@ class LiveTask:
     pid: int
     expires_at: int
     cert_chain: bytes = b""  # DER, leaf first: what ReissueTaskSVID is shown
-    authority: str = ""  # id of the leaf's signer: what a taint names
+    authorities: frozenset[str] = frozenset()  # ids of the authorities above it: what a taint names
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.entry_id, self.task_id)
 
 
-def _authority_of(chain_der: bytes) -> str:
+def _signers_of(chain_der: bytes) -> frozenset[str]:
     try:
-        return chain.authority_key_id(pem.split_der(chain_der)[0]) or ""
-    except (ValueError, IndexError):
-        return ""
+        return chain.signers(pem.split_der(chain_der))
+    except ValueError:
+        return frozenset()
 
 
 def _ppid(pid: int) -> int:
@@ -150,7 +150,7 @@ class TaskAPI(task_grpc.TasksBase):
             if svid is None:
                 raise Unavailable("the issuer ended the task request without an answer")
             task = LiveTask(svid.task_id, svid.entry_id, svid.serial, pid, svid.expires_at, svid.cert_chain,
-                            _authority_of(svid.cert_chain))
+                            _signers_of(svid.cert_chain))
             self.tasks[task.key] = task
             self._watch(pid, pidfd)
             pidfd = -1
@@ -192,7 +192,7 @@ class TaskAPI(task_grpc.TasksBase):
 
     def taint(self, authority_ids: set[str]) -> int:
         """Have every live task credential one of `authority_ids` signed signed again now; returns how many."""
-        due = [t for t in self.tasks.values() if t.authority in authority_ids and t.expires_at > time.time()]
+        due = [t for t in self.tasks.values() if t.authorities & authority_ids and t.expires_at > time.time()]
         for t in due:
             self._in_background(self._reissue(t))
         return len(due)
@@ -212,7 +212,7 @@ class TaskAPI(task_grpc.TasksBase):
             if self.tasks.get(task.key) is not task:
                 return  # ended while the issuer signed: the new credential is not handed out
             new = replace(task, serial=svid.serial, expires_at=svid.expires_at, cert_chain=svid.cert_chain,
-                          authority=_authority_of(svid.cert_chain))
+                          authorities=_signers_of(svid.cert_chain))
             self.tasks[task.key] = new
             queue = self._streams.get(task.key)
             if queue is not None:

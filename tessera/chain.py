@@ -30,6 +30,12 @@ def authority_key_id(obj: x509.Certificate | x509.CertificateRevocationList) -> 
     return kid.hex() if kid else None
 
 
+def signers(certs: Sequence[x509.Certificate]) -> frozenset[str]:
+    """The ids of every authority above a chain (leaf first): the leaf's signer, and the intermediate's root.
+    A taint naming any of them (an intermediate, or a root with everything under it) reaches the chain."""
+    return frozenset(a for a in (authority_key_id(c) for c in certs) if a)
+
+
 def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     """Whether `ca` signed `cert` (issuer name and signature)."""
     try:

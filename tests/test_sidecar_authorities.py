@@ -266,7 +266,7 @@ async def test_a_taint_replaces_every_svid_the_authority_signed_at_once(served):
     key = serialization.load_der_private_key(after.key, None)
     assert key.public_key().public_numbers() == pem.split_der(after.cert_chain)[0].public_key().public_numbers()
     gone = served.rt.task_api.tasks[(left.entry_id, left.task_id)]
-    assert gone.authority == b.id and gone.serial != left.serial  # replaced too, though nobody holds its stream
+    assert gone.authorities == {b.id, served.h.root.id} and gone.serial != left.serial  # though nobody holds its stream
     assert sorted(served.issuer.reissued) == sorted([before.serial, left.serial])
 
 
@@ -322,3 +322,15 @@ async def test_a_crl_set_reaches_open_streams_and_a_verifier_fed_by_the_workload
             await asyncio.to_thread(v.check, revoked.cert)
     finally:
         await asyncio.to_thread(v.close)
+
+
+async def test_a_taint_naming_a_root_reaches_the_svids_under_its_intermediates(served):
+    svids = served.x509_svids()
+    await svids.next()
+    successor = Hierarchy().intermediate()  # a new root's intermediate signs from now on
+    served.issuer.active = successor
+    served.rt.handle_sync_event(issuer_pb2.SyncEvent(taint=issuer_pb2.Taint(authority_ids=[served.h.root.id])))
+    replaced = await svids.next(2)
+    while {_signer_of(s.x509_svid) for s in replaced.svids} != {successor.id}:
+        replaced = await svids.next(2)
+    await svids_of_own(served, successor.id)
