@@ -100,7 +100,7 @@ class CacheManager:
         self._wake = asyncio.Event()
         self._skew = SkewBackoff()
         self._skew_retry_at = 0.0  # while SVIDs arrive out of validity: no minting before this time
-        # Authority id -> when its taint arrived: SVIDs it signed that were received before then are due now.
+        # Authority id -> when its taint arrived: SVIDs under it asked for before then are due now.
         self.tainted: dict[str, float] = {}
 
     # -- change notification ----------------------------------------------------------

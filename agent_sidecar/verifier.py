@@ -113,16 +113,6 @@ def revoked_serial(state: TrustState, cert: x509.Certificate) -> str | None:
     return x509svid.serial_hex(serial) if serial in state.revoked else None
 
 
-def chains_to(bundle: Sequence[x509.Certificate], cert: x509.Certificate,
-              intermediates: Iterable[x509.Certificate] = ()) -> bool:
-    """Whether `cert` has a path to a CA in `bundle`: signed by it, or by one of `intermediates` that it signed."""
-    try:
-        chain.path(cert, bundle, intermediates)
-        return True
-    except chain.ChainError:
-        return False
-
-
 def _is_ca(cert: x509.Certificate) -> bool:
     try:
         return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
