@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 
 
-from tessera import logs, pem, x509svid
+from tessera import chain, logs, pem, x509svid
 from tessera import selectors as sel
 from tessera.v1 import issuer_pb2, types_pb2
 
@@ -67,6 +67,8 @@ class CachedSVID:
     not_after: float
     revision: int
     received_at: float
+    authorities: frozenset[str] = frozenset()  # ids of the authorities above it (tessera.chain.signers)
+    asked_at: float = 0.0  # when its CSR was sent: one asked for before a taint arrived may be signed under it
 
     @property
     def rotate_at(self) -> float:
@@ -98,6 +100,8 @@ class CacheManager:
         self._wake = asyncio.Event()
         self._skew = SkewBackoff()
         self._skew_retry_at = 0.0  # while SVIDs arrive out of validity: no minting before this time
+        # Authority id -> when its taint arrived: SVIDs under it asked for before then are due now.
+        self.tainted: dict[str, float] = {}
 
     # -- change notification ----------------------------------------------------------
 
@@ -145,6 +149,21 @@ class CacheManager:
             del self.svids[eid]
         if gone:
             self._changed_svids()  # the entries did not change: what selector sets match stays valid
+
+    def taint(self, authority_ids: Iterable[str], now: float | None = None) -> int:
+        """Re-mint at once every SVID held that one of `authority_ids` signed; returns how many. The old ones
+        are served until their replacements arrive: a tainted authority is being replaced, not revoked."""
+        now = time.time() if now is None else now
+        ids = {a.lower() for a in authority_ids}
+        for a in ids:
+            self.tainted[a] = now
+        due = sum(1 for s in self.svids.values() if s.authorities & ids)
+        if due:
+            self._wake.set()
+        return due
+
+    def _tainted(self, s: CachedSVID) -> bool:
+        return any(s.asked_at <= self.tainted[a] for a in s.authorities if a in self.tainted)
 
     def cut_off(self) -> None:
         """This sidecar is banned (or its own SVID revoked): serve nothing more."""
@@ -202,7 +221,7 @@ class CacheManager:
             if not servable(e, now):
                 continue
             s = self.svids.get(e.id)
-            if s is None or now >= s.rotate_at or s.revision != e.revision:
+            if s is None or now >= s.rotate_at or s.revision != e.revision or self._tainted(s):
                 due.append(e)
         return due
 
@@ -219,6 +238,7 @@ class CacheManager:
         for i in range(0, len(entries), BATCH):
             chunk = entries[i:i + BATCH]
             keys = {e.id: x509svid.new_key() for e in chunk}
+            asked_at = time.time()
             results = await self._sign([(e.id, x509svid.make_csr(keys[e.id])) for e in chunk])
             asked = {e.id: e for e in chunk}
             skewed: list = []  # (skew, result, certificate) of those that arrived out of validity
@@ -229,7 +249,8 @@ class CacheManager:
                 current = self.entries.get(r.entry_id)
                 if current is None or not servable(current, time.time()):
                     continue  # deleted or disabled while we waited
-                cert = pem.split_der(r.cert_chain)[0]  # parsed for its dates; served as the DER received
+                certs = pem.split_der(r.cert_chain)  # parsed for dates and signers; served as the DER received
+                cert = certs[0]
                 not_before, not_after = cert.not_valid_before_utc.timestamp(), cert.not_valid_after_utc.timestamp()
                 received_at = time.time()
                 skew = clock_skew(not_before, not_after, received_at)
@@ -242,7 +263,8 @@ class CacheManager:
                     entry_id=r.entry_id, spiffe_id=r.spiffe_id,
                     cert_der=r.cert_chain, key_der=pem.key_pkcs8_der(keys[r.entry_id]),
                     serial=r.serial, not_before=not_before, not_after=not_after,
-                    revision=asked[r.entry_id].revision, received_at=received_at)
+                    revision=asked[r.entry_id].revision, received_at=received_at,
+                    authorities=chain.signers(certs), asked_at=asked_at)
                 stored += 1
             if results:
                 self.bump()

@@ -111,6 +111,7 @@ class IssuerClient:
         self.server_name = server_name
         self.channel: grpc.aio.Channel | None = None
         self.stub: issuer_pb2_grpc.IssuerStub | None = None
+        self.trusted: tuple[x509.Certificate, ...] = ()  # the bundle the channel checks the issuer with
 
     async def attest(self, join_token: str, trust_bundle: tuple[x509.Certificate, ...]) -> SidecarIdentity:
         key = x509svid.new_key()
@@ -128,6 +129,7 @@ class IssuerClient:
             certificate_chain=pem.certs_pem(ident.chain))
         self.channel = grpc.aio.secure_channel(self.address, creds, options=_options(self.server_name))
         self.stub = issuer_pb2_grpc.IssuerStub(self.channel)
+        self.trusted = ident.bundle
         if old is not None:
             await old.close(grace=1.0)
 
@@ -150,13 +152,20 @@ class IssuerClient:
         """A server stream of TaskSVIDUpdate; no deadline, since a human may be deciding."""
         return self.stub.RequestTaskSVID(req)
 
+    async def reissue_task(self, cert_chain: bytes, csr: bytes) -> issuer_pb2.SignedTaskSVID:
+        """A task credential signed by a tainted authority, signed again for a new key."""
+        return await self.stub.ReissueTaskSVID(issuer_pb2.ReissueTaskSVIDRequest(cert_chain=cert_chain, csr=csr),
+                                               timeout=30)
+
     async def end_task(self, task_id: str, entry_id: str, reason: str) -> list[str]:
         resp = await self.stub.EndTask(issuer_pb2.EndTaskSVIDRequest(task_id=task_id, entry_id=entry_id,
                                                                      reason=reason), timeout=30)
         return list(resp.revoked_serials)
-    async def fetch_crl(self) -> bytes:
+
+    async def fetch_crls(self) -> issuer_pb2.CrlSet:
+        """Every CRL the issuer publishes, with the intermediates that sign them."""
         resp = await self.stub.FetchCRL(issuer_pb2.FetchCRLRequest(), timeout=15)
-        return resp.crl
+        return resp.crls
 
     def sync(self):
         return self.stub.Sync(issuer_pb2.SyncRequest())

@@ -21,8 +21,9 @@ PROPAGATION_DELAY = Histogram(
 SYNC_EVENTS = Counter("tessera_sidecar_sync_events", "Sync events applied, by kind", ["event"], registry=REGISTRY)
 CACHED_SVIDS = Gauge("tessera_sidecar_cached_svids", "SVIDs held in the cache, ready to serve", registry=REGISTRY)
 CACHED_ENTRIES = Gauge("tessera_sidecar_cached_entries", "Entries this sidecar may serve", registry=REGISTRY)
-CRL_NUMBER = Gauge("tessera_sidecar_crl_number", "CRL number of the CRL this sidecar enforces", registry=REGISTRY)
-CRL_ENTRIES = Gauge("tessera_sidecar_crl_entries", "Revoked serials in the CRL this sidecar enforces",
+CRL_NUMBER = Gauge("tessera_sidecar_crl_number", "CRL number of each signing authority's CRL this sidecar enforces",
+                   ["authority"], registry=REGISTRY)
+CRL_ENTRIES = Gauge("tessera_sidecar_crl_entries", "Revoked serials in all the CRLs this sidecar enforces",
                     registry=REGISTRY)
 SYNCED = Gauge("tessera_sidecar_synced", "1 once a snapshot from the issuer has been applied", registry=REGISTRY)
 
@@ -35,9 +36,12 @@ def observe_sync_event(kind: str, committed_at: float) -> None:
         PROPAGATION_DELAY.labels(kind).observe(max(0.0, time.time() - committed_at))
 
 
-def set_crl(number: int, entries: int) -> None:
-    """The sidecar's revocation handling calls this after verifying and applying a CRL."""
-    CRL_NUMBER.set(number)
+def set_crls(numbers: dict[str, int], entries: int) -> None:
+    """The sidecar's revocation handling calls this after putting a set of CRLs in force (authority id -> number);
+    authorities no longer in the set leave the metric."""
+    CRL_NUMBER.clear()
+    for authority, number in numbers.items():
+        CRL_NUMBER.labels(authority).set(number)
     CRL_ENTRIES.set(entries)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import os
 import time
@@ -16,11 +17,11 @@ from agent_sidecar.cache import CacheManager, SkewBackoff, clock_skew
 from agent_sidecar.config import SidecarConfig
 from agent_sidecar.health import HealthService
 from agent_sidecar.issuer_client import IdentityStore, IssuerClient, SidecarBanned, SidecarIdentity
-from agent_sidecar.revocation import RevocationState
+from agent_sidecar.revocation import CrlOffer, RevocationState
 from agent_sidecar.socket_server import Guard, GuardedServer, fit_to_descriptors
 from agent_sidecar.task_api import TaskAPI
 from agent_sidecar.workload_api import WorkloadAPI
-from tessera import logs, pem, safefs, spiffeid
+from tessera import chain, logs, pem, safefs, spiffeid
 from tessera.errors import ConfigError
 from tessera.fdlimits import raise_nofile_limit
 from tessera.uds import bind_unix, check_socket_path
@@ -52,11 +53,13 @@ class SidecarRuntime:
         self.attestor = WorkloadAttestor(cfg.exe_hash_max_bytes)
         self.revocation = RevocationState(lambda: pem.split_der(self.cache.bundle_der), cfg.data_dir, cfg.output_dir)
         self.ident: SidecarIdentity | None = None
+        self.task_api = TaskAPI(self.cache, self.client)
+        self._renew_now = asyncio.Event()  # set when this sidecar's own SVID must be replaced before half-life
         self._sync_call = None
         self._tasks: list[asyncio.Task] = []
-        self._crl_offers: list[tuple[bytes, int | None]] = []  # CRLs waiting to be taken (data, committed_at)
+        self._crl_offers: list[tuple[CrlOffer, int | None]] = []  # CRL sets waiting to be taken (set, committed_at)
         self._crl_task: asyncio.Task | None = None
-        self._crl_unsaved = None  # a CRL in force whose files are not written yet (crl.Accepted)
+        self._crl_unsaved = None  # a CRL set in force whose files are not written yet (CrlSetTaken)
         self._pushed_unsaved = False  # pushed serials changed since they were last saved
         self._pushed_task: asyncio.Task | None = None
         self._server: GuardedServer | None = None
@@ -111,7 +114,6 @@ class SidecarRuntime:
         self.workload_api = WorkloadAPI(self.cache, td, crls=self.revocation.crls)
         if self.cfg.metrics_address:
             self.metrics_server = metrics.serve(self.cfg.metrics_address)
-        self.task_api = TaskAPI(self.cache, self.client)
         for coro in (self._sync_loop(), self._renew_loop(), self.cache.run(), self._crl_check_loop()):
             self._tasks.append(asyncio.create_task(coro))
         # Bind once the first snapshot is in, so a present socket means "ready"; if the issuer is
@@ -163,6 +165,9 @@ class SidecarRuntime:
                 log.warning("sync stream lost; reconnecting", code=e.code().name, error=e.details(),
                             **clock_hint(e.details()),
                             retry_in=round(delay, 2))
+                if self.client.trusted != self.ident.bundle:
+                    # The bundle changed (a root rotation) since the channel was built: check the issuer with it.
+                    await self.client.connect(self.ident)
             except asyncio.CancelledError:
                 if call is not self._sync_call and asyncio.current_task().cancelling() == 0:
                     continue  # the call was cancelled for renewal, not this loop
@@ -185,9 +190,11 @@ class SidecarRuntime:
             self.cache.apply_bundle(ev.bundle)
         elif kind == "revocation":
             self.handle_revocation(ev.revocation)
-        elif kind == "crl":
-            self.offer_crl(ev.crl, ev.committed_at)  # observed once taken, off this loop
+        elif kind == "crls":
+            self.offer_crls(CrlOffer.from_proto(ev.crls), ev.committed_at)  # observed once taken, off this loop
             return
+        elif kind == "taint":
+            self.handle_taint(ev.taint.authority_ids)
         # After applying: the delay measured is issuer commit -> applied here.
         metrics.observe_sync_event(kind, ev.committed_at)
 
@@ -196,8 +203,11 @@ class SidecarRuntime:
         (every resync carries the bundle; rewriting unchanged files would churn their readers)."""
         if not bundle_der or bundle_der == self.cache.bundle_der:
             return
-        self.ids.save_bundle(pem.split_der(bundle_der))
+        bundle = tuple(pem.split_der(bundle_der))
+        self.ids.save_bundle(bundle)
         self.revocation.write_bundle(bundle_der)
+        if self.ident is not None:
+            self.ident = dataclasses.replace(self.ident, bundle=bundle)  # the next channel to the issuer trusts it
 
     def handle_revocation(self, rev) -> None:
         if self.revocation.note_revocation(rev.seq, rev.serials):
@@ -208,6 +218,18 @@ class SidecarRuntime:
         # Revoked identities arrive as entry_upsert (state revoked); single serials are replaced here.
         self.cache.drop_revoked(self.revocation.is_revoked)
 
+    def handle_taint(self, authority_ids) -> None:
+        """Replace at once everything held that a tainted authority signed: identity SVIDs (re-minted by the
+        cache), this sidecar's own SVID (renewed now), and live task credentials (signed again)."""
+        ids = {a.lower() for a in authority_ids}
+        svids = self.cache.taint(ids)
+        own = self.ident is not None and bool(chain.signers(self.ident.chain) & ids)
+        if own:
+            self._renew_now.set()
+        tasks = self.task_api.taint(ids)
+        log.info("authorities tainted; replacing what they signed", authorities=sorted(ids), svids=svids,
+                 own_svid=own, task_credentials=tasks)
+
     def _one_off(self, coro) -> asyncio.Task:
         """A task stopped with the sidecar, and forgotten once done (finished tasks do not pile up)."""
         task = asyncio.create_task(coro)
@@ -215,10 +237,10 @@ class SidecarRuntime:
         task.add_done_callback(self._tasks.remove)
         return task
 
-    def offer_crl(self, data: bytes, committed_at: int | None = None) -> asyncio.Task:
-        """Take a CRL without blocking the loop. CRLs offered while one is taken are judged together and
-        only the newest is installed. Pushed revocations keep being applied on the loop meanwhile."""
-        self._crl_offers.append((data, committed_at))
+    def offer_crls(self, offer: CrlOffer, committed_at: int | None = None) -> asyncio.Task:
+        """Take a CRL set without blocking the loop. Sets offered while one is taken are judged together
+        (see RevocationState.accept_sets). Pushed revocations keep being applied on the loop meanwhile."""
+        self._crl_offers.append((offer, committed_at))
         if self._crl_task is None or self._crl_task.done():
             self._crl_task = self._one_off(self._take_crls())
         return self._crl_task
@@ -226,7 +248,7 @@ class SidecarRuntime:
     async def _take_crls(self) -> None:
         while self._crl_offers:
             offers, self._crl_offers = self._crl_offers, []
-            accepted = await asyncio.to_thread(self.revocation.accept_newest, [data for data, _ in offers])
+            accepted = await asyncio.to_thread(self.revocation.accept_sets, [offer for offer, _ in offers])
             if accepted is not None:
                 self._crl_unsaved = accepted  # the newest: only _take_crls installs, one round at a time
             # Saved before it is in force, so what is served survives a restart. A save that failed (a full
@@ -236,7 +258,7 @@ class SidecarRuntime:
                 try:
                     await asyncio.to_thread(self.revocation.persist, self._crl_unsaved)
                 except (OSError, ConfigError) as e:  # ConfigError: a path made unsafe while running
-                    log.error("could not save the CRL; retrying with the next one offered",
+                    log.error("could not save the CRLs; retrying with the next set offered",
                               path=str(self.revocation.saved), error=str(e))
                 else:
                     self._crl_unsaved = None
@@ -244,12 +266,12 @@ class SidecarRuntime:
                 pushed = len(self.revocation.pushed)
                 if self.revocation.install(accepted):
                     self.cache.drop_revoked(self.revocation.is_revoked)
-                    self.cache.bump()  # streams resend with the new `crl` field
+                    self.cache.bump()  # streams resend with the new `crl` fields
                 if len(self.revocation.pushed) != pushed:
                     self._save_pushed()  # those the CRL now lists need not be kept apart
             for _, committed_at in offers:
                 if committed_at is not None:
-                    metrics.observe_sync_event("crl", committed_at)
+                    metrics.observe_sync_event("crls", committed_at)
 
     def _save_pushed(self) -> asyncio.Task:
         """Save the pushed serials off the loop; changes made while a save runs are saved after it."""
@@ -270,7 +292,7 @@ class SidecarRuntime:
 
     async def _fetch_crl(self) -> None:
         try:
-            await asyncio.shield(self.offer_crl(await self.client.fetch_crl()))
+            await asyncio.shield(self.offer_crls(CrlOffer.from_proto(await self.client.fetch_crls())))
         except grpc.aio.AioRpcError as e:
             log.warning("CRL fetch failed; keeping the last good CRL", code=e.code().name, error=e.details())
 
@@ -303,18 +325,27 @@ class SidecarRuntime:
             wait = self._own_svid_skew_wait()
             if wait is None:
                 wait = self.ident.renew_delay(dt.datetime.now(dt.timezone.utc))
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if wait > 0 and not self._renew_now.is_set():
+                try:
+                    await asyncio.wait_for(self._renew_now.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+            forced = self._renew_now.is_set()  # its signer was tainted: retried until it succeeds, not at half-life
+            self._renew_now.clear()
             try:
                 new = await self.client.renew(self.ident)
             except SidecarBanned as e:
                 log.error("issuer refused to renew this sidecar's SVID", error=str(e))
                 await asyncio.sleep(BACKOFF_MAX)
+                if forced:
+                    self._renew_now.set()
                 continue
             except grpc.aio.AioRpcError as e:
                 log.warning("sidecar SVID renewal failed; retrying", error=e.details(), **clock_hint(e.details()))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
+                if forced:
+                    self._renew_now.set()
                 continue
             delay = BACKOFF_MIN
             try:

@@ -11,6 +11,12 @@ Each task is tied to a process (the caller, or its parent for shell helpers),
 watched with a pidfd on the event loop: when it exits, its tasks end and their
 serials are revoked on the issuer. The table lives in memory: tasks started
 before a sidecar restart are bounded by their TTL only.
+
+When the authority that signed a task credential is tainted, the sidecar has it signed again
+(ReissueTaskSVID: same task, new key) at once, and sends the new credential on the caller's
+StartTask stream if the caller still holds it open: the stream stays open after the first
+credential until the task ends or expires. Callers that want one credential read one and cancel,
+as every client in this repository does.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -27,7 +33,7 @@ from agent_sidecar.cache import CacheManager
 from agent_sidecar.issuer_client import IssuerClient
 from agent_sidecar.socket_server import current_peer
 from agent_sidecar.workload_api import caller
-from tessera import logs, pem, x509svid
+from tessera import chain, logs, pem, x509svid
 from tessera.errors import Code, NotFound, PermissionDenied, TesseraError, Unavailable, for_code
 from tessera.rpc import grpclib_handler
 from tessera.taskspec import TaskSpec
@@ -45,6 +51,19 @@ class LiveTask:
     serial: str
     pid: int
     expires_at: int
+    cert_chain: bytes = b""  # DER, leaf first: what ReissueTaskSVID is shown
+    authorities: frozenset[str] = frozenset()  # ids of the authorities above it: what a taint names
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.entry_id, self.task_id)
+
+
+def _signers_of(chain_der: bytes) -> frozenset[str]:
+    try:
+        return chain.signers(pem.split_der(chain_der))
+    except ValueError:
+        return frozenset()
 
 
 def _ppid(pid: int) -> int:
@@ -87,6 +106,8 @@ class TaskAPI(task_grpc.TasksBase):
         self.tasks: dict[tuple[str, str], LiveTask] = {}  # (entry_id, task_id) -> task
         self._watched: dict[int, int] = {}  # pid -> pidfd
         self._background: set[asyncio.Task] = set()
+        # (entry_id, task_id) -> the open StartTask stream's queue of replacement credentials (None: the task ended)
+        self._streams: dict[tuple[str, str], asyncio.Queue] = {}
 
     async def _caller(self, stream):
         return await caller(stream, self.cache)
@@ -113,6 +134,7 @@ class TaskAPI(task_grpc.TasksBase):
                 entry_id=entry.id, task_id=req.task_id, scopes=tuple(req.scopes), ttl=req.ttl_seconds,
                 context=dict(req.context), csr=x509svid.make_csr(key), selectors=frozenset(wl.selectors),
                 workload={"pid": wl.pid, "uid": wl.uid, "gid": wl.gid, "exe": wl.exe or ""}).to_proto())
+            svid = None
             try:
                 async for update in call:
                     if update.WhichOneof("update") == "pending":
@@ -120,24 +142,90 @@ class TaskAPI(task_grpc.TasksBase):
                         await stream.send_message(task_pb2.TaskUpdate(pending=update.pending))
                         continue
                     svid = update.svid
-                    task = LiveTask(svid.task_id, svid.entry_id, svid.serial, pid, svid.expires_at)
-                    self.tasks[(task.entry_id, task.task_id)] = task
-                    self._watch(pid, pidfd)
-                    pidfd = -1
-                    log.info("task credential issued", task_id=task.task_id, serial=task.serial, pid=pid)
-                    await stream.send_message(task_pb2.TaskUpdate(credential=task_pb2.TaskCredential(
-                        task_id=svid.task_id, spiffe_id=svid.spiffe_id, cert_chain=svid.cert_chain,
-                        key=pem.key_pkcs8_der(key), bundle=self.cache.bundle_der, serial=svid.serial,
-                        expires_at=svid.expires_at, scopes=list(svid.scopes), entry_id=svid.entry_id)))
-                    return
+                    break
             except grpc.aio.AioRpcError as e:
                 raise _issuer_error(e) from None
             finally:
                 call.cancel()  # the caller left: the issuer withdraws a pending request
-            raise Unavailable("the issuer ended the task request without an answer")
+            if svid is None:
+                raise Unavailable("the issuer ended the task request without an answer")
+            task = LiveTask(svid.task_id, svid.entry_id, svid.serial, pid, svid.expires_at, svid.cert_chain,
+                            _signers_of(svid.cert_chain))
+            self.tasks[task.key] = task
+            self._watch(pid, pidfd)
+            pidfd = -1
+            log.info("task credential issued", task_id=task.task_id, serial=task.serial, pid=pid)
+            replacements: asyncio.Queue = asyncio.Queue()
+            self._streams[task.key] = replacements
+            try:
+                await stream.send_message(task_pb2.TaskUpdate(credential=self._credential(svid, key)))
+                await self._send_replacements(stream, task, replacements)
+            finally:
+                if self._streams.get(task.key) is replacements:
+                    del self._streams[task.key]
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
+
+    def _credential(self, svid, key) -> task_pb2.TaskCredential:
+        return task_pb2.TaskCredential(
+            task_id=svid.task_id, spiffe_id=svid.spiffe_id, cert_chain=svid.cert_chain,
+            key=pem.key_pkcs8_der(key), bundle=self.cache.bundle_der, serial=svid.serial,
+            expires_at=svid.expires_at, scopes=list(svid.scopes), entry_id=svid.entry_id)
+
+    async def _send_replacements(self, stream, task: LiveTask, replacements: asyncio.Queue) -> None:
+        """Hold the stream open while the task lives, sending each re-issued credential; end it with the task."""
+        while True:
+            current = self.tasks.get(task.key)
+            left = (current or task).expires_at - time.time()
+            if current is None or left <= 0:
+                return
+            try:
+                cred = await asyncio.wait_for(replacements.get(), left)
+            except asyncio.TimeoutError:
+                return
+            if cred is None:
+                return
+            await stream.send_message(task_pb2.TaskUpdate(credential=cred))
+
+    # -- taint ---------------------------------------------------------------------------------
+
+    def taint(self, authority_ids: set[str]) -> int:
+        """Have every live task credential one of `authority_ids` signed signed again now; returns how many."""
+        due = [t for t in self.tasks.values() if t.authorities & authority_ids and t.expires_at > time.time()]
+        for t in due:
+            self._in_background(self._reissue(t))
+        return len(due)
+
+    async def _reissue(self, task: LiveTask) -> None:
+        for attempt in range(END_RETRIES):
+            if self.tasks.get(task.key) is not task or task.expires_at <= time.time():
+                return  # ended, expired, or replaced meanwhile
+            key = x509svid.new_key()
+            try:
+                svid = await self.client.reissue_task(task.cert_chain, x509svid.make_csr(key))
+            except grpc.aio.AioRpcError as e:
+                log.warning("could not have a tainted task credential signed again; retrying", task_id=task.task_id,
+                            serial=task.serial, code=e.code().name, error=e.details())
+                await asyncio.sleep(min(5.0, 0.5 * 2 ** attempt))
+                continue
+            if self.tasks.get(task.key) is not task:
+                return  # ended while the issuer signed: the new credential is not handed out
+            new = replace(task, serial=svid.serial, expires_at=svid.expires_at, cert_chain=svid.cert_chain,
+                          authorities=_signers_of(svid.cert_chain))
+            self.tasks[task.key] = new
+            queue = self._streams.get(task.key)
+            if queue is not None:
+                queue.put_nowait(self._credential(svid, key))
+            log.info("tainted task credential replaced", task_id=task.task_id, old_serial=task.serial,
+                     serial=new.serial, delivered=queue is not None)
+            return
+        log.error("gave up replacing a tainted task credential", task_id=task.task_id, serial=task.serial)
+
+    def _in_background(self, coro) -> None:
+        job = asyncio.get_running_loop().create_task(coro)
+        self._background.add(job)  # keep a reference until done, and cancel it on close
+        job.add_done_callback(self._background.discard)
 
     @grpclib_handler
     async def EndTask(self, stream) -> None:
@@ -156,7 +244,7 @@ class TaskAPI(task_grpc.TasksBase):
             revoked = await self.client.end_task(task.task_id, task.entry_id, reason)
         except grpc.aio.AioRpcError as e:
             raise _issuer_error(e) from None
-        self.tasks.pop((task.entry_id, task.task_id), None)
+        self._forget(task.key)
         log.info("task ended", task_id=task.task_id, serial=task.serial, reason=reason)
         return revoked
 
@@ -179,9 +267,7 @@ class TaskAPI(task_grpc.TasksBase):
         os.close(fd)
         tasks = [t for t in self.tasks.values() if t.pid == pid]
         if tasks:
-            job = loop.create_task(self._end_for_exit(pid, tasks))
-            self._background.add(job)  # keep a reference until done, and cancel it on close
-            job.add_done_callback(self._background.discard)
+            self._in_background(self._end_for_exit(pid, tasks))
 
     async def _end_for_exit(self, pid: int, tasks: list[LiveTask]) -> None:
         for t in tasks:
@@ -191,11 +277,18 @@ class TaskAPI(task_grpc.TasksBase):
                     break
                 except TesseraError as e:
                     if e.code == Code.NOT_FOUND or t.expires_at <= time.time():
-                        self.tasks.pop((t.entry_id, t.task_id), None)
+                        self._forget(t.key)
                         break
                     log.warning("could not end task after process exit; retrying", task_id=t.task_id,
                                 error=e.message)
                     await asyncio.sleep(min(5.0, 0.5 * 2 ** attempt))
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        """The task is over: out of the table, and its open StartTask stream (if any) ends."""
+        self.tasks.pop(key, None)
+        queue = self._streams.pop(key, None)
+        if queue is not None:
+            queue.put_nowait(None)
 
     def close(self) -> None:
         loop = asyncio.get_running_loop()

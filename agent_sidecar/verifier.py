@@ -1,11 +1,17 @@
 """Verifying mTLS peers for services, with the trust bundle and CRL the local sidecar keeps current.
 
-A service gets its bundle, the signed CRL and its own SVID from the sidecar
+A service gets its bundle (roots), the signed CRLs and its own SVID from the sidecar
 (over the Workload API stream, or from the sidecar's bundle.pem and crl.pem) and
-checks each peer: issued by a bundle CA, within its validity, not revoked, an
-allowed SPIFFE ID, and (optionally) a task credential whose scopes cover the
-call. The revoked set is rebuilt only when a new CRL arrives; a check is a set
-lookup, never a call to the sidecar or issuer per handshake.
+checks each peer: a path leaf <- intermediate <- bundle root (or leaf <- root, for SVIDs
+signed before intermediates existed; tessera.chain), every certificate on it within its
+validity and not revoked, an allowed SPIFFE ID, and (optionally) a task credential whose
+scopes cover the call. Revocation: the roots' CRLs (which withdraw intermediates, and list
+leaves a root signed directly) are verified as they arrive; the Workload API carries no
+intermediates, so an intermediate's CRL is verified the first time a peer's path holds that
+intermediate, once per CRL. The intermediate comes from the peer's handshake (the verified
+chain ssl built; getpeercert gives the leaf only) or, failing that, from the intermediates this
+verifier has seen: its own SVID's chain and peers' chains it validated. A check is set lookups,
+never a call to the sidecar or issuer per handshake.
 
     v = Verifier.from_sidecar("/run/tessera/workload.sock", PeerPolicy.trust_domain("example.org"))
     v.wait_ready(10)
@@ -16,6 +22,7 @@ lookup, never a call to the sidecar or issuer per handshake.
 
 from __future__ import annotations
 
+import _ssl
 import datetime as dt
 import os
 import ssl
@@ -24,13 +31,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping, Sequence
 
 import grpc
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 
-from tessera import crl, logs, pem, safefs, spiffeid, taskext, x509svid
+from tessera import chain, crl, logs, pem, safefs, spiffeid, taskext, x509svid
 
 log = logs.get("verifier")
 
@@ -79,12 +85,14 @@ class PeerPolicy:
 
 @dataclass(frozen=True)
 class TrustState:
-    """One consistent view, swapped whole: readers never see a bundle from one update and a CRL from another."""
+    """One consistent view, swapped whole: readers never see a bundle from one update and CRLs from another."""
 
     bundle: tuple[x509.Certificate, ...] = ()
-    crl_der: bytes = b""
-    crl_number: int | None = None
-    revoked: frozenset[int] = frozenset()  # serial numbers: a check then needs no hex formatting
+    crls: Mapping[str, crl.Accepted] = field(default_factory=dict)  # the roots' CRLs, verified, by authority id
+    revoked: frozenset[int] = frozenset()  # the roots' CRLs' serials as numbers: a check needs no hex formatting
+    # CRLs no bundle root signed, by the authority they name (unverified): an intermediate's, checked against
+    # it when a peer's path holds it.
+    pending: Mapping[str, tuple[bytes, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -105,35 +113,49 @@ def revoked_serial(state: TrustState, cert: x509.Certificate) -> str | None:
     return x509svid.serial_hex(serial) if serial in state.revoked else None
 
 
-def chains_to(bundle: Iterable[x509.Certificate], cert: x509.Certificate) -> bool:
-    """Whether a CA in `bundle` signed `cert`."""
-    for ca in bundle:
-        try:
-            cert.verify_directly_issued_by(ca)
-            return True
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-    return False
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _nothing_revoked(ca: x509.Certificate) -> frozenset[int]:
+    return frozenset()
 
 
 def check_certificate(state: TrustState, cert: x509.Certificate, policy: PeerPolicy,
                       task_scopes: Callable[[x509.Certificate], frozenset[str] | None] = read_task_scopes,
-                      now: dt.datetime | None = None, chained: bool = False) -> str:
+                      now: dt.datetime | None = None, intermediates: Iterable[x509.Certificate] = (),
+                      path: Sequence[x509.Certificate] | None = None,
+                      revoked_under: Callable[[x509.Certificate], frozenset[int]] = _nothing_revoked) -> str:
     """The peer's SPIFFE ID if `cert` passes every rule; Rejected otherwise. Pure: all input is given.
 
-    `chained`: the caller already saw `cert` chain to this very `state.bundle` (Verifier's cache);
-    validity, revocation, SPIFFE ID and scope are checked all the same.
+    The path to the bundle is built from `intermediates`, or given as `path` (leaf, [intermediate,]
+    root) when the caller already saw it lead to this very `state.bundle` (Verifier's cache); validity
+    and revocation of every certificate on it, SPIFFE ID and scope are checked all the same.
+    `revoked_under(ca)`: serial numbers the CRL of the intermediate `ca` lists (the roots' CRLs are in
+    `state`).
     """
     if not state.bundle:
         raise Rejected("no trust bundle yet")
-    if not chained and not chains_to(state.bundle, cert):
-        raise Rejected("certificate does not chain to the trust bundle")
     now = now or dt.datetime.now(dt.timezone.utc)
+    if path is None:
+        try:
+            path = chain.path(cert, state.bundle, intermediates, now)
+        except chain.ChainError as e:
+            raise Rejected(str(e)) from None
     if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
         raise Rejected("certificate is expired or not yet valid")
-    serial = revoked_serial(state, cert)
-    if serial is not None:
-        raise Rejected(f"certificate {serial} is revoked")
+    if _is_ca(cert):
+        raise Rejected("a CA certificate is not an X.509-SVID")
+    for ca in path[1:-1]:
+        if not ca.not_valid_before_utc <= now <= ca.not_valid_after_utc:
+            raise Rejected("certificate's issuer is expired or not yet valid")
+    for c, issuer in zip(path, path[1:]):
+        if c.serial_number in state.revoked or c.serial_number in revoked_under(issuer):
+            what = "certificate" if c is cert else "certificate's issuer"
+            raise Rejected(f"{what} {x509svid.serial_hex(c.serial_number)} is revoked")
     try:
         sid = x509svid.spiffe_id_of(cert)
     except ValueError as e:
@@ -157,9 +179,18 @@ class Verifier:
         self.svid: OwnSVID | None = None
         self._changed = threading.Condition()
         self._source = None
-        # Certificate bytes -> (parsed, the bundle it was seen to chain to). A peer presents the same
-        # certificate on every call: the parse and the signature check (~100 us) are done once per bundle.
-        self._chained: dict[bytes, tuple[x509.Certificate, tuple[x509.Certificate, ...]]] = {}
+        # Presented chain bytes -> (leaf, its path, the bundle it was seen to lead to). A peer presents the same
+        # chain on every call: the parse and the signature checks (~100 us each) are done once per bundle.
+        self._chained: dict[bytes, tuple[x509.Certificate, tuple[x509.Certificate, ...],
+                                         tuple[x509.Certificate, ...]]] = {}
+        # Intermediates seen (own SVID chain, peers' validated paths), DER -> certificate: where a path is looked
+        # for when a peer's handshake gave its leaf only. Each is validated again whenever it is used. Replaced
+        # whole on change (see _remember).
+        self._known: dict[bytes, x509.Certificate] = {}
+        # Intermediates' CRLs, verified lazily: CRL DER -> accepted (None: refused); authority id -> newest.
+        self._lazy_lock = threading.Lock()
+        self._lazy: dict[bytes, crl.Accepted | None] = {}
+        self._newest: dict[str, crl.Accepted] = {}
 
     # -- sources ------------------------------------------------------------------------
 
@@ -184,25 +215,42 @@ class Verifier:
 
     def update(self, bundle: Iterable[x509.Certificate] | None = None, crls: Iterable[bytes] = (),
                svid: OwnSVID | None = None) -> None:
-        """Apply what the sidecar sent; a CRL that fails to verify or goes backwards is ignored."""
+        """Apply what the sidecar sent: the bundle, every CRL in force, this service's SVID. A root's CRL that
+        fails to verify or goes backwards is ignored; any other CRL waits for a peer path holding its signer."""
         st = self.state
         new_bundle = tuple(bundle) if bundle else st.bundle
         if new_bundle == st.bundle:
             new_bundle = st.bundle  # the same CAs resent (every update carries them): keep the checks made against them
-        crl_der, number, revoked = st.crl_der, st.crl_number, st.revoked
+        roots = {x509svid.authority_id(r.public_key()) for r in new_bundle}
+        held = {k: a for k, a in st.crls.items() if k in roots}  # a root that left the bundle takes its CRL along
+        was_pending = {d: k for k, ds in st.pending.items() for d in ds}
+        pending: dict[str, list[bytes]] = {}
         for data in crls:
+            if any(a.der == data for a in held.values()):
+                continue  # held already (every update resends it)
+            claimed = was_pending.get(data)
+            if claimed is None:
+                try:
+                    claimed = chain.authority_key_id(crl.load(data))
+                except crl.CrlError as e:
+                    log.warning("ignoring a CRL", error=str(e))
+                    continue
+            if claimed is not None and claimed not in roots:
+                pending.setdefault(claimed, []).append(data)
+                continue
             try:
-                accepted = crl.accept(data, new_bundle, number, crl_der, serial_numbers)
+                accepted = crl.accept(data, new_bundle, held, serial_numbers)
             except crl.CrlError as e:
                 log.warning("ignoring a CRL", error=str(e))
                 continue
-            if accepted is not None:
-                crl_der, number = accepted.der, accepted.number
-                revoked = accepted.serials
+            held[accepted.authority] = accepted
+        revoked = frozenset().union(*(a.serials for a in held.values()))
         with self._changed:
-            self.state = TrustState(new_bundle, crl_der, number, revoked)
+            self.state = TrustState(new_bundle, held, revoked, {k: tuple(v) for k, v in pending.items()})
             if svid is not None:
                 self.svid = svid
+                for ca in svid.chain[1:]:
+                    self._remember(ca)
             self._changed.notify_all()
 
     def wait_ready(self, timeout: float = 10.0, need_svid: bool = False) -> None:
@@ -216,32 +264,79 @@ class Verifier:
 
     # -- checks --------------------------------------------------------------------------
 
-    def check(self, cert: x509.Certificate | bytes, policy: PeerPolicy | None = None) -> str:
-        """The peer's SPIFFE ID; Rejected if it must not be trusted. `cert` may be DER or PEM bytes."""
+    def check(self, peer: x509.Certificate | Sequence[x509.Certificate] | bytes,
+              policy: PeerPolicy | None = None) -> str:
+        """The peer's SPIFFE ID; Rejected if it must not be trusted.
+
+        `peer`: its certificate, or its chain (leaf first) as certificates or as bytes (DER or PEM, one
+        certificate or several). Intermediates it does not present are looked for among those seen before.
+        """
         state, policy = self.state, policy or self.policy
-        if not isinstance(cert, bytes):
-            return check_certificate(state, cert, policy)
-        data = cert
-        known = self._chained.get(data)
-        if known is not None and known[1] is state.bundle:
-            return check_certificate(state, known[0], policy, chained=True)
-        try:
-            cert = (x509.load_pem_x509_certificate(data) if data.lstrip().startswith(b"-----")
-                    else x509.load_der_x509_certificate(data))
-        except ValueError as e:
-            raise Rejected(f"unreadable certificate: {e}") from None
-        sid = check_certificate(state, cert, policy)
-        if len(self._chained) >= CHAINED_MAX:  # bounded: peers rotate their SVIDs
-            self._chained.clear()
-        self._chained[data] = (cert, state.bundle)
-        return sid
+        if not state.bundle:
+            raise Rejected("no trust bundle yet")
+        key = peer if isinstance(peer, bytes) else None
+        known = self._chained.get(key) if key is not None else None
+        if known is not None and known[2] is state.bundle:
+            leaf, path = known[0], known[1]
+        else:
+            if isinstance(peer, bytes):
+                certs = _parse_chain(peer)
+            elif isinstance(peer, x509.Certificate):
+                certs = [peer]
+            else:
+                certs = list(peer)
+            if not certs:
+                raise Rejected("the peer presented no certificate")
+            leaf = certs[0]
+            try:
+                path = chain.path(leaf, state.bundle, [*certs[1:], *self._known.values()])
+            except chain.ChainError as e:
+                raise Rejected(str(e)) from None
+            for ca in path[1:-1]:
+                self._remember(ca)
+            if key is not None:
+                if len(self._chained) >= CHAINED_MAX:  # bounded: peers rotate their SVIDs
+                    self._chained.clear()
+                self._chained[key] = (leaf, path, state.bundle)
+        return check_certificate(state, leaf, policy, path=path, revoked_under=lambda ca: self._revoked_under(state, ca))
+
+    def _remember(self, ca: x509.Certificate) -> None:
+        der = pem.der_concat([ca])
+        if der not in self._known:
+            # Replaced whole, never changed in place: checks on other threads iterate the one they read.
+            known = {} if len(self._known) >= CHAINED_MAX else dict(self._known)
+            known[der] = ca
+            self._known = known
+
+    def _revoked_under(self, state: TrustState, ca: x509.Certificate) -> frozenset[int]:
+        """What the CRL of intermediate `ca` lists (nothing for a root: its CRL is in state.revoked). Each CRL
+        naming `ca` is verified against it once; the highest number verified for `ca` is the one in force."""
+        if ca in state.bundle:
+            return frozenset()
+        authority = x509svid.authority_id(ca.public_key())
+        offered = state.pending.get(authority, ())
+        with self._lazy_lock:
+            for data in offered:
+                if data in self._lazy:
+                    continue
+                if len(self._lazy) >= CHAINED_MAX:
+                    self._lazy.clear()
+                newest = self._newest.get(authority)
+                try:
+                    accepted = crl.accept(data, [ca], {authority: newest} if newest else {}, serial_numbers)
+                except crl.CrlError as e:
+                    log.warning("ignoring an intermediate's CRL", authority=authority, error=str(e))
+                    self._lazy[data] = None
+                    continue
+                self._lazy[data] = accepted
+                if newest is None or accepted.number > newest.number:
+                    self._newest[authority] = accepted
+            newest = self._newest.get(authority)
+        return newest.serials if newest is not None else frozenset()
 
     def check_peer(self, conn: ssl.SSLSocket | ssl.SSLObject, policy: PeerPolicy | None = None) -> str:
         """After the handshake: the peer's SPIFFE ID, or Rejected."""
-        der = conn.getpeercert(binary_form=True)
-        if not der:
-            raise Rejected("the peer presented no certificate")
-        return self.check(der, policy)
+        return self.check(peer_chain(conn), policy)
 
     # -- TLS contexts -----------------------------------------------------------------------
 
@@ -298,11 +393,14 @@ class VerifyingInterceptor(grpc.ServerInterceptor):
         self.policy = policy
 
     def _check(self, context: grpc.ServicerContext) -> None:
-        certs = context.auth_context().get("x509_pem_cert")
-        if not certs:
+        auth = context.auth_context()
+        leaf = auth.get("x509_pem_cert")
+        if not leaf:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
+        # A server's view of the client's chain leaves the leaf out (OpenSSL's SSL_get_peer_cert_chain): leaf first.
+        presented = leaf[0] + b"".join(auth.get("x509_pem_cert_chain", ()))
         try:
-            self.verifier.check(certs[0], self.policy)
+            self.verifier.check(presented, self.policy)
         except Rejected as e:
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
 
@@ -328,6 +426,32 @@ class VerifyingInterceptor(grpc.ServerInterceptor):
                 return make(guard(behavior), request_deserializer=handler.request_deserializer,
                             response_serializer=handler.response_serializer)
         return handler
+
+
+def peer_chain(conn: ssl.SSLSocket | ssl.SSLObject) -> bytes:
+    """The chain the peer's handshake was verified with, leaf first, DER (the root included; it is matched against
+    the bundle again). Python 3.13 has get_verified_chain; 3.10 to 3.12 have it on the private _sslobj only.
+    Without either, the leaf alone (intermediates are then looked for among those the verifier has seen)."""
+    getter = getattr(conn, "get_verified_chain", None) or getattr(getattr(conn, "_sslobj", None),
+                                                                  "get_verified_chain", None)
+    if getter is not None:
+        try:
+            certs = getter() or []
+        except (ssl.SSLError, ValueError):
+            certs = []
+        ders = [c if isinstance(c, bytes) else c.public_bytes(_ssl.ENCODING_DER) for c in certs]
+        if ders:
+            return b"".join(ders)
+    return conn.getpeercert(binary_form=True) or b""
+
+
+def _parse_chain(data: bytes) -> list[x509.Certificate]:
+    try:
+        if data.lstrip().startswith(b"-----"):
+            return x509.load_pem_x509_certificates(data)
+        return pem.split_der(data)
+    except ValueError as e:
+        raise Rejected(f"unreadable certificate: {e}") from None
 
 
 def _load_chain(ctx: ssl.SSLContext, svid: OwnSVID) -> None:
@@ -390,7 +514,7 @@ class _WorkloadSource:
 
 
 class _FileSource:
-    """Re-reads bundle.pem and crl.pem when the sidecar replaces them (atomic renames: new inode)."""
+    """Re-reads bundle.pem and crl.pem (every CRL in it) when the sidecar replaces them (atomic renames: new inode)."""
 
     def __init__(self, verifier: Verifier, bundle: Path, crl_path: Path, poll: float):
         self.verifier, self.bundle, self.crl, self.poll = verifier, bundle, crl_path, poll
@@ -421,7 +545,7 @@ class _FileSource:
             return
         crls = []
         try:
-            crls.append(crl.der(crl.load(self.crl.read_bytes())))
+            crls = [crl.der(c) for c in crl.load_all(self.crl.read_bytes())]
         except (OSError, crl.CrlError):
             pass
         self.verifier.update(bundle, crls)

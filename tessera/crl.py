@@ -11,9 +11,10 @@ check is a set lookup, never a scan of the CRL.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -160,7 +161,7 @@ def number_of(crl: x509.CertificateRevocationList) -> int:
 
 
 def verify(crl: x509.CertificateRevocationList, bundle: Iterable[x509.Certificate]) -> x509.Certificate:
-    """The bundle CA that signed `crl`; CrlError if none did."""
+    """The CA of `bundle` (roots, or roots and validated intermediates) that signed `crl`; CrlError if none did."""
     try:
         issuer = crl.issuer  # parsed lazily: a malformed Name surfaces here
     except ValueError as e:
@@ -173,7 +174,7 @@ def verify(crl: x509.CertificateRevocationList, bundle: Iterable[x509.Certificat
                 return ca
         except (InvalidSignature, TypeError, ValueError):
             continue
-    raise CrlError("CRL signature does not verify against the trust bundle")
+    raise CrlError("CRL signature does not verify against the trust bundle or a known intermediate")
 
 
 def serials(crl: x509.CertificateRevocationList) -> frozenset[str]:
@@ -195,25 +196,50 @@ class Accepted:
     number: int
     serials: frozenset  # in the form the caller asked for (see accept)
     crl: x509.CertificateRevocationList
+    authority: str  # id of the signer (x509svid.authority_id): CRLs are held one per authority
+    signer: x509.Certificate
 
 
-def accept(data: bytes, bundle: Iterable[x509.Certificate], current_number: int | None,
-           current_der: bytes | None,
-           serial_set: Callable[[x509.CertificateRevocationList], frozenset] = serials) -> Accepted | None:
-    """The one rule for taking a CRL over the one held: signed by the bundle and not older.
+def accept(data: bytes, signers: Sequence[x509.Certificate], held: Mapping[str, Accepted],
+           serial_set: Callable[[x509.CertificateRevocationList], frozenset] = serials) -> Accepted:
+    """The one rule for taking a CRL: signed by one of `signers` and not older than the CRL `held` from
+    the same authority (held: authority id -> Accepted).
 
-    None when it is the CRL already held; CrlError when it must be refused (unparsable, signed by
-    another key, a lower number, or the current number reused with other content). `serial_set`
-    turns the CRL into the set its reader looks serials up in (hex strings by default), built once.
+    Returns the held Accepted itself when `data` is a CRL already held (every resync resends them: nothing
+    is parsed or verified again); CrlError when it must be refused (unparsable, signed by no signer, a
+    lower number, or the held number reused with other content). `serial_set` turns the CRL into the set
+    its reader looks serials up in (hex strings by default), built once.
     """
-    if current_der is not None and data == current_der:
-        return None  # the same bytes again (every resync resends it): nothing to parse or verify
+    for a in held.values():
+        if a.der == data:
+            return a
     parsed = load(data)
-    verify(parsed, bundle)
-    number = check_newer(parsed, current_number)
+    signer = verify(parsed, signers)
+    authority = x509svid.authority_id(signer.public_key())
+    current = held.get(authority)
+    number = check_newer(parsed, current.number if current is not None else None)
     encoded = der(parsed)
-    if number == current_number:
-        if encoded != current_der:
+    if current is not None and number == current.number:
+        if encoded != current.der:
             raise CrlError(f"CRL number {number} reused with different content")
-        return None
-    return Accepted(encoded, number, serial_set(parsed), parsed)
+        return current
+    return Accepted(encoded, number, serial_set(parsed), parsed, authority, signer)
+
+
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
+
+
+def load_all(data: bytes) -> list[x509.CertificateRevocationList]:
+    """Every CRL in PEM text (one after another, as crl.pem holds them), or the one CRL in DER; CrlError if
+    one of them is not a CRL."""
+    if not data.lstrip().startswith(b"-----BEGIN"):
+        return [load(data)]
+    blocks = _PEM_CRL.findall(data)
+    if not blocks:
+        raise CrlError("no PEM CRL found")
+    return [load(b) for b in blocks]
+
+
+def pem_all(crls: Iterable[x509.CertificateRevocationList]) -> bytes:
+    """CRLs as PEM, one after another: what crl.pem holds and openssl's -CRLfile and nginx's ssl_crl read."""
+    return b"".join(pem(c) for c in crls)

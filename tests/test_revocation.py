@@ -547,39 +547,7 @@ def test_revoked_identity_gets_no_new_certificates_even_from_a_new_entry(issuer)
         issuer.revocation.check_entry(later)
 
 
-# -- the sidecar's CRL rules -----------------------------------------------------------------------
-
-def _sidecar_state(tmp_path, ca):
-    from agent_sidecar.revocation import RevocationState
-
-    (tmp_path / "data").mkdir()
-    (tmp_path / "out").mkdir()
-    return RevocationState(lambda: [ca.cert], tmp_path / "data", tmp_path / "out")
-
-
-def test_sidecar_refuses_a_crl_signed_by_another_key_or_with_a_lower_number(issuer, tmp_path):
-    import datetime as dt
-
-    (tmp_path / "sc").mkdir()
-    state = _sidecar_state(tmp_path / "sc", issuer.ca)
-    revoked = issuer.issue()
-    good = crl_mod.build(issuer.ca.cert, issuer.ca.key, [crl_mod.Revoked(revoked, int(time.time()))], 5,
-                         time.time(), time.time() + 600)
-    assert state.apply(good)
-    on_disk = (tmp_path / "sc" / "out" / "crl.pem").read_bytes()
-    # Same subject name, different key: a forger's CRL with a higher number and nothing revoked.
-    other_key = x509svid.new_key()
-    other_ca = x509svid.build_ca(other_key, "example.org", dt.timedelta(days=1))
-    assert other_ca.subject == issuer.ca.cert.subject
-    forged = crl_mod.build(other_ca, other_key, [], 9, time.time(), time.time() + 600)
-    older = crl_mod.build(issuer.ca.cert, issuer.ca.key, [], 4, time.time(), time.time() + 600)
-    for bad in (forged, older):
-        with pytest.raises(crl_mod.CrlError):
-            state.apply(bad)
-        assert state.number == 5 and state.is_revoked(revoked)
-        assert (tmp_path / "sc" / "out" / "crl.pem").read_bytes() == on_disk
-    assert state.refused == 2
-
+# -- races on the issuer (the sidecar's CRL rules are in tests/test_sidecar_crls.py) ----------------
 
 def test_svid_signed_while_its_entry_was_being_revoked_is_revoked_and_withheld(issuer):
     from issuer.core.models import SignResult
@@ -616,100 +584,6 @@ def test_a_banned_sidecar_cannot_renew_even_after_it_was_authenticated(issuer):
     assert issuer.attestor.get(HOST).state == "banned"
 
 
-def test_revocation_state_restores_its_saved_crl_and_rewrites_crl_pem(issuer, tmp_path):
-    (tmp_path / "sc").mkdir()
-    revoked = issuer.issue()
-    issuer.revocation.revoke("serial", revoked, "stolen", OPERATOR)
-    issuer.crl()  # the rebuild the CRL worker would do
-    assert _sidecar_state(tmp_path / "sc", issuer.ca).apply(issuer.revocation.crl_der())
-    (tmp_path / "sc" / "out" / "crl.pem").unlink()
-    from agent_sidecar.revocation import RevocationState
-
-    restarted = RevocationState(lambda: [issuer.ca.cert], tmp_path / "sc" / "data", tmp_path / "sc" / "out")
-    restarted.load_saved()
-    restarted.write_outputs(issuer.ca.bundle_der)
-    assert restarted.is_revoked(revoked) and restarted.crls() == [issuer.revocation.crl_der()]
-    assert revoked in crl_mod.serials(crl_mod.load((tmp_path / "sc" / "out" / "crl.pem").read_bytes()))
-
-
-def test_a_serial_pushed_while_a_crl_is_being_accepted_stays_revoked_after_it_is_installed(issuer, tmp_path):
-    (tmp_path / "sc").mkdir()
-    state = _sidecar_state(tmp_path / "sc", issuer.ca)
-    listed, pushed = issuer.issue(), issuer.issue()
-    data = crl_mod.build(issuer.ca.cert, issuer.ca.key, [crl_mod.Revoked(listed, int(time.time()))], 7,
-                         time.time(), time.time() + 600)
-    accepted = state.accept(data)  # on a thread in the sidecar; the loop handles a push meanwhile
-    state.note_revocation(1, [pushed])
-    assert state.install(accepted)
-    assert state.is_revoked(listed) and state.is_revoked(pushed) and state.number == 7
-
-
-def test_an_accepted_crl_is_not_installed_over_a_newer_one(issuer, tmp_path):
-    (tmp_path / "sc").mkdir()
-    state = _sidecar_state(tmp_path / "sc", issuer.ca)
-    newer, older = (crl_mod.build(issuer.ca.cert, issuer.ca.key, [], n, time.time(), time.time() + 600)
-                    for n in (9, 8))
-    accepted_older = state.accept(older)
-    assert state.install(state.accept(newer))
-    assert not state.install(accepted_older)
-    assert state.number == 9 and state.crls() == [newer]
-
-
-def _runtime(tmp_path, ca):
-    from agent_sidecar.config import SidecarConfig
-    from agent_sidecar.sidecar import SidecarRuntime
-
-    cfg = SidecarConfig("127.0.0.1:1", "127.0.0.1:2", tmp_path / "bundle.pem", None, tmp_path / "data",
-                        tmp_path / "s.sock", 0o600, "tessera-issuer", 0, "info", output_dir=tmp_path / "out")
-    for d in (cfg.data_dir, cfg.output_dir):
-        d.mkdir()
-    runtime = SidecarRuntime(cfg)
-    runtime.cache.bundle_der = ca.bundle_der
-    return runtime
-
-
-async def test_sidecar_puts_a_crl_in_force_even_if_saving_it_fails_and_saves_it_with_the_next_offer(issuer,
-                                                                                                     tmp_path):
-    runtime = _runtime(tmp_path, issuer.ca)
-    revoked = issuer.issue()
-    data = crl_mod.build(issuer.ca.cert, issuer.ca.key, [crl_mod.Revoked(revoked, int(time.time()))], 3,
-                         time.time(), time.time() + 600)
-    crl_pem = tmp_path / "out" / "crl.pem"
-    crl_pem.mkdir()  # the save fails (as on a full disk): the CRL is in force all the same
-    await runtime.offer_crl(data)
-    assert runtime.revocation.is_revoked(revoked) and runtime.revocation.crls() == [data]
-    assert crl_pem.is_dir()
-    crl_pem.rmdir()
-    await runtime.offer_crl(data)  # the same CRL again, as every resync resends it: now it is saved
-    assert crl_mod.serials(crl_mod.load(crl_pem.read_bytes())) == {revoked}
-
-
-async def test_sidecar_parses_crls_off_its_loop_and_of_those_offered_meanwhile_installs_the_newest(issuer,
-                                                                                                    tmp_path):
-    runtime = _runtime(tmp_path, issuer.ca)
-    crls = {n: crl_mod.build(issuer.ca.cert, issuer.ca.key, [], n, time.time(), time.time() + 600) for n in (1, 2, 3)}
-    loop = asyncio.get_running_loop()
-    parsed: list[tuple[int, int]] = []  # (CRL number, thread) in the order parsed
-    accept = runtime.revocation.accept
-
-    def accept_and_watch(data):
-        if not parsed:  # while #1 is parsed on its thread, #3 is pushed, then an older #2 arrives from a fetch
-            loop.call_soon_threadsafe(runtime.offer_crl, crls[3])
-            loop.call_soon_threadsafe(runtime.offer_crl, crls[2])
-        parsed.append((crl_mod.number_of(crl_mod.load(data)), threading.get_ident()))
-        return accept(data)
-
-    runtime.revocation.accept = accept_and_watch
-    await runtime.offer_crl(crls[1])  # the task takes what is offered meanwhile before it ends
-    assert [n for n, _ in parsed] == [1, 3, 2]  # two rounds: #1 alone, then #3 and #2 judged together
-    assert runtime.revocation.number == 3 and runtime.revocation.crls() == [crls[3]]
-    assert runtime.revocation.refused == 0  # #2 was passed over, not refused: it is newer than #1
-    assert threading.get_ident() not in {t for _, t in parsed}
-    # Offered after #3 is in force, an older CRL is refused as before.
-    await runtime.offer_crl(crls[2])
-    assert runtime.revocation.number == 3 and runtime.revocation.refused == 1
-
-
 def test_a_sidecar_whose_svid_serial_is_revoked_fails_authentication(issuer):
     token, _, _ = issuer.attestor.create_token("host-r", 600, OPERATOR)
     svid = issuer.attestor.attest(token, x509svid.make_csr(x509svid.new_key()), "test")
@@ -720,42 +594,3 @@ def test_a_sidecar_whose_svid_serial_is_revoked_fails_authentication(issuer):
         issuer.attestor.authenticate(presented, issuer.revocation)
 
 
-async def test_sidecar_saves_a_crl_to_data_dir_before_putting_it_in_force(issuer, tmp_path):
-    runtime = _runtime(tmp_path, issuer.ca)
-    revoked = issuer.issue()
-    data = crl_mod.build(issuer.ca.cert, issuer.ca.key, [crl_mod.Revoked(revoked, int(time.time()))], 4,
-                         time.time(), time.time() + 600)
-    on_disk_at_install: list[set[str]] = []
-    install = runtime.revocation.install
-
-    def install_and_look(accepted):
-        saved = tmp_path / "data" / "crl.pem"
-        on_disk_at_install.append(set(crl_mod.serials(crl_mod.load(saved.read_bytes()))) if saved.exists() else set())
-        return install(accepted)
-
-    runtime.revocation.install = install_and_look
-    await runtime.offer_crl(data)
-    assert on_disk_at_install == [{revoked}] and runtime.revocation.is_revoked(revoked)
-
-
-async def test_sidecar_keeps_serials_pushed_without_a_crl_across_a_restart(issuer, tmp_path):
-    from agent_sidecar.revocation import RevocationState
-    from tessera.v1 import issuer_pb2
-
-    runtime = _runtime(tmp_path, issuer.ca)
-    pushed, listed = issuer.issue(), issuer.issue()
-    runtime.handle_revocation(issuer_pb2.Revocation(seq=1, serials=[pushed, listed]))
-    await runtime._pushed_task
-
-    def restarted():
-        state = RevocationState(lambda: [issuer.ca.cert], tmp_path / "data", tmp_path / "out")
-        state.load_saved()
-        return state
-
-    assert restarted().is_revoked(pushed) and restarted().is_revoked(listed)
-    # Once a CRL lists one of them, only the other is kept apart; both stay revoked after a restart.
-    await runtime.offer_crl(crl_mod.build(issuer.ca.cert, issuer.ca.key, [crl_mod.Revoked(listed, int(time.time()))],
-                                          2, time.time(), time.time() + 600))
-    await runtime._pushed_task
-    assert set(restarted().pushed) == {pushed}
-    assert restarted().is_revoked(pushed) and restarted().is_revoked(listed)

@@ -23,6 +23,7 @@ class CA:
         self.key = x509svid.new_key()
         self.cert = x509svid.build_ca(self.key, TD, dt.timedelta(days=1))
         self.aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key())
+        self.id = x509svid.authority_id(self.key.public_key())
         self.number = 0
 
     def leaf(self, path: str, ttl: int = 600, dns=(), extensions=()):
@@ -45,7 +46,7 @@ def ca():
 
 
 def state(ca, *revoked) -> TrustState:
-    return TrustState((ca.cert,), b"", None, frozenset(c.serial_number for c in revoked))
+    return TrustState((ca.cert,), revoked=frozenset(c.serial_number for c in revoked))
 
 
 def test_peer_from_the_trust_domain_is_accepted(ca):
@@ -112,18 +113,18 @@ def test_verifier_ignores_forged_and_older_crls(ca):
     forger = CA()
     forger.number = 100
     v.update(None, [forger.crl()])  # a higher number, nothing revoked, wrong key: ignored
-    assert v.state.crl_number == 1
+    assert v.state.crls[ca.id].number == 1
     with pytest.raises(Rejected, match="revoked"):
         v.check(cert)
     older, newer = ca.crl(), ca.crl(cert)
     v.update(None, [newer])
     v.update(None, [older])  # lower number, nothing revoked: ignored
-    assert v.state.crl_number == 3
+    assert v.state.crls[ca.id].number == 3
     with pytest.raises(Rejected, match="revoked"):
         v.check(cert)
     ca.number -= 1
     v.update(None, [ca.crl()])  # the current number again, with nothing revoked: ignored
-    assert v.state.crl_number == 3
+    assert v.state.crls[ca.id].number == 3
     with pytest.raises(Rejected, match="revoked"):
         v.check(cert)
 
@@ -335,4 +336,174 @@ def test_an_update_resending_the_same_cas_keeps_the_checks_made_against_them(ca)
     v.check(pem.certs_pem([cert]))
     before = v.state.bundle
     v.update([x509.load_der_x509_certificate(ca.cert.public_bytes(serialization.Encoding.DER))], crls=[ca.crl()])
-    assert v.state.bundle is before and v.state.crl_number == 1
+    assert v.state.bundle is before and v.state.crls[ca.id].number == 1
+
+
+# -- paths through intermediates ----------------------------------------------------------------------
+
+@pytest.fixture
+def h():
+    from hierarchy import Hierarchy
+
+    return Hierarchy()
+
+
+def _chain_der(signed) -> bytes:
+    return signed.chain_der  # leaf, then its intermediate: what a peer presents
+
+
+def test_a_peer_signed_by_an_intermediate_is_accepted_and_one_signed_by_the_root_still_is(h):
+    a = h.intermediate()
+    v = Verifier(PeerPolicy.trust_domain(TD))
+    v.update([h.root.cert])
+    assert v.check(_chain_der(a.leaf("/agent/new"))) == "spiffe://example.org/agent/new"
+    assert v.check(h.root.leaf("/agent/upgraded").cert) == "spiffe://example.org/agent/upgraded"
+
+
+def test_an_intermediate_that_is_no_ca_expired_or_under_another_root_gives_no_path(h):
+    from hierarchy import Hierarchy
+    from tessera import chain
+
+    a, foreign = h.intermediate(), Hierarchy().intermediate()
+    leaf = a.leaf().cert
+    assert chain.path(leaf, [h.root.cert], [a.cert]) == (leaf, a.cert, h.root.cert)
+    with pytest.raises(chain.ChainError, match="not signed by a bundle root"):
+        chain.path(foreign.leaf().cert, [h.root.cert], [foreign.cert])
+    later = a.cert.not_valid_after_utc + dt.timedelta(seconds=1)
+    with pytest.raises(chain.ChainError, match="expired"):
+        chain.path(leaf, [h.root.cert], [a.cert], now=later)
+    # A leaf of the root's, passed off as an intermediate with a leaf "signed" by its key.
+    fake_ca_key = x509svid.new_key()
+    fake_ca = h.root.signer.sign(fake_ca_key.public_key(), spiffeid.parse(f"spiffe://{TD}/agent/x"), 600).cert
+    under_fake = x509svid.build_leaf(public_key=x509svid.new_key().public_key(),
+                                     spiffe_id=spiffeid.parse(f"spiffe://{TD}/agent/y"),
+                                     not_after=dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=5),
+                                     ca_cert=fake_ca, ca_key=fake_ca_key, serial=x509.random_serial_number(),
+                                     ca_aki=x509.AuthorityKeyIdentifier.from_issuer_public_key(fake_ca_key.public_key()))
+    with pytest.raises(chain.ChainError, match="not a CA"):
+        chain.path(under_fake, [h.root.cert], [fake_ca])
+
+
+def test_the_leaf_is_checked_against_its_intermediates_crl_and_the_intermediate_against_the_roots(h):
+    a, withdrawn = h.intermediate(), h.intermediate()
+    good, revoked, under_withdrawn = a.leaf("/agent/good"), a.leaf("/agent/revoked"), withdrawn.leaf("/agent/w")
+    v = Verifier(PeerPolicy.trust_domain(TD))
+    # As the Workload API sends them: every CRL, no intermediate certificates.
+    v.update([h.root.cert], [h.root.crl(withdrawn.cert), a.crl(revoked.cert), withdrawn.crl()])
+    assert v.check(_chain_der(good)) == "spiffe://example.org/agent/good"
+    with pytest.raises(Rejected, match=f"certificate {revoked.serial_hex} is revoked"):
+        v.check(_chain_der(revoked))
+    with pytest.raises(Rejected, match="certificate's issuer .* is revoked"):
+        v.check(_chain_der(under_withdrawn))
+    # The intermediate's CRLs stay per authority and never go back: a lower number is ignored.
+    v.update(None, [h.root.crl(withdrawn.cert), a.crl(number=1), withdrawn.crl()])
+    with pytest.raises(Rejected, match="is revoked"):
+        v.check(_chain_der(revoked))
+    later = a.leaf("/agent/later")
+    v.update(None, [h.root.crl(withdrawn.cert), a.crl(revoked.cert, later.cert), withdrawn.crl()])
+    with pytest.raises(Rejected, match="is revoked"):
+        v.check(_chain_der(later))
+
+
+def test_a_peer_presenting_its_leaf_alone_is_placed_under_an_intermediate_the_verifier_has_seen(h):
+    a = h.intermediate()
+    own_key = x509svid.new_key()
+    own = a.leaf("/svc/api", key=own_key)
+    peer = a.leaf("/agent/peer")
+    stranger = Verifier(PeerPolicy.trust_domain(TD))
+    stranger.update([h.root.cert])
+    with pytest.raises(Rejected, match="does not chain"):
+        stranger.check(peer.cert)
+    v = Verifier(PeerPolicy.trust_domain(TD))
+    v.update([h.root.cert], [a.crl()], OwnSVID("spiffe://example.org/svc/api", own.chain, pem.key_pkcs8_der(own_key)))
+    assert v.check(peer.cert) == "spiffe://example.org/agent/peer"
+
+
+def test_tls_handshake_gives_the_verifier_the_peers_intermediate_and_its_crl_is_enforced(h):
+    import socket
+    import threading
+
+    a, b = h.intermediate(), h.intermediate()  # the server's SVID is b's; clients' are a's
+    server_key = x509svid.new_key()
+    server = b.leaf("/svc/api", key=server_key)
+    v = Verifier(PeerPolicy.trust_domain(TD))
+    revoked = a.leaf("/agent/revoked", key=(revoked_key := x509svid.new_key()))
+    good = a.leaf("/agent/good", key=(good_key := x509svid.new_key()))
+    v.update([h.root.cert], [a.crl(revoked.cert), b.crl()],
+             OwnSVID("spiffe://example.org/svc/api", server.chain, pem.key_pkcs8_der(server_key)))
+    client_verifier = Verifier(PeerPolicy.trust_domain(TD))
+
+    def handshake(client, key):
+        client_verifier.update([h.root.cert], svid=OwnSVID("spiffe://example.org/agent/x", client.chain,
+                                                           pem.key_pkcs8_der(key)))
+        s1, s2 = socket.socketpair()
+        out = {}
+
+        def serve():
+            with v.server_context().wrap_socket(s1, server_side=True) as conn:
+                try:
+                    out["peer"] = v.check_peer(conn)
+                except Rejected as e:
+                    out["rejected"] = str(e)
+
+        t = threading.Thread(target=serve)
+        t.start()
+        with client_verifier.client_context().wrap_socket(s2) as conn:
+            client_verifier.check_peer(conn)  # the server's path runs through b, which the client never saw
+        t.join(10)
+        return out
+
+    assert handshake(good, good_key) == {"peer": "spiffe://example.org/agent/good"}
+    assert "is revoked" in handshake(revoked, revoked_key)["rejected"]
+
+
+def test_grpc_interceptor_sees_the_callers_intermediate_and_refuses_what_its_crl_lists(h):
+    a, b = h.intermediate(), h.intermediate()
+    server_key = x509svid.new_key()
+    server = b.signer.sign(server_key.public_key(), spiffeid.parse(f"spiffe://{TD}/svc/api"), 600,
+                           dns_names=["svc.test"])
+    good = a.leaf("/agent/good", key=(good_key := x509svid.new_key()))
+    bad = a.leaf("/agent/revoked", key=(bad_key := x509svid.new_key()))
+    v = Verifier(PeerPolicy.trust_domain(TD))
+    v.update([h.root.cert], [a.crl(bad.cert)], OwnSVID("spiffe://example.org/svc/api", server.chain,
+                                                       pem.key_pkcs8_der(server_key)))
+    handler = grpc.method_handlers_generic_handler("test.Echo", {
+        "Say": grpc.unary_unary_rpc_method_handler(lambda req, ctx: b"echo:" + req)})
+    srv = grpc.server(futures.ThreadPoolExecutor(4), interceptors=[v.interceptor()], handlers=[handler])
+    port = srv.add_secure_port("127.0.0.1:0", v.grpc_server_credentials())
+    srv.start()
+    try:
+        def call(signed, key):
+            creds = grpc.ssl_channel_credentials(h.bundle_pem(), pem.key_pem(key), pem.certs_pem(signed.chain))
+            with grpc.secure_channel(f"127.0.0.1:{port}", creds,
+                                     options=[("grpc.ssl_target_name_override", "svc.test")]) as ch:
+                return ch.unary_unary("/test.Echo/Say")(b"hi", timeout=10)
+
+        assert call(good, good_key) == b"echo:hi"
+        with pytest.raises(grpc.RpcError) as e:
+            call(bad, bad_key)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "is revoked" in e.value.details()
+    finally:
+        srv.stop(0)
+
+
+def test_file_source_reads_every_crl_in_crl_pem(h, tmp_path):
+    a = h.intermediate()
+    revoked = a.leaf()
+    safefs.atomic_write(tmp_path / "bundle.pem", h.bundle_pem())
+    safefs.atomic_write(tmp_path / "crl.pem", crl.pem_all([crl.load(h.root.crl()), crl.load(a.crl(revoked.cert))]))
+    v = Verifier.from_files(tmp_path / "bundle.pem", tmp_path / "crl.pem", PeerPolicy.trust_domain(TD), poll=0.05)
+    try:
+        assert v.check(_chain_der(a.leaf())) == "spiffe://example.org/agent/a"
+        with pytest.raises(Rejected, match="is revoked"):
+            v.check(_chain_der(revoked))
+    finally:
+        v.close()
+
+
+def test_an_intermediate_presented_as_the_peer_is_not_an_svid(h):
+    a = h.intermediate()
+    v = Verifier(PeerPolicy.trust_domain(TD))
+    v.update([h.root.cert])
+    with pytest.raises(Rejected, match="CA certificate is not an X.509-SVID"):
+        v.check(a.cert)  # it chains to the root and carries the trust domain's ID
