@@ -120,7 +120,7 @@ def build(cfg: IssuerConfig) -> Services:
         revocation=revocation, signing_pool=signing_pool, signer=signer, approvals=approvals, tasks=tasks,
         evidence=evidence,
         sidecar_api=IssuerService(attestor, signer, registry, hub, ca, revocation, tasks, cfg.resync_interval),
-        admin_api=AdminService(registry, attestor, hub, ca, approvals, revocation, evidence, cfg.admin_uids))
+        admin_api=AdminService(registry, attestor, hub, authorities, approvals, revocation, evidence, cfg.admin_uids))
 
 
 class IssuerApp:
