@@ -56,6 +56,16 @@ def _ts(t: int) -> str:
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if t else "-"
 
 
+def _left(seconds: int) -> str:
+    """A time left, to the two largest units (3d 4h, 2h 5m, 40s)."""
+    d, rest = divmod(max(0, int(seconds)), 86400)
+    h, rest = divmod(rest, 3600)
+    m, sec = divmod(rest, 60)
+    parts = [(d, "d"), (h, "h"), (m, "m"), (sec, "s")]
+    first = next((i for i, (n, _) in enumerate(parts) if n), 3)
+    return " ".join(f"{n}{u}" for n, u in parts[first:first + 2] if n) or "0s"
+
+
 def _entry_dict(e: types_pb2.Entry) -> dict:
     return {
         "id": e.id, "spiffe_id": e.spiffe_id, "parent_id": e.parent_id, "selectors": list(e.selectors),
@@ -421,6 +431,14 @@ def _print_report(rep: dict) -> None:
          ["ID", "LAST SEEN"], lambda s: [s["id"], _ts(s["last_seen"])]),
         ("Denials by reason", rep["denials_by_reason"], ["COUNT", "ACTION", "REASON"],
          lambda d: [d["count"], d["action"], d["reason"]]),
+        ("Authorities expiring (within a third of their life, at most 7 days)", rep["expiring_authorities"],
+         ["KIND", "ID", "STATE", "SOURCE", "EXPIRES", "IN"],
+         lambda a: [a["kind"], a["id"][:16], a["state"], a["source"], _ts(a["not_after"]),
+                    _left(a["expires_in_seconds"])]),
+        ("Offline-signed intermediates with no signed successor (sign the CSR, then tessera ca activate --cert)",
+         rep["offline_intermediates_without_successor"], ["ID", "EXPIRES", "IN", "CSR WAITING FOR"],
+         lambda a: [a["id"][:16], _ts(a["not_after"]), _left(a["expires_in_seconds"]),
+                    a["awaiting_certificate"] or "- (tessera ca prepare --kind x509)"]),
     ]
     for title, items, headers, row in sections:
         print(f"== {title}: {len(items)}")
