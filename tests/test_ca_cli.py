@@ -18,9 +18,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from grpclib.server import Server
 
-from harness import BIN, one_line_error
+from harness import BIN, one_line_error, write_private
 from tessera import crl as crl_mod
-from tessera import rpc, x509svid
+from tessera import pem, rpc, x509svid
 from tessera.uds import bind_unix
 
 TD = "example.org"
@@ -330,8 +330,14 @@ def test_offline_root_prepare_writes_the_csr_and_activate_installs_only_a_matchi
     one_line_error(d.cli("ca", "activate", next_id, "--reason", "r", check=False), "--cert")
     assert one("x509", "active")["id"] == first and one("x509", "prepared")["id"] == next_id  # nothing changed
 
+    # Signed as docs/authorities.md tells the operator to, with openssl at the offline CA.
+    root_key_pem = write_private(tmp_path / "root.key", pem.key_pem(root_key).decode())
+    ext = tmp_path / "ext.cnf"
+    ext.write_text("subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid:always\n")
     good = tmp_path / "good.pem"
-    good.write_bytes(sign_csr(csr_out.read_bytes(), root_cert, root_key))
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr_out), "-CA", str(root_pem), "-CAkey", str(root_key_pem),
+                    "-days", "30", "-copy_extensions", "copyall", "-extfile", str(ext), "-out", str(good)],
+                   check=True, capture_output=True)
     d.cli("ca", "activate", next_id, "--cert", str(good), "--reason", "signed at the offline CA")
     assert one("x509", "active")["id"] == next_id
     # Without --csr-out the CSR follows the id on stdout.
