@@ -19,7 +19,7 @@ from tessera import safefs
 from tessera.cliutil import CliError, Parser, duration_arg, fail, int_arg, path_arg, run_main
 from tessera.configfile import check_path_text
 from tessera.durations import format_duration, parse_duration
-from tessera.errors import InvalidArgument, TesseraError
+from tessera.errors import ConfigError, InvalidArgument, TesseraError
 from tessera.uds import socket_target
 from tessera.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from tessera.version import add_version_flag
@@ -479,14 +479,20 @@ def _ca(stub: admin_pb2_grpc.AdminStub, args, cert_pem: str, t: float) -> int:
                          ["KIND", "ID", "STATE", "SOURCE", "NOT BEFORE", "NOT AFTER", "OUTSTANDING"]))
     elif c == "prepare":
         r = stub.PrepareAuthority(admin_pb2.PrepareAuthorityRequest(kind=args.kind, reason=args.reason), timeout=t)
+        unwritten = ""
         if args.csr_out and r.csr_pem:
-            safefs.atomic_write(args.csr_out, r.csr_pem.encode(), 0o644, "--csr-out")
+            try:
+                safefs.atomic_write(args.csr_out, r.csr_pem.encode(), 0o644, "--csr-out")
+            except (OSError, ConfigError) as e:
+                unwritten = str(e)  # the authority exists now: its CSR goes to stdout rather than nowhere
         if args.output == "json":
             print(json.dumps({"authority": _authority_dict(r.authority), "csr_pem": r.csr_pem}, indent=2))
         else:
             print(r.authority.id)
-            if r.csr_pem and not args.csr_out:
+            if r.csr_pem and (unwritten or not args.csr_out):
                 sys.stdout.write(r.csr_pem)
+        if unwritten:
+            raise CliError(f"--csr-out: {unwritten}; the CSR of {r.authority.id} is on stdout instead", 1)
         if args.csr_out and not r.csr_pem:
             print(f"{PROG}: no CSR written to {args.csr_out}: the root's key is here, and it signed the intermediate",
                   file=sys.stderr)
