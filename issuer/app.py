@@ -124,7 +124,8 @@ def build(cfg: IssuerConfig) -> Services:
 
     authorities.subscribe(publish_trust)
     return Services(
-        audit_relay=audit_relay, store=store, audit_file=audit_file, authorities=authorities, hub=hub, registry=registry, attestor=attestor,
+        audit_relay=audit_relay, store=store, audit_file=audit_file, authorities=authorities, hub=hub,
+        registry=registry, attestor=attestor,
         revocation=revocation, signing_pool=signing_pool, signer=signer, approvals=approvals, tasks=tasks,
         evidence=evidence,
         sidecar_api=IssuerService(attestor, signer, registry, hub, authorities, revocation, tasks,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as dt
 import json
 import os
+import re
 import sys
 import time
 
@@ -13,10 +15,11 @@ import grpc
 
 from issuer.core.models import AUDIT_FIELDS, AUDIT_JSON_FIELDS
 from tessera import crl as crl_mod
+from tessera import safefs
 from tessera.cliutil import CliError, Parser, duration_arg, fail, int_arg, path_arg, run_main
 from tessera.configfile import check_path_text
 from tessera.durations import format_duration, parse_duration
-from tessera.errors import InvalidArgument, TesseraError
+from tessera.errors import ConfigError, InvalidArgument, TesseraError
 from tessera.uds import socket_target
 from tessera.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 from tessera.version import add_version_flag
@@ -26,10 +29,41 @@ REVOKE_TARGETS = (("serial", "serial"), ("task", "task_id"), ("entry", "entry_id
                   ("sidecar", "sidecar"), ("owner", "owner"))
 DEFAULT_SOCKET = "/run/tessera/admin.sock"
 MAX_TAIL_LINES = 1_000_000
+CERT_FILE_MAX = 64 * 1024  # --cert: one certificate (the admin API refuses more)
+AUTHORITY_KINDS = ("x509", "jwt", "root")
+CA_HELP = """\
+Signing authorities: the root (in every trust bundle), the intermediates that sign SVIDs (rotated by the
+issuer on its own every ca_ttl) and the JWT signing keys. Every change is audited with your uid and --reason.
+
+Root rotation:
+  1. tessera ca prepare --kind root --reason R
+     The new root enters the trust bundle at once and signs nothing yet. The issuer pushes the bundle to
+     every connected sidecar, which hands it to its workloads (FetchX509Bundles, bundle.pem).
+  2. Once the new root has reached the fleet (every sidecar you rely on connected since: tessera sidecar
+     list), tessera ca activate ROOT_ID --reason R
+     The new root signs the next intermediate at once; both roots stay in the bundle, so SVIDs under
+     either are accepted.
+  3. When nothing depends on the old root any more (tessera ca list: outstanding 0), tessera ca revoke
+     OLD_ROOT_ID --reason R removes it from the bundle.
+
+Under an offline root (ca_cert with ca_offline), tessera ca prepare --kind x509 writes the next
+intermediate's CSR; sign it with the root and install it with tessera ca activate ID --cert FILE.
+See docs/authorities.md."""
+_AUTHORITY_REF = re.compile(r"[0-9a-f]{8,64}", re.ASCII)
 
 
 def _ts(t: int) -> str:
     return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if t else "-"
+
+
+def _left(seconds: int) -> str:
+    """A time left, to the two largest units (3d 4h, 2h 5m, 40s)."""
+    d, rest = divmod(max(0, int(seconds)), 86400)
+    h, rest = divmod(rest, 3600)
+    m, sec = divmod(rest, 60)
+    parts = [(d, "d"), (h, "h"), (m, "m"), (sec, "s")]
+    first = next((i for i, (n, _) in enumerate(parts) if n), 3)
+    return " ".join(f"{n}{u}" for n, u in parts[first:first + 2] if n) or "0s"
 
 
 def _entry_dict(e: types_pb2.Entry) -> dict:
@@ -85,6 +119,63 @@ def _print_revoked(r: admin_pb2.RevokeResponse, output: str, what: str) -> None:
         return
     extra = f", {len(r.entry_ids)} entr{'y' if len(r.entry_ids) == 1 else 'ies'} revoked" if r.entry_ids else ""
     print(f"{what}: {r.count} certificate{'' if r.count == 1 else 's'} revoked{extra} (revocation {r.seq})")
+
+
+def authority_ref(value: str) -> str:
+    """An authority id (lowercase hex, as `tessera ca list` shows it) or a unique prefix of 8 or more of it."""
+    if not _AUTHORITY_REF.fullmatch(value):
+        raise argparse.ArgumentTypeError(f"{value[:80]!r} is not an authority id: give the hex id from tessera ca "
+                                         "list, or at least its first 8 characters")
+    return value
+
+
+def _authority_dict(a: admin_pb2.Authority) -> dict:
+    return {"id": a.id, "kind": a.kind, "state": a.state, "source": a.source, "parent": a.parent,
+            "not_before": a.not_before, "not_after": a.not_after, "expired": a.expired, "outstanding": a.outstanding,
+            "created_at": a.created_at, "activated_at": a.activated_at, "tainted_at": a.tainted_at,
+            "revoked_at": a.revoked_at, "cert_pem": a.cert_pem}
+
+
+_KIND_ORDER = {"root": 0, "x509": 1, "jwt": 2}
+
+
+def _authority_row(a: admin_pb2.Authority) -> list[str]:
+    state = f"{a.state}, expired" if a.expired else a.state
+    return [a.kind, a.id[:16], state, a.source, _ts(a.not_before), _ts(a.not_after), str(a.outstanding)]
+
+
+def _print_authority(a: admin_pb2.Authority, output: str) -> None:
+    print(json.dumps(_authority_dict(a), indent=2) if output == "json" else f"{a.id} {a.state}")
+
+
+def _crl_dict(c: admin_pb2.CRL) -> dict:
+    return {"authority": c.authority, "number": c.number, "entries": c.entries, "this_update": c.this_update,
+            "next_update": c.next_update, "pem": crl_mod.pem(crl_mod.load(c.der)).decode()}
+
+
+def _read_cert(path: str) -> str:
+    """--cert: a PEM file read as tessera.safefs reads files (no link, FIFO or other user's file); the issuer checks
+    what it holds."""
+    try:
+        data = safefs.read_regular(path, "--cert", limit=CERT_FILE_MAX)
+    except FileNotFoundError:
+        raise CliError(f"--cert: {path} does not exist") from None
+    except OSError as e:
+        raise CliError(f"--cert: cannot read {path}: {e.strerror}") from None
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError:
+        raise CliError(f"--cert: {path} is not a PEM certificate") from None
+
+
+def _check_csr_out(path: str) -> None:
+    """--csr-out's directory, checked before the authority is prepared: a CSR is not lost for a bad path."""
+    try:
+        safefs.resolve_dir(os.path.dirname(os.path.abspath(path)), "--csr-out")
+    except FileNotFoundError:
+        raise CliError(f"--csr-out: the directory of {path} does not exist") from None
+    if os.path.isdir(path):
+        raise CliError(f"--csr-out: {path} is a directory")
 
 
 def build_parser() -> Parser:
@@ -156,9 +247,44 @@ def build_parser() -> Parser:
                     help="RFC 5280 reason code for the CRL (default depends on the target)")
     rv.add_argument("--output", choices=["text", "json"], default="text")
 
-    crl = sub.add_parser("crl", help="the signed CRL").add_subparsers(dest="cmd", required=True, parser_class=Parser)
-    cs = crl.add_parser("show", help="print the current CRL (PEM)")
-    cs.add_argument("--der", action="store_true", help="write DER instead of PEM")
+    crl = sub.add_parser("crl", help="the signed CRLs").add_subparsers(dest="cmd", required=True, parser_class=Parser)
+    cs = crl.add_parser("show", help="print every published CRL (PEM), each under a line naming its authority, "
+                                     "number, entries and dates: a CRL file for openssl verify -crl_check_all")
+    cs.add_argument("--der", action="store_true", help="write only the active intermediate's CRL, as DER")
+    cs.add_argument("--output", choices=["pem", "json"], default="pem")
+
+    ca = sub.add_parser("ca", help="signing authorities: roots, intermediates, JWT keys", description=CA_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter).add_subparsers(
+        dest="cmd", required=True, parser_class=Parser)
+    cl = ca.add_parser("list", help="every authority: kind, id, state, validity, SVIDs outstanding")
+    cl.add_argument("--output", choices=["table", "json"], default="table")
+    cp = ca.add_parser("prepare", help="create the next authority of a kind; it does not sign until activated",
+                       description="Create the next authority of KIND in state prepared; prints its id. A root "
+                                   "enters the trust bundle at once (step 1 of a root rotation; tessera ca --help). "
+                                   "Under an offline root an intermediate waits for its certificate: its CSR goes to "
+                                   "--csr-out, else to stdout after the id.")
+    cp.add_argument("--kind", required=True, choices=AUTHORITY_KINDS)
+    cp.add_argument("--reason", required=True, help="why (audited)")
+    cp.add_argument("--csr-out", type=path_arg, metavar="FILE", help="write an offline root's CSR here")
+    cp.add_argument("--output", choices=["text", "json"], default="text")
+    ca_act = ca.add_parser("activate", help="make a prepared authority the one that signs (a root: step 2 of a "
+                                            "root rotation)")
+    ca_act.add_argument("id", type=authority_ref, help="authority id, or a unique prefix of 8 or more characters")
+    ca_act.add_argument("--cert", type=path_arg, metavar="FILE",
+                        help="the offline root's certificate for this intermediate (PEM)")
+    ca_act.add_argument("--reason", required=True, help="why (audited)")
+    ca_act.add_argument("--output", choices=["text", "json"], default="text")
+    ct = ca.add_parser("taint", help="stop trusting an authority for new work: everything it signed is replaced "
+                                     "on every sidecar at once (a root takes its intermediates with it)")
+    ct.add_argument("id", type=authority_ref)
+    ct.add_argument("--reason", required=True, help="why (audited)")
+    ct.add_argument("--output", choices=["text", "json"], default="text")
+    cr = ca.add_parser("revoke", help="withdraw an authority: a root leaves the bundle, an intermediate goes on its "
+                                      "root's CRL; refused while unexpired certificates depend on it")
+    cr.add_argument("id", type=authority_ref)
+    cr.add_argument("--reason", required=True, help="why (audited)")
+    cr.add_argument("--force", action="store_true", help="even while unexpired certificates depend on it")
+    cr.add_argument("--output", choices=["text", "json"], default="text")
 
     au = sub.add_parser("audit", help="the audit trail").add_subparsers(dest="cmd", required=True, parser_class=Parser)
     at = au.add_parser("tail", help="show the latest audit records")
@@ -305,6 +431,14 @@ def _print_report(rep: dict) -> None:
          ["ID", "LAST SEEN"], lambda s: [s["id"], _ts(s["last_seen"])]),
         ("Denials by reason", rep["denials_by_reason"], ["COUNT", "ACTION", "REASON"],
          lambda d: [d["count"], d["action"], d["reason"]]),
+        ("Authorities expiring (within a third of their life, at most 7 days)", rep["expiring_authorities"],
+         ["KIND", "ID", "STATE", "SOURCE", "EXPIRES", "IN"],
+         lambda a: [a["kind"], a["id"][:16], a["state"], a["source"], _ts(a["not_after"]),
+                    _left(a["expires_in_seconds"])]),
+        ("Offline-signed intermediates with no signed successor (sign the CSR, then tessera ca activate --cert)",
+         rep["offline_intermediates_without_successor"], ["ID", "EXPIRES", "IN", "CSR WAITING FOR"],
+         lambda a: [a["id"][:16], _ts(a["not_after"]), _left(a["expires_in_seconds"]),
+                    a["awaiting_certificate"] or "- (tessera ca prepare --kind x509)"]),
     ]
     for title, items, headers, row in sections:
         print(f"== {title}: {len(items)}")
@@ -333,9 +467,69 @@ def _stub(socket_path: str) -> admin_pb2_grpc.AdminStub:
     return admin_pb2_grpc.AdminStub(channel)
 
 
+def _ca(stub: admin_pb2_grpc.AdminStub, args, cert_pem: str, t: float) -> int:
+    c = args.cmd
+    if c == "list":
+        authorities = stub.ListAuthorities(types_pb2.Empty(), timeout=t).authorities
+        if args.output == "json":
+            print(json.dumps([_authority_dict(a) for a in authorities], indent=2))
+        else:
+            rows = sorted(authorities, key=lambda a: (_KIND_ORDER.get(a.kind, 3), a.created_at, a.id))
+            print(_table([_authority_row(a) for a in rows],
+                         ["KIND", "ID", "STATE", "SOURCE", "NOT BEFORE", "NOT AFTER", "OUTSTANDING"]))
+    elif c == "prepare":
+        r = stub.PrepareAuthority(admin_pb2.PrepareAuthorityRequest(kind=args.kind, reason=args.reason), timeout=t)
+        unwritten = ""
+        if args.csr_out and r.csr_pem:
+            try:
+                safefs.atomic_write(args.csr_out, r.csr_pem.encode(), 0o644, "--csr-out")
+            except (OSError, ConfigError) as e:
+                unwritten = str(e)  # the authority exists now: its CSR goes to stdout rather than nowhere
+        if args.output == "json":
+            print(json.dumps({"authority": _authority_dict(r.authority), "csr_pem": r.csr_pem}, indent=2))
+        else:
+            print(r.authority.id)
+            if r.csr_pem and (unwritten or not args.csr_out):
+                sys.stdout.write(r.csr_pem)
+        if unwritten:
+            raise CliError(f"--csr-out: {unwritten}; the CSR of {r.authority.id} is on stdout instead", 1)
+        if args.csr_out and not r.csr_pem:
+            print(f"{PROG}: no CSR written to {args.csr_out}: the root's key is here, and it signed the intermediate",
+                  file=sys.stderr)
+    elif c == "activate":
+        r = stub.ActivateAuthority(admin_pb2.ActivateAuthorityRequest(id=args.id, cert_pem=cert_pem,
+                                                                      reason=args.reason), timeout=t)
+        _print_authority(r.authority, args.output)
+    elif c == "taint":
+        tainted = list(stub.TaintAuthority(admin_pb2.AuthorityRef(id=args.id, reason=args.reason), timeout=t).tainted)
+        print(json.dumps({"tainted": tainted}, indent=2) if args.output == "json" else "\n".join(tainted))
+    elif c == "revoke":
+        r = stub.RevokeAuthority(admin_pb2.RevokeAuthorityRequest(id=args.id, reason=args.reason, force=args.force),
+                                 timeout=t)
+        _print_authority(r.authority, args.output)
+    return 0
+
+
+def _local_inputs(args) -> str:
+    """What a command reads or checks here, before the issuer is asked: bad input is refused without a change.
+    Returns --cert's PEM text (or "")."""
+    if args.group == "crl" and args.der and args.output == "json":
+        raise CliError("--der and --output json do not go together")
+    if args.group != "ca" or args.cmd == "list":
+        return ""
+    if not args.reason.strip():
+        raise CliError("--reason must not be empty")
+    if args.cmd == "prepare" and args.csr_out:
+        _check_csr_out(args.csr_out)
+    if args.cmd == "activate" and args.cert:
+        return _read_cert(args.cert)
+    return ""
+
+
 def run(args) -> int:
     if args.group == "audit" and args.cmd == "verify" and (args.db or args.file):
         return _verify_local(args)
+    cert_pem = _local_inputs(args)
     socket_path = args.admin_socket or os.environ.get("TESSERA_ADMIN_SOCKET") or DEFAULT_SOCKET
     try:
         check_path_text(socket_path)
@@ -460,9 +654,18 @@ def run(args) -> int:
     elif g == "crl" and c == "show":
         crl = stub.GetCRL(types_pb2.Empty(), timeout=t)
         if args.der:
-            sys.stdout.buffer.write(crl.der)
+            sys.stdout.buffer.write(crl.der)  # the active intermediate's, the set's first
+        elif args.output == "json":
+            print(json.dumps([_crl_dict(one) for one in crl.all], indent=2))
         else:
-            sys.stdout.write(crl_mod.pem(crl_mod.load(crl.der)).decode())
+            # A line of text before each PEM block: openssl, Go's pem and cryptography skip it.
+            for one in crl.all:
+                sys.stdout.write(f"# authority {one.authority}: CRL number {one.number}, {one.entries} "
+                                 f"entr{'y' if one.entries == 1 else 'ies'}, thisUpdate {_ts(one.this_update)}, "
+                                 f"nextUpdate {_ts(one.next_update)}\n")
+                sys.stdout.write(crl_mod.pem(crl_mod.load(one.der)).decode())
+    elif g == "ca":
+        return _ca(stub, args, cert_pem, t)
     elif g == "bundle" and c == "show":
         sys.stdout.write(stub.GetBundle(types_pb2.Empty(), timeout=t).pem)
     return 0

@@ -4,17 +4,25 @@ Issuances, denials and time to credential are derived from committed audit
 records (`observe_audit`, an audit listener), so every decision any part of
 the issuer audits is counted the same way and nothing is counted that did not
 commit. Latency, gauges and the CRL are fed by the code that knows them.
+
+Authorities' seconds to expiry are computed at each scrape from the records last handed to
+`set_authorities` (called at start and after every authority change), so the value is current
+between changes and an authority leaves the metric once it is revoked or expired.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
+from issuer.audit import report
 from issuer.audit.records import AuditFile, denial_reason
 from issuer.core.events import EventHub
-from issuer.core.models import AuditRecord
+from issuer.core.models import AuditRecord, Authority
 from tessera import metricsserver
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -46,6 +54,45 @@ CONNECTED_SIDECARS = Gauge("tessera_issuer_connected_sidecars", "Sidecars with a
 AUDIT_RECORDS = Counter("tessera_issuer_audit_records", "Audit records committed", registry=REGISTRY)
 AUDIT_FILE_BEHIND = Gauge("tessera_issuer_audit_file_behind",
                           "1 while the JSON-lines audit file lags the database after a failed write", registry=REGISTRY)
+
+
+class _Authorities:
+    """tessera_authority_expiry_seconds{kind,id,state}: seconds from the scrape to each authority's notAfter;
+    tessera_authority_awaiting_offline_signature: active offline-signed intermediates the report lists as
+    having no signed successor (the operator must sign one; alert when above 0)."""
+
+    EXPIRY = "tessera_authority_expiry_seconds"
+    AWAITING = "tessera_authority_awaiting_offline_signature"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: tuple[Authority, ...] = ()
+
+    def set(self, authorities: Iterable[Authority]) -> None:
+        with self._lock:
+            self._records = tuple(authorities)
+
+    def describe(self):
+        return [GaugeMetricFamily(self.EXPIRY, "", labels=["kind", "id", "state"]), GaugeMetricFamily(self.AWAITING, "")]
+
+    def collect(self):
+        now = time.time()
+        with self._lock:
+            records = self._records
+        expiry = GaugeMetricFamily(self.EXPIRY, "Seconds until each unexpired, unrevoked authority's notAfter",
+                                   labels=["kind", "id", "state"])
+        # Revoked ones are no longer trusted, expired ones no longer matter, and an intermediate waiting for its
+        # offline-signed certificate has no notAfter yet; leaving them out keeps the label set small.
+        for a in records:
+            if a.state != "revoked" and (a.kind == "jwt" or a.cert_der) and a.not_after > now:
+                expiry.add_metric([a.kind, a.id, a.state], a.not_after - now)
+        yield expiry
+        yield GaugeMetricFamily(self.AWAITING, "Active offline-signed intermediates past half their life with no "
+                                "signed successor", value=len(report.offline_without_successor(records, int(now))))
+
+
+AUTHORITIES = _Authorities()
+REGISTRY.register(AUTHORITIES)
 
 
 # -- fed from the audit trail ----------------------------------------------------------------
@@ -98,6 +145,11 @@ def set_crl(number: int, size_bytes: int, entries: int) -> None:
     CRL_NUMBER.set(number)
     CRL_SIZE_BYTES.set(size_bytes)
     CRL_ENTRIES.set(entries)
+
+
+def set_authorities(authorities: Iterable[Authority]) -> None:
+    """The authorities' owner calls this with every record, at start and after each change."""
+    AUTHORITIES.set(authorities)
 
 
 def watch_connected_sidecars(hub: EventHub) -> None:

@@ -1,6 +1,7 @@
 """Prometheus metrics on issuer and sidecar, the issuer's gRPC health service, and `tessera-sidecar healthcheck`."""
 
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -8,7 +9,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from harness import BIN, free_ports, metric, one_line_error, scrape, wait_for
 from issuer import metrics
-from issuer.core.models import AuditRecord
+from issuer.core.models import AuditRecord, Authority
 from issuer_client import attest
 
 
@@ -37,6 +38,42 @@ def test_denial_reasons_are_bounded_labels():
     b = metrics.denial_reason(rec("svid.deny", "deny", why.format("e-2", "b")))
     assert a == b == "entry <value> is not registered to <spiffe-id>"
     assert metrics.denial_reason(rec("task.deny", "deny", "whatever 123", rule="tier-cap")) == "tier-cap"
+
+
+def authority_samples() -> dict:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(generate_latest(metrics.REGISTRY).decode())
+            for s in f.samples if s.name.startswith("tessera_authority_")}
+
+
+def test_authority_expiry_is_seconds_to_not_after_at_scrape_time_for_live_authorities_only():
+    now = int(time.time())
+
+    def rec(i, kind, state, not_after, cert=b"c", source="root", not_before=None):
+        return Authority(id=i, kind=kind, state=state, source=source, parent=None, public_der=b"k", cert_der=cert,
+                         sealed_key=b"", kek_id="", not_before=now - 3600 if not_before is None else not_before,
+                         not_after=not_after, created_at=now - 3600)
+
+    metrics.set_authorities([
+        rec("r1", "root", "active", now + 86400), rec("i1", "x509", "active", now + 600),
+        rec("j1", "jwt", "prepared", now + 900, cert=b""), rec("old", "x509", "revoked", now + 600),
+        rec("dead", "x509", "retired", now - 1), rec("csr", "x509", "prepared", now, cert=b"", source="offline"),
+    ])
+    s = authority_samples()
+    expiry = {dict(k)["id"]: (dict(k), v) for (name, k), v in s.items() if name == "tessera_authority_expiry_seconds"}
+    assert sorted(expiry) == ["i1", "j1", "r1"]
+    assert expiry["i1"][0] == {"kind": "x509", "id": "i1", "state": "active"}
+    assert 590 <= expiry["i1"][1] <= 600 and 86390 <= expiry["r1"][1] <= 86400
+    assert s[("tessera_authority_awaiting_offline_signature", ())] == 0
+    # An offline-signed intermediate past half its life with no signed successor: the operator must act.
+    metrics.set_authorities([rec("off", "x509", "active", now + 600, source="offline")])
+    s = authority_samples()
+    assert s[("tessera_authority_awaiting_offline_signature", ())] == 1
+    assert [dict(k)["id"] for (name, k) in s if name == "tessera_authority_expiry_seconds"] == ["off"]
+    metrics.set_authorities([])
 
 
 # -- end to end ------------------------------------------------------------------------------

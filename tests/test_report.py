@@ -7,7 +7,7 @@ import pytest
 
 from harness import one_line_error
 from issuer.audit import report
-from issuer.core.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar
+from issuer.core.models import Actor, AuditEvent, Authority, Entry, IssuedSerial, Sidecar
 from issuer.datastore.sqlite import SQLiteDatastore
 
 TD = "example.org"
@@ -142,3 +142,77 @@ def test_tessera_report_json_on_a_seeded_store_lists_every_debt(deployment):
         assert needle in table, needle
     bad = d.cli("report", "--unused-days", "-1", check=False)
     one_line_error(bad)
+
+
+# -- authorities running out ----------------------------------------------------------------------
+
+def authority(name: str, kind: str, state: str, now: int, *, life: int, left: int, source: str = "root",
+              created_ago: int | None = None, signed: bool = True) -> Authority:
+    """A record as the Authorities service stores it; `left` seconds to its notAfter out of `life`."""
+    not_after = now + left
+    return Authority(id=name, kind=kind, state=state, source=source, parent="root" if kind == "x509" else None,
+                     public_der=b"k", cert_der=b"c" if signed and kind != "jwt" else b"", sealed_key=b"s", kek_id="x",
+                     not_before=not_after - life, not_after=not_after,
+                     created_at=now - (created_ago if created_ago is not None else life - left))
+
+
+def test_authorities_in_the_last_third_of_their_life_or_7_days_are_expiring_if_they_sign():
+    now = int(time.time())
+    week, ten_years = 7 * DAY, 3650 * DAY
+    records = [
+        authority("root-soon", "root", "active", now, life=ten_years, left=6 * DAY, source="created"),
+        authority("root-fine", "root", "prepared", now, life=ten_years, left=8 * DAY, source="created"),
+        authority("stalled", "x509", "active", now, life=week, left=2 * DAY),  # a rotation that did not happen
+        authority("young", "x509", "prepared", now, life=week, left=3 * DAY),  # a third of 7d is 2.33d
+        authority("retired", "x509", "retired", now, life=week, left=DAY),  # nothing new depends on it
+        authority("tainted", "x509", "tainted", now, life=week, left=DAY),
+        authority("gone", "x509", "active", now, life=week, left=-1),
+        authority("jwt-soon", "jwt", "active", now, life=3600, left=1000),
+        authority("csr-waiting", "x509", "prepared", now, life=0, left=0, source="offline", signed=False),
+    ]
+    rows = report.expiring_authorities(records, now)
+    assert [r["id"] for r in rows] == ["jwt-soon", "stalled", "root-soon"]  # soonest first
+    assert rows[0]["window_seconds"] == 1200 and rows[2]["window_seconds"] == 7 * DAY
+    assert rows[1]["expires_in_seconds"] == 2 * DAY
+
+
+def test_an_offline_signed_intermediate_past_half_its_life_without_a_signed_successor_is_listed():
+    now = int(time.time())
+    life = 30 * DAY
+    active = authority("old", "x509", "active", now, life=life, left=10 * DAY, source="offline")
+    waiting = authority("next", "x509", "prepared", now, life=0, left=0, source="offline", signed=False, created_ago=DAY)
+    rows = report.offline_without_successor([active, waiting], now)
+    assert [(r["id"], r["awaiting_certificate"]) for r in rows] == [("old", "next")]
+    assert report.offline_without_successor([active], now)[0]["awaiting_certificate"] is None
+    # Before half its life: not yet. With a signed successor, or signed by the root here: nothing to do.
+    early = authority("early", "x509", "active", now, life=life, left=20 * DAY, source="offline")
+    signed = authority("signed", "x509", "prepared", now, life=life, left=life, source="offline", created_ago=0)
+    local = authority("local", "x509", "active", now, life=life, left=DAY, source="root")
+    assert report.offline_without_successor([early], now) == []
+    assert report.offline_without_successor([active, signed], now) == []
+    assert report.offline_without_successor([local], now) == []
+
+
+def test_the_report_carries_the_authorities_it_is_given(store):
+    now = int(time.time())
+    records = [authority("stalled", "x509", "active", now, life=7 * DAY, left=DAY, source="offline")]
+    rep = build(store, now, authorities=records)
+    assert [r["id"] for r in rep["expiring_authorities"]] == ["stalled"]
+    assert [r["id"] for r in rep["offline_intermediates_without_successor"]] == ["stalled"]
+    assert rep["thresholds"]["authority_window_max_seconds"] == 7 * DAY
+    assert build(store, now)["expiring_authorities"] == []
+
+
+def test_tessera_report_table_names_the_expiring_authority_and_the_csr_to_sign(store, capsys):
+    from issuer.cli import _print_report
+
+    now = int(time.time())
+    old = authority("a1b2c3d4e5f60718293a4b5c6d7e8f9012345678", "x509", "active", now, life=30 * DAY, left=DAY,
+                    source="offline")
+    waiting = authority("ffee" * 10, "x509", "prepared", now, life=0, left=0, source="offline", signed=False,
+                        created_ago=DAY)
+    _print_report(build(store, now, authorities=[old, waiting]))
+    out = capsys.readouterr().out
+    assert "== Authorities expiring (within a third of their life, at most 7 days): 1" in out
+    assert "== Offline-signed intermediates with no signed successor" in out
+    assert "a1b2c3d4e5f60718" in out and "ffee" * 10 in out and "1d" in out

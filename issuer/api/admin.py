@@ -1,7 +1,9 @@
 """The operator API on the admin Unix socket (grpclib, so the caller's uid comes from the kernel).
 
 Thin handlers: check the operator, translate, delegate to the services (in a
-worker thread, since they touch the database).
+worker thread, since they touch the database). A taint or revoke answers only once the CRLs are
+re-signed with the new set, and a taint only once the sidecars have been told to replace what
+the tainted authorities signed: when `tessera ca taint` returns, the replacement is under way.
 """
 
 from __future__ import annotations
@@ -9,19 +11,25 @@ from __future__ import annotations
 import asyncio
 import time
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from issuer.api.convert import entry_pb, sidecar_pb
 from issuer.api.evidence import Evidence, EvidenceHandlers
-from issuer.ca.authorities import Authorities
+from issuer.ca.authorities import Authorities, expired
 from issuer.core.events import EventHub
-from issuer.core.models import Actor
+from issuer.core.models import Actor, Authority
 from issuer.identity.attestation import SidecarAttestor
-from issuer.identity.registration import Registry, bounded_ref, optional_text
-from issuer.revocation.service import RevocationService
+from issuer.identity.registration import Registry, bounded_ref, optional_text, required_text
+from issuer.revocation.service import CrlInfo, RevocationService
 from issuer.tasks.approvals import ApprovalRequest, Approvals
 from tessera import peercred
-from tessera.errors import InvalidArgument, PermissionDenied, Unimplemented
+from tessera.errors import ConfigError, FailedPrecondition, InvalidArgument, PermissionDenied
 from tessera.rpc import grpclib_handler
 from tessera.v1 import admin_grpc, admin_pb2, types_pb2
+
+
+# An offline root's certificate for one intermediate (a PEM chain at most): anything far larger is not one.
+MAX_CERT_PEM = 64 * 1024
 
 
 class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
@@ -168,15 +176,101 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
     async def GetCRL(self, stream):
         await stream.recv_message()
         self.operator(stream)
-        info = self.revocation.crl_info()
-        await stream.send_message(admin_pb2.CRL(der=info.der, number=info.number, this_update=info.this_update,
-                                                next_update=info.next_update, entries=info.entries))
+        crls = [crl_pb(info) for info in self.revocation.crl_set()]
+        if not crls:
+            raise FailedPrecondition("no CRL is published yet")
+        # The top-level fields are the active intermediate's CRL (the set's first), as a single CRL was before.
+        out = admin_pb2.CRL()
+        out.CopyFrom(crls[0])
+        out.all.extend(crls)
+        await stream.send_message(out)
 
-    # Placeholders until the operator commands land (branch h15/cli): the servicer must define every method.
+    # -- authorities ----------------------------------------------------------------------
+
+    async def _authority_call(self, fn, *args):
+        """Run an Authorities operation off the loop. A refusal it reports as ConfigError (a KEK that does not open
+        a key, an offline root with no signed successor) is the operator's one clear line, not an internal error."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except ConfigError as e:
+            raise FailedPrecondition(str(e)) from None
+
+    def _authority_pb(self, a: Authority, now: float) -> admin_pb2.Authority:
+        return authority_pb(a, self.authorities.outstanding(a, now), self.authorities.certificate(a.id), now)
+
+    def _authorities_pb(self) -> list[admin_pb2.Authority]:
+        now = time.time()
+        return [self._authority_pb(a, now) for a in self.authorities.list()]
+
+    @grpclib_handler
     async def ListAuthorities(self, stream):
-        raise Unimplemented("not yet")
+        await stream.recv_message()
+        self.operator(stream)
+        listed = await asyncio.to_thread(self._authorities_pb)  # outstanding counts read the database
+        await stream.send_message(admin_pb2.ListAuthoritiesResponse(authorities=listed))
 
-    PrepareAuthority = ActivateAuthority = TaintAuthority = RevokeAuthority = ListAuthorities
+    @grpclib_handler
+    async def PrepareAuthority(self, stream):
+        req = await stream.recv_message()
+        actor = self.operator(stream)
+        reason = required_text("reason", req.reason)
+        a, csr = await self._authority_call(self.authorities.prepare, bounded_ref("kind", req.kind), actor, reason)
+        pb = await asyncio.to_thread(self._authority_pb, a, time.time())
+        await stream.send_message(admin_pb2.AuthorityResponse(authority=pb, csr_pem=csr.decode()))
+
+    @grpclib_handler
+    async def ActivateAuthority(self, stream):
+        req = await stream.recv_message()
+        actor = self.operator(stream)
+        reason = required_text("reason", req.reason)
+        if len(req.cert_pem) > MAX_CERT_PEM:
+            raise InvalidArgument(f"the certificate is longer than {MAX_CERT_PEM} characters: give the one "
+                                  "certificate the offline root signed")
+        a = await self._authority_call(self.authorities.activate, bounded_ref("authority id", req.id),
+                                       req.cert_pem.encode(), actor, reason)
+        pb = await asyncio.to_thread(self._authority_pb, a, time.time())
+        await stream.send_message(admin_pb2.AuthorityResponse(authority=pb))
+
+    @grpclib_handler
+    async def TaintAuthority(self, stream):
+        req = await stream.recv_message()
+        actor = self.operator(stream)
+        reason = required_text("reason", req.reason)
+        ids = await self._authority_call(self.authorities.taint, bounded_ref("authority id", req.id), actor, reason)
+        # The successor's CRL is published before any sidecar asks for SVIDs it signs; then every sidecar
+        # replaces what the tainted authorities signed, at once.
+        await asyncio.to_thread(self.revocation.rebuild_crl)
+        self.hub.broadcast(("taint", tuple(ids)))
+        await stream.send_message(admin_pb2.TaintAuthorityResponse(tainted=ids))
+
+    @grpclib_handler
+    async def RevokeAuthority(self, stream):
+        req = await stream.recv_message()
+        actor = self.operator(stream)
+        reason = required_text("reason", req.reason)
+        a = await self._authority_call(self.authorities.revoke, bounded_ref("authority id", req.id), req.force,
+                                       actor, reason)
+        await asyncio.to_thread(self.revocation.rebuild_crl)  # a revoked intermediate is on its root's CRL now
+        pb = await asyncio.to_thread(self._authority_pb, a, time.time())
+        await stream.send_message(admin_pb2.AuthorityResponse(authority=pb))
+
+
+def crl_pb(info: CrlInfo) -> admin_pb2.CRL:
+    return admin_pb2.CRL(der=info.der, number=info.number, this_update=info.this_update,
+                         next_update=info.next_update, entries=info.entries, authority=info.authority)
+
+
+def authority_pb(a: Authority, outstanding: int, cert, now: float) -> admin_pb2.Authority:
+    """`cert` is the authority's certificate (None for a JWT key, or an intermediate waiting for its offline-signed
+    one: then it has no validity yet, and not_before and not_after are 0)."""
+    pending = a.kind != "jwt" and not a.cert_der
+    return admin_pb2.Authority(
+        id=a.id, kind=a.kind, state=a.state, source=a.source, parent=a.parent or "",
+        not_before=0 if pending else a.not_before, not_after=0 if pending else a.not_after,
+        outstanding=outstanding, created_at=a.created_at, activated_at=a.activated_at or 0,
+        tainted_at=a.tainted_at or 0, revoked_at=a.revoked_at or 0,
+        cert_pem=cert.public_bytes(Encoding.PEM).decode() if cert is not None else "",
+        expired=expired(a, now))
 
 
 def approval_pb(a: ApprovalRequest) -> admin_pb2.Approval:

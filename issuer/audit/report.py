@@ -1,8 +1,18 @@
-"""The trust-debt report: access that has outlived its reason, and how fast credentials arrive.
+"""The trust-debt report: access that has outlived its reason, authorities running out, and how fast
+credentials arrive.
 
 Pure computations over what the store holds. The approval-coverage check needs
 the policy engine, so it is a parameter: without one the report says the item
 is unavailable instead of guessing.
+
+Authorities: one is "expiring" when it is active or prepared (it signs, or is meant to) and has less than
+its expiry window left: a third of its lifetime or 7 days, whichever is shorter. An intermediate or JWT key
+that rotates on its own is replaced at two thirds of its life, so one that shows up here is a rotation that
+has not happened; a root (ten years) shows up 7 days ahead, time enough for `tessera ca prepare --kind root`
+to reach the fleet. Retired and tainted authorities are not listed: nothing new depends on them, and
+nothing they signed outlives them. Separately, an active intermediate signed by an offline root with no
+signed successor is listed from half its life on (when the issuer starts warning in its log): Tessera
+cannot renew it, only the operator can, by signing the prepared CSR and running `tessera ca activate`.
 """
 
 from __future__ import annotations
@@ -14,10 +24,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
 from issuer.audit.records import denial_reason
-from issuer.core.models import AuditRecord, Entry, Sidecar
+from issuer.ca.authorities import WARN_OFFLINE_AT
+from issuer.core.models import AuditRecord, Authority, Entry, Sidecar
 
 DAY = 86400
 HOUR = 3600
+AUTHORITY_WINDOW_FRACTION = 1 / 3  # of an authority's lifetime: its expiry window ...
+AUTHORITY_WINDOW_MAX = 7 * DAY  # ... unless this is shorter
 DEFAULT_HIGH_TIERS = frozenset({"high", "critical"})
 
 
@@ -90,6 +103,47 @@ def silent_sidecars(sidecars: Iterable[Sidecar], connected: set[str], now: int, 
             for s in sidecars if s.state == "active" and s.id not in connected and s.last_seen < cutoff]
 
 
+def _has_validity(a: Authority) -> bool:
+    """A JWT key, or a certificate: an intermediate waiting for its offline-signed one has no notAfter yet."""
+    return a.kind == "jwt" or bool(a.cert_der)
+
+
+def expiry_window(a: Authority) -> int:
+    """How long before its notAfter an authority counts as expiring (see the module docstring)."""
+    return int(min((a.not_after - a.not_before) * AUTHORITY_WINDOW_FRACTION, AUTHORITY_WINDOW_MAX))
+
+
+def _authority_row(a: Authority, now: int, **extra) -> dict:
+    return {"id": a.id, "kind": a.kind, "state": a.state, "source": a.source, "not_before": a.not_before,
+            "not_after": a.not_after, "expires_in_seconds": a.not_after - now, **extra}
+
+
+def expiring_authorities(authorities: Iterable[Authority], now: int) -> list[dict]:
+    """Active and prepared authorities within their expiry window, soonest first."""
+    rows = [_authority_row(a, now, window_seconds=expiry_window(a)) for a in authorities
+            if a.state in ("active", "prepared") and _has_validity(a)
+            and now < a.not_after <= now + expiry_window(a)]
+    return sorted(rows, key=lambda r: r["not_after"])
+
+
+def offline_without_successor(authorities: Iterable[Authority], now: int) -> list[dict]:
+    """Active intermediates an offline root signed, past WARN_OFFLINE_AT of their life, with no prepared intermediate
+    that holds its certificate yet; `awaiting_certificate` names the prepared one whose CSR waits to be signed."""
+    authorities = list(authorities)
+    signed = [a for a in authorities if a.kind == "x509" and a.state == "prepared" and a.cert_der and a.not_after > now]
+    waiting = [a for a in authorities if a.kind == "x509" and a.state == "prepared" and not a.cert_der]
+    out = []
+    for a in authorities:
+        if (a.kind != "x509" or a.state != "active" or a.source != "offline" or not a.cert_der
+                or a.not_after <= now or now < a.not_before + (a.not_after - a.not_before) * WARN_OFFLINE_AT):
+            continue
+        if any(s.created_at >= a.created_at for s in signed):
+            continue
+        pending = [w.id for w in waiting if w.created_at >= a.created_at]
+        out.append(_authority_row(a, now, awaiting_certificate=pending[0] if pending else None))
+    return out
+
+
 def time_to_credential(records: Iterable[AuditRecord]) -> dict:
     """Median and p95 of latency_ms over credential issuances (allowed records that carry latency_ms)."""
     values = [float(r.details["latency_ms"]) for r in records
@@ -108,24 +162,29 @@ def denials_by_reason(records: Iterable[AuditRecord]) -> list[dict]:
 def build(*, entries: list[Entry], sidecars: list[Sidecar], last_issued: Mapping[str, int],
           audit: list[AuditRecord], connected: set[str], now: int, thresholds: Thresholds = Thresholds(),
           approval_covers: Callable[[Entry], bool] | None = None,
-          high_tiers: frozenset[str] = DEFAULT_HIGH_TIERS) -> dict:
+          high_tiers: frozenset[str] = DEFAULT_HIGH_TIERS, authorities: Iterable[Authority] = ()) -> dict:
     """The whole report as plain data (what `tessera report --output json` prints).
 
     `last_issued` maps entry ids to when a certificate was last issued for them; `audit` needs only
-    the records of the last `unused_days` (older ones are ignored).
+    the records of the last `unused_days` (older ones are ignored); `authorities` is every authority record.
     """
+    authorities = list(authorities)
     since = now - thresholds.unused_days * DAY
     window = [r for r in audit if r.ts >= since]
     return {
         "generated_at": now,
         "thresholds": {"unused_days": thresholds.unused_days, "expiring_days": thresholds.expiring_days,
-                       "silent_hours": thresholds.silent_hours, "high_tiers": sorted(high_tiers)},
+                       "silent_hours": thresholds.silent_hours, "high_tiers": sorted(high_tiers),
+                       "authority_window_fraction": AUTHORITY_WINDOW_FRACTION,
+                       "authority_window_max_seconds": AUTHORITY_WINDOW_MAX},
         "unused_entries": unused_entries(entries, last_issued, now, thresholds.unused_days),
         "expiring_entries": expiring_entries(entries, now, thresholds.expiring_days),
         "expired_entries": expired_entries(entries, now),
         "uncovered_high_tier_entries": uncovered_high_tier(entries, approval_covers, high_tiers),
         "shared_selector_sets": shared_selector_sets(entries),
         "silent_sidecars": silent_sidecars(sidecars, connected, now, thresholds.silent_hours),
+        "expiring_authorities": expiring_authorities(authorities, now),
+        "offline_intermediates_without_successor": offline_without_successor(authorities, now),
         # Over the same window as "unused": the last unused_days days of the trail.
         "time_to_credential": time_to_credential(window),
         "denials_by_reason": denials_by_reason(window),
