@@ -113,7 +113,7 @@ def build(cfg: IssuerConfig) -> Services:
     signer = SvidSigner(store, authorities, registry, revocation, signing_pool, identity_ttl=cfg.policy.identity_ttl)
     approvals = Approvals(store, cfg.policy.approval_timeout, cfg.policy.limits)
     tasks = TaskService(store, authorities, registry, cfg.policy, approvals, revocation)
-    evidence = Evidence(store, registry, attestor, hub, cfg.policy)
+    evidence = Evidence(store, registry, attestor, hub, cfg.policy, authorities)
     audit_relay.subscribe(evidence.feed)
 
     def publish_trust(change: str) -> None:
@@ -121,7 +121,9 @@ def build(cfg: IssuerConfig) -> Services:
         revocation.rebuild_crl()
         if change in ("bundle", "signer"):
             hub.broadcast(("bundle", authorities.bundle_der))
+        metrics.set_authorities(authorities.list())
 
+    metrics.set_authorities(authorities.list())
     authorities.subscribe(publish_trust)
     return Services(
         audit_relay=audit_relay, store=store, audit_file=audit_file, authorities=authorities, hub=hub,

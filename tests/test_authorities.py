@@ -314,3 +314,38 @@ def test_a_root_that_has_expired_refuses_the_start(store, data_dir, tmp_path):
     (tmp_path / "corp" / "ca-key.pem").chmod(0o600)
     with pytest.raises(ConfigError, match="expired"):
         make_authorities(store, data_dir, ca_cert=tmp_path / "corp" / "ca.pem", ca_key=tmp_path / "corp" / "ca-key.pem")
+
+
+def test_a_taint_that_cannot_name_a_successor_changes_nothing(store, data_dir, tmp_path):
+    (tmp_path / "corp").mkdir()
+    corp = write_root(tmp_path / "corp")
+    cfg = dict(ca_cert=tmp_path / "corp" / "ca.pem", ca_offline=True)
+    with pytest.raises(ConfigError):
+        make_authorities(store, data_dir, **cfg)
+    [csr_path] = data_dir.glob("intermediate-*.csr")
+    (data_dir / csr_path.name.replace(".csr", ".pem")).write_bytes(offline_sign(corp, csr_path))
+    a = make_authorities(store, data_dir, **cfg)
+    first = a.signer().id
+    before = store.list_authorities()
+    with pytest.raises(ConfigError, match="offline root: no intermediate can sign"):
+        a.taint(first, OPERATOR, "exposed")  # the successor it prepares needs the offline root's signature first
+    assert a.get(first).state == "active" and a.signer().id == first
+    assert [r for r in store.list_authorities() if r.id != first and r.state == "prepared"] == []
+    assert [(r.id, r.state) for r in store.list_authorities()] == [(r.id, r.state) for r in before]
+
+
+def test_under_an_offline_root_one_request_waits_at_a_time(store, data_dir, tmp_path):
+    (tmp_path / "corp").mkdir()
+    corp = write_root(tmp_path / "corp")
+    cfg = dict(ca_cert=tmp_path / "corp" / "ca.pem", ca_offline=True)
+    with pytest.raises(ConfigError):
+        make_authorities(store, data_dir, **cfg)
+    [csr_path] = data_dir.glob("intermediate-*.csr")
+    (data_dir / csr_path.name.replace(".csr", ".pem")).write_bytes(offline_sign(corp, csr_path))
+    a = make_authorities(store, data_dir, ca_ttl=120, **cfg)
+    a.tick(time.time() + 200)  # past half-life (a day's certificate, but the schedule reads its own lifetime)
+    a.tick(time.time() + 86400 * 0.6)
+    [waiting] = [r for r in a.list() if r.kind == "x509" and r.state == "prepared"]
+    assert (data_dir / f"intermediate-{waiting.id}.csr").exists()  # the schedule wrote its request
+    again, csr_pem = a.prepare("x509", OPERATOR, "operator asks")
+    assert again.id == waiting.id and b"CERTIFICATE REQUEST" in csr_pem

@@ -237,9 +237,8 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
         actor = self.operator(stream)
         reason = required_text("reason", req.reason)
         ids = await self._authority_call(self.authorities.taint, bounded_ref("authority id", req.id), actor, reason)
-        # The successor's CRL is published before any sidecar asks for SVIDs it signs; then every sidecar
-        # replaces what the tainted authorities signed, at once.
-        await asyncio.to_thread(self.revocation.rebuild_crl)
+        # The successor's CRL was published as taint() committed (the authorities' listener, issuer/app.py), before
+        # any sidecar asks for SVIDs it signs; now every sidecar replaces what the tainted authorities signed.
         self.hub.broadcast(("taint", tuple(ids)))
         await stream.send_message(admin_pb2.TaintAuthorityResponse(tainted=ids))
 
@@ -250,7 +249,6 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
         reason = required_text("reason", req.reason)
         a = await self._authority_call(self.authorities.revoke, bounded_ref("authority id", req.id), req.force,
                                        actor, reason)
-        await asyncio.to_thread(self.revocation.rebuild_crl)  # a revoked intermediate is on its root's CRL now
         pb = await asyncio.to_thread(self._authority_pb, a, time.time())
         await stream.send_message(admin_pb2.AuthorityResponse(authority=pb))
 

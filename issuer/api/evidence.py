@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from issuer.audit import report
 from issuer.audit.records import AuditFilter, ChainCheck, verify_chain
+from issuer.ca.authorities import Authorities
 from issuer.core.events import EventHub
 from issuer.core.models import AUDIT_JSON_FIELDS, AuditRecord, Entry, audit_record_dict
 from issuer.datastore.interface import Datastore
@@ -68,6 +69,7 @@ class Evidence:
     attestor: SidecarAttestor
     hub: EventHub
     policy: Policy
+    authorities: Authorities
     feed: AuditFeed = field(default_factory=AuditFeed)
 
     def approval_covers(self, entry: Entry) -> bool:
@@ -86,7 +88,8 @@ class Evidence:
         return report.build(
             entries=self.registry.list(), sidecars=self.attestor.list(), last_issued=self.store.last_issued_by_entry(),
             audit=list(self.store.audit_since(now - thresholds.unused_days * report.DAY)),
-            connected=self.hub.connected(), now=now, thresholds=thresholds, approval_covers=self.approval_covers)
+            connected=self.hub.connected(), now=now, thresholds=thresholds, approval_covers=self.approval_covers,
+            authorities=self.authorities.list())
 
 
 def record_pb(r: AuditRecord) -> admin_pb2.AuditRecord:

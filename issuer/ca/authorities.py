@@ -14,13 +14,14 @@ reaches this host: intermediates are signed elsewhere from a CSR, and activated 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -299,12 +300,15 @@ class Authorities:
         the operator signs elsewhere. A prepared root enters the bundle at once and signs only once activated."""
         with self._lock:
             if kind == "x509":
-                a = self._prepare_x509(actor, reason)
+                # Under an offline root one request waits at a time (the schedule may have prepared it already).
+                pending = [r for r in self._records.values() if r.kind == "x509" and r.state == "prepared"
+                           and not r.cert_der]
+                a = pending[0] if pending else self._changing(self._prepare_x509, actor, reason)
                 csr = b"" if a.cert_der else self._csr_pem(a)
             elif kind == "jwt":
-                a, csr = self._prepare_jwt(actor, reason), b""
+                a, csr = self._changing(self._prepare_jwt, actor, reason), b""
             elif kind == "root":
-                a, csr = self._prepare_root(actor, reason), b""
+                a, csr = self._changing(self._prepare_root, actor, reason), b""
             else:
                 raise InvalidArgument(f"kind must be root, x509 or jwt, not {kind!r}")
             self._refresh()
@@ -317,6 +321,15 @@ class Authorities:
             a = self.get(authority_id)
             if a.state != "prepared":
                 raise FailedPrecondition(f"authority {a.id} is {a.state}; only a prepared authority can be activated")
+            with self._rollback():
+                a = self._activate_prepared(a, cert_pem, actor, reason)
+            self._refresh()
+            out = self._records[a.id]
+        self._notify("signer")
+        return out
+
+    def _activate_prepared(self, a: Authority, cert_pem: bytes, actor: Actor, reason: str) -> Authority:
+        with self.store.transaction():
             if cert_pem:
                 a = self._with_certificate(a, cert_pem, actor)
             elif a.kind == "x509" and not a.cert_der:
@@ -326,15 +339,11 @@ class Authorities:
                 if a.source == "created" and self._root_key() is None:
                     raise FailedPrecondition("the root in force is not ours to replace")
                 self._activate_root(a, actor, reason)
-                self._load_cert(self._records[a.id])
                 # Intermediates chain to one root: the next one is signed by the new root at once.
                 self._activate(self._prepare_x509(actor, reason), actor, reason)
             else:
                 self._activate(a, actor, reason)
-            self._refresh()
-            out = self._records[a.id]
-        self._notify("signer")
-        return out
+        return a
 
     def taint(self, authority_id: str, actor: Actor, reason: str) -> list[str]:
         """Stop trusting the key for new work and replace everything it signed at once, fleet-wide: the ids tainted
@@ -346,6 +355,14 @@ class Authorities:
             now = _now()
             if expired(a, now):
                 raise FailedPrecondition(f"authority {a.id} expired at {_iso(a.not_after)}; nothing to replace")
+            with self._rollback():
+                targets = self._taint(a, now, actor, reason)
+            self._refresh()
+        self._notify("taint")
+        return [t.id for t in targets]
+
+    def _taint(self, a: Authority, now: int, actor: Actor, reason: str) -> list[Authority]:
+        with self.store.transaction():
             targets = [a]
             if a.kind == "root":
                 successor = [r for r in self._records.values() if r.kind == "root" and r.state == "prepared"
@@ -357,17 +374,13 @@ class Authorities:
                             and r.state not in ("tainted", "revoked") and not expired(r, now)]
                 if a.state == "active":
                     self._activate_root(successor[0], actor, f"successor of tainted root {a.id}")
-                    self._load_cert(self._records[successor[0].id])
-            with self.store.transaction():
-                for t in targets:
-                    t = self._records[t.id]
-                    self._put(dataclasses.replace(t, state="tainted", tainted_at=now), actor, "ca.taint", reason,
-                              expect=t.state)
-                self._ensure_signer(actor, f"successor of tainted {a.id}")
-                self._ensure_jwt(actor, f"successor of tainted {a.id}")
-            self._refresh()
-        self._notify("taint")
-        return [t.id for t in targets]
+            for t in targets:
+                t = self._records[t.id]
+                self._put(dataclasses.replace(t, state="tainted", tainted_at=now), actor, "ca.taint", reason,
+                          expect=t.state)
+            self._ensure_signer(actor, f"successor of tainted {a.id}")
+            self._ensure_jwt(actor, f"successor of tainted {a.id}")
+        return targets
 
     def revoke(self, authority_id: str, force: bool, actor: Actor, reason: str) -> Authority:
         """Withdraw an authority: a root leaves the bundle, an intermediate goes on its root's CRL, a JWT key leaves
@@ -390,7 +403,7 @@ class Authorities:
                 raise FailedPrecondition(f"{pending} unexpired certificates depend on authority {a.id}: taint it and "
                                          "wait for them to be replaced, or give --force")
             now = _now()
-            with self.store.transaction():
+            with self._rollback(), self.store.transaction():
                 self._put(dataclasses.replace(a, state="revoked", revoked_at=now), actor, "ca.revoke", reason,
                           expect=a.state, details={"forced": force, "outstanding": pending})
                 if a.kind == "root":
@@ -418,25 +431,29 @@ class Authorities:
                         (self._ensure_signer if kind == "x509" else self._ensure_jwt)(ISSUER, "the active one expired")
                         changed = "signer"
                     except ConfigError as e:
-                        _warn.warning("no authority can sign", kind=kind, error=str(e))
+                        _warn.log(f"no-signer-{kind}", "no authority can sign", kind=kind, error=str(e))
                     continue
                 life = active.not_after - active.not_before
                 successors = [a for a in self._records.values() if a.kind == kind and a.state == "prepared"
                               and a.created_at >= active.created_at]
                 if not successors and now >= active.not_before + life * PREPARE_AT:
                     try:
-                        successors = [self._prepare_x509(ISSUER, "scheduled rotation") if kind == "x509"
-                                      else self._prepare_jwt(ISSUER, "scheduled rotation")]
+                        successors = [self._changing(self._prepare_x509 if kind == "x509" else self._prepare_jwt,
+                                                     ISSUER, "scheduled rotation")]
+                        if kind == "x509" and not successors[0].cert_der:
+                            log.warning("offline root: the next intermediate waits for its certificate",
+                                        csr=str(self._write_csr(successors[0])), authority=successors[0].id)
                     except FailedPrecondition as e:
-                        _warn.warning("cannot prepare the next authority", kind=kind, error=str(e))
+                        _warn.log(f"no-successor-{kind}", "cannot prepare the next authority", kind=kind, error=str(e))
                     changed = changed or "crl"
                 ready = [a for a in successors if usable(a, now)]
                 if kind == "x509" and not ready and now >= active.not_before + life * WARN_OFFLINE_AT:
-                    _warn.warning("the active intermediate was signed offline and has no signed successor: sign the "
+                    _warn.log(f"offline-{active.id}", "the active intermediate was signed offline and has no signed successor: sign the "
                                   "prepared CSR and run tessera ca activate before it expires", authority=active.id,
                                   expires=_iso(active.not_after))
                 if ready and now >= active.not_before + life * ACTIVATE_AT:
-                    self._activate(ready[0], ISSUER, "scheduled rotation")
+                    with self._rollback():
+                        self._activate(ready[0], ISSUER, "scheduled rotation")
                     changed = "signer"
             if changed:
                 self._refresh()
@@ -450,6 +467,20 @@ class Authorities:
             self._refresh()
 
     # -- internals -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _rollback(self) -> Iterator[None]:
+        """A change that fails part-way was rolled back in the store: memory follows the store again."""
+        try:
+            yield
+        except BaseException:
+            self._load()
+            self._refresh()
+            raise
+
+    def _changing(self, fn: Callable[..., Authority], *args) -> Authority:
+        with self._rollback():
+            return fn(*args)
 
     def _root(self) -> Authority:
         for a in self._records.values():
