@@ -45,9 +45,10 @@ PENDING_APPROVALS = Gauge("tessera_issuer_pending_approvals", "Task requests wai
                           registry=REGISTRY)
 REVOCATIONS = Counter("tessera_issuer_revocations", "Serials revoked, by what the revocation targeted",
                       ["target"], registry=REGISTRY)
-CRL_NUMBER = Gauge("tessera_issuer_crl_number", "CRL number of the latest published CRL", registry=REGISTRY)
-CRL_SIZE_BYTES = Gauge("tessera_issuer_crl_size_bytes", "DER size of the latest published CRL", registry=REGISTRY)
-CRL_ENTRIES = Gauge("tessera_issuer_crl_entries", "Revoked serials listed in the latest published CRL",
+CRL_NUMBER = Gauge("tessera_issuer_crl_number", "CRL number of each publishing authority's latest CRL",
+                   ["authority"], registry=REGISTRY)
+CRL_SIZE_BYTES = Gauge("tessera_issuer_crl_size_bytes", "DER size of all the CRLs published now", registry=REGISTRY)
+CRL_ENTRIES = Gauge("tessera_issuer_crl_entries", "Revoked serials listed in all the CRLs published now",
                     registry=REGISTRY)
 CONNECTED_SIDECARS = Gauge("tessera_issuer_connected_sidecars", "Sidecars with an open sync stream",
                            registry=REGISTRY)
@@ -140,9 +141,12 @@ def count_revocations(target: str, serials: int) -> None:
         REVOCATIONS.labels(target).inc(serials)
 
 
-def set_crl(number: int, size_bytes: int, entries: int) -> None:
-    """The CRL publisher calls this after publishing a CRL."""
-    CRL_NUMBER.set(number)
+def set_crls(numbers: dict[str, int], size_bytes: int, entries: int) -> None:
+    """The CRL publisher calls this after publishing the CRL set (authority id -> CRL number); authorities that no
+    longer publish leave the metric."""
+    CRL_NUMBER.clear()
+    for authority, number in numbers.items():
+        CRL_NUMBER.labels(authority).set(number)
     CRL_SIZE_BYTES.set(size_bytes)
     CRL_ENTRIES.set(entries)
 

@@ -271,8 +271,10 @@ def test_admin_api_refuses_unbounded_fields_set_directly(issuer):
 
 
 @pytest.mark.parametrize("change, fragments", [
-    ({"ca_ttl": "99999999999d"}, ["ca_ttl:", "too long", "3650d"]),
-    ({"ca_ttl": "1h"}, ["ca_ttl:", "at least 1d"]),
+    ({"ca_ttl": "366d"}, ["ca_ttl:", "too long", "365d"]),
+    ({"ca_ttl": "30s"}, ["ca_ttl:", "at least 1m"]),
+    ({"root_ttl": "1h"}, ["root_ttl:", "at least 1d"]),
+    ({"ca_offline": True}, ["ca_offline:", "takes ca_cert"]),
     ({"crl_validity": "99999999999d"}, ["crl_validity:", "too long", "7d"]),
     ({"crl_validity": "5s"}, ["crl_validity:", "at least 10s"]),
     ({"default_x509_ttl": "１０m"}, ["default_x509_ttl:", "invalid duration"]),

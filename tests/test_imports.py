@@ -148,7 +148,7 @@ def test_the_checks_see_a_cycle_and_an_upward_import(tmp_path):
     # The checks themselves can fail: a cycle, an upward import and a lazy import inside a function are found.
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     graph = import_graph()
-    assert {"issuer.ca.authority", "tessera.safefs"} <= graph["issuer.app"]
+    assert {"issuer.ca.authorities", "tessera.safefs"} <= graph["issuer.app"]
     planted = tmp_path / "planted.py"
     planted.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import issuer.cli\n"
                        "def later():\n    from issuer.app import build\n    import agent_sidecar.main\n")

@@ -40,19 +40,17 @@ def test_issued_serials_survive_kill_9_of_the_issuer(running):
     wait_for(lambda: running.fetch("host-a")["event"] == "update", timeout=15, what="serving after restart")
 
 
-def test_the_ca_is_an_authority_change_on_the_feed_once_across_restarts(running):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-
+def test_authorities_are_made_once_and_their_changes_are_on_the_feed_across_restarts(running):
     from issuer.datastore import open_store
 
     running.restart_issuer(kill9=True)
     running.restart_issuer()
-    ca = x509.load_pem_x509_certificate((running.issuer_dir / "ca.pem").read_bytes())
     store = open_store(running.issuer_dir / "tessera.db")  # a second store object beside the running issuer
     try:
-        authorities = [c for c in store.changes_after(0) if c.kind == "authority"]
+        changes = [(c.op, c.payload["kind"], c.payload["state"]) for c in store.changes_after(0) if c.kind == "authority"]
+        kinds = sorted(a.kind for a in store.list_authorities())
     finally:
         store.close()
-    assert [(c.op, c.key, c.payload["not_after"]) for c in authorities] == [
-        ("add", ca.fingerprint(hashes.SHA256()).hex(), int(ca.not_valid_after_utc.timestamp()))]
+    assert kinds == ["jwt", "root", "x509"]  # one of each, not one more per restart
+    assert changes == [("add", "root", "active"), ("add", "x509", "prepared"), ("update", "x509", "active"),
+                       ("add", "jwt", "prepared"), ("update", "jwt", "active")]

@@ -176,7 +176,7 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
     async def GetCRL(self, stream):
         await stream.recv_message()
         self.operator(stream)
-        crls = [crl_pb(info) for info in self.revocation.crl_set()]
+        crls = [crl_pb(info) for info in self.revocation.crl_set().crls]
         if not crls:
             raise FailedPrecondition("no CRL is published yet")
         # The top-level fields are the active intermediate's CRL (the set's first), as a single CRL was before.

@@ -399,7 +399,8 @@ class RevocationService:
         self._crls = published
         self._refresh_at = now + self.crl_validity / 2
         self.hub.broadcast(("crls", published))
-        metrics.set_crl(infos[0].number, sum(len(i.der) for i in infos), sum(i.entries for i in infos))
+        metrics.set_crls({i.authority: i.number for i in infos}, sum(len(i.der) for i in infos),
+                         sum(i.entries for i in infos))
         log.info("CRLs published", numbers={i.authority[:16]: i.number for i in infos},
                  entries=sum(i.entries for i in infos), ms=round((time.time() - now) * 1000, 1))
         return published, gen

@@ -3,7 +3,8 @@
   spiffe_parse.py SVID_PEM KEY_PEM BUNDLE_PEM TRUST_DOMAIN
 
 Prints one JSON line: the SPIFFE ID and serial the package read, and whether the
-leaf's signature verifies against an authority of the trust domain's bundle.
+chain the package loaded verifies link by link (leaf, then intermediates) up to an
+authority of the trust domain's bundle.
 Runs in its own process: the `spiffe` package's protobufs clash with Tessera's.
 """
 
@@ -14,6 +15,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
 
+def _signed_by(cert, issuer) -> bool:
+    try:
+        issuer.public_key().verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+        return True
+    except Exception:  # noqa: BLE001 - not this issuer
+        return False
+
+
 def main() -> int:
     from spiffe import TrustDomain, X509Bundle, X509Svid
 
@@ -22,14 +31,9 @@ def main() -> int:
         svid = X509Svid.load(svid_path, key_path, Encoding.PEM)
         bundle = X509Bundle.load(TrustDomain(td), bundle_path, Encoding.PEM)
         leaf = svid.leaf
-        verified = False
-        for ca in bundle.x509_authorities:
-            try:
-                ca.public_key().verify(leaf.signature, leaf.tbs_certificate_bytes,
-                                       ec.ECDSA(leaf.signature_hash_algorithm))
-                verified = True
-            except Exception:  # noqa: BLE001 - try the next authority
-                pass
+        chain = list(svid.cert_chain)
+        verified = all(_signed_by(cert, issuer) for cert, issuer in zip(chain, chain[1:])) and any(
+            _signed_by(chain[-1], ca) for ca in bundle.x509_authorities)
         print(json.dumps({"spiffe_id": str(svid.spiffe_id), "serial": format(leaf.serial_number, "x"),
                           "verified": verified}))
         return 0

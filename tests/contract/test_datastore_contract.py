@@ -23,7 +23,7 @@ from issuer.datastore import open_reader
 from issuer.datastore.feed import ChangeFollower
 from tessera.errors import AlreadyExists, NotFound, Unavailable
 
-from writes import CHECKS, NOW, OP, SID, SIDECAR, WRITES, entry, event, issued
+from writes import A1, CHECKS, NOW, OP, SID, SIDECAR, WRITES, authority, entry, event, issued
 
 WRITES_PY = Path(__file__).with_name("writes.py")
 
@@ -188,25 +188,41 @@ def test_a_revocation_commits_as_one_transaction_or_not_at_all(store):
             store.revoke_serials(["1"], "keyCompromise", NOW, None)
             store.record_revocation(Revocation(0, NOW, "serial", "1", "r", "keyCompromise", ("1",)))
             store.append_audit([event("revoke")])
-            store.next_crl_number()
+            store.next_crl_number(A1)
             raise RuntimeError("signing the CRL failed")
     assert store.get_issued("1").revoked_at is None and store.revocations() == []
-    assert store.audit_records() == [] and store.next_crl_number() == 1
+    assert store.audit_records() == [] and store.next_crl_number(A1) == 1
     assert [c.kind for c in store.changes_after(0)] == []
 
 
-def test_crl_numbers_are_never_handed_out_twice(store, engine):
-    assert [store.next_crl_number() for _ in range(3)] == [1, 2, 3]
+def test_crl_numbers_are_never_handed_out_twice_and_each_authority_counts_its_own(store, engine):
+    assert [store.next_crl_number(A1) for _ in range(3)] == [1, 2, 3]
     other = engine.opener().open()
-    assert other.next_crl_number() == 4
+    assert other.next_crl_number(A1) == 4
+    assert other.next_crl_number("ef" * 20) == 1
     other.close()
 
 
-def test_an_authority_is_noted_once(store):
-    assert store.note_authority("ab" * 32, NOW + 86400, NOW) is True
-    assert store.note_authority("ab" * 32, NOW + 86400, NOW + 5) is False
+def test_an_authority_is_added_once_and_moved_only_from_the_state_it_is_in(store):
+    store.put_authority(authority(), event("ca.prepare"))
+    with pytest.raises(AlreadyExists):
+        store.put_authority(authority(), event("ca.prepare"))
+    active = authority(state="active", activated_at=NOW + 1)
+    assert store.put_authority(active, event("ca.activate"), expect_state="prepared") is True
+    # A second issuer that read it as prepared loses the race: nothing written, no audit record, no change.
+    assert store.put_authority(authority(state="tainted"), event("ca.taint"), expect_state="prepared") is False
+    assert store.list_authorities() == [active]
+    assert [r.action for r in store.audit_records()] == ["ca.prepare", "ca.activate"]
     assert [(c.kind, c.op, c.key, c.payload) for c in store.changes_after(0)] == [
-        ("authority", "add", "ab" * 32, {"fingerprint": "ab" * 32, "not_after": NOW + 86400})]
+        ("authority", "add", A1, {"id": A1, "kind": "x509", "state": "prepared"}),
+        ("authority", "update", A1, {"id": A1, "kind": "x509", "state": "active"})]
+
+
+def test_serials_of_an_earlier_release_are_adopted_by_its_one_ca(store):
+    store.record_issued([issued(1), issued(2, authority="ef" * 20)], [])
+    store.adopt_unattributed(A1)
+    assert {s.serial: s.authority for s in store.find_issued()} == {"1": A1, "2": "ef" * 20}
+    assert store.count_outstanding(A1, NOW) == 1 and store.count_outstanding(A1, NOW + 60) == 0
 
 
 # -- transactions and other processes ------------------------------------------------------------
@@ -356,13 +372,13 @@ def test_every_kind_of_change_is_on_the_feed_in_commit_order(store):
     store.upsert_sidecar(SIDECAR, event("sidecar.unban"))
     seq = store.record_revocation(Revocation(0, NOW, "entry", "e1", "r", "privilegeWithdrawn", (), ("e1",)))
     store.delete_entry("e1", event("entry.delete"))
-    store.note_authority("cd" * 32, NOW + 60, NOW)
+    store.put_authority(authority("cd" * 20), event("ca.prepare"))
     store.touch_sidecar(SID, NOW + 1)  # last-seen only: not a change other issuers need
     changes = store.changes_after(0)
     assert [(c.kind, c.op, c.key) for c in changes] == [
         ("entry", "create", "e1"), ("entry", "update", "e1"), ("sidecar", "upsert", SID), ("sidecar", "ban", SID),
         ("sidecar", "unban", SID), ("revocation", "create", str(seq)), ("entry", "delete", "e1"),
-        ("authority", "add", "cd" * 32)]
+        ("authority", "add", "cd" * 20)]
     positions = [c.position for c in changes]
     assert positions == sorted(set(positions)) and store.last_change_position() == positions[-1]
     assert changes[1].payload["state"] == "disabled" and changes[5].payload["entry_ids"] == ["e1"]

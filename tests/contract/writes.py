@@ -11,7 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from issuer.core.models import Actor, AuditEvent, Entry, IssuedSerial, JoinToken, Revocation, Sidecar  # noqa: E402
+from issuer.core.models import (Actor, AuditEvent, Authority, Entry, IssuedSerial, JoinToken, Revocation,  # noqa: E402
+                                Sidecar)
 
 OP = Actor("operator", "uid:0")
 NOW = 1_900_000_000
@@ -38,6 +39,15 @@ def issued(n: int, **kw) -> IssuedSerial:
 
 
 SIDECAR = Sidecar(SID, "h", "active", NOW, NOW, "aa", NOW + 60)
+A1 = "ab" * 20  # an authority id (a key identifier)
+
+
+def authority(authority_id: str = A1, **kw) -> Authority:
+    base = dict(id=authority_id, kind="x509", state="prepared", source="root", parent="cd" * 20,
+                public_der=b"\x30\x59 public", cert_der=b"\x30\x82 cert", sealed_key=b"\x01sealed", kek_id="k1",
+                not_before=NOW, not_after=NOW + 86400, created_at=NOW)
+    base.update(kw)
+    return Authority(**base)
 
 
 def _revoke(s):
@@ -46,7 +56,7 @@ def _revoke(s):
         newly = s.revoke_serials(["1"], "keyCompromise", NOW, None)
         s.record_revocation(Revocation(0, NOW, "serial", "1", "stolen", "keyCompromise", tuple(newly)))
         s.append_audit([event("revoke", "serial:1")])
-        s.next_crl_number()
+        s.next_crl_number(A1)
 
 
 WRITES = {
@@ -62,9 +72,11 @@ WRITES = {
     "record_issued": lambda s: s.record_issued([issued(1), issued(2)], [event("svid.issue")]),
     "revoke_serials": lambda s: (s.record_issued([issued(1)], []), s.revoke_serials(["1"], "test", NOW + 5, None)),
     "revocation_in_one_transaction": _revoke,
-    "next_crl_number": lambda s: (s.next_crl_number(), s.next_crl_number()),
+    "next_crl_number": lambda s: (s.next_crl_number(A1), s.next_crl_number(A1)),
     "append_audit": lambda s: s.append_audit([event("a"), event("b")]),
-    "note_authority": lambda s: s.note_authority("ab" * 32, NOW + 86400, NOW),
+    "put_authority": lambda s: (s.put_authority(authority(), event("ca.prepare")),
+                                s.put_authority(authority(state="active", activated_at=NOW + 1), event("ca.activate"),
+                                                expect_state="prepared")),
 }
 
 CHECKS = {
@@ -79,10 +91,11 @@ CHECKS = {
     "revoke_serials": lambda s: s.get_issued("1").revoked_at == NOW + 5,
     "revocation_in_one_transaction": lambda s: (s.get_issued("1").revoked_at == NOW and s.last_revocation_seq() == 1
                                                 and [r.action for r in s.audit_records()] == ["revoke"]
-                                                and s.next_crl_number() == 2),
-    "next_crl_number": lambda s: s.next_crl_number() == 3,
+                                                and s.next_crl_number(A1) == 2),
+    "next_crl_number": lambda s: s.next_crl_number(A1) == 3,
     "append_audit": lambda s: [r.action for r in s.audit_records()] == ["a", "b"],
-    "note_authority": lambda s: s.note_authority("ab" * 32, NOW + 86400, NOW) is False,
+    "put_authority": lambda s: (s.list_authorities() == [authority(state="active", activated_at=NOW + 1)]
+                                and [r.action for r in s.audit_records()] == ["ca.prepare", "ca.activate"]),
 }
 
 
