@@ -230,9 +230,9 @@ _PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.
 
 
 def load_all(data: bytes) -> list[x509.CertificateRevocationList]:
-    """Every CRL in PEM text (one after another, as crl.pem holds them), or the one CRL in DER; CrlError if
-    one of them is not a CRL."""
-    if not data.lstrip().startswith(b"-----BEGIN"):
+    """Every CRL in PEM text (one after another, as crl.pem holds them; text between them, such as `tessera crl
+    show`'s headings, is skipped), or the one CRL in DER; CrlError if one of them is not a CRL."""
+    if b"-----BEGIN" not in data:
         return [load(data)]
     blocks = _PEM_CRL.findall(data)
     if not blocks:

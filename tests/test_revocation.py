@@ -16,10 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 import harness
 from harness import one_line_error, wait_for
 from agent_sidecar.verifier import PeerPolicy, Rejected, Verifier
+from tessera import chain
 from tessera import crl as crl_mod
 
 AGENT_UID = 4242  # the agent runs as another user, so its entry matches it alone
@@ -102,6 +104,17 @@ def service_verifier(d, sidecar="host-a") -> Verifier:
 
 def crl_der(d) -> bytes:
     return d.cli_bytes("crl", "show", "--der")
+
+
+def signer_of(svid_pem: str) -> str:
+    """The id of the authority that signed an SVID (its leaf's authority key identifier)."""
+    return chain.authority_key_id(x509.load_pem_x509_certificates(svid_pem.encode())[0])
+
+
+def crl_number_in(path: Path, authority: str) -> int:
+    """The number of `authority`'s CRL among those in a crl.pem."""
+    [number] = [crl_mod.number_of(c) for c in crl_mod.load_all(path.read_bytes()) if chain.authority_key_id(c) == authority]
+    return number
 
 
 def crl_serials(d) -> set[str]:
@@ -219,11 +232,12 @@ def test_revocation_acknowledged_then_issuer_killed_is_enforced_by_the_sidecar_a
     try:
         (revoked_at,) = db.execute("SELECT revoked_at FROM issued WHERE serial = ?", (serial,)).fetchone()
         (logged,) = db.execute("SELECT serials FROM revocations ORDER BY seq DESC").fetchone()
-        (number,) = db.execute("SELECT value FROM meta WHERE key = 'crl_number'").fetchone()
+        (number,) = db.execute("SELECT value FROM meta WHERE key = ?", (f"crl_number:{signer_of(svid['svid_pem'])}",)
+                               ).fetchone()
     finally:
         db.close()
     assert revoked_at and serial in json.loads(logged)
-    assert number == crl_mod.number_of(crl_mod.load((out / "crl.pem").read_bytes()))
+    assert number == crl_number_in(out / "crl.pem", signer_of(svid["svid_pem"]))
 
 
 def test_sidecar_offline_during_revocation_enforces_it_within_a_second_of_reconnecting(deployment, tmp_path):
@@ -256,9 +270,11 @@ def test_sidecar_keeps_its_last_good_crl_while_the_issuer_is_down_across_a_resta
     out = out_dir(d, "host-a")
     wait_for(lambda: openssl_says_revoked(out, cert), 5, what="crl.pem lists the serial")
 
+    signer = signer_of(first["svid_pem"])
+
     def settled():  # the sidecar holds the issuer's latest CRL (both revocations may take two)
-        latest = crl_mod.number_of(crl_mod.load(crl_der(d)))
-        return latest if crl_mod.number_of(crl_mod.load((out / "crl.pem").read_bytes())) == latest else None
+        latest = crl_mod.number_of(crl_mod.load(crl_der(d)))  # the active signer's (it signed `first`)
+        return latest if crl_number_in(out / "crl.pem", signer) == latest else None
 
     number = wait_for(settled, 5, what="the sidecar holding the latest CRL")
 
@@ -274,17 +290,17 @@ def test_sidecar_keeps_its_last_good_crl_while_the_issuer_is_down_across_a_resta
     d.sidecars["host-a"].stop()
     d.sidecars["host-a"].start()
     assert openssl_says_revoked(out, cert)
-    assert crl_mod.number_of(crl_mod.load((out / "crl.pem").read_bytes())) == number
+    assert crl_number_in(out / "crl.pem", signer) == number
 
     # The issuer comes back with its CRL number rolled back (a restored old database): refused.
     db = sqlite3.connect(d.issuer_dir / "tessera.db")
-    db.execute("UPDATE meta SET value = 0 WHERE key = 'crl_number'")
+    db.execute("UPDATE meta SET value = 0 WHERE key = ?", (f"crl_number:{signer}",))
     db.commit()
     db.close()
     d.issuer.start()
     log = d.sidecar_dir("host-a") / "sidecar.log"
     wait_for(lambda: "lower than the current" in log.read_text(), 20, what="sidecar refusing the lower CRL number")
-    assert crl_mod.number_of(crl_mod.load((out / "crl.pem").read_bytes())) == number
+    assert crl_number_in(out / "crl.pem", signer) == number
     assert openssl_says_revoked(out, cert)
 
 
@@ -362,17 +378,22 @@ def test_revoking_a_sidecars_own_svid_cuts_it_off(deployment):
     assert d.fetch("host-a", uid=AGENT_UID)["event"] == "error"
 
 
-def test_crl_show_prints_a_signed_v2_crl_with_number_and_authority_key_id(deployment, tmp_path):
+def test_crl_show_prints_each_authority_s_signed_v2_crl_with_number_and_authority_key_id(deployment, tmp_path):
     d = start(deployment)
-    pem_text = d.cli("crl", "show").stdout
-    p = write(tmp_path, "crl.pem", pem_text)
-    r = subprocess.run(["openssl", "crl", "-in", str(p), "-noout", "-text", "-CAfile", str(d.bundle_path)],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "verify OK" in r.stderr + r.stdout
-    assert "Version 2" in r.stdout and "CRL Number" in r.stdout and "Authority Key Identifier" in r.stdout
-    assert "Next Update" in r.stdout
-    assert crl_mod.pem(crl_mod.load(crl_der(d))).decode() == pem_text
+    listed = json.loads(d.cli("ca", "list", "--output", "json").stdout)
+    certs = write(tmp_path, "authorities.pem", "".join(a["cert_pem"] for a in listed if a["kind"] != "jwt"))
+    crls = crl_mod.load_all(d.cli("crl", "show").stdout.encode())
+    publishing = {a["id"] for a in listed if a["kind"] != "jwt" and a["state"] != "revoked"}
+    assert {chain.authority_key_id(c) for c in crls} == publishing  # the root's, and each intermediate's
+    for c in crls:
+        p = write(tmp_path, "crl.pem", crl_mod.pem(c).decode())
+        r = subprocess.run(["openssl", "crl", "-in", str(p), "-noout", "-text", "-CAfile", str(certs)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "verify OK" in r.stderr + r.stdout
+        assert "Version 2" in r.stdout and "CRL Number" in r.stdout and "Authority Key Identifier" in r.stdout
+        assert "Next Update" in r.stdout
+    assert crl_mod.der(crls[0]) == crl_der(d)  # --der: the active intermediate's
 
 
 # -- the issuer's revocation service in-process (task credentials, the EndTask entry point) ---------
@@ -389,18 +410,21 @@ class Issuer:
     def __init__(self, root: Path):
         self.root = root
         s = issuer_services(root)  # HOST ("h") really attested
-        self.store, self.ca, self.hub, self.registry = s.store, s.ca, s.hub, s.registry
+        self.store, self.authorities, self.hub, self.registry = s.store, s.authorities, s.hub, s.registry
         self.attestor, self.revocation = s.attestor, s.revocation
 
     def issue(self, kind="identity", task_id=None, path="/agent/a", entry_id="e1") -> str:
-        signed = self.ca.sign(x509svid.new_key().public_key(), spiffeid.parse(f"spiffe://example.org{path}"), 600)
+        signed = self.authorities.signer().sign(x509svid.new_key().public_key(),
+                                                spiffeid.parse(f"spiffe://example.org{path}"), 600)
         now = int(time.time())
         self.store.record_issued([IssuedSerial(signed.serial_hex, f"spiffe://example.org{path}", kind, entry_id, HOST,
-                                               now, int(signed.not_after.timestamp()), task_id=task_id)])
+                                               now, int(signed.not_after.timestamp()), task_id=task_id,
+                                               authority=signed.authority)])
         return signed.serial_hex
 
     def crl(self):
-        return crl_mod.load(self.revocation.rebuild_crl().der)
+        """The active intermediate's CRL (it signed what issue() issued)."""
+        return crl_mod.load(self.revocation.rebuild_crl().crls[0].der)
 
     def close(self):
         self.store.close()
@@ -458,10 +482,10 @@ async def test_revoke_returns_after_a_crl_listing_it_is_committed_and_pushed(iss
     result = await asyncio.to_thread(issuer.revocation.revoke, "serial", s, "stolen", OPERATOR)
     info = issuer.revocation.crl_info()
     assert s in crl_mod.serials(crl_mod.load(info.der)) and crl_mod.number_of(crl_mod.load(info.der)) == info.number
-    assert issuer.store.next_crl_number() == info.number + 1  # its number committed before it was pushed
+    assert issuer.store.next_crl_number(info.authority) == info.number + 1  # committed before it was pushed
     pushed = [sub.queue.get_nowait() for _ in range(2)]  # both were queued before revoke returned
-    assert [k for k, _, _ in pushed] == ["revocation", "crl"] and pushed[0][1].seq == result.seq
-    assert pushed[1][1] == info.der
+    assert [k for k, _, _ in pushed] == ["revocation", "crls"] and pushed[0][1].seq == result.seq
+    assert pushed[1][1].crls[0].der == info.der
 
 
 def test_a_revocation_whose_crl_cannot_be_signed_is_kept_and_its_crl_retried(issuer, monkeypatch):
