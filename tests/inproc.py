@@ -24,6 +24,7 @@ def issuer_services(root: Path, sidecars: tuple[str, ...] = ("h",), policy: dict
                 "crl_validity": "10m", "signing_workers": 0}
     if policy is not None:
         settings["policy"] = policy
+    root.mkdir(mode=0o700, exist_ok=True)
     path = root / "issuer.yaml"
     path.write_text(yaml.safe_dump(settings))
     services = build(config.load(path))

@@ -74,12 +74,14 @@ def usable(a: Authority, now: float) -> bool:
 
 
 def published(a: Authority, now: float) -> bool:
-    """In what verifiers trust: a root in the bundle, an intermediate's CRL, a JWT key in the JWKS."""
-    if a.state == "revoked" or expired(a, now):
+    """In what verifiers are given: a root in the bundle, an intermediate's CRL (with its certificate, to check it
+    with), a JWT key in the JWKS. A revoked intermediate still publishes its CRL until it expires: `openssl verify
+    -crl_check_all` wants a CRL for the leaf's issuer before it reaches the root's CRL that withdraws the issuer."""
+    if expired(a, now):
         return False
     if a.kind == "x509":
         return bool(a.cert_der)
-    return True
+    return a.state != "revoked"
 
 
 class Authorities:
