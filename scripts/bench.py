@@ -27,10 +27,10 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import grpc  # noqa: E402
 
-from benchlib import crlbench, limit, lookupbench, stats  # noqa: E402
+from benchlib import crlbench, fleet, limit, lookupbench, stats  # noqa: E402
 from harness import BIN, Deployment, wait_for, write_private  # noqa: E402
 from taskutil import policy  # noqa: E402
-from tessera.v1 import admin_pb2, admin_pb2_grpc, types_pb2  # noqa: E402
+from tessera.v1 import types_pb2  # noqa: E402
 
 BENCHLIB = REPO / "scripts" / "benchlib"
 CLIENT = BENCHLIB / "signclient.py"
@@ -54,16 +54,22 @@ class Sizes:
     sync_procs: int
     revocations: int        # `tessera revoke` runs, each timed to every stream
     crl_runs: int           # each CRL build is the best of this many
+    taint_sidecars: int     # light sidecars holding SVIDs when their signer is tainted
+    taint_svids: int        # SVIDs each of them holds
+    rotation_ttl: int       # ca_ttl of the issuer timed through a scheduled rotation (its successor activates at 2/3)
+    rotation_concurrency: int  # unary SignX509SVIDs calls in flight from one client through the rotation
 
 
 FULL = Sizes(limit_bursts=10, phase_seconds=8, phase_runs=3, clients=4, batch=64, batched_concurrency=2,
              unary_concurrency=32, unary_sweep=(4, 16, 64),
              entries=10_000, serials=100_000, sidecar_svids=1_000,
-             task_calls=200, sync_streams=100, sync_procs=4, revocations=20, crl_runs=3)
+             task_calls=200, sync_streams=100, sync_procs=4, revocations=20, crl_runs=3,
+             taint_sidecars=100, taint_svids=10, rotation_ttl=60, rotation_concurrency=2)
 QUICK = Sizes(limit_bursts=4, phase_seconds=4, phase_runs=1, clients=4, batch=64, batched_concurrency=2,
               unary_concurrency=32, unary_sweep=(),
               entries=2_000, serials=20_000, sidecar_svids=1_000,
-              task_calls=50, sync_streams=100, sync_procs=4, revocations=10, crl_runs=1)
+              task_calls=50, sync_streams=100, sync_procs=4, revocations=10, crl_runs=1,
+              taint_sidecars=20, taint_svids=5, rotation_ttl=60, rotation_concurrency=2)
 
 
 def log(msg: str) -> None:
@@ -143,30 +149,6 @@ class Client:
                 self.proc.wait()
 
 
-def admin_stub(dep: Deployment) -> admin_pb2_grpc.AdminStub:
-    return admin_pb2_grpc.AdminStub(grpc.insecure_channel(f"unix://{dep.admin_socket}"))
-
-
-def create_entries(dep: Deployment, parent: str, n: int, prefix: str) -> list[types_pb2.Entry]:
-    """n entries through the real admin API (each its own durable, audited commit), a few in flight."""
-    stub = admin_stub(dep)
-    expires = int(time.time()) + 30 * 86400
-    selectors = [f"unix:uid:{os.getuid()}"]
-
-    def one(i: int):
-        return stub.CreateEntry.future(types_pb2.Entry(
-            spiffe_id=f"spiffe://{dep.td}/{prefix}/{i}", parent_id=dep.sidecar_id(parent), selectors=selectors,
-            owner="bench", purpose="benchmark", expires_at=expires), timeout=60)
-
-    out, pending = [], []
-    for i in range(n):
-        pending.append(one(i))
-        if len(pending) >= 32:
-            out += [f.result() for f in pending]
-            pending = []
-    return out + [f.result() for f in pending]
-
-
 def run_phase(clients: list[Client], batch: int, concurrency: int, duration: float | None = None,
               count: int | None = None) -> dict:
     start_at = time.time() + 0.5
@@ -196,7 +178,7 @@ def measure_issuer(dep: Deployment, sz: Sizes, figures: dict, issuer_config: dic
         log(f"creating {per_client * sz.clients} entries through the admin API")
         t0 = time.time()
         with futures.ThreadPoolExecutor(len(clients)) as ex:
-            made = list(ex.map(lambda c: create_entries(dep, c.name, per_client, f"bench/{c.name}"), clients))
+            made = list(ex.map(lambda c: fleet.create_entries(dep, c.name, per_client, f"bench/{c.name}"), clients))
         figures["entry_create_per_s"] = stats.rounded(stats.rate(per_client * sz.clients, time.time() - t0))
         for c, entries in zip(clients, made):
             c.send({"cmd": "entries", "ids": [e.id for e in entries], "spiffe_ids": [e.spiffe_id for e in entries]})
@@ -264,7 +246,7 @@ def measure_sidecar(dep: Deployment, sz: Sizes, figures: dict) -> None:
     name = "bench-rss"
     sidecar = dep.start_sidecar(name)
     log(f"sidecar up (pid {sidecar.proc.pid}); registering {sz.sidecar_svids} entries for it")
-    create_entries(dep, name, sz.sidecar_svids, "bench/rss")
+    fleet.create_entries(dep, name, sz.sidecar_svids, "bench/rss")
 
     wait_for(lambda: len(served_ids(dep, name)) >= sz.sidecar_svids, timeout=120, interval=0.5,
              what=f"{sz.sidecar_svids} SVIDs from the sidecar")
@@ -289,7 +271,7 @@ def measure_task_credential(dep: Deployment, sz: Sizes, figures: dict) -> tuple[
     name = "bench-task"
     sidecar = dep.start_sidecar(name)
     spiffe_id = f"spiffe://{dep.td}/bench/task"
-    admin_stub(dep).CreateEntry(types_pb2.Entry(
+    fleet.admin_stub(dep).CreateEntry(types_pb2.Entry(
         spiffe_id=spiffe_id, parent_id=dep.sidecar_id(name), selectors=[f"unix:uid:{os.getuid()}"], owner="bench",
         purpose="benchmark", tier="low", scopes=[TASK_SCOPE], expires_at=int(time.time()) + 86400), timeout=30)
     log(f"sidecar up (pid {sidecar.proc.pid}); {sz.task_calls} sequential StartTask calls from one workload")
@@ -310,62 +292,9 @@ def measure_task_credential(dep: Deployment, sz: Sizes, figures: dict) -> tuple[
     return proc, out["serials"]
 
 
-class SyncClients:
-    """sz.sync_streams light sidecars (real join tokens, mTLS Sync streams) in a few processes."""
-
-    def __init__(self, dep: Deployment, streams: int, procs: int):
-        stub = admin_stub(dep)
-        tokens = [stub.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(sidecar_name=f"bench-sync-{i}",
-                                                                        ttl_seconds=600), timeout=30).token
-                  for i in range(streams)]
-        self.procs = []
-        self.streams = []  # (process index, first stream index of that process)
-        for p in range(procs):
-            mine = tokens[p::procs]
-            proc = subprocess.Popen([sys.executable, str(BENCHLIB / "syncclient.py")], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, text=True)
-            # Tokens go over stdin, not argv: argv is readable by every user on the host.
-            proc.stdin.write(json.dumps({"issuer": f"127.0.0.1:{dep.port}", "bundle": str(dep.bundle_path),
-                                         "tokens": mine}) + "\n")
-            proc.stdin.flush()
-            self.streams.append(len(mine))
-            self.procs.append(proc)
-        for proc in self.procs:
-            msg = self._recv(proc)
-            if "ready" not in msg:
-                raise RuntimeError(f"sync client: {msg}")
-
-    @staticmethod
-    def _recv(proc: subprocess.Popen) -> dict:
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"sync client exited with {proc.wait()}")
-        return json.loads(line)
-
-    def received(self) -> list[tuple[int, int, float, float]]:
-        """(global stream index, seq, time applied, issuer commit time) for every revocation applied so far."""
-        out, base = [], 0
-        for proc, n in zip(self.procs, self.streams):
-            proc.stdin.write("{}\n")
-            proc.stdin.flush()
-            out += [(base + i, seq, t, committed) for i, seq, t, committed in self._recv(proc)["received"]]
-            base += n
-        return out
-
-    def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    proc.stdin.close()
-                    proc.wait(5)
-                except (OSError, subprocess.TimeoutExpired):
-                    proc.kill()
-                    proc.wait()
-
-
 def measure_revocation_propagation(dep: Deployment, sz: Sizes, figures: dict, serials: list[str]) -> None:
     log(f"{sz.sync_streams} light sidecars attest and open Sync streams ({sz.sync_procs} processes)")
-    clients = SyncClients(dep, sz.sync_streams, sz.sync_procs)
+    clients = fleet.LightSidecars(dep, [f"bench-sync-{i}" for i in range(sz.sync_streams)], sz.sync_procs)
     try:
         env = {**os.environ, "TESSERA_ADMIN_SOCKET": str(dep.admin_socket)}
         returned_at: dict[int, float] = {}
@@ -400,6 +329,68 @@ def measure_revocation_propagation(dep: Deployment, sz: Sizes, figures: dict, se
     from_commit = stats.propagation_delays(commits, [r[:3] for r in received], streams)
     figures["revocation_push_from_commit_p50_ms"] = stats.rounded(stats.percentile(from_commit, 50), 2)
     figures["revocation_push_from_commit_p99_ms"] = stats.rounded(stats.percentile(from_commit, 99), 2)
+
+
+def measure_taint(dep: Deployment, sz: Sizes, figures: dict) -> None:
+    log(f"taint: {sz.taint_sidecars} light sidecars x {sz.taint_svids} SVIDs; `tessera ca taint` of their signer, "
+        "timed to each sidecar's replacements in hand")
+    r = fleet.measure_taint(dep, sz.taint_sidecars, sz.taint_svids, sz.sync_procs)
+    figures["taint_replaced_p50_ms"] = stats.rounded(r.p50_ms, 1)
+    figures["taint_replaced_p99_ms"] = stats.rounded(r.p99_ms, 1)
+    figures["taint_replaced_max_ms"] = stats.rounded(r.max_ms, 1)
+    figures["taint_replaced_from_commit_p50_ms"] = stats.rounded(stats.percentile(r.from_commit_ms, 50), 1)
+    figures["taint_replaced_from_commit_p99_ms"] = stats.rounded(stats.percentile(r.from_commit_ms, 99), 1)
+    figures["taint_replaced_svids"] = r.replaced_svids
+
+
+def measure_rotation(sz: Sizes, figures: dict, issuer_config: dict) -> None:
+    """Unary SVID signing through a scheduled rotation: an issuer of its own with ca_ttl = sz.rotation_ttl, one
+    load client from its start until just past the successor's activation; latencies near the preparation and the
+    activation beside those far from both, in the same run."""
+    root = Path(tempfile.mkdtemp(prefix="tessera-bench-rotation-", dir="/tmp"))
+    dep = Deployment(root)
+    client = None
+    try:
+        dep.start_issuer(**issuer_config, ca_ttl=sz.rotation_ttl)
+        client = Client(dep, "bench-rotation", 64)
+        client.recv()
+        entries = fleet.create_entries(dep, client.name, 16, "bench/rotation")
+        client.send({"cmd": "entries", "ids": [e.id for e in entries], "spiffe_ids": [e.spiffe_id for e in entries]})
+        client.recv()
+        first = [a for a in fleet.admin_stub(dep).ListAuthorities(types_pb2.Empty(), timeout=30).authorities
+                 if a.kind == "x509" and a.state == "active"][0]
+        life = first.not_after - first.not_before
+        due = first.not_before + life * 2 / 3  # ACTIVATE_AT (issuer/ca/authorities.py); checked about once a second
+        start_at = time.time() + 0.5
+        end = due + 1 + stats.ROTATION_WINDOW_S + stats.QUIET_S
+        log(f"rotation: ca_ttl {sz.rotation_ttl}s, successor due at +{due - start_at:.0f}s; 1 client x "
+            f"{sz.rotation_concurrency} unary SignX509SVIDs in flight until {end - start_at:.0f}s")
+        client.send({"cmd": "run", "batch": 1, "concurrency": sz.rotation_concurrency, "start_at": start_at,
+                     "duration": end - start_at, "count": None, "track_signer": True})
+        r = client.recv()
+        if r["errors"]:
+            raise RuntimeError(f"{r['errors']} CSRs failed during the rotation: {r['first_error']}")
+        if len(r["signers"]) != 2 or r["signers"][0][1] != first.id:
+            raise RuntimeError(f"expected leaves from {first.id} then from one successor, got {r['signers']}")
+        activated, successor = r["signers"][1]
+        prepared = next(a.created_at for a in fleet.admin_stub(dep).ListAuthorities(types_pb2.Empty(), timeout=30)
+                        .authorities if a.id == successor)
+    except BaseException:
+        log(f"rotation failed; daemon logs are in {root}")
+        raise
+    finally:
+        if client is not None:
+            client.close()
+        dep.close()
+    shutil.rmtree(root, ignore_errors=True)
+    w = stats.rotation_windows(r["at"], r["lat_ms"], start_at + 1, prepared, activated)
+    for name, lat in w.items():
+        if not lat:
+            raise RuntimeError(f"no signing calls in the {name} window of the rotation")
+        figures[f"rotation_{name}_sign_p50_ms"] = stats.rounded(stats.percentile(lat, 50), 2)
+        figures[f"rotation_{name}_sign_p99_ms"] = stats.rounded(stats.percentile(lat, 99), 2)
+        figures[f"rotation_{name}_calls"] = len(lat)
+    figures["rotation_activate_sign_max_ms"] = stats.rounded(max(w["activate"]), 2)
 
 
 def measure_crl(sz: Sizes, figures: dict) -> None:
@@ -457,6 +448,19 @@ def note(key: str, figures: dict, sz: Sizes) -> str:
                      f"{figures.get('revocation_propagation_pairs', 0):,} pairs (0 = before the CLI exited)")
     elif key.startswith("revocation_push_from_commit"):
         parts.append("issuer commit -> applied on each stream (same arrivals)")
+    elif key.startswith("taint_replaced_from_commit"):
+        parts.append("issuer commit of the taint -> replacements in hand (same sidecars)")
+    elif key.startswith("taint_replaced"):
+        parts.append(f"`tessera ca taint` returning -> each light sidecar's last SVID replaced (one SignX509SVIDs "
+                     f"batch on SyncEvent.taint); {sz.taint_sidecars} sidecars x {sz.taint_svids} SVIDs, "
+                     f"{figures.get('taint_replaced_svids', 0):,} replaced")
+    elif key.startswith("rotation_"):
+        phase = key.split("_")[1]
+        where = {"activate": f"calls started within {stats.ROTATION_WINDOW_S:g} s of the successor's first leaf",
+                 "prepare": "calls started in the second the successor was prepared (±1 s)",
+                 "quiet": f"calls started >= {stats.QUIET_S:g} s from both, same run"}[phase]
+        parts.append(f"unary SignX509SVIDs, ca_ttl {sz.rotation_ttl}s, 1 client x {sz.rotation_concurrency} in "
+                     f"flight; {where}; {figures.get(f'rotation_{phase}_calls', 0):,} calls")
     elif key.startswith("crl_build"):
         parts.append("tessera/crl.py build + sign + DER from fresh records (cold)"
                      + (f", best of {sz.crl_runs}" if sz.crl_runs > 1 else ""))
@@ -481,7 +485,11 @@ ORDER = ["limit_sign_per_s", "issuer_sign_per_s_batched", "issuer_sign_per_s_bat
          "bench_cpu_share_unary",
          "task_credential_p50_ms", "task_credential_p99_ms", "revocation_propagation_p50_ms",
          "revocation_propagation_p99_ms", "revocation_push_from_commit_p50_ms",
-         "revocation_push_from_commit_p99_ms", "crl_build_ms_10k", "crl_build_ms_100k", "crl_rebuild_ms_100k",
+         "revocation_push_from_commit_p99_ms", "taint_replaced_p50_ms", "taint_replaced_p99_ms",
+         "taint_replaced_max_ms", "taint_replaced_from_commit_p50_ms", "taint_replaced_from_commit_p99_ms",
+         "rotation_quiet_sign_p50_ms", "rotation_quiet_sign_p99_ms", "rotation_prepare_sign_p50_ms",
+         "rotation_prepare_sign_p99_ms", "rotation_activate_sign_p50_ms", "rotation_activate_sign_p99_ms",
+         "rotation_activate_sign_max_ms", "crl_build_ms_10k", "crl_build_ms_100k", "crl_rebuild_ms_100k",
          "crl_lookup_ns", "verifier_check_us", "workload_match_us_1000",
          "issuer_rss_mb", "issuer_rss_mb_with_workers", "sidecar_rss_mb", "entry_create_per_s"]
 
@@ -517,12 +525,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             workload.stdin.close()
             workload.wait(10)
+        measure_taint(dep, sz, figures)
     except BaseException:
         dep.close()
         log(f"failed; daemon logs are in {root}")
         raise
     dep.close()
     shutil.rmtree(root, ignore_errors=True)
+    measure_rotation(sz, figures, issuer_config)  # its own issuer: a 60 s ca_ttl would rotate under every phase above
 
     meta = {"mode": "quick" if args.quick else "full", "cpus": os.cpu_count(), "seconds": round(time.time() - started, 1),
             "clients": sz.clients, "batch": sz.batch, "phase_runs": sz.phase_runs,

@@ -56,3 +56,19 @@ def test_propagation_applied_before_the_command_returned_counts_as_zero():
 def test_propagation_refuses_a_stream_that_never_applied_a_revocation():
     with pytest.raises(ValueError, match="seq 8 on stream 1"):
         stats.propagation_delays({7: 1.0, 8: 2.0}, [(0, 7, 1.1), (1, 7, 1.1), (0, 8, 2.1)], streams=2)
+
+
+def test_rotation_windows_split_calls_by_their_distance_from_preparation_and_activation():
+    prepared, activated = 100, 110.5  # prepared: whole seconds as the authority record stores it
+    at = [1.0,      # before warm-up: dropped
+          50.0,     # quiet
+          99.5,     # within the prepare window (its second, +-1 s)
+          101.9,    # still in it
+          103.0,    # between the windows, too close to both to count as quiet
+          109.6,    # within 1 s of the activation
+          111.4,    # likewise, after it
+          112.0,    # near the activation but outside its window: neither
+          114.0]    # quiet again
+    lat = [float(i) for i in range(len(at))]
+    w = stats.rotation_windows(at, lat, warm_from=10.0, prepared=prepared, activated=activated)
+    assert w == {"activate": [5.0, 6.0], "prepare": [2.0, 3.0], "quiet": [1.0, 8.0]}

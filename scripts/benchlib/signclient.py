@@ -19,7 +19,7 @@ from pathlib import Path
 from cryptography import x509
 
 from agent_sidecar.issuer_client import IssuerClient
-from tessera import pem, x509svid
+from tessera import chain, der, pem, x509svid
 from tessera.configfile import default_bootstrap_address, read_secret_file
 from tessera.v1 import issuer_pb2
 
@@ -48,12 +48,17 @@ class LoadClient:
         return out
 
     async def run(self, batch: int, concurrency: int, start_at: float, duration: float | None,
-                  count: int | None) -> dict:
+                  count: int | None, track_signer: bool = False) -> dict:
+        """Closed-loop calls from `concurrency` workers. With track_signer, also each timed call's start time
+        ("at") and, in "signers", [time, authority id] whenever the leaf's signer differs from the last seen."""
         reqs = self.requests(batch)
         stub = self.client.stub
         ok = errors = 0
         first_error = ""
         lat: list[float] = []
+        at: list[float] = []
+        signers: list[list] = []
+        last_signer = [b""]
         checked = False
         end = start_at + duration if duration else float("inf")
         remaining = [count if count is not None else -1]
@@ -81,6 +86,13 @@ class LoadClient:
                 if t1 > end:
                     return
                 lat.append((t1 - t0) * 1000)
+                if track_signer:
+                    at.append(t0)
+                    signer = self.signer_of(resp)
+                    if signer != last_signer[0]:
+                        last_signer[0] = signer
+                        leaf = pem.split_der(resp.items[0].cert_chain)[0]
+                        signers.append([t1, chain.authority_key_id(leaf)])
                 for item in resp.items:
                     if item.status_code == 0 and item.cert_chain:
                         ok += 1
@@ -101,8 +113,21 @@ class LoadClient:
             await asyncio.sleep(delay)
         t_begin = time.time()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        return {"ok": ok, "errors": errors, "first_error": first_error, "lat_ms": [round(x, 3) for x in lat],
-                "elapsed": time.time() - t_begin}
+        out = {"ok": ok, "errors": errors, "first_error": first_error, "lat_ms": [round(x, 3) for x in lat],
+               "elapsed": time.time() - t_begin}
+        if track_signer:
+            out.update(at=[round(x, 4) for x in at], signers=signers)
+        return out
+
+    @staticmethod
+    def signer_of(resp: issuer_pb2.SignX509SVIDsResponse) -> bytes:
+        """The chain after the leaf (the signer's certificate, DER): bytes compared per call, parsed only when
+        they change."""
+        if not resp.items or not resp.items[0].cert_chain:
+            return b""
+        blob = resp.items[0].cert_chain
+        _, end = der.read_header(blob, 0, 0x30)
+        return blob[end:]
 
 
 async def main_async(args) -> int:
@@ -125,7 +150,7 @@ async def main_async(args) -> int:
             emit({"entries": len(load.entry_ids)})
         elif cmd["cmd"] == "run":
             emit(await load.run(cmd["batch"], cmd["concurrency"], cmd["start_at"], cmd.get("duration"),
-                                cmd.get("count")))
+                                cmd.get("count"), cmd.get("track_signer", False)))
         elif cmd["cmd"] == "quit":
             break
     await client.close()

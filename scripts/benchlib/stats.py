@@ -1,4 +1,4 @@
-"""Pure helpers for benchmark figures: percentiles, rates, and the printed table."""
+"""Pure helpers for benchmark figures: percentiles, rates, propagation delays, rotation windows, the printed table."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 from typing import Iterable, Sequence
 
 from issuer.audit import report
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     """The p-th percentile (0-100), nearest rank as in the trust-debt report; NaN for no values."""
     if not 0 <= p <= 100:
@@ -50,3 +52,27 @@ def propagation_delays(returned_at: dict[int, float], received: Iterable[tuple[i
         raise ValueError(f"{len(missing)} (revocation, stream) pairs never arrived, e.g. seq {missing[0][0]} "
                          f"on stream {missing[0][1]}")
     return [max(0.0, (t - returned_at[seq]) * 1000) for (seq, _), t in got.items()]
+
+
+# "During the rotation": calls started this close to the successor's first leaf. "Without rotation": calls started
+# at least QUIET_S from both the successor's preparation and its activation.
+ROTATION_WINDOW_S = 1.0
+QUIET_S = 3.0
+
+
+def rotation_windows(at: list[float], lat: list[float], warm_from: float, prepared: float, activated: float
+                     ) -> dict[str, list[float]]:
+    """Latencies split by when each call started: near the activation (the first leaf from the successor), near
+    its preparation (`prepared`, whole seconds as stored: the window covers that second), and quiet (far from
+    both, after warm-up)."""
+    out: dict[str, list[float]] = {"activate": [], "prepare": [], "quiet": []}
+    for t, ms in zip(at, lat):
+        if t < warm_from:
+            continue
+        if abs(t - activated) <= ROTATION_WINDOW_S:
+            out["activate"].append(ms)
+        elif prepared - ROTATION_WINDOW_S <= t <= prepared + 1 + ROTATION_WINDOW_S:
+            out["prepare"].append(ms)
+        elif abs(t - activated) >= QUIET_S and not prepared - QUIET_S <= t <= prepared + 1 + QUIET_S:
+            out["quiet"].append(ms)
+    return out
