@@ -350,3 +350,20 @@ def test_under_an_offline_root_one_request_waits_at_a_time(store, data_dir, tmp_
     assert (data_dir / f"intermediate-{waiting.id}.csr").exists()  # the schedule wrote its request
     again, csr_pem = a.prepare("x509", OPERATOR, "operator asks")
     assert again.id == waiting.id and b"CERTIFICATE REQUEST" in csr_pem
+
+
+def test_a_new_upstream_root_signs_a_new_intermediate_and_the_old_root_stays_trusted_until_revoked(store, data_dir,
+                                                                                                    tmp_path):
+    for name in ("old", "new"):
+        (tmp_path / name).mkdir()
+    old, new = write_root(tmp_path / "old"), write_root(tmp_path / "new")
+    files = lambda n: dict(ca_cert=tmp_path / n / "ca.pem", ca_key=tmp_path / n / "ca-key.pem")  # noqa: E731
+    a = make_authorities(store, data_dir, **files("old"))
+    before = a.signer().id
+    store = reopen(store)
+    a = make_authorities(store, data_dir, **files("new"))  # the operator configured the new enterprise root
+    assert a.signer().id != before and chains(leaf(a), new.cert)
+    assert set(a.bundle) == {old.cert, new.cert}  # SVIDs under the old one still verify until it is revoked
+    a.revoke(x509svid.authority_id(old.cert.public_key()), True, OPERATOR, "rotated")
+    assert a.bundle == (new.cert,)
+    store.close()

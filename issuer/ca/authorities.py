@@ -271,17 +271,20 @@ class Authorities:
 
     def _ensure_signer(self, actor: Actor, reason: str) -> None:
         now = _now()
-        active = [a for a in self._records.values() if a.kind == "x509" and a.state == "active" and usable(a, now)]
+        root = self._root().id  # intermediates under another root (ca_cert was changed) no longer sign
+        active = [a for a in self._records.values() if a.kind == "x509" and a.state == "active" and usable(a, now)
+                  and a.parent == root]
         if active:
             self._install_signer(active[0])
             return
-        ready = [a for a in self._records.values() if a.kind == "x509" and a.state == "prepared" and usable(a, now)]
+        ready = [a for a in self._records.values() if a.kind == "x509" and a.state == "prepared" and usable(a, now)
+                 and a.parent == root]
         if ready:
             self._activate(ready[0], actor, reason)
             return
         if self._root_key() is None:
             pending = [a for a in self._records.values() if a.kind == "x509" and a.state == "prepared"
-                       and not a.cert_der]
+                       and not a.cert_der and a.parent == root]
             a = pending[0] if pending else self._prepare_x509(actor, reason)
             csr = self._write_csr(a)
             raise ConfigError(f"offline root: no intermediate can sign; sign {csr} with the root and save the "
