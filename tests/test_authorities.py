@@ -182,7 +182,9 @@ def test_an_offline_root_waits_for_its_signed_intermediate_and_then_signs(store,
     assert chains(leaf(a), corp.cert)
 
 
-def test_an_offline_prepare_gives_a_csr_and_activate_checks_the_certificate(store, data_dir, tmp_path):
+def offline_started(store, data_dir, tmp_path, **extra):
+    """Authorities under an offline root (the enterprise CA made here), past their first start: the CSR the issuer
+    wrote signed at the "offline CA" and dropped beside it. Returns (authorities, the root, its config)."""
     (tmp_path / "corp").mkdir()
     corp = write_root(tmp_path / "corp")
     cfg = dict(ca_cert=tmp_path / "corp" / "ca.pem", ca_offline=True)
@@ -190,7 +192,12 @@ def test_an_offline_prepare_gives_a_csr_and_activate_checks_the_certificate(stor
         make_authorities(store, data_dir, **cfg)
     [csr_path] = data_dir.glob("intermediate-*.csr")
     (data_dir / csr_path.name.replace(".csr", ".pem")).write_bytes(offline_sign(corp, csr_path))
-    a = make_authorities(store, data_dir, **cfg)
+    return make_authorities(store, data_dir, **cfg, **extra), corp, cfg
+
+
+def test_an_offline_prepare_gives_a_csr_and_activate_checks_the_certificate(store, data_dir, tmp_path):
+    a, corp, cfg = offline_started(store, data_dir, tmp_path)
+    [csr_path] = data_dir.glob("intermediate-*.csr")
     first = a.signer().id
     nxt, csr_pem = a.prepare("x509", OPERATOR, "next one")
     assert nxt.cert_der == b"" and b"CERTIFICATE REQUEST" in csr_pem
@@ -208,14 +215,7 @@ def test_an_offline_prepare_gives_a_csr_and_activate_checks_the_certificate(stor
 
 
 def test_an_offline_root_cannot_revoke_what_it_signed_here(store, data_dir, tmp_path):
-    (tmp_path / "corp").mkdir()
-    corp = write_root(tmp_path / "corp")
-    cfg = dict(ca_cert=tmp_path / "corp" / "ca.pem", ca_offline=True)
-    with pytest.raises(ConfigError):
-        make_authorities(store, data_dir, **cfg)
-    [csr_path] = data_dir.glob("intermediate-*.csr")
-    (data_dir / csr_path.name.replace(".csr", ".pem")).write_bytes(offline_sign(corp, csr_path))
-    a = make_authorities(store, data_dir, **cfg)
+    a, corp, _ = offline_started(store, data_dir, tmp_path)
     first = a.signer().id
     nxt, csr_pem = a.prepare("x509", OPERATOR, "next")
     (tmp_path / "n.csr").write_bytes(csr_pem)
@@ -318,14 +318,7 @@ def test_a_root_that_has_expired_refuses_the_start(store, data_dir, tmp_path):
 
 
 def test_a_taint_that_cannot_name_a_successor_changes_nothing(store, data_dir, tmp_path):
-    (tmp_path / "corp").mkdir()
-    corp = write_root(tmp_path / "corp")
-    cfg = dict(ca_cert=tmp_path / "corp" / "ca.pem", ca_offline=True)
-    with pytest.raises(ConfigError):
-        make_authorities(store, data_dir, **cfg)
-    [csr_path] = data_dir.glob("intermediate-*.csr")
-    (data_dir / csr_path.name.replace(".csr", ".pem")).write_bytes(offline_sign(corp, csr_path))
-    a = make_authorities(store, data_dir, **cfg)
+    a, _, _ = offline_started(store, data_dir, tmp_path)
     first = a.signer().id
     before = store.list_authorities()
     with pytest.raises(ConfigError, match="offline root: no intermediate can sign"):
@@ -336,14 +329,7 @@ def test_a_taint_that_cannot_name_a_successor_changes_nothing(store, data_dir, t
 
 
 def test_under_an_offline_root_one_request_waits_at_a_time(store, data_dir, tmp_path):
-    (tmp_path / "corp").mkdir()
-    corp = write_root(tmp_path / "corp")
-    cfg = dict(ca_cert=tmp_path / "corp" / "ca.pem", ca_offline=True)
-    with pytest.raises(ConfigError):
-        make_authorities(store, data_dir, **cfg)
-    [csr_path] = data_dir.glob("intermediate-*.csr")
-    (data_dir / csr_path.name.replace(".csr", ".pem")).write_bytes(offline_sign(corp, csr_path))
-    a = make_authorities(store, data_dir, ca_ttl=120, **cfg)
+    a, _, _ = offline_started(store, data_dir, tmp_path, ca_ttl=120)
     a.tick(time.time() + 200)  # past half-life (a day's certificate, but the schedule reads its own lifetime)
     a.tick(time.time() + 86400 * 0.6)
     [waiting] = [r for r in a.list() if r.kind == "x509" and r.state == "prepared"]
