@@ -210,6 +210,16 @@ def test_taint_answers_after_the_crls_are_re_signed_and_every_sidecar_is_told(ad
     assert rec.subject == tainted["id"] and rec.reason == "key copied to a laptop"
 
 
+def test_a_sidecar_that_missed_a_taint_is_told_when_it_catches_up(admin):
+    sidecar = f"spiffe://{TD}/tessera/sidecar/h"
+    assert [ev.WhichOneof("event") for ev in admin.services.sidecar_api.full_state(sidecar)] == ["snapshot", "crls"]
+    tainted = admin.one("x509", "active")["id"]
+    admin.cli("ca", "taint", tainted, "--reason", "exposed while host h was offline")
+    state = admin.services.sidecar_api.full_state(sidecar)  # what its next Sync (or resync) opens with
+    assert [ev.WhichOneof("event") for ev in state] == ["snapshot", "crls", "taint"]
+    assert list(state[-1].taint.authority_ids) == [tainted]
+
+
 def test_revoke_waits_for_dependants_unless_forced_and_withdraws_the_intermediate_by_its_roots_crl(admin):
     inter = admin.one("x509", "active")
     root = admin.one("root", "active")

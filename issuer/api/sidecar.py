@@ -116,9 +116,14 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
             return issuer_pb2.SyncEvent(taint=issuer_pb2.Taint(authority_ids=payload), committed_at=committed_at)
         return None
 
-    def full_state(self, sidecar_id: str) -> tuple[issuer_pb2.SyncEvent, issuer_pb2.SyncEvent]:
-        """The snapshot, then the CRL set: how a sidecar that was offline (or drifted) catches up."""
-        return self.snapshot(sidecar_id), issuer_pb2.SyncEvent(crls=crl_set_pb(self.revocation.crl_set()))
+    def full_state(self, sidecar_id: str) -> list[issuer_pb2.SyncEvent]:
+        """The snapshot, the CRL set, and the authorities tainted now: how a sidecar that was offline (or drifted)
+        catches up, a taint it missed included (it replaces what they signed; a sidecar holding none does nothing)."""
+        state = [self.snapshot(sidecar_id), issuer_pb2.SyncEvent(crls=crl_set_pb(self.revocation.crl_set()))]
+        tainted = self.authorities.tainted()
+        if tainted:
+            state.append(issuer_pb2.SyncEvent(taint=issuer_pb2.Taint(authority_ids=tainted)))
+        return state
 
     @grpcio_handler
     async def FetchCRL(self, request, context):
