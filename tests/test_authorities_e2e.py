@@ -2,7 +2,8 @@
 only the unmodified `spiffe` / `spiffe-tls` packages (tests/clients/spiffe_client.py), and `openssl verify`.
 
 What the in-process suites (test_authorities.py, test_ca_cli.py) and the taint/revoke e2e tests
-(test_sidecar_authorities_e2e.py) already prove is not repeated here."""
+(test_sidecar_authorities_e2e.py) already prove is not repeated here: a certificate that does not match the prepared
+key is refused through the daemon in test_ca_cli.py's offline-root test."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def cert_pem(a: dict) -> str:
 def test_an_open_stream_and_mtls_between_workloads_keep_working_across_three_automatic_rotations(deployment,
                                                                                                  tmp_path):
     d = deployment
-    d.start_issuer(ca_ttl="60s")  # the smallest allowed: a rotation every 40 s (activated at 2/3 of 60 s)
+    d.start_issuer(ca_ttl="60s")  # the smallest allowed: rotations at 40 s, 70 s, 100 s (prepared at 1/2, active at 2/3)
     d.start_sidecar("host-a")
     for name, uid in (("watcher", 65532), ("server", 65534), ("client", 65533)):
         d.entry(f"/agent/{name}", "host-a", f"unix:uid:{uid}")
