@@ -24,7 +24,7 @@ def issuer_services(root: Path, sidecars: tuple[str, ...] = ("h",), policy: dict
                 "crl_validity": "10m", "signing_workers": 0}
     if policy is not None:
         settings["policy"] = policy
-    root.mkdir(mode=0o700, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)  # the config file lives in the data_dir
     path = root / "issuer.yaml"
     path.write_text(yaml.safe_dump(settings))
     services = build(config.load(path))

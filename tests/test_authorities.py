@@ -90,6 +90,22 @@ def test_the_successor_is_prepared_at_half_life_and_signs_from_two_thirds(store,
     assert {r.id for r, _, _ in a.crl_signers()} >= {first, prepared.id}  # the retired one's CRL stays out
 
 
+def test_the_schedule_counts_from_creation_not_from_the_backdated_not_before(store, data_dir):
+    # ca_ttl 60 s, certificate backdated 30 s: half-life is 30 s after creation, not 15 s (half of 90 s from notBefore).
+    a = make_authorities(store, data_dir, ca_ttl=60)
+    first = a.signer().id
+    assert a.get(first).not_before < a.get(first).created_at  # backdated indeed
+    t0 = a.get(first).created_at
+    a.tick(t0 + 25)
+    assert by_kind(a, "x509", "prepared") == []
+    a.tick(t0 + 31)
+    assert len(by_kind(a, "x509", "prepared")) == 1
+    a.tick(t0 + 38)
+    assert a.signer().id == first
+    a.tick(t0 + 41)
+    assert a.signer().id != first
+
+
 def test_every_authority_change_is_audited(store, data_dir):
     a = make_authorities(store, data_dir, ca_ttl=120)
     a.tick(time.time() + 62)

@@ -249,6 +249,11 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
         reason = required_text("reason", req.reason)
         a = await self._authority_call(self.authorities.revoke, bounded_ref("authority id", req.id), req.force,
                                        actor, reason)
+        if req.force:
+            # What still depends on it is dead now (on a CRL, or under a root no longer trusted): every sidecar
+            # replaces it at once, as after a taint, rather than serving it until its renewal. A root's id reaches
+            # the chains of the intermediates it took with it (tessera.chain.signers).
+            self.hub.broadcast(("taint", (a.id,)))
         pb = await asyncio.to_thread(self._authority_pb, a, time.time())
         await stream.send_message(admin_pb2.AuthorityResponse(authority=pb))
 

@@ -444,10 +444,13 @@ class Authorities:
                     except ConfigError as e:
                         _warn.log(f"no-signer-{kind}", "no authority can sign", kind=kind, error=str(e))
                     continue
-                life = active.not_after - active.not_before
+                # Counted from when it came to be: a certificate is backdated for clock skew (30 s), which must not
+                # shift the schedule (with ca_ttl 60 s it made every intermediate sign for 15 s, not 30 s).
+                start = max(active.not_before, min(active.created_at, active.not_after))
+                life = active.not_after - start
                 successors = [a for a in self._records.values() if a.kind == kind and a.state == "prepared"
                               and a.created_at >= active.created_at]
-                if not successors and now >= active.not_before + life * PREPARE_AT:
+                if not successors and now >= start + life * PREPARE_AT:
                     try:
                         successors = [self._changing(self._prepare_x509 if kind == "x509" else self._prepare_jwt,
                                                      ISSUER, "scheduled rotation")]
@@ -458,11 +461,11 @@ class Authorities:
                         _warn.log(f"no-successor-{kind}", "cannot prepare the next authority", kind=kind, error=str(e))
                     changed = changed or "crl"
                 ready = [a for a in successors if usable(a, now)]
-                if kind == "x509" and not ready and now >= active.not_before + life * WARN_OFFLINE_AT:
+                if kind == "x509" and not ready and now >= start + life * WARN_OFFLINE_AT:
                     _warn.log(f"offline-{active.id}", "the active intermediate was signed offline and has no signed successor: sign the "
                                   "prepared CSR and run tessera ca activate before it expires", authority=active.id,
                                   expires=_iso(active.not_after))
-                if ready and now >= active.not_before + life * ACTIVATE_AT:
+                if ready and now >= start + life * ACTIVATE_AT:
                     with self._rollback():
                         self._activate(ready[0], ISSUER, "scheduled rotation")
                     changed = "signer"
