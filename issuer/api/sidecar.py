@@ -117,12 +117,12 @@ class IssuerService(issuer_pb2_grpc.IssuerServicer):
         return None
 
     def full_state(self, sidecar_id: str) -> list[issuer_pb2.SyncEvent]:
-        """The snapshot, the CRL set, and the authorities tainted now: how a sidecar that was offline (or drifted)
-        catches up, a taint it missed included (it replaces what they signed; a sidecar holding none does nothing)."""
+        """The snapshot, the CRL set, and the authorities tainted or revoked now: how a sidecar that was offline (or
+        drifted) catches up, a taint it missed included (it replaces what they signed; one holding none does nothing)."""
         state = [self.snapshot(sidecar_id), issuer_pb2.SyncEvent(crls=crl_set_pb(self.revocation.crl_set()))]
-        tainted = self.authorities.tainted()
-        if tainted:
-            state.append(issuer_pb2.SyncEvent(taint=issuer_pb2.Taint(authority_ids=tainted)))
+        withdrawn = self.authorities.withdrawn()
+        if withdrawn:
+            state.append(issuer_pb2.SyncEvent(taint=issuer_pb2.Taint(authority_ids=withdrawn)))
         return state
 
     @grpcio_handler

@@ -168,11 +168,12 @@ class Authorities:
                         return a.id, key
         raise FailedPrecondition("no active JWT signing key")
 
-    def tainted(self, now: float | None = None) -> list[str]:
-        """Ids of the tainted authorities that have not expired: what a sidecar must not keep anything signed by."""
+    def withdrawn(self, now: float | None = None) -> list[str]:
+        """Ids of the tainted and revoked authorities that have not expired: a sidecar keeps nothing they signed."""
         now = time.time() if now is None else now
         with self._lock:
-            return sorted(a.id for a in self._records.values() if a.state == "tainted" and not expired(a, now))
+            return sorted(a.id for a in self._records.values()
+                          if a.state in ("tainted", "revoked") and not expired(a, now))
 
     def outstanding(self, a: Authority, now: float | None = None) -> int:
         """Unexpired things that depend on `a`: certificates it signed, and for a root its live intermediates."""
