@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import operator
 import os
 import sqlite3
 import threading
@@ -41,8 +40,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from issuer.audit.relay import AuditRelay
-from issuer.core.models import (AUDIT_FIELDS, AUDIT_JSON_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS,
-                                AuditEvent, AuditRecord, Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar, audit_hash)
+from issuer.core.models import (AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS, AuditEvent, AuditRecord,
+                                Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar)
+from issuer.datastore.rows import (AUDIT_COLUMNS, GroupCommit, Pending, audit_record, audit_row, authority_from,
+                                   authority_row, chain, change_payload, dumps, entry_from, entry_row, issued_from,
+                                   issued_row, sidecar_from)
 from tessera import logs, safefs
 from tessera.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 
@@ -177,62 +179,10 @@ def _upgrade(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE issued ADD COLUMN authority TEXT")
 
 
-def _authority(row: sqlite3.Row) -> Authority:
-    return Authority(**{k: (bytes(row[k]) if isinstance(row[k], (bytes, memoryview)) else row[k])
-                        for k in AUTHORITY_FIELDS})
-
-
 _INSERT_AUTHORITY = (f"INSERT INTO authorities ({', '.join(AUTHORITY_FIELDS)}) "
                      f"VALUES ({', '.join('?' * len(AUTHORITY_FIELDS))})")
-_authority_row = operator.attrgetter(*AUTHORITY_FIELDS)
-
-
-def _dumps(v) -> str:
-    return json.dumps(v, sort_keys=True, separators=(",", ":"))
-
-
-def _entry(row: sqlite3.Row) -> Entry:
-    return Entry(
-        id=row["id"], spiffe_id=row["spiffe_id"], parent_id=row["parent_id"],
-        selectors=tuple(json.loads(row["selectors"])), owner=row["owner"], purpose=row["purpose"],
-        tier=row["tier"], scopes=tuple(json.loads(row["scopes"])), x509_ttl=row["x509_ttl"],
-        expires_at=row["expires_at"], state=row["state"], created_by=row["created_by"],
-        created_at=row["created_at"], updated_at=row["updated_at"], revision=row["revision"],
-    )
-
-
-def _sidecar(row: sqlite3.Row) -> Sidecar:
-    return Sidecar(**{k: row[k] for k in row.keys()})
-
-
-def _issued(row: sqlite3.Row) -> IssuedSerial:
-    return IssuedSerial(**{k: row[k] for k in row.keys()})
-
-
-# The issued table's row, named column by column from the record's fields (see IssuedSerial).
-_issued_row = operator.attrgetter(*ISSUED_FIELDS)
 _INSERT_ISSUED = f"INSERT INTO issued ({', '.join(ISSUED_FIELDS)}) VALUES ({', '.join('?' * len(ISSUED_FIELDS))})"
-
-
-def _json_or_raw(text):
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return {"unparseable": text}
-
-
-# The audit table's columns are AuditRecord's fields, in order; actor and details are JSON text.
-AUDIT_COLUMNS = ", ".join(AUDIT_FIELDS)
 _AUDIT_INSERT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({', '.join('?' * len(AUDIT_FIELDS))})"
-
-
-def _audit_row(r: AuditRecord) -> tuple:
-    return tuple(_dumps(getattr(r, k)) if k in AUDIT_JSON_FIELDS else getattr(r, k) for k in AUDIT_FIELDS)
-
-
-def _audit_record(row) -> AuditRecord:
-    """From a row of AUDIT_COLUMNS; JSON that no longer parses (a tampered row) is kept for the verifier to flag."""
-    return AuditRecord(*(_json_or_raw(v) if k in AUDIT_JSON_FIELDS else v for k, v in zip(AUDIT_FIELDS, row)))
 
 
 @contextlib.contextmanager
@@ -256,13 +206,13 @@ def _audit_after(path: Path, since_seq: int, limit: int | None) -> list[AuditRec
     if limit is not None:
         q, args = q + " LIMIT ?", args + (limit,)
     with _connect_ro(path) as db:
-        return [_audit_record(r) for r in db.execute(q, args)]
+        return [audit_record(r) for r in db.execute(q, args)]
 
 
 def _audit_since(path: Path, since_ts: float) -> Iterator[AuditRecord]:
     with _connect_ro(path) as db:
         for row in db.execute(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE ts >= ? ORDER BY seq", (since_ts,)):
-            yield _audit_record(row)
+            yield audit_record(row)
 
 
 def _newest_audit_seq(path: Path) -> int:
@@ -309,29 +259,6 @@ class SQLiteOpener:
         return SQLiteDatastore(self.path, relay=relay)
 
 
-def _change_payload(obj) -> str:
-    return _dumps(dataclasses.asdict(obj))
-
-
-class _PendingSerials:
-    __slots__ = ("serials", "audits")
-
-    def __init__(self, serials, audits):
-        self.serials = serials
-        self.audits = audits
-
-
-class _Group:
-    """Serials from concurrent callers that commit together; `done` is set once they are durable."""
-
-    __slots__ = ("items", "done", "error")
-
-    def __init__(self):
-        self.items: list[_PendingSerials] = []
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-
-
 class SQLiteDatastore(_AuditReads):
     def __init__(self, path: str | Path, relay: AuditRelay | None = None):
         """`relay` is given every audit record this store commits (default: a relay of its own, with no
@@ -357,10 +284,7 @@ class SQLiteDatastore(_AuditReads):
         self._lock = threading.RLock()  # the connection
         self._depth = 0
         self._owner: int | None = None  # the thread inside transaction()
-        self._group = _Group()
-        self._group_cond = threading.Condition(threading.Lock())
-        self._committing = False  # a caller is writing a group (see record_issued)
-        self._closing = False
+        self._group = GroupCommit(self._commit_issued)
         self._audit_seq, self._audit_hash = 0, GENESIS_HASH  # the chain's head, read in each write transaction
         self._closed = False
         self.relay = relay if relay is not None else AuditRelay()
@@ -447,21 +371,16 @@ class SQLiteDatastore(_AuditReads):
 
     def _audit_many(self, db: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
         """Chain and insert audit records; one statement for many keeps the group commit short."""
-        rows = []
-        for event in events:
-            r = AuditRecord(self._audit_seq + 1, round(time.time(), 6), event.action, event.actor.as_dict(),
-                            event.decision, event.reason, event.subject, event.details, self._audit_hash, "")
-            r = dataclasses.replace(r, hash=audit_hash(r))
-            rows.append(_audit_row(r))
-            self._new_records.append(r)
-            self._audit_seq, self._audit_hash = r.seq, r.hash
-        if rows:
-            db.executemany(_AUDIT_INSERT, rows)
+        records = chain(events, self._audit_seq, self._audit_hash)
+        if records:
+            db.executemany(_AUDIT_INSERT, [audit_row(r) for r in records])
+            self._new_records.extend(records)
+            self._audit_seq, self._audit_hash = records[-1].seq, records[-1].hash
 
     def _change(self, db: sqlite3.Connection, kind: str, op: str, key: str, payload: dict[str, Any] | str) -> None:
         """Append to the change feed, in the caller's transaction: the change and its feed row commit together."""
         db.execute("INSERT INTO changes (ts, kind, op, key, payload) VALUES (?,?,?,?,?)",
-                   (round(time.time(), 6), kind, op, key, payload if isinstance(payload, str) else _dumps(payload)))
+                   (round(time.time(), 6), kind, op, key, payload if isinstance(payload, str) else dumps(payload)))
 
     def append_audit(self, events: Iterable[AuditEvent]) -> None:
         with self._tx() as db:
@@ -473,16 +392,10 @@ class SQLiteDatastore(_AuditReads):
     def create_entry(self, entry: Entry, audit: AuditEvent) -> None:
         with self._tx() as db:
             try:
-                db.execute(
-                    "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (entry.id, entry.spiffe_id, entry.parent_id, _dumps(list(entry.selectors)),
-                     entry.owner, entry.purpose, entry.tier, _dumps(list(entry.scopes)), entry.x509_ttl,
-                     entry.expires_at, entry.state, entry.created_by, entry.created_at,
-                     entry.updated_at, entry.revision),
-                )
+                db.execute("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", entry_row(entry))
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"entry {entry.id} already exists") from None
-            self._change(db, "entry", "create", entry.id, _change_payload(entry))
+            self._change(db, "entry", "create", entry.id, change_payload(entry))
             self._audit(db, audit)
 
     def update_entry(self, entry: Entry, audit: AuditEvent) -> None:
@@ -490,13 +403,13 @@ class SQLiteDatastore(_AuditReads):
             cur = db.execute(
                 "UPDATE entries SET spiffe_id=?, parent_id=?, selectors=?, owner=?, purpose=?, tier=?,"
                 " scopes=?, x509_ttl=?, expires_at=?, state=?, updated_at=?, revision=? WHERE id=?",
-                (entry.spiffe_id, entry.parent_id, _dumps(list(entry.selectors)), entry.owner,
-                 entry.purpose, entry.tier, _dumps(list(entry.scopes)), entry.x509_ttl, entry.expires_at,
+                (entry.spiffe_id, entry.parent_id, dumps(list(entry.selectors)), entry.owner,
+                 entry.purpose, entry.tier, dumps(list(entry.scopes)), entry.x509_ttl, entry.expires_at,
                  entry.state, entry.updated_at, entry.revision, entry.id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"no entry with id {entry.id}")
-            self._change(db, "entry", "update", entry.id, _change_payload(entry))
+            self._change(db, "entry", "update", entry.id, change_payload(entry))
             self._audit(db, audit)
 
     def delete_entry(self, entry_id: str, audit: AuditEvent) -> None:
@@ -505,7 +418,7 @@ class SQLiteDatastore(_AuditReads):
             if row is None:
                 raise NotFound(f"no entry with id {entry_id}")
             db.execute("DELETE FROM entries WHERE id=?", (entry_id,))
-            self._change(db, "entry", "delete", entry_id, _change_payload(_entry(row)))
+            self._change(db, "entry", "delete", entry_id, change_payload(entry_from(row)))
             self._audit(db, audit)
 
     def list_entries(self, parent_id: str | None = None) -> list[Entry]:
@@ -516,7 +429,7 @@ class SQLiteDatastore(_AuditReads):
                 rows = self._db.execute(
                     "SELECT * FROM entries WHERE parent_id=? ORDER BY created_at, id", (parent_id,)
                 ).fetchall()
-        return [_entry(r) for r in rows]
+        return [entry_from(r) for r in rows]
 
     # -- join tokens and sidecars ----------------------------------------------------------
 
@@ -553,13 +466,13 @@ class SQLiteDatastore(_AuditReads):
                 (sidecar.id, sidecar.name, sidecar.state, sidecar.attested_at, sidecar.last_seen,
                  sidecar.svid_serial, sidecar.svid_expires_at),
             )
-            self._change(db, "sidecar", op, sidecar.id, _change_payload(sidecar))
+            self._change(db, "sidecar", op, sidecar.id, change_payload(sidecar))
             self._audit(db, audit)
 
     def list_sidecars(self) -> list[Sidecar]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM sidecars ORDER BY id").fetchall()
-        return [_sidecar(r) for r in rows]
+        return [sidecar_from(r) for r in rows]
 
     def touch_sidecar(self, sidecar_id: str, now: int) -> None:
         with self._tx() as db:
@@ -569,44 +482,20 @@ class SQLiteDatastore(_AuditReads):
 
     def record_issued(self, serials: Sequence[IssuedSerial], audits: Sequence[AuditEvent] = ()) -> None:
         """Durably record issued serials before their certificates leave the issuer."""
-        mine = _PendingSerials(list(serials), list(audits))
+        mine = Pending(serials, audits)
         if self._owner == threading.get_ident():
             with self._lock:
                 # Inside this thread's own transaction: its commit is the one that counts.
                 self._insert_issued(self._db, [mine])
                 return
-        with self._group_cond:
-            if self._closing:
-                raise RuntimeError("datastore is closed")
-            group = self._group
-            group.items.append(mine)
-            # Leader/follower: while a group is being written, later callers gather in the next one;
-            # when the writer finishes, one of them writes that whole group. An idle store is written
-            # by the caller itself: no hand-off to another thread, which under load costs more than
-            # the fsync (each wake-up waits for a CPU).
-            while self._committing and not group.done.is_set():
-                self._group_cond.wait()
-            if not group.done.is_set():
-                self._committing = True
-                self._group = _Group()
-                leader = True
-            else:
-                leader = False
-        if leader:
-            try:
-                with self._tx() as db:
-                    self._insert_issued(db, group.items)
-            except BaseException as e:  # noqa: BLE001 - every caller in the group gets it
-                group.error = e
-            with self._group_cond:
-                self._committing = False
-                group.done.set()
-                self._group_cond.notify_all()
-        if group.error is not None:
-            raise group.error
+        self._group.submit(mine)
 
-    def _insert_issued(self, db: sqlite3.Connection, group: list[_PendingSerials]) -> None:
-        rows = [_issued_row(s) for p in group for s in p.serials]
+    def _commit_issued(self, group: list[Pending]) -> None:
+        with self._tx() as db:
+            self._insert_issued(db, group)
+
+    def _insert_issued(self, db: sqlite3.Connection, group: list[Pending]) -> None:
+        rows = [issued_row(s) for p in group for s in p.serials]
         if rows:
             try:
                 db.executemany(_INSERT_ISSUED, rows)
@@ -619,7 +508,7 @@ class SQLiteDatastore(_AuditReads):
     def get_issued(self, serial: str) -> IssuedSerial | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM issued WHERE serial=?", (serial,)).fetchone()
-        return _issued(row) if row else None
+        return issued_from(row) if row else None
 
     def revoke_serials(self, serials: Sequence[str], reason: str, now: int,
                        audit: AuditEvent | None) -> list[str]:
@@ -653,7 +542,7 @@ class SQLiteDatastore(_AuditReads):
         q = "SELECT * FROM issued" + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY issued_at"
         with self._lock:
             rows = self._db.execute(q, args).fetchall()
-        return [_issued(r) for r in rows]
+        return [issued_from(r) for r in rows]
 
     # -- revocation log and CRL numbers -------------------------------------------------------
 
@@ -663,10 +552,10 @@ class SQLiteDatastore(_AuditReads):
             cur = db.execute(
                 "INSERT INTO revocations (ts, kind, target, reason, reason_code, serials, entry_ids)"
                 " VALUES (?,?,?,?,?,?,?)",
-                (rec.ts, rec.kind, rec.target, rec.reason, rec.reason_code, _dumps(list(rec.serials)),
-                 _dumps(list(rec.entry_ids))))
+                (rec.ts, rec.kind, rec.target, rec.reason, rec.reason_code, dumps(list(rec.serials)),
+                 dumps(list(rec.entry_ids))))
             seq = cur.lastrowid
-            self._change(db, "revocation", "create", str(seq), _change_payload(dataclasses.replace(rec, seq=seq)))
+            self._change(db, "revocation", "create", str(seq), change_payload(dataclasses.replace(rec, seq=seq)))
             return seq
 
     def revocations(self, kinds: Sequence[str] | None = None, since_seq: int = 0) -> list[Revocation]:
@@ -699,7 +588,7 @@ class SQLiteDatastore(_AuditReads):
         with self._tx() as db:
             if expect_state is None:
                 try:
-                    db.execute(_INSERT_AUTHORITY, _authority_row(authority))
+                    db.execute(_INSERT_AUTHORITY, authority_row(authority))
                 except sqlite3.IntegrityError as e:
                     if e.sqlite_errorcode in _DUPLICATE:
                         raise AlreadyExists(f"authority {authority.id} already exists") from None
@@ -708,7 +597,7 @@ class SQLiteDatastore(_AuditReads):
             else:
                 cur = db.execute(f"UPDATE authorities SET ({', '.join(AUTHORITY_FIELDS)}) = "
                                  f"({', '.join('?' * len(AUTHORITY_FIELDS))}) WHERE id=? AND state=?",
-                                 (*_authority_row(authority), authority.id, expect_state))
+                                 (*authority_row(authority), authority.id, expect_state))
                 if not cur.rowcount:
                     return False
                 op = "update"
@@ -719,7 +608,7 @@ class SQLiteDatastore(_AuditReads):
 
     def list_authorities(self) -> list[Authority]:
         with self._lock:
-            return [_authority(r) for r in self._db.execute("SELECT * FROM authorities ORDER BY created_at, id")]
+            return [authority_from(r) for r in self._db.execute("SELECT * FROM authorities ORDER BY created_at, id")]
 
     def adopt_unattributed(self, authority: str) -> int:
         """Name `authority` as the signer of the serials, and the owner of the CRL numbers, of a store written before
@@ -762,10 +651,7 @@ class SQLiteDatastore(_AuditReads):
         return SQLiteOpener(str(self.path))
 
     def close(self) -> None:
-        with self._group_cond:
-            self._closing = True
-            while self._committing or self._group.items:  # callers already waiting get their commit
-                self._group_cond.wait()
+        self._group.close()  # callers already waiting get their commit
         self.relay.close()  # nothing more relayed; what still waits reaches the audit file at the next start
         self._closed = True  # no new transaction
         with self._writer, self._lock:  # a transaction under way finishes first
