@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 from issuer.core.models import (AUDIT_FIELDS, AUDIT_JSON_FIELDS, AUTHORITY_FIELDS, ISSUED_FIELDS, AuditEvent,
                                 AuditRecord, Authority, Entry, IssuedSerial, Sidecar, audit_hash)
+from tessera.errors import FailedPrecondition
 
 
 def dumps(v) -> str:
@@ -159,3 +160,10 @@ class GroupCommit:
             self._closing = True
             while self._committing or self._group.items:
                 self._cond.wait()
+
+
+def check_schema_version(found: int, known: int, where: str) -> None:
+    """A store written by a newer release is refused: this code would not know its tables (never downgraded)."""
+    if found > known:
+        raise FailedPrecondition(f"the datastore {where} has schema version {found}, newer than this issuer knows "
+                                 f"({known}): run the release that wrote it, or a newer one")

@@ -42,7 +42,7 @@ from typing import Any, Iterable, Iterator, Sequence
 from issuer.audit.relay import AuditRelay
 from issuer.core.models import (AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS, AuditEvent, AuditRecord,
                                 Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar)
-from issuer.datastore.rows import (AUDIT_COLUMNS, GroupCommit, Pending, audit_record, audit_row, authority_from,
+from issuer.datastore.rows import (AUDIT_COLUMNS, GroupCommit, check_schema_version, Pending, audit_record, audit_row, authority_from,
                                    authority_row, chain, change_payload, dumps, entry_from, entry_row, issued_from,
                                    issued_row, sidecar_from)
 from tessera import logs, safefs
@@ -55,128 +55,151 @@ _disk_log = logs.Throttled(log, window=60, level="error")
 _DUPLICATE = (sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY, sqlite3.SQLITE_CONSTRAINT_UNIQUE)
 WRITE_LOCK_TIMEOUT = 30.0  # seconds, as SQLite's own busy timeout below
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    id TEXT PRIMARY KEY,
-    spiffe_id TEXT NOT NULL,
-    parent_id TEXT NOT NULL,
-    selectors TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    purpose TEXT NOT NULL,
-    tier TEXT NOT NULL,
-    scopes TEXT NOT NULL,
-    x509_ttl INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    created_by TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    revision INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent_id);
-CREATE TABLE IF NOT EXISTS sidecars (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attested_at INTEGER NOT NULL,
-    last_seen INTEGER NOT NULL,
-    svid_serial TEXT NOT NULL,
-    svid_expires_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS join_tokens (
-    token_hash TEXT PRIMARY KEY,
-    sidecar_name TEXT NOT NULL,
-    expires_at INTEGER NOT NULL,
-    created_by TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    used_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS issued (
-    serial TEXT PRIMARY KEY,
-    spiffe_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    entry_id TEXT,
-    sidecar_id TEXT,
-    task_id TEXT,
-    issued_at INTEGER NOT NULL,
-    not_after INTEGER NOT NULL,
-    revoked_at INTEGER,
-    revocation_reason TEXT,
-    authority TEXT
-);
-CREATE INDEX IF NOT EXISTS issued_entry ON issued(entry_id);
-CREATE INDEX IF NOT EXISTS issued_not_after ON issued(not_after);
-CREATE INDEX IF NOT EXISTS issued_task ON issued(task_id);
-CREATE INDEX IF NOT EXISTS issued_spiffe ON issued(spiffe_id);
-CREATE TABLE IF NOT EXISTS revocations (
-    seq INTEGER PRIMARY KEY,
-    ts INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    target TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    reason_code TEXT NOT NULL,
-    serials TEXT NOT NULL,
-    entry_ids TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
--- The last signed CRL was kept here but never read: a CRL is derived from the revoked serials and the
--- durable CRL number (meta), and the issuer signs a fresh one at start.
-DROP TABLE IF EXISTS crl;
-CREATE TABLE IF NOT EXISTS authorities (
-    id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    state TEXT NOT NULL,
-    source TEXT NOT NULL,
-    parent TEXT,
-    public_der BLOB NOT NULL,
-    cert_der BLOB NOT NULL,
-    sealed_key BLOB NOT NULL,
-    kek_id TEXT NOT NULL,
-    not_before INTEGER NOT NULL,
-    not_after INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    activated_at INTEGER,
-    retired_at INTEGER,
-    tainted_at INTEGER,
-    revoked_at INTEGER
-);
-CREATE INDEX IF NOT EXISTS issued_authority ON issued(authority);
-CREATE TABLE IF NOT EXISTS changes (
-    position INTEGER PRIMARY KEY AUTOINCREMENT,
-    ts REAL NOT NULL,
-    kind TEXT NOT NULL,
-    op TEXT NOT NULL,
-    key TEXT NOT NULL,
-    payload TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY,
-    ts REAL NOT NULL,
-    action TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    decision TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    details TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-"""
+# The schema grows by forward migrations only: step N brings a store at version N-1 to version N, in one
+# transaction with the version it records (schema_version). A store written before versions were kept has no
+# schema_version table and is version 0: every step runs, each written to find an earlier release's tables as
+# they are (IF NOT EXISTS, columns looked at first), so nothing already stored is lost.
+_V1_BASE = (
+    """CREATE TABLE IF NOT EXISTS entries (
+        id TEXT PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        parent_id TEXT NOT NULL,
+        selectors TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        tier TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        x509_ttl INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        revision INTEGER NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent_id)",
+    """CREATE TABLE IF NOT EXISTS sidecars (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attested_at INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        svid_serial TEXT NOT NULL,
+        svid_expires_at INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS join_tokens (
+        token_hash TEXT PRIMARY KEY,
+        sidecar_name TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        used_at INTEGER)""",
+    """CREATE TABLE IF NOT EXISTS issued (
+        serial TEXT PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        entry_id TEXT,
+        sidecar_id TEXT,
+        task_id TEXT,
+        issued_at INTEGER NOT NULL,
+        not_after INTEGER NOT NULL,
+        revoked_at INTEGER,
+        revocation_reason TEXT)""",
+    "CREATE INDEX IF NOT EXISTS issued_entry ON issued(entry_id)",
+    "CREATE INDEX IF NOT EXISTS issued_not_after ON issued(not_after)",
+    "CREATE INDEX IF NOT EXISTS issued_task ON issued(task_id)",
+    "CREATE INDEX IF NOT EXISTS issued_spiffe ON issued(spiffe_id)",
+    """CREATE TABLE IF NOT EXISTS revocations (
+        seq INTEGER PRIMARY KEY,
+        ts INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        reason_code TEXT NOT NULL,
+        serials TEXT NOT NULL,
+        entry_ids TEXT NOT NULL)""",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    # The last signed CRL was kept here but never read: a CRL is derived from the revoked serials and the
+    # durable CRL number (meta), and the issuer signs a fresh one at start.
+    "DROP TABLE IF EXISTS crl",
+    """CREATE TABLE IF NOT EXISTS changes (
+        position INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        kind TEXT NOT NULL,
+        op TEXT NOT NULL,
+        key TEXT NOT NULL,
+        payload TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS audit (
+        seq INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        action TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        details TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL)""",
+)
 
 
 def _columns(db: sqlite3.Connection, table: str) -> set[str]:
     return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
 
 
-def _upgrade(db: sqlite3.Connection) -> None:
-    """Bring a store written by an earlier release to this schema before SCHEMA's CREATEs run."""
+def _v1_base(db: sqlite3.Connection) -> None:
+    for statement in _V1_BASE:
+        db.execute(statement)
+
+
+def _v2_authorities(db: sqlite3.Connection) -> None:
     if "fingerprint" in _columns(db, "authorities"):
         db.execute("DROP TABLE authorities")  # it only noted CA fingerprints; the authorities table replaces it
-    if _columns(db, "issued") and "authority" not in _columns(db, "issued"):
-        db.execute("ALTER TABLE issued ADD COLUMN authority TEXT")
+    if "authority" not in _columns(db, "issued"):
+        db.execute("ALTER TABLE issued ADD COLUMN authority TEXT")  # NULL: signed by the one CA of then
+    db.execute("""CREATE TABLE IF NOT EXISTS authorities (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL,
+        source TEXT NOT NULL,
+        parent TEXT,
+        public_der BLOB NOT NULL,
+        cert_der BLOB NOT NULL,
+        sealed_key BLOB NOT NULL,
+        kek_id TEXT NOT NULL,
+        not_before INTEGER NOT NULL,
+        not_after INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        activated_at INTEGER,
+        retired_at INTEGER,
+        tainted_at INTEGER,
+        revoked_at INTEGER)""")
+    db.execute("CREATE INDEX IF NOT EXISTS issued_authority ON issued(authority)")
+
+
+MIGRATIONS = (_v1_base, _v2_authorities)  # MIGRATIONS[n - 1] brings a store to version n
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Bring the store to SCHEMA_VERSION; a store of a newer release is refused, never changed."""
+    # IMMEDIATE: one process migrates, another opening the store at once waits (busy timeout) and finds it done.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = db.execute("SELECT version FROM schema_version").fetchone()
+        version = row[0] if row else 0
+        check_schema_version(version, SCHEMA_VERSION, str(path))
+        for n in range(version + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[n - 1](db)
+            log.info("datastore schema migrated", path=str(path), version=n)
+        if row is None:
+            db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+        elif version != SCHEMA_VERSION:
+            db.execute("UPDATE schema_version SET version=?", (SCHEMA_VERSION,))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 _INSERT_AUTHORITY = (f"INSERT INTO authorities ({', '.join(AUTHORITY_FIELDS)}) "
@@ -275,8 +298,7 @@ class SQLiteDatastore(_AuditReads):
         # FULL: a commit is on disk (not only in the OS cache) before we acknowledge it.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        _upgrade(self._db)
-        self._db.executescript(SCHEMA)
+        _migrate(self._db, self.path)
         # Released by the kernel if the holder dies, unlike a semaphore: a killed worker cannot wedge the issuer.
         self._write_lock = safefs.open_regular(f"{self.path}.write-lock", os.O_RDWR | os.O_CREAT, 0o600,
                                                what="data_dir")
