@@ -61,14 +61,22 @@ class Cluster:
         try:
             cluster._run("initdb", "-D", str(cluster.data), "-U", SUPERUSER, "--auth=trust", "-E", "UTF8",
                          "--no-locale", "--no-sync", timeout=timeout)
-            opts = (f"-c listen_addresses='' -c unix_socket_directories='{root}' -c max_connections=300"
-                    " -c fsync=on -c synchronous_commit=on")
-            cluster._run("pg_ctl", "-D", str(cluster.data), "-l", str(root / "server.log"), "-w",
-                         "-t", str(int(timeout)), "-o", opts, "start", timeout=timeout + 5)
+            cluster.resume(timeout)
         except BaseException:
             cluster.stop()
             raise
         return cluster
+
+    def resume(self, timeout: float = 30) -> None:
+        """Start the server on the cluster's data (again, after halt())."""
+        opts = (f"-c listen_addresses='' -c unix_socket_directories='{self.socket_dir}' -c max_connections=300"
+                " -c fsync=on -c synchronous_commit=on")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-w",
+                  "-t", str(int(timeout)), "-o", opts, "start", timeout=timeout + 5)
+
+    def halt(self) -> None:
+        """Stop the server at once, as a crash would (-m immediate: no checkpoint); its data stays for resume()."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", timeout=30)
 
     def _run(self, tool: str, *args: str, timeout: float) -> None:
         cmd = [str(self.bindir / tool), *args]
@@ -94,7 +102,7 @@ class Cluster:
         """Immediate stop (the data is thrown away), then the directory goes."""
         if (self.data / "postmaster.pid").exists():
             try:
-                self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", timeout=30)
+                self.halt()
             except (RuntimeError, subprocess.TimeoutExpired):
                 pass
         for _ in range(3):

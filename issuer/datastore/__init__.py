@@ -16,6 +16,12 @@ def is_postgres(source: str | Path) -> bool:
     return isinstance(source, str) and source.startswith(("postgresql://", "postgres://"))
 
 
+def check_dsn(dsn: str) -> str:
+    """A PostgreSQL URI without a password, or ValueError saying what is wrong (config files, command lines)."""
+    from issuer.datastore.postgres import check_dsn as check
+    return check(dsn)
+
+
 def opener(source: str | Path, pool_size: int = DEFAULT_POOL_SIZE):
     """The picklable recipe that opens the store `source` names, here or in a signing worker."""
     if is_postgres(source):

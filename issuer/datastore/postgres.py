@@ -193,6 +193,21 @@ def _migrate(db: psycopg.Connection, where: str) -> None:
             db.execute("UPDATE schema_version SET version=%s", (SCHEMA_VERSION,))
 
 
+def check_dsn(dsn: str) -> str:
+    """A `postgresql://` URI libpq accepts, carrying no password (ValueError otherwise): a DSN is written in
+    config files and typed on command lines, where a password would be read by whoever sees them."""
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise ValueError("must be a postgresql:// URI (e.g. postgresql://tessera@/tessera?host=/run/postgresql)")
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as e:
+        raise ValueError(f"is not a valid PostgreSQL URI: {_first_line(e)}") from None
+    if "password" in params:
+        raise ValueError("must not carry a password: put it in a password file (PGPASSFILE, ~/.pgpass or "
+                         "?passfile=/path, mode 0600) or PGPASSWORD in the issuer's environment")
+    return dsn
+
+
 def describe(dsn: str) -> str:
     """The database a DSN names, for messages (never its password, should one be there)."""
     try:
