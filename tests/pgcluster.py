@@ -55,7 +55,12 @@ class Cluster:
         # Not under pytest's basetemp: its directories are 0700 root's, which the postgres user cannot enter.
         root = Path(tempfile.mkdtemp(prefix="tessera-pg-"))
         if run_as:
-            pw = pwd.getpwnam(run_as)
+            try:
+                pw = pwd.getpwnam(run_as)
+            except KeyError:
+                os.rmdir(root)
+                raise RuntimeError("PostgreSQL will not run as root and there is no `postgres` user to run it as "
+                                   "(Debian's postgresql package creates one)") from None
             os.chown(root, pw.pw_uid, pw.pw_gid)
         cluster = cls(root, bindir, run_as)
         try:
