@@ -30,7 +30,7 @@ def create(store, entry_id: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster():  # its own: these tests stop the server
     c = Cluster.start()
     try:
         yield c
@@ -39,8 +39,8 @@ def cluster():
 
 
 @pytest.fixture
-def running(cluster):
-    """The cluster, started again after a test that stopped it (even a failing one)."""
+def server(cluster):
+    """This module's cluster, started again after a test that stopped it (even a failing one)."""
     yield cluster
     if not (cluster.data / "postmaster.pid").exists():
         cluster.resume()
@@ -55,18 +55,18 @@ def test_an_unreachable_database_is_unavailable_within_seconds_with_a_clear_mess
         assert time.monotonic() - t0 < 5
 
 
-def test_calls_fail_fast_while_the_server_is_down_and_the_store_recovers_by_itself(running):
-    store = open_store(running.new_database())
+def test_calls_fail_fast_while_the_server_is_down_and_the_store_recovers_by_itself(server):
+    store = open_store(server.new_database())
     try:
         create(store, "before")
-        running.halt()
+        server.halt()
         t0 = time.monotonic()
         with pytest.raises(Unavailable, match="the issuer cannot"):
             create(store, "during")
         with pytest.raises(Unavailable):
             store.list_entries()
         assert time.monotonic() - t0 < 10  # each call: at most the pool's wait (3 s), not the write lock's 30 s
-        running.resume()
+        server.resume()
         deadline = time.monotonic() + 30
         while True:  # the same store object: its pool reconnects, nobody restarts the issuer
             try:
@@ -81,8 +81,8 @@ def test_calls_fail_fast_while_the_server_is_down_and_the_store_recovers_by_itse
         store.close()
 
 
-def test_a_transaction_cut_off_by_the_server_is_not_acknowledged_and_leaves_nothing(running):
-    dsn = running.new_database()
+def test_a_transaction_cut_off_by_the_server_is_not_acknowledged_and_leaves_nothing(server):
+    dsn = server.new_database()
     store = open_store(dsn)
     try:
         create(store, "kept")
@@ -90,10 +90,10 @@ def test_a_transaction_cut_off_by_the_server_is_not_acknowledged_and_leaves_noth
             with store.transaction():
                 create(store, "cut")
                 store.append_audit([AuditEvent("more", OP, "done")])
-                running.halt()  # the COMMIT has nowhere to go
+                server.halt()  # the COMMIT has nowhere to go
     finally:
         store.close()
-    running.resume()
+    server.resume()
     again = open_store(dsn)
     try:
         assert [e.id for e in again.list_entries()] == ["kept"] and again.newest_audit_seq() == 1
@@ -102,8 +102,8 @@ def test_a_transaction_cut_off_by_the_server_is_not_acknowledged_and_leaves_noth
         again.close()
 
 
-def test_audit_verify_reads_a_postgresql_database_by_uri(running, capsys):
-    dsn = running.new_database()
+def test_audit_verify_reads_a_postgresql_database_by_uri(server, capsys):
+    dsn = server.new_database()
     store = open_store(dsn)
     create(store, "e1")
     store.close()

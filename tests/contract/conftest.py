@@ -4,9 +4,9 @@ An engine is a small class: how to make an empty store's Opener in a test direct
 and how to damage an audit row behind the store's back (the tamper tests). A new
 engine adds its class here and its name to ENGINES.
 
-PostgreSQL runs in one throwaway cluster for the session (tests/pgcluster.py, started
-only when a PostgreSQL test runs, stopped at the end even on failure); each test gets a
-database of its own."""
+PostgreSQL runs in the session's throwaway cluster (tests/conftest.py's pg_cluster,
+started only when a PostgreSQL test runs, stopped at the end even on failure); each test
+gets a database of its own."""
 
 import sqlite3
 from pathlib import Path
@@ -72,15 +72,6 @@ class PostgresEngine:
 
 
 ENGINES = {"sqlite": SQLiteEngine, "postgres": PostgresEngine}
-
-
-@pytest.fixture(scope="session")
-def pg_cluster():
-    cluster = Cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(params=sorted(ENGINES))
