@@ -93,7 +93,7 @@ def build(cfg: IssuerConfig) -> Services:
     safefs.make_dir(cfg.data_dir, "data_dir", 0o700, tighten=True)  # ours alone, before anything is read from it
     # Every committed audit record reaches the relay's subscribers in seq order, whichever process wrote it.
     audit_relay = AuditRelay()
-    store = open_store(cfg.data_dir / "tessera.db", relay=audit_relay)
+    store = open_store(cfg.datastore.source(cfg.data_dir), relay=audit_relay, pool_size=cfg.datastore.pool_size)
     # The JSON-lines copy of the trail first catches up with what the database already holds.
     audit_file = AuditFile(cfg.audit_file, store.audit_records)
     audit_file.catch_up()

@@ -298,7 +298,8 @@ def build_parser() -> Parser:
     _audit_filters(ax)
     av = au.add_parser("verify", help="recompute the hash chain; exit 0 intact, 1 naming the first bad record")
     src = av.add_mutually_exclusive_group()
-    src.add_argument("--db", type=path_arg, help="read this issuer database directly (read-only) instead of asking the issuer")
+    src.add_argument("--db", type=_db_arg, help="read this issuer database directly (read-only) instead of asking the "
+                     "issuer: an SQLite file, or a postgresql:// URI (no password in it: PGPASSFILE or PGPASSWORD)")
     src.add_argument("--file", type=path_arg, help="verify an audit JSON-lines file (the issuer's audit_file) instead")
     av.add_argument("--rotated", action="store_true",
                     help="with --file: its first records were rotated away; check it from its first record")
@@ -380,6 +381,18 @@ def _record_row(r: admin_pb2.AuditRecord) -> list[str]:
             r.subject or "-", r.reason or "-"]
 
 
+def _db_arg(value: str) -> str:
+    """An SQLite file's path or a PostgreSQL URI without a password (`audit verify --db`)."""
+    from issuer.datastore import check_dsn, is_postgres
+
+    if not is_postgres(value):
+        return path_arg(value)
+    try:
+        return check_dsn(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--db {e}") from None
+
+
 def _print_verification(ok: bool, records: int, last_seq: int, bad_seq: int, problem: str, source: str,
                         first_seq: int = 1) -> int:
     if ok and first_seq > 1:
@@ -394,10 +407,10 @@ def _print_verification(ok: bool, records: int, last_seq: int, bad_seq: int, pro
 
 def _verify_local(args) -> int:
     from issuer.audit.records import read_jsonl, verify_chain
-    from issuer.datastore import open_reader
+    from issuer.datastore import is_postgres, open_reader
 
     path = args.db or args.file
-    if not os.path.exists(path):
+    if not is_postgres(path) and not os.path.exists(path):
         raise CliError(f"{path} does not exist")
     try:
         # From genesis unless the operator says the file's head was rotated away: records cut off the

@@ -26,6 +26,23 @@ MAX_RESYNC_INTERVAL = DAY
 
 
 @dataclass(frozen=True)
+class DatastoreConfig:
+    """Where the issuer keeps its state: an SQLite file in data_dir (one issuer) or a PostgreSQL database."""
+
+    engine: str = "sqlite"  # or "postgres"
+    dsn: str | None = None  # postgres: a postgresql:// URI, never with a password (see docs/operations.md)
+    pool_size: int = 10  # postgres: connections per process at most
+
+    def source(self, data_dir: Path) -> str | Path:
+        """What issuer.datastore.open_store is given."""
+        return self.dsn if self.engine == "postgres" else data_dir / "tessera.db"
+
+
+ENGINES = ("sqlite", "postgres")
+MAX_POOL_SIZE = 200
+
+
+@dataclass(frozen=True)
 class IssuerConfig:
     trust_domain: str
     data_dir: Path
@@ -53,6 +70,25 @@ class IssuerConfig:
     ca_offline: bool = False  # the root's key never reaches this host (ca_cert only)
     root_ttl: int = 10 * 365 * DAY  # a root created here
     kek_file: Path | None = None  # key-encryption key for authorities' keys (default data_dir/kek; or TESSERA_KEK)
+    datastore: DatastoreConfig = field(default_factory=DatastoreConfig)
+
+
+def _datastore(sec) -> DatastoreConfig:
+    engine = sec.str("engine", "sqlite")
+    if engine not in ENGINES:
+        raise sec.fail("engine", f"must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "sqlite":
+        for key in ("dsn", "pool_size"):
+            if sec.has(key):
+                raise sec.fail(key, "is for engine: postgres (SQLite keeps its file in data_dir)")
+        sec.reject_unknown()
+        return DatastoreConfig()
+    from issuer.datastore import check_dsn  # psycopg is imported only when PostgreSQL is chosen
+
+    cfg = DatastoreConfig(engine, sec.checked("dsn", check_dsn, sec.str("dsn")),
+                          sec.int("pool_size", 10, minimum=2, maximum=MAX_POOL_SIZE))
+    sec.reject_unknown()
+    return cfg
 
 
 def load(path: str | Path) -> IssuerConfig:
@@ -92,6 +128,7 @@ def load(path: str | Path) -> IssuerConfig:
         policy=policy_mod.load(sec),
         crl_validity=sec.duration("crl_validity", "10m", minimum=MIN_CRL_VALIDITY, maximum=MAX_CRL_VALIDITY),
         handshake_timeout=sec.duration("handshake_timeout", "10s", minimum=1, maximum=120),
+        datastore=_datastore(sec.section("datastore")),
     )
     for key in ("audit_file", "ca_cert", "ca_key", "kek_file"):
         if getattr(cfg, key) is not None and getattr(cfg, key).is_dir():

@@ -24,6 +24,12 @@ if [[ "${TESSERA_NEED_TOOLS:-}" == 1 ]]; then
     && command -v faketime >/dev/null && command -v nginx >/dev/null \
     || _apt_install openssl util-linux sqlite3 faketime nginx
 fi
+if [[ "${TESSERA_NEED_POSTGRES:-}" == 1 ]]; then
+  # PostgreSQL for the datastore tests (tests/pgcluster.py runs throwaway clusters with initdb and pg_ctl);
+  # Debian puts them in /usr/lib/postgresql/<version>/bin, not on PATH, which is where pgcluster looks.
+  command -v initdb >/dev/null || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null \
+    || _apt_install postgresql
+fi
 
 stamp="$VENV/.tessera-stamp-$EXTRAS"
 want="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" | sha256sum | cut -c1-16)"

@@ -24,6 +24,19 @@ def running(deployment):
     return deployment
 
 
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One throwaway PostgreSQL cluster for the session (tests/pgcluster.py), started by the first test that asks,
+    stopped at the end even after a failure; `pg_cluster.new_database()` gives each test its own database."""
+    from pgcluster import Cluster
+
+    cluster = Cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
 def store(tmp_path):
     """A real SQLite datastore in the test's directory."""

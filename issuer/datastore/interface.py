@@ -9,8 +9,8 @@ bans, revocations, authorities) are appended to the change feed in the same
 transaction; feed positions strictly increase in commit order.
 
 A store makes no authorization decisions: it stores, finds and atomically
-updates; the services decide. The engine (SQLite today) is known only to its own
-module; tests/contract/ is the suite every engine must pass.
+updates; the services decide. The engine (SQLite or PostgreSQL) is known only to
+its own module; tests/contract/ is the suite every engine must pass.
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import operator
 import os
 import sqlite3
 import threading
@@ -41,8 +40,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from issuer.audit.relay import AuditRelay
-from issuer.core.models import (AUDIT_FIELDS, AUDIT_JSON_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS,
-                                AuditEvent, AuditRecord, Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar, audit_hash)
+from issuer.core.models import (AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS, AuditEvent, AuditRecord,
+                                Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar)
+from issuer.datastore.rows import (AUDIT_COLUMNS, GroupCommit, check_schema_version, Pending, audit_record, audit_row, authority_from,
+                                   authority_row, chain, change_payload, dumps, entry_from, entry_row, issued_from,
+                                   issued_row, sidecar_from)
 from tessera import logs, safefs
 from tessera.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 
@@ -53,186 +55,157 @@ _disk_log = logs.Throttled(log, window=60, level="error")
 _DUPLICATE = (sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY, sqlite3.SQLITE_CONSTRAINT_UNIQUE)
 WRITE_LOCK_TIMEOUT = 30.0  # seconds, as SQLite's own busy timeout below
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    id TEXT PRIMARY KEY,
-    spiffe_id TEXT NOT NULL,
-    parent_id TEXT NOT NULL,
-    selectors TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    purpose TEXT NOT NULL,
-    tier TEXT NOT NULL,
-    scopes TEXT NOT NULL,
-    x509_ttl INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    created_by TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    updated_at INTEGER NOT NULL,
-    revision INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent_id);
-CREATE TABLE IF NOT EXISTS sidecars (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attested_at INTEGER NOT NULL,
-    last_seen INTEGER NOT NULL,
-    svid_serial TEXT NOT NULL,
-    svid_expires_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS join_tokens (
-    token_hash TEXT PRIMARY KEY,
-    sidecar_name TEXT NOT NULL,
-    expires_at INTEGER NOT NULL,
-    created_by TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    used_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS issued (
-    serial TEXT PRIMARY KEY,
-    spiffe_id TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    entry_id TEXT,
-    sidecar_id TEXT,
-    task_id TEXT,
-    issued_at INTEGER NOT NULL,
-    not_after INTEGER NOT NULL,
-    revoked_at INTEGER,
-    revocation_reason TEXT,
-    authority TEXT
-);
-CREATE INDEX IF NOT EXISTS issued_entry ON issued(entry_id);
-CREATE INDEX IF NOT EXISTS issued_not_after ON issued(not_after);
-CREATE INDEX IF NOT EXISTS issued_task ON issued(task_id);
-CREATE INDEX IF NOT EXISTS issued_spiffe ON issued(spiffe_id);
-CREATE TABLE IF NOT EXISTS revocations (
-    seq INTEGER PRIMARY KEY,
-    ts INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    target TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    reason_code TEXT NOT NULL,
-    serials TEXT NOT NULL,
-    entry_ids TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
--- The last signed CRL was kept here but never read: a CRL is derived from the revoked serials and the
--- durable CRL number (meta), and the issuer signs a fresh one at start.
-DROP TABLE IF EXISTS crl;
-CREATE TABLE IF NOT EXISTS authorities (
-    id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,
-    state TEXT NOT NULL,
-    source TEXT NOT NULL,
-    parent TEXT,
-    public_der BLOB NOT NULL,
-    cert_der BLOB NOT NULL,
-    sealed_key BLOB NOT NULL,
-    kek_id TEXT NOT NULL,
-    not_before INTEGER NOT NULL,
-    not_after INTEGER NOT NULL,
-    created_at INTEGER NOT NULL,
-    activated_at INTEGER,
-    retired_at INTEGER,
-    tainted_at INTEGER,
-    revoked_at INTEGER
-);
-CREATE INDEX IF NOT EXISTS issued_authority ON issued(authority);
-CREATE TABLE IF NOT EXISTS changes (
-    position INTEGER PRIMARY KEY AUTOINCREMENT,
-    ts REAL NOT NULL,
-    kind TEXT NOT NULL,
-    op TEXT NOT NULL,
-    key TEXT NOT NULL,
-    payload TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY,
-    ts REAL NOT NULL,
-    action TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    decision TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    details TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-"""
+# The schema grows by forward migrations only: step N brings a store at version N-1 to version N, in one
+# transaction with the version it records (schema_version). A store written before versions were kept has no
+# schema_version table and is version 0: every step runs, each written to find an earlier release's tables as
+# they are (IF NOT EXISTS, columns looked at first), so nothing already stored is lost.
+_V1_BASE = (
+    """CREATE TABLE IF NOT EXISTS entries (
+        id TEXT PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        parent_id TEXT NOT NULL,
+        selectors TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        tier TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        x509_ttl INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        revision INTEGER NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS entries_parent ON entries(parent_id)",
+    """CREATE TABLE IF NOT EXISTS sidecars (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attested_at INTEGER NOT NULL,
+        last_seen INTEGER NOT NULL,
+        svid_serial TEXT NOT NULL,
+        svid_expires_at INTEGER NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS join_tokens (
+        token_hash TEXT PRIMARY KEY,
+        sidecar_name TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        used_at INTEGER)""",
+    """CREATE TABLE IF NOT EXISTS issued (
+        serial TEXT PRIMARY KEY,
+        spiffe_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        entry_id TEXT,
+        sidecar_id TEXT,
+        task_id TEXT,
+        issued_at INTEGER NOT NULL,
+        not_after INTEGER NOT NULL,
+        revoked_at INTEGER,
+        revocation_reason TEXT)""",
+    "CREATE INDEX IF NOT EXISTS issued_entry ON issued(entry_id)",
+    "CREATE INDEX IF NOT EXISTS issued_not_after ON issued(not_after)",
+    "CREATE INDEX IF NOT EXISTS issued_task ON issued(task_id)",
+    "CREATE INDEX IF NOT EXISTS issued_spiffe ON issued(spiffe_id)",
+    """CREATE TABLE IF NOT EXISTS revocations (
+        seq INTEGER PRIMARY KEY,
+        ts INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        reason_code TEXT NOT NULL,
+        serials TEXT NOT NULL,
+        entry_ids TEXT NOT NULL)""",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    # The last signed CRL was kept here but never read: a CRL is derived from the revoked serials and the
+    # durable CRL number (meta), and the issuer signs a fresh one at start.
+    "DROP TABLE IF EXISTS crl",
+    """CREATE TABLE IF NOT EXISTS changes (
+        position INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        kind TEXT NOT NULL,
+        op TEXT NOT NULL,
+        key TEXT NOT NULL,
+        payload TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS audit (
+        seq INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        action TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        decision TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        details TEXT NOT NULL,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL)""",
+)
 
 
 def _columns(db: sqlite3.Connection, table: str) -> set[str]:
     return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
 
 
-def _upgrade(db: sqlite3.Connection) -> None:
-    """Bring a store written by an earlier release to this schema before SCHEMA's CREATEs run."""
+def _v1_base(db: sqlite3.Connection) -> None:
+    for statement in _V1_BASE:
+        db.execute(statement)
+
+
+def _v2_authorities(db: sqlite3.Connection) -> None:
     if "fingerprint" in _columns(db, "authorities"):
         db.execute("DROP TABLE authorities")  # it only noted CA fingerprints; the authorities table replaces it
-    if _columns(db, "issued") and "authority" not in _columns(db, "issued"):
-        db.execute("ALTER TABLE issued ADD COLUMN authority TEXT")
+    if "authority" not in _columns(db, "issued"):
+        db.execute("ALTER TABLE issued ADD COLUMN authority TEXT")  # NULL: signed by the one CA of then
+    db.execute("""CREATE TABLE IF NOT EXISTS authorities (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        state TEXT NOT NULL,
+        source TEXT NOT NULL,
+        parent TEXT,
+        public_der BLOB NOT NULL,
+        cert_der BLOB NOT NULL,
+        sealed_key BLOB NOT NULL,
+        kek_id TEXT NOT NULL,
+        not_before INTEGER NOT NULL,
+        not_after INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        activated_at INTEGER,
+        retired_at INTEGER,
+        tainted_at INTEGER,
+        revoked_at INTEGER)""")
+    db.execute("CREATE INDEX IF NOT EXISTS issued_authority ON issued(authority)")
 
 
-def _authority(row: sqlite3.Row) -> Authority:
-    return Authority(**{k: (bytes(row[k]) if isinstance(row[k], (bytes, memoryview)) else row[k])
-                        for k in AUTHORITY_FIELDS})
+MIGRATIONS = (_v1_base, _v2_authorities)  # MIGRATIONS[n - 1] brings a store to version n
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Bring the store to SCHEMA_VERSION; a store of a newer release is refused, never changed."""
+    # IMMEDIATE: one process migrates, another opening the store at once waits (busy timeout) and finds it done.
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = db.execute("SELECT version FROM schema_version").fetchone()
+        version = row[0] if row else 0
+        check_schema_version(version, SCHEMA_VERSION, str(path))
+        for n in range(version + 1, SCHEMA_VERSION + 1):
+            MIGRATIONS[n - 1](db)
+            log.info("datastore schema migrated", path=str(path), version=n)
+        if row is None:
+            db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+        elif version != SCHEMA_VERSION:
+            db.execute("UPDATE schema_version SET version=?", (SCHEMA_VERSION,))
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
 
 
 _INSERT_AUTHORITY = (f"INSERT INTO authorities ({', '.join(AUTHORITY_FIELDS)}) "
                      f"VALUES ({', '.join('?' * len(AUTHORITY_FIELDS))})")
-_authority_row = operator.attrgetter(*AUTHORITY_FIELDS)
-
-
-def _dumps(v) -> str:
-    return json.dumps(v, sort_keys=True, separators=(",", ":"))
-
-
-def _entry(row: sqlite3.Row) -> Entry:
-    return Entry(
-        id=row["id"], spiffe_id=row["spiffe_id"], parent_id=row["parent_id"],
-        selectors=tuple(json.loads(row["selectors"])), owner=row["owner"], purpose=row["purpose"],
-        tier=row["tier"], scopes=tuple(json.loads(row["scopes"])), x509_ttl=row["x509_ttl"],
-        expires_at=row["expires_at"], state=row["state"], created_by=row["created_by"],
-        created_at=row["created_at"], updated_at=row["updated_at"], revision=row["revision"],
-    )
-
-
-def _sidecar(row: sqlite3.Row) -> Sidecar:
-    return Sidecar(**{k: row[k] for k in row.keys()})
-
-
-def _issued(row: sqlite3.Row) -> IssuedSerial:
-    return IssuedSerial(**{k: row[k] for k in row.keys()})
-
-
-# The issued table's row, named column by column from the record's fields (see IssuedSerial).
-_issued_row = operator.attrgetter(*ISSUED_FIELDS)
 _INSERT_ISSUED = f"INSERT INTO issued ({', '.join(ISSUED_FIELDS)}) VALUES ({', '.join('?' * len(ISSUED_FIELDS))})"
-
-
-def _json_or_raw(text):
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return {"unparseable": text}
-
-
-# The audit table's columns are AuditRecord's fields, in order; actor and details are JSON text.
-AUDIT_COLUMNS = ", ".join(AUDIT_FIELDS)
 _AUDIT_INSERT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({', '.join('?' * len(AUDIT_FIELDS))})"
-
-
-def _audit_row(r: AuditRecord) -> tuple:
-    return tuple(_dumps(getattr(r, k)) if k in AUDIT_JSON_FIELDS else getattr(r, k) for k in AUDIT_FIELDS)
-
-
-def _audit_record(row) -> AuditRecord:
-    """From a row of AUDIT_COLUMNS; JSON that no longer parses (a tampered row) is kept for the verifier to flag."""
-    return AuditRecord(*(_json_or_raw(v) if k in AUDIT_JSON_FIELDS else v for k, v in zip(AUDIT_FIELDS, row)))
 
 
 @contextlib.contextmanager
@@ -256,13 +229,13 @@ def _audit_after(path: Path, since_seq: int, limit: int | None) -> list[AuditRec
     if limit is not None:
         q, args = q + " LIMIT ?", args + (limit,)
     with _connect_ro(path) as db:
-        return [_audit_record(r) for r in db.execute(q, args)]
+        return [audit_record(r) for r in db.execute(q, args)]
 
 
 def _audit_since(path: Path, since_ts: float) -> Iterator[AuditRecord]:
     with _connect_ro(path) as db:
         for row in db.execute(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE ts >= ? ORDER BY seq", (since_ts,)):
-            yield _audit_record(row)
+            yield audit_record(row)
 
 
 def _newest_audit_seq(path: Path) -> int:
@@ -309,29 +282,6 @@ class SQLiteOpener:
         return SQLiteDatastore(self.path, relay=relay)
 
 
-def _change_payload(obj) -> str:
-    return _dumps(dataclasses.asdict(obj))
-
-
-class _PendingSerials:
-    __slots__ = ("serials", "audits")
-
-    def __init__(self, serials, audits):
-        self.serials = serials
-        self.audits = audits
-
-
-class _Group:
-    """Serials from concurrent callers that commit together; `done` is set once they are durable."""
-
-    __slots__ = ("items", "done", "error")
-
-    def __init__(self):
-        self.items: list[_PendingSerials] = []
-        self.done = threading.Event()
-        self.error: BaseException | None = None
-
-
 class SQLiteDatastore(_AuditReads):
     def __init__(self, path: str | Path, relay: AuditRelay | None = None):
         """`relay` is given every audit record this store commits (default: a relay of its own, with no
@@ -348,8 +298,7 @@ class SQLiteDatastore(_AuditReads):
         # FULL: a commit is on disk (not only in the OS cache) before we acknowledge it.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
-        _upgrade(self._db)
-        self._db.executescript(SCHEMA)
+        _migrate(self._db, self.path)
         # Released by the kernel if the holder dies, unlike a semaphore: a killed worker cannot wedge the issuer.
         self._write_lock = safefs.open_regular(f"{self.path}.write-lock", os.O_RDWR | os.O_CREAT, 0o600,
                                                what="data_dir")
@@ -357,10 +306,7 @@ class SQLiteDatastore(_AuditReads):
         self._lock = threading.RLock()  # the connection
         self._depth = 0
         self._owner: int | None = None  # the thread inside transaction()
-        self._group = _Group()
-        self._group_cond = threading.Condition(threading.Lock())
-        self._committing = False  # a caller is writing a group (see record_issued)
-        self._closing = False
+        self._group = GroupCommit(self._commit_issued)
         self._audit_seq, self._audit_hash = 0, GENESIS_HASH  # the chain's head, read in each write transaction
         self._closed = False
         self.relay = relay if relay is not None else AuditRelay()
@@ -447,21 +393,16 @@ class SQLiteDatastore(_AuditReads):
 
     def _audit_many(self, db: sqlite3.Connection, events: Sequence[AuditEvent]) -> None:
         """Chain and insert audit records; one statement for many keeps the group commit short."""
-        rows = []
-        for event in events:
-            r = AuditRecord(self._audit_seq + 1, round(time.time(), 6), event.action, event.actor.as_dict(),
-                            event.decision, event.reason, event.subject, event.details, self._audit_hash, "")
-            r = dataclasses.replace(r, hash=audit_hash(r))
-            rows.append(_audit_row(r))
-            self._new_records.append(r)
-            self._audit_seq, self._audit_hash = r.seq, r.hash
-        if rows:
-            db.executemany(_AUDIT_INSERT, rows)
+        records = chain(events, self._audit_seq, self._audit_hash)
+        if records:
+            db.executemany(_AUDIT_INSERT, [audit_row(r) for r in records])
+            self._new_records.extend(records)
+            self._audit_seq, self._audit_hash = records[-1].seq, records[-1].hash
 
     def _change(self, db: sqlite3.Connection, kind: str, op: str, key: str, payload: dict[str, Any] | str) -> None:
         """Append to the change feed, in the caller's transaction: the change and its feed row commit together."""
         db.execute("INSERT INTO changes (ts, kind, op, key, payload) VALUES (?,?,?,?,?)",
-                   (round(time.time(), 6), kind, op, key, payload if isinstance(payload, str) else _dumps(payload)))
+                   (round(time.time(), 6), kind, op, key, payload if isinstance(payload, str) else dumps(payload)))
 
     def append_audit(self, events: Iterable[AuditEvent]) -> None:
         with self._tx() as db:
@@ -473,16 +414,10 @@ class SQLiteDatastore(_AuditReads):
     def create_entry(self, entry: Entry, audit: AuditEvent) -> None:
         with self._tx() as db:
             try:
-                db.execute(
-                    "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (entry.id, entry.spiffe_id, entry.parent_id, _dumps(list(entry.selectors)),
-                     entry.owner, entry.purpose, entry.tier, _dumps(list(entry.scopes)), entry.x509_ttl,
-                     entry.expires_at, entry.state, entry.created_by, entry.created_at,
-                     entry.updated_at, entry.revision),
-                )
+                db.execute("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", entry_row(entry))
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"entry {entry.id} already exists") from None
-            self._change(db, "entry", "create", entry.id, _change_payload(entry))
+            self._change(db, "entry", "create", entry.id, change_payload(entry))
             self._audit(db, audit)
 
     def update_entry(self, entry: Entry, audit: AuditEvent) -> None:
@@ -490,13 +425,13 @@ class SQLiteDatastore(_AuditReads):
             cur = db.execute(
                 "UPDATE entries SET spiffe_id=?, parent_id=?, selectors=?, owner=?, purpose=?, tier=?,"
                 " scopes=?, x509_ttl=?, expires_at=?, state=?, updated_at=?, revision=? WHERE id=?",
-                (entry.spiffe_id, entry.parent_id, _dumps(list(entry.selectors)), entry.owner,
-                 entry.purpose, entry.tier, _dumps(list(entry.scopes)), entry.x509_ttl, entry.expires_at,
+                (entry.spiffe_id, entry.parent_id, dumps(list(entry.selectors)), entry.owner,
+                 entry.purpose, entry.tier, dumps(list(entry.scopes)), entry.x509_ttl, entry.expires_at,
                  entry.state, entry.updated_at, entry.revision, entry.id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"no entry with id {entry.id}")
-            self._change(db, "entry", "update", entry.id, _change_payload(entry))
+            self._change(db, "entry", "update", entry.id, change_payload(entry))
             self._audit(db, audit)
 
     def delete_entry(self, entry_id: str, audit: AuditEvent) -> None:
@@ -505,7 +440,7 @@ class SQLiteDatastore(_AuditReads):
             if row is None:
                 raise NotFound(f"no entry with id {entry_id}")
             db.execute("DELETE FROM entries WHERE id=?", (entry_id,))
-            self._change(db, "entry", "delete", entry_id, _change_payload(_entry(row)))
+            self._change(db, "entry", "delete", entry_id, change_payload(entry_from(row)))
             self._audit(db, audit)
 
     def list_entries(self, parent_id: str | None = None) -> list[Entry]:
@@ -516,7 +451,7 @@ class SQLiteDatastore(_AuditReads):
                 rows = self._db.execute(
                     "SELECT * FROM entries WHERE parent_id=? ORDER BY created_at, id", (parent_id,)
                 ).fetchall()
-        return [_entry(r) for r in rows]
+        return [entry_from(r) for r in rows]
 
     # -- join tokens and sidecars ----------------------------------------------------------
 
@@ -553,13 +488,13 @@ class SQLiteDatastore(_AuditReads):
                 (sidecar.id, sidecar.name, sidecar.state, sidecar.attested_at, sidecar.last_seen,
                  sidecar.svid_serial, sidecar.svid_expires_at),
             )
-            self._change(db, "sidecar", op, sidecar.id, _change_payload(sidecar))
+            self._change(db, "sidecar", op, sidecar.id, change_payload(sidecar))
             self._audit(db, audit)
 
     def list_sidecars(self) -> list[Sidecar]:
         with self._lock:
             rows = self._db.execute("SELECT * FROM sidecars ORDER BY id").fetchall()
-        return [_sidecar(r) for r in rows]
+        return [sidecar_from(r) for r in rows]
 
     def touch_sidecar(self, sidecar_id: str, now: int) -> None:
         with self._tx() as db:
@@ -569,44 +504,20 @@ class SQLiteDatastore(_AuditReads):
 
     def record_issued(self, serials: Sequence[IssuedSerial], audits: Sequence[AuditEvent] = ()) -> None:
         """Durably record issued serials before their certificates leave the issuer."""
-        mine = _PendingSerials(list(serials), list(audits))
+        mine = Pending(serials, audits)
         if self._owner == threading.get_ident():
             with self._lock:
                 # Inside this thread's own transaction: its commit is the one that counts.
                 self._insert_issued(self._db, [mine])
                 return
-        with self._group_cond:
-            if self._closing:
-                raise RuntimeError("datastore is closed")
-            group = self._group
-            group.items.append(mine)
-            # Leader/follower: while a group is being written, later callers gather in the next one;
-            # when the writer finishes, one of them writes that whole group. An idle store is written
-            # by the caller itself: no hand-off to another thread, which under load costs more than
-            # the fsync (each wake-up waits for a CPU).
-            while self._committing and not group.done.is_set():
-                self._group_cond.wait()
-            if not group.done.is_set():
-                self._committing = True
-                self._group = _Group()
-                leader = True
-            else:
-                leader = False
-        if leader:
-            try:
-                with self._tx() as db:
-                    self._insert_issued(db, group.items)
-            except BaseException as e:  # noqa: BLE001 - every caller in the group gets it
-                group.error = e
-            with self._group_cond:
-                self._committing = False
-                group.done.set()
-                self._group_cond.notify_all()
-        if group.error is not None:
-            raise group.error
+        self._group.submit(mine)
 
-    def _insert_issued(self, db: sqlite3.Connection, group: list[_PendingSerials]) -> None:
-        rows = [_issued_row(s) for p in group for s in p.serials]
+    def _commit_issued(self, group: list[Pending]) -> None:
+        with self._tx() as db:
+            self._insert_issued(db, group)
+
+    def _insert_issued(self, db: sqlite3.Connection, group: list[Pending]) -> None:
+        rows = [issued_row(s) for p in group for s in p.serials]
         if rows:
             try:
                 db.executemany(_INSERT_ISSUED, rows)
@@ -619,7 +530,7 @@ class SQLiteDatastore(_AuditReads):
     def get_issued(self, serial: str) -> IssuedSerial | None:
         with self._lock:
             row = self._db.execute("SELECT * FROM issued WHERE serial=?", (serial,)).fetchone()
-        return _issued(row) if row else None
+        return issued_from(row) if row else None
 
     def revoke_serials(self, serials: Sequence[str], reason: str, now: int,
                        audit: AuditEvent | None) -> list[str]:
@@ -653,7 +564,7 @@ class SQLiteDatastore(_AuditReads):
         q = "SELECT * FROM issued" + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY issued_at"
         with self._lock:
             rows = self._db.execute(q, args).fetchall()
-        return [_issued(r) for r in rows]
+        return [issued_from(r) for r in rows]
 
     # -- revocation log and CRL numbers -------------------------------------------------------
 
@@ -663,10 +574,10 @@ class SQLiteDatastore(_AuditReads):
             cur = db.execute(
                 "INSERT INTO revocations (ts, kind, target, reason, reason_code, serials, entry_ids)"
                 " VALUES (?,?,?,?,?,?,?)",
-                (rec.ts, rec.kind, rec.target, rec.reason, rec.reason_code, _dumps(list(rec.serials)),
-                 _dumps(list(rec.entry_ids))))
+                (rec.ts, rec.kind, rec.target, rec.reason, rec.reason_code, dumps(list(rec.serials)),
+                 dumps(list(rec.entry_ids))))
             seq = cur.lastrowid
-            self._change(db, "revocation", "create", str(seq), _change_payload(dataclasses.replace(rec, seq=seq)))
+            self._change(db, "revocation", "create", str(seq), change_payload(dataclasses.replace(rec, seq=seq)))
             return seq
 
     def revocations(self, kinds: Sequence[str] | None = None, since_seq: int = 0) -> list[Revocation]:
@@ -699,7 +610,7 @@ class SQLiteDatastore(_AuditReads):
         with self._tx() as db:
             if expect_state is None:
                 try:
-                    db.execute(_INSERT_AUTHORITY, _authority_row(authority))
+                    db.execute(_INSERT_AUTHORITY, authority_row(authority))
                 except sqlite3.IntegrityError as e:
                     if e.sqlite_errorcode in _DUPLICATE:
                         raise AlreadyExists(f"authority {authority.id} already exists") from None
@@ -708,7 +619,7 @@ class SQLiteDatastore(_AuditReads):
             else:
                 cur = db.execute(f"UPDATE authorities SET ({', '.join(AUTHORITY_FIELDS)}) = "
                                  f"({', '.join('?' * len(AUTHORITY_FIELDS))}) WHERE id=? AND state=?",
-                                 (*_authority_row(authority), authority.id, expect_state))
+                                 (*authority_row(authority), authority.id, expect_state))
                 if not cur.rowcount:
                     return False
                 op = "update"
@@ -719,7 +630,7 @@ class SQLiteDatastore(_AuditReads):
 
     def list_authorities(self) -> list[Authority]:
         with self._lock:
-            return [_authority(r) for r in self._db.execute("SELECT * FROM authorities ORDER BY created_at, id")]
+            return [authority_from(r) for r in self._db.execute("SELECT * FROM authorities ORDER BY created_at, id")]
 
     def adopt_unattributed(self, authority: str) -> int:
         """Name `authority` as the signer of the serials, and the owner of the CRL numbers, of a store written before
@@ -762,10 +673,7 @@ class SQLiteDatastore(_AuditReads):
         return SQLiteOpener(str(self.path))
 
     def close(self) -> None:
-        with self._group_cond:
-            self._closing = True
-            while self._committing or self._group.items:  # callers already waiting get their commit
-                self._group_cond.wait()
+        self._group.close()  # callers already waiting get their commit
         self.relay.close()  # nothing more relayed; what still waits reaches the audit file at the next start
         self._closed = True  # no new transaction
         with self._writer, self._lock:  # a transaction under way finishes first

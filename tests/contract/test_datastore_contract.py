@@ -107,6 +107,29 @@ def test_issued_serials_are_found_by_every_filter(store):
     assert store.last_issued_by_entry() == {"e1": NOW, "e2": NOW}
 
 
+def test_two_stores_racing_for_one_join_token_have_exactly_one_winner(engine):
+    """As two issuers (or processes) on one database: each race is won once, the loser sees the token used."""
+    a, b = engine.opener().open(), engine.opener().open()
+    try:
+        for n in range(20):
+            a.create_join_token(JoinToken(f"t{n}", "host", NOW + 60, "uid:0", NOW), event("join_token.create"))
+            start, found = threading.Barrier(2), {}
+
+            def consume(s, who):
+                start.wait()
+                found[who] = s.consume_join_token(f"t{n}", NOW + 1)
+
+            threads = [threading.Thread(target=consume, args=(s, w)) for s, w in ((a, "a"), (b, "b"))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            assert sorted(tok.used_at is None for tok in found.values()) == [False, True], (n, found)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_revoke_serials_marks_each_once(store):
     store.record_issued([issued(1, task_id="t1"), issued(2)], [])
     assert store.revoke_serials(["1", "2"], "test", 5, AuditEvent("revoke", OP, "done")) == ["1", "2"]
@@ -415,6 +438,47 @@ def test_positions_increase_in_commit_order_across_writers(store, engine):
         other.close()
 
 
+def test_a_reader_during_concurrent_commits_never_steps_over_a_position(engine):
+    """Positions are given in commit order: whatever a reader sees, every position before it is already there
+    (a position taken before a slower transaction commits would be stepped over for good by a follower)."""
+    stores = [engine.opener().open() for _ in range(3)]
+    reader = engine.opener().open()
+    done, seen, problems = threading.Event(), [], []
+
+    def write(s, prefix):
+        for i in range(25):
+            s.create_entry(entry(f"{prefix}{i}"), event("entry.create"))
+            s.record_revocation(Revocation(0, NOW, "serial", f"{prefix}{i}", "r", "keyCompromise", ()))
+
+    def follow():
+        last = 0
+        while not done.is_set() or last < 150:
+            for c in reader.changes_after(last):
+                if c.position != last + 1:
+                    problems.append((last, c.position))
+                last = c.position
+                seen.append(c)
+
+    writers = [threading.Thread(target=write, args=(s, p)) for s, p in zip(stores, "abc")]
+    follower = threading.Thread(target=follow)
+    try:
+        follower.start()
+        for t in writers:
+            t.start()
+        for t in writers:
+            t.join(60)
+        done.set()
+        follower.join(30)
+        assert problems == [] and len(seen) == 150
+        # One revocation sequence, without gap, whichever store wrote; one audit chain.
+        assert [r.seq for r in reader.revocations()] == list(range(1, 76))
+        assert verify_chain(reader.audit_since()).ok and reader.newest_audit_seq() == 75
+    finally:
+        done.set()
+        for s in stores + [reader]:
+            s.close()
+
+
 def test_a_follower_on_another_store_object_resumes_after_a_restart_with_no_gap_and_no_duplicate(engine, tmp_path):
     writer, follower_store = engine.opener().open(), engine.opener().open()
     position_file = tmp_path / "feed.position"
@@ -462,6 +526,23 @@ def test_a_bad_position_file_is_a_clear_error(store, tmp_path):
             ChangeFollower(store, tmp_path / "feed.position", lambda changes: None)
 
 
+def test_a_store_of_a_newer_release_is_refused_and_left_as_it_is(engine):
+    from tessera.errors import FailedPrecondition
+
+    s = engine.opener().open()
+    s.create_entry(entry("e1"), event("entry.create"))
+    s.close()
+    engine.sql("UPDATE schema_version SET version = version + 1")
+    with pytest.raises(FailedPrecondition, match="newer than this issuer knows"):
+        engine.opener().open()
+    engine.sql("UPDATE schema_version SET version = version - 1")
+    again = engine.opener().open()
+    try:
+        assert [e.id for e in again.list_entries()] == ["e1"]
+    finally:
+        again.close()
+
+
 def test_the_store_offers_every_method_of_the_contract_with_its_parameters(store):
     """A new engine that leaves a method out, or names its parameters differently, fails here first."""
     import inspect
@@ -477,17 +558,21 @@ def test_the_store_offers_every_method_of_the_contract_with_its_parameters(store
     assert isinstance(store.relay, AuditRelay)
 
 
-def test_only_the_sqlite_engine_module_knows_the_store_is_sqlite():
-    """Callers go through the contract: no other program module imports sqlite3 or an engine module."""
+def test_only_each_engine_module_knows_its_engine():
+    """Callers go through the contract: no other program module imports sqlite3, psycopg or an engine module
+    (issuer/datastore/__init__.py picks the engine)."""
     root = Path(__file__).resolve().parents[2]
-    engine = root / "issuer" / "datastore" / "sqlite.py"
-    chooser = root / "issuer" / "datastore" / "__init__.py"  # open_store / open_reader pick the engine
+    datastore = root / "issuer" / "datastore"
+    owners = {"import sqlite3": datastore / "sqlite.py", "import psycopg": datastore / "postgres.py",
+              "from psycopg": datastore / "postgres.py"}
     offenders = []
     for package in ("issuer", "agent_sidecar", "tessera"):
         for path in sorted((root / package).rglob("*.py")):
             text = path.read_text()
-            if path == engine:
-                continue
-            if "import sqlite3" in text or ("datastore.sqlite import" in text and path != chooser):
-                offenders.append(str(path.relative_to(root)))
+            for needle, owner in owners.items():
+                if needle in text and path != owner:
+                    offenders.append((str(path.relative_to(root)), needle))
+            for module in ("datastore.sqlite import", "datastore.postgres import"):
+                if module in text and path != datastore / "__init__.py":
+                    offenders.append((str(path.relative_to(root)), module))
     assert offenders == []

@@ -1,0 +1,169 @@
+"""What every engine shares: records to rows and back, the audit chain's next records, group commit.
+
+Rows are read by column name (sqlite3.Row or psycopg's dict rows); JSON columns are
+text, so an audit row reads back exactly as it was hashed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import operator
+import threading
+import time
+from typing import Callable, Sequence
+
+from issuer.core.models import (AUDIT_FIELDS, AUDIT_JSON_FIELDS, AUTHORITY_FIELDS, ISSUED_FIELDS, AuditEvent,
+                                AuditRecord, Authority, Entry, IssuedSerial, Sidecar, audit_hash)
+from tessera.errors import FailedPrecondition
+
+
+def dumps(v) -> str:
+    return json.dumps(v, sort_keys=True, separators=(",", ":"))
+
+
+def change_payload(obj) -> str:
+    return dumps(dataclasses.asdict(obj))
+
+
+def entry_from(row) -> Entry:
+    return Entry(
+        id=row["id"], spiffe_id=row["spiffe_id"], parent_id=row["parent_id"],
+        selectors=tuple(json.loads(row["selectors"])), owner=row["owner"], purpose=row["purpose"],
+        tier=row["tier"], scopes=tuple(json.loads(row["scopes"])), x509_ttl=row["x509_ttl"],
+        expires_at=row["expires_at"], state=row["state"], created_by=row["created_by"],
+        created_at=row["created_at"], updated_at=row["updated_at"], revision=row["revision"],
+    )
+
+
+def entry_row(entry: Entry) -> tuple:
+    """The entries table's columns, in order."""
+    return (entry.id, entry.spiffe_id, entry.parent_id, dumps(list(entry.selectors)), entry.owner, entry.purpose,
+            entry.tier, dumps(list(entry.scopes)), entry.x509_ttl, entry.expires_at, entry.state, entry.created_by,
+            entry.created_at, entry.updated_at, entry.revision)
+
+
+def sidecar_from(row) -> Sidecar:
+    return Sidecar(**{k: row[k] for k in row.keys()})
+
+
+def issued_from(row) -> IssuedSerial:
+    return IssuedSerial(**{k: row[k] for k in row.keys()})
+
+
+def authority_from(row) -> Authority:
+    return Authority(**{k: (bytes(row[k]) if isinstance(row[k], (bytes, memoryview)) else row[k])
+                        for k in AUTHORITY_FIELDS})
+
+
+# The issued and authorities tables' rows, named column by column from the records' fields.
+issued_row = operator.attrgetter(*ISSUED_FIELDS)
+authority_row = operator.attrgetter(*AUTHORITY_FIELDS)
+
+# The audit table's columns are AuditRecord's fields, in order; actor and details are JSON text.
+AUDIT_COLUMNS = ", ".join(AUDIT_FIELDS)
+
+
+def _json_or_raw(text):
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return {"unparseable": text}
+
+
+def audit_row(r: AuditRecord) -> tuple:
+    return tuple(dumps(getattr(r, k)) if k in AUDIT_JSON_FIELDS else getattr(r, k) for k in AUDIT_FIELDS)
+
+
+def audit_record(row) -> AuditRecord:
+    """From a row of AUDIT_COLUMNS; JSON that no longer parses (a tampered row) is kept for the verifier to flag."""
+    return AuditRecord(*(_json_or_raw(v) if k in AUDIT_JSON_FIELDS else v for k, v in zip(AUDIT_FIELDS, row)))
+
+
+def chain(events: Sequence[AuditEvent], head_seq: int, head_hash: str) -> list[AuditRecord]:
+    """The records `events` become after the chain's head (seq, hash): each links to the one before."""
+    records = []
+    for event in events:
+        r = AuditRecord(head_seq + 1, round(time.time(), 6), event.action, event.actor.as_dict(),
+                        event.decision, event.reason, event.subject, event.details, head_hash, "")
+        r = dataclasses.replace(r, hash=audit_hash(r))
+        records.append(r)
+        head_seq, head_hash = r.seq, r.hash
+    return records
+
+
+class Pending:
+    """One record_issued call's serials and audit events."""
+
+    __slots__ = ("serials", "audits")
+
+    def __init__(self, serials, audits):
+        self.serials = list(serials)
+        self.audits = list(audits)
+
+
+class _Group:
+    """Serials from concurrent callers that commit together; `done` is set once they are durable."""
+
+    __slots__ = ("items", "done", "error")
+
+    def __init__(self):
+        self.items: list[Pending] = []
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class GroupCommit:
+    """Concurrent record_issued callers share one transaction (and one flush to disk); each returns once its
+    rows are durable, or raises what the group's commit raised.
+
+    Leader/follower: while a group is being written, later callers gather in the next one; when the writer
+    finishes, one of them writes that whole group. An idle store is written by the caller itself: no hand-off
+    to another thread, which under load costs more than the flush (each wake-up waits for a CPU)."""
+
+    def __init__(self, write: Callable[[list[Pending]], None]):
+        self._write = write  # commits a group's rows in one transaction
+        self._group = _Group()
+        self._cond = threading.Condition(threading.Lock())
+        self._committing = False  # a caller is writing a group
+        self._closing = False
+
+    def submit(self, mine: Pending) -> None:
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("datastore is closed")
+            group = self._group
+            group.items.append(mine)
+            while self._committing and not group.done.is_set():
+                self._cond.wait()
+            if not group.done.is_set():
+                self._committing = True
+                self._group = _Group()
+                leader = True
+            else:
+                leader = False
+        if leader:
+            try:
+                self._write(group.items)
+            except BaseException as e:  # noqa: BLE001 - every caller in the group gets it
+                group.error = e
+            with self._cond:
+                self._committing = False
+                group.done.set()
+                self._cond.notify_all()
+        if group.error is not None:
+            raise group.error
+
+    def close(self) -> None:
+        """Refuse new callers; those already waiting get their commit first."""
+        with self._cond:
+            self._closing = True
+            while self._committing or self._group.items:
+                self._cond.wait()
+
+
+def check_schema_version(found: int, known: int, where: str) -> None:
+    """A store written by a newer release is refused: this code would not know its tables (never downgraded)."""
+    if found > known:
+        raise FailedPrecondition(f"the datastore {where} has schema version {found}, newer than this issuer knows "
+                                 f"({known}): run the release that wrote it, or a newer one")
