@@ -26,6 +26,11 @@ from taskutil import end_task, policy, start_task  # noqa: E402  (the same harne
 DEMO_POLICY = policy()
 
 
+def write_file(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
 def step(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
 
@@ -91,6 +96,9 @@ def main() -> int:
             d.start_issuer(policy=DEMO_POLICY)
             print(f"issuer listening on 127.0.0.1:{d.port}; admin socket {d.admin_socket}")
 
+            step("its authorities: a root in the trust bundle, a rotating intermediate that signs, a JWT key")
+            print(d.cli("ca", "list").stdout.rstrip())
+
             step("create a join token and start a sidecar with it (--join-token-file, a 0600 file: never in argv)")
             d.start_sidecar("host-a", output_dir=str(Path(tmp) / "host-a-out"))
             print(f"sidecar attested as {d.sidecar_id('host-a')}; Workload API at {d.socket('host-a')}")
@@ -109,6 +117,9 @@ def main() -> int:
             print(f"SPIFFE ID: {svid['spiffe_id']}")
             print(f"serial:    {svid['serial']}")
             print(f"expires:   {dt.datetime.fromtimestamp(svid['not_after'], dt.timezone.utc).isoformat()}")
+            r = openssl_verify(write_file(Path(tmp) / "roots.pem", ctx["bundle_pem"]),
+                               write_file(Path(tmp) / "svid.pem", svid["svid_pem"]))
+            print(f"openssl:   {r.stdout.strip()} (the root alone as CAfile, the intermediate sent with the leaf)")
 
             step("start a task: its own key, serial, scopes and a 5m lifetime")
             if not task_step(d, Path(tmp) / "task"):
