@@ -15,11 +15,13 @@ its own module; tests/contract/ is the suite every engine must pass.
 
 from __future__ import annotations
 
+import threading
 from contextlib import AbstractContextManager
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from issuer.audit.relay import AuditRelay
 from issuer.core.models import AuditEvent, AuditRecord, Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
+from issuer.datastore.rows import OwnChanges
 
 
 class AuditReader(Protocol):
@@ -86,6 +88,11 @@ class Datastore(AuditReader, Protocol):
     # the change feed
     def changes_after(self, position: int, limit: int = 1000) -> list[Change]: ...
     def last_change_position(self) -> int: ...
+    own_changes: OwnChanges  # the feed positions committed through this object (its process's own changes)
+    poll_interval: float  # seconds between a follower's reads of the feed when nothing woke it
+    def watch_changes(self, wake: Callable[[], None], stop: threading.Event) -> None:
+        """Call wake() when another process committed a change, until stop is set (blocks; may return at once when
+        the engine cannot notify)."""
 
     # audit (reads are AuditReader's)
     def append_audit(self, events: Iterable[AuditEvent]) -> None: ...
