@@ -159,3 +159,25 @@ def test_a_ban_at_one_issuer_cuts_the_sidecar_off_at_the_issuer_it_is_connected_
     time.sleep(2)  # the sidecar keeps trying to reconnect: issuer 2 keeps refusing it
     assert not json.loads(two.cli("sidecar", "show", "host-b", "--output", "json").stdout)["connected"]
     harness.one_line_error(two.cli("token", "create", "--sidecar", "host-b", check=False), "banned")
+
+
+def test_a_taint_at_issuer_1_replaces_the_svid_behind_a_sidecar_on_issuer_2_within_a_second(fleet):
+    one, two, _ = fleet
+    start_sidecar(two, "host-b")
+    two.entry("/agent/b", "host-b")
+    reader = two.stream("host-b")
+    svid = reader.until(lambda m: m["event"] == "update", timeout=20)["svids"][0]
+    tainted = chain.authority_key_id(x509.load_pem_x509_certificates(svid["svid_pem"].encode())[0])
+
+    one.cli("ca", "taint", tainted, "--reason", "test: key exposure drill")
+    t0 = time.monotonic()
+
+    def signer(m) -> str:
+        return chain.authority_key_id(x509.load_pem_x509_certificates(m["svids"][0]["svid_pem"].encode())[0])
+
+    fresh = reader.until(lambda m: m["event"] == "update" and signer(m) != tainted,
+                         timeout=max(0.01, t0 + BOUND - time.monotonic()))
+    # Signed by issuer 2 with the successor issuer 1 activated: one active intermediate, everywhere.
+    active = [a["id"] for a in json.loads(two.cli("ca", "list", "--output", "json").stdout)
+              if a["kind"] == "x509" and a["state"] == "active"]
+    assert active == [signer(fresh)]
