@@ -554,9 +554,13 @@ class SQLiteDatastore(_AuditReads):
 
     def find_issued(self, *, entry_id: str | None = None, task_id: str | None = None,
                     spiffe_id: str | None = None, sidecar_id: str | None = None,
-                    unexpired_at: int | None = None, revoked: bool | None = None) -> list[IssuedSerial]:
-        """Issued serials matching every given filter."""
+                    unexpired_at: int | None = None, revoked: bool | None = None,
+                    serials: Sequence[str] | None = None) -> list[IssuedSerial]:
+        """Issued serials matching every given filter (`serials`: any of these)."""
         clauses, args = [], []
+        if serials is not None:
+            clauses.append("serial IN (SELECT value FROM json_each(?))")
+            args.append(dumps(list(serials)))
         for col, val in (("entry_id", entry_id), ("task_id", task_id), ("spiffe_id", spiffe_id),
                          ("sidecar_id", sidecar_id)):
             if val is not None:

@@ -335,9 +335,8 @@ class RevocationService:
         revoked set and blocked identities in memory, the event pushed to every sidecar with the peer's seq, the
         sidecars whose own SVID it hit closed, and a CRL set covering it signed (numbers come from the shared
         per-authority counter, so this issuer's CRLs only ever number higher than any before) and pushed."""
-        now = time.time()
-        issued = [s for s in (self.store.get_issued(serial) for serial in rec.serials)
-                  if s is not None and s.not_after > now]  # expired: no threat, no CRL entry (as in _commit)
+        # Expired ones are no threat and need no CRL entry (as in _commit); one query however many serials.
+        issued = self.store.find_issued(serials=rec.serials, unexpired_at=int(time.time())) if rec.serials else []
         spiffe_ids: tuple[str, ...] = ()
         if rec.kind == "spiffe_id":
             spiffe_ids = (rec.target,)

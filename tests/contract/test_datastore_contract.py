@@ -101,6 +101,9 @@ def test_issued_serials_are_found_by_every_filter(store):
     assert [s.serial for s in store.find_issued(spiffe_id="spiffe://example.org/e1")] == ["1", "2"]
     assert [s.serial for s in store.find_issued(sidecar_id=SID)] == ["1", "2"]
     assert [s.serial for s in store.find_issued(unexpired_at=NOW + 30)] == ["1", "3"]
+    assert [s.serial for s in store.find_issued(serials=["3", "1", "9"])] == ["1", "3"]
+    assert [s.serial for s in store.find_issued(serials=["1", "2"], unexpired_at=NOW + 30)] == ["1"]
+    assert store.find_issued(serials=[]) == []
     store.revoke_serials(["2"], "test", NOW, None)
     assert [s.serial for s in store.find_issued(revoked=True)] == ["2"]
     assert [s.serial for s in store.find_issued(revoked=False)] == ["1", "3"]
