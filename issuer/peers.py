@@ -2,10 +2,10 @@
 
 Each issuer follows the store's change feed (issuer/datastore/feed.py) from the position read at its start,
 before its caches were loaded from the store: they hold every earlier change, and one committed while they
-loaded is applied again (harmless). No position file is needed: a restarted issuer loads its caches again. A change this process committed is
-skipped (`store.own_changes`: the positions noted just before each COMMIT): its writer updated the caches and
-pushed to the sidecars already. Every other change is applied as the writer applied it, and pushed to this
-issuer's own sidecars as a local change would be:
+loaded is applied again (harmless). No position file is needed: a restarted issuer loads its caches again.
+A change this process committed is skipped (`store.own_changes`: the positions noted just before each
+COMMIT): its writer updated the caches and pushed to the sidecars already. Every other change is applied as
+the writer applied it, and pushed to this issuer's own sidecars as a local change would be:
 
 - entry: the Registry's cache, and entry_upsert / entry_deleted to the entry's parent sidecar;
 - sidecar: the SidecarAttestor's cache (so authentication sees a ban at once), and a ban closes the banned
@@ -21,8 +21,6 @@ the listening connection. SQLite only polls (every 0.25 s).
 """
 
 from __future__ import annotations
-
-import json
 
 from issuer.ca.authorities import Authorities
 from issuer.core.events import CLOSE, EventHub
@@ -82,7 +80,7 @@ class Peers:
             if authorities_changed:
                 self._reload_authorities()  # before what follows it (a CRL re-signed for a revocation)
                 authorities_changed = False
-            payload = c.payload if isinstance(c.payload, dict) else json.loads(c.payload)
+            payload = c.payload
             if c.kind == "entry":
                 self.registry.apply_peer(_entry(payload), deleted=c.op == "delete")
             elif c.kind == "sidecar":

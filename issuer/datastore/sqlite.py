@@ -42,7 +42,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from issuer.audit.relay import AuditRelay
 from issuer.core.models import (AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS, AuditEvent, AuditRecord,
                                 Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar)
-from issuer.datastore.rows import (AUDIT_COLUMNS, GroupCommit, OwnChanges, check_schema_version, Pending, audit_record, audit_row, authority_from,
+from issuer.datastore.rows import (AUDIT_COLUMNS, GroupCommit, OwnChanges, check_schema_version, Pending,
+                                   audit_record, audit_row, authority_from,
                                    authority_row, chain, change_payload, dumps, entry_from, entry_row, issued_from,
                                    issued_row, sidecar_from)
 from tessera import logs, safefs
@@ -406,8 +407,9 @@ class SQLiteDatastore(_AuditReads):
 
     def _change(self, db: sqlite3.Connection, kind: str, op: str, key: str, payload: dict[str, Any] | str) -> None:
         """Append to the change feed, in the caller's transaction: the change and its feed row commit together."""
+        text = payload if isinstance(payload, str) else dumps(payload)
         cur = db.execute("INSERT INTO changes (ts, kind, op, key, payload) VALUES (?,?,?,?,?)",
-                         (round(time.time(), 6), kind, op, key, payload if isinstance(payload, str) else dumps(payload)))
+                         (round(time.time(), 6), kind, op, key, text))
         self._positions.append(cur.lastrowid)
 
     def append_audit(self, events: Iterable[AuditEvent]) -> None:
