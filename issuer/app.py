@@ -35,6 +35,7 @@ from issuer.identity.attestation import SidecarAttestor
 from issuer.identity.registration import Registry
 from issuer.issuance.pool import SigningPool
 from issuer.issuance.signer import SvidSigner
+from issuer.peers import Peers
 from issuer.revocation.service import RevocationService
 from issuer.tasks.approvals import Approvals
 from issuer.tasks.service import TaskService
@@ -76,9 +77,11 @@ class Services:
     evidence: Evidence
     sidecar_api: IssuerService
     admin_api: AdminService
+    peers: Peers
 
     def close(self) -> None:
         """Stop what `build` started, store last (the audit file drains what the store handed it first)."""
+        self.peers.stop()
         self.approvals.close()
         self.revocation.stop()
         if self.signing_pool is not None:
@@ -94,6 +97,9 @@ def build(cfg: IssuerConfig) -> Services:
     # Every committed audit record reaches the relay's subscribers in seq order, whichever process wrote it.
     audit_relay = AuditRelay()
     store = open_store(cfg.datastore.source(cfg.data_dir), relay=audit_relay, pool_size=cfg.datastore.pool_size)
+    # Read before any cache is loaded: what a peer commits while they load is applied again by the follower
+    # (harmless: applying is idempotent), never missed (issuer/peers.py).
+    feed_start = store.last_change_position()
     # The JSON-lines copy of the trail first catches up with what the database already holds.
     audit_file = AuditFile(cfg.audit_file, store.audit_records)
     audit_file.catch_up()
@@ -125,6 +131,7 @@ def build(cfg: IssuerConfig) -> Services:
 
     metrics.set_authorities(authorities.list())
     authorities.subscribe(publish_trust)
+    peers = Peers(store, registry, attestor, revocation, authorities, hub, feed_start)
     return Services(
         audit_relay=audit_relay, store=store, audit_file=audit_file, authorities=authorities, hub=hub,
         registry=registry, attestor=attestor,
@@ -132,7 +139,8 @@ def build(cfg: IssuerConfig) -> Services:
         evidence=evidence,
         sidecar_api=IssuerService(attestor, signer, registry, hub, authorities, revocation, tasks,
                                   cfg.resync_interval),
-        admin_api=AdminService(registry, attestor, hub, authorities, approvals, revocation, evidence, cfg.admin_uids))
+        admin_api=AdminService(registry, attestor, hub, authorities, approvals, revocation, evidence, cfg.admin_uids),
+        peers=peers)
 
 
 class IssuerApp:
@@ -176,6 +184,7 @@ class IssuerApp:
         self._loop_thread.start()
         self.port, self.bootstrap_port = self._on_loop(self._start_grpc(serving))
         self.services.revocation.start()
+        self.services.peers.start()
         self._flush_thread = threading.Thread(target=self._flush_denials, name="join-denials", daemon=True)
         self._flush_thread.start()
         self._rotation_thread = threading.Thread(target=self._rotate, name="authorities", daemon=True)
@@ -276,6 +285,7 @@ class IssuerApp:
             self.metrics_server.shutdown()
         # Requests waiting for an approval would hold the grace period: end them first.
         self.services.approvals.close()
+        self.services.peers.stop()
         self.services.revocation.stop()
         if self._grpc:
             self._on_loop(self._stop_grpc(grace))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import queue
@@ -227,6 +228,23 @@ class LineReader:
         self.proc.wait()
 
 
+def peer_deployments(root: Path, n: int, dsn: str, trust_domain: str = "example.org") -> list["Deployment"]:
+    """n issuers on one PostgreSQL database (`dsn`), each a Deployment of its own in root/issuer<i> (data_dir,
+    ports, admin socket, sidecars), all with one key-encryption key (TESSERA_KEK): the authorities' keys are
+    shared, sealed with it, through the database. Nothing is started."""
+    kek = base64.b64encode(os.urandom(32)).decode()
+    out: list[Deployment] = []
+    for i in range(1, n + 1):
+        (root / f"issuer{i}").mkdir()
+        d = Deployment(root / f"issuer{i}", trust_domain)
+        while {d.port, d.port + 1} & {p for o in out for p in (o.port, o.port + 1)}:
+            d.port, _ = free_ports(2)  # free now, but not yet bound by the issuer picked before
+        d.issuer_extra = {"datastore": {"engine": "postgres", "dsn": dsn}}
+        d.issuer_env = {**os.environ, "TESSERA_KEK": kek}
+        out.append(d)
+    return out
+
+
 class Deployment:
     """An issuer and its sidecars in one temporary directory."""
 
@@ -247,12 +265,15 @@ class Deployment:
         self.issuer: Daemon | None = None
         self.sidecars: dict[str, Daemon] = {}
         self.children: list = []
+        self.issuer_extra: dict = {}  # config every start_issuer adds (peer_deployments: the shared database)
+        self.issuer_env: dict | None = None  # the issuer's environment (None: this process's)
 
     # -- issuer ---------------------------------------------------------------------
 
     def issuer_config(self, **extra) -> dict:
         cfg = {"trust_domain": self.td, "data_dir": str(self.issuer_dir),
                "listen_address": f"127.0.0.1:{self.port}", "admin_socket": str(self.admin_socket)}
+        cfg.update(self.issuer_extra)
         cfg.update(extra)
         return cfg
 
@@ -285,7 +306,7 @@ class Deployment:
     def start_issuer(self, **extra) -> Daemon:
         self.issuer_cfg_path.write_text(yaml.safe_dump(self.issuer_config(**extra)))
         self.issuer = Daemon("issuer", [str(BIN / "tessera-issuer"), "run", "--config", str(self.issuer_cfg_path)],
-                             self.root / "issuer.log", self.admin_socket).start()
+                             self.root / "issuer.log", self.admin_socket, env=self.issuer_env).start()
         self.bundle_path.write_text(self.cli("bundle", "show").stdout)
         return self.issuer
 

@@ -191,16 +191,25 @@ class Authorities:
     # -- start ---------------------------------------------------------------------------------
 
     def _start(self) -> None:
-        with self._lock:
-            self._load()
-            root = self._setup_root()
-            if root.state == "active" and root.not_after <= _now():
-                raise ConfigError(f"root {root.id} expired at {_iso(root.not_after)}: "
-                                  "renew it (ca_cert) or rotate to a new root")
-            self._adopt_pending_certificate()
-            self._ensure_signer(ISSUER, "start")
-            self._ensure_jwt(ISSUER, "start")
-            self._refresh()
+        # One store transaction: issuers starting at once on one database take its write lock in turn, and each
+        # reads what the one before committed, so the root, the intermediate and the JWT key are made once and
+        # the others adopt them (two roots, both active, would split the trust domain).
+        refused: ConfigError | None = None
+        with self._lock, self.store.transaction():
+            try:
+                self._load()
+                root = self._setup_root()
+                if root.state == "active" and root.not_after <= _now():
+                    raise ConfigError(f"root {root.id} expired at {_iso(root.not_after)}: "
+                                      "renew it (ca_cert) or rotate to a new root")
+                self._adopt_pending_certificate()
+                self._ensure_signer(ISSUER, "start")
+                self._ensure_jwt(ISSUER, "start")
+                self._refresh()
+            except ConfigError as e:
+                refused = e  # committed all the same: the next start continues (an offline root's prepared CSR)
+        if refused is not None:
+            raise refused
 
     def _load(self) -> None:
         self._records = {a.id: a for a in self.store.list_authorities()}
@@ -433,53 +442,107 @@ class Authorities:
     def tick(self, now: float | None = None) -> None:
         """Prepare and activate successors when due (called about once a second)."""
         now = time.time() if now is None else now
-        changed = ""
         with self._lock:
             self._reload_if_changed()
-            for kind in ("x509", "jwt"):
-                active = next((a for a in self._records.values() if a.kind == kind and a.state == "active"), None)
-                if active is None or not usable(active, now):
-                    try:
-                        (self._ensure_signer if kind == "x509" else self._ensure_jwt)(ISSUER, "the active one expired")
-                        changed = "signer"
-                    except ConfigError as e:
-                        _warn.log(f"no-signer-{kind}", "no authority can sign", kind=kind, error=str(e))
-                    continue
-                # Counted from when it came to be: a certificate is backdated for clock skew (30 s), which must not
-                # shift the schedule (with ca_ttl 60 s it made every intermediate sign for 15 s, not 30 s).
-                start = max(active.not_before, min(active.created_at, active.not_after))
-                life = active.not_after - start
-                successors = [a for a in self._records.values() if a.kind == kind and a.state == "prepared"
-                              and a.created_at >= active.created_at]
-                if not successors and now >= start + life * PREPARE_AT:
-                    try:
-                        successors = [self._changing(self._prepare_x509 if kind == "x509" else self._prepare_jwt,
-                                                     ISSUER, "scheduled rotation")]
-                        if kind == "x509" and not successors[0].cert_der:
-                            log.warning("offline root: the next intermediate waits for its certificate",
-                                        csr=str(self._write_csr(successors[0])), authority=successors[0].id)
-                    except FailedPrecondition as e:
-                        _warn.log(f"no-successor-{kind}", "cannot prepare the next authority", kind=kind, error=str(e))
-                    changed = changed or "crl"
-                ready = [a for a in successors if usable(a, now)]
-                if kind == "x509" and not ready and now >= start + life * WARN_OFFLINE_AT:
-                    _warn.log(f"offline-{active.id}", "the active intermediate was signed offline and has no signed successor: sign the "
-                                  "prepared CSR and run tessera ca activate before it expires", authority=active.id,
-                                  expires=_iso(active.not_after))
-                if ready and now >= start + life * ACTIVATE_AT:
-                    with self._rollback():
-                        self._activate(ready[0], ISSUER, "scheduled rotation")
-                    changed = "signer"
-            if changed:
+            if not self._due(now):
+                return
+            # Decided again under the store's write lock, on what is committed now: of several issuers on one
+            # database, the first prepares or activates the successor and the others adopt it.
+            try:
+                with self.store.transaction():
+                    self._reload_if_changed()
+                    changed = self._rotate(now)
+            except BaseException:
+                self._load()  # rolled back: memory follows the store again (read inside, it saw the undone writes)
                 self._refresh()
+                raise
         if changed:
             self._notify(changed)
 
-    def _reload_if_changed(self) -> None:
+    def _due(self, now: float) -> bool:
+        """Whether _rotate would change anything now (read-only: no write lock taken once a second for nothing)."""
+        for kind in ("x509", "jwt"):
+            active = next((a for a in self._records.values() if a.kind == kind and a.state == "active"), None)
+            if active is None or not usable(active, now):
+                return True
+            start = max(active.not_before, min(active.created_at, active.not_after))
+            life = active.not_after - start
+            successors = [a for a in self._records.values() if a.kind == kind and a.state == "prepared"
+                          and a.created_at >= active.created_at]
+            if not successors and now >= start + life * PREPARE_AT:
+                return True
+            ready = any(usable(a, now) for a in successors)
+            if ready and now >= start + life * ACTIVATE_AT:
+                return True
+            if kind == "x509" and not ready and now >= start + life * WARN_OFFLINE_AT:
+                return True  # _rotate warns (throttled) that the offline root must sign the successor
+        return False
+
+    def _rotate(self, now: float) -> str:
+        """Prepare and activate what is due (under the lock and a store transaction); what changed, or ""."""
+        changed = ""
+        for kind in ("x509", "jwt"):
+            active = next((a for a in self._records.values() if a.kind == kind and a.state == "active"), None)
+            if active is None or not usable(active, now):
+                try:
+                    (self._ensure_signer if kind == "x509" else self._ensure_jwt)(ISSUER, "the active one expired")
+                    changed = "signer"
+                except ConfigError as e:
+                    _warn.log(f"no-signer-{kind}", "no authority can sign", kind=kind, error=str(e))
+                continue
+            # Counted from when it came to be: a certificate is backdated for clock skew (30 s), which must not
+            # shift the schedule (with ca_ttl 60 s it made every intermediate sign for 15 s, not 30 s).
+            start = max(active.not_before, min(active.created_at, active.not_after))
+            life = active.not_after - start
+            successors = [a for a in self._records.values() if a.kind == kind and a.state == "prepared"
+                          and a.created_at >= active.created_at]
+            if not successors and now >= start + life * PREPARE_AT:
+                try:
+                    successors = [self._changing(self._prepare_x509 if kind == "x509" else self._prepare_jwt,
+                                                 ISSUER, "scheduled rotation")]
+                    if kind == "x509" and not successors[0].cert_der:
+                        log.warning("offline root: the next intermediate waits for its certificate",
+                                    csr=str(self._write_csr(successors[0])), authority=successors[0].id)
+                except FailedPrecondition as e:
+                    _warn.log(f"no-successor-{kind}", "cannot prepare the next authority", kind=kind, error=str(e))
+                changed = changed or "crl"
+            ready = [a for a in successors if usable(a, now)]
+            if kind == "x509" and not ready and now >= start + life * WARN_OFFLINE_AT:
+                _warn.log(f"offline-{active.id}", "the active intermediate was signed offline and has no signed successor: sign the "
+                              "prepared CSR and run tessera ca activate before it expires", authority=active.id,
+                              expires=_iso(active.not_after))
+            if ready and now >= start + life * ACTIVATE_AT:
+                with self._rollback():
+                    self._activate(ready[0], ISSUER, "scheduled rotation")
+                changed = "signer"
+        if changed:
+            self._refresh()
+        return changed
+
+    def _reload_if_changed(self) -> bool:
         stored = {a.id: a for a in self.store.list_authorities()}
         if stored != self._records:  # another issuer (or a CLI on this store) changed them
             self._load()
             self._refresh()
+            return True
+        return False
+
+    def reload(self) -> list[str]:
+        """Another issuer changed the authorities (its change reached this one through the change feed,
+        issuer/peers.py): read them again and tell the listeners what changed, as for a change made here. Returns
+        the ids newly tainted or revoked: what the sidecars must replace at once (the caller pushes the taint)."""
+        now = time.time()
+        with self._lock:
+            before = dict(self._records)
+            signer, bundle = self._signer.id if self._signer else None, self.bundle_der
+            if not self._reload_if_changed():
+                return []
+            withdrawn = sorted(a.id for a in self._records.values() if a.state in ("tainted", "revoked")
+                               and before.get(a.id, a).state not in ("tainted", "revoked") and not expired(a, now))
+            change = ("bundle" if self.bundle_der != bundle else
+                      "signer" if (self._signer.id if self._signer else None) != signer else "crl")
+        self._notify(change)
+        return withdrawn
 
     # -- internals -------------------------------------------------------------------------------
 

@@ -15,11 +15,13 @@ its own module; tests/contract/ is the suite every engine must pass.
 
 from __future__ import annotations
 
+import threading
 from contextlib import AbstractContextManager
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 from issuer.audit.relay import AuditRelay
 from issuer.core.models import AuditEvent, AuditRecord, Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
+from issuer.datastore.rows import OwnChanges
 
 
 class AuditReader(Protocol):
@@ -67,7 +69,8 @@ class Datastore(AuditReader, Protocol):
                        audit: AuditEvent | None) -> list[str]: ...
     def find_issued(self, *, entry_id: str | None = None, task_id: str | None = None,
                     spiffe_id: str | None = None, sidecar_id: str | None = None,
-                    unexpired_at: int | None = None, revoked: bool | None = None) -> list[IssuedSerial]: ...
+                    unexpired_at: int | None = None, revoked: bool | None = None,
+                    serials: Sequence[str] | None = None) -> list[IssuedSerial]: ...
     def last_issued_by_entry(self) -> dict[str, int]: ...
 
     # revocation log and CRL numbers
@@ -86,6 +89,11 @@ class Datastore(AuditReader, Protocol):
     # the change feed
     def changes_after(self, position: int, limit: int = 1000) -> list[Change]: ...
     def last_change_position(self) -> int: ...
+    own_changes: OwnChanges  # the feed positions committed through this object (its process's own changes)
+    poll_interval: float  # seconds between a follower's reads of the feed when nothing woke it
+    def watch_changes(self, wake: Callable[[], None], stop: threading.Event) -> None:
+        """Call wake() when another process committed a change, until stop is set (blocks; may return at once when
+        the engine cannot notify)."""
 
     # audit (reads are AuditReader's)
     def append_audit(self, events: Iterable[AuditEvent]) -> None: ...

@@ -37,7 +37,7 @@ import dataclasses
 import json
 import threading
 import time
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -48,9 +48,9 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from issuer.audit.relay import AuditRelay
 from issuer.core.models import (AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS, AuditEvent, AuditRecord,
                                 Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar)
-from issuer.datastore.rows import (AUDIT_COLUMNS, GroupCommit, Pending, audit_record, audit_row, authority_from,
-                                   authority_row, chain, change_payload, check_schema_version, dumps, entry_from,
-                                   entry_row, issued_from, issued_row, sidecar_from)
+from issuer.datastore.rows import (AUDIT_COLUMNS, GroupCommit, OwnChanges, Pending, audit_record, audit_row,
+                                   authority_from, authority_row, chain, change_payload, check_schema_version, dumps,
+                                   entry_from, entry_row, issued_from, issued_row, sidecar_from)
 from tessera import logs
 from tessera.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 
@@ -68,6 +68,8 @@ IDLE_IN_TRANSACTION_TIMEOUT = "60s"  # a stopped process's open transaction (and
 # Advisory lock keys: one 64-bit space per database; constants unlikely to collide with another application's.
 _WRITE_LOCK = 0x7465_7373_6572_6101  # "tessera" 01
 _MIGRATE_LOCK = 0x7465_7373_6572_6102
+CHANGES_CHANNEL = "tessera_changes"  # NOTIFY'd by each transaction that appends to the change feed
+CHANGE_POLL = 1.0  # seconds: a follower reads the feed at least this often (a NOTIFY lost across a reconnect)
 
 # -- schema ---------------------------------------------------------------------------------------------
 
@@ -314,13 +316,14 @@ class PostgresOpener:
 class _Tx:
     """This thread's open write transaction on one connection, and what it appended."""
 
-    __slots__ = ("db", "depth", "locked", "records", "audit_head", "next_position")
+    __slots__ = ("db", "depth", "locked", "records", "audit_head", "next_position", "positions")
 
     def __init__(self, db: psycopg.Connection, locked: bool):
         self.db, self.depth, self.locked = db, 1, locked
         self.records: list[AuditRecord] = []
         self.audit_head: tuple[int, str] | None = None  # read once, under the write lock, when first needed
         self.next_position: int | None = None
+        self.positions: list[int] = []  # the feed positions this transaction appended
 
 
 def _configure(db: psycopg.Connection) -> None:
@@ -349,6 +352,7 @@ class PostgresDatastore(_AuditReads):
             self._pool.close()
             raise Unavailable(f"cannot connect to the PostgreSQL database {self._where}") from None
         self._local = threading.local()  # .tx: this thread's open transaction
+        self.own_changes = OwnChanges()  # feed positions committed through this object (rows.OwnChanges)
         self._group = GroupCommit(self._commit_issued)
         self._closed = False
         self.relay = relay if relay is not None else AuditRelay()
@@ -420,8 +424,10 @@ class PostgresDatastore(_AuditReads):
                 if lock:
                     self._lock(tx)
                 yield db
+                self.own_changes.note(tx.positions)
                 db.execute("COMMIT")  # returns once durable (synchronous_commit=on); fails: not acknowledged
             except BaseException:
+                self.own_changes.drop(tx.positions)
                 with contextlib.suppress(psycopg.Error):
                     db.execute("ROLLBACK")
                 raise
@@ -467,9 +473,12 @@ class PostgresDatastore(_AuditReads):
         assert tx.locked, "a change is appended only under the write lock"
         if tx.next_position is None:
             tx.next_position = db.execute("SELECT COALESCE(MAX(position), 0) + 1 FROM changes").fetchone()[0]
+            # Delivered at COMMIT (and only then) to every issuer LISTENing: they read the feed at once.
+            db.execute("SELECT pg_notify(%s, '')", (CHANGES_CHANNEL,))
         db.execute("INSERT INTO changes (position, ts, kind, op, key, payload) VALUES (%s,%s,%s,%s,%s,%s)",
                    (tx.next_position, round(time.time(), 6), kind, op, key,
                     payload if isinstance(payload, str) else dumps(payload)))
+        tx.positions.append(tx.next_position)
         tx.next_position += 1
 
     def append_audit(self, events: Iterable[AuditEvent]) -> None:
@@ -602,9 +611,13 @@ class PostgresDatastore(_AuditReads):
 
     def find_issued(self, *, entry_id: str | None = None, task_id: str | None = None,
                     spiffe_id: str | None = None, sidecar_id: str | None = None,
-                    unexpired_at: int | None = None, revoked: bool | None = None) -> list[IssuedSerial]:
-        """Issued serials matching every given filter."""
+                    unexpired_at: int | None = None, revoked: bool | None = None,
+                    serials: Sequence[str] | None = None) -> list[IssuedSerial]:
+        """Issued serials matching every given filter (`serials`: any of these)."""
         clauses, args = [], []
+        if serials is not None:
+            clauses.append("serial = ANY(%s)")
+            args.append(list(serials))
         for col, val in (("entry_id", entry_id), ("task_id", task_id), ("spiffe_id", spiffe_id),
                          ("sidecar_id", sidecar_id)):
             if val is not None:
@@ -703,6 +716,26 @@ class PostgresDatastore(_AuditReads):
 
     def last_change_position(self) -> int:
         return self._rows("SELECT COALESCE(MAX(position), 0) FROM changes")[0][0]
+
+    poll_interval = CHANGE_POLL
+
+    def watch_changes(self, wake: Callable[[], None], stop: threading.Event) -> None:
+        """Call `wake()` whenever another transaction committed a change (LISTEN on a connection of its own, outside
+        the pool), and once after each (re)connect, until `stop` is set. Blocks: run it on a thread of its own. A
+        NOTIFY sent while this was disconnected is lost; the wake after the reconnect, and the follower's
+        poll_interval, cover it."""
+        while not stop.is_set():
+            try:
+                with _connect(self.dsn, self._where) as db:
+                    db.execute(f"LISTEN {CHANGES_CHANNEL}")
+                    wake()
+                    while not stop.is_set():
+                        for _ in db.notifies(timeout=0.5, stop_after=1):
+                            wake()
+            except (psycopg.Error, Unavailable) as e:
+                _db_log.log(f"pg-listen:{self._where}", "listening for changes failed; reconnecting",
+                            database=self._where, error=_first_line(e) if isinstance(e, psycopg.Error) else str(e))
+                stop.wait(1.0)
 
     def opener(self) -> PostgresOpener:
         """How another process opens a store on this same database (the signing workers)."""

@@ -113,6 +113,35 @@ class _Group:
         self.error: BaseException | None = None
 
 
+class OwnChanges:
+    """The feed positions this store object committed, so the issuer's follower skips the changes it already
+    applied itself. A position is noted just before COMMIT (a follower on another thread can read the change the
+    moment it is visible) and dropped again if the transaction does not commit: a position that was rolled back
+    may be taken by another process's change. A COMMIT whose outcome is unknown drops its positions too, so a
+    change that did commit is applied once more by the follower (an idempotent replay, not a miss)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._positions: set[int] = set()
+
+    def note(self, positions: Sequence[int]) -> None:
+        with self._lock:
+            self._positions.update(positions)
+
+    def drop(self, positions: Sequence[int]) -> None:
+        with self._lock:
+            self._positions.difference_update(positions)
+
+    def mine(self, position: int) -> bool:
+        with self._lock:
+            return position in self._positions
+
+    def forget_through(self, position: int) -> None:
+        """The follower has passed `position`: nothing at or before it is asked about again."""
+        with self._lock:
+            self._positions = {p for p in self._positions if p > position}
+
+
 class GroupCommit:
     """Concurrent record_issued callers share one transaction (and one flush to disk); each returns once its
     rows are durable, or raises what the group's commit raised.

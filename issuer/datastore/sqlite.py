@@ -37,12 +37,13 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from issuer.audit.relay import AuditRelay
 from issuer.core.models import (AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS, AuditEvent, AuditRecord,
                                 Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar)
-from issuer.datastore.rows import (AUDIT_COLUMNS, GroupCommit, check_schema_version, Pending, audit_record, audit_row, authority_from,
+from issuer.datastore.rows import (AUDIT_COLUMNS, GroupCommit, OwnChanges, check_schema_version, Pending,
+                                   audit_record, audit_row, authority_from,
                                    authority_row, chain, change_payload, dumps, entry_from, entry_row, issued_from,
                                    issued_row, sidecar_from)
 from tessera import logs, safefs
@@ -307,6 +308,8 @@ class SQLiteDatastore(_AuditReads):
         self._depth = 0
         self._owner: int | None = None  # the thread inside transaction()
         self._group = GroupCommit(self._commit_issued)
+        self.own_changes = OwnChanges()  # feed positions committed through this object (rows.OwnChanges)
+        self._positions: list[int] = []
         self._audit_seq, self._audit_hash = 0, GENESIS_HASH  # the chain's head, read in each write transaction
         self._closed = False
         self.relay = relay if relay is not None else AuditRelay()
@@ -341,14 +344,17 @@ class SQLiteDatastore(_AuditReads):
                     self._depth = 1
                     self._owner = threading.get_ident()
                     self._new_records: list[AuditRecord] = []
+                    self._positions: list[int] = []  # the feed positions this transaction appended
                     try:
                         self._db.execute("BEGIN IMMEDIATE")
                         try:
                             row = self._db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
                             self._audit_seq, self._audit_hash = (row[0], row[1]) if row else (0, GENESIS_HASH)
                             yield self._db
+                            self.own_changes.note(self._positions)
                             self._db.execute("COMMIT")
                         except BaseException:
+                            self.own_changes.drop(self._positions)
                             if self._db.in_transaction:  # after SQLITE_FULL, SQLite has rolled back itself
                                 self._db.execute("ROLLBACK")
                             raise
@@ -401,8 +407,10 @@ class SQLiteDatastore(_AuditReads):
 
     def _change(self, db: sqlite3.Connection, kind: str, op: str, key: str, payload: dict[str, Any] | str) -> None:
         """Append to the change feed, in the caller's transaction: the change and its feed row commit together."""
-        db.execute("INSERT INTO changes (ts, kind, op, key, payload) VALUES (?,?,?,?,?)",
-                   (round(time.time(), 6), kind, op, key, payload if isinstance(payload, str) else dumps(payload)))
+        text = payload if isinstance(payload, str) else dumps(payload)
+        cur = db.execute("INSERT INTO changes (ts, kind, op, key, payload) VALUES (?,?,?,?,?)",
+                         (round(time.time(), 6), kind, op, key, text))
+        self._positions.append(cur.lastrowid)
 
     def append_audit(self, events: Iterable[AuditEvent]) -> None:
         with self._tx() as db:
@@ -548,9 +556,13 @@ class SQLiteDatastore(_AuditReads):
 
     def find_issued(self, *, entry_id: str | None = None, task_id: str | None = None,
                     spiffe_id: str | None = None, sidecar_id: str | None = None,
-                    unexpired_at: int | None = None, revoked: bool | None = None) -> list[IssuedSerial]:
-        """Issued serials matching every given filter."""
+                    unexpired_at: int | None = None, revoked: bool | None = None,
+                    serials: Sequence[str] | None = None) -> list[IssuedSerial]:
+        """Issued serials matching every given filter (`serials`: any of these)."""
         clauses, args = [], []
+        if serials is not None:
+            clauses.append("serial IN (SELECT value FROM json_each(?))")
+            args.append(dumps(list(serials)))
         for col, val in (("entry_id", entry_id), ("task_id", task_id), ("spiffe_id", spiffe_id),
                          ("sidecar_id", sidecar_id)):
             if val is not None:
@@ -655,6 +667,13 @@ class SQLiteDatastore(_AuditReads):
             rows = db.execute("SELECT position, ts, kind, op, key, payload FROM changes WHERE position > ?"
                               " ORDER BY position LIMIT ?", (position, limit)).fetchall()
         return [Change(p, ts, kind, op, key, json.loads(payload)) for p, ts, kind, op, key, payload in rows]
+
+    # Several issuers on one SQLite file is not a deployment Tessera supports, but a follower works: it polls.
+    poll_interval = 0.25
+
+    def watch_changes(self, wake: Callable[[], None], stop: threading.Event) -> None:
+        """SQLite cannot notify another process: nothing to watch, the follower's poll_interval is the wake-up."""
+        return None
 
     def last_change_position(self) -> int:
         with _connect_ro(self.path) as db:

@@ -256,6 +256,20 @@ class SidecarAttestor:
             self._sidecars[sidecar.id] = banned
         return banned
 
+    def apply_peer(self, sidecar: Sidecar, op: str) -> bool:
+        """A sidecar record another issuer committed (issuer/peers.py): into the cache. A ban sticks (only an
+        explicit unban lifts it) and an older SVID does not replace a newer one, so a change read late cannot undo
+        one this issuer made meanwhile. True when it newly bans the sidecar (the caller closes its streams)."""
+        with self._lock:
+            current = self._sidecars.get(sidecar.id)
+            if current is not None:
+                if current.state == "banned" and sidecar.state != "banned" and op != "unban":
+                    return False
+                if current.state == sidecar.state and current.svid_expires_at > sidecar.svid_expires_at:
+                    return False
+            self._sidecars[sidecar.id] = sidecar
+            return sidecar.state == "banned" and (current is None or current.state != "banned")
+
     def touch_due(self, sidecar_id: str) -> bool:
         """True at most once a minute per sidecar (and not while a touch is under way): then call touch()."""
         s = self._sidecars.get(sidecar_id)

@@ -272,6 +272,26 @@ class Registry:
         for new in marked:
             self.hub.publish(new.parent_id, ("entry_upsert", new))
 
+    def apply_peer(self, entry: Entry, deleted: bool) -> None:
+        """An entry another issuer committed (issuer/peers.py): into the cache, and pushed to its sidecar as a local
+        write would be. A revision older than the cached one is a late replay and changes nothing."""
+        with self._lock:
+            old = self._entries.get(entry.id)
+            if deleted:
+                if old is None:
+                    return
+                del self._entries[entry.id]
+            else:
+                if old is not None and old.revision > entry.revision:
+                    return
+                self._entries[entry.id] = entry
+        if deleted:
+            self.hub.publish(old.parent_id, ("entry_deleted", entry.id))
+            return
+        if old is not None and old.parent_id != entry.parent_id:
+            self.hub.publish(old.parent_id, ("entry_deleted", entry.id))
+        self.hub.publish(entry.parent_id, ("entry_upsert", entry))
+
     def delete(self, entry_id: str, actor: Actor, reason: str = "") -> None:
         with self._lock:
             old = self.require(entry_id)

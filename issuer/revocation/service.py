@@ -304,7 +304,7 @@ class RevocationService:
                     "revoke", actor, "done", reason=reason, subject=f"{kind}:{target}",
                     details={"seq": seq, "count": len(newly), "serials": newly[:1000], "entry_ids": list(entry_ids),
                              "reason_code": code})])
-            self.seq = seq
+            self.seq = max(self.seq, seq)  # a peer's later revocation may have been applied meanwhile
             with self._lock:
                 for s in newly:
                     self._revoked[s] = crl.Revoked(s, now, code)
@@ -329,6 +329,44 @@ class RevocationService:
             raise Unavailable(f"revocation {seq} is recorded and pushed to sidecars, but signing the CRL "
                               f"failed ({e}); the issuer keeps retrying") from None
         return RevokeResult(seq, tuple(newly), entry_ids)
+
+    def apply_peer(self, rec: Revocation) -> None:
+        """A revocation another issuer committed (issuer/peers.py): what `_commit` does after its commit, here: the
+        revoked set and blocked identities in memory, the event pushed to every sidecar with the peer's seq, the
+        sidecars whose own SVID it hit closed, and a CRL set covering it signed (numbers come from the shared
+        per-authority counter, so this issuer's CRLs only ever number higher than any before) and pushed."""
+        # Expired ones are no threat and need no CRL entry (as in _commit); one query however many serials.
+        issued = self.store.find_issued(serials=rec.serials, unexpired_at=int(time.time())) if rec.serials else []
+        spiffe_ids: tuple[str, ...] = ()
+        if rec.kind == "spiffe_id":
+            spiffe_ids = (rec.target,)
+        elif rec.kind == "owner":
+            spiffe_ids = tuple(sorted({e.spiffe_id for e in self.registry.list() if e.owner == rec.target}))
+        with self._write_lock:  # pushed in turn with this issuer's own revocations
+            self.seq = max(self.seq, rec.seq)
+            with self._lock:
+                for s in issued:
+                    self._revoked[s.serial] = crl.Revoked(s.serial, s.revoked_at or rec.ts, s.revocation_reason
+                                                          or rec.reason_code)
+                    self._not_after[s.serial] = s.not_after
+                    self._signer[s.serial] = s.authority or ""
+                    self._next_expiry = min(self._next_expiry or s.not_after, s.not_after)
+                if rec.kind == "spiffe_id":
+                    self._blocked_ids.add(rec.target)
+                elif rec.kind == "owner":
+                    self._blocked_owners.add(rec.target)
+                self._gen += 1
+                gen = self._gen
+            self.hub.broadcast(("revocation", RevocationEvent(rec.seq, tuple(rec.serials), tuple(rec.entry_ids),
+                                                              spiffe_ids, rec.reason)))
+        self._close_sidecars_with_revoked_svid([s for s in issued if s.kind == "sidecar"])
+        log.info("revocation from a peer applied", kind=rec.kind, target=rec.target, seq=rec.seq,
+                 count=len(rec.serials))
+        try:
+            self._publish_crl(gen)
+        except Exception:  # noqa: BLE001 - in memory and pushed; the CRL thread retries the signature
+            self._dirty.set()
+            log.exception("CRL for a peer's revocation failed; retrying", seq=rec.seq)
 
     def _close_sidecars_with_revoked_svid(self, revoked: list[IssuedSerial]) -> None:
         # A sidecar whose current SVID is revoked cannot renew: end its stream now, as for a ban.

@@ -101,6 +101,9 @@ def test_issued_serials_are_found_by_every_filter(store):
     assert [s.serial for s in store.find_issued(spiffe_id="spiffe://example.org/e1")] == ["1", "2"]
     assert [s.serial for s in store.find_issued(sidecar_id=SID)] == ["1", "2"]
     assert [s.serial for s in store.find_issued(unexpired_at=NOW + 30)] == ["1", "3"]
+    assert [s.serial for s in store.find_issued(serials=["3", "1", "9"])] == ["1", "3"]
+    assert [s.serial for s in store.find_issued(serials=["1", "2"], unexpired_at=NOW + 30)] == ["1"]
+    assert store.find_issued(serials=[]) == []
     store.revoke_serials(["2"], "test", NOW, None)
     assert [s.serial for s in store.find_issued(revoked=True)] == ["2"]
     assert [s.serial for s in store.find_issued(revoked=False)] == ["1", "3"]
@@ -576,3 +579,54 @@ def test_only_each_engine_module_knows_its_engine():
                 if module in text and path != datastore / "__init__.py":
                     offenders.append((str(path.relative_to(root)), module))
     assert offenders == []
+
+
+def test_a_store_knows_the_changes_it_committed_and_not_those_of_another_or_rolled_back(engine):
+    """What an issuer's follower skips (issuer/peers.py): its own commits, and only those."""
+    mine, other = engine.opener().open(), engine.opener().open()
+    try:
+        mine.create_entry(entry("m1"), event("entry.create"))
+        other.create_entry(entry("o1"), event("entry.create"))
+        with pytest.raises(RuntimeError):
+            with mine.transaction():
+                mine.create_entry(entry("gone"), event("entry.create"))
+                raise RuntimeError("rolled back")
+        other.create_entry(entry("o2"), event("entry.create"))  # may take the rolled-back position
+        changes = mine.changes_after(0)
+        assert [c.key for c in changes] == ["m1", "o1", "o2"]
+        assert [mine.own_changes.mine(c.position) for c in changes] == [True, False, False]
+        assert not any(other.own_changes.mine(c.position) for c in changes[:1])
+        mine.own_changes.forget_through(changes[-1].position)
+        assert not mine.own_changes.mine(changes[0].position)
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_a_started_follower_sees_another_store_objects_commit_within_a_second(engine):
+    """PostgreSQL wakes it by NOTIFY; SQLite by its poll: either way well within the issuer's one-second bound."""
+    writer, follower_store = engine.opener().open(), engine.opener().open()
+    seen: list[tuple[Change, float]] = []
+    follower = ChangeFollower(follower_store, None, lambda cs: seen.extend((c, time.monotonic()) for c in cs),
+                              start=follower_store.last_change_position())
+    try:
+        writer.create_entry(entry("before"), event("entry.create"))  # before the start position: in the caches
+        follower.position = follower_store.last_change_position()
+        follower.start()
+        time.sleep(0.3)  # the listening connection is up
+        delays = []
+        for i in range(5):
+            t0 = time.monotonic()
+            writer.create_entry(entry(f"e{i}"), event("entry.create"))
+            deadline = time.monotonic() + 1.0
+            while len(seen) < i + 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert len(seen) == i + 1, f"change {i} not seen within a second"
+            delays.append(seen[-1][1] - t0)
+        assert [c.key for c, _ in seen] == [f"e{i}" for i in range(5)]
+        if follower_store.poll_interval >= 1.0:  # PostgreSQL: woken by the NOTIFY, not by its 1 s poll
+            assert max(delays) < 0.2, delays
+    finally:
+        follower.stop()
+        writer.close()
+        follower_store.close()
