@@ -188,7 +188,8 @@ def _migrate(db: psycopg.Connection, where: str) -> None:
         for n in range(version + 1, SCHEMA_VERSION + 1):
             for statement in MIGRATIONS[n - 1]:
                 db.execute(statement)
-            log.info("datastore schema migrated", database=where, version=n)
+        if row is not None and version != SCHEMA_VERSION:  # an upgrade is worth a line; a new database is not
+            log.info("datastore schema migrated", database=where, version_from=version, version=SCHEMA_VERSION)
         if row is None:
             db.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
         elif version != SCHEMA_VERSION:

@@ -185,13 +185,16 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
     # IMMEDIATE: one process migrates, another opening the store at once waits (busy timeout) and finds it done.
     db.execute("BEGIN IMMEDIATE")
     try:
+        # An earlier release's store (tables, no schema_version) is an upgrade worth a line; a new one is not.
+        existing = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='entries'").fetchone()
         db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         row = db.execute("SELECT version FROM schema_version").fetchone()
         version = row[0] if row else 0
         check_schema_version(version, SCHEMA_VERSION, str(path))
         for n in range(version + 1, SCHEMA_VERSION + 1):
             MIGRATIONS[n - 1](db)
-            log.info("datastore schema migrated", path=str(path), version=n)
+        if existing and version != SCHEMA_VERSION:
+            log.info("datastore schema migrated", path=str(path), version_from=version, version=SCHEMA_VERSION)
         if row is None:
             db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
         elif version != SCHEMA_VERSION:
