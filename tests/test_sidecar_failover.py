@@ -171,6 +171,18 @@ def test_sidecar_fails_over_to_another_issuer_address_and_enforces_a_revocation_
     assert "moved to another issuer" in log
 
 
+def test_a_sidecar_whose_first_listed_issuer_is_down_joins_syncs_and_renews_through_another(deployment):
+    d = deployment
+    d.start_issuer(sidecar_svid_ttl="6s")  # the sidecar renews its own SVID at half-life, 3 s in
+    dead, _ = free_ports(2)  # nothing listens there (nor on its bootstrap port, +1)
+    sidecar = d.start_sidecar("host-a", issuer_address=[f"127.0.0.1:{dead}", f"127.0.0.1:{d.port}"])
+    d.entry("/agent/a", "host-a")
+    assert _serial(d, "host-a")
+    assert _synced(sidecar)[-1]["issuer"] == f"127.0.0.1:{d.port}"
+    wait_for(lambda: "sidecar SVID renewed" in sidecar.log(), timeout=15, what="the sidecar's own renewal")
+    assert "renewal failed" not in sidecar.log()  # renewal went to the issuer in use, not the first listed
+
+
 def _issuer_daemon(d, name: str, data_dir, port: int) -> Daemon:
     cfg = {**d.issuer_config(), "data_dir": str(data_dir), "listen_address": f"127.0.0.1:{port}",
            "admin_socket": str(d.root / f"{name}.sock")}
