@@ -68,6 +68,7 @@ class SidecarRuntime:
         self._pushed_task: asyncio.Task | None = None
         self._server: GuardedServer | None = None
         self._own_skew = SkewBackoff()
+        self._sync_lost_log = logs.Throttled(log, window=30.0)
         self.stopped = asyncio.Event()
         self.metrics_server = None
         metrics.watch_cache(lambda: len(self.cache.svids), lambda: len(self.cache.entries), lambda: self.cache.ready)
@@ -176,8 +177,9 @@ class SidecarRuntime:
                     # Banned, or this sidecar's own SVID revoked: every serial it obtained is revoked too.
                     log.error("the issuer cut this sidecar off; serving nothing more", error=e.details())
                     self.cache.cut_off()
-                log.warning("sync stream lost; reconnecting", issuer=address, code=e.code().name, error=e.details(),
-                            **clock_hint(e.details()))
+                # Through an outage every retry (each 2 s at most) fails the same way: one line a while says so.
+                self._sync_lost_log.log(f"{address} {e.code().name}", "sync stream lost; reconnecting", issuer=address,
+                                        code=e.code().name, error=e.details(), **clock_hint(e.details()))
             except asyncio.CancelledError:
                 if call is not self._sync_call and asyncio.current_task().cancelling() == 0:
                     continue  # the call was cancelled for renewal, not this loop
