@@ -100,6 +100,11 @@ def _options(server_name: str) -> list[tuple[str, object]]:
         ("grpc.keepalive_time_ms", 10000),
         ("grpc.keepalive_timeout_ms", 5000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # A hung issuer, or a host cut off, sends no RST: only a keepalive ping left unanswered ends the stream, so
+        # the sidecar can leave for another issuer. grpc 1.85 times a ping out by this (its default is a minute;
+        # keepalive_timeout_ms alone did not end the stream), and would stop pinging a quiet stream after two.
+        ("grpc.http2.ping_timeout_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
         # A CRL of 100k serials is 4-5 MB; the default 4 MB cap would cut sidecars off near 80k.

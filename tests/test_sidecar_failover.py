@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import time
@@ -192,21 +194,19 @@ def _issuer_daemon(d, name: str, data_dir, port: int) -> Daemon:
                   d.root / f"{name}.sock")
 
 
-FAILOVERS = 5
-
-
-def test_kill_9_of_the_current_issuer_leaves_the_sidecar_resynced_on_a_running_one_within_three_seconds(deployment):
-    d = deployment
+def _two_running_issuers(d):
+    """Issuers A and B running at once (B on a copy of A's data_dir: same CA, same registrations) and sidecar host-a
+    configured with both, synced; returns ({name: address}, {name: Daemon}, the sidecar)."""
     d.start_issuer()
     d.start_sidecar("host-a")
     d.entry("/agent/a", "host-a")
     assert _serial(d, "host-a")
-    # Issuer B: a copy of A's data_dir (same CA, same registrations), so both can run at once.
     d.issuer.stop()
     shutil.copytree(d.issuer_dir, d.root / "issuer-b")
     port_b, _ = free_ports(2)
     addresses = {"a": f"127.0.0.1:{d.port}", "b": f"127.0.0.1:{port_b}"}
     issuers = {"a": d.issuer, "b": _issuer_daemon(d, "issuer-b", d.root / "issuer-b", port_b)}
+    d.children.append(_Stopper(issuers["b"]))  # stopped with the deployment
     for daemon in issuers.values():
         daemon.start()
     sidecar = d.sidecars["host-a"]
@@ -215,22 +215,64 @@ def test_kill_9_of_the_current_issuer_leaves_the_sidecar_resynced_on_a_running_o
     sidecar.argv = [a for a in sidecar.argv if not a.startswith("--join-token-file=")]
     sidecar.start()
     wait_for(lambda: _synced(sidecar), what="the first sync")
+    assert _serial(d, "host-a")  # minted again after the sidecar's restart: in the cache before any issuer dies
+    return addresses, issuers, sidecar
+
+
+class _Stopper:
+    """A daemon in Deployment.children: closed (stopped, after a SIGCONT if it was frozen) with the rest."""
+
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+
+    def close(self):
+        if self.daemon.proc is not None and self.daemon.proc.poll() is None:
+            os.kill(self.daemon.proc.pid, signal.SIGCONT)
+        self.daemon.stop()
+
+
+def _resync_after(sidecar, before: list[dict], timeout: float) -> dict:
+    return wait_for(lambda: len(_synced(sidecar)) > len(before) and _synced(sidecar)[-1], timeout=timeout,
+                    interval=0.01, what="a resync")
+
+
+FAILOVERS = 5
+
+
+def test_kill_9_of_the_current_issuer_leaves_the_sidecar_resynced_on_a_running_one_within_three_seconds(deployment):
+    d = deployment
+    addresses, issuers, sidecar = _two_running_issuers(d)
     times = []
-    try:
-        for _ in range(FAILOVERS):
-            synced = _synced(sidecar)
-            current = next(k for k, a in addresses.items() if a == synced[-1]["issuer"])
-            other = "b" if current == "a" else "a"
-            killed_at = time.time()
-            issuers[current].kill9()
-            line = wait_for(lambda: len(_synced(sidecar)) > len(synced) and _synced(sidecar)[-1], timeout=10,
-                            what="a resync after kill -9")
-            assert line["issuer"] == addresses[other]
-            times.append(_at(line) - killed_at)
-            assert _serial(d, "host-a")  # serving from the issuer it moved to
-            issuers[current].start()
-    finally:
-        issuers["b"].stop()
+    for _ in range(FAILOVERS):
+        synced = _synced(sidecar)
+        current = next(k for k, a in addresses.items() if a == synced[-1]["issuer"])
+        other = "b" if current == "a" else "a"
+        killed_at = time.time()
+        issuers[current].kill9()
+        line = _resync_after(sidecar, synced, timeout=10)
+        assert line["issuer"] == addresses[other]
+        times.append(_at(line) - killed_at)
+        assert _serial(d, "host-a")  # serving from the issuer it moved to
+        issuers[current].start()
     print(f"\nfailover kill -9 -> resynced on the other issuer, {len(times)} runs: "
           f"{', '.join(f'{t:.3f}' for t in times)} s; median {statistics.median(times):.3f} s, max {max(times):.3f} s")
     assert max(times) <= 3.0, times
+
+
+def test_a_frozen_issuer_is_left_for_another_once_keepalive_gives_up_on_it(deployment):
+    d = deployment
+    addresses, issuers, sidecar = _two_running_issuers(d)
+    synced = _synced(sidecar)
+    current = next(k for k, a in addresses.items() if a == synced[-1]["issuer"])
+    # SIGSTOP: the connection stays open and the kernel still accepts new ones, but nothing answers, as with a
+    # hung process or a host cut off. Keepalive (10 s + 5 s) ends the stream; the frozen issuer, tried first,
+    # costs the probe timeout (2 s).
+    frozen_at = time.time()
+    os.kill(issuers[current].proc.pid, signal.SIGSTOP)
+    try:
+        line = _resync_after(sidecar, synced, timeout=25)
+        assert line["issuer"] != addresses[current]
+        print(f"\nfrozen issuer -> resynced on the other in {_at(line) - frozen_at:.1f} s")
+        assert _serial(d, "host-a")
+    finally:
+        os.kill(issuers[current].proc.pid, signal.SIGCONT)
