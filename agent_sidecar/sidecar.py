@@ -114,7 +114,9 @@ class SidecarRuntime:
         # The last good CRL stays in force from the first moment, issuer reachable or not.
         self.revocation.load_saved()
         self.revocation.write_outputs(self.cache.bundle_der)
-        await self.client.connect(self.ident)
+        # The first listed issuer that accepts a connection; none: the first, and the sync loop keeps trying.
+        if await self.client.failover(self.ident) is None:
+            await self.client.connect(self.ident)
         td = spiffeid.parse(self.ident.sidecar_id).trust_domain
         self.workload_api = WorkloadAPI(self.cache, td, crls=self.revocation.crls)
         if self.cfg.metrics_address:
