@@ -176,7 +176,6 @@ class IssuerClient:
         self.server_name = server_name
         self.channel: grpc.aio.Channel | None = None
         self.stub: issuer_pb2_grpc.IssuerStub | None = None
-        self.trusted: tuple[x509.Certificate, ...] = ()  # the bundle the channel checks the issuer with
         self._switch = asyncio.Lock()  # one channel change at a time (renewal and failover may overlap)
         self._closing: set[asyncio.Task] = set()
 
@@ -207,11 +206,10 @@ class IssuerClient:
             certificate_chain=pem.certs_pem(ident.chain))
         return grpc.aio.secure_channel(address, creds, options=_options(self.server_name))
 
-    def _install(self, address: str, channel: grpc.aio.Channel, ident: SidecarIdentity) -> None:
+    def _install(self, address: str, channel: grpc.aio.Channel) -> None:
         old = self.channel
         self.address, self.channel = address, channel
         self.stub = issuer_pb2_grpc.IssuerStub(channel)
-        self.trusted = ident.bundle
         if old is not None:
             # Closed in the background: calls still open on it (a task waiting for approval) get their grace,
             # and a failover does not wait for them.
@@ -222,7 +220,7 @@ class IssuerClient:
     async def connect(self, ident: SidecarIdentity) -> None:
         """(Re)build the mTLS channel to the current issuer with the current sidecar SVID."""
         async with self._switch:
-            self._install(self.address, self._channel(self.address, ident), ident)
+            self._install(self.address, self._channel(self.address, ident))
 
     def failover_order(self) -> list[str]:
         """The addresses to try after a lost stream: the current one first (it may only have restarted), then
@@ -237,7 +235,7 @@ class IssuerClient:
             for address in self.failover_order():
                 channel = self._channel(address, ident)
                 if await reachable(channel, timeout):
-                    self._install(address, channel, ident)
+                    self._install(address, channel)
                     return address
                 await channel.close(grace=None)
             return None
