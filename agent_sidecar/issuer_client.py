@@ -94,6 +94,11 @@ def _read_if_present(path: Path, key: bool = False) -> bytes | None:
         return None
 
 
+# How long one issuer address may take to accept a connection (TCP and TLS) before the next is tried: an
+# address that refuses fails at once, a host that vanished (no answer at all) costs this much.
+PROBE_TIMEOUT = 2.0
+
+
 def _options(server_name: str) -> list[tuple[str, object]]:
     return [
         ("grpc.ssl_target_name_override", server_name),
@@ -107,6 +112,9 @@ def _options(server_name: str) -> list[tuple[str, object]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        # grpc's connect timeout (20 s by default): a call on a channel to a frozen issuer (TCP accepted by the
+        # kernel, TLS never answered) fails after this instead, and the sidecar tries another.
+        ("grpc.min_reconnect_backoff_ms", int(PROBE_TIMEOUT * 1000)),
         # A CRL of 100k serials is 4-5 MB; the default 4 MB cap would cut sidecars off near 80k.
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ]
@@ -114,11 +122,6 @@ def _options(server_name: str) -> list[tuple[str, object]]:
 
 # An issuer that did not answer (refused, gone, or silent until the deadline): another may.
 UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-# How long one issuer address may take to accept a connection (TCP and TLS) before the next is tried: an
-# address that refuses fails at once, a host that vanished (no answer at all) costs this much.
-PROBE_TIMEOUT = 2.0
-
 
 class Backoff:
     """Delays between reconnection attempts: doubling from `first` up to `cap`, each drawn at random from its upper

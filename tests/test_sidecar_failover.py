@@ -259,20 +259,30 @@ def test_kill_9_of_the_current_issuer_leaves_the_sidecar_resynced_on_a_running_o
     assert max(times) <= 3.0, times
 
 
-def test_a_frozen_issuer_is_left_for_another_once_keepalive_gives_up_on_it(deployment):
+def test_a_frozen_issuer_is_left_for_another_even_one_that_comes_up_only_after_keepalive_gave_up(deployment):
     d = deployment
     addresses, issuers, sidecar = _two_running_issuers(d)
     synced = _synced(sidecar)
     current = next(k for k, a in addresses.items() if a == synced[-1]["issuer"])
+    other = "b" if current == "a" else "a"
     # SIGSTOP: the connection stays open and the kernel still accepts new ones, but nothing answers, as with a
-    # hung process or a host cut off. Keepalive (10 s + 5 s) ends the stream; the frozen issuer, tried first,
-    # costs the probe timeout (2 s).
+    # hung process or a host cut off. Keepalive (10 s + 5 s) ends the stream. The other issuer is down too.
+    issuers[other].kill9()
     frozen_at = time.time()
     os.kill(issuers[current].proc.pid, signal.SIGSTOP)
     try:
-        line = _resync_after(sidecar, synced, timeout=25)
-        assert line["issuer"] != addresses[current]
-        print(f"\nfrozen issuer -> resynced on the other in {_at(line) - frozen_at:.1f} s")
+        wait_for(lambda: "ping timeout" in sidecar.log(), timeout=20, interval=0.1, what="keepalive to give up")
+        noticed = time.time() - frozen_at
+        assert _serial(d, "host-a")  # served from the cache meanwhile
+        time.sleep(3)  # a first round found neither issuer: the next call goes to the frozen one's channel
+        issuers[other].start()
+        up_at = time.time()
+        # Each round costs the frozen issuer at most 2 s (a probe, and a call on its channel, are cut off
+        # there), plus a backoff of at most 2 s.
+        line = _resync_after(sidecar, synced, timeout=8)
+        assert line["issuer"] == addresses[other]
+        print(f"\nfrozen issuer noticed after {noticed:.1f} s; resynced on the other {_at(line) - up_at:.1f} s "
+              "after it came up")
         assert _serial(d, "host-a")
     finally:
         os.kill(issuers[current].proc.pid, signal.SIGCONT)
