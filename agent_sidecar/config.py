@@ -24,8 +24,9 @@ MAX_CRL_CHECK_INTERVAL = DAY
 
 @dataclass(frozen=True)
 class SidecarConfig:
-    issuer_address: str
-    issuer_bootstrap_address: str
+    # Every issuer this sidecar may use (equal peers on one database): the sidecar fails over between them.
+    issuer_address: tuple[str, ...]
+    issuer_bootstrap_address: tuple[str, ...]  # where to attest with a join token; default each issuer's port + 1
     trust_bundle: Path
     join_token: str | None  # given in the config file or on stdin
     data_dir: Path
@@ -50,7 +51,7 @@ class SidecarConfig:
 def load(path: str | Path, join_token_file: str | None = None) -> SidecarConfig:
     """`join_token_file` is the command line's --join-token-file: a path, or "-" for stdin; it wins over the file's."""
     sec = load_yaml(path)
-    issuer = sec.address("issuer_address")
+    issuers = sec.addresses("issuer_address")
     mode_raw = sec.get("socket_mode", (str, int), "0666")
     if isinstance(mode_raw, str) and not re.fullmatch(r"0?[0-7]{3}", mode_raw, re.ASCII):
         raise sec.fail("socket_mode", f"must be an octal mode like 0660, got {mode_raw[:40]!r}")
@@ -67,8 +68,9 @@ def load(path: str | Path, join_token_file: str | None = None) -> SidecarConfig:
     elif join_token_file is not None:
         token, token_file = None, Path(join_token_file)
     cfg = SidecarConfig(
-        issuer_address=issuer,
-        issuer_bootstrap_address=sec.address("issuer_bootstrap_address", default_bootstrap_address(issuer)),
+        issuer_address=issuers,
+        issuer_bootstrap_address=sec.addresses("issuer_bootstrap_address",
+                                               tuple(default_bootstrap_address(a) for a in issuers)),
         trust_bundle=sec.path("trust_bundle"),
         join_token=token,
         data_dir=sec.path("data_dir"),

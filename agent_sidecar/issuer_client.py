@@ -6,9 +6,12 @@ without a new join token while the saved SVID is still valid.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import grpc
 from cryptography import x509
@@ -91,47 +94,154 @@ def _read_if_present(path: Path, key: bool = False) -> bytes | None:
         return None
 
 
+# How long one issuer address may take to accept a connection (TCP and TLS) before the next is tried: an
+# address that refuses fails at once, a host that vanished (no answer at all) costs this much.
+PROBE_TIMEOUT = 2.0
+
+
 def _options(server_name: str) -> list[tuple[str, object]]:
     return [
         ("grpc.ssl_target_name_override", server_name),
         ("grpc.keepalive_time_ms", 10000),
         ("grpc.keepalive_timeout_ms", 5000),
         ("grpc.keepalive_permit_without_calls", 1),
+        # A hung issuer, or a host cut off, sends no RST: only a keepalive ping left unanswered ends the stream, so
+        # the sidecar can leave for another issuer. grpc 1.85 times a ping out by this (its default is a minute;
+        # keepalive_timeout_ms alone did not end the stream), and would stop pinging a quiet stream after two.
+        ("grpc.http2.ping_timeout_ms", 5000),
+        ("grpc.http2.max_pings_without_data", 0),
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        # grpc's connect timeout (20 s by default): a call on a channel to a frozen issuer (TCP accepted by the
+        # kernel, TLS never answered) fails after this instead, and the sidecar tries another.
+        ("grpc.min_reconnect_backoff_ms", int(PROBE_TIMEOUT * 1000)),
         # A CRL of 100k serials is 4-5 MB; the default 4 MB cap would cut sidecars off near 80k.
         ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ]
 
 
+# An issuer that did not answer (refused, gone, or silent until the deadline): another may.
+UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+class Backoff:
+    """Delays between reconnection attempts: doubling from `first` up to `cap`, each drawn at random from its upper
+    half ("equal jitter"), so sidecars that lost the same issuer at the same moment do not come back in step."""
+
+    def __init__(self, first: float, cap: float, rng: random.Random | None = None):
+        self.first, self.cap = first, cap
+        self._rng = rng or random.Random()
+        self._next = first
+
+    def next(self) -> float:
+        d = self._next
+        self._next = min(self._next * 2, self.cap)
+        return self._rng.uniform(d / 2, d)
+
+    def reset(self) -> None:
+        self._next = self.first
+
+
+async def reachable(channel: grpc.aio.Channel, timeout: float) -> bool:
+    """True once `channel` is connected (TLS done); False when it failed to connect or `timeout` passed.
+
+    Unlike channel_ready(), a refused connection answers at once instead of waiting out grpc's own retries.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    state = channel.get_state(try_to_connect=True)
+    while state != grpc.ChannelConnectivity.READY:
+        left = deadline - loop.time()
+        if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN) or left <= 0:
+            return False
+        try:
+            await asyncio.wait_for(channel.wait_for_state_change(state), left)
+        except asyncio.TimeoutError:
+            return False
+        state = channel.get_state(try_to_connect=True)
+    return True
+
+
 class IssuerClient:
-    def __init__(self, address: str, bootstrap_address: str, server_name: str):
-        self.address = address
-        self.bootstrap_address = bootstrap_address
+    """Calls to whichever of the configured issuers is current.
+
+    The issuers are equal peers on one database, so any of them will do. All calls share one channel
+    to the current address; `failover` moves it to another that accepts a connection. A name that
+    resolves to several addresses is one address here: grpc's resolver tries each of them
+    (pick_first), and every channel built afresh resolves the name again.
+    """
+
+    def __init__(self, addresses: Sequence[str], bootstrap_addresses: Sequence[str], server_name: str):
+        if not addresses or not bootstrap_addresses:
+            raise ValueError("IssuerClient needs at least one issuer address and one bootstrap address")
+        self.addresses = tuple(addresses)
+        self.bootstrap_addresses = tuple(bootstrap_addresses)
+        self.address = self.addresses[0]  # the current issuer
         self.server_name = server_name
         self.channel: grpc.aio.Channel | None = None
         self.stub: issuer_pb2_grpc.IssuerStub | None = None
-        self.trusted: tuple[x509.Certificate, ...] = ()  # the bundle the channel checks the issuer with
+        self._switch = asyncio.Lock()  # one channel change at a time (renewal and failover may overlap)
+        self._closing: set[asyncio.Task] = set()
 
     async def attest(self, join_token: str, trust_bundle: tuple[x509.Certificate, ...]) -> SidecarIdentity:
+        """Attest at the first bootstrap address that answers (they are tried in a random order, so sidecars
+        started together spread over them); the last UNAVAILABLE error if none does. Any other error is the
+        issuers' answer (they share one database) and is raised at once."""
         key = x509svid.new_key()
         creds = grpc.ssl_channel_credentials(root_certificates=pem.certs_pem(trust_bundle))
-        async with grpc.aio.secure_channel(self.bootstrap_address, creds, options=_options(self.server_name)) as ch:
-            resp = await issuer_pb2_grpc.IssuerStub(ch).AttestSidecar(
-                issuer_pb2.AttestSidecarRequest(join_token=join_token, csr=x509svid.make_csr(key)), timeout=15)
-        return _identity(resp, key)
+        req = issuer_pb2.AttestSidecarRequest(join_token=join_token, csr=x509svid.make_csr(key))
+        last: grpc.aio.AioRpcError | None = None
+        for address in random.sample(self.bootstrap_addresses, len(self.bootstrap_addresses)):
+            async with grpc.aio.secure_channel(address, creds, options=_options(self.server_name)) as ch:
+                try:
+                    resp = await issuer_pb2_grpc.IssuerStub(ch).AttestSidecar(req, timeout=15)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() not in UNREACHABLE:
+                        raise
+                    last = e
+                    continue
+            return _identity(resp, key)
+        assert last is not None
+        raise last
 
-    async def connect(self, ident: SidecarIdentity) -> None:
-        """(Re)build the mTLS channel with the current sidecar SVID."""
-        old = self.channel
+    def _channel(self, address: str, ident: SidecarIdentity) -> grpc.aio.Channel:
         creds = grpc.ssl_channel_credentials(
             root_certificates=pem.certs_pem(ident.bundle), private_key=pem.key_pem(ident.key),
             certificate_chain=pem.certs_pem(ident.chain))
-        self.channel = grpc.aio.secure_channel(self.address, creds, options=_options(self.server_name))
-        self.stub = issuer_pb2_grpc.IssuerStub(self.channel)
-        self.trusted = ident.bundle
+        return grpc.aio.secure_channel(address, creds, options=_options(self.server_name))
+
+    def _install(self, address: str, channel: grpc.aio.Channel) -> None:
+        old = self.channel
+        self.address, self.channel = address, channel
+        self.stub = issuer_pb2_grpc.IssuerStub(channel)
         if old is not None:
-            await old.close(grace=1.0)
+            # Closed in the background: calls still open on it (a task waiting for approval) get their grace,
+            # and a failover does not wait for them.
+            task = asyncio.create_task(old.close(grace=1.0))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def connect(self, ident: SidecarIdentity) -> None:
+        """(Re)build the mTLS channel to the current issuer with the current sidecar SVID."""
+        async with self._switch:
+            self._install(self.address, self._channel(self.address, ident))
+
+    def failover_order(self) -> list[str]:
+        """The addresses to try after a lost stream: the current one first (it may only have restarted), then
+        the others in a random order, so the sidecars of an issuer that died spread over the rest."""
+        others = [a for a in self.addresses if a != self.address]
+        return [self.address, *random.sample(others, len(others))]
+
+    async def failover(self, ident: SidecarIdentity, timeout: float = PROBE_TIMEOUT) -> str | None:
+        """Point the channel at the first issuer in failover_order() that accepts a connection; its address, or
+        None (the channel left as it was) when none does within `timeout` each."""
+        async with self._switch:
+            for address in self.failover_order():
+                channel = self._channel(address, ident)
+                if await reachable(channel, timeout):
+                    self._install(address, channel)
+                    return address
+                await channel.close(grace=None)
+            return None
 
     async def renew(self, ident: SidecarIdentity) -> SidecarIdentity:
         key = x509svid.new_key()
@@ -173,6 +283,7 @@ class IssuerClient:
     async def close(self) -> None:
         if self.channel is not None:
             await self.channel.close(grace=0.5)
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 def _identity(resp: issuer_pb2.SidecarSVIDResponse, key) -> SidecarIdentity:

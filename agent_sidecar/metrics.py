@@ -25,6 +25,9 @@ CRL_NUMBER = Gauge("tessera_sidecar_crl_number", "CRL number of each signing aut
                    ["authority"], registry=REGISTRY)
 CRL_ENTRIES = Gauge("tessera_sidecar_crl_entries", "Revoked serials in all the CRLs this sidecar enforces",
                     registry=REGISTRY)
+ISSUER_FAILOVERS = Counter("tessera_sidecar_issuer_failovers",
+                           "Times the sync stream moved to another issuer address after the current one was lost",
+                           registry=REGISTRY)
 SYNCED = Gauge("tessera_sidecar_synced", "1 once a snapshot from the issuer has been applied", registry=REGISTRY)
 
 

@@ -73,7 +73,7 @@ class RevocationState:
         self.held: Mapping[str, crl.Accepted] = {}  # authority id -> CRL in force; replaced whole, never mutated
         self.crl_serials: frozenset[str] = frozenset()  # the union of every held CRL's serials
         self.pushed: dict[str, float] = {}  # revoked by a pushed event, not yet in a CRL we hold (-> when)
-        self.seq = 0  # last revocation sequence number seen
+        self.seq = 0  # last revocation sequence number seen on the current sync stream (0: none yet)
         self.refused = 0  # CRLs refused (bad signature, unknown signer, lower number)
 
     # -- lookups ------------------------------------------------------------------------
@@ -241,8 +241,16 @@ class RevocationState:
         text = "".join(f"{s} {t:.0f}\n" for s, t in pushed.items())
         safefs.atomic_write(self.saved_pushed, text.encode(), 0o600)
 
+    def begin_stream(self) -> None:
+        """A new sync stream (maybe to another issuer) starts with the full state: its CRL set covers every
+        revocation committed before it, and the stream carries each one after. So the stream's first
+        revocation is the new baseline, not a gap from the last one seen before the outage (those in between
+        are in the CRL set), and a sequence lower than before (a database restored from a backup) still has
+        its gaps noticed."""
+        self.seq = 0
+
     def note_revocation(self, seq: int, serials: Iterable[str]) -> bool:
-        """Apply a pushed revocation; True if revocations were missed (fetch the CRL)."""
+        """Apply a pushed revocation; True if revocations were missed on this stream (fetch the CRL)."""
         gap = self.seq != 0 and seq > self.seq + 1
         self.seq = max(self.seq, seq)
         now = time.time()

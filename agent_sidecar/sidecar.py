@@ -16,7 +16,8 @@ from agent_sidecar.attestation import WorkloadAttestor
 from agent_sidecar.cache import CacheManager, SkewBackoff, clock_skew
 from agent_sidecar.config import SidecarConfig
 from agent_sidecar.health import HealthService
-from agent_sidecar.issuer_client import IdentityStore, IssuerClient, SidecarBanned, SidecarIdentity
+from agent_sidecar.issuer_client import (UNREACHABLE, Backoff, IdentityStore, IssuerClient, SidecarBanned,
+                                         SidecarIdentity)
 from agent_sidecar.revocation import CrlOffer, RevocationState
 from agent_sidecar.socket_server import Guard, GuardedServer, fit_to_descriptors
 from agent_sidecar.task_api import TaskAPI
@@ -29,6 +30,9 @@ from tessera.uds import bind_unix, check_socket_path
 log = logs.get("sidecar")
 
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 5.0
+# Reconnecting the sync stream: an issuer that died leaves its sidecars on another within a couple of seconds
+# (a refused connection costs the issuers nothing, so the cap is low).
+SYNC_BACKOFF_MAX = 2.0
 STARTUP_SYNC_WAIT = 5.0
 
 
@@ -64,6 +68,7 @@ class SidecarRuntime:
         self._pushed_task: asyncio.Task | None = None
         self._server: GuardedServer | None = None
         self._own_skew = SkewBackoff()
+        self._sync_lost_log = logs.Throttled(log, window=30.0)
         self.stopped = asyncio.Event()
         self.metrics_server = None
         metrics.watch_cache(lambda: len(self.cache.svids), lambda: len(self.cache.entries), lambda: self.cache.ready)
@@ -89,7 +94,7 @@ class SidecarRuntime:
                 ident = await self.client.attest(join_token, bundle)
                 break
             except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                if e.code() not in UNREACHABLE:
                     raise ConfigError(f"join_token: the issuer refused attestation: {e.details()}") from None
                 log.warning("issuer unreachable for attestation; retrying", error=e.details(), **clock_hint(e.details()))
                 await asyncio.sleep(delay)
@@ -109,7 +114,9 @@ class SidecarRuntime:
         # The last good CRL stays in force from the first moment, issuer reachable or not.
         self.revocation.load_saved()
         self.revocation.write_outputs(self.cache.bundle_der)
-        await self.client.connect(self.ident)
+        # The first listed issuer that accepts a connection; none: the first, and the sync loop keeps trying.
+        if await self.client.failover(self.ident) is None:
+            await self.client.connect(self.ident)
         td = spiffeid.parse(self.ident.sidecar_id).trust_domain
         self.workload_api = WorkloadAPI(self.cache, td, crls=self.revocation.crls)
         if self.cfg.metrics_address:
@@ -141,13 +148,19 @@ class SidecarRuntime:
                 and self.ident.not_after > dt.datetime.now(dt.timezone.utc))
 
     async def _sync_loop(self) -> None:
-        delay = BACKOFF_MIN
+        """Keep a sync stream open to one of the issuers. A lost stream is reopened after a jittered backoff at the
+        first issuer that accepts a connection (IssuerClient.failover_order); each stream starts with the full
+        state (snapshot, CRL set), so one issuer's stream resumes another's without missing a change."""
+        backoff = Backoff(BACKOFF_MIN, SYNC_BACKOFF_MAX)
+        lost_at: float | None = time.monotonic()  # when the last stream was lost (here: not synced yet)
         while True:
             call = self.client.sync()
             self._sync_call = call
+            address = self.client.address
+            self.revocation.begin_stream()
             try:
                 async for ev in call:
-                    delay = BACKOFF_MIN
+                    backoff.reset()
                     try:
                         self.handle_sync_event(ev)
                     except Exception:  # noqa: BLE001 - e.g. a full disk: resync rather than stop syncing
@@ -155,6 +168,10 @@ class SidecarRuntime:
                                       event=ev.WhichOneof("event"))
                         call.cancel()
                         break
+                    if lost_at is not None and ev.WhichOneof("event") == "snapshot":
+                        log.info("synced with issuer", issuer=address,
+                                 after_seconds=round(time.monotonic() - lost_at, 3))
+                        lost_at = None
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.CANCELLED and call is not self._sync_call:
                     continue  # replaced after renewal: reconnect at once
@@ -162,19 +179,23 @@ class SidecarRuntime:
                     # Banned, or this sidecar's own SVID revoked: every serial it obtained is revoked too.
                     log.error("the issuer cut this sidecar off; serving nothing more", error=e.details())
                     self.cache.cut_off()
-                log.warning("sync stream lost; reconnecting", code=e.code().name, error=e.details(),
-                            **clock_hint(e.details()),
-                            retry_in=round(delay, 2))
-                if self.client.trusted != self.ident.bundle:
-                    # The bundle changed (a root rotation) since the channel was built: check the issuer with it.
-                    await self.client.connect(self.ident)
+                # Through an outage every retry (each 2 s at most) fails the same way: one line a while says so.
+                self._sync_lost_log.log(f"{address} {e.code().name}", "sync stream lost; reconnecting", issuer=address,
+                                        code=e.code().name, error=e.details(), **clock_hint(e.details()))
             except asyncio.CancelledError:
                 if call is not self._sync_call and asyncio.current_task().cancelling() == 0:
                     continue  # the call was cancelled for renewal, not this loop
                 call.cancel()
                 raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, BACKOFF_MAX)
+            if lost_at is None:
+                lost_at = time.monotonic()
+            await asyncio.sleep(backoff.next())
+            # The current issuer first, then the others; none reachable: the next call on the current channel
+            # fails and says why (a TLS error names clock skew), and the backoff grows.
+            now = await self.client.failover(self.ident)
+            if now is not None and now != address:
+                metrics.ISSUER_FAILOVERS.inc()
+                log.warning("moved to another issuer", issuer=now, previous=address)
 
     def handle_sync_event(self, ev) -> None:
         kind = ev.WhichOneof("event")

@@ -240,6 +240,27 @@ class Section:
             raise self.fail(key, str(e)) from None
         return v
 
+    def addresses(self, key: str, default: Any = ...) -> tuple[str, ...]:
+        """One HOST:PORT, or a non-empty list of them (no repeats), as a tuple."""
+        self._seen.add(key)
+        if not self.has(key):
+            if default is ...:
+                raise self.fail(key, "is required")
+            return default
+        raw = self._data[key]
+        if isinstance(raw, str):
+            return (self.address(key),)
+        if not isinstance(raw, list):
+            raise self.fail(key, f"must be HOST:PORT or a list of them, got {type(raw).__name__}")
+        if not raw:
+            raise self.fail(key, "must list at least one HOST:PORT")
+        items = Section({f"{key}[{i}]": v for i, v in enumerate(raw)}, self._prefix, self._source, self._file)
+        found = tuple(items.address(f"{key}[{i}]") for i in range(len(raw)))
+        for i, a in enumerate(found):
+            if a in found[:i]:
+                raise self.fail(f"{key}[{i}]", f"{a} is listed twice")
+        return found
+
     def checked(self, key: str, fn: Callable[[Any], Any], raw: Any) -> Any:
         try:
             return fn(raw)

@@ -138,7 +138,7 @@ class ServedSidecar:
         from agent_sidecar.config import SidecarConfig
         from agent_sidecar.sidecar import SidecarRuntime
 
-        cfg = SidecarConfig("127.0.0.1:1", "127.0.0.1:2", tmp_path / "bundle.pem", None, tmp_path / "data",
+        cfg = SidecarConfig(("127.0.0.1:1",), ("127.0.0.1:2",), tmp_path / "bundle.pem", None, tmp_path / "data",
                             tmp_path / "s.sock", 0o600, "tessera-issuer", 0, "info", output_dir=tmp_path / "out")
         for d in (cfg.data_dir, cfg.output_dir):
             d.mkdir()

@@ -132,7 +132,7 @@ class LoadClient:
 
 async def main_async(args) -> int:
     bundle = tuple(x509.load_pem_x509_certificates(Path(args.bundle).read_bytes()))
-    client = IssuerClient(args.issuer, default_bootstrap_address(args.issuer), "tessera-issuer")
+    client = IssuerClient((args.issuer,), (default_bootstrap_address(args.issuer),), "tessera-issuer")
     ident = await client.attest(read_secret_file(args.join_token_file, "--join-token-file"), bundle)
     await client.connect(ident)
     keys = [x509svid.new_key() for _ in range(args.csrs)]

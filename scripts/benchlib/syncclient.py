@@ -101,7 +101,7 @@ async def main_async() -> int:
     svids = int(cfg.get("svids", 0))
     clients = []
     for token in cfg["tokens"]:
-        c = IssuerClient(cfg["issuer"], default_bootstrap_address(cfg["issuer"]), "tessera-issuer")
+        c = IssuerClient((cfg["issuer"],), (default_bootstrap_address(cfg["issuer"]),), "tessera-issuer")
         ident = await c.attest(token, bundle)
         await c.connect(ident)
         clients.append((c, ident.sidecar_id))
