@@ -344,6 +344,14 @@ def test_expired_ca_certificate_stops_start_with_one_line(deployment, tmp_path):
     ({"crl_check_interval": "2d"}, ["crl_check_interval:", "at most 1d"]),
     ({"socket_mode": "０６６６"}, ["socket_mode:", "octal"]),
     ({"exe_hash_max_bytes": 10**30}, ["exe_hash_max_bytes:", "between 0 and"]),
+    # Several issuer addresses (failover): each entry checked, named by its index.
+    ({"issuer_address": []}, ["issuer_address: must list at least one HOST:PORT"]),
+    ({"issuer_address": ["127.0.0.1:1", "no-port"]}, ["issuer_address[1]: must be HOST:PORT", "'no-port'"]),
+    ({"issuer_address": ["127.0.0.1:1", 7]}, ["issuer_address[1]: must be str, got int"]),
+    ({"issuer_address": ["127.0.0.1:1", "127.0.0.1:1"]}, ["issuer_address[1]: 127.0.0.1:1 is listed twice"]),
+    ({"issuer_address": {"a": 1}}, ["issuer_address: must be HOST:PORT or a list of them, got dict"]),
+    ({"issuer_bootstrap_address": []}, ["issuer_bootstrap_address: must list at least one"]),
+    ({"issuer_bootstrap_address": ["x:1", "x:99999"]}, ["issuer_bootstrap_address[1]: must be HOST:PORT"]),
 ])
 def test_out_of_range_sidecar_config_stops_start_with_one_line(deployment, change, fragments):
     deployment.bundle_path.write_text("")
