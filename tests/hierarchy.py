@@ -29,16 +29,22 @@ class Authority:
         self.id = x509svid.authority_id(key.public_key())
         self.signer = SigningAuthority(cert, key, TD)
         self.number = 0
+        self._built: dict[tuple, bytes] = {}
 
     def leaf(self, path: str = "/agent/a", ttl: int = 600, key=None) -> SignedCert:
         key = key or x509svid.new_key()
         return self.signer.sign(key.public_key(), spiffeid.parse(f"spiffe://{TD}{path}"), ttl)
 
     def crl(self, *revoked: x509.Certificate, number: int | None = None) -> bytes:
-        """A CRL listing `revoked`, numbered one past the last unless `number` is given."""
+        """A CRL listing `revoked`, numbered one past the last unless `number` is given. Asking again for a number
+        already built with the same list gives the same bytes, as an issuer resending its CRL does: a re-signing a
+        second later would be a different CRL under a reused number, which a sidecar rightly refuses."""
         self.number = self.number + 1 if number is None else number
-        entries = [crl.Revoked(x509svid.serial_hex(c.serial_number), int(time.time())) for c in revoked]
-        return crl.build(self.cert, self.key, entries, self.number, time.time(), time.time() + 600)
+        key = (self.number, tuple(sorted(c.serial_number for c in revoked)))
+        if key not in self._built:
+            entries = [crl.Revoked(x509svid.serial_hex(c.serial_number), int(time.time())) for c in revoked]
+            self._built[key] = crl.build(self.cert, self.key, entries, self.number, time.time(), time.time() + 600)
+        return self._built[key]
 
 
 class Hierarchy:
