@@ -207,7 +207,9 @@ class IssuerApp:
 
     def _grpc_server(self, max_connections: int, max_streams: int, *extra) -> grpc.aio.Server:
         server = grpc.aio.server(options=[
-            ("grpc.so_reuseport", 0), ("grpc.keepalive_time_ms", 20000),
+            # Off unless share_port: a second issuer started by mistake on the same port fails to start instead of
+            # silently taking half the connections.
+            ("grpc.so_reuseport", int(self.cfg.share_port)), ("grpc.keepalive_time_ms", 20000),
             ("grpc.http2.min_ping_interval_without_data_ms", 5000), ("grpc.keepalive_permit_without_calls", 1),
             # Past the cap grpc-core accepts and closes at once; a connection that has not finished TLS and
             # HTTP/2 set-up by the timeout is closed, so idle connections cannot hold the slots for long.

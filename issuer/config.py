@@ -71,6 +71,9 @@ class IssuerConfig:
     root_ttl: int = 10 * 365 * DAY  # a root created here
     kek_file: Path | None = None  # key-encryption key for authorities' keys (default data_dir/kek; or TESSERA_KEK)
     datastore: DatastoreConfig = field(default_factory=DatastoreConfig)
+    # Several issuer processes on this host serve the same listen and bootstrap ports (SO_REUSEPORT; the kernel
+    # spreads new connections over them). PostgreSQL only: the peers share one database and its change feed.
+    share_port: bool = False
 
 
 def _datastore(sec) -> DatastoreConfig:
@@ -129,7 +132,11 @@ def load(path: str | Path) -> IssuerConfig:
         crl_validity=sec.duration("crl_validity", "10m", minimum=MIN_CRL_VALIDITY, maximum=MAX_CRL_VALIDITY),
         handshake_timeout=sec.duration("handshake_timeout", "10s", minimum=1, maximum=120),
         datastore=_datastore(sec.section("datastore")),
+        share_port=sec.get("share_port", bool, False),
     )
+    if cfg.share_port and cfg.datastore.engine != "postgres":
+        raise sec.fail("share_port", "needs datastore: {engine: postgres} (with SQLite each process would keep its "
+                       "own database in its data_dir)")
     for key in ("audit_file", "ca_cert", "ca_key", "kek_file"):
         if getattr(cfg, key) is not None and getattr(cfg, key).is_dir():
             raise sec.fail(key, f"{getattr(cfg, key)} is a directory; name a file")

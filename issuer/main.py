@@ -16,11 +16,12 @@ from tessera.errors import ConfigError, TesseraError
 from tessera.version import add_version_flag
 
 
-def check_can_listen(key: str, address: str) -> None:
+def check_can_listen(key: str, address: str, share: bool = False) -> None:
     """Fail before anything starts (and logs) when a listen address is taken or not ours to bind.
 
     The gRPC server would fail too, but only after the issuer's start-up logging and with its own
     error lines; SO_REUSEADDR as gRPC sets it, so a previous run's TIME_WAIT sockets do not count.
+    With `share` (share_port), SO_REUSEPORT too: a port held with it by a peer of the same user is ours to share.
     """
     host, port = split_address(address)
     if not port:
@@ -32,6 +33,8 @@ def check_can_listen(key: str, address: str) -> None:
     for family, kind, proto, _, sockaddr in infos:
         with socket.socket(family, kind, proto) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if share:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             try:
                 s.bind(sockaddr)
             except OSError as e:
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_mod.load(args.config)
         for key in ("listen_address", "bootstrap_address", "metrics_address"):
             if getattr(cfg, key):
-                check_can_listen(key, getattr(cfg, key))
+                check_can_listen(key, getattr(cfg, key), cfg.share_port and key != "metrics_address")
         logs.setup(cfg.log_level)
         from issuer.app import IssuerApp
 

@@ -245,6 +245,37 @@ def peer_deployments(root: Path, n: int, dsn: str, trust_domain: str = "example.
     return out
 
 
+def share_one_port(issuers: list["Deployment"]) -> None:
+    """Make peer deployments serve one listen (and bootstrap) port, the first one's, with share_port: several
+    issuer processes on one host behind one address."""
+    for d in issuers:
+        d.port = issuers[0].port
+        d.issuer_extra["share_port"] = True
+
+
+def accepted_connections(pids: list[int], port: int) -> dict[int, int]:
+    """How many established TCP connections to local `port` (127.0.0.1) each of `pids` holds: which process the
+    kernel handed each connection to, when several listen on the port."""
+    # grpc-core listens on an IPv6 socket even for 127.0.0.1: its connections are in tcp6, the address v4-mapped.
+    want = {f"0100007F:{port:04X}", f"0000000000000000FFFF00000100007F:{port:04X}"}
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[1] in want and f[3] == "01":  # local address, state ESTABLISHED
+                inodes.add(f"socket:[{f[9]}]")
+    out = {}
+    for pid in pids:
+        n = 0
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                n += os.readlink(fd) in inodes
+            except OSError:
+                pass  # closed meanwhile
+        out[pid] = n
+    return out
+
+
 class Deployment:
     """An issuer and its sidecars in one temporary directory."""
 

@@ -291,6 +291,9 @@ def test_admin_api_refuses_unbounded_fields_set_directly(issuer):
     ({"signing_workers": -1}, ["signing_workers:", "between 0 and 64"]),
     ({"listen_address": "127.0.0.1:８４４３"}, ["listen_address: must be HOST:PORT"]),
     ({"listen_address": "a\0b:8443"}, ["listen_address: must be HOST:PORT"]),
+    # Each SQLite process would keep its own file: peers sharing a port must share a PostgreSQL database.
+    ({"share_port": True}, ["share_port:", "needs datastore: {engine: postgres}"]),
+    ({"share_port": "yes"}, ["share_port:"]),
 ])
 def test_out_of_range_issuer_config_stops_start_with_one_line(deployment, tmp_path, change, fragments):
     cfg = {**good_issuer_cfg(tmp_path), **change}

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 from cryptography import x509
 
@@ -181,3 +182,60 @@ def test_a_taint_at_issuer_1_replaces_the_svid_behind_a_sidecar_on_issuer_2_with
     active = [a["id"] for a in json.loads(two.cli("ca", "list", "--output", "json").stdout)
               if a["kind"] == "x509" and a["state"] == "active"]
     assert active == [signer(fresh)]
+
+
+# -- several issuer processes on one port (share_port) ---------------------------------------------------------
+
+def _served_by(issuers, port: int, bundle: bytes, connections: int = 64) -> dict[int, int]:
+    """Open up to `connections` fresh TLS connections to `port` (the bootstrap port: no client certificate), each
+    answering a health check, until every issuer process holds at least one; returns the count per process."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    pids = [d.issuer.proc.pid for d in issuers]
+    creds = grpc.ssl_channel_credentials(root_certificates=bundle)
+    channels = []
+    try:
+        for _ in range(connections):
+            # A channel of its own subchannel pool: a new TCP connection, which the kernel hands to one listener.
+            ch = grpc.secure_channel(f"127.0.0.1:{port}", creds, options=[
+                ("grpc.ssl_target_name_override", "tessera-issuer"), ("grpc.use_local_subchannel_pool", 1)])
+            channels.append(ch)
+            answer = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            held = harness.accepted_connections(pids, port)
+            if all(held.values()):
+                return held
+        return held
+    finally:
+        for ch in channels:
+            ch.close()
+
+
+def test_two_issuers_sharing_one_port_both_serve_it_and_a_change_at_either_reaches_a_sidecar_on_that_port(
+        tmp_path, pg_cluster):
+    issuers = harness.peer_deployments(tmp_path, 2, pg_cluster.new_database("shared"))
+    harness.share_one_port(issuers)
+    one, two = issuers
+    try:
+        for d in issuers:
+            d.start_issuer()  # the second binds the port the first already listens on
+        held = _served_by(issuers, one.port + 1, one.bundle_path.read_bytes())
+        assert all(held.values()), f"connections per issuer process: {held}"
+
+        # The sidecar's one connection went to either process: a change made at each crosses to it from the other.
+        one.start_sidecar("host")
+        one.entry("/agent/first", "host")
+        reader = one.stream("host")
+        reader.until(lambda m: m["event"] == "update", timeout=20)
+        second = two.entry("/agent/second", "host")
+        t0 = time.monotonic()
+        reader.until(lambda m: m["event"] == "update" and len(m["svids"]) == 2,
+                     timeout=max(0.01, t0 + BOUND - time.monotonic()))
+        one.cli("entry", "delete", second)
+        t0 = time.monotonic()
+        back = reader.until(lambda m: m["event"] == "update" and len(m["svids"]) == 1,
+                            timeout=max(0.01, t0 + BOUND - time.monotonic()))
+        assert back["svids"][0]["spiffe_id"] == "spiffe://example.org/agent/first"
+    finally:
+        for d in issuers:
+            d.close()
