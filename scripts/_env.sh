@@ -31,6 +31,11 @@ if [[ "${TESSERA_NEED_POSTGRES:-}" == 1 ]]; then
     || _apt_install postgresql
 fi
 
+if [[ "${TESSERA_NEED_CFSSL:-}" == 1 ]]; then
+  # CloudFlare's cfssl, the peer scripts/bench loads beside Tessera (`cfssl serve`, its HTTP sign API).
+  command -v cfssl >/dev/null || _apt_install golang-cfssl
+fi
+
 stamp="$VENV/.tessera-stamp-$EXTRAS"
 want="$(cat "$REPO/pyproject.toml" "$REPO/setup.py" | sha256sum | cut -c1-16)"
 if [[ ! -x "$VENV/bin/python" ]]; then

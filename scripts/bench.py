@@ -1,4 +1,5 @@
-"""Tessera benchmarks: real daemons beside the in-Python limit, on this machine, in one run.
+"""Tessera benchmarks: real daemons beside the in-Python limit and beside cfssl, on SQLite and on PostgreSQL, on this
+machine, in one run.
 
 Run through scripts/bench (it prepares the virtualenv):
     scripts/bench [--quick] [--json FILE]
@@ -10,6 +11,7 @@ machine's cores, so client CPU competes with the issuer: figures are honest for
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import shutil
@@ -27,8 +29,11 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import grpc  # noqa: E402
 
-from benchlib import crlbench, fleet, limit, lookupbench, stats  # noqa: E402
-from harness import BIN, Deployment, wait_for, write_private  # noqa: E402
+from issuer.ca.authorities import ACTIVATE_AT  # noqa: E402
+from benchlib import cfssl, crlbench, fleet, limit, lookupbench, stats  # noqa: E402
+from harness import (BIN, Deployment, accepted_connections, peer_deployments, share_one_port, wait_for,  # noqa: E402
+                     write_private)
+from pgcluster import Cluster  # noqa: E402
 from taskutil import policy  # noqa: E402
 from tessera.v1 import types_pb2  # noqa: E402
 
@@ -58,18 +63,25 @@ class Sizes:
     taint_svids: int        # SVIDs each of them holds
     rotation_ttl: int       # ca_ttl of the issuer timed through a scheduled rotation (its successor activates at 2/3)
     rotation_concurrency: int  # unary SignX509SVIDs calls in flight from one client through the rotation
+    channels: int           # connections each signing load client spreads its calls over
+    pg_entries: int         # entries per load client on PostgreSQL
+    pg_streams: int         # light sync streams spread over three PostgreSQL peers
+    pg_sync_procs: int
+    failovers: int          # kill -9 of the sidecar's issuer, each timed to its resync on another
 
 
 FULL = Sizes(limit_bursts=10, phase_seconds=8, phase_runs=3, clients=4, batch=64, batched_concurrency=2,
              unary_concurrency=32, unary_sweep=(4, 16, 64),
              entries=10_000, serials=100_000, sidecar_svids=1_000,
              task_calls=200, sync_streams=100, sync_procs=4, revocations=20, crl_runs=3,
-             taint_sidecars=100, taint_svids=10, rotation_ttl=60, rotation_concurrency=2)
+             taint_sidecars=100, taint_svids=10, rotation_ttl=60, rotation_concurrency=2,
+             channels=4, pg_entries=64, pg_streams=1_000, pg_sync_procs=6, failovers=10)
 QUICK = Sizes(limit_bursts=4, phase_seconds=4, phase_runs=1, clients=4, batch=64, batched_concurrency=2,
               unary_concurrency=32, unary_sweep=(),
               entries=2_000, serials=20_000, sidecar_svids=1_000,
               task_calls=50, sync_streams=100, sync_procs=4, revocations=10, crl_runs=1,
-              taint_sidecars=20, taint_svids=5, rotation_ttl=60, rotation_concurrency=2)
+              taint_sidecars=20, taint_svids=5, rotation_ttl=60, rotation_concurrency=2,
+              channels=4, pg_entries=16, pg_streams=150, pg_sync_procs=3, failovers=3)
 
 
 def log(msg: str) -> None:
@@ -118,16 +130,12 @@ def settle(pids: list[int], share: float = 0.05, window: float = 0.5, max_wait: 
     return time.time() - start, False
 
 
-class Client:
-    """One load-client process holding its own sidecar SVID."""
+class LoadProc:
+    """A load-client process driven by JSON lines (signclient.py, cfsslclient.py)."""
 
-    def __init__(self, dep: Deployment, name: str, csrs: int):
+    def __init__(self, name: str, argv: list[str]):
         self.name = name
-        token_file = write_private(dep.root / f"{name}.join-token", dep.token(name))  # never in argv
-        self.proc = subprocess.Popen(
-            [sys.executable, str(CLIENT), "--issuer", f"127.0.0.1:{dep.port}", "--bundle", str(dep.bundle_path),
-             "--join-token-file", str(token_file), "--csrs", str(csrs)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def send(self, cmd: dict) -> None:
         self.proc.stdin.write(json.dumps(cmd) + "\n")
@@ -149,7 +157,64 @@ class Client:
                 self.proc.wait()
 
 
-def run_phase(clients: list[Client], batch: int, concurrency: int, duration: float | None = None,
+class Client(LoadProc):
+    """One load-client process holding its own sidecar SVID, calling over `channels` connections."""
+
+    def __init__(self, dep: Deployment, name: str, csrs: int, channels: int = 1):
+        token_file = write_private(dep.root / f"{name}.join-token", dep.token(name))  # never in argv
+        super().__init__(name, [sys.executable, str(CLIENT), "--issuer", f"127.0.0.1:{dep.port}", "--bundle",
+                                str(dep.bundle_path), "--join-token-file", str(token_file), "--csrs", str(csrs),
+                                "--channels", str(channels)])
+
+
+def start_clients(dep: Deployment, names: list[str], entries: int, channels: int) -> tuple[list[Client], float]:
+    """Load clients, each ready with `entries` entries of its own created through the admin API; and the seconds
+    the entries took to create."""
+    clients = [Client(dep, name, 512, channels) for name in names]
+    try:
+        for c in clients:
+            c.recv()
+        t0 = time.time()
+        with futures.ThreadPoolExecutor(len(clients)) as ex:
+            made = list(ex.map(lambda c: fleet.create_entries(dep, c.name, entries, f"bench/{c.name}"), clients))
+        created = time.time() - t0
+        for c, mine in zip(clients, made):
+            c.send({"cmd": "entries", "ids": [e.id for e in mine], "spiffe_ids": [e.spiffe_id for e in mine]})
+            c.recv()
+    except BaseException:
+        for c in clients:
+            c.close()
+        raise
+    return clients, created
+
+
+def signing_runs(clients: list[LoadProc], sz: Sizes, server_pids: list[int], what: str,
+                 modes: tuple[str, ...] = ("batched", "unary")) -> dict[str, dict]:
+    """The best of sz.phase_runs runs per mode (batched: sz.batch CSRs per call; unary: one), with the CPU the
+    server processes spent per CSR and the share of the machine the server and clients got in that run."""
+    shapes = {"batched": (sz.batch, sz.batched_concurrency), "unary": (1, sz.unary_concurrency)}
+    best = {}
+    client_pids = [c.proc.pid for c in clients]
+    for mode in modes:
+        batch, conc = shapes[mode]
+        runs = []
+        for n in range(sz.phase_runs):
+            log(f"{what} {mode} run {n + 1}/{sz.phase_runs}: {len(clients)} clients x {conc} calls in flight x "
+                f"{batch} CSRs/call, {sz.phase_seconds}s")
+            t0, i0, c0 = time.time(), cpu_seconds(server_pids), cpu_seconds(client_pids)
+            run = run_phase(clients, batch, conc, duration=sz.phase_seconds)
+            wall, i1, c1 = time.time() - t0, cpu_seconds(server_pids), cpu_seconds(client_pids)
+            # CPU the server (main + signing workers) spent per CSR, and the share of the machine that the
+            # processes measured got: both say how far other load on the host skewed the rate.
+            run["server_cpu_us_per_csr"] = (i1 - i0) / max(1, run["ok"]) * 1e6
+            run["cpu_share"] = ((i1 - i0) + (c1 - c0)) / (wall * (os.cpu_count() or 1))
+            runs.append(run)
+        best[mode] = max(runs, key=lambda x: x["per_s"])
+        best[mode]["issued"] = sum(r["ok"] for r in runs)
+    return best
+
+
+def run_phase(clients: list[LoadProc], batch: int, concurrency: int, duration: float | None = None,
               count: int | None = None) -> dict:
     start_at = time.time() + 0.5
     for c in clients:
@@ -170,39 +235,16 @@ def measure_issuer(dep: Deployment, sz: Sizes, figures: dict, issuer_config: dic
     dep.start_issuer(**issuer_config)
     issuer_pid = dep.issuer.proc.pid
     log(f"issuer up (pid {issuer_pid}); starting {sz.clients} load clients")
-    clients = [Client(dep, f"bench-{i}", 512) for i in range(sz.clients)]
+    per_client = max(1, sz.entries // sz.clients)
+    log(f"{sz.clients} load clients; creating {per_client * sz.clients} entries through the admin API")
+    clients, created = start_clients(dep, [f"bench-{i}" for i in range(sz.clients)], per_client, sz.channels)
+    figures["entry_create_per_s"] = stats.rounded(stats.rate(per_client * sz.clients, created))
     try:
-        for c in clients:
-            c.recv()
-        per_client = max(1, sz.entries // sz.clients)
-        log(f"creating {per_client * sz.clients} entries through the admin API")
-        t0 = time.time()
-        with futures.ThreadPoolExecutor(len(clients)) as ex:
-            made = list(ex.map(lambda c: fleet.create_entries(dep, c.name, per_client, f"bench/{c.name}"), clients))
-        figures["entry_create_per_s"] = stats.rounded(stats.rate(per_client * sz.clients, time.time() - t0))
-        for c, entries in zip(clients, made):
-            c.send({"cmd": "entries", "ids": [e.id for e in entries], "spiffe_ids": [e.spiffe_id for e in entries]})
-            c.recv()
         issued = 0
-        for mode, batch, conc in (("batched", sz.batch, sz.batched_concurrency),
-                                  ("unary", 1, sz.unary_concurrency)):
-            runs = []
-            issuer_pids = [issuer_pid, *children(issuer_pid)]
-            client_pids = [c.proc.pid for c in clients]
-            for n in range(sz.phase_runs):
-                log(f"{mode} run {n + 1}/{sz.phase_runs}: {sz.clients} clients x {conc} calls in flight x {batch} "
-                    f"CSRs/call, {sz.phase_seconds}s")
-                t0, i0, c0 = time.time(), cpu_seconds(issuer_pids), cpu_seconds(client_pids)
-                run = run_phase(clients, batch, conc, duration=sz.phase_seconds)
-                wall, i1, c1 = time.time() - t0, cpu_seconds(issuer_pids), cpu_seconds(client_pids)
-                # CPU the issuer (main + signing workers) spent per CSR, and the share of the machine that
-                # Tessera's processes got: both say how far other load on the host skewed the rate.
-                run["issuer_cpu_us_per_csr"] = (i1 - i0) / max(1, run["ok"]) * 1e6
-                run["cpu_share"] = ((i1 - i0) + (c1 - c0)) / (wall * (os.cpu_count() or 1))
-                runs.append(run)
-                issued += run["ok"]
-            r = max(runs, key=lambda x: x["per_s"])
-            figures[f"issuer_cpu_us_per_csr_{mode}"] = stats.rounded(r["issuer_cpu_us_per_csr"], 0)
+        best = signing_runs(clients, sz, [issuer_pid, *children(issuer_pid)], "SQLite")
+        for mode, r in best.items():
+            issued += r["issued"]
+            figures[f"issuer_cpu_us_per_csr_{mode}"] = stats.rounded(r["server_cpu_us_per_csr"], 0)
             figures[f"bench_cpu_share_{mode}"] = stats.rounded(r["cpu_share"], 2)
             figures[f"issuer_sign_per_s_{mode}"] = stats.rounded(r["per_s"], 0)
             figures[f"issuer_sign_per_s_{mode}_p50_ms"] = stats.rounded(r["p50_ms"], 2)
@@ -262,7 +304,8 @@ TASK_SCOPE = "bench:run"
 BENCH_POLICY = policy()
 
 
-def measure_task_credential(dep: Deployment, sz: Sizes, figures: dict) -> tuple[subprocess.Popen, list[str]]:
+def measure_task_credential(dep: Deployment, sz: Sizes, figures: dict, prefix: str = "") -> tuple[subprocess.Popen,
+                                                                                                  list[str]]:
     """Sequential StartTask calls from one workload process through a real sidecar (light load).
 
     Returns the still-running workload and its task serials: the tasks stay live for the
@@ -286,8 +329,8 @@ def measure_task_credential(dep: Deployment, sz: Sizes, figures: dict) -> tuple[
     if not line:
         raise RuntimeError(f"task workload exited with {proc.wait()}")
     out = json.loads(line)
-    figures["task_credential_p50_ms"] = stats.rounded(stats.percentile(out["lat_ms"], 50), 2)
-    figures["task_credential_p99_ms"] = stats.rounded(stats.percentile(out["lat_ms"], 99), 2)
+    figures[f"{prefix}task_credential_p50_ms"] = stats.rounded(stats.percentile(out["lat_ms"], 50), 2)
+    figures[f"{prefix}task_credential_p99_ms"] = stats.rounded(stats.percentile(out["lat_ms"], 99), 2)
     figures["task_credential_calls"] = len(out["lat_ms"])
     return proc, out["serials"]
 
@@ -296,39 +339,53 @@ def measure_revocation_propagation(dep: Deployment, sz: Sizes, figures: dict, se
     log(f"{sz.sync_streams} light sidecars attest and open Sync streams ({sz.sync_procs} processes)")
     clients = fleet.LightSidecars(dep, [f"bench-sync-{i}" for i in range(sz.sync_streams)], sz.sync_procs)
     try:
-        env = {**os.environ, "TESSERA_ADMIN_SOCKET": str(dep.admin_socket)}
-        returned_at: dict[int, float] = {}
-        log(f"{sz.revocations} x tessera revoke --serial, each timed to its arrival on every stream")
-        for serial in serials[:sz.revocations]:
-            r = subprocess.run([str(BIN / "tessera"), "revoke", "--serial", serial, "--reason", "benchmark",
-                                "--output", "json"], capture_output=True, text=True, env=env, timeout=30)
-            done = time.time()  # the operator's command has returned: the revocation is durable
-            if r.returncode != 0:
-                raise RuntimeError(f"tessera revoke failed: {r.stderr.strip()}")
-            returned_at[json.loads(r.stdout)["seq"]] = done
-            time.sleep(0.2)  # one revocation at a time: the figure is propagation, not queueing
-        streams = sz.sync_streams
-        deadline = time.time() + 10
-        while True:
-            try:
-                received = clients.received()
-                delays = stats.propagation_delays(returned_at, [r[:3] for r in received], streams)
-                break
-            except ValueError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.2)
+        delays, from_commit = time_revocations(dep, [clients], serials[:sz.revocations])
     finally:
         clients.close()
     figures["revocation_propagation_p50_ms"] = stats.rounded(stats.percentile(delays, 50), 2)
     figures["revocation_propagation_p99_ms"] = stats.rounded(stats.percentile(delays, 99), 2)
     figures["revocation_propagation_pairs"] = len(delays)
-    # The same arrivals measured from the issuer's commit (SyncEvent.committed_at): the push itself,
-    # which the figure above hides when streams apply a revocation before the CLI process has exited.
-    commits = {seq: committed for _, seq, _, committed in received if seq in returned_at}
-    from_commit = stats.propagation_delays(commits, [r[:3] for r in received], streams)
     figures["revocation_push_from_commit_p50_ms"] = stats.rounded(stats.percentile(from_commit, 50), 2)
     figures["revocation_push_from_commit_p99_ms"] = stats.rounded(stats.percentile(from_commit, 99), 2)
+
+
+def time_revocations(dep: Deployment, groups: list[fleet.LightSidecars], serials: list[str]
+                     ) -> tuple[list[float], list[float]]:
+    """`tessera revoke --serial` at `dep`'s issuer for each serial, one at a time; ms from each command returning
+    to each stream of `groups` applying it, and (the same arrivals) from the issuer's commit."""
+    def received() -> list[tuple]:
+        out, base = [], 0  # stream indices made global over the groups
+        for g in groups:
+            out += [(base + r[0], *r[1:]) for r in g.received()]
+            base += sum(g.streams)
+        return out
+
+    env = {**os.environ, "TESSERA_ADMIN_SOCKET": str(dep.admin_socket)}
+    returned_at: dict[int, float] = {}
+    log(f"{len(serials)} x tessera revoke --serial, each timed to its arrival on every stream")
+    for serial in serials:
+        r = subprocess.run([str(BIN / "tessera"), "revoke", "--serial", serial, "--reason", "benchmark",
+                            "--output", "json"], capture_output=True, text=True, env=env, timeout=30)
+        done = time.time()  # the operator's command has returned: the revocation is durable
+        if r.returncode != 0:
+            raise RuntimeError(f"tessera revoke failed: {r.stderr.strip()}")
+        returned_at[json.loads(r.stdout)["seq"]] = done
+        time.sleep(0.2)  # one revocation at a time: the figure is propagation, not queueing
+    streams = sum(sum(g.streams) for g in groups)
+    deadline = time.time() + 10
+    while True:
+        try:
+            got = received()
+            delays = stats.propagation_delays(returned_at, [r[:3] for r in got], streams)
+            break
+        except ValueError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+    # The same arrivals measured from the issuer's commit (SyncEvent.committed_at): the push itself,
+    # which the figure above hides when streams apply a revocation before the CLI process has exited.
+    commits = {seq: committed for _, seq, _, committed in got if seq in returned_at}
+    return delays, stats.propagation_delays(commits, [r[:3] for r in got], streams)
 
 
 def measure_taint(dep: Deployment, sz: Sizes, figures: dict) -> None:
@@ -359,8 +416,10 @@ def measure_rotation(sz: Sizes, figures: dict, issuer_config: dict) -> None:
         client.recv()
         first = [a for a in fleet.admin_stub(dep).ListAuthorities(types_pb2.Empty(), timeout=30).authorities
                  if a.kind == "x509" and a.state == "active"][0]
-        life = first.not_after - first.not_before
-        due = first.not_before + life * 2 / 3  # ACTIVATE_AT (issuer/ca/authorities.py); checked about once a second
+        # As issuer/ca/authorities.py schedules it: from its creation (not its backdated not_before), at
+        # ACTIVATE_AT of the rest of its life; checked about once a second.
+        start = max(first.not_before, min(first.created_at, first.not_after))
+        due = start + (first.not_after - start) * ACTIVATE_AT
         start_at = time.time() + 0.5
         end = due + 1 + stats.ROTATION_WINDOW_S + stats.QUIET_S
         log(f"rotation: ca_ttl {sz.rotation_ttl}s, successor due at +{due - start_at:.0f}s; 1 client x "
@@ -393,6 +452,183 @@ def measure_rotation(sz: Sizes, figures: dict, issuer_config: dict) -> None:
     figures["rotation_activate_sign_max_ms"] = stats.rounded(max(w["activate"]), 2)
 
 
+# --- The peer: cfssl ---------------------------------------------------------------------------------------
+
+def measure_cfssl(sz: Sizes, figures: dict) -> None:
+    """cfssl serve's sign API under sz.clients client processes x sz.unary_concurrency requests in flight, one CSR
+    each: the rate Tessera's signing is compared with."""
+    root = Path(tempfile.mkdtemp(prefix="tessera-bench-cfssl-", dir="/tmp"))
+    with cfssl.Server(root) as server:
+        log(f"cfssl serve up (pid {server.proc.pid}, {server.url}); {sz.clients} load clients")
+        clients = [LoadProc(f"cfssl-{i}", [sys.executable, str(BENCHLIB / "cfsslclient.py"), "--url", server.url])
+                   for i in range(sz.clients)]
+        try:
+            for c in clients:
+                c.recv()
+            r = signing_runs(clients, sz, [server.proc.pid], "cfssl", modes=("unary",))["unary"]
+        finally:
+            for c in clients:
+                c.close()
+    shutil.rmtree(root, ignore_errors=True)
+    figures["cfssl_sign_per_s"] = stats.rounded(r["per_s"], 0)
+    figures["cfssl_sign_p50_ms"] = stats.rounded(r["p50_ms"], 2)
+    figures["cfssl_sign_p99_ms"] = stats.rounded(r["p99_ms"], 2)
+    figures["cfssl_cpu_us_per_csr"] = stats.rounded(r["server_cpu_us_per_csr"], 0)
+    figures["cfssl_ratio"] = stats.rounded(r["per_s"] / figures["limit_sign_per_s"], 3)
+
+
+def compare_with_cfssl(figures: dict) -> None:
+    """Each Tessera signing rate as a multiple of cfssl's in this run."""
+    peer = figures.get("cfssl_sign_per_s")
+    for key in ("issuer_sign_per_s_batched", "issuer_sign_per_s_unary", *(f"pg{n}_sign_per_s_{mode}" for n in (1, 2)
+                                                                          for mode in ("batched", "unary"))):
+        if peer and figures.get(key):
+            figures[key.replace("sign_per_s", "vs_cfssl")] = stats.rounded(figures[key] / peer, 2)
+
+
+# --- PostgreSQL ------------------------------------------------------------------------------------------------
+
+def record_signing(figures: dict, prefix: str, best: dict[str, dict]) -> None:
+    for mode, r in best.items():
+        figures[f"{prefix}_sign_per_s_{mode}"] = stats.rounded(r["per_s"], 0)
+        figures[f"{prefix}_sign_{mode}_p50_ms"] = stats.rounded(r["p50_ms"], 2)
+        figures[f"{prefix}_sign_{mode}_p99_ms"] = stats.rounded(r["p99_ms"], 2)
+        figures[f"{prefix}_ratio_{mode}"] = stats.rounded(r["per_s"] / figures["limit_sign_per_s"], 3)
+        figures[f"{prefix}_cpu_us_per_csr_{mode}"] = stats.rounded(r["server_cpu_us_per_csr"], 0)
+
+
+def issuer_pids(deps: list[Deployment]) -> list[int]:
+    """The issuers' main processes and their signing workers."""
+    return [p for d in deps for p in (d.issuer.proc.pid, *children(d.issuer.proc.pid))]
+
+
+def measure_postgres_signing(pg, sz: Sizes, figures: dict, issuer_config: dict) -> None:
+    """On one PostgreSQL database: signing with one issuer process, time to credential through it, then signing
+    with a second issuer process serving the same port (share_port), each load client's connections spread over
+    both by the kernel."""
+    root = Path(tempfile.mkdtemp(prefix="tessera-bench-pg-", dir="/tmp"))
+    deps = peer_deployments(root, 2, pg.new_database("bench"))
+    share_one_port(deps)
+    first, second = deps
+    names = [f"bench-{i}" for i in range(sz.clients)]
+    try:
+        first.start_issuer(**issuer_config)
+        log(f"PostgreSQL: issuer up (pid {first.issuer.proc.pid}); {sz.clients} load clients")
+        clients, _ = start_clients(first, [f"pg1-{n}" for n in names], sz.pg_entries, sz.channels)
+        try:
+            record_signing(figures, "pg1", signing_runs(clients, sz, issuer_pids([first]), "PostgreSQL, 1 issuer:"))
+        finally:
+            for c in clients:
+                c.close()
+        workload, _ = measure_task_credential(first, sz, figures, prefix="pg_")
+        workload.stdin.close()
+        workload.wait(10)
+        first.sidecars.pop("bench-task").stop()
+
+        second.start_issuer(**issuer_config)
+        log(f"PostgreSQL: a second issuer on the same port (pid {second.issuer.proc.pid}); {sz.clients} new load "
+            f"clients x {sz.channels} connections")
+        clients, _ = start_clients(first, [f"pg2-{n}" for n in names], sz.pg_entries, sz.channels)
+        try:
+            # Both issuers know the entries (the second through the change feed, within a second) before the runs.
+            time.sleep(2)
+            held = accepted_connections([first.issuer.proc.pid, second.issuer.proc.pid], first.port)
+            figures["pg2_connections"] = " / ".join(str(n) for n in held.values())
+            record_signing(figures, "pg2", signing_runs(clients, sz, issuer_pids(deps),
+                                                        "PostgreSQL, 2 issuers on one port:"))
+        finally:
+            for c in clients:
+                c.close()
+    except BaseException:
+        log(f"PostgreSQL signing failed; daemon logs are in {root}")
+        for d in deps:
+            d.close()
+        raise
+    for d in deps:
+        d.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def synced_lines(daemon) -> list[dict]:
+    """The sidecar's "synced with issuer" log lines (JSON): when, and with which issuer address."""
+    out = []
+    for line in daemon.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{") and '"synced with issuer"' in line:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def measure_postgres_fleet(pg, sz: Sizes, figures: dict, issuer_config: dict) -> None:
+    """Three issuers on one PostgreSQL database, each on its own port: a revocation made at the first, timed to
+    light sync streams spread over all three; then kill -9 of the issuer a real sidecar (configured with all three
+    addresses) uses, timed to the sidecar resynced on another, the killed one restarted after each."""
+    root = Path(tempfile.mkdtemp(prefix="tessera-bench-pgfleet-", dir="/tmp"))
+    dsn = pg.new_database("fleet")
+    deps = peer_deployments(root, 3, dsn)
+    groups: list[fleet.LightSidecars] = []
+    try:
+        for d in deps:
+            d.start_issuer(**issuer_config)
+        # Serials to revoke: one batch signed through the first issuer, read back from the database.
+        clients, _ = start_clients(deps[0], ["pg-serials"], 8, 1)
+        try:
+            run_phase(clients, sz.revocations, 1, count=1)
+        finally:
+            clients[0].close()
+        import psycopg
+
+        with psycopg.connect(dsn) as db:
+            serials = [r[0] for r in db.execute("SELECT serial FROM issued WHERE kind = 'identity' LIMIT %s",
+                                                (sz.revocations,))]
+        per = sz.pg_streams // len(deps)
+        procs = max(1, sz.pg_sync_procs // len(deps))
+        log(f"PostgreSQL: {per * len(deps)} light sidecars open Sync streams, {per} at each of {len(deps)} issuers "
+            f"({procs} client processes per issuer)")
+        for k, d in enumerate(deps):
+            groups.append(fleet.LightSidecars(d, [f"pg-sync-{k}-{i}" for i in range(per)], procs))
+        delays, from_commit = time_revocations(deps[0], groups, serials)
+        for g in groups:
+            g.close()
+        figures["pg_revocation_propagation_p50_ms"] = stats.rounded(stats.percentile(delays, 50), 2)
+        figures["pg_revocation_propagation_p99_ms"] = stats.rounded(stats.percentile(delays, 99), 2)
+        figures["pg_revocation_propagation_pairs"] = len(delays)
+        figures["pg_revocation_push_from_commit_p50_ms"] = stats.rounded(stats.percentile(from_commit, 50), 2)
+        figures["pg_revocation_push_from_commit_p99_ms"] = stats.rounded(stats.percentile(from_commit, 99), 2)
+
+        addresses = {f"127.0.0.1:{d.port}": d for d in deps}
+        sidecar = deps[0].start_sidecar("pg-failover", issuer_address=list(addresses))
+        wait_for(lambda: synced_lines(sidecar), timeout=30, what="the sidecar's first sync")
+        log(f"PostgreSQL: {sz.failovers} x kill -9 of the issuer the sidecar uses, timed to its resync on another")
+        times = []
+        for _ in range(sz.failovers):
+            before = synced_lines(sidecar)
+            current = addresses[before[-1]["issuer"]]
+            killed_at = time.time()
+            current.issuer.kill9()
+            line = wait_for(lambda: len(synced_lines(sidecar)) > len(before) and synced_lines(sidecar)[-1],
+                            timeout=30, interval=0.01, what="the sidecar resynced after kill -9")
+            if addresses[line["issuer"]] is current:
+                raise RuntimeError("the sidecar resynced with the issuer that was killed")
+            times.append((dt.datetime.fromisoformat(line["timestamp"]).timestamp() - killed_at) * 1000)
+            current.issuer.start()
+        figures["pg_failover_p50_ms"] = stats.rounded(stats.percentile(times, 50), 0)
+        figures["pg_failover_p99_ms"] = stats.rounded(stats.percentile(times, 99), 0)
+        figures["pg_failover_max_ms"] = stats.rounded(max(times), 0)
+        figures["pg_failovers"] = len(times)
+    except BaseException:
+        log(f"PostgreSQL fleet failed; daemon logs are in {root}")
+        raise
+    finally:
+        for g in groups:
+            g.close()
+        for d in deps:
+            d.close()
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def measure_crl(sz: Sizes, figures: dict) -> None:
     log(f"CRL: tessera/crl.py build + sign + DER at 10,000 and 100,000 serials (best of {sz.crl_runs}); "
         "verifier lookup")
@@ -412,6 +648,10 @@ def measure_lookups(figures: dict) -> None:
 
 TARGETS = {"ratio_batched": (">=", 0.6), "ratio_unary": (">=", 0.25), "task_credential_p99_ms": ("<=", 10),
            "revocation_propagation_p99_ms": ("<=", 100), "crl_build_ms_100k": ("<=", 500),
+           "pg_task_credential_p99_ms": ("<=", 10), "pg_revocation_propagation_p99_ms": ("<=", 100),
+           "pg_failover_p99_ms": ("<=", 3000),
+           **{f"{p}vs_cfssl_batched": (">=", 1.2) for p in ("issuer_", "pg1_", "pg2_")},
+           **{f"{p}vs_cfssl_unary": (">=", 0.8) for p in ("issuer_", "pg1_", "pg2_")},
            "crl_lookup_ns": ("<=", 1000), "issuer_rss_mb": ("<=", 200), "sidecar_rss_mb": ("<=", 100)}
 
 
@@ -440,6 +680,30 @@ def note(key: str, figures: dict, sz: Sizes) -> str:
         parts.append("of all CPUs used by issuer + load clients in that run (the rest: other load)")
     if key == "limit_sign_per_s":
         parts.append(f"one process, no RPC or storage; best of {sz.limit_bursts} x 0.5 s")
+    if key == "cfssl_sign_per_s":
+        parts.append(f"cfssl serve, HTTP POST /api/v1/cfssl/sign, 1 CSR/request; {sz.clients} client procs x "
+                     f"{sz.unary_concurrency} in flight, keep-alive{best}")
+    if key.startswith("pg1_sign_per_s") or key.startswith("pg2_sign_per_s"):
+        procs = "1 issuer process" if key.startswith("pg1") else "2 issuer processes on one port (share_port)"
+        shape = (f"{sz.batched_concurrency} in flight x {sz.batch} CSRs/call" if key.endswith("batched") else
+                 f"{sz.unary_concurrency} in flight x 1 CSR/call")
+        parts.append(f"PostgreSQL, {procs}; {sz.clients} client procs x {shape}{best}")
+    if key == "pg2_connections":
+        parts.append(f"load-client connections held by each issuer process ({sz.clients} x {sz.channels})")
+    if "_vs_cfssl_" in key:
+        parts.append("x cfssl_sign_per_s, same run")
+    if key.startswith("cfssl_ratio") or key.startswith("pg1_ratio") or key.startswith("pg2_ratio"):
+        parts.append("x limit_sign_per_s")
+    if key.startswith("pg_task_credential"):
+        parts.append("the same StartTask timing, issuer on PostgreSQL (one process)")
+    elif key.startswith("pg_revocation_propagation"):
+        parts.append(f"`tessera revoke` at issuer 1 returning -> applied on each of {sz.pg_streams} Sync streams "
+                     f"spread over 3 PostgreSQL peers; {figures.get('pg_revocation_propagation_pairs', 0):,} pairs")
+    elif key.startswith("pg_revocation_push"):
+        parts.append("issuer 1's commit -> applied on each stream (same arrivals)")
+    elif key.startswith("pg_failover"):
+        parts.append(f"kill -9 of the sidecar's issuer -> sidecar resynced with another (its log); "
+                     f"{figures.get('pg_failovers', 0)} kills, 3 peers")
     if key.startswith("task_credential"):
         parts.append(f"StartTask to credential through a real sidecar; {figures.get('task_credential_calls', 0)} "
                      "sequential calls from one workload")
@@ -472,20 +736,30 @@ def note(key: str, figures: dict, sz: Sizes) -> str:
         parts.append("Verifier.check of the PEM a peer presents on every call (chain, validity, CRL, ID)")
     elif key == "workload_match_us_1000":
         parts.append("CacheManager.matching for one workload's selectors, 1,000 entries on the host")
-    elif key.endswith("_p50_ms") or key.endswith("_p99_ms"):
+    elif (key.endswith("_p50_ms") or key.endswith("_p99_ms")) and not key.startswith("pg_"):
         parts.append("per call (a batched call carries the batch)" if "batched" in key else "per call")
     return "; ".join(parts)
 
 
-ORDER = ["limit_sign_per_s", "issuer_sign_per_s_batched", "issuer_sign_per_s_batched_p50_ms",
-         "issuer_sign_per_s_batched_p99_ms", "ratio_batched", "issuer_sign_per_s_unary",
-         "issuer_sign_per_s_unary_p50_ms", "issuer_sign_per_s_unary_p99_ms", "ratio_unary",
+ORDER = ["limit_sign_per_s", "cfssl_sign_per_s", "cfssl_sign_p50_ms", "cfssl_sign_p99_ms", "cfssl_ratio",
+         "cfssl_cpu_us_per_csr",
+         "issuer_sign_per_s_batched", "issuer_sign_per_s_batched_p50_ms",
+         "issuer_sign_per_s_batched_p99_ms", "ratio_batched", "issuer_vs_cfssl_batched", "issuer_sign_per_s_unary",
+         "issuer_sign_per_s_unary_p50_ms", "issuer_sign_per_s_unary_p99_ms", "ratio_unary", "issuer_vs_cfssl_unary",
+         *(k for p in ("pg1", "pg2") for m in ("batched", "unary")
+           for k in (f"{p}_sign_per_s_{m}", f"{p}_sign_{m}_p50_ms", f"{p}_sign_{m}_p99_ms", f"{p}_ratio_{m}",
+                     f"{p}_vs_cfssl_{m}", f"{p}_cpu_us_per_csr_{m}")),
+         "pg2_connections",
          *(f"unary_{k}_{n * FULL.clients}_in_flight" for n in FULL.unary_sweep for k in ("per_s", "p50_ms")),
          "issuer_cpu_us_per_csr_batched", "issuer_cpu_us_per_csr_unary", "bench_cpu_share_batched",
          "bench_cpu_share_unary",
          "task_credential_p50_ms", "task_credential_p99_ms", "revocation_propagation_p50_ms",
          "revocation_propagation_p99_ms", "revocation_push_from_commit_p50_ms",
-         "revocation_push_from_commit_p99_ms", "taint_replaced_p50_ms", "taint_replaced_p99_ms",
+         "revocation_push_from_commit_p99_ms",
+         "pg_task_credential_p50_ms", "pg_task_credential_p99_ms", "pg_revocation_propagation_p50_ms",
+         "pg_revocation_propagation_p99_ms", "pg_revocation_push_from_commit_p50_ms",
+         "pg_revocation_push_from_commit_p99_ms", "pg_failover_p50_ms", "pg_failover_p99_ms", "pg_failover_max_ms",
+         "taint_replaced_p50_ms", "taint_replaced_p99_ms",
          "taint_replaced_max_ms", "taint_replaced_from_commit_p50_ms", "taint_replaced_from_commit_p99_ms",
          "rotation_quiet_sign_p50_ms", "rotation_quiet_sign_p99_ms", "rotation_prepare_sign_p50_ms",
          "rotation_prepare_sign_p99_ms", "rotation_activate_sign_p50_ms", "rotation_activate_sign_p99_ms",
@@ -497,7 +771,7 @@ ORDER = ["limit_sign_per_s", "issuer_sign_per_s_batched", "issuer_sign_per_s_bat
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smaller counts; finishes within a minute")
+    p.add_argument("--quick", action="store_true", help="smaller counts; finishes within a few minutes")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
     p.add_argument("--signing-workers", type=int, default=None, metavar="N",
                    help="issuer signing_workers (default: the issuer's default, one per CPU; 0 signs in-process)")
@@ -511,6 +785,7 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"limit: parse+verify CSR, SigningAuthority.sign_der (leaf + intermediate) in one process, best of {sz.limit_bursts} bursts")
     figures["limit_sign_per_s"] = stats.rounded(limit.sign_per_s(sz.limit_bursts, 0.5, limit.make_csrs(64)), 0)
+    measure_cfssl(sz, figures)
     measure_crl(sz, figures)
     measure_lookups(figures)
 
@@ -532,6 +807,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
     dep.close()
     shutil.rmtree(root, ignore_errors=True)
+    log("PostgreSQL: a throwaway cluster (tests/pgcluster.py)")
+    with Cluster.start() as pg:
+        measure_postgres_signing(pg, sz, figures, issuer_config)
+        measure_postgres_fleet(pg, sz, figures, issuer_config)
+    compare_with_cfssl(figures)
     measure_rotation(sz, figures, issuer_config)  # its own issuer: a 60 s ca_ttl would rotate under every phase above
 
     meta = {"mode": "quick" if args.quick else "full", "cpus": os.cpu_count(), "seconds": round(time.time() - started, 1),

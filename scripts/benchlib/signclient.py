@@ -3,8 +3,10 @@
 It attests with a join token exactly like a sidecar (AttestSidecar on the bootstrap
 port), then calls SignX509SVIDs over mTLS with its sidecar SVID for entries parented
 to it. CSRs are generated before any timed phase, so the client's own CPU goes to
-gRPC, not to key generation. Commands arrive as JSON lines on stdin; results leave
-as JSON lines on stdout.
+gRPC, not to key generation. Calls are spread over --channels connections (worker i
+uses channel i mod N), so that several issuer processes behind one port (share_port: the
+kernel hands each connection to one of them) share the load. Commands arrive as JSON
+lines on stdin; results leave as JSON lines on stdout.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from pathlib import Path
 
 from cryptography import x509
 
-from agent_sidecar.issuer_client import IssuerClient
+import grpc
+
+from agent_sidecar.issuer_client import IssuerClient, _options
 from tessera import chain, der, pem, x509svid
 from tessera.configfile import default_bootstrap_address, read_secret_file
-from tessera.v1 import issuer_pb2
+from tessera.v1 import issuer_pb2, issuer_pb2_grpc
 
 
 def emit(obj: dict) -> None:
@@ -30,8 +34,8 @@ def emit(obj: dict) -> None:
 
 
 class LoadClient:
-    def __init__(self, client: IssuerClient, csrs: list[bytes]):
-        self.client = client
+    def __init__(self, stubs: list[issuer_pb2_grpc.IssuerStub], csrs: list[bytes]):
+        self.stubs = stubs
         self.csrs = csrs
         self.entry_ids: list[str] = []
         self.expected_ids: dict[str, str] = {}
@@ -52,7 +56,6 @@ class LoadClient:
         """Closed-loop calls from `concurrency` workers. With track_signer, also each timed call's start time
         ("at") and, in "signers", [time, authority id] whenever the leaf's signer differs from the last seen."""
         reqs = self.requests(batch)
-        stub = self.client.stub
         ok = errors = 0
         first_error = ""
         lat: list[float] = []
@@ -66,6 +69,7 @@ class LoadClient:
         async def worker(w: int) -> None:
             nonlocal ok, errors, first_error, checked
             i = w
+            stub = self.stubs[w % len(self.stubs)]
             while True:
                 if remaining[0] == 0:
                     return
@@ -134,9 +138,17 @@ async def main_async(args) -> int:
     bundle = tuple(x509.load_pem_x509_certificates(Path(args.bundle).read_bytes()))
     client = IssuerClient((args.issuer,), (default_bootstrap_address(args.issuer),), "tessera-issuer")
     ident = await client.attest(read_secret_file(args.join_token_file, "--join-token-file"), bundle)
-    await client.connect(ident)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=pem.certs_pem(ident.bundle), private_key=pem.key_pem(ident.key),
+        certificate_chain=pem.certs_pem(ident.chain))
+    # A subchannel pool per channel: each its own TCP connection (grpc shares identical ones by default).
+    channels = [grpc.aio.secure_channel(args.issuer, creds, options=[*_options("tessera-issuer"),
+                                                                     ("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(args.channels)]
+    for ch in channels:
+        await ch.channel_ready()
     keys = [x509svid.new_key() for _ in range(args.csrs)]
-    load = LoadClient(client, [x509svid.make_csr(k) for k in keys])
+    load = LoadClient([issuer_pb2_grpc.IssuerStub(ch) for ch in channels], [x509svid.make_csr(k) for k in keys])
     emit({"ready": True, "sidecar_id": ident.sidecar_id})
     loop = asyncio.get_running_loop()
     while True:
@@ -153,7 +165,8 @@ async def main_async(args) -> int:
                                 cmd.get("count"), cmd.get("track_signer", False)))
         elif cmd["cmd"] == "quit":
             break
-    await client.close()
+    for ch in channels:
+        await ch.close()
     return 0
 
 
@@ -163,6 +176,7 @@ def main() -> int:
     p.add_argument("--bundle", required=True, help="PEM trust bundle")
     p.add_argument("--join-token-file", required=True, help="file holding the join token (mode 0600)")
     p.add_argument("--csrs", type=int, default=512, help="CSRs generated up front and reused in turn")
+    p.add_argument("--channels", type=int, default=1, help="connections to the issuer, used in turn by the workers")
     return asyncio.run(main_async(p.parse_args()))
 
 
