@@ -474,6 +474,7 @@ def measure_cfssl(sz: Sizes, figures: dict) -> None:
     figures["cfssl_sign_p50_ms"] = stats.rounded(r["p50_ms"], 2)
     figures["cfssl_sign_p99_ms"] = stats.rounded(r["p99_ms"], 2)
     figures["cfssl_cpu_us_per_csr"] = stats.rounded(r["server_cpu_us_per_csr"], 0)
+    figures["cfssl_cpu_share"] = stats.rounded(r["cpu_share"], 2)
     figures["cfssl_ratio"] = stats.rounded(r["per_s"] / figures["limit_sign_per_s"], 3)
 
 
@@ -495,6 +496,7 @@ def record_signing(figures: dict, prefix: str, best: dict[str, dict]) -> None:
         figures[f"{prefix}_sign_{mode}_p99_ms"] = stats.rounded(r["p99_ms"], 2)
         figures[f"{prefix}_ratio_{mode}"] = stats.rounded(r["per_s"] / figures["limit_sign_per_s"], 3)
         figures[f"{prefix}_cpu_us_per_csr_{mode}"] = stats.rounded(r["server_cpu_us_per_csr"], 0)
+        figures[f"{prefix}_cpu_share_{mode}"] = stats.rounded(r["cpu_share"], 2)
 
 
 def issuer_pids(deps: list[Deployment]) -> list[int]:
@@ -676,8 +678,12 @@ def note(key: str, figures: dict, sz: Sizes) -> str:
         parts.append("the same unary calls at another load, one run")
     if key.startswith("issuer_cpu_us_per_csr"):
         parts.append("issuer main process + signing workers, in the reported run")
-    if key.startswith("bench_cpu_share"):
-        parts.append("of all CPUs used by issuer + load clients in that run (the rest: other load)")
+    if key == "cfssl_cpu_us_per_csr":
+        parts.append("cfssl serve's CPU per signed CSR, in the reported run")
+    if key.startswith("pg1_cpu_us") or key.startswith("pg2_cpu_us"):
+        parts.append("the issuer processes + their signing workers (not PostgreSQL's), in the reported run")
+    if key.startswith("bench_cpu_share") or key == "cfssl_cpu_share" or "_cpu_share_" in key:
+        parts.append("of all CPUs used by the server (issuer or cfssl) + load clients in that run (the rest: other load)")
     if key == "limit_sign_per_s":
         parts.append(f"one process, no RPC or storage; best of {sz.limit_bursts} x 0.5 s")
     if key == "cfssl_sign_per_s":
@@ -742,13 +748,13 @@ def note(key: str, figures: dict, sz: Sizes) -> str:
 
 
 ORDER = ["limit_sign_per_s", "cfssl_sign_per_s", "cfssl_sign_p50_ms", "cfssl_sign_p99_ms", "cfssl_ratio",
-         "cfssl_cpu_us_per_csr",
+         "cfssl_cpu_us_per_csr", "cfssl_cpu_share",
          "issuer_sign_per_s_batched", "issuer_sign_per_s_batched_p50_ms",
          "issuer_sign_per_s_batched_p99_ms", "ratio_batched", "issuer_vs_cfssl_batched", "issuer_sign_per_s_unary",
          "issuer_sign_per_s_unary_p50_ms", "issuer_sign_per_s_unary_p99_ms", "ratio_unary", "issuer_vs_cfssl_unary",
          *(k for p in ("pg1", "pg2") for m in ("batched", "unary")
            for k in (f"{p}_sign_per_s_{m}", f"{p}_sign_{m}_p50_ms", f"{p}_sign_{m}_p99_ms", f"{p}_ratio_{m}",
-                     f"{p}_vs_cfssl_{m}", f"{p}_cpu_us_per_csr_{m}")),
+                     f"{p}_vs_cfssl_{m}", f"{p}_cpu_us_per_csr_{m}", f"{p}_cpu_share_{m}")),
          "pg2_connections",
          *(f"unary_{k}_{n * FULL.clients}_in_flight" for n in FULL.unary_sweep for k in ("per_s", "p50_ms")),
          "issuer_cpu_us_per_csr_batched", "issuer_cpu_us_per_csr_unary", "bench_cpu_share_batched",

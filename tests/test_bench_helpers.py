@@ -72,3 +72,34 @@ def test_rotation_windows_split_calls_by_their_distance_from_preparation_and_act
     lat = [float(i) for i in range(len(at))]
     w = stats.rotation_windows(at, lat, warm_from=10.0, prepared=prepared, activated=activated)
     assert w == {"activate": [5.0, 6.0], "prepare": [2.0, 3.0], "quiet": [1.0, 8.0]}
+
+
+def test_cfssl_client_reads_sized_and_chunked_answers_on_one_kept_alive_connection():
+    import asyncio
+
+    from benchlib.cfsslclient import Connection
+
+    answers = [b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n{\"a\": \"one\"}",
+               b"HTTP/1.1 400 Bad Request\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"b\":\r\n3\r\n 2}\r\n0\r\n\r\n"]
+    seen = []
+
+    async def serve(reader, writer):
+        for answer in answers:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1])
+            seen.append(await reader.readexactly(length))
+            writer.write(answer)
+            await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        conn = Connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        try:
+            return [await conn.post("/api/v1/cfssl/sign", b'{"x": 1}'), await conn.post("/p", b"{}")]
+        finally:
+            conn.close()
+            server.close()
+
+    assert asyncio.run(main()) == [(200, b'{"a": "one"}'), (400, b'{"b": 2}')]
+    assert seen == [b'{"x": 1}', b"{}"]
