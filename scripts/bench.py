@@ -585,12 +585,12 @@ def measure_postgres_fleet(pg, sz: Sizes, figures: dict, issuer_config: dict) ->
         with psycopg.connect(dsn) as db:
             serials = [r[0] for r in db.execute("SELECT serial FROM issued WHERE kind = 'identity' LIMIT %s",
                                                 (sz.revocations,))]
-        per = sz.pg_streams // len(deps)
+        per = [sz.pg_streams // len(deps) + (k < sz.pg_streams % len(deps)) for k in range(len(deps))]
         procs = max(1, sz.pg_sync_procs // len(deps))
-        log(f"PostgreSQL: {per * len(deps)} light sidecars open Sync streams, {per} at each of {len(deps)} issuers "
-            f"({procs} client processes per issuer)")
+        log(f"PostgreSQL: {sz.pg_streams} light sidecars open Sync streams, {' / '.join(map(str, per))} at the "
+            f"{len(deps)} issuers ({procs} client processes per issuer)")
         for k, d in enumerate(deps):
-            groups.append(fleet.LightSidecars(d, [f"pg-sync-{k}-{i}" for i in range(per)], procs))
+            groups.append(fleet.LightSidecars(d, [f"pg-sync-{k}-{i}" for i in range(per[k])], procs))
         delays, from_commit = time_revocations(deps[0], groups, serials)
         for g in groups:
             g.close()
