@@ -189,9 +189,10 @@ def start_clients(dep: Deployment, names: list[str], entries: int, channels: int
 
 
 def signing_runs(clients: list[LoadProc], sz: Sizes, server_pids: list[int], what: str,
-                 modes: tuple[str, ...] = ("batched", "unary")) -> dict[str, dict]:
+                 modes: tuple[str, ...] = ("batched", "unary"), db_pids: list[int] = ()) -> dict[str, dict]:
     """The best of sz.phase_runs runs per mode (batched: sz.batch CSRs per call; unary: one), with the CPU the
-    server processes spent per CSR and the share of the machine the server and clients got in that run."""
+    server processes (and apart, the database's) spent per CSR and the share of the machine the server, the database
+    and the clients got in that run."""
     shapes = {"batched": (sz.batch, sz.batched_concurrency), "unary": (1, sz.unary_concurrency)}
     best = {}
     client_pids = [c.proc.pid for c in clients]
@@ -201,13 +202,16 @@ def signing_runs(clients: list[LoadProc], sz: Sizes, server_pids: list[int], wha
         for n in range(sz.phase_runs):
             log(f"{what} {mode} run {n + 1}/{sz.phase_runs}: {len(clients)} clients x {conc} calls in flight x "
                 f"{batch} CSRs/call, {sz.phase_seconds}s")
-            t0, i0, c0 = time.time(), cpu_seconds(server_pids), cpu_seconds(client_pids)
+            dbs = [p for pid in db_pids for p in (pid, *children(pid))]  # PostgreSQL's backends, as of now
+            t0, i0, c0, d0 = time.time(), cpu_seconds(server_pids), cpu_seconds(client_pids), cpu_seconds(dbs)
             run = run_phase(clients, batch, conc, duration=sz.phase_seconds)
             wall, i1, c1 = time.time() - t0, cpu_seconds(server_pids), cpu_seconds(client_pids)
+            d1 = cpu_seconds(dbs)
             # CPU the server (main + signing workers) spent per CSR, and the share of the machine that the
             # processes measured got: both say how far other load on the host skewed the rate.
             run["server_cpu_us_per_csr"] = (i1 - i0) / max(1, run["ok"]) * 1e6
-            run["cpu_share"] = ((i1 - i0) + (c1 - c0)) / (wall * (os.cpu_count() or 1))
+            run["db_cpu_us_per_csr"] = (d1 - d0) / max(1, run["ok"]) * 1e6
+            run["cpu_share"] = ((i1 - i0) + (c1 - c0) + (d1 - d0)) / (wall * (os.cpu_count() or 1))
             runs.append(run)
         best[mode] = max(runs, key=lambda x: x["per_s"])
         best[mode]["issued"] = sum(r["ok"] for r in runs)
@@ -496,7 +500,13 @@ def record_signing(figures: dict, prefix: str, best: dict[str, dict]) -> None:
         figures[f"{prefix}_sign_{mode}_p99_ms"] = stats.rounded(r["p99_ms"], 2)
         figures[f"{prefix}_ratio_{mode}"] = stats.rounded(r["per_s"] / figures["limit_sign_per_s"], 3)
         figures[f"{prefix}_cpu_us_per_csr_{mode}"] = stats.rounded(r["server_cpu_us_per_csr"], 0)
+        figures[f"{prefix}_db_cpu_us_per_csr_{mode}"] = stats.rounded(r["db_cpu_us_per_csr"], 0)
         figures[f"{prefix}_cpu_share_{mode}"] = stats.rounded(r["cpu_share"], 2)
+
+
+def postmaster(pg: Cluster) -> int:
+    """The PostgreSQL server's main process (its backends are its children)."""
+    return int((pg.data / "postmaster.pid").read_text().split()[0])
 
 
 def issuer_pids(deps: list[Deployment]) -> list[int]:
@@ -518,7 +528,8 @@ def measure_postgres_signing(pg, sz: Sizes, figures: dict, issuer_config: dict) 
         log(f"PostgreSQL: issuer up (pid {first.issuer.proc.pid}); {sz.clients} load clients")
         clients, _ = start_clients(first, [f"pg1-{n}" for n in names], sz.pg_entries, sz.channels)
         try:
-            record_signing(figures, "pg1", signing_runs(clients, sz, issuer_pids([first]), "PostgreSQL, 1 issuer:"))
+            record_signing(figures, "pg1", signing_runs(clients, sz, issuer_pids([first]), "PostgreSQL, 1 issuer:",
+                                                        db_pids=[postmaster(pg)]))
         finally:
             for c in clients:
                 c.close()
@@ -537,7 +548,7 @@ def measure_postgres_signing(pg, sz: Sizes, figures: dict, issuer_config: dict) 
             held = accepted_connections([first.issuer.proc.pid, second.issuer.proc.pid], first.port)
             figures["pg2_connections"] = " / ".join(str(n) for n in held.values())
             record_signing(figures, "pg2", signing_runs(clients, sz, issuer_pids(deps),
-                                                        "PostgreSQL, 2 issuers on one port:"))
+                                                        "PostgreSQL, 2 issuers on one port:", db_pids=[postmaster(pg)]))
         finally:
             for c in clients:
                 c.close()
@@ -682,7 +693,11 @@ def note(key: str, figures: dict, sz: Sizes) -> str:
         parts.append("cfssl serve's CPU per signed CSR, in the reported run")
     if key.startswith("pg1_cpu_us") or key.startswith("pg2_cpu_us"):
         parts.append("the issuer processes + their signing workers (not PostgreSQL's), in the reported run")
-    if key.startswith("bench_cpu_share") or key == "cfssl_cpu_share" or "_cpu_share_" in key:
+    if "_db_cpu_us_per_csr_" in key:
+        parts.append("PostgreSQL's processes, in the reported run")
+    if key.startswith("pg1_cpu_share") or key.startswith("pg2_cpu_share"):
+        parts.append("of all CPUs used by issuers + PostgreSQL + load clients in that run (the rest: other load)")
+    elif key.startswith("bench_cpu_share") or key == "cfssl_cpu_share" or "_cpu_share_" in key:
         parts.append("of all CPUs used by the server (issuer or cfssl) + load clients in that run (the rest: other load)")
     if key == "limit_sign_per_s":
         parts.append(f"one process, no RPC or storage; best of {sz.limit_bursts} x 0.5 s")
@@ -754,7 +769,8 @@ ORDER = ["limit_sign_per_s", "cfssl_sign_per_s", "cfssl_sign_p50_ms", "cfssl_sig
          "issuer_sign_per_s_unary_p50_ms", "issuer_sign_per_s_unary_p99_ms", "ratio_unary", "issuer_vs_cfssl_unary",
          *(k for p in ("pg1", "pg2") for m in ("batched", "unary")
            for k in (f"{p}_sign_per_s_{m}", f"{p}_sign_{m}_p50_ms", f"{p}_sign_{m}_p99_ms", f"{p}_ratio_{m}",
-                     f"{p}_vs_cfssl_{m}", f"{p}_cpu_us_per_csr_{m}", f"{p}_cpu_share_{m}")),
+                     f"{p}_vs_cfssl_{m}", f"{p}_cpu_us_per_csr_{m}", f"{p}_db_cpu_us_per_csr_{m}",
+                     f"{p}_cpu_share_{m}")),
          "pg2_connections",
          *(f"unary_{k}_{n * FULL.clients}_in_flight" for n in FULL.unary_sweep for k in ("per_s", "p50_ms")),
          "issuer_cpu_us_per_csr_batched", "issuer_cpu_us_per_csr_unary", "bench_cpu_share_batched",
