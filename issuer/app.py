@@ -152,6 +152,7 @@ class IssuerApp:
         self.services = build(cfg)
         metrics.watch_connected_sidecars(self.services.hub)
         metrics.watch_audit_file(self.services.audit_file)
+        metrics.watch_change_feed(self.services.peers.follower)
         self.health = health_aio.HealthServicer()
         self.metrics_server = None
         # Each listener's connections are capped below the descriptor limit (tessera/fdlimits.py), so a

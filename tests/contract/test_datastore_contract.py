@@ -630,3 +630,35 @@ def test_a_started_follower_sees_another_store_objects_commit_within_a_second(en
         follower.stop()
         writer.close()
         follower_store.close()
+
+
+def test_a_change_that_fails_to_apply_holds_the_feed_counted_as_failing_until_it_applies(engine):
+    """The follower never skips a change: it retries the one that failed, and `failures` (the issuer's
+    tessera_issuer_change_feed_failing metric) says so meanwhile."""
+    writer, follower_store = engine.opener().open(), engine.opener().open()
+    applied: list[str] = []
+    broken = threading.Event()
+    broken.set()
+
+    def apply(changes):
+        if broken.is_set() and any(c.key == "bad" for c in changes):
+            raise RuntimeError("cannot apply")
+        applied.extend(c.key for c in changes)
+
+    follower = ChangeFollower(follower_store, None, apply, start=follower_store.last_change_position())
+    try:
+        follower.start(interval=0.02)
+        writer.create_entry(entry("bad"), event("entry.create"))
+        writer.create_entry(entry("after"), event("entry.create"))
+        deadline = time.monotonic() + 5
+        while follower.failures < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert follower.failures >= 2 and applied == []  # "after" waits behind "bad"
+        broken.clear()
+        while (applied != ["bad", "after"] or follower.failures) and time.monotonic() < deadline + 5:
+            time.sleep(0.01)
+        assert applied == ["bad", "after"] and follower.failures == 0
+    finally:
+        follower.stop()
+        writer.close()
+        follower_store.close()
