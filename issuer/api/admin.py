@@ -21,7 +21,7 @@ from issuer.core.models import Actor, Authority
 from issuer.identity.attestation import SidecarAttestor
 from issuer.identity.registration import Registry, bounded_ref, optional_text, required_text
 from issuer.revocation.service import CrlInfo, RevocationService
-from issuer.tasks.approvals import ApprovalRequest, Approvals
+from issuer.tasks.approvals import Approvals
 from tessera import peercred
 from tessera.errors import ConfigError, FailedPrecondition, InvalidArgument, PermissionDenied
 from tessera.rpc import grpclib_handler
