@@ -17,7 +17,7 @@ from issuer.api.convert import entry_pb, sidecar_pb
 from issuer.api.evidence import Evidence, EvidenceHandlers
 from issuer.ca.authorities import Authorities, expired
 from issuer.core.events import EventHub
-from issuer.core.models import Actor, Authority
+from issuer.core.models import Actor, ApprovalRequest, Authority
 from issuer.identity.attestation import SidecarAttestor
 from issuer.identity.registration import Registry, bounded_ref, optional_text, required_text
 from issuer.revocation.service import CrlInfo, RevocationService
