@@ -133,8 +133,8 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
     async def ListApprovals(self, stream):
         await stream.recv_message()
         self.operator(stream)
-        await stream.send_message(admin_pb2.ListApprovalsResponse(
-            approvals=[approval_pb(a) for a in self.approvals.list()]))
+        pending = await asyncio.to_thread(self.approvals.list)  # a read of the store: off the event loop
+        await stream.send_message(admin_pb2.ListApprovalsResponse(approvals=[approval_pb(a) for a in pending]))
 
     @grpclib_handler
     async def DecideApproval(self, stream):
