@@ -131,7 +131,7 @@ def build(cfg: IssuerConfig) -> Services:
 
     metrics.set_authorities(authorities.list())
     authorities.subscribe(publish_trust)
-    peers = Peers(store, registry, attestor, revocation, authorities, hub, feed_start)
+    peers = Peers(store, registry, attestor, revocation, authorities, hub, approvals, feed_start)
     return Services(
         audit_relay=audit_relay, store=store, audit_file=audit_file, authorities=authorities, hub=hub,
         registry=registry, attestor=attestor,

@@ -138,7 +138,7 @@ def observe_issuance_latency(kind: str, seconds: float, count: int = 1) -> None:
 
 
 def set_pending_approvals(n: int) -> None:
-    """The approval queue calls this whenever its length changes."""
+    """The approval queue calls this whenever the number of requests whose callers wait on this issuer changes."""
     PENDING_APPROVALS.set(n)
 
 

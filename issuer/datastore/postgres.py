@@ -46,9 +46,12 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from issuer.audit.relay import AuditRelay
-from issuer.core.models import (AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS, AuditEvent, AuditRecord,
-                                Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar)
-from issuer.datastore.rows import (AUDIT_COLUMNS, GroupCommit, OwnChanges, Pending, audit_record, audit_row,
+from issuer.core.models import (APPROVAL_FINAL_OPS, AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS,
+                                ApprovalCap, ApprovalRequest, AuditEvent, AuditRecord, Authority, Change, Entry,
+                                IssuedSerial, JoinToken, Revocation, Sidecar)
+from issuer.datastore.rows import (APPROVAL_COLUMNS, AUDIT_COLUMNS, GroupCommit, OwnChanges, Pending,
+                                   approval_cap_where, approval_from, approval_row, approval_still_open, audit_record,
+                                   audit_row,
                                    authority_from, authority_row, chain, change_payload, check_schema_version, dumps,
                                    entry_from, entry_row, issued_from, issued_row, sidecar_from)
 from tessera import logs
@@ -173,7 +176,32 @@ _V1 = (
     "CREATE INDEX audit_ts ON audit(ts)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)  # MIGRATIONS[n - 1] brings a database to version n
+# Pending approvals move from one issuer's memory to the database, so every issuer sees and decides them.
+_V2_APPROVALS = (
+    """CREATE TABLE approvals (
+        id TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        entry_id TEXT NOT NULL,
+        spiffe_id TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        tier TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        ttl BIGINT NOT NULL,
+        context TEXT NOT NULL,
+        sidecar_id TEXT NOT NULL,
+        workload TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        decided_by TEXT NOT NULL,
+        decision_reason TEXT NOT NULL,
+        uid BIGINT NOT NULL)""",
+    "CREATE INDEX approvals_pending ON approvals(state, expires_at)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_APPROVALS)  # MIGRATIONS[n - 1] brings a database to version n
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -240,6 +268,8 @@ _INSERT_AUTHORITY = (f"INSERT INTO authorities ({', '.join(AUTHORITY_FIELDS)}) "
                      f"VALUES ({', '.join(['%s'] * len(AUTHORITY_FIELDS))}) ON CONFLICT (id) DO NOTHING")
 _UPDATE_AUTHORITY = (f"UPDATE authorities SET ({', '.join(AUTHORITY_FIELDS)}) = "
                      f"({', '.join(['%s'] * len(AUTHORITY_FIELDS))}) WHERE id=%s AND state=%s")
+_INSERT_APPROVAL = (f"INSERT INTO approvals ({', '.join(APPROVAL_COLUMNS)}) "
+                    f"VALUES ({', '.join(['%s'] * len(APPROVAL_COLUMNS))}) ON CONFLICT (id) DO NOTHING")
 _INSERT_AUDIT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({', '.join(['%s'] * len(AUDIT_FIELDS))})"
 _AUDIT_BATCH = 1000  # audit_since reads this many records per query
 
@@ -706,6 +736,47 @@ class PostgresDatastore(_AuditReads):
         """Unexpired, unrevoked certificates `authority` signed."""
         return self._rows("SELECT COUNT(*) FROM issued WHERE authority=%s AND not_after > %s AND revoked_at IS NULL",
                           (authority, now))[0][0]
+
+    # -- approvals -----------------------------------------------------------------------------------------
+
+    def create_approval(self, req: ApprovalRequest, caps: Sequence[ApprovalCap],
+                        audit: AuditEvent) -> ApprovalCap | None:
+        with self._tx() as db:  # under the write lock: no other issuer counts or inserts until this one commits
+            for cap in caps:
+                where, args = approval_cap_where(cap, req.created_at, "%s")
+                if db.execute(f"SELECT COUNT(*) FROM approvals WHERE {where}", args).fetchone()[0] >= cap.limit:
+                    return cap
+            if not db.execute(_INSERT_APPROVAL, approval_row(req)).rowcount:
+                raise AlreadyExists(f"approval {req.id} already exists")
+            self._change(db, "approval", "create", req.id, change_payload(req))
+            self._audit(db, audit)
+            return None
+
+    def finish_approvals(self, finals: Sequence[ApprovalRequest], audits: Sequence[AuditEvent],
+                         now: int) -> list[ApprovalRequest]:
+        """(See the protocol.) The UPDATE's row lock orders two stores; the write lock, taken first, already does."""
+        won = []
+        with self._tx() as db, db.cursor(row_factory=dict_row) as cur:
+            for final, audit in zip(finals, audits, strict=True):
+                row = cur.execute(f"UPDATE approvals SET state=%s, decided_by=%s, decision_reason=%s WHERE id=%s"
+                                  f" AND state='pending' AND {approval_still_open(final.state, now)} RETURNING *",
+                                  (final.state, final.decided_by, final.decision_reason, final.id)).fetchone()
+                if row is None:
+                    continue
+                stored = approval_from(row)
+                self._change(db, "approval", APPROVAL_FINAL_OPS[final.state], final.id, change_payload(stored))
+                self._audit(db, audit)
+                won.append(stored)
+        return won
+
+    def get_approval(self, approval_id: str) -> ApprovalRequest | None:
+        rows = self._dicts("SELECT * FROM approvals WHERE id=%s", (approval_id,))
+        return approval_from(rows[0]) if rows else None
+
+    def list_approvals(self, now: int, expired: bool = False) -> list[ApprovalRequest]:
+        return [approval_from(r) for r in self._dicts(
+            f"SELECT * FROM approvals WHERE state='pending' AND expires_at {'<=' if expired else '>'} %s"
+            " ORDER BY created_at, id", (now,))]
 
     # -- the change feed -----------------------------------------------------------------------------------
 
