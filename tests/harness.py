@@ -303,10 +303,14 @@ class Deployment:
         return subprocess.run([str(BIN / "tessera-issuer"), "run", "--config", str(path)], capture_output=True,
                               text=True, timeout=30)
 
-    def start_issuer(self, **extra) -> Daemon:
+    def issuer_argv(self, *flags: str) -> list[str]:
+        return [str(BIN / "tessera-issuer"), "run", "--config", str(self.issuer_cfg_path), *flags]
+
+    def start_issuer(self, *flags: str, **extra) -> Daemon:
+        """Write the issuer's config (issuer_config with `extra`) and start it, `flags` added to its command line."""
         self.issuer_cfg_path.write_text(yaml.safe_dump(self.issuer_config(**extra)))
-        self.issuer = Daemon("issuer", [str(BIN / "tessera-issuer"), "run", "--config", str(self.issuer_cfg_path)],
-                             self.root / "issuer.log", self.admin_socket, env=self.issuer_env).start()
+        self.issuer = Daemon("issuer", self.issuer_argv(*flags), self.root / "issuer.log", self.admin_socket,
+                             env=self.issuer_env).start()
         self.bundle_path.write_text(self.cli("bundle", "show").stdout)
         return self.issuer
 

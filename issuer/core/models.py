@@ -270,6 +270,18 @@ class Change:
 
 
 @dataclass(frozen=True)
+class Heads:
+    """How far a database's counters that only ever grow have come: the last change feed position, revocation seq
+    and audit seq, and each authority's last CRL number. A database restored from an older backup is behind the
+    heads an issuer saw before (issuer/datastore/highwater.py)."""
+
+    change_position: int = 0
+    revocation_seq: int = 0
+    audit_seq: int = 0
+    crl_numbers: dict[str, int] = field(default_factory=dict)  # authority id -> last number taken
+
+
+@dataclass(frozen=True)
 class SignResult:
     """One entry's outcome in a signing batch: a certificate, or the status code and message that refused it."""
     entry_id: str

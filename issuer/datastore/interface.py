@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import threading
 from contextlib import AbstractContextManager
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from issuer.audit.relay import AuditRelay
-from issuer.core.models import (ApprovalCap, ApprovalRequest, AuditEvent, AuditRecord, Authority, Change, Entry,
+from issuer.core.models import (ApprovalCap, ApprovalRequest, AuditEvent, AuditRecord, Authority, Change, Entry, Heads,
                                 IssuedSerial, JoinToken, Revocation, Sidecar)
 from issuer.datastore.rows import OwnChanges
 
@@ -31,6 +31,10 @@ class AuditReader(Protocol):
     def audit_records(self, since_seq: int = 0, limit: int | None = None) -> list[AuditRecord]: ...
     def audit_since(self, since_ts: float = 0.0) -> Iterator[AuditRecord]: ...
     def newest_audit_seq(self) -> int: ...
+    def heads(self) -> Heads:
+        """The change feed's, revocation log's and audit chain's last positions and every CRL number (0 for what the
+        database does not hold yet): what the issuer's high-water mark is checked against."""
+        ...
     def close(self) -> None: ...
 
 
@@ -79,6 +83,10 @@ class Datastore(AuditReader, Protocol):
     def revocations(self, kinds: Sequence[str] | None = None, since_seq: int = 0) -> list[Revocation]: ...
     def last_revocation_seq(self) -> int: ...
     def next_crl_number(self, authority: str) -> int: ...
+    def raise_crl_numbers(self, floors: Mapping[str, int], audit: AuditEvent) -> None:
+        """Move each authority's CRL number up to at least its floor (the next one taken is higher), never down, in
+        one transaction with `audit` (an issuer accepting a restored database, issuer/datastore/highwater.py)."""
+        ...
 
     # authorities (roots, intermediates, JWT keys); keys only sealed (issuer/ca/keys.py)
     def put_authority(self, authority: Authority, audit: AuditEvent | None, *,

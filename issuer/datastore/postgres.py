@@ -37,7 +37,7 @@ import dataclasses
 import json
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -48,8 +48,8 @@ from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 from issuer.audit.relay import AuditRelay
 from issuer.core.models import (APPROVAL_FINAL_OPS, AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS,
                                 ApprovalCap, ApprovalRequest, AuditEvent, AuditRecord, Authority, Change, Entry,
-                                IssuedSerial, JoinToken, Revocation, Sidecar)
-from issuer.datastore.rows import (APPROVAL_COLUMNS, AUDIT_COLUMNS, GroupCommit, OwnChanges, Pending,
+                                Heads, IssuedSerial, JoinToken, Revocation, Sidecar)
+from issuer.datastore.rows import (APPROVAL_COLUMNS, AUDIT_COLUMNS, CRL_NUMBERS_QUERY, GroupCommit, OwnChanges, Pending,
                                    approval_cap_where, approval_from, approval_row, approval_still_open, audit_record,
                                    audit_row,
                                    authority_from, authority_row, chain, change_payload, check_schema_version, dumps,
@@ -307,6 +307,19 @@ class _AuditReads:
 
     def newest_audit_seq(self) -> int:
         return self._rows("SELECT COALESCE(MAX(seq), 0) FROM audit")[0][0]
+
+    def heads(self) -> Heads:
+        """The database's heads; a table it lacks (an empty database) counts as 0."""
+        with self._read() as db:
+            tables = {r[0] for r in db.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
+
+            def top(table: str, column: str) -> int:
+                if table not in tables:
+                    return 0
+                return db.execute(f"SELECT COALESCE(MAX({column}), 0) FROM {table}").fetchone()[0]
+
+            crl = dict(db.execute(CRL_NUMBERS_QUERY).fetchall()) if "meta" in tables else {}
+            return Heads(top("changes", "position"), top("revocations", "seq"), top("audit", "seq"), crl)
 
 
 class PostgresReader(_AuditReads):
@@ -699,6 +712,15 @@ class PostgresDatastore(_AuditReads):
         with self._tx(lock=False) as db:
             return db.execute("INSERT INTO meta VALUES (%s, 1) ON CONFLICT (key) DO UPDATE SET value = meta.value + 1"
                               " RETURNING value", (f"crl_number:{authority}",)).fetchone()[0]
+
+    def raise_crl_numbers(self, floors: Mapping[str, int], audit: AuditEvent) -> None:
+        """Each authority's CRL number at least its floor (never lowered), with `audit`, in one transaction."""
+        with self._tx() as db:
+            with db.cursor() as cur:
+                cur.executemany("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE"
+                                " SET value = GREATEST(meta.value, EXCLUDED.value)",
+                                [(f"crl_number:{a}", n) for a, n in sorted(floors.items())])
+            self._audit(db, audit)
 
     # -- authorities ---------------------------------------------------------------------------------------
 

@@ -103,6 +103,8 @@ def approval_cap_where(cap: ApprovalCap, now: int, mark: str) -> tuple[str, list
 
 
 # The audit table's columns are AuditRecord's fields, in order; actor and details are JSON text.
+# Each authority's CRL number is a row of `meta` keyed "crl_number:<authority id>" (both engines).
+CRL_NUMBERS_QUERY = "SELECT substr(key, 12), value FROM meta WHERE substr(key, 1, 11) = 'crl_number:'"
 AUDIT_COLUMNS = ", ".join(AUDIT_FIELDS)
 
 

@@ -37,14 +37,14 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from issuer.audit.relay import AuditRelay
 from issuer.core.models import (APPROVAL_FINAL_OPS, AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS,
                                 ApprovalCap, ApprovalRequest, AuditEvent, AuditRecord, Authority, Change, Entry,
-                                IssuedSerial, JoinToken, Revocation, Sidecar)
-from issuer.datastore.rows import (APPROVAL_COLUMNS, AUDIT_COLUMNS, GroupCommit, OwnChanges, check_schema_version,
-                                   Pending, approval_cap_where, approval_from, approval_row, approval_still_open,
+                                Heads, IssuedSerial, JoinToken, Revocation, Sidecar)
+from issuer.datastore.rows import (APPROVAL_COLUMNS, AUDIT_COLUMNS, CRL_NUMBERS_QUERY, GroupCommit, OwnChanges,
+                                   check_schema_version, Pending, approval_cap_where, approval_from, approval_row, approval_still_open,
                                    audit_record, audit_row, authority_from,
                                    authority_row, chain, change_payload, dumps, entry_from, entry_row, issued_from,
                                    issued_row, sidecar_from)
@@ -278,6 +278,18 @@ def _newest_audit_seq(path: Path) -> int:
         return db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
 
 
+def _heads(path: Path) -> Heads:
+    """The database's heads; a table it lacks (an empty file, an older release's store) counts as 0."""
+    with _connect_ro(path) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+        def top(table: str, column: str) -> int:
+            return db.execute(f"SELECT COALESCE(MAX({column}), 0) FROM {table}").fetchone()[0] if table in tables else 0
+
+        crl = dict(db.execute(CRL_NUMBERS_QUERY)) if "meta" in tables else {}
+        return Heads(top("changes", "position"), top("revocations", "seq"), top("audit", "seq"), crl)
+
+
 class _AuditReads:
     """The audit reads, over read-only connections of their own: a long scan holds up no commit."""
 
@@ -292,6 +304,9 @@ class _AuditReads:
 
     def newest_audit_seq(self) -> int:
         return _newest_audit_seq(self.path)
+
+    def heads(self) -> Heads:
+        return _heads(self.path)
 
 
 class SQLiteReader(_AuditReads):
@@ -646,6 +661,13 @@ class SQLiteDatastore(_AuditReads):
         with self._tx() as db:
             db.execute("INSERT INTO meta VALUES (?, 1) ON CONFLICT(key) DO UPDATE SET value = value + 1", (key,))
             return db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0]
+
+    def raise_crl_numbers(self, floors: Mapping[str, int], audit: AuditEvent) -> None:
+        """Each authority's CRL number at least its floor (never lowered), with `audit`, in one transaction."""
+        with self._tx() as db:
+            db.executemany("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
+                           [(f"crl_number:{a}", n) for a, n in sorted(floors.items())])
+            self._audit(db, audit)
 
     # -- authorities --------------------------------------------------------------------
 
