@@ -182,3 +182,11 @@ def test_a_database_restored_from_an_older_backup_is_refused_and_with_the_overri
     # The mark now follows the restored database: a plain restart starts.
     d.restart_issuer()
     assert d.cli("audit", "verify").returncode == 0
+
+
+def test_a_high_water_mark_that_is_not_one_refuses_the_start_in_one_line(tmp_path):
+    d = Deployment(tmp_path)
+    d.issuer_dir.mkdir(mode=0o700)
+    harness.write_private(d.issuer_dir / "high-water.json", '{"audit_seq": "many"}')
+    harness.one_line_error(d.run_issuer_once(d.issuer_config()), "high-water.json is not a high-water mark")
+    assert not (d.issuer_dir / "tessera.db").exists()

@@ -229,6 +229,43 @@ def test_crl_numbers_are_never_handed_out_twice_and_each_authority_counts_its_ow
     other.close()
 
 
+def test_heads_are_every_counter_the_database_has_come_to_read_alike_with_or_without_a_store(store, engine):
+    from issuer.core.models import Heads
+    from issuer.datastore import read_heads
+
+    assert store.heads() == Heads()
+    store.create_entry(entry(), event("entry.create"))
+    store.record_revocation(Revocation(0, NOW, "serial", "1", "r", "keyCompromise", ("1",)))
+    store.next_crl_number(A1)
+    store.next_crl_number(A1)
+    heads = Heads(change_position=store.last_change_position(), revocation_seq=1, audit_seq=1, crl_numbers={A1: 2})
+    assert heads.change_position == 2 and store.heads() == heads
+    assert read_heads(engine.reader_source()) == heads  # as the issuer reads it at start, before opening the store
+
+
+def test_the_heads_of_a_store_not_created_yet_are_zero_and_reading_them_creates_nothing(engine):
+    from issuer.core.models import Heads
+    from issuer.datastore import read_heads
+
+    assert read_heads(engine.reader_source()) == Heads()
+    if engine.name == "sqlite":
+        assert not Path(engine.reader_source()).exists()
+    else:
+        import psycopg
+
+        with psycopg.connect(engine.dsn) as db:
+            assert db.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()").fetchall() == []
+
+
+def test_raising_crl_numbers_moves_each_up_to_its_floor_never_down_with_its_audit_record(store):
+    other = "ef" * 20
+    for _ in range(5):
+        store.next_crl_number(A1)
+    store.raise_crl_numbers({A1: 3, other: 7}, event("datastore.restore_accepted"))
+    assert store.next_crl_number(A1) == 6 and store.next_crl_number(other) == 8
+    assert [r.action for r in store.audit_records()] == ["datastore.restore_accepted"]
+
+
 def test_an_authority_is_added_once_and_moved_only_from_the_state_it_is_in(store):
     store.put_authority(authority(), event("ca.prepare"))
     with pytest.raises(AlreadyExists):
