@@ -107,7 +107,8 @@ def build(cfg: IssuerConfig, accept_restored_database: bool = False) -> Services
     audit_relay = AuditRelay()
     store = open_store(source, relay=audit_relay, pool_size=cfg.datastore.pool_size)
     if behind:
-        high_water.accept(store, behind, cfg.audit_file)  # before anything signs a CRL or writes the audit file
+        # Before anything signs a CRL or writes the audit file.
+        high_water.accept(store, behind, lambda: AuditFile.set_aside(cfg.audit_file, "before-restore"))
     high_water.attach(store)
     # Read before any cache is loaded: what a peer commits while they load is applied again by the follower
     # (harmless: applying is idempotent), never missed (issuer/peers.py).

@@ -28,8 +28,8 @@ import json
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from issuer.audit.records import AuditFile
 from issuer.core.models import ISSUER, AuditEvent, Heads
 from issuer.datastore.interface import Datastore
 from tessera import logs, safefs
@@ -142,13 +142,14 @@ class HighWater:
                 f"start once with {OVERRIDE_FLAG}")
         return behind
 
-    def accept(self, store: Datastore, behind: list[Lag], audit_file: Path) -> None:
-        """Continue from a database that is behind the mark (the operator said so): see the module's docstring."""
+    def accept(self, store: Datastore, behind: list[Lag], set_aside_audit_file: Callable[[], Path | None]) -> None:
+        """Continue from a database that is behind the mark (the operator said so): see the module's docstring.
+        `set_aside_audit_file` renames the audit file (if any) out of the way and says where it went."""
         assert self.mark is not None and behind
         mark, db = self.mark, store.heads()
         floors = {a: n for a, n in mark.crl_numbers.items() if db.crl_numbers.get(a, 0) < n}
         lost = [db.revocation_seq + 1, mark.revocation_seq] if db.revocation_seq < mark.revocation_seq else []
-        set_aside = AuditFile.set_aside(audit_file, "before-restore") if db.audit_seq < mark.audit_seq else None
+        set_aside = set_aside_audit_file() if db.audit_seq < mark.audit_seq else None
         details = {"behind": {lag.what: {"seen": lag.seen, "database": lag.now} for lag in behind},
                    "crl_numbers_raised_to": floors, "lost_revocation_seqs": lost,
                    "audit_file_set_aside": str(set_aside) if set_aside else ""}
