@@ -178,8 +178,14 @@ class HighWater:
         self.refresh()
 
     def note_crl_numbers(self, numbers: dict[str, int]) -> None:
-        """CRL numbers just taken, written to the mark before the CRLs carrying them go out."""
-        self._advance(Heads(crl_numbers=numbers))
+        """CRL numbers just taken, written to the mark before the CRLs carrying them go out. A mark that cannot be
+        written (a full disk) is logged, not raised: the CRLs still go out, and the next refresh writes the numbers
+        from the database."""
+        try:
+            self._advance(Heads(crl_numbers=numbers))
+        except OSError as e:
+            _fail_log.log("write", "cannot write the high-water mark; retrying from the database", path=str(self.path),
+                          error=str(e))
 
     def _advance(self, heads: Heads) -> None:
         with self._lock:
