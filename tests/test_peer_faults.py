@@ -292,8 +292,11 @@ def check_every_revocation_enforced_by_every_sidecar(hosts: list[Host], acked: A
     no Workload API serves a revoked serial."""
     revoked = set(acked.revoked)
     for h in hosts:
-        wait_for(lambda: revoked <= h.crl_serials(), timeout, interval=0.1,
-                 what=f"every revoked serial in {h.name}'s crl.pem (missing: {sorted(revoked - h.crl_serials())[:5]})")
+        try:
+            wait_for(lambda: revoked <= h.crl_serials(), timeout, interval=0.1)
+        except AssertionError:
+            raise AssertionError(f"revoked serials missing from {h.name}'s crl.pem after {timeout}s: "
+                                 f"{sorted(revoked - h.crl_serials())[:5]}") from None
         served = set(h.served().values())
         assert not served & revoked, f"{h.name} serves revoked serials {served & revoked}"
 
