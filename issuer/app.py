@@ -42,11 +42,13 @@ from issuer.tasks.approvals import Approvals
 from issuer.tasks.service import TaskService
 from tessera import logs, rpc, safefs
 from tessera.connlimit import CappedServer
+from tessera.errors import Unavailable
 from tessera.fdlimits import connection_caps
 from tessera.uds import bind_unix, check_socket_path
 from tessera.v1 import issuer_pb2_grpc
 
 log = logs.get("issuer")
+_rotation_log = logs.Throttled(log, window=60, level="error")
 
 # Per HTTP/2 connection. A sidecar multiplexes its sync stream, signing batches and task requests (a task
 # waiting for approval is an open stream) over one connection; bootstrap serves one AttestSidecar call.
@@ -271,6 +273,8 @@ class IssuerApp:
         while not self._flush_stop.wait(ROTATION_CHECK):
             try:
                 self.services.authorities.tick()
+            except Unavailable as e:  # the database is down: every check fails alike, said once a minute
+                _rotation_log.log("unavailable", "authority rotation check failed; retrying", error=e.message)
             except Exception:  # noqa: BLE001 - the active authority keeps signing; try again next time
                 log.exception("authority rotation check failed")
 

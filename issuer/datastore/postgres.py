@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -58,12 +59,18 @@ from tessera import logs
 from tessera.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 
 log = logs.get("datastore")
+# psycopg_pool writes a plain line for every failed connection attempt; the store says it once a minute instead.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 # An unreachable database fails every call until it is back: one line per minute, repeats counted.
 _db_log = logs.Throttled(log, window=60, level="error")
 
 WRITE_LOCK_TIMEOUT = 30.0  # seconds a writer waits for another writer (or any row lock) before Unavailable
 CONNECT_TIMEOUT = 3  # seconds to open a connection (libpq's connect_timeout; whole seconds, at least 2)
 POOL_TIMEOUT = 3.0  # seconds a call waits for a pooled connection (the database down: none comes)
+# Seconds the pool keeps retrying a lost connection by itself (after 1 s, then 2 s, ...) before it leaves the next
+# call to ask for one again. psycopg_pool's backoff doubles up to this: at its default (5 min) a pool that lost its
+# connections in a 30 s outage tried next only 30 s later, and calls failed that long after the database was back.
+RECONNECT_TIMEOUT = 5.0
 DEFAULT_POOL_SIZE = 10  # connections per store object at most (each signing worker has its own store)
 STATEMENT_TIMEOUT = "30s"  # one statement, at most (a wedged query must not hold the write lock for ever)
 IDLE_IN_TRANSACTION_TIMEOUT = "60s"  # a stopped process's open transaction (and write lock) is ended by the server
@@ -389,7 +396,7 @@ class PostgresDatastore(_AuditReads):
         self._pool = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, open=False, timeout=POOL_TIMEOUT, name="tessera-datastore",
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "application_name": "tessera-issuer"},
-            configure=_configure, check=ConnectionPool.check_connection, reconnect_timeout=60)
+            configure=_configure, check=ConnectionPool.check_connection, reconnect_timeout=RECONNECT_TIMEOUT)
         try:
             self._pool.open(wait=True, timeout=CONNECT_TIMEOUT + POOL_TIMEOUT)
         except PoolTimeout:
