@@ -180,6 +180,7 @@ class IssuerClient:
         self.channel: grpc.aio.Channel | None = None
         self.stub: issuer_pb2_grpc.IssuerStub | None = None
         self._switch = asyncio.Lock()  # one channel change at a time (renewal and failover may overlap)
+        self._ident: SidecarIdentity | None = None  # the SVID the channel was last built with
         self._closing: set[asyncio.Task] = set()
 
     async def attest(self, join_token: str, trust_bundle: tuple[x509.Certificate, ...]) -> SidecarIdentity:
@@ -204,6 +205,7 @@ class IssuerClient:
         raise last
 
     def _channel(self, address: str, ident: SidecarIdentity) -> grpc.aio.Channel:
+        self._ident = ident
         creds = grpc.ssl_channel_credentials(
             root_certificates=pem.certs_pem(ident.bundle), private_key=pem.key_pem(ident.key),
             certificate_chain=pem.certs_pem(ident.chain))
@@ -235,13 +237,27 @@ class IssuerClient:
         """Point the channel at the first issuer in failover_order() that accepts a connection; its address, or
         None (the channel left as it was) when none does within `timeout` each."""
         async with self._switch:
-            for address in self.failover_order():
-                channel = self._channel(address, ident)
-                if await reachable(channel, timeout):
-                    self._install(address, channel)
-                    return address
-                await channel.close(grace=None)
-            return None
+            return await self._failover(ident, timeout)
+
+    async def _failover(self, ident: SidecarIdentity, timeout: float) -> str | None:
+        for address in self.failover_order():
+            channel = self._channel(address, ident)
+            if await reachable(channel, timeout):
+                self._install(address, channel)
+                return address
+            await channel.close(grace=None)
+        return None
+
+    async def leave(self, address: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+        """After a call to `address` failed as unreachable: the issuer to call instead, or None if none answers.
+        If the channel was moved meanwhile (the sync loop noticed first), the new one; if `address` accepts
+        connections again, it is kept, with the streams open on it; otherwise as failover()."""
+        async with self._switch:
+            if self.address != address:
+                return self.address
+            if self.channel is not None and await reachable(self.channel, timeout):
+                return address
+            return await self._failover(self._ident, timeout)
 
     async def renew(self, ident: SidecarIdentity) -> SidecarIdentity:
         key = x509svid.new_key()

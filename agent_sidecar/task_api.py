@@ -130,23 +130,11 @@ class TaskAPI(task_grpc.TasksBase):
             raise PermissionDenied(f"cannot watch the task's process: {e}") from None
         try:
             key = x509svid.new_key()
-            call = self.client.request_task(TaskSpec(
+            spec = TaskSpec(
                 entry_id=entry.id, task_id=req.task_id, scopes=tuple(req.scopes), ttl=req.ttl_seconds,
                 context=dict(req.context), csr=x509svid.make_csr(key), selectors=frozenset(wl.selectors),
-                workload={"pid": wl.pid, "uid": wl.uid, "gid": wl.gid, "exe": wl.exe or ""}).to_proto())
-            svid = None
-            try:
-                async for update in call:
-                    if update.WhichOneof("update") == "pending":
-                        log.info("task awaiting approval", task_id=req.task_id, approval_id=update.pending.approval_id)
-                        await stream.send_message(task_pb2.TaskUpdate(pending=update.pending))
-                        continue
-                    svid = update.svid
-                    break
-            except grpc.aio.AioRpcError as e:
-                raise _issuer_error(e) from None
-            finally:
-                call.cancel()  # the caller left: the issuer withdraws a pending request
+                workload={"pid": wl.pid, "uid": wl.uid, "gid": wl.gid, "exe": wl.exe or ""}).to_proto()
+            svid = await self._request(stream, req.task_id, spec)
             if svid is None:
                 raise Unavailable("the issuer ended the task request without an answer")
             task = LiveTask(svid.task_id, svid.entry_id, svid.serial, pid, svid.expires_at, svid.cert_chain,
@@ -166,6 +154,39 @@ class TaskAPI(task_grpc.TasksBase):
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
+
+    async def _request(self, stream, task_id: str, spec):
+        """The issuer's credential for `spec` (None if it ended the request without one), pending updates relayed.
+
+        A request lost with its issuer (unreachable, before any answer) is asked once more of another issuer, the
+        one the client moves to. Safe: an issuer refuses a second live credential for one task (AlreadyExists, a clear
+        answer) if the lost one was committed; a credential committed but never delivered is for a key only this
+        sidecar held, and EndTask revokes every credential of the task. Once the issuer said "pending", a human
+        may be deciding there: the caller gets the error rather than a second approval request behind its back."""
+        for attempt in (1, 2):
+            address = self.client.address
+            call = self.client.request_task(spec)
+            pending = False
+            try:
+                async for update in call:
+                    if update.WhichOneof("update") == "pending":
+                        pending = True
+                        log.info("task awaiting approval", task_id=task_id, approval_id=update.pending.approval_id)
+                        await stream.send_message(task_pb2.TaskUpdate(pending=update.pending))
+                        continue
+                    return update.svid
+                return None
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and not pending and attempt == 1:
+                    now = await self.client.leave(address)
+                    if now is not None and now != address:  # (an issuer answering UNAVAILABLE itself stays)
+                        log.warning("task request lost with its issuer; asking again", task_id=task_id,
+                                    issuer=address, now=now, error=e.details())
+                        continue
+                raise _issuer_error(e) from None
+            finally:
+                call.cancel()  # the caller left: the issuer withdraws a pending request
+        return None
 
     def _credential(self, svid, key) -> task_pb2.TaskCredential:
         return task_pb2.TaskCredential(

@@ -29,7 +29,8 @@ from issuer.ca.keys import KeyEncryptionKey
 from issuer.ca.serving import ServingCert
 from issuer.config import IssuerConfig
 from issuer.core.events import EventHub
-from issuer.datastore import open_store
+from issuer.datastore import open_store, read_heads
+from issuer.datastore.highwater import HighWater
 from issuer.datastore.interface import Datastore
 from issuer.identity.attestation import SidecarAttestor
 from issuer.identity.registration import Registry
@@ -41,11 +42,13 @@ from issuer.tasks.approvals import Approvals
 from issuer.tasks.service import TaskService
 from tessera import logs, rpc, safefs
 from tessera.connlimit import CappedServer
+from tessera.errors import Unavailable
 from tessera.fdlimits import connection_caps
 from tessera.uds import bind_unix, check_socket_path
 from tessera.v1 import issuer_pb2_grpc
 
 log = logs.get("issuer")
+_rotation_log = logs.Throttled(log, window=60, level="error")
 
 # Per HTTP/2 connection. A sidecar multiplexes its sync stream, signing batches and task requests (a task
 # waiting for approval is an open stream) over one connection; bootstrap serves one AttestSidecar call.
@@ -78,10 +81,12 @@ class Services:
     sidecar_api: IssuerService
     admin_api: AdminService
     peers: Peers
+    high_water: HighWater
 
     def close(self) -> None:
         """Stop what `build` started, store last (the audit file drains what the store handed it first)."""
         self.peers.stop()
+        self.high_water.stop()  # its last read of the heads, before the store closes
         self.approvals.close()
         self.revocation.stop()
         if self.signing_pool is not None:
@@ -91,12 +96,22 @@ class Services:
         self.store.close()
 
 
-def build(cfg: IssuerConfig) -> Services:
-    """Open the datastore, the audit file and the CA, and wire every service to them through constructors."""
+def build(cfg: IssuerConfig, accept_restored_database: bool = False) -> Services:
+    """Open the datastore, the audit file and the CA, and wire every service to them through constructors.
+
+    A database behind the issuer's high-water mark is refused before anything is opened for writing, unless
+    `accept_restored_database` (issuer/datastore/highwater.py)."""
     safefs.make_dir(cfg.data_dir, "data_dir", 0o700, tighten=True)  # ours alone, before anything is read from it
+    source = cfg.datastore.source(cfg.data_dir)
+    high_water = HighWater(cfg.data_dir)
+    behind = high_water.check(read_heads(source), accept_restored_database)  # read only: refused, nothing changed
     # Every committed audit record reaches the relay's subscribers in seq order, whichever process wrote it.
     audit_relay = AuditRelay()
-    store = open_store(cfg.datastore.source(cfg.data_dir), relay=audit_relay, pool_size=cfg.datastore.pool_size)
+    store = open_store(source, relay=audit_relay, pool_size=cfg.datastore.pool_size)
+    if behind:
+        # Before anything signs a CRL or writes the audit file.
+        high_water.accept(store, behind, lambda: AuditFile.set_aside(cfg.audit_file, "before-restore"))
+    high_water.attach(store)
     # Read before any cache is loaded: what a peer commits while they load is applied again by the follower
     # (harmless: applying is idempotent), never missed (issuer/peers.py).
     feed_start = store.last_change_position()
@@ -113,7 +128,8 @@ def build(cfg: IssuerConfig) -> Services:
     hub = EventHub()
     registry = Registry(store, hub, cfg.trust_domain, cfg.default_x509_ttl, tier_names=cfg.policy.tier_names)
     attestor = SidecarAttestor(store, authorities, cfg.sidecar_svid_ttl, cfg.join_token_ttl)
-    revocation = RevocationService(store, authorities, registry, attestor, hub, cfg.crl_validity)
+    revocation = RevocationService(store, authorities, registry, attestor, hub, cfg.crl_validity,
+                                   on_crl_numbers=high_water.note_crl_numbers)
     signing_pool = (SigningPool(authorities, cfg.signing_workers, store.opener(), audit_relay.publish)
                     if cfg.signing_workers else None)
     signer = SvidSigner(store, authorities, registry, revocation, signing_pool, identity_ttl=cfg.policy.identity_ttl)
@@ -131,7 +147,7 @@ def build(cfg: IssuerConfig) -> Services:
 
     metrics.set_authorities(authorities.list())
     authorities.subscribe(publish_trust)
-    peers = Peers(store, registry, attestor, revocation, authorities, hub, feed_start)
+    peers = Peers(store, registry, attestor, revocation, authorities, hub, approvals, feed_start)
     return Services(
         audit_relay=audit_relay, store=store, audit_file=audit_file, authorities=authorities, hub=hub,
         registry=registry, attestor=attestor,
@@ -140,18 +156,19 @@ def build(cfg: IssuerConfig) -> Services:
         sidecar_api=IssuerService(attestor, signer, registry, hub, authorities, revocation, tasks,
                                   cfg.resync_interval),
         admin_api=AdminService(registry, attestor, hub, authorities, approvals, revocation, evidence, cfg.admin_uids),
-        peers=peers)
+        peers=peers, high_water=high_water)
 
 
 class IssuerApp:
     """The running issuer: `build`'s services behind their listeners."""
 
-    def __init__(self, cfg: IssuerConfig):
+    def __init__(self, cfg: IssuerConfig, accept_restored_database: bool = False):
         self.cfg = cfg
         check_socket_path(cfg.admin_socket)  # refused now, not after the listeners are up
-        self.services = build(cfg)
+        self.services = build(cfg, accept_restored_database)
         metrics.watch_connected_sidecars(self.services.hub)
         metrics.watch_audit_file(self.services.audit_file)
+        metrics.watch_change_feed(self.services.peers.follower)
         self.health = health_aio.HealthServicer()
         self.metrics_server = None
         # Each listener's connections are capped below the descriptor limit (tessera/fdlimits.py), so a
@@ -185,6 +202,7 @@ class IssuerApp:
         self.port, self.bootstrap_port = self._on_loop(self._start_grpc(serving))
         self.services.revocation.start()
         self.services.peers.start()
+        self.services.high_water.start()
         self._flush_thread = threading.Thread(target=self._flush_denials, name="join-denials", daemon=True)
         self._flush_thread.start()
         self._rotation_thread = threading.Thread(target=self._rotate, name="authorities", daemon=True)
@@ -257,6 +275,8 @@ class IssuerApp:
         while not self._flush_stop.wait(ROTATION_CHECK):
             try:
                 self.services.authorities.tick()
+            except Unavailable as e:  # the database is down: every check fails alike, said once a minute
+                _rotation_log.log("unavailable", "authority rotation check failed; retrying", error=e.message)
             except Exception:  # noqa: BLE001 - the active authority keeps signing; try again next time
                 log.exception("authority rotation check failed")
 

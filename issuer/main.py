@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the issuer")
     run.add_argument("--config", required=True, help="path of issuer.yaml")
+    run.add_argument("--accept-restored-database", action="store_true",
+                     help="start on a database behind this issuer's high-water mark (restored from an older backup): "
+                          "record it, move CRL numbers past what sidecars saw, and go on from that database")
     args = parser.parse_args(argv)
 
     # grpc-core writes a line to stderr for every failed TLS handshake (INFO), which any peer can cause at
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         logs.setup(cfg.log_level)
         from issuer.app import IssuerApp
 
-        server = IssuerApp(cfg)
+        server = IssuerApp(cfg, accept_restored_database=args.accept_restored_database)
         server.start()
         # Modules, code and start-up state live as long as the process: out of the cyclic collector's
         # way, full collections stay short (measured under load: longest pause 66 ms -> 24 ms).

@@ -23,6 +23,7 @@ from issuer.audit import report
 from issuer.audit.records import AuditFile, denial_reason
 from issuer.core.events import EventHub
 from issuer.core.models import AuditRecord, Authority
+from issuer.datastore.feed import ChangeFollower
 from tessera import metricsserver
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -52,6 +53,12 @@ CRL_ENTRIES = Gauge("tessera_issuer_crl_entries", "Revoked serials listed in all
                     registry=REGISTRY)
 CONNECTED_SIDECARS = Gauge("tessera_issuer_connected_sidecars", "Sidecars with an open sync stream",
                            registry=REGISTRY)
+CHANGE_FEED_POSITION = Gauge("tessera_issuer_change_feed_position",
+                             "Last change-feed position this issuer has applied (compare across issuers)",
+                             registry=REGISTRY)
+CHANGE_FEED_FAILING = Gauge("tessera_issuer_change_feed_failing",
+                            "Consecutive failed reads of the change feed: above 0, other issuers' changes are not "
+                            "reaching this one's sidecars (alert on it)", registry=REGISTRY)
 AUDIT_RECORDS = Counter("tessera_issuer_audit_records", "Audit records committed", registry=REGISTRY)
 AUDIT_FILE_BEHIND = Gauge("tessera_issuer_audit_file_behind",
                           "1 while the JSON-lines audit file lags the database after a failed write", registry=REGISTRY)
@@ -131,7 +138,7 @@ def observe_issuance_latency(kind: str, seconds: float, count: int = 1) -> None:
 
 
 def set_pending_approvals(n: int) -> None:
-    """The approval queue calls this whenever its length changes."""
+    """The approval queue calls this whenever the number of requests whose callers wait on this issuer changes."""
     PENDING_APPROVALS.set(n)
 
 
@@ -158,6 +165,11 @@ def set_authorities(authorities: Iterable[Authority]) -> None:
 
 def watch_connected_sidecars(hub: EventHub) -> None:
     CONNECTED_SIDECARS.set_function(lambda: len(hub.connected()))
+
+
+def watch_change_feed(follower: ChangeFollower) -> None:
+    CHANGE_FEED_POSITION.set_function(lambda: float(follower.position))
+    CHANGE_FEED_FAILING.set_function(lambda: float(follower.failures))
 
 
 def watch_audit_file(audit_file: AuditFile) -> None:

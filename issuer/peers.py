@@ -13,7 +13,9 @@ the writer applied it, and pushed to this issuer's own sidecars as a local chang
 - revocation: the revoked serials, blocked identities and seq in the RevocationService, the revocation event
   to every sidecar, and a CRL set covering it re-signed here;
 - authority: the Authorities read again from the store, their listeners told (bundle, CRL set), and a taint
-  pushed for authorities newly tainted or revoked.
+  pushed for authorities newly tainted or revoked;
+- approval: a request decided, expired or withdrawn at another issuer is handed to its caller if that caller
+  waits on this one (Approvals.settle; a new pending request needs nothing: lists read the store).
 
 Wake-up: PostgreSQL NOTIFYs each commit that appends to the feed (in the same transaction), and the follower
 reads the feed at once; it also reads every poll_interval (1 s) so nothing is missed across a reconnect of
@@ -27,9 +29,11 @@ from issuer.core.events import CLOSE, EventHub
 from issuer.core.models import Change, Entry, Revocation, Sidecar
 from issuer.datastore.feed import ChangeFollower
 from issuer.datastore.interface import Datastore
+from issuer.datastore.rows import approval_from
 from issuer.identity.attestation import SidecarAttestor
 from issuer.identity.registration import Registry
 from issuer.revocation.service import RevocationService
+from issuer.tasks.approvals import Approvals
 from tessera import logs
 
 log = logs.get("issuer.peers")
@@ -48,7 +52,8 @@ class Peers:
     """Applies the other issuers' changes to this one's services (see the module's docstring)."""
 
     def __init__(self, store: Datastore, registry: Registry, attestor: SidecarAttestor,
-                 revocation: RevocationService, authorities: Authorities, hub: EventHub, start: int):
+                 revocation: RevocationService, authorities: Authorities, hub: EventHub, approvals: Approvals,
+                 start: int):
         """`start`: the feed position read before the services loaded their caches from the store."""
         self.store = store
         self.registry = registry
@@ -56,6 +61,7 @@ class Peers:
         self.revocation = revocation
         self.authorities = authorities
         self.hub = hub
+        self.approvals = approvals
         self.follower = ChangeFollower(store, None, self.apply, start=start)
         self.applied = 0  # changes from other processes applied (for logs and tests)
 
@@ -89,6 +95,8 @@ class Peers:
                     self.hub.publish(sidecar.id, CLOSE)  # authentication refuses it from here on
             elif c.kind == "revocation":
                 self.revocation.apply_peer(_revocation(payload))
+            elif c.kind == "approval":
+                self.approvals.settle(approval_from(payload))  # a replay finds the outcome already there
             else:
                 log.warning("unknown change kind in the feed; skipped", kind=c.kind, position=c.position)
                 continue

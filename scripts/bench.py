@@ -31,8 +31,8 @@ import grpc  # noqa: E402
 
 from issuer.ca.authorities import ACTIVATE_AT  # noqa: E402
 from benchlib import cfssl, crlbench, fleet, limit, lookupbench, stats  # noqa: E402
-from harness import (BIN, Deployment, accepted_connections, peer_deployments, share_one_port, wait_for,  # noqa: E402
-                     write_private)
+from harness import (BIN, Deployment, accepted_connections, peer_deployments, share_one_port,  # noqa: E402
+                     sidecar_syncs, wait_for, write_private)
 from pgcluster import Cluster  # noqa: E402
 from taskutil import policy  # noqa: E402
 from tessera.v1 import types_pb2  # noqa: E402
@@ -562,18 +562,6 @@ def measure_postgres_signing(pg, sz: Sizes, figures: dict, issuer_config: dict) 
     shutil.rmtree(root, ignore_errors=True)
 
 
-def synced_lines(daemon) -> list[dict]:
-    """The sidecar's "synced with issuer" log lines (JSON): when, and with which issuer address."""
-    out = []
-    for line in daemon.log_path.read_text(errors="replace").splitlines():
-        if line.startswith("{") and '"synced with issuer"' in line:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-    return out
-
-
 def measure_postgres_fleet(pg, sz: Sizes, figures: dict, issuer_config: dict) -> None:
     """Three issuers on one PostgreSQL database, each on its own port: a revocation made at the first, timed to
     light sync streams spread over all three; then kill -9 of the issuer a real sidecar (configured with all three
@@ -613,15 +601,15 @@ def measure_postgres_fleet(pg, sz: Sizes, figures: dict, issuer_config: dict) ->
 
         addresses = {f"127.0.0.1:{d.port}": d for d in deps}
         sidecar = deps[0].start_sidecar("pg-failover", issuer_address=list(addresses))
-        wait_for(lambda: synced_lines(sidecar), timeout=30, what="the sidecar's first sync")
+        wait_for(lambda: sidecar_syncs(sidecar), timeout=30, what="the sidecar's first sync")
         log(f"PostgreSQL: {sz.failovers} x kill -9 of the issuer the sidecar uses, timed to its resync on another")
         times = []
         for _ in range(sz.failovers):
-            before = synced_lines(sidecar)
+            before = sidecar_syncs(sidecar)
             current = addresses[before[-1]["issuer"]]
             killed_at = time.time()
             current.issuer.kill9()
-            line = wait_for(lambda: len(synced_lines(sidecar)) > len(before) and synced_lines(sidecar)[-1],
+            line = wait_for(lambda: len(sidecar_syncs(sidecar)) > len(before) and sidecar_syncs(sidecar)[-1],
                             timeout=30, interval=0.01, what="the sidecar resynced after kill -9")
             if addresses[line["issuer"]] is current:
                 raise RuntimeError("the sidecar resynced with the issuer that was killed")

@@ -6,10 +6,13 @@ X.509-SVID over the Workload API; a task credential is started (its own serial
 and scopes, decided by policy) and ended; openssl rejects the ended task's
 certificate from the sidecar's crl.pem; and revoking the entry cuts off an open
 Workload API stream. Everything is stopped at the end.
+
+`--ha`: several issuers on PostgreSQL instead, one of them killed mid-way (scripts/demo_ha.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import sys
@@ -134,4 +137,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ha", action="store_true", help="three issuers on a throwaway PostgreSQL, two sidecars, "
+                                                          "one issuer killed mid-way")
+    if parser.parse_args().ha:
+        from demo_ha import main as ha_main
+        sys.exit(ha_main())
     sys.exit(main())

@@ -178,6 +178,22 @@ class Daemon:
             self.proc.wait()
 
 
+    def json_lines(self) -> list[dict]:
+        """The daemon's JSON log lines so far (lines that are not JSON, e.g. its start-up lines, are left out)."""
+        lines = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    pass
+        return lines
+
+
+def sidecar_syncs(sidecar: Daemon) -> list[dict]:
+    """A sidecar's "synced with issuer" log lines so far: one each time it (re)synced, naming the issuer."""
+    return [x for x in sidecar.json_lines() if x.get("event") == "synced with issuer"]
+
 
 class LineReader:
     """Reads a subprocess's JSON lines on a thread so tests can wait with timeouts.
@@ -276,6 +292,31 @@ def accepted_connections(pids: list[int], port: int) -> dict[int, int]:
     return out
 
 
+def run_side_by_side(fns: list, timeout: float = 60) -> None:
+    """Call each of `fns` on a thread of its own, all at once; the first failure is raised once all have finished."""
+    errors: list[BaseException] = []
+
+    def run(fn):
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - raised below, in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(fn,)) for fn in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    if errors:
+        raise errors[0]
+
+
+def start_issuers_at_once(deployments: list["Deployment"]) -> None:
+    """Start every deployment's issuer at the same moment (peers on a fresh database race to create the
+    authorities)."""
+    run_side_by_side([d.start_issuer for d in deployments])
+
+
 class Deployment:
     """An issuer and its sidecars in one temporary directory."""
 
@@ -334,10 +375,14 @@ class Deployment:
         return subprocess.run([str(BIN / "tessera-issuer"), "run", "--config", str(path)], capture_output=True,
                               text=True, timeout=30)
 
-    def start_issuer(self, **extra) -> Daemon:
+    def issuer_argv(self, *flags: str) -> list[str]:
+        return [str(BIN / "tessera-issuer"), "run", "--config", str(self.issuer_cfg_path), *flags]
+
+    def start_issuer(self, *flags: str, **extra) -> Daemon:
+        """Write the issuer's config (issuer_config with `extra`) and start it, `flags` added to its command line."""
         self.issuer_cfg_path.write_text(yaml.safe_dump(self.issuer_config(**extra)))
-        self.issuer = Daemon("issuer", [str(BIN / "tessera-issuer"), "run", "--config", str(self.issuer_cfg_path)],
-                             self.root / "issuer.log", self.admin_socket, env=self.issuer_env).start()
+        self.issuer = Daemon("issuer", self.issuer_argv(*flags), self.root / "issuer.log", self.admin_socket,
+                             env=self.issuer_env).start()
         self.bundle_path.write_text(self.cli("bundle", "show").stdout)
         return self.issuer
 

@@ -121,9 +121,10 @@ def test_a_store_of_an_earlier_release_upgrades_in_place_with_every_record(tmp_p
         assert [c.position for c in store.changes_after(0)][-1] == feed_before + 1
         assert verify_chain(store.audit_since()).ok and store.newest_audit_seq() == 3
         assert store.list_authorities() == []  # the fingerprint notes are gone; authorities start empty
+        assert store.list_approvals(NOW) == []  # pending approvals were in memory then: none to carry over
     finally:
         store.close()
-    assert "crl" not in tables(path) and {"schema_version", "authorities", "changes"} <= tables(path)
+    assert "crl" not in tables(path) and {"schema_version", "authorities", "changes", "approvals"} <= tables(path)
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
         assert "authority" in {r[1] for r in db.execute("PRAGMA table_info(issued)")}

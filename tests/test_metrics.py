@@ -97,6 +97,10 @@ def test_metrics_show_issuances_and_propagation_delay(deployment):
         assert (family, ()) in s, family
     assert any(name == "tessera_issuer_crl_number" for name, _ in s)
     assert metric(s, "tessera_issuer_audit_file_behind") == 0
+    # The issuer follows the change feed past its own entry's commit (peers' changes arrive the same way).
+    s = wait_for(lambda: (m := scrape(issuer_port)) and metric(m, "tessera_issuer_change_feed_position") >= 1 and m,
+                 what="change feed position")
+    assert metric(s, "tessera_issuer_change_feed_failing") == 0
 
     sc = wait_for(lambda: (m := scrape(sidecar_port)) and metric(m, "tessera_sidecar_cached_svids") >= 1 and m,
                   what="sidecar cache metric")

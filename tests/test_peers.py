@@ -6,7 +6,6 @@ moment the CLI command at the other issuer returned.
 """
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -28,21 +27,8 @@ def fleet(tmp_path, pg_cluster):
     authorities."""
     dsn = pg_cluster.new_database("peers")
     issuers = harness.peer_deployments(tmp_path, 3, dsn)
-    errors: list[BaseException] = []
-
-    def start(d):
-        try:
-            d.start_issuer()
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            errors.append(e)
-
     try:
-        threads = [threading.Thread(target=start, args=(d,)) for d in issuers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors, errors
+        harness.start_issuers_at_once(issuers)
         for d in issuers:
             d.dsn = dsn
         yield issuers

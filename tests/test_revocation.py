@@ -292,11 +292,13 @@ def test_sidecar_keeps_its_last_good_crl_while_the_issuer_is_down_across_a_resta
     assert openssl_says_revoked(out, cert)
     assert crl_number_in(out / "crl.pem", signer) == number
 
-    # The issuer comes back with its CRL number rolled back (a restored old database): refused.
+    # The issuer comes back with its CRL number rolled back (a restored old database) and, with it, its data_dir's
+    # high-water mark (else the issuer itself refuses to start, tests/test_restored_database.py): the sidecar refuses.
     db = sqlite3.connect(d.issuer_dir / "tessera.db")
     db.execute("UPDATE meta SET value = 0 WHERE key = ?", (f"crl_number:{signer}",))
     db.commit()
     db.close()
+    (d.issuer_dir / "high-water.json").unlink()
     d.issuer.start()
     log = d.sidecar_dir("host-a") / "sidecar.log"
     wait_for(lambda: "lower than the current" in log.read_text(), 20, what="sidecar refusing the lower CRL number")

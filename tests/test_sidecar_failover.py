@@ -10,7 +10,6 @@ running, a copy of that data_dir taken while the first was stopped.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import random
 import shutil
@@ -23,7 +22,7 @@ import yaml
 from agent_sidecar import config as config_mod
 from agent_sidecar.issuer_client import Backoff
 from agent_sidecar.revocation import RevocationState
-from harness import BIN, Daemon, free_ports, wait_for
+from harness import BIN, Daemon, free_ports, sidecar_syncs, wait_for
 from tessera import crl as crl_mod
 
 
@@ -84,22 +83,6 @@ def test_after_reconnecting_to_a_database_restored_to_lower_sequences_gaps_are_s
 
 # -- real daemons -----------------------------------------------------------------------------------------------
 
-def _sidecar_log(daemon: Daemon) -> list[dict]:
-    lines = []
-    for line in daemon.log_path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                lines.append(json.loads(line))
-            except ValueError:
-                pass
-        # Not JSON: the daemon's own start-up lines.
-    return lines
-
-
-def _synced(daemon: Daemon) -> list[dict]:
-    return [x for x in _sidecar_log(daemon) if x.get("event") == "synced with issuer"]
-
-
 def _at(line: dict) -> float:
     return dt.datetime.fromisoformat(line["timestamp"]).timestamp()
 
@@ -143,7 +126,7 @@ def test_sidecar_fails_over_to_another_issuer_address_and_enforces_a_revocation_
     # Resynced at B by itself: the CRL set lists revocation 2, so s1 is dropped and a new SVID is signed at B.
     s2 = _new_serial(d, "host-a", s1)
     assert s1 in _saved_crl_serials(d, "host-a")
-    assert _synced(sidecar)[-1]["issuer"] == addr_b
+    assert sidecar_syncs(sidecar)[-1]["issuer"] == addr_b
     stream.until(lambda m: m.get("svids") and m["svids"][0]["serial"] == s2)  # the open stream rode it out
     # Revocation 3 on the new stream follows revocation 1 seen on the old one: not a gap to fetch for.
     d.cli("revoke", "--serial", s2, "--reason", "pushed on the new stream")
@@ -160,7 +143,7 @@ def test_a_sidecar_whose_first_listed_issuer_is_down_joins_syncs_and_renews_thro
     sidecar = d.start_sidecar("host-a", issuer_address=[f"127.0.0.1:{dead}", f"127.0.0.1:{d.port}"])
     d.entry("/agent/a", "host-a")
     assert _serial(d, "host-a")
-    assert _synced(sidecar)[-1]["issuer"] == f"127.0.0.1:{d.port}"
+    assert sidecar_syncs(sidecar)[-1]["issuer"] == f"127.0.0.1:{d.port}"
     wait_for(lambda: "sidecar SVID renewed" in sidecar.log(), timeout=15, what="the sidecar's own renewal")
     assert "renewal failed" not in sidecar.log()  # renewal went to the issuer in use, not the first listed
 
@@ -194,7 +177,7 @@ def _two_running_issuers(d):
     d.sidecar_config("host-a", issuer_address=list(addresses.values()))
     sidecar.argv = [a for a in sidecar.argv if not a.startswith("--join-token-file=")]
     sidecar.start()
-    wait_for(lambda: _synced(sidecar), what="the first sync")
+    wait_for(lambda: sidecar_syncs(sidecar), what="the first sync")
     assert _serial(d, "host-a")  # minted again after the sidecar's restart: in the cache before any issuer dies
     return addresses, issuers, sidecar
 
@@ -212,7 +195,7 @@ class _Stopper:
 
 
 def _resync_after(sidecar, before: list[dict], timeout: float) -> dict:
-    return wait_for(lambda: len(_synced(sidecar)) > len(before) and _synced(sidecar)[-1], timeout=timeout,
+    return wait_for(lambda: len(sidecar_syncs(sidecar)) > len(before) and sidecar_syncs(sidecar)[-1], timeout=timeout,
                     interval=0.01, what="a resync")
 
 
@@ -224,7 +207,7 @@ def test_kill_9_of_the_current_issuer_leaves_the_sidecar_resynced_on_a_running_o
     addresses, issuers, sidecar = _two_running_issuers(d)
     times = []
     for _ in range(FAILOVERS):
-        synced = _synced(sidecar)
+        synced = sidecar_syncs(sidecar)
         current = next(k for k, a in addresses.items() if a == synced[-1]["issuer"])
         other = "b" if current == "a" else "a"
         killed_at = time.time()
@@ -242,7 +225,7 @@ def test_kill_9_of_the_current_issuer_leaves_the_sidecar_resynced_on_a_running_o
 def test_a_frozen_issuer_is_left_for_another_even_one_that_comes_up_only_after_keepalive_gave_up(deployment):
     d = deployment
     addresses, issuers, sidecar = _two_running_issuers(d)
-    synced = _synced(sidecar)
+    synced = sidecar_syncs(sidecar)
     current = next(k for k, a in addresses.items() if a == synced[-1]["issuer"])
     other = "b" if current == "a" else "a"
     # SIGSTOP: the connection stays open and the kernel still accepts new ones, but nothing answers, as with a

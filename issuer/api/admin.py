@@ -17,11 +17,11 @@ from issuer.api.convert import entry_pb, sidecar_pb
 from issuer.api.evidence import Evidence, EvidenceHandlers
 from issuer.ca.authorities import Authorities, expired
 from issuer.core.events import EventHub
-from issuer.core.models import Actor, Authority
+from issuer.core.models import Actor, ApprovalRequest, Authority
 from issuer.identity.attestation import SidecarAttestor
 from issuer.identity.registration import Registry, bounded_ref, optional_text, required_text
 from issuer.revocation.service import CrlInfo, RevocationService
-from issuer.tasks.approvals import ApprovalRequest, Approvals
+from issuer.tasks.approvals import Approvals
 from tessera import peercred
 from tessera.errors import ConfigError, FailedPrecondition, InvalidArgument, PermissionDenied
 from tessera.rpc import grpclib_handler
@@ -133,8 +133,8 @@ class AdminService(EvidenceHandlers, admin_grpc.AdminBase):
     async def ListApprovals(self, stream):
         await stream.recv_message()
         self.operator(stream)
-        await stream.send_message(admin_pb2.ListApprovalsResponse(
-            approvals=[approval_pb(a) for a in self.approvals.list()]))
+        pending = await asyncio.to_thread(self.approvals.list)  # a read of the store: off the event loop
+        await stream.send_message(admin_pb2.ListApprovalsResponse(approvals=[approval_pb(a) for a in pending]))
 
     @grpclib_handler
     async def DecideApproval(self, stream):

@@ -175,7 +175,7 @@ class AuditFile:
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
         # The last seq written, kept beside the file: after the file was rotated away (renamed, or
         # copied and truncated), a restart goes on from there instead of writing the whole trail again.
-        self._seq_path = self.path.with_name(f".{self.path.name}.seq")
+        self._seq_path = _position_path(self.path)
         self.behind = False  # a write failed: the file lags the database until a catch-up succeeds
         self._retry_at = 0.0
         self._error = ""  # the failure last logged, and when
@@ -195,6 +195,21 @@ class AuditFile:
         except Exception as e:  # noqa: BLE001 - as while running: the issuer starts, the file catches up later
             self._failed(e)
         self._save_position(sync=True)  # a new position file holds it before anything can rotate the file
+
+    @staticmethod
+    def set_aside(path: str | Path, why: str) -> Path | None:
+        """Rename the file at `path` to `NAME.WHY-<UTC time>` beside it, and forget its saved position: the next
+        writer starts a new file from the database's first record. The renamed file, or None if there was none.
+        For a file that no longer matches the database (restored from an older backup): it is kept, as evidence."""
+        path = Path(path)
+        safefs.make_dir(path.parent, "audit_file", private=False, create=False)
+        if not os.path.lexists(path):
+            return None
+        target = path.with_name(f"{path.name}.{why}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        os.rename(path, target)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_position_path(path))
+        return target
 
     def _saved_seq(self) -> int:
         if self._seq_fd < 0:
@@ -436,6 +451,10 @@ class AuditFile:
                 if fd >= 0:
                     os.close(fd)
             self._fd = self._seq_fd = -1
+
+
+def _position_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.seq")
 
 
 def _open_0600(path: Path, flags: int) -> int:

@@ -25,6 +25,8 @@ from issuer.core.models import AuditRecord
 from tessera import logs
 
 log = logs.get("issuer.audit.relay")
+# Retried every few seconds while the database is down: one line a minute, repeats counted.
+_read_back_log = logs.Throttled(log, window=60, level="error")
 
 GAP_GRACE = 1.0  # seconds a gap in the published records may last before it is read back from the store
 
@@ -138,7 +140,8 @@ class AuditRelay:
             with self._lock:
                 self._gap_timer_armed = False
                 if not self._closed:  # (closing the store under the read is not a fault)
-                    log.error("could not read back audit records missing from the relay", error=str(e))
+                    _read_back_log.log("read-back", "could not read back audit records missing from the relay",
+                                       error=str(e))
                     self._arm_gap_timer()
             return
         with self._lock:

@@ -123,6 +123,63 @@ class Revocation:
     entry_ids: tuple[str, ...] = ()
 
 
+APPROVAL_STATES = ("pending", "approved", "denied", "expired", "cancelled")
+APPROVAL_FINAL_OPS = {"approved": "approve", "denied": "deny", "expired": "expire", "cancelled": "cancel"}
+
+
+@dataclass(frozen=True)
+class ApprovalRequest:
+    """A task request waiting for a human (issuer/tasks/approvals.py), as stored. Its fields are spelled here only:
+    a datastore's row is APPROVAL_FIELDS in this order (JSON text for scopes, context, workload)."""
+
+    id: str
+    task_id: str
+    entry_id: str
+    spiffe_id: str
+    owner: str
+    tier: str
+    scopes: tuple[str, ...]
+    ttl: int
+    context: dict[str, str]
+    sidecar_id: str
+    workload: dict[str, Any]
+    reason: str  # why a human must decide
+    rule: str
+    created_at: int
+    expires_at: int
+    state: str = "pending"  # one of APPROVAL_STATES
+    decided_by: str = ""
+    decision_reason: str = ""
+
+    @property
+    def uid(self) -> int:
+        """The workload's uid, which the per-workload cap counts by (policy.workload_key)."""
+        return int(self.workload.get("uid") or 0)
+
+    def details(self) -> dict[str, Any]:
+        return {"approval_id": self.id, "task_id": self.task_id, "entry_id": self.entry_id,
+                "scopes": list(self.scopes), "ttl": self.ttl, "context": dict(self.context),
+                "sidecar_id": self.sidecar_id, "rule": self.rule, "expires_at": self.expires_at}
+
+
+APPROVAL_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ApprovalRequest))
+APPROVAL_JSON_FIELDS = ("scopes", "context", "workload")
+
+
+@dataclass(frozen=True)
+class ApprovalCap:
+    """One limit a new pending request counts against: at most `limit` pending, unexpired requests whose columns
+    equal `where` (no condition: all of them). `setting` and `who` name it in the refusal."""
+
+    setting: str
+    where: tuple[tuple[str, Any], ...]  # (column, value): columns among APPROVAL_CAP_COLUMNS
+    limit: int
+    who: str
+
+
+APPROVAL_CAP_COLUMNS = ("sidecar_id", "entry_id", "uid")
+
+
 @dataclass(frozen=True)
 class Actor:
     """Who did something: an operator (uid from the kernel), a sidecar (its SVID), a workload, the issuer."""
@@ -191,7 +248,7 @@ def audit_record_tuple(r: AuditRecord) -> tuple:
     return tuple(getattr(r, k) for k in AUDIT_FIELDS)
 
 
-CHANGE_KINDS = ("entry", "sidecar", "revocation", "authority")
+CHANGE_KINDS = ("entry", "sidecar", "revocation", "authority", "approval")
 
 
 @dataclass(frozen=True)
@@ -206,9 +263,22 @@ class Change:
     position: int
     ts: float
     kind: str  # one of CHANGE_KINDS
-    op: str  # entry: create | update | delete; sidecar: upsert | ban | unban; revocation: create; authority: add
+    op: str  # entry: create | update | delete; sidecar: upsert | ban | unban; revocation: create; authority: add;
+    #   approval: create | approve | deny | expire | cancel
     key: str
     payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Heads:
+    """How far a database's counters that only ever grow have come: the last change feed position, revocation seq
+    and audit seq, and each authority's last CRL number. A database restored from an older backup is behind the
+    heads an issuer saw before (issuer/datastore/highwater.py)."""
+
+    change_position: int = 0
+    revocation_seq: int = 0
+    audit_seq: int = 0
+    crl_numbers: dict[str, int] = field(default_factory=dict)  # authority id -> last number taken
 
 
 @dataclass(frozen=True)

@@ -43,3 +43,21 @@ def open_reader(source: str | Path):
         return PostgresReader(source)
     from issuer.datastore.sqlite import SQLiteReader
     return SQLiteReader(source)
+
+
+def read_heads(source: str | Path):
+    """The heads (core.models.Heads) of the store `source` names, read only: nothing is created, migrated or
+    written, and a store that does not exist yet (a missing SQLite file, an empty database) has every head at 0."""
+    if is_postgres(source):
+        from issuer.datastore.postgres import PostgresReader
+        reader = PostgresReader(source)
+    else:
+        from issuer.core.models import Heads
+        from issuer.datastore.sqlite import SQLiteReader
+        if not Path(source).exists():
+            return Heads()
+        reader = SQLiteReader(source)
+    try:
+        return reader.heads()
+    finally:
+        reader.close()

@@ -41,6 +41,7 @@ class ChangeFollower:
         self.handler = handler
         self.batch = batch
         self.position = self._load() if self.position_file is not None else start
+        self.failures = 0  # consecutive failed reads or applies (a metric: a change that keeps failing holds the feed)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -80,16 +81,15 @@ class ChangeFollower:
         self._watcher.start()
 
     def _run(self, interval: float) -> None:
-        failures = 0
         while not self._stop.is_set():
             self._wake.clear()  # before reading: a commit notified during the read wakes the next one
             try:
                 self.poll()
-                failures = 0
+                self.failures = 0
             except Exception as e:  # noqa: BLE001 - the saved position is unchanged: the next poll retries
-                failures += 1
+                self.failures += 1
                 _fail_log.log("poll", "following the change feed failed; retrying", position=self.position,
-                              failures=failures, error=repr(e))
+                              failures=self.failures, error=repr(e))
             self._wake.wait(interval)
 
     def stop(self) -> None:

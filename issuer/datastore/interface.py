@@ -5,7 +5,7 @@ implementation appends that record in the same transaction: a change and its
 evidence commit together or not at all. Writes return only once durable. Each
 committed audit record is published to the store's AuditRelay (given to its
 constructor). Changes other issuer processes must see (entries, sidecars and their
-bans, revocations, authorities) are appended to the change feed in the same
+bans, revocations, authorities, approvals) are appended to the change feed in the same
 transaction; feed positions strictly increase in commit order.
 
 A store makes no authorization decisions: it stores, finds and atomically
@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import threading
 from contextlib import AbstractContextManager
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from issuer.audit.relay import AuditRelay
-from issuer.core.models import AuditEvent, AuditRecord, Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar
+from issuer.core.models import (ApprovalCap, ApprovalRequest, AuditEvent, AuditRecord, Authority, Change, Entry, Heads,
+                                IssuedSerial, JoinToken, Revocation, Sidecar)
 from issuer.datastore.rows import OwnChanges
 
 
@@ -30,6 +31,10 @@ class AuditReader(Protocol):
     def audit_records(self, since_seq: int = 0, limit: int | None = None) -> list[AuditRecord]: ...
     def audit_since(self, since_ts: float = 0.0) -> Iterator[AuditRecord]: ...
     def newest_audit_seq(self) -> int: ...
+    def heads(self) -> Heads:
+        """The change feed's, revocation log's and audit chain's last positions and every CRL number (0 for what the
+        database does not hold yet): what the issuer's high-water mark is checked against."""
+        ...
     def close(self) -> None: ...
 
 
@@ -78,6 +83,10 @@ class Datastore(AuditReader, Protocol):
     def revocations(self, kinds: Sequence[str] | None = None, since_seq: int = 0) -> list[Revocation]: ...
     def last_revocation_seq(self) -> int: ...
     def next_crl_number(self, authority: str) -> int: ...
+    def raise_crl_numbers(self, floors: Mapping[str, int], audit: AuditEvent) -> None:
+        """Move each authority's CRL number up to at least its floor (the next one taken is higher), never down, in
+        one transaction with `audit` (an issuer accepting a restored database, issuer/datastore/highwater.py)."""
+        ...
 
     # authorities (roots, intermediates, JWT keys); keys only sealed (issuer/ca/keys.py)
     def put_authority(self, authority: Authority, audit: AuditEvent | None, *,
@@ -85,6 +94,25 @@ class Datastore(AuditReader, Protocol):
     def list_authorities(self) -> list[Authority]: ...
     def adopt_unattributed(self, authority: str) -> int: ...
     def count_outstanding(self, authority: str, now: int) -> int: ...
+
+    # approvals: task requests waiting for a human (issuer/tasks/approvals.py), shared by every issuer
+    def create_approval(self, req: ApprovalRequest, caps: Sequence[ApprovalCap],
+                        audit: AuditEvent) -> ApprovalCap | None:
+        """Store `req` (pending) with its audit record and an `approval` change, unless a cap is full: each counts the
+        requests pending and unexpired at req.created_at, under the write lock, so two issuers cannot both pass one.
+        Returns the first full cap (nothing written), or None once stored."""
+        ...
+    def finish_approvals(self, finals: Sequence[ApprovalRequest], audits: Sequence[AuditEvent],
+                         now: int) -> list[ApprovalRequest]:
+        """Compare-and-set, in one transaction: each request still pending takes finals[i]'s state, decided_by and
+        decision_reason, with audits[i] and an `approval` change, where `now` allows it (approved or denied only
+        before expires_at, expired only from then, cancelled at any time). Returns those that moved, as stored:
+        of two stores finishing one request at once, one wins."""
+        ...
+    def get_approval(self, approval_id: str) -> ApprovalRequest | None: ...
+    def list_approvals(self, now: int, expired: bool = False) -> list[ApprovalRequest]:
+        """Pending requests unexpired at `now`, oldest first; expired=True: those still pending past expires_at."""
+        ...
 
     # the change feed
     def changes_after(self, position: int, limit: int = 1000) -> list[Change]: ...

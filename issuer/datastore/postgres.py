@@ -35,9 +35,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -46,21 +47,30 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from issuer.audit.relay import AuditRelay
-from issuer.core.models import (AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS, AuditEvent, AuditRecord,
-                                Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar)
-from issuer.datastore.rows import (AUDIT_COLUMNS, GroupCommit, OwnChanges, Pending, audit_record, audit_row,
+from issuer.core.models import (APPROVAL_FINAL_OPS, AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS,
+                                ApprovalCap, ApprovalRequest, AuditEvent, AuditRecord, Authority, Change, Entry,
+                                Heads, IssuedSerial, JoinToken, Revocation, Sidecar)
+from issuer.datastore.rows import (APPROVAL_COLUMNS, AUDIT_COLUMNS, CRL_NUMBERS_QUERY, GroupCommit, OwnChanges, Pending,
+                                   approval_cap_where, approval_from, approval_row, approval_still_open, audit_record,
+                                   audit_row,
                                    authority_from, authority_row, chain, change_payload, check_schema_version, dumps,
                                    entry_from, entry_row, issued_from, issued_row, sidecar_from)
 from tessera import logs
 from tessera.errors import AlreadyExists, FailedPrecondition, NotFound, Unavailable
 
 log = logs.get("datastore")
+# psycopg_pool writes a plain line for every failed connection attempt; the store says it once a minute instead.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 # An unreachable database fails every call until it is back: one line per minute, repeats counted.
 _db_log = logs.Throttled(log, window=60, level="error")
 
 WRITE_LOCK_TIMEOUT = 30.0  # seconds a writer waits for another writer (or any row lock) before Unavailable
 CONNECT_TIMEOUT = 3  # seconds to open a connection (libpq's connect_timeout; whole seconds, at least 2)
 POOL_TIMEOUT = 3.0  # seconds a call waits for a pooled connection (the database down: none comes)
+# Seconds the pool keeps retrying a lost connection by itself (after 1 s, then 2 s, ...) before it leaves the next
+# call to ask for one again. psycopg_pool's backoff doubles up to this: at its default (5 min) a pool that lost its
+# connections in a 30 s outage tried next only 30 s later, and calls failed that long after the database was back.
+RECONNECT_TIMEOUT = 5.0
 DEFAULT_POOL_SIZE = 10  # connections per store object at most (each signing worker has its own store)
 STATEMENT_TIMEOUT = "30s"  # one statement, at most (a wedged query must not hold the write lock for ever)
 IDLE_IN_TRANSACTION_TIMEOUT = "60s"  # a stopped process's open transaction (and write lock) is ended by the server
@@ -173,7 +183,32 @@ _V1 = (
     "CREATE INDEX audit_ts ON audit(ts)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)  # MIGRATIONS[n - 1] brings a database to version n
+# Pending approvals move from one issuer's memory to the database, so every issuer sees and decides them.
+_V2_APPROVALS = (
+    """CREATE TABLE approvals (
+        id TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        entry_id TEXT NOT NULL,
+        spiffe_id TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        tier TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        ttl BIGINT NOT NULL,
+        context TEXT NOT NULL,
+        sidecar_id TEXT NOT NULL,
+        workload TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        decided_by TEXT NOT NULL,
+        decision_reason TEXT NOT NULL,
+        uid BIGINT NOT NULL)""",
+    "CREATE INDEX approvals_pending ON approvals(state, expires_at)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2_APPROVALS)  # MIGRATIONS[n - 1] brings a database to version n
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -240,6 +275,8 @@ _INSERT_AUTHORITY = (f"INSERT INTO authorities ({', '.join(AUTHORITY_FIELDS)}) "
                      f"VALUES ({', '.join(['%s'] * len(AUTHORITY_FIELDS))}) ON CONFLICT (id) DO NOTHING")
 _UPDATE_AUTHORITY = (f"UPDATE authorities SET ({', '.join(AUTHORITY_FIELDS)}) = "
                      f"({', '.join(['%s'] * len(AUTHORITY_FIELDS))}) WHERE id=%s AND state=%s")
+_INSERT_APPROVAL = (f"INSERT INTO approvals ({', '.join(APPROVAL_COLUMNS)}) "
+                    f"VALUES ({', '.join(['%s'] * len(APPROVAL_COLUMNS))}) ON CONFLICT (id) DO NOTHING")
 _INSERT_AUDIT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({', '.join(['%s'] * len(AUDIT_FIELDS))})"
 _AUDIT_BATCH = 1000  # audit_since reads this many records per query
 
@@ -277,6 +314,19 @@ class _AuditReads:
 
     def newest_audit_seq(self) -> int:
         return self._rows("SELECT COALESCE(MAX(seq), 0) FROM audit")[0][0]
+
+    def heads(self) -> Heads:
+        """The database's heads; a table it lacks (an empty database) counts as 0."""
+        with self._read() as db:
+            tables = {r[0] for r in db.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")}
+
+            def top(table: str, column: str) -> int:
+                if table not in tables:
+                    return 0
+                return db.execute(f"SELECT COALESCE(MAX({column}), 0) FROM {table}").fetchone()[0]
+
+            crl = dict(db.execute(CRL_NUMBERS_QUERY).fetchall()) if "meta" in tables else {}
+            return Heads(top("changes", "position"), top("revocations", "seq"), top("audit", "seq"), crl)
 
 
 class PostgresReader(_AuditReads):
@@ -346,7 +396,7 @@ class PostgresDatastore(_AuditReads):
         self._pool = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, open=False, timeout=POOL_TIMEOUT, name="tessera-datastore",
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "application_name": "tessera-issuer"},
-            configure=_configure, check=ConnectionPool.check_connection, reconnect_timeout=60)
+            configure=_configure, check=ConnectionPool.check_connection, reconnect_timeout=RECONNECT_TIMEOUT)
         try:
             self._pool.open(wait=True, timeout=CONNECT_TIMEOUT + POOL_TIMEOUT)
         except PoolTimeout:
@@ -670,6 +720,15 @@ class PostgresDatastore(_AuditReads):
             return db.execute("INSERT INTO meta VALUES (%s, 1) ON CONFLICT (key) DO UPDATE SET value = meta.value + 1"
                               " RETURNING value", (f"crl_number:{authority}",)).fetchone()[0]
 
+    def raise_crl_numbers(self, floors: Mapping[str, int], audit: AuditEvent) -> None:
+        """Each authority's CRL number at least its floor (never lowered), with `audit`, in one transaction."""
+        with self._tx() as db:
+            with db.cursor() as cur:
+                cur.executemany("INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE"
+                                " SET value = GREATEST(meta.value, EXCLUDED.value)",
+                                [(f"crl_number:{a}", n) for a, n in sorted(floors.items())])
+            self._audit(db, audit)
+
     # -- authorities ---------------------------------------------------------------------------------------
 
     def put_authority(self, authority: Authority, audit: AuditEvent | None, *,
@@ -706,6 +765,47 @@ class PostgresDatastore(_AuditReads):
         """Unexpired, unrevoked certificates `authority` signed."""
         return self._rows("SELECT COUNT(*) FROM issued WHERE authority=%s AND not_after > %s AND revoked_at IS NULL",
                           (authority, now))[0][0]
+
+    # -- approvals -----------------------------------------------------------------------------------------
+
+    def create_approval(self, req: ApprovalRequest, caps: Sequence[ApprovalCap],
+                        audit: AuditEvent) -> ApprovalCap | None:
+        with self._tx() as db:  # under the write lock: no other issuer counts or inserts until this one commits
+            for cap in caps:
+                where, args = approval_cap_where(cap, req.created_at, "%s")
+                if db.execute(f"SELECT COUNT(*) FROM approvals WHERE {where}", args).fetchone()[0] >= cap.limit:
+                    return cap
+            if not db.execute(_INSERT_APPROVAL, approval_row(req)).rowcount:
+                raise AlreadyExists(f"approval {req.id} already exists")
+            self._change(db, "approval", "create", req.id, change_payload(req))
+            self._audit(db, audit)
+            return None
+
+    def finish_approvals(self, finals: Sequence[ApprovalRequest], audits: Sequence[AuditEvent],
+                         now: int) -> list[ApprovalRequest]:
+        """(See the protocol.) The UPDATE's row lock orders two stores; the write lock, taken first, already does."""
+        won = []
+        with self._tx() as db, db.cursor(row_factory=dict_row) as cur:
+            for final, audit in zip(finals, audits, strict=True):
+                row = cur.execute(f"UPDATE approvals SET state=%s, decided_by=%s, decision_reason=%s WHERE id=%s"
+                                  f" AND state='pending' AND {approval_still_open(final.state, now)} RETURNING *",
+                                  (final.state, final.decided_by, final.decision_reason, final.id)).fetchone()
+                if row is None:
+                    continue
+                stored = approval_from(row)
+                self._change(db, "approval", APPROVAL_FINAL_OPS[final.state], final.id, change_payload(stored))
+                self._audit(db, audit)
+                won.append(stored)
+        return won
+
+    def get_approval(self, approval_id: str) -> ApprovalRequest | None:
+        rows = self._dicts("SELECT * FROM approvals WHERE id=%s", (approval_id,))
+        return approval_from(rows[0]) if rows else None
+
+    def list_approvals(self, now: int, expired: bool = False) -> list[ApprovalRequest]:
+        return [approval_from(r) for r in self._dicts(
+            f"SELECT * FROM approvals WHERE state='pending' AND expires_at {'<=' if expired else '>'} %s"
+            " ORDER BY created_at, id", (now,))]
 
     # -- the change feed -----------------------------------------------------------------------------------
 

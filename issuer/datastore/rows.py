@@ -13,8 +13,9 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from issuer.core.models import (AUDIT_FIELDS, AUDIT_JSON_FIELDS, AUTHORITY_FIELDS, ISSUED_FIELDS, AuditEvent,
-                                AuditRecord, Authority, Entry, IssuedSerial, Sidecar, audit_hash)
+from issuer.core.models import (APPROVAL_CAP_COLUMNS, APPROVAL_FIELDS, APPROVAL_JSON_FIELDS, AUDIT_FIELDS,
+                                AUDIT_JSON_FIELDS, AUTHORITY_FIELDS, ISSUED_FIELDS, ApprovalCap, ApprovalRequest,
+                                AuditEvent, AuditRecord, Authority, Entry, IssuedSerial, Sidecar, audit_hash)
 from tessera.errors import FailedPrecondition
 
 
@@ -60,7 +61,50 @@ def authority_from(row) -> Authority:
 issued_row = operator.attrgetter(*ISSUED_FIELDS)
 authority_row = operator.attrgetter(*AUTHORITY_FIELDS)
 
+# The approvals table: ApprovalRequest's fields in order, then the workload's uid (what the per-workload cap counts).
+APPROVAL_COLUMNS = (*APPROVAL_FIELDS, "uid")
+
+
+def approval_row(req: ApprovalRequest) -> tuple:
+    return (*(dumps(list(v) if isinstance(v, tuple) else v) if k in APPROVAL_JSON_FIELDS else v
+              for k, v in ((k, getattr(req, k)) for k in APPROVAL_FIELDS)), req.uid)
+
+
+def approval_from(row) -> ApprovalRequest:
+    """From a row of the approvals table, or a change feed payload (JSON fields already parsed)."""
+    values = {k: row[k] for k in APPROVAL_FIELDS}
+    for k in APPROVAL_JSON_FIELDS:
+        if isinstance(values[k], str):
+            values[k] = json.loads(values[k])
+    return ApprovalRequest(**{**values, "scopes": tuple(values["scopes"])})
+
+
+def approval_still_open(state: str, now: int) -> str:
+    """The SQL condition (beyond state = 'pending') under which a pending request may become `state` at `now`: a
+    decision only before it expires, an expiry only after; a withdrawal at any time."""
+    if state in ("approved", "denied"):
+        return f"expires_at > {int(now)}"
+    if state == "expired":
+        return f"expires_at <= {int(now)}"
+    if state == "cancelled":
+        return "1 = 1"
+    raise ValueError(f"not a final approval state: {state!r}")
+
+
+def approval_cap_where(cap: ApprovalCap, now: int, mark: str) -> tuple[str, list]:
+    """The WHERE clause counting the pending, unexpired requests `cap` limits (`mark`: the engine's placeholder)."""
+    clauses, args = [f"state = 'pending' AND expires_at > {int(now)}"], []
+    for column, value in cap.where:
+        if column not in APPROVAL_CAP_COLUMNS:
+            raise ValueError(f"approvals are not counted by {column!r}")
+        clauses.append(f"{column} = {mark}")
+        args.append(value)
+    return " AND ".join(clauses), args
+
+
 # The audit table's columns are AuditRecord's fields, in order; actor and details are JSON text.
+# Each authority's CRL number is a row of `meta` keyed "crl_number:<authority id>" (both engines).
+CRL_NUMBERS_QUERY = "SELECT substr(key, 12), value FROM meta WHERE substr(key, 1, 11) = 'crl_number:'"
 AUDIT_COLUMNS = ", ".join(AUDIT_FIELDS)
 
 

@@ -17,7 +17,7 @@ head once it holds the write lock, so records from every process form one chain.
 Committed audit records are published to the store's AuditRelay (issuer/audit/relay.py).
 
 Every change other issuer processes must see (entries, sidecars, revocations,
-authorities) also appends a row to `changes` in its own transaction; the rowid is the
+authorities, approvals) also appends a row to `changes` in its own transaction; the rowid is the
 feed position, so positions increase in commit order (one writer at a time, and
 AUTOINCREMENT never reuses a position).
 
@@ -37,12 +37,14 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from issuer.audit.relay import AuditRelay
-from issuer.core.models import (AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS, AuditEvent, AuditRecord,
-                                Authority, Change, Entry, IssuedSerial, JoinToken, Revocation, Sidecar)
-from issuer.datastore.rows import (AUDIT_COLUMNS, GroupCommit, OwnChanges, check_schema_version, Pending,
+from issuer.core.models import (APPROVAL_FINAL_OPS, AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS,
+                                ApprovalCap, ApprovalRequest, AuditEvent, AuditRecord, Authority, Change, Entry,
+                                Heads, IssuedSerial, JoinToken, Revocation, Sidecar)
+from issuer.datastore.rows import (APPROVAL_COLUMNS, AUDIT_COLUMNS, CRL_NUMBERS_QUERY, GroupCommit, OwnChanges,
+                                   check_schema_version, Pending, approval_cap_where, approval_from, approval_row, approval_still_open,
                                    audit_record, audit_row, authority_from,
                                    authority_row, chain, change_payload, dumps, entry_from, entry_row, issued_from,
                                    issued_row, sidecar_from)
@@ -176,7 +178,34 @@ def _v2_authorities(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS issued_authority ON issued(authority)")
 
 
-MIGRATIONS = (_v1_base, _v2_authorities)  # MIGRATIONS[n - 1] brings a store to version n
+def _v3_approvals(db: sqlite3.Connection) -> None:
+    """Pending approvals move from one issuer's memory to the store, so every issuer sees and decides them."""
+    db.execute(_APPROVALS_TABLE)
+    db.execute("CREATE INDEX IF NOT EXISTS approvals_pending ON approvals(state, expires_at)")
+
+
+_APPROVALS_TABLE = """CREATE TABLE IF NOT EXISTS approvals (
+    id TEXT PRIMARY KEY,
+    task_id TEXT NOT NULL,
+    entry_id TEXT NOT NULL,
+    spiffe_id TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    ttl INTEGER NOT NULL,
+    context TEXT NOT NULL,
+    sidecar_id TEXT NOT NULL,
+    workload TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    decided_by TEXT NOT NULL,
+    decision_reason TEXT NOT NULL,
+    uid INTEGER NOT NULL)"""
+
+MIGRATIONS = (_v1_base, _v2_authorities, _v3_approvals)  # MIGRATIONS[n - 1] brings a store to version n
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -209,6 +238,8 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
 _INSERT_AUTHORITY = (f"INSERT INTO authorities ({', '.join(AUTHORITY_FIELDS)}) "
                      f"VALUES ({', '.join('?' * len(AUTHORITY_FIELDS))})")
 _INSERT_ISSUED = f"INSERT INTO issued ({', '.join(ISSUED_FIELDS)}) VALUES ({', '.join('?' * len(ISSUED_FIELDS))})"
+_INSERT_APPROVAL = (f"INSERT INTO approvals ({', '.join(APPROVAL_COLUMNS)}) "
+                    f"VALUES ({', '.join('?' * len(APPROVAL_COLUMNS))})")
 _AUDIT_INSERT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({', '.join('?' * len(AUDIT_FIELDS))})"
 
 
@@ -247,6 +278,18 @@ def _newest_audit_seq(path: Path) -> int:
         return db.execute("SELECT COALESCE(MAX(seq), 0) FROM audit").fetchone()[0]
 
 
+def _heads(path: Path) -> Heads:
+    """The database's heads; a table it lacks (an empty file, an older release's store) counts as 0."""
+    with _connect_ro(path) as db:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+        def top(table: str, column: str) -> int:
+            return db.execute(f"SELECT COALESCE(MAX({column}), 0) FROM {table}").fetchone()[0] if table in tables else 0
+
+        crl = dict(db.execute(CRL_NUMBERS_QUERY)) if "meta" in tables else {}
+        return Heads(top("changes", "position"), top("revocations", "seq"), top("audit", "seq"), crl)
+
+
 class _AuditReads:
     """The audit reads, over read-only connections of their own: a long scan holds up no commit."""
 
@@ -261,6 +304,9 @@ class _AuditReads:
 
     def newest_audit_seq(self) -> int:
         return _newest_audit_seq(self.path)
+
+    def heads(self) -> Heads:
+        return _heads(self.path)
 
 
 class SQLiteReader(_AuditReads):
@@ -616,6 +662,13 @@ class SQLiteDatastore(_AuditReads):
             db.execute("INSERT INTO meta VALUES (?, 1) ON CONFLICT(key) DO UPDATE SET value = value + 1", (key,))
             return db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()[0]
 
+    def raise_crl_numbers(self, floors: Mapping[str, int], audit: AuditEvent) -> None:
+        """Each authority's CRL number at least its floor (never lowered), with `audit`, in one transaction."""
+        with self._tx() as db:
+            db.executemany("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = MAX(value, excluded.value)",
+                           [(f"crl_number:{a}", n) for a, n in sorted(floors.items())])
+            self._audit(db, audit)
+
     # -- authorities --------------------------------------------------------------------
 
     def put_authority(self, authority: Authority, audit: AuditEvent | None, *,
@@ -661,6 +714,51 @@ class SQLiteDatastore(_AuditReads):
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM issued WHERE authority=? AND not_after > ?"
                                     " AND revoked_at IS NULL", (authority, now)).fetchone()[0]
+
+    # -- approvals ------------------------------------------------------------------------
+
+    def create_approval(self, req: ApprovalRequest, caps: Sequence[ApprovalCap],
+                        audit: AuditEvent) -> ApprovalCap | None:
+        with self._tx() as db:  # under the write lock: no other writer counts or inserts meanwhile
+            for cap in caps:
+                where, args = approval_cap_where(cap, req.created_at, "?")
+                if db.execute(f"SELECT COUNT(*) FROM approvals WHERE {where}", args).fetchone()[0] >= cap.limit:
+                    return cap
+            try:
+                db.execute(_INSERT_APPROVAL, approval_row(req))
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f"approval {req.id} already exists") from None
+            self._change(db, "approval", "create", req.id, change_payload(req))
+            self._audit(db, audit)
+            return None
+
+    def finish_approvals(self, finals: Sequence[ApprovalRequest], audits: Sequence[AuditEvent],
+                         now: int) -> list[ApprovalRequest]:
+        won = []
+        with self._tx() as db:
+            for final, audit in zip(finals, audits, strict=True):
+                row = db.execute(f"UPDATE approvals SET state=?, decided_by=?, decision_reason=? WHERE id=?"
+                                 f" AND state='pending' AND {approval_still_open(final.state, now)} RETURNING *",
+                                 (final.state, final.decided_by, final.decision_reason, final.id)).fetchone()
+                if row is None:
+                    continue
+                stored = approval_from(row)
+                self._change(db, "approval", APPROVAL_FINAL_OPS[final.state], final.id, change_payload(stored))
+                self._audit(db, audit)
+                won.append(stored)
+        return won
+
+    def get_approval(self, approval_id: str) -> ApprovalRequest | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM approvals WHERE id=?", (approval_id,)).fetchone()
+        return approval_from(row) if row else None
+
+    def list_approvals(self, now: int, expired: bool = False) -> list[ApprovalRequest]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM approvals WHERE state='pending'"
+                                    f" AND expires_at {'<=' if expired else '>'} ? ORDER BY created_at, id",
+                                    (now,)).fetchall()
+        return [approval_from(r) for r in rows]
 
     # -- the change feed ------------------------------------------------------------------
 

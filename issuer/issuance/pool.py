@@ -156,6 +156,7 @@ def _die_with_parent() -> None:
 
 def _worker_main(conn, opener: Opener) -> None:
     _die_with_parent()
+    logs.setup()  # a spawned process starts with structlog's defaults: JSON lines, as the issuer writes
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the issuer decides when workers stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     ca: SigningAuthority | None = None  # the issuer sends the active authority with the first chunk after a change

@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
@@ -93,8 +94,10 @@ def normalize_serial(value: str) -> str:
 
 class RevocationService:
     def __init__(self, store: Datastore, authorities: Authorities, registry: Registry, attestor: SidecarAttestor,
-                 hub: EventHub, crl_validity: int):
+                 hub: EventHub, crl_validity: int, on_crl_numbers: Callable[[dict[str, int]], None] | None = None):
+        """`on_crl_numbers` is told the numbers of each CRL set before it goes out (the issuer's high-water mark)."""
         self.store = store
+        self.on_crl_numbers = on_crl_numbers
         self.authorities = authorities
         self.registry = registry
         self.attestor = attestor
@@ -432,6 +435,8 @@ class RevocationService:
             number = self.store.next_crl_number(authority.id)
             der = crl.build(cert, key, items, number, now, now + self.crl_validity)
             infos.append(CrlInfo(der, number, int(now), int(now + self.crl_validity), len(items), authority.id))
+        if self.on_crl_numbers is not None:
+            self.on_crl_numbers({i.authority: i.number for i in infos})
         published = CrlSet(tuple(infos), tuple(c.public_bytes(Encoding.DER)
                                                for c in self.authorities.intermediates(now)))
         self._crls = published

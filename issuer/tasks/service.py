@@ -24,12 +24,12 @@ from typing import Any, AsyncIterator, Hashable
 from cryptography.exceptions import InvalidSignature
 
 from issuer.ca.authorities import Authorities
-from issuer.core.models import Actor, AuditEvent, Entry, IssuedSerial, Sidecar, SignResult
+from issuer.core.models import Actor, ApprovalRequest, AuditEvent, Entry, IssuedSerial, Sidecar, SignResult
 from issuer.datastore.interface import Datastore
 from issuer.identity.registration import Registry, validate_scopes
 from issuer.revocation.service import RevocationService
 from issuer.tasks import policy as pol
-from issuer.tasks.approvals import ApprovalRequest, Approvals
+from issuer.tasks.approvals import Approvals
 from tessera import selectors as sel
 from tessera import pem, spiffeid, taskext, x509svid
 from tessera.errors import (AlreadyExists, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied,

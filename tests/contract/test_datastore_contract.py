@@ -17,13 +17,13 @@ import pytest
 
 from issuer.audit.records import verify_chain
 from issuer.audit.relay import AuditRelay
-from issuer.core.models import (GENESIS_HASH, AuditEvent, AuditRecord, Change, JoinToken, Revocation, Sidecar,
-                                audit_hash)
+from issuer.core.models import (GENESIS_HASH, ApprovalCap, AuditEvent, AuditRecord, Change, JoinToken, Revocation,
+                                Sidecar, audit_hash)
 from issuer.datastore import open_reader
 from issuer.datastore.feed import ChangeFollower
 from tessera.errors import AlreadyExists, NotFound, Unavailable
 
-from writes import A1, CHECKS, NOW, OP, SID, SIDECAR, WRITES, authority, entry, event, issued
+from writes import A1, CHECKS, NOW, OP, SID, SIDECAR, WRITES, approval, authority, entry, event, issued
 
 WRITES_PY = Path(__file__).with_name("writes.py")
 
@@ -229,6 +229,43 @@ def test_crl_numbers_are_never_handed_out_twice_and_each_authority_counts_its_ow
     other.close()
 
 
+def test_heads_are_every_counter_the_database_has_come_to_read_alike_with_or_without_a_store(store, engine):
+    from issuer.core.models import Heads
+    from issuer.datastore import read_heads
+
+    assert store.heads() == Heads()
+    store.create_entry(entry(), event("entry.create"))
+    store.record_revocation(Revocation(0, NOW, "serial", "1", "r", "keyCompromise", ("1",)))
+    store.next_crl_number(A1)
+    store.next_crl_number(A1)
+    heads = Heads(change_position=store.last_change_position(), revocation_seq=1, audit_seq=1, crl_numbers={A1: 2})
+    assert heads.change_position == 2 and store.heads() == heads
+    assert read_heads(engine.reader_source()) == heads  # as the issuer reads it at start, before opening the store
+
+
+def test_the_heads_of_a_store_not_created_yet_are_zero_and_reading_them_creates_nothing(engine):
+    from issuer.core.models import Heads
+    from issuer.datastore import read_heads
+
+    assert read_heads(engine.reader_source()) == Heads()
+    if engine.name == "sqlite":
+        assert not Path(engine.reader_source()).exists()
+    else:
+        import psycopg
+
+        with psycopg.connect(engine.dsn) as db:
+            assert db.execute("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()").fetchall() == []
+
+
+def test_raising_crl_numbers_moves_each_up_to_its_floor_never_down_with_its_audit_record(store):
+    other = "ef" * 20
+    for _ in range(5):
+        store.next_crl_number(A1)
+    store.raise_crl_numbers({A1: 3, other: 7}, event("datastore.restore_accepted"))
+    assert store.next_crl_number(A1) == 6 and store.next_crl_number(other) == 8
+    assert [r.action for r in store.audit_records()] == ["datastore.restore_accepted"]
+
+
 def test_an_authority_is_added_once_and_moved_only_from_the_state_it_is_in(store):
     store.put_authority(authority(), event("ca.prepare"))
     with pytest.raises(AlreadyExists):
@@ -317,6 +354,137 @@ def test_committed_audit_records_are_published_to_the_relay_in_order_and_rolled_
         assert [r.action for r in heard] == ["a", "entry.create"] and heard == s.audit_records()
     finally:
         s.close()
+
+
+# -- approvals -----------------------------------------------------------------------------------------
+
+
+def test_an_approval_is_listed_while_pending_and_unexpired_and_read_back_whole(store):
+    assert store.create_approval(approval("a1"), [], event("task.approval_request")) is None
+    assert store.create_approval(approval("a2", created_at=NOW + 1, expires_at=NOW + 10), [],
+                                 event("task.approval_request")) is None
+    assert store.get_approval("a1") == approval("a1") and store.get_approval("nope") is None
+    assert [a.id for a in store.list_approvals(NOW)] == ["a1", "a2"]  # oldest first
+    assert [a.id for a in store.list_approvals(NOW + 10)] == ["a1"]  # a2 expired: no longer listed
+    assert [a.id for a in store.list_approvals(NOW + 10, expired=True)] == ["a2"]  # what a sweep would expire
+    assert [r.action for r in store.audit_records()] == ["task.approval_request"] * 2
+    [c1, c2] = store.changes_after(0)
+    assert (c1.kind, c1.op, c1.key) == ("approval", "create", "a1") and c1.payload["workload"]["uid"] == 1000
+    with pytest.raises(AlreadyExists):
+        store.create_approval(approval("a1"), [], event("task.approval_request"))
+
+
+def test_an_approval_leaves_pending_once_and_only_as_its_expiry_allows(store):
+    for i in range(4):
+        store.create_approval(approval(f"a{i}"), [], event("task.approval_request"))
+    late, early = NOW + 60, NOW + 59
+
+    def finish(approval_id, state, now):
+        return store.finish_approvals([approval(approval_id, state=state, decided_by="uid:0", decision_reason="r")],
+                                      [event(f"task.{state}")], now)
+
+    assert finish("a0", "approved", late) == []  # a decision after expiry is refused
+    assert finish("a0", "expired", early) == []  # an expiry before it, too
+    [won] = finish("a0", "approved", early)
+    assert won == approval("a0", state="approved", decided_by="uid:0", decision_reason="r") == store.get_approval("a0")
+    assert finish("a0", "denied", early) == [] and finish("a0", "cancelled", early) == []  # once only
+    assert [a.state for a in finish("a1", "denied", early) + finish("a2", "expired", late)
+            + finish("a3", "cancelled", late)] == ["denied", "expired", "cancelled"]
+    assert store.list_approvals(NOW) == [] and store.list_approvals(late, expired=True) == []
+    # Each outcome that won, and only those, has its audit record and its change.
+    assert [r.action for r in store.audit_records()][4:] == ["task.approved", "task.denied", "task.expired",
+                                                              "task.cancelled"]
+    assert [(c.op, c.key, c.payload["state"]) for c in store.changes_after(0)][4:] == [
+        ("approve", "a0", "approved"), ("deny", "a1", "denied"), ("expire", "a2", "expired"),
+        ("cancel", "a3", "cancelled")]
+
+
+def test_a_full_cap_refuses_a_request_and_records_nothing(store):
+    def create(approval_id, **kw):
+        req = approval(approval_id, **kw)
+        caps = [ApprovalCap("max_pending_per_workload", (("sidecar_id", SID), ("uid", req.uid)), 3, f"uid {req.uid}"),
+                ApprovalCap("max_pending_per_entry", (("entry_id", req.entry_id),), 2, f"entry {req.entry_id}")]
+        full = store.create_approval(req, caps, event("task.approval_request"))
+        return full and full.setting
+
+    assert create("a1") is None and create("a2", entry_id="e2") is None and create("a3") is None
+    assert create("a4", workload={"uid": 7}) == "max_pending_per_entry"  # e1 has two
+    assert create("a5", entry_id="e3") == "max_pending_per_workload"  # uid 1000 has three
+    assert create("a6", entry_id="e3", workload={"uid": 7}) is None  # another uid and entry count on their own
+    assert store.get_approval("a4") is None and len(store.audit_records()) == 4 and len(store.changes_after(0)) == 4
+    # Only pending, unexpired requests count: a decided one and expired ones make room.
+    store.finish_approvals([approval("a1", state="denied")], [event("task.approval_deny")], NOW + 1)
+    assert create("a7", created_at=NOW + 1) is None and create("a8", created_at=NOW + 1) == "max_pending_per_workload"
+    assert create("a8", created_at=NOW + 60, expires_at=NOW + 120) is None
+
+
+def test_two_stores_deciding_one_approval_at_once_have_exactly_one_winner(engine):
+    """As two operators on two issuers: each race is won once, and only the winner's decision is recorded."""
+    a, b = engine.opener().open(), engine.opener().open()
+    try:
+        for n in range(20):
+            a.create_approval(approval(f"r{n}"), [], event("task.approval_request"))
+            start, won = threading.Barrier(2), {}
+
+            def decide(s, who, state):
+                start.wait()
+                won[who] = s.finish_approvals([approval(f"r{n}", state=state, decided_by=who)],
+                                              [event(f"task.{state}")], NOW + 1)
+
+            threads = [threading.Thread(target=decide, args=(s, w, st))
+                       for s, w, st in ((a, "a", "approved"), (b, "b", "denied"))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            winners = [w for w, got in won.items() if got]
+            assert len(winners) == 1 and len(won) == 2, (n, won)
+            assert b.get_approval(f"r{n}").decided_by == winners[0]
+        decisions = [r.action for r in a.audit_records() if r.action != "task.approval_request"]
+        assert len(decisions) == 20 and len([c for c in a.changes_after(0) if c.op != "create"]) == 20
+    finally:
+        a.close()
+        b.close()
+
+
+def test_two_stores_filling_one_cap_at_once_never_pass_it(engine):
+    """As two issuers taking requests at once: the caps are counted under the write lock, so together they stop
+    exactly at the limit."""
+    a, b = engine.opener().open(), engine.opener().open()
+    cap = [ApprovalCap("max_pending", (), 7, "the issuer")]
+    start, refused = threading.Barrier(4), []
+    try:
+        def fill(s, who):
+            start.wait()
+            for i in range(5):
+                if s.create_approval(approval(f"{who}{i}"), cap, event("task.approval_request")) is not None:
+                    refused.append(f"{who}{i}")
+
+        threads = [threading.Thread(target=fill, args=(s, w)) for s, w in ((a, "a"), (b, "b"), (a, "c"), (b, "d"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(a.list_approvals(NOW)) == 7 and len(refused) == 13
+        assert len([r for r in b.audit_records() if r.action == "task.approval_request"]) == 7
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_store_of_the_previous_schema_version_gains_the_approvals_table_in_place(engine):
+    s = engine.opener().open()
+    s.create_entry(entry("e1"), event("entry.create"))
+    s.close()
+    engine.sql("DROP TABLE approvals")  # as the release before approvals left it
+    engine.sql("UPDATE schema_version SET version = version - 1")
+    again = engine.opener().open()
+    try:
+        assert [e.id for e in again.list_entries()] == ["e1"] and len(again.audit_records()) == 1
+        assert again.create_approval(approval(), [], event("task.approval_request")) is None
+        assert again.list_approvals(NOW) == [approval()]
+    finally:
+        again.close()
 
 
 # -- durability --------------------------------------------------------------------------------------
@@ -626,6 +794,38 @@ def test_a_started_follower_sees_another_store_objects_commit_within_a_second(en
         assert [c.key for c, _ in seen] == [f"e{i}" for i in range(5)]
         if follower_store.poll_interval >= 1.0:  # PostgreSQL: woken by the NOTIFY, not by its 1 s poll
             assert max(delays) < 0.2, delays
+    finally:
+        follower.stop()
+        writer.close()
+        follower_store.close()
+
+
+def test_a_change_that_fails_to_apply_holds_the_feed_counted_as_failing_until_it_applies(engine):
+    """The follower never skips a change: it retries the one that failed, and `failures` (the issuer's
+    tessera_issuer_change_feed_failing metric) says so meanwhile."""
+    writer, follower_store = engine.opener().open(), engine.opener().open()
+    applied: list[str] = []
+    broken = threading.Event()
+    broken.set()
+
+    def apply(changes):
+        if broken.is_set() and any(c.key == "bad" for c in changes):
+            raise RuntimeError("cannot apply")
+        applied.extend(c.key for c in changes)
+
+    follower = ChangeFollower(follower_store, None, apply, start=follower_store.last_change_position())
+    try:
+        follower.start(interval=0.02)
+        writer.create_entry(entry("bad"), event("entry.create"))
+        writer.create_entry(entry("after"), event("entry.create"))
+        deadline = time.monotonic() + 5
+        while follower.failures < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert follower.failures >= 2 and applied == []  # "after" waits behind "bad"
+        broken.clear()
+        while (applied != ["bad", "after"] or follower.failures) and time.monotonic() < deadline + 5:
+            time.sleep(0.01)
+        assert applied == ["bad", "after"] and follower.failures == 0
     finally:
         follower.stop()
         writer.close()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from issuer.core.models import (Actor, AuditEvent, Authority, Entry, IssuedSerial, JoinToken, Revocation,  # noqa: E402
-                                Sidecar)
+from issuer.core.models import (Actor, ApprovalRequest, AuditEvent, Authority, Entry, IssuedSerial,  # noqa: E402
+                                JoinToken, Revocation, Sidecar)
 
 OP = Actor("operator", "uid:0")
 NOW = 1_900_000_000
@@ -50,6 +50,15 @@ def authority(authority_id: str = A1, **kw) -> Authority:
     return Authority(**base)
 
 
+def approval(approval_id: str = "ap1", **kw) -> ApprovalRequest:
+    base = dict(id=approval_id, task_id=f"task-{approval_id}", entry_id="e1", spiffe_id="spiffe://example.org/e1",
+                owner="bob", tier="high", scopes=("repo:read",), ttl=60, context={"ticket": "OPS-1"}, sidecar_id=SID,
+                workload={"pid": 7, "uid": 1000, "gid": 1000, "exe": "/bin/agent"}, reason="tier high requires approval",
+                rule="tier:high", created_at=NOW, expires_at=NOW + 60)
+    base.update(kw)
+    return ApprovalRequest(**base)
+
+
 def _revoke(s):
     s.record_issued([issued(1)], [])
     with s.transaction():
@@ -74,6 +83,10 @@ WRITES = {
     "revocation_in_one_transaction": _revoke,
     "next_crl_number": lambda s: (s.next_crl_number(A1), s.next_crl_number(A1)),
     "append_audit": lambda s: s.append_audit([event("a"), event("b")]),
+    "create_approval": lambda s: s.create_approval(approval(), [], event("task.approval_request")),
+    "finish_approvals": lambda s: (s.create_approval(approval(), [], event("task.approval_request")),
+                                   s.finish_approvals([approval(state="approved", decided_by="uid:0")],
+                                                      [event("task.approve")], NOW + 1)),
     "put_authority": lambda s: (s.put_authority(authority(), event("ca.prepare")),
                                 s.put_authority(authority(state="active", activated_at=NOW + 1), event("ca.activate"),
                                                 expect_state="prepared")),
@@ -94,6 +107,9 @@ CHECKS = {
                                                 and s.next_crl_number(A1) == 2),
     "next_crl_number": lambda s: s.next_crl_number(A1) == 3,
     "append_audit": lambda s: [r.action for r in s.audit_records()] == ["a", "b"],
+    "create_approval": lambda s: s.list_approvals(NOW) == [approval()],
+    "finish_approvals": lambda s: (s.get_approval("ap1") == approval(state="approved", decided_by="uid:0")
+                                   and [r.action for r in s.audit_records()] == ["task.approval_request", "task.approve"]),
     "put_authority": lambda s: (s.list_authorities() == [authority(state="active", activated_at=NOW + 1)]
                                 and [r.action for r in s.audit_records()] == ["ca.prepare", "ca.activate"]),
 }
