@@ -17,7 +17,7 @@ from issuer.audit import records as audit
 from issuer.audit import relay as relay_mod
 from issuer.audit.records import AuditFile, read_jsonl, verify_chain
 from issuer.audit.relay import AuditRelay
-from issuer.core.models import Actor, AuditEvent, audit_hash
+from issuer.core.models import Actor, AuditEvent, AuditRecord, audit_hash
 from issuer.datastore import open_reader
 from issuer.datastore import sqlite as sqlite_store
 from issuer_client import attest, sidecar_stub, sign
@@ -98,6 +98,18 @@ def test_row_edited_into_invalid_json_is_named_not_a_crash(store, tmp_path):
     subprocess.run(["sqlite3", str(tmp_path / "t.db"), "UPDATE audit SET actor='{oops' WHERE seq=2"], check=True)
     check = verify_chain(open_reader(tmp_path / "t.db").audit_since())
     assert not check.ok and check.bad_seq == 2
+
+
+def test_audit_hash_is_the_one_chains_were_written_with():
+    # Pinned from the hash as first written (a deep copy of the record through dataclasses.asdict): computing it
+    # any cheaper must not change a byte, or every stored chain stops verifying. Tuples, None, non-ASCII text and
+    # a dataclass inside details included.
+    r = AuditRecord(7, 1700000000.123456, "svid.issue",
+                    {"kind": "sidecar", "id": "spiffe://example.org/tessera/sidecar/é"}, "allow", "entry active",
+                    "spiffe://example.org/a",
+                    {"serial": "ab", "scopes": ("x", "y"), "nested": [{"n": 1, "none": None}],
+                     "by": Actor("operator", "alice")}, "1" * 64, "")
+    assert audit_hash(r) == "7dc0ac84e389c3df5eaa8c013d8b3cbd6a10b81f4d9b4ede6878e7cf22498e76"
 
 
 def test_recomputed_hash_does_not_hide_an_edit(store, tmp_path):
