@@ -141,6 +141,21 @@ class Backoff:
         self._next = self.first
 
 
+SETTLE = 0.25  # seconds a channel still READY after a failed call is given to notice a lost connection
+
+
+async def _settle(channel: grpc.aio.Channel) -> None:
+    """A call on `channel` just failed as unreachable: a call's error can arrive before the channel leaves READY
+    (the connection reset reaches the stream first), so give its state a moment to catch up. A channel that stays
+    READY is connected: its issuer answered UNAVAILABLE itself."""
+    state = channel.get_state()
+    if state == grpc.ChannelConnectivity.READY:
+        try:
+            await asyncio.wait_for(channel.wait_for_state_change(state), SETTLE)
+        except asyncio.TimeoutError:
+            pass
+
+
 async def reachable(channel: grpc.aio.Channel, timeout: float) -> bool:
     """True once `channel` is connected (TLS done); False when it failed to connect or `timeout` passed.
 
@@ -255,8 +270,10 @@ class IssuerClient:
         async with self._switch:
             if self.address != address:
                 return self.address
-            if self.channel is not None and await reachable(self.channel, timeout):
-                return address
+            if self.channel is not None:
+                await _settle(self.channel)
+                if await reachable(self.channel, timeout):
+                    return address
             return await self._failover(self._ident, timeout)
 
     async def renew(self, ident: SidecarIdentity) -> SidecarIdentity:
