@@ -346,11 +346,16 @@ def measure_revocation_propagation(dep: Deployment, sz: Sizes, figures: dict, se
         delays, from_commit = time_revocations(dep, [clients], serials[:sz.revocations])
     finally:
         clients.close()
-    figures["revocation_propagation_p50_ms"] = stats.rounded(stats.percentile(delays, 50), 2)
-    figures["revocation_propagation_p99_ms"] = stats.rounded(stats.percentile(delays, 99), 2)
-    figures["revocation_propagation_pairs"] = len(delays)
-    figures["revocation_push_from_commit_p50_ms"] = stats.rounded(stats.percentile(from_commit, 50), 2)
-    figures["revocation_push_from_commit_p99_ms"] = stats.rounded(stats.percentile(from_commit, 99), 2)
+    record_propagation(figures, "", delays, from_commit)
+
+
+def record_propagation(figures: dict, prefix: str, delays: list[float], from_commit: list[float]) -> None:
+    """The revocation figures of one phase: from the CLI returning, and from the issuer's commit."""
+    figures[f"{prefix}revocation_propagation_p50_ms"] = stats.rounded(stats.percentile(delays, 50), 2)
+    figures[f"{prefix}revocation_propagation_p99_ms"] = stats.rounded(stats.percentile(delays, 99), 2)
+    figures[f"{prefix}revocation_propagation_pairs"] = len(delays)
+    figures[f"{prefix}revocation_push_from_commit_p50_ms"] = stats.rounded(stats.percentile(from_commit, 50), 2)
+    figures[f"{prefix}revocation_push_from_commit_p99_ms"] = stats.rounded(stats.percentile(from_commit, 99), 2)
 
 
 def time_revocations(dep: Deployment, groups: list[fleet.LightSidecars], serials: list[str]
@@ -593,11 +598,7 @@ def measure_postgres_fleet(pg, sz: Sizes, figures: dict, issuer_config: dict) ->
         delays, from_commit = time_revocations(deps[0], groups, serials)
         for g in groups:
             g.close()
-        figures["pg_revocation_propagation_p50_ms"] = stats.rounded(stats.percentile(delays, 50), 2)
-        figures["pg_revocation_propagation_p99_ms"] = stats.rounded(stats.percentile(delays, 99), 2)
-        figures["pg_revocation_propagation_pairs"] = len(delays)
-        figures["pg_revocation_push_from_commit_p50_ms"] = stats.rounded(stats.percentile(from_commit, 50), 2)
-        figures["pg_revocation_push_from_commit_p99_ms"] = stats.rounded(stats.percentile(from_commit, 99), 2)
+        record_propagation(figures, "pg_", delays, from_commit)
 
         addresses = {f"127.0.0.1:{d.port}": d for d in deps}
         sidecar = deps[0].start_sidecar("pg-failover", issuer_address=list(addresses))
