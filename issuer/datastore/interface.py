@@ -25,6 +25,12 @@ from issuer.core.models import (ApprovalCap, ApprovalRequest, AuditEvent, AuditR
 from issuer.datastore.rows import OwnChanges
 
 
+def live_task_message(task_id: str) -> str:
+    """Why a task that has a live credential gets no second one (from record_task_issued, and the task
+    service's own check before it asks a human)."""
+    return f"task {task_id!r} already has a live credential; end it first"
+
+
 class AuditReader(Protocol):
     """Read-only audit reads; what `tessera audit verify --db` opens (datastore.open_reader)."""
 
@@ -69,6 +75,11 @@ class Datastore(AuditReader, Protocol):
 
     # issued serials
     def record_issued(self, serials: Sequence[IssuedSerial], audits: Sequence[AuditEvent]) -> None: ...
+    def record_task_issued(self, serial: IssuedSerial, audit: AuditEvent) -> None:
+        """Record a task credential's serial, or raise AlreadyExists (recording nothing) if its task (entry_id,
+        task_id) has a live one: unexpired at serial.issued_at and not revoked. Checked and written under the
+        write lock, so issuers racing for one task record one credential."""
+        ...
     def get_issued(self, serial: str) -> IssuedSerial | None: ...
     def revoke_serials(self, serials: Sequence[str], reason: str, now: int,
                        audit: AuditEvent | None) -> list[str]: ...

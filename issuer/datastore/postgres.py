@@ -38,6 +38,7 @@ import json
 import logging
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import psycopg
@@ -50,6 +51,7 @@ from issuer.audit.relay import AuditRelay
 from issuer.core.models import (APPROVAL_FINAL_OPS, AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS,
                                 ApprovalCap, ApprovalRequest, AuditEvent, AuditRecord, Authority, Change, Entry,
                                 Heads, IssuedSerial, JoinToken, Revocation, Sidecar)
+from issuer.datastore.interface import live_task_message
 from issuer.datastore.rows import (APPROVAL_COLUMNS, AUDIT_COLUMNS, CRL_NUMBERS_QUERY, GroupCommit, OwnChanges, Pending,
                                    approval_cap_where, approval_from, approval_row, approval_still_open, audit_record,
                                    audit_row,
@@ -70,6 +72,7 @@ POOL_TIMEOUT = 3.0  # seconds a call waits for a pooled connection (the database
 # Seconds the pool keeps retrying a lost connection by itself (after 1 s, then 2 s, ...) before it leaves the next
 # call to ask for one again. psycopg_pool's backoff doubles up to this: at its default (5 min) a pool that lost its
 # connections in a 30 s outage tried next only 30 s later, and calls failed that long after the database was back.
+PROBE_AFTER = 1.0  # seconds: a pooled connection idle longer is probed before it is lent (see _check)
 RECONNECT_TIMEOUT = 5.0
 DEFAULT_POOL_SIZE = 10  # connections per store object at most (each signing worker has its own store)
 STATEMENT_TIMEOUT = "30s"  # one statement, at most (a wedged query must not hold the write lock for ever)
@@ -269,8 +272,19 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-_INSERT_ISSUED = (f"INSERT INTO issued ({', '.join(ISSUED_FIELDS)}) VALUES ({', '.join(['%s'] * len(ISSUED_FIELDS))})"
-                  " ON CONFLICT (serial) DO NOTHING")
+_LIVE_TASK = ("SELECT 1 FROM issued WHERE entry_id=%s AND task_id=%s AND not_after>%s AND revoked_at IS NULL"
+              " LIMIT 1")
+_ISSUED_ROW = f"({', '.join(['%s'] * len(ISSUED_FIELDS))})"
+_ISSUED_PER_INSERT = 1000  # rows per multi-row INSERT (well under PostgreSQL's 65,535 parameters)
+
+
+def _insert_issued_sql(n: int) -> str:
+    """One INSERT of n issued rows: its row count says exactly how many were new (executemany's, in a
+    pipeline, is only its last statement's)."""
+    return (f"INSERT INTO issued ({', '.join(ISSUED_FIELDS)}) VALUES {', '.join([_ISSUED_ROW] * n)}"
+            " ON CONFLICT (serial) DO NOTHING")
+
+
 _INSERT_AUTHORITY = (f"INSERT INTO authorities ({', '.join(AUTHORITY_FIELDS)}) "
                      f"VALUES ({', '.join(['%s'] * len(AUTHORITY_FIELDS))}) ON CONFLICT (id) DO NOTHING")
 _UPDATE_AUTHORITY = (f"UPDATE authorities SET ({', '.join(AUTHORITY_FIELDS)}) = "
@@ -372,7 +386,7 @@ class _Tx:
     def __init__(self, db: psycopg.Connection, locked: bool):
         self.db, self.depth, self.locked = db, 1, locked
         self.records: list[AuditRecord] = []
-        self.audit_head: tuple[int, str] | None = None  # read once, under the write lock, when first needed
+        self.audit_head: tuple[int, str] | None = None  # read with the write lock
         self.next_position: int | None = None
         self.positions: list[int] = []  # the feed positions this transaction appended
 
@@ -393,10 +407,12 @@ class PostgresDatastore(_AuditReads):
                 _migrate(db, self._where)
             except psycopg.OperationalError as e:
                 raise Unavailable(f"migrating the PostgreSQL database {self._where} failed: {_first_line(e)}") from None
+        # When each pooled connection last answered (the pool's check skips the probe for a recent one).
+        self._answered: weakref.WeakKeyDictionary[psycopg.Connection, float] = weakref.WeakKeyDictionary()
         self._pool = ConnectionPool(
             dsn, min_size=1, max_size=pool_size, open=False, timeout=POOL_TIMEOUT, name="tessera-datastore",
             kwargs={"autocommit": True, "connect_timeout": CONNECT_TIMEOUT, "application_name": "tessera-issuer"},
-            configure=_configure, check=ConnectionPool.check_connection, reconnect_timeout=RECONNECT_TIMEOUT)
+            configure=_configure, check=self._check, reconnect_timeout=RECONNECT_TIMEOUT)
         try:
             self._pool.open(wait=True, timeout=CONNECT_TIMEOUT + POOL_TIMEOUT)
         except PoolTimeout:
@@ -416,6 +432,14 @@ class PostgresDatastore(_AuditReads):
         _db_log.log(f"pg:{self._where}", "the database cannot be used: calls fail until it is back",
                     database=self._where, error=_first_line(e))
         return Unavailable(f"the issuer cannot use its database ({self._where}): {_first_line(e)}; try again later")
+
+    def _check(self, db: psycopg.Connection) -> None:
+        """The pool's check before it lends `db`: a restarted server leaves dead connections in the pool, and
+        the probe finds them. It is a round trip, so a connection that answered within PROBE_AFTER is lent
+        as it is: a busy issuer reuses each many times a second. (One that died within that second fails its
+        call with UNAVAILABLE, and the pool drops it.)"""
+        if time.monotonic() - self._answered.get(db, -PROBE_AFTER) >= PROBE_AFTER:
+            ConnectionPool.check_connection(db)
 
     def _getconn(self) -> psycopg.Connection:
         try:
@@ -438,6 +462,7 @@ class PostgresDatastore(_AuditReads):
         db = self._getconn()
         try:
             yield db
+            self._answered[db] = time.monotonic()
         except psycopg.OperationalError as e:
             raise self._unavailable(e) from None
         finally:
@@ -471,12 +496,14 @@ class PostgresDatastore(_AuditReads):
         self._local.tx = tx
         try:
             try:
-                db.execute("BEGIN")
                 if lock:
-                    self._lock(tx)
+                    self._lock(tx, begin=True)
+                else:
+                    db.execute("BEGIN")
                 yield db
                 self.own_changes.note(tx.positions)
                 db.execute("COMMIT")  # returns once durable (synchronous_commit=on); fails: not acknowledged
+                self._answered[db] = time.monotonic()
             except BaseException:
                 self.own_changes.drop(tx.positions)
                 with contextlib.suppress(psycopg.Error):
@@ -489,15 +516,22 @@ class PostgresDatastore(_AuditReads):
             self._pool.putconn(db)  # a broken connection is discarded by the pool
         self.relay.publish(tx.records)
 
-    def _lock(self, tx: _Tx) -> None:
-        """The write lock, or Unavailable once another writer held it for WRITE_LOCK_TIMEOUT."""
+    def _lock(self, tx: _Tx, begin: bool = False) -> None:
+        """The write lock, or Unavailable once another writer held it for WRITE_LOCK_TIMEOUT; then the audit
+        chain's head, read under it. `begin`: open the transaction in the same round trip (each one costs a
+        busy issuer several hundred microseconds; simple-query statements run in order, the read after the lock)."""
         try:
-            tx.db.execute(f"SET LOCAL lock_timeout = {int(WRITE_LOCK_TIMEOUT * 1000)};"
-                          f" SELECT pg_advisory_xact_lock({_WRITE_LOCK})")
+            cur = tx.db.execute(f"{'BEGIN; ' if begin else ''}SET LOCAL lock_timeout = {int(WRITE_LOCK_TIMEOUT * 1000)};"
+                                f" SELECT pg_advisory_xact_lock({_WRITE_LOCK});"
+                                " SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+            while cur.nextset():  # to the last statement's result
+                pass
+            row = cur.fetchone()
         except pgerrors.LockNotAvailable:
             raise Unavailable(f"the database {self._where} stayed locked by another writer for "
                               f"{WRITE_LOCK_TIMEOUT:g}s") from None
         tx.locked = True
+        tx.audit_head = (row[0], row[1]) if row else (0, GENESIS_HASH)
 
     def _audit(self, db: psycopg.Connection, event: AuditEvent | None) -> None:
         if event is not None:
@@ -508,10 +542,7 @@ class PostgresDatastore(_AuditReads):
         if not events:
             return
         tx: _Tx = self._local.tx
-        assert tx.locked, "an audit record is appended only under the write lock"
-        if tx.audit_head is None:
-            row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-            tx.audit_head = (row[0], row[1]) if row else (0, GENESIS_HASH)
+        assert tx.locked and tx.audit_head is not None, "an audit record is appended only under the write lock"
         records = chain(events, *tx.audit_head)
         with db.cursor() as cur:
             cur.executemany(_INSERT_AUDIT, [audit_row(r) for r in records])
@@ -633,18 +664,29 @@ class PostgresDatastore(_AuditReads):
             return
         self._group.submit(mine)
 
+    def record_task_issued(self, serial: IssuedSerial, audit: AuditEvent) -> None:
+        with self._tx() as db:
+            with db.pipeline():  # the check and the writes in one round trip; the writes roll back if it finds one
+                live = db.execute(_LIVE_TASK, (serial.entry_id, serial.task_id, serial.issued_at))
+                self._insert_issued(db, [Pending([serial], [audit])])
+            if live.fetchone():
+                raise AlreadyExists(live_task_message(serial.task_id))
+
     def _commit_issued(self, group: list[Pending]) -> None:
         with self._tx() as db:
             self._insert_issued(db, group)
 
     def _insert_issued(self, db: psycopg.Connection, group: list[Pending]) -> None:
         rows = [issued_row(s) for p in group for s in p.serials]
-        if rows:
-            with db.cursor() as cur:
-                cur.executemany(_INSERT_ISSUED, rows)
-                if cur.rowcount != len(rows):  # ON CONFLICT DO NOTHING skipped one: the whole group rolls back
-                    raise AlreadyExists("a serial recorded as issued was recorded before")
-        self._audit_many(db, [a for p in group for a in p.audits])
+        cursors = []
+        with db.pipeline():  # the serials and their audit records in one round trip
+            for i in range(0, len(rows), _ISSUED_PER_INSERT):
+                part = rows[i:i + _ISSUED_PER_INSERT]
+                cursors.append(db.cursor())
+                cursors[-1].execute(_insert_issued_sql(len(part)), [v for row in part for v in row])
+            self._audit_many(db, [a for p in group for a in p.audits])
+        if sum(c.rowcount for c in cursors) != len(rows):  # ON CONFLICT skipped one: the whole group rolls back
+            raise AlreadyExists("a serial recorded as issued was recorded before")
 
     def get_issued(self, serial: str) -> IssuedSerial | None:
         rows = self._dicts("SELECT * FROM issued WHERE serial=%s", (serial,))

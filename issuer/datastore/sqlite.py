@@ -43,6 +43,7 @@ from issuer.audit.relay import AuditRelay
 from issuer.core.models import (APPROVAL_FINAL_OPS, AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS,
                                 ApprovalCap, ApprovalRequest, AuditEvent, AuditRecord, Authority, Change, Entry,
                                 Heads, IssuedSerial, JoinToken, Revocation, Sidecar)
+from issuer.datastore.interface import live_task_message
 from issuer.datastore.rows import (APPROVAL_COLUMNS, AUDIT_COLUMNS, CRL_NUMBERS_QUERY, GroupCommit, OwnChanges,
                                    check_schema_version, Pending, approval_cap_where, approval_from, approval_row, approval_still_open,
                                    audit_record, audit_row, authority_from,
@@ -237,6 +238,7 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
 
 _INSERT_AUTHORITY = (f"INSERT INTO authorities ({', '.join(AUTHORITY_FIELDS)}) "
                      f"VALUES ({', '.join('?' * len(AUTHORITY_FIELDS))})")
+_LIVE_TASK = "SELECT 1 FROM issued WHERE entry_id=? AND task_id=? AND not_after>? AND revoked_at IS NULL LIMIT 1"
 _INSERT_ISSUED = f"INSERT INTO issued ({', '.join(ISSUED_FIELDS)}) VALUES ({', '.join('?' * len(ISSUED_FIELDS))})"
 _INSERT_APPROVAL = (f"INSERT INTO approvals ({', '.join(APPROVAL_COLUMNS)}) "
                     f"VALUES ({', '.join('?' * len(APPROVAL_COLUMNS))})")
@@ -568,6 +570,12 @@ class SQLiteDatastore(_AuditReads):
                 self._insert_issued(self._db, [mine])
                 return
         self._group.submit(mine)
+
+    def record_task_issued(self, serial: IssuedSerial, audit: AuditEvent) -> None:
+        with self._tx() as db:
+            if db.execute(_LIVE_TASK, (serial.entry_id, serial.task_id, serial.issued_at)).fetchone():
+                raise AlreadyExists(live_task_message(serial.task_id))
+            self._insert_issued(db, [Pending([serial], [audit])])
 
     def _commit_issued(self, group: list[Pending]) -> None:
         with self._tx() as db:

@@ -25,7 +25,7 @@ from cryptography.exceptions import InvalidSignature
 
 from issuer.ca.authorities import Authorities
 from issuer.core.models import Actor, ApprovalRequest, AuditEvent, Entry, IssuedSerial, Sidecar, SignResult
-from issuer.datastore.interface import Datastore
+from issuer.datastore.interface import Datastore, live_task_message
 from issuer.identity.registration import Registry, validate_scopes
 from issuer.revocation.service import RevocationService
 from issuer.tasks import policy as pol
@@ -213,8 +213,6 @@ class TaskService:
                 raise AlreadyExists(f"task {spec.task_id!r} is already being requested")
             self._in_flight.add(key)
             ticket.key = key
-        if self.store.find_issued(entry_id=entry.id, task_id=spec.task_id, unexpired_at=int(now), revoked=False):
-            raise AlreadyExists(f"task {spec.task_id!r} already has a live credential; end it first")
         req = pol.TaskRequest(entry_view(entry), {"id": sidecar.id, "name": sidecar.name}, dict(spec.workload),
                               spec.task_id, spec.scopes, spec.ttl, spec.context, now)
         decision = ticket.decision = pol.evaluate(self.policy, req)
@@ -224,11 +222,16 @@ class TaskService:
                                                 subject=entry.spiffe_id, details=ticket.details)])
             raise PermissionDenied(f"task denied by rule {decision.rule}: {decision.reason}")
         if decision.effect == "require_approval":
+            self._refuse_live(entry.id, spec.task_id, int(now))  # before a human is asked; again when recording
             ticket.approval = self.approvals.submit(ApprovalRequest(
                 "", spec.task_id, entry.id, entry.spiffe_id, entry.owner, entry.tier, spec.scopes, decision.ttl,
                 dict(spec.context), sidecar.id, dict(spec.workload), decision.reason, decision.rule, 0, 0), ticket.actor)
             return
         ticket.svid = self._issue(sidecar, entry, spec.task_id, ticket)
+
+    def _refuse_live(self, entry_id: str, task_id: str, now: int) -> None:
+        if self.store.find_issued(entry_id=entry_id, task_id=task_id, unexpired_at=now, revoked=False):
+            raise AlreadyExists(live_task_message(task_id))
 
     def _issue_approved(self, sidecar: Sidecar, spec: TaskSpec, ticket: "_Ticket", final: ApprovalRequest) -> None:
         entry = self._entry_for(sidecar, spec, time.time())  # it may have changed while a human decided
@@ -245,10 +248,12 @@ class TaskService:
         latency_ms = round((time.monotonic() - ticket.started) * 1000, 3)
         record = IssuedSerial(signed.serial_hex, entry.spiffe_id, "task", entry.id, sidecar.id, now, not_after,
                               task_id=task_id, authority=signed.authority)
-        self.store.record_issued(
-            [record],
-            [AuditEvent("task.issue", ticket.actor, "allow", reason=ticket.decision.reason, subject=entry.spiffe_id,
-                        details={**ticket.details, **record.audit_details(), "latency_ms": latency_ms})])
+        # Refused if the task has a live credential: checked as it is recorded, under the write lock, so one
+        # credential even when two issuers race for the task (and no read of its own before).
+        self.store.record_task_issued(
+            record, AuditEvent("task.issue", ticket.actor, "allow", reason=ticket.decision.reason,
+                               subject=entry.spiffe_id,
+                               details={**ticket.details, **record.audit_details(), "latency_ms": latency_ms}))
         [checked] = self.revocation.recheck_issued(
             [SignResult(entry.id, entry.spiffe_id, b"", signed.serial_hex, not_after)], sidecar.id)
         if checked.code:

@@ -133,6 +133,51 @@ def test_two_stores_racing_for_one_join_token_have_exactly_one_winner(engine):
         b.close()
 
 
+def task(n: int, task_id: str = "t1", **kw):
+    return issued(n, kind="task", task_id=task_id, **kw)
+
+
+def test_a_task_gets_a_second_credential_only_once_its_live_one_is_revoked_or_expired(store):
+    store.record_task_issued(task(1), event("task.issue"))
+    with pytest.raises(AlreadyExists, match="'t1' already has a live credential"):
+        store.record_task_issued(task(2), event("task.issue"))
+    assert store.get_issued("2") is None and len(store.audit_records()) == 1  # the refused one recorded nothing
+    store.record_task_issued(task(3, task_id="t2"), event("task.issue"))  # another task of the entry
+    store.record_task_issued(task(4, entry_id="e2"), event("task.issue"))  # the same task id under another entry
+    store.revoke_serials(["1"], "ended", NOW + 1, None)
+    store.record_task_issued(task(5, issued_at=NOW + 2), event("task.issue"))
+    store.record_task_issued(task(6, task_id="t2", issued_at=NOW + 60), event("task.issue"))  # 3 expired at NOW + 60
+    assert [s.serial for s in store.find_issued(task_id="t1", revoked=False)] == ["4", "5"]
+    assert len(store.audit_records()) == 5
+
+
+def test_two_stores_racing_to_record_one_task_record_one_credential(engine):
+    """As two issuers asked for one task at once (a sidecar's retry after losing its issuer): one wins."""
+    a, b = engine.opener().open(), engine.opener().open()
+    try:
+        for n in range(20):
+            start, outcome = threading.Barrier(2), {}
+
+            def record(s, serial):
+                start.wait()
+                try:
+                    s.record_task_issued(task(serial, task_id=f"race-{n}"), event("task.issue"))
+                    outcome[serial] = "recorded"
+                except AlreadyExists:
+                    outcome[serial] = "refused"
+
+            threads = [threading.Thread(target=record, args=(s, 2 * n + k)) for k, s in enumerate((a, b))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(10)
+            assert sorted(outcome.values()) == ["recorded", "refused"], (n, outcome)
+            assert len(a.find_issued(task_id=f"race-{n}")) == 1
+    finally:
+        a.close()
+        b.close()
+
+
 def test_revoke_serials_marks_each_once(store):
     store.record_issued([issued(1, task_id="t1"), issued(2)], [])
     assert store.revoke_serials(["1", "2"], "test", 5, AuditEvent("revoke", OP, "done")) == ["1", "2"]

@@ -79,6 +79,7 @@ WRITES = {
     "upsert_sidecar": lambda s: s.upsert_sidecar(SIDECAR, event("sidecar.attest", SID)),
     "touch_sidecar": lambda s: (s.upsert_sidecar(SIDECAR, None), s.touch_sidecar(SID, NOW + 30)),
     "record_issued": lambda s: s.record_issued([issued(1), issued(2)], [event("svid.issue")]),
+    "record_task_issued": lambda s: s.record_task_issued(issued(1, kind="task", task_id="t1"), event("task.issue")),
     "revoke_serials": lambda s: (s.record_issued([issued(1)], []), s.revoke_serials(["1"], "test", NOW + 5, None)),
     "revocation_in_one_transaction": _revoke,
     "next_crl_number": lambda s: (s.next_crl_number(A1), s.next_crl_number(A1)),
@@ -101,6 +102,8 @@ CHECKS = {
     "upsert_sidecar": lambda s: s.list_sidecars() == [SIDECAR],
     "touch_sidecar": lambda s: [x.last_seen for x in s.list_sidecars()] == [NOW + 30],
     "record_issued": lambda s: {x.serial for x in s.find_issued()} == {"1", "2"} and len(s.audit_records()) == 1,
+    "record_task_issued": lambda s: ([x.task_id for x in s.find_issued()] == ["t1"]
+                                     and [r.action for r in s.audit_records()] == ["task.issue"]),
     "revoke_serials": lambda s: s.get_issued("1").revoked_at == NOW + 5,
     "revocation_in_one_transaction": lambda s: (s.get_issued("1").revoked_at == NOW and s.last_revocation_seq() == 1
                                                 and [r.action for r in s.audit_records()] == ["revoke"]
