@@ -108,6 +108,20 @@ class TaskAPI(task_grpc.TasksBase):
         self._background: set[asyncio.Task] = set()
         # (entry_id, task_id) -> the open StartTask stream's queue of replacement credentials (None: the task ended)
         self._streams: dict[tuple[str, str], asyncio.Queue] = {}
+        self._spare: tuple | None = None  # a fresh key and its CSR, made after a task's credential went out
+
+    def _key_and_csr(self) -> tuple:
+        """A key no one has seen, and its CSR: the spare if there is one (each is used once), else made now."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            key = x509svid.new_key()
+            return key, x509svid.make_csr(key)
+        return spare
+
+    def _make_spare(self) -> None:
+        if self._spare is None:
+            key = x509svid.new_key()
+            self._spare = (key, x509svid.make_csr(key))
 
     async def _caller(self, stream):
         return await caller(stream, self.cache)
@@ -129,10 +143,10 @@ class TaskAPI(task_grpc.TasksBase):
         except OSError as e:
             raise PermissionDenied(f"cannot watch the task's process: {e}") from None
         try:
-            key = x509svid.new_key()
+            key, csr = self._key_and_csr()
             spec = TaskSpec(
                 entry_id=entry.id, task_id=req.task_id, scopes=tuple(req.scopes), ttl=req.ttl_seconds,
-                context=dict(req.context), csr=x509svid.make_csr(key), selectors=frozenset(wl.selectors),
+                context=dict(req.context), csr=csr, selectors=frozenset(wl.selectors),
                 workload={"pid": wl.pid, "uid": wl.uid, "gid": wl.gid, "exe": wl.exe or ""}).to_proto()
             svid = await self._request(stream, req.task_id, spec)
             if svid is None:
@@ -147,6 +161,8 @@ class TaskAPI(task_grpc.TasksBase):
             self._streams[task.key] = replacements
             try:
                 await stream.send_message(task_pb2.TaskUpdate(credential=self._credential(svid, key)))
+                # Key generation and the CSR's signature (~0.15 ms) leave the next caller's path.
+                asyncio.get_running_loop().call_soon(self._make_spare)
                 await self._send_replacements(stream, task, replacements)
             finally:
                 if self._streams.get(task.key) is replacements:
@@ -222,9 +238,9 @@ class TaskAPI(task_grpc.TasksBase):
         for attempt in range(END_RETRIES):
             if self.tasks.get(task.key) is not task or task.expires_at <= time.time():
                 return  # ended, expired, or replaced meanwhile
-            key = x509svid.new_key()
+            key, csr = self._key_and_csr()
             try:
-                svid = await self.client.reissue_task(task.cert_chain, x509svid.make_csr(key))
+                svid = await self.client.reissue_task(task.cert_chain, csr)
             except grpc.aio.AioRpcError as e:
                 log.warning("could not have a tainted task credential signed again; retrying", task_id=task.task_id,
                             serial=task.serial, code=e.code().name, error=e.details())

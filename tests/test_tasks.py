@@ -49,7 +49,9 @@ def test_two_tasks_get_distinct_keys_and_serials_and_carry_their_binding(tasks, 
     assert r1.stdout.strip() == format(c1.serial_number, "x")
     assert c1.serial_number != c2.serial_number
     pub = lambda c: c.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)  # noqa: E731
-    assert pub(c1) != pub(c2)
+    # A third task: the sidecar makes the next key ahead of time, and each one serves one task only.
+    assert start_task(tasks, "task-3", tmp_path / "t3", "repo:read").returncode == 0
+    assert len({pub(c1), pub(c2), pub(leaf(tmp_path / "t3"))}) == 3
     assert taskext.read(c1) == taskext.TaskBinding("task-1", ("repo:read",), tasks.entry_id, "alice")
     assert taskext.read(c2) == taskext.TaskBinding("task-2", ("payments:write", "repo:read"), tasks.entry_id,
                                                    "alice")
