@@ -19,8 +19,11 @@ from issuer.core.models import (APPROVAL_CAP_COLUMNS, APPROVAL_FIELDS, APPROVAL_
 from tessera.errors import FailedPrecondition
 
 
+_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # one kept: json.dumps makes one per call
+
+
 def dumps(v) -> str:
-    return json.dumps(v, sort_keys=True, separators=(",", ":"))
+    return _JSON.encode(v)
 
 
 def change_payload(obj) -> str:
@@ -128,9 +131,10 @@ def chain(events: Sequence[AuditEvent], head_seq: int, head_hash: str) -> list[A
     """The records `events` become after the chain's head (seq, hash): each links to the one before."""
     records = []
     for event in events:
-        r = AuditRecord(head_seq + 1, round(time.time(), 6), event.action, event.actor.as_dict(),
-                        event.decision, event.reason, event.subject, event.details, head_hash, "")
-        r = dataclasses.replace(r, hash=audit_hash(r))
+        fields = (head_seq + 1, round(time.time(), 6), event.action, event.actor.as_dict(), event.decision,
+                  event.reason, event.subject, event.details, head_hash)
+        # Built twice rather than dataclasses.replace(), which costs twice a construction.
+        r = AuditRecord(*fields, audit_hash(AuditRecord(*fields, "")))
         records.append(r)
         head_seq, head_hash = r.seq, r.hash
     return records
