@@ -118,8 +118,16 @@ def _json_or_raw(text):
         return {"unparseable": text}
 
 
+_audit_values = operator.attrgetter(*AUDIT_FIELDS)
+_AUDIT_JSON_AT = tuple(i for i, k in enumerate(AUDIT_FIELDS) if k in AUDIT_JSON_FIELDS)
+
+
 def audit_row(r: AuditRecord) -> tuple:
-    return tuple(dumps(getattr(r, k)) if k in AUDIT_JSON_FIELDS else getattr(r, k) for k in AUDIT_FIELDS)
+    # One attrgetter and the JSON columns by position: a generator testing each field cost ~2 us per record.
+    row = list(_audit_values(r))
+    for i in _AUDIT_JSON_AT:
+        row[i] = dumps(row[i])
+    return tuple(row)
 
 
 def audit_record(row) -> AuditRecord:
