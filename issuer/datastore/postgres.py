@@ -47,7 +47,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout
 
 from issuer.audit.relay import AuditRelay
-from issuer.core.models import (APPROVAL_FINAL_OPS, AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS,
+from issuer.core.models import (APPROVAL_FINAL_OPS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS,
                                 ApprovalCap, ApprovalRequest, AuditEvent, AuditRecord, Authority, Change, Entry,
                                 Heads, IssuedSerial, JoinToken, Revocation, Sidecar)
 from issuer.datastore.rows import (APPROVAL_COLUMNS, AUDIT_COLUMNS, CRL_NUMBERS_QUERY, GroupCommit, OwnChanges, Pending,
