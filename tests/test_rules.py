@@ -111,6 +111,18 @@ def test_leaf_is_what_the_builder_setters_build(tmp_path, dns_names):
     assert cert.tbs_certificate_bytes == reference.tbs_certificate_bytes
 
 
+SID_A = "spiffe://example.org/a"
+
+
+@pytest.mark.parametrize("serial", [-5, 0, 1 << 159])
+def test_leaf_serial_outside_what_the_builder_setter_allows_is_refused(tmp_path, serial):
+    ca = write_root(tmp_path)
+    with pytest.raises(ValueError, match="serial"):
+        x509svid.build_leaf(public_key=x509svid.new_key().public_key(), spiffe_id=spiffeid.parse(SID_A),
+                            not_after=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=60), ca_cert=ca.cert,
+                            ca_key=ca.key, serial=serial, ca_aki=ca._aki)
+
+
 def test_leaf_lifetime_never_exceeds_the_cap(tmp_path):
     ca = write_root(tmp_path)
     cap = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(seconds=60)
