@@ -78,6 +78,51 @@ def test_leaf_profile_matches_the_x509_svid_standard(tmp_path):
     cert.verify_directly_issued_by(ca.cert)
 
 
+@pytest.mark.parametrize("dns_names", [(), ("issuer.example.org",)])
+def test_leaf_is_what_the_builder_setters_build(tmp_path, dns_names):
+    """build_leaf hands CertificateBuilder all its fields at once: the to-be-signed certificate must be
+    byte for byte the one the documented setters build from the same values."""
+    from cryptography.hazmat.primitives import hashes
+
+    ca = write_root(tmp_path)
+    key = x509svid.new_key()
+    sid = "spiffe://example.org/agent/a"
+    signed = ca.sign(key.public_key(), spiffeid.parse(sid), 600, dns_names=dns_names)
+    cert = signed.cert
+    reference = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(signed.serial)
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(sid),
+                                                    *(x509.DNSName(d) for d in dns_names)]), critical=True)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    assert cert.tbs_certificate_bytes == reference.tbs_certificate_bytes
+
+
+SID_A = "spiffe://example.org/a"
+
+
+@pytest.mark.parametrize("serial", [-5, 0, 1 << 159])
+def test_leaf_serial_outside_what_the_builder_setter_allows_is_refused(tmp_path, serial):
+    ca = write_root(tmp_path)
+    with pytest.raises(ValueError, match="serial"):
+        x509svid.build_leaf(public_key=x509svid.new_key().public_key(), spiffe_id=spiffeid.parse(SID_A),
+                            not_after=dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=60), ca_cert=ca.cert,
+                            ca_key=ca.key, serial=serial, ca_aki=ca._aki)
+
+
 def test_leaf_lifetime_never_exceeds_the_cap(tmp_path):
     ca = write_root(tmp_path)
     cap = dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(seconds=60)

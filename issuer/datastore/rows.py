@@ -19,8 +19,11 @@ from issuer.core.models import (APPROVAL_CAP_COLUMNS, APPROVAL_FIELDS, APPROVAL_
 from tessera.errors import FailedPrecondition
 
 
+_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))  # one kept: json.dumps makes one per call
+
+
 def dumps(v) -> str:
-    return json.dumps(v, sort_keys=True, separators=(",", ":"))
+    return _JSON.encode(v)
 
 
 def change_payload(obj) -> str:
@@ -115,8 +118,16 @@ def _json_or_raw(text):
         return {"unparseable": text}
 
 
+_audit_values = operator.attrgetter(*AUDIT_FIELDS)
+_AUDIT_JSON_AT = tuple(i for i, k in enumerate(AUDIT_FIELDS) if k in AUDIT_JSON_FIELDS)
+
+
 def audit_row(r: AuditRecord) -> tuple:
-    return tuple(dumps(getattr(r, k)) if k in AUDIT_JSON_FIELDS else getattr(r, k) for k in AUDIT_FIELDS)
+    # One attrgetter and the JSON columns by position: a generator testing each field cost ~2 us per record.
+    row = list(_audit_values(r))
+    for i in _AUDIT_JSON_AT:
+        row[i] = dumps(row[i])
+    return tuple(row)
 
 
 def audit_record(row) -> AuditRecord:
@@ -128,9 +139,10 @@ def chain(events: Sequence[AuditEvent], head_seq: int, head_hash: str) -> list[A
     """The records `events` become after the chain's head (seq, hash): each links to the one before."""
     records = []
     for event in events:
-        r = AuditRecord(head_seq + 1, round(time.time(), 6), event.action, event.actor.as_dict(),
-                        event.decision, event.reason, event.subject, event.details, head_hash, "")
-        r = dataclasses.replace(r, hash=audit_hash(r))
+        fields = (head_seq + 1, round(time.time(), 6), event.action, event.actor.as_dict(), event.decision,
+                  event.reason, event.subject, event.details, head_hash)
+        # Built twice rather than dataclasses.replace(), which costs twice a construction.
+        r = AuditRecord(*fields, audit_hash(AuditRecord(*fields, "")))
         records.append(r)
         head_seq, head_hash = r.seq, r.hash
     return records

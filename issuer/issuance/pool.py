@@ -97,7 +97,7 @@ def sign_jobs(ca: SigningAuthority, jobs: Sequence[SignJob]) -> list[Signed]:
 
 def _sign_one(ca: SigningAuthority, job: SignJob) -> Signed:
     try:
-        public_key = x509svid.load_csr(job.csr_der).public_key()
+        public_key = x509svid.verified_key(job.csr_der)
     except ValueError as e:
         return Signed(error=f"invalid CSR for entry {job.entry_id}: {e}", code=int(Code.INVALID_ARGUMENT))
     try:

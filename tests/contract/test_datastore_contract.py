@@ -142,6 +142,9 @@ def test_a_task_gets_a_second_credential_only_once_its_live_one_is_revoked_or_ex
     with pytest.raises(AlreadyExists, match="'t1' already has a live credential"):
         store.record_task_issued(task(2), event("task.issue"))
     assert store.get_issued("2") is None and len(store.audit_records()) == 1  # the refused one recorded nothing
+    with pytest.raises(AlreadyExists):  # a serial recorded before, for another task
+        store.record_task_issued(task(1, task_id="t9"), event("task.issue"))
+    assert store.find_issued(task_id="t9") == [] and len(store.audit_records()) == 1
     store.record_task_issued(task(3, task_id="t2"), event("task.issue"))  # another task of the entry
     store.record_task_issued(task(4, entry_id="e2"), event("task.issue"))  # the same task id under another entry
     store.revoke_serials(["1"], "ended", NOW + 1, None)
@@ -227,6 +230,21 @@ def test_close_during_concurrent_issuance_commits_or_refuses_every_caller(engine
     committed = {r.serial for r in reopened.find_issued()}
     reopened.close()
     assert committed == {f"{i:x}" for i, o in outcomes.items() if o == "ok"}
+
+
+def test_issued_rows_and_their_audit_records_read_back_exactly_whatever_characters_they_hold(store):
+    # PostgreSQL takes many rows by COPY, whose text format escapes tabs, newlines and backslashes, and a few
+    # by INSERT: one record, then ten.
+    odd = "tab\there\nnew line, back\\slash, \\N, \r, \u00e9 \u2028 end"
+    for serials in ([1], range(2, 12)):
+        records = [issued(n, entry_id=odd, task_id=None, authority=A1) for n in serials]
+        store.record_issued(records, [AuditEvent("svid.issue", OP, "allow", reason=odd, subject=odd,
+                                                 details={"odd": odd, "none": None, "n": 1.5}) for _ in records])
+        assert [store.get_issued(r.serial) for r in records] == records
+    assert len(store.audit_records()) == 11
+    for r in store.audit_records():
+        assert (r.reason, r.subject, r.details) == (odd, odd, {"odd": odd, "none": None, "n": 1.5})
+    assert verify_chain(store.audit_records()).ok
 
 
 def test_failed_group_commit_records_nothing_and_raises(store):
