@@ -25,6 +25,9 @@ from issuer.core.models import (ApprovalCap, ApprovalRequest, AuditEvent, AuditR
 from issuer.datastore.rows import OwnChanges
 
 
+DUPLICATE_SERIAL = "a serial recorded as issued was recorded before"  # AlreadyExists: the whole call recorded nothing
+
+
 def live_task_message(task_id: str) -> str:
     """Why a task that has a live credential gets no second one (from record_task_issued, and the task
     service's own check before it asks a human)."""

@@ -51,7 +51,7 @@ from issuer.audit.relay import AuditRelay
 from issuer.core.models import (APPROVAL_FINAL_OPS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS,
                                 ApprovalCap, ApprovalRequest, AuditEvent, AuditRecord, Authority, Change, Entry,
                                 Heads, IssuedSerial, JoinToken, Revocation, Sidecar)
-from issuer.datastore.interface import live_task_message
+from issuer.datastore.interface import DUPLICATE_SERIAL, live_task_message
 from issuer.datastore.rows import (APPROVAL_COLUMNS, AUDIT_COLUMNS, CRL_NUMBERS_QUERY, GroupCommit, OwnChanges, Pending,
                                    approval_cap_where, approval_from, approval_row, approval_still_open, audit_record,
                                    audit_row,
@@ -272,6 +272,7 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+# record_task_issued's check (find_issued's filters), sent in its pipeline: find_issued would fetch at once.
 _LIVE_TASK = ("SELECT 1 FROM issued WHERE entry_id=%s AND task_id=%s AND not_after>%s AND revoked_at IS NULL"
               " LIMIT 1")
 _ISSUED_COLUMNS = ", ".join(ISSUED_FIELDS)
@@ -679,7 +680,7 @@ class PostgresDatastore(_AuditReads):
                     live = db.execute(_LIVE_TASK, (serial.entry_id, serial.task_id, serial.issued_at))
                     self._insert_issued(db, [Pending([serial], [audit])])
             except pgerrors.UniqueViolation:  # raised as the pipeline syncs, not in _insert_issued
-                raise AlreadyExists("a serial recorded as issued was recorded before") from None
+                raise AlreadyExists(DUPLICATE_SERIAL) from None
             if live.fetchone():
                 raise AlreadyExists(live_task_message(serial.task_id))
 
@@ -692,7 +693,7 @@ class PostgresDatastore(_AuditReads):
         try:
             _insert_rows(db, "issued", _ISSUED_COLUMNS, rows)
         except pgerrors.UniqueViolation:  # the transaction is aborted: the whole group rolls back
-            raise AlreadyExists("a serial recorded as issued was recorded before") from None
+            raise AlreadyExists(DUPLICATE_SERIAL) from None
         self._audit_many(db, [a for p in group for a in p.audits])
 
     def get_issued(self, serial: str) -> IssuedSerial | None:

@@ -43,7 +43,7 @@ from issuer.audit.relay import AuditRelay
 from issuer.core.models import (APPROVAL_FINAL_OPS, AUDIT_FIELDS, AUTHORITY_FIELDS, GENESIS_HASH, ISSUED_FIELDS,
                                 ApprovalCap, ApprovalRequest, AuditEvent, AuditRecord, Authority, Change, Entry,
                                 Heads, IssuedSerial, JoinToken, Revocation, Sidecar)
-from issuer.datastore.interface import live_task_message
+from issuer.datastore.interface import DUPLICATE_SERIAL, live_task_message
 from issuer.datastore.rows import (APPROVAL_COLUMNS, AUDIT_COLUMNS, CRL_NUMBERS_QUERY, GroupCommit, OwnChanges,
                                    check_schema_version, Pending, approval_cap_where, approval_from, approval_row, approval_still_open,
                                    audit_record, audit_row, authority_from,
@@ -238,7 +238,6 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
 
 _INSERT_AUTHORITY = (f"INSERT INTO authorities ({', '.join(AUTHORITY_FIELDS)}) "
                      f"VALUES ({', '.join('?' * len(AUTHORITY_FIELDS))})")
-_LIVE_TASK = "SELECT 1 FROM issued WHERE entry_id=? AND task_id=? AND not_after>? AND revoked_at IS NULL LIMIT 1"
 _INSERT_ISSUED = f"INSERT INTO issued ({', '.join(ISSUED_FIELDS)}) VALUES ({', '.join('?' * len(ISSUED_FIELDS))})"
 _INSERT_APPROVAL = (f"INSERT INTO approvals ({', '.join(APPROVAL_COLUMNS)}) "
                     f"VALUES ({', '.join('?' * len(APPROVAL_COLUMNS))})")
@@ -573,7 +572,8 @@ class SQLiteDatastore(_AuditReads):
 
     def record_task_issued(self, serial: IssuedSerial, audit: AuditEvent) -> None:
         with self._tx() as db:
-            if db.execute(_LIVE_TASK, (serial.entry_id, serial.task_id, serial.issued_at)).fetchone():
+            if self.find_issued(entry_id=serial.entry_id, task_id=serial.task_id, unexpired_at=serial.issued_at,
+                                revoked=False):  # inside the transaction: under the write lock
                 raise AlreadyExists(live_task_message(serial.task_id))
             self._insert_issued(db, [Pending([serial], [audit])])
 
@@ -589,7 +589,7 @@ class SQLiteDatastore(_AuditReads):
             except sqlite3.IntegrityError as e:
                 if getattr(e, "sqlite_errorcode", 0) not in _DUPLICATE:
                     raise
-                raise AlreadyExists("a serial recorded as issued was recorded before") from None
+                raise AlreadyExists(DUPLICATE_SERIAL) from None
         self._audit_many(db, [a for p in group for a in p.audits])
 
     def get_issued(self, serial: str) -> IssuedSerial | None:
