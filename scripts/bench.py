@@ -160,17 +160,19 @@ class LoadProc:
 class Client(LoadProc):
     """One load-client process holding its own sidecar SVID, calling over `channels` connections."""
 
-    def __init__(self, dep: Deployment, name: str, csrs: int, channels: int = 1):
+    def __init__(self, dep: Deployment, name: str, csrs: int, channels: int = 1, sign_via: tuple[str, Path] | None = None):
         token_file = write_private(dep.root / f"{name}.join-token", dep.token(name))  # never in argv
+        via = ["--sign-address", sign_via[0], "--sign-bundle", str(sign_via[1])] if sign_via else []
         super().__init__(name, [sys.executable, str(CLIENT), "--issuer", f"127.0.0.1:{dep.port}", "--bundle",
                                 str(dep.bundle_path), "--join-token-file", str(token_file), "--csrs", str(csrs),
-                                "--channels", str(channels)])
+                                "--channels", str(channels), *via])
 
 
-def start_clients(dep: Deployment, names: list[str], entries: int, channels: int) -> tuple[list[Client], float]:
+def start_clients(dep: Deployment, names: list[str], entries: int, channels: int,
+                  sign_via: tuple[str, Path] | None = None) -> tuple[list[Client], float]:
     """Load clients, each ready with `entries` entries of its own created through the admin API; and the seconds
-    the entries took to create."""
-    clients = [Client(dep, name, 512, channels) for name in names]
+    the entries took to create. With `sign_via` (address, its roots), they call that server instead of the issuer."""
+    clients = [Client(dep, name, 512, channels, sign_via) for name in names]
     try:
         for c in clients:
             c.recv()
@@ -179,7 +181,9 @@ def start_clients(dep: Deployment, names: list[str], entries: int, channels: int
             made = list(ex.map(lambda c: fleet.create_entries(dep, c.name, entries, f"bench/{c.name}"), clients))
         created = time.time() - t0
         for c, mine in zip(clients, made):
-            c.send({"cmd": "entries", "ids": [e.id for e in mine], "spiffe_ids": [e.spiffe_id for e in mine]})
+            # The floor server answers one fixed chain: no SPIFFE ID to check there.
+            c.send({"cmd": "entries", "ids": [e.id for e in mine],
+                    "spiffe_ids": [] if sign_via else [e.spiffe_id for e in mine]})
             c.recv()
     except BaseException:
         for c in clients:
@@ -306,6 +310,37 @@ def measure_sidecar(dep: Deployment, sz: Sizes, figures: dict) -> None:
 TASK_SCOPE = "bench:run"
 # The tests' policy (tests/taskutil.py): tiers "low" and "high", one rule allowing the entry's own scopes.
 BENCH_POLICY = policy()
+
+
+def measure_floor(dep: Deployment, sz: Sizes, figures: dict) -> None:
+    """The unary load against benchlib/floorserver.py: grpcio's Python server over mTLS answering at once, called
+    by load clients attested at `dep`'s issuer exactly as they call the issuer. What it sustains is what grpcio,
+    the clients and the wire alone cost on this host: a ceiling for unary calls through grpcio here."""
+    roots = dep.root / "floor-roots.pem"
+    server = subprocess.Popen([sys.executable, str(BENCHLIB / "floorserver.py"), "--bundle", str(dep.bundle_path),
+                               "--out-bundle", str(roots)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the floor server exited with {server.wait()}")
+        address = f"127.0.0.1:{json.loads(line)['port']}"
+        log(f"floor: grpcio answering at once on {address} (pid {server.pid}); {sz.clients} load clients")
+        clients, _ = start_clients(dep, [f"floor-{i}" for i in range(sz.clients)], 1, sz.channels, (address, roots))
+        try:
+            r = signing_runs(clients, sz, [server.pid], "floor", modes=("unary",))["unary"]
+        finally:
+            for c in clients:
+                c.close()
+    finally:
+        server.stdin.close()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    figures["floor_sign_per_s_unary"] = stats.rounded(r["per_s"], 0)
+    figures["floor_cpu_us_per_call"] = stats.rounded(r["server_cpu_us_per_csr"], 0)
+    figures["floor_cpu_share_unary"] = stats.rounded(r["cpu_share"], 2)
 
 
 def measure_task_credential(dep: Deployment, sz: Sizes, figures: dict, prefix: str = "") -> tuple[subprocess.Popen,
@@ -490,10 +525,13 @@ def measure_cfssl(sz: Sizes, figures: dict) -> None:
 def compare_with_cfssl(figures: dict) -> None:
     """Each Tessera signing rate as a multiple of cfssl's in this run."""
     peer = figures.get("cfssl_sign_per_s")
-    for key in ("issuer_sign_per_s_batched", "issuer_sign_per_s_unary", *(f"pg{n}_sign_per_s_{mode}" for n in (1, 2)
-                                                                          for mode in ("batched", "unary"))):
+    for key in ("issuer_sign_per_s_batched", "issuer_sign_per_s_unary", "floor_sign_per_s_unary",
+                *(f"pg{n}_sign_per_s_{mode}" for n in (1, 2) for mode in ("batched", "unary"))):
         if peer and figures.get(key):
             figures[key.replace("sign_per_s", "vs_cfssl")] = stats.rounded(figures[key] / peer, 2)
+    floor = figures.get("floor_sign_per_s_unary")
+    if floor and figures.get("issuer_sign_per_s_unary"):
+        figures["issuer_unary_vs_floor"] = stats.rounded(figures["issuer_sign_per_s_unary"] / floor, 2)
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------------------------
@@ -698,6 +736,13 @@ def note(key: str, figures: dict, sz: Sizes) -> str:
         shape = (f"{sz.batched_concurrency} in flight x {sz.batch} CSRs/call" if key.endswith("batched") else
                  f"{sz.unary_concurrency} in flight x 1 CSR/call")
         parts.append(f"PostgreSQL, {procs}; {sz.clients} client procs x {shape}{best}")
+    if key == "floor_sign_per_s_unary":
+        parts.append(f"benchlib/floorserver.py: grpcio over mTLS answering at once, no issuer work; {sz.clients} client "
+                     f"procs x {sz.unary_concurrency} in flight{best}")
+    if key == "floor_cpu_us_per_call":
+        parts.append("the floor server's CPU per call, in the reported run")
+    if key == "issuer_unary_vs_floor":
+        parts.append("issuer_sign_per_s_unary x floor_sign_per_s_unary, same run")
     if key == "pg2_connections":
         parts.append(f"load-client connections held by each issuer process ({sz.clients} x {sz.channels})")
     if "_vs_cfssl_" in key:
@@ -756,6 +801,8 @@ ORDER = ["limit_sign_per_s", "cfssl_sign_per_s", "cfssl_sign_p50_ms", "cfssl_sig
          "issuer_sign_per_s_batched", "issuer_sign_per_s_batched_p50_ms",
          "issuer_sign_per_s_batched_p99_ms", "ratio_batched", "issuer_vs_cfssl_batched", "issuer_sign_per_s_unary",
          "issuer_sign_per_s_unary_p50_ms", "issuer_sign_per_s_unary_p99_ms", "ratio_unary", "issuer_vs_cfssl_unary",
+         "floor_sign_per_s_unary", "floor_vs_cfssl_unary", "floor_cpu_us_per_call", "floor_cpu_share_unary",
+         "issuer_unary_vs_floor",
          *(k for p in ("pg1", "pg2") for m in ("batched", "unary")
            for k in (f"{p}_sign_per_s_{m}", f"{p}_sign_{m}_p50_ms", f"{p}_sign_{m}_p99_ms", f"{p}_ratio_{m}",
                      f"{p}_vs_cfssl_{m}", f"{p}_cpu_us_per_csr_{m}", f"{p}_db_cpu_us_per_csr_{m}",
@@ -804,6 +851,7 @@ def main(argv: list[str] | None = None) -> int:
     dep = Deployment(root)
     try:
         measure_issuer(dep, sz, figures, issuer_config)
+        measure_floor(dep, sz, figures)
         measure_sidecar(dep, sz, figures)
         workload, serials = measure_task_credential(dep, sz, figures)
         try:

@@ -1,4 +1,4 @@
-"""Pure helpers of scripts/bench: percentiles and the printed table."""
+"""Helpers of scripts/bench: percentiles, the printed table, the load clients and the floor server."""
 
 import math
 import sys
@@ -103,3 +103,43 @@ def test_cfssl_client_reads_sized_and_chunked_answers_on_one_kept_alive_connecti
 
     assert asyncio.run(main()) == [(200, b'{"a": "one"}'), (400, b'{"b": 2}')]
     assert seen == [b'{"x": 1}', b"{}"]
+
+
+def test_floor_server_answers_every_item_only_to_clients_whose_certificate_chains_to_the_bundle(tmp_path):
+    import json
+    import subprocess
+
+    import grpc
+
+    from benchlib import authority
+    from tessera import pem, spiffeid, x509svid
+    from tessera.v1 import issuer_pb2, issuer_pb2_grpc
+
+    clients_root = authority.root()
+    key = x509svid.new_key()
+    client = clients_root.sign(key.public_key(), spiffeid.parse("spiffe://example.org/bench/client"), 600)
+    (tmp_path / "bundle.pem").write_bytes(pem.certs_pem([clients_root.cert]))
+    server = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "benchlib" /
+                                                   "floorserver.py"), "--bundle", str(tmp_path / "bundle.pem"),
+                               "--out-bundle", str(tmp_path / "roots.pem")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        address = f"127.0.0.1:{json.loads(server.stdout.readline())['port']}"
+        roots = (tmp_path / "roots.pem").read_bytes()
+        request = issuer_pb2.SignX509SVIDsRequest(items=[issuer_pb2.CSRItem(entry_id=e, csr=b"-") for e in "ab"])
+        options = [("grpc.ssl_target_name_override", "tessera-issuer")]
+
+        def call(creds):
+            with grpc.secure_channel(address, creds, options=options) as channel:
+                return issuer_pb2_grpc.IssuerStub(channel).SignX509SVIDs(request, timeout=10)
+
+        answer = call(grpc.ssl_channel_credentials(roots, pem.key_pem(key), pem.certs_pem(client.chain)))
+        assert [(i.entry_id, i.status_code) for i in answer.items] == [("a", 0), ("b", 0)]
+        leaf = pem.split_der(answer.items[0].cert_chain)[0]  # an SVID-sized chain: leaf and intermediate
+        assert str(x509svid.spiffe_id_of(leaf)) == "spiffe://example.org/bench/floor"
+        with pytest.raises(grpc.RpcError) as refused:
+            call(grpc.ssl_channel_credentials(roots))  # no client certificate
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stdin.close()
+        server.wait(10)

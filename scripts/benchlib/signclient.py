@@ -5,8 +5,9 @@ port), then calls SignX509SVIDs over mTLS with its sidecar SVID for entries pare
 to it. CSRs are generated before any timed phase, so the client's own CPU goes to
 gRPC, not to key generation. Calls are spread over --channels connections (worker i
 uses channel i mod N), so that several issuer processes behind one port (share_port: the
-kernel hands each connection to one of them) share the load. Commands arrive as JSON
-lines on stdin; results leave as JSON lines on stdout.
+kernel hands each connection to one of them) share the load. With --sign-address the calls go
+to another server instead (the bench's floor server, benchlib/floorserver.py), with the same
+client certificate. Commands arrive as JSON lines on stdin; results leave as JSON lines on stdout.
 """
 
 from __future__ import annotations
@@ -138,12 +139,14 @@ async def main_async(args) -> int:
     bundle = tuple(x509.load_pem_x509_certificates(Path(args.bundle).read_bytes()))
     client = IssuerClient((args.issuer,), (default_bootstrap_address(args.issuer),), "tessera-issuer")
     ident = await client.attest(read_secret_file(args.join_token_file, "--join-token-file"), bundle)
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=pem.certs_pem(ident.bundle), private_key=pem.key_pem(ident.key),
-        certificate_chain=pem.certs_pem(ident.chain))
+    # Calls go to the issuer, or with --sign-address to another server (the bench's floor server) trusted by
+    # --sign-bundle, with the same client certificate.
+    trusted = Path(args.sign_bundle).read_bytes() if args.sign_bundle else pem.certs_pem(ident.bundle)
+    creds = grpc.ssl_channel_credentials(root_certificates=trusted, private_key=pem.key_pem(ident.key),
+                                         certificate_chain=pem.certs_pem(ident.chain))
     # A subchannel pool per channel: each its own TCP connection (grpc shares identical ones by default).
-    channels = [grpc.aio.secure_channel(args.issuer, creds, options=[*_options("tessera-issuer"),
-                                                                     ("grpc.use_local_subchannel_pool", 1)])
+    channels = [grpc.aio.secure_channel(args.sign_address or args.issuer, creds,
+                                        options=[*_options("tessera-issuer"), ("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(args.channels)]
     for ch in channels:
         await ch.channel_ready()
@@ -177,6 +180,8 @@ def main() -> int:
     p.add_argument("--join-token-file", required=True, help="file holding the join token (mode 0600)")
     p.add_argument("--csrs", type=int, default=512, help="CSRs generated up front and reused in turn")
     p.add_argument("--channels", type=int, default=1, help="connections to the issuer, used in turn by the workers")
+    p.add_argument("--sign-address", help="HOST:PORT to call instead of --issuer (attestation stays at --issuer)")
+    p.add_argument("--sign-bundle", help="PEM roots that --sign-address's certificate chains to")
     return asyncio.run(main_async(p.parse_args()))
 
 
