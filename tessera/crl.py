@@ -12,7 +12,6 @@ check is a set lookup, never a scan of the CRL.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -22,7 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tessera import x509svid
+from tessera import der as x690, x509svid  # (this module has its own der())
 from tessera.der import tlv
 
 # RFC 5280 CRLReason names accepted from operators (removeFromCRL and certificateHold are for
@@ -50,30 +49,16 @@ class Revoked:
 
 # -- DER (X.690) for the TBSCertList ---------------------------------------------------------
 
-def _time(t: int) -> bytes:
-    """RFC 5280 5.1.2.4: UTCTime for 1950 through 2049, GeneralizedTime otherwise; seconds, Z."""
-    g = time.gmtime(t)
-    if 1950 <= g.tm_year < 2050:
-        return b"\x17\x0d" + time.strftime("%y%m%d%H%M%SZ", g).encode()
-    if not 0 < g.tm_year <= 9999:
-        raise ValueError(f"time {t} is outside the years 1 to 9999")
-    return b"\x18\x0f" + (f"{g.tm_year:04d}" + time.strftime("%m%d%H%M%SZ", g)).encode()
-
-
-# Object identifiers' DER contents (X.690 8.19).
-_OID_ECDSA_WITH_SHA256 = bytes.fromhex("2a8648ce3d040302")  # 1.2.840.10045.4.3.2
-_OID_CRL_NUMBER = bytes.fromhex("551d14")  # 2.5.29.20
-_OID_REASON_CODE = bytes.fromhex("551d15")  # 2.5.29.21
-_OID_AUTHORITY_KEY_IDENTIFIER = bytes.fromhex("551d23")  # 2.5.29.35
+_OID_CRL_NUMBER = x690.oid("2.5.29.20")
+_OID_REASON_CODE = x690.oid("2.5.29.21")
+_OID_AUTHORITY_KEY_IDENTIFIER = x690.oid("2.5.29.35")
 
 
 def _extension(oid: bytes, value: x509.ExtensionType) -> bytes:
-    """A non-critical Extension (critical is DEFAULT FALSE, so absent) holding `value`'s DER."""
-    return tlv(0x30, tlv(0x06, oid) + tlv(0x04, value.public_bytes()))
+    """A non-critical Extension holding `value`'s DER (as `cryptography` encodes it)."""
+    return x690.extension(oid, value.public_bytes())
 
 
-# ecdsa-with-SHA256 (RFC 5758 3.2: no parameters); the CA key is always ECDSA (issuer/ca.py).
-_SIGNATURE_ALGORITHM = tlv(0x30, tlv(0x06, _OID_ECDSA_WITH_SHA256))
 # RFC 6979: the same TBSCertList always gets the same signature, so the same input gives the same CRL.
 _ECDSA = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
 _VERSION_2 = b"\x02\x01\x01"
@@ -100,7 +85,7 @@ def _entry_der(r: Revoked, minutes: dict[int, bytes]) -> bytes:
     minute, second = divmod(int(r.revoked_at), 60)
     head = minutes.get(minute)
     if head is None:
-        head = minutes[minute] = _time(minute * 60)[:-3]
+        head = minutes[minute] = x690.time(minute * 60)[:-3]
     body = (b"\x02" + bytes((len(serial),)) + serial + head + _SECONDS[second]
             + _REASON_EXTENSIONS.get(r.reason_code, b""))
     encoded = bytes((0x30, len(body))) + body  # at most 22 + 17 + 14 octets: a one-octet length
@@ -115,8 +100,6 @@ def build(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, revoked
     Each Revoked encodes its entry once and keeps it: the issuer holds its records between rebuilds,
     so a rebuild after one more revocation encodes one entry and signs. Same input, same bytes.
     """
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise TypeError("the CA key must be an ECDSA key")
     minutes: dict[int, bytes] = {}
     entries = b"".join([getattr(r, "_der", None) or _entry_der(r, minutes) for r in revoked])
     aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
@@ -124,15 +107,14 @@ def build(ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, revoked
                   + _extension(_OID_AUTHORITY_KEY_IDENTIFIER, aki))
     tbs = tlv(0x30, b"".join([
         _VERSION_2,
-        _SIGNATURE_ALGORITHM,
+        x690.ECDSA_WITH_SHA256,
         ca_cert.subject.public_bytes(),
-        _time(int(this_update)),
-        _time(int(next_update)),
+        x690.time(int(this_update)),
+        x690.time(int(next_update)),
         tlv(0x30, entries) if entries else b"",  # RFC 5280 5.1.2.6: absent when nothing is revoked
         tlv(0xA0, tlv(0x30, extensions)),
     ]))
-    signature = ca_key.sign(tbs, _ECDSA)
-    return tlv(0x30, b"".join([tbs, _SIGNATURE_ALGORITHM, tlv(0x03, b"\x00" + signature)]))
+    return x690.signed(tbs, ca_key, _ECDSA)
 
 
 def der(crl: x509.CertificateRevocationList) -> bytes:

@@ -7,7 +7,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from cautil import write_root
-from tessera import spiffeid, x509svid
+from tessera import spiffeid, taskext, x509svid
 from tessera.durations import parse_duration
 from tessera.errors import InvalidArgument
 from tessera.selectors import matches, parse_selector
@@ -78,25 +78,38 @@ def test_leaf_profile_matches_the_x509_svid_standard(tmp_path):
     cert.verify_directly_issued_by(ca.cert)
 
 
-@pytest.mark.parametrize("dns_names", [(), ("issuer.example.org",)])
-def test_leaf_is_what_the_builder_setters_build(tmp_path, dns_names):
-    """build_leaf hands CertificateBuilder all its fields at once: the to-be-signed certificate must be
-    byte for byte the one the documented setters build from the same values."""
+_TASK = taskext.TaskBinding("task-1", ("read:docs", "write:notes"), "entry-1", "team-a")
+_FAR = dt.datetime(2050, 1, 1, 0, 0, 5, tzinfo=dt.timezone.utc)  # GeneralizedTime from 2050 on
+
+
+@pytest.mark.parametrize("dns_names,extra,serial,not_after", [
+    ((), (), None, None),
+    (("issuer.example.org",), (), None, None),
+    (("a.example.org", "b.example.org"), (), 0x80, None),  # a serial whose top bit needs a leading 0x00
+    ((), (taskext.encode(_TASK),), 1, None),
+    ((), (taskext.encode(_TASK),), (1 << 159) - 1, _FAR),
+])
+def test_leaf_is_what_the_builder_setters_build(tmp_path, dns_names, extra, serial, not_after):
+    """build_leaf writes the TBSCertificate in DER itself: it must be byte for byte the one CertificateBuilder's
+    documented setters build from the same values, whatever the SANs, extensions, serial and dates."""
     from cryptography.hazmat.primitives import hashes
 
-    ca = write_root(tmp_path)
+    ca = write_root(tmp_path, days=40 * 366)
     key = x509svid.new_key()
     sid = "spiffe://example.org/agent/a"
-    signed = ca.sign(key.public_key(), spiffeid.parse(sid), 600, dns_names=dns_names)
-    cert = signed.cert
+    serial = serial or x509.random_serial_number()
+    not_after = not_after or dt.datetime.now(dt.timezone.utc).replace(microsecond=0) + dt.timedelta(seconds=600)
+    cert = x509svid.build_leaf(public_key=key.public_key(), spiffe_id=spiffeid.parse(sid), not_after=not_after,
+                               ca_cert=ca.cert, ca_key=ca.key, serial=serial, ca_aki=ca._aki, dns_names=dns_names,
+                               extra_extensions=extra)
     reference = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([]))
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
-        .serial_number(signed.serial)
+        .serial_number(serial)
         .not_valid_before(cert.not_valid_before_utc)
-        .not_valid_after(cert.not_valid_after_utc)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                      data_encipherment=False, key_agreement=False, key_cert_sign=False,
@@ -106,9 +119,21 @@ def test_leaf_is_what_the_builder_setters_build(tmp_path, dns_names):
         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(sid),
                                                     *(x509.DNSName(d) for d in dns_names)]), critical=True)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
-        .sign(ca.key, hashes.SHA256())
     )
+    for ext in extra:
+        reference = reference.add_extension(ext, critical=False)
+    reference = reference.sign(ca.key, hashes.SHA256())
     assert cert.tbs_certificate_bytes == reference.tbs_certificate_bytes
+    assert cert.signature_algorithm_oid == reference.signature_algorithm_oid
+    cert.verify_directly_issued_by(ca.cert)
+    assert (cert.not_valid_after_utc - cert.not_valid_before_utc) > dt.timedelta(0)
+
+
+def test_leaf_with_a_dns_name_that_is_not_ascii_is_refused(tmp_path):
+    ca = write_root(tmp_path)
+    with pytest.raises(ValueError, match="not ASCII"):
+        ca.sign(x509svid.new_key().public_key(), spiffeid.parse("spiffe://example.org/a"), 600,
+                dns_names=["bücher.example"])
 
 
 SID_A = "spiffe://example.org/a"

@@ -49,6 +49,7 @@ class SigningAuthority:
         self.chain = tuple(chain) if chain is not None else (cert,)
         self._chain_der = tuple(c.public_bytes(Encoding.DER) for c in self.chain)
         self._aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key())
+        self._leaf_issuer = x509svid.LeafIssuer(cert, key, self._aki)
 
     @property
     def not_after(self) -> dt.datetime:
@@ -75,31 +76,31 @@ class SigningAuthority:
         dns_names: Sequence[str] = (),
         extra_extensions: Sequence[x509.ExtensionType] = (),
     ) -> SignedCert:
-        """A leaf that never outlives this authority (build_leaf caps it at the authority's notAfter)."""
+        """A leaf that never outlives this authority (leaf_der caps it at the authority's notAfter)."""
+        cert_der, serial, _ = self._leaf(public_key, spiffe_id, ttl_seconds, not_after_cap, dns_names,
+                                         extra_extensions)
+        cert = x509.load_der_x509_certificate(cert_der)
+        return SignedCert(cert, serial, cert.not_valid_after_utc, (cert, *self.chain), self.id)
+
+    def sign_der(self, public_key, spiffe_id: spiffeid.SpiffeId, ttl_seconds: int, *,
+                 not_after_cap: dt.datetime | None = None) -> tuple[bytes, int, int]:
+        """(chain DER, serial, notAfter) for the signing workers' hot path: no certificate object, the chain's
+        tail encoded once."""
+        cert_der, serial, not_after = self._leaf(public_key, spiffe_id, ttl_seconds, not_after_cap)
+        return cert_der + b"".join(self._chain_der), serial, not_after
+
+    def _leaf(self, public_key, spiffe_id: spiffeid.SpiffeId, ttl_seconds: int, not_after_cap: dt.datetime | None,
+              dns_names: Sequence[str] = (), extra_extensions: Sequence[x509.ExtensionType] = ()
+              ) -> tuple[bytes, int, int]:
         now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
         not_after = now + dt.timedelta(seconds=ttl_seconds)
         if not_after_cap is not None:
             not_after = min(not_after, not_after_cap)
         serial = x509.random_serial_number()
-        cert = x509svid.build_leaf(
-            public_key=public_key,
-            spiffe_id=spiffe_id,
-            not_after=not_after,
-            ca_cert=self.cert,
-            ca_key=self.key,
-            serial=serial,
-            ca_aki=self._aki,
-            dns_names=dns_names,
-            extra_extensions=extra_extensions,
-        )
-        return SignedCert(cert, serial, cert.not_valid_after_utc, (cert, *self.chain), self.id)
-
-    def sign_der(self, public_key, spiffe_id: spiffeid.SpiffeId, ttl_seconds: int, *,
-                 not_after_cap: dt.datetime | None = None) -> tuple[bytes, int, int]:
-        """(chain DER, serial, notAfter) for the signing workers' hot path: the chain's tail is encoded once."""
-        s = self.sign(public_key, spiffe_id, ttl_seconds, not_after_cap=not_after_cap)
-        return (s.cert.public_bytes(Encoding.DER) + b"".join(self._chain_der), s.serial,
-                int(s.not_after.timestamp()))
+        cert_der, last = x509svid.leaf_der(self._leaf_issuer, public_key=public_key, spiffe_id=spiffe_id,
+                                           not_after=not_after, serial=serial, dns_names=dns_names,
+                                           extra_extensions=extra_extensions)
+        return cert_der, serial, last
 
 
 def current(cert: x509.Certificate, what: str) -> x509.Certificate:
