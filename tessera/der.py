@@ -84,6 +84,7 @@ def extension(oid_tlv: bytes, value: bytes, critical: bool = False) -> bytes:
 
 # ecdsa-with-SHA256 (RFC 5758 3.2: no parameters): every CA key Tessera signs with is ECDSA.
 ECDSA_WITH_SHA256 = tlv(0x30, bytes.fromhex("06082a8648ce3d040302"))
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 
 def signed(tbs: bytes, key: ec.EllipticCurvePrivateKey, algorithm: ec.ECDSA | None = None) -> bytes:
@@ -93,6 +94,3 @@ def signed(tbs: bytes, key: ec.EllipticCurvePrivateKey, algorithm: ec.ECDSA | No
         raise TypeError("the CA key must be an ECDSA key")
     signature = key.sign(tbs, algorithm or _ECDSA_SHA256)
     return tlv(0x30, b"".join([tbs, ECDSA_WITH_SHA256, tlv(0x03, b"\x00" + signature)]))
-
-
-_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
