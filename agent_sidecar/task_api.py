@@ -99,6 +99,11 @@ def _issuer_error(e: grpc.aio.AioRpcError) -> TesseraError:
     return for_code(code.value[0] if code is not None else Code.UNKNOWN, e.details() or code.name)
 
 
+def _new_key_and_csr() -> tuple:
+    key = x509svid.new_key()
+    return key, x509svid.make_csr(key)
+
+
 class TaskAPI(task_grpc.TasksBase):
     def __init__(self, cache: CacheManager, client: IssuerClient):
         self.cache = cache
@@ -113,15 +118,11 @@ class TaskAPI(task_grpc.TasksBase):
     def _key_and_csr(self) -> tuple:
         """A key no one has seen, and its CSR: the spare if there is one (each is used once), else made now."""
         spare, self._spare = self._spare, None
-        if spare is None:
-            key = x509svid.new_key()
-            return key, x509svid.make_csr(key)
-        return spare
+        return spare or _new_key_and_csr()
 
     def _make_spare(self) -> None:
         if self._spare is None:
-            key = x509svid.new_key()
-            self._spare = (key, x509svid.make_csr(key))
+            self._spare = _new_key_and_csr()
 
     async def _caller(self, stream):
         return await caller(stream, self.cache)

@@ -219,20 +219,11 @@ def spiffe_id_of(cert: x509.Certificate) -> spiffeid.SpiffeId:
         raise ValueError(f"certificate URI SAN is not a SPIFFE ID: {e.message}") from None
 
 
-def load_csr(der: bytes) -> x509.CertificateSigningRequest:
-    """Parse a DER CSR and check its self-signature (proof of key possession)."""
-    return _verified_csr(der)[0]
-
-
-def verified_key(der: bytes) -> ec.EllipticCurvePublicKey:
-    """The public key of a DER CSR whose self-signature verifies; ValueError naming the problem otherwise."""
-    return _verified_csr(der)[1]
-
-
-def _verified_csr(der: bytes) -> tuple[x509.CertificateSigningRequest, ec.EllipticCurvePublicKey]:
-    # The key is loaded once and handed back: loading it again cost a signing worker ~6 us per CSR.
+def verified_key(csr_der: bytes) -> ec.EllipticCurvePublicKey:
+    """The public key of a DER CSR whose self-signature verifies (proof of key possession); ValueError naming the
+    problem otherwise. The key is loaded once: loading it again cost a signing worker ~6 us per CSR."""
     try:
-        csr = x509.load_der_x509_csr(der)
+        csr = x509.load_der_x509_csr(csr_der)
     except x509.InvalidVersion as e:  # not a ValueError, and a peer chooses it
         raise ValueError(f"CSR version is not supported: {e}") from None
     try:
@@ -244,17 +235,17 @@ def _verified_csr(der: bytes) -> tuple[x509.CertificateSigningRequest, ec.Ellipt
         raise ValueError("CSR signature does not verify")
     if not isinstance(pub, ec.EllipticCurvePublicKey) or not isinstance(pub.curve, (ec.SECP256R1, ec.SECP384R1)):
         raise ValueError("CSR key must be ECDSA P-256 or P-384")
-    return csr, pub
+    return pub
 
 
-def csr_public_key(der: bytes):
+def csr_public_key(csr_der: bytes):
     """The public key of a verified CSR; InvalidArgument naming the problem otherwise."""
     from tessera.errors import InvalidArgument
 
-    if not der:
+    if not csr_der:
         raise InvalidArgument("csr is required")
     try:
-        return verified_key(der)
+        return verified_key(csr_der)
     except ValueError as e:
         raise InvalidArgument(f"invalid CSR: {e}") from None
 

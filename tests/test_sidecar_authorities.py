@@ -67,7 +67,7 @@ class SigningIssuer:
         out = []
         for entry_id, csr in items:
             e = self.entries[entry_id]
-            s = self.active.signer.sign(x509svid.load_csr(csr).public_key(), spiffeid.parse(e.spiffe_id), 600)
+            s = self.active.signer.sign(x509svid.verified_key(csr), spiffeid.parse(e.spiffe_id), 600)
             out.append(issuer_pb2.SignedSVID(entry_id=entry_id, spiffe_id=e.spiffe_id, cert_chain=s.chain_der,
                                              serial=s.serial_hex, expires_at=int(s.not_after.timestamp())))
         return out
@@ -75,7 +75,7 @@ class SigningIssuer:
     def _task(self, entry_id: str, task_id: str, scopes, csr: bytes) -> issuer_pb2.SignedTaskSVID:
         e = self.entries[entry_id]
         binding = taskext.TaskBinding(task_id, tuple(scopes), entry_id, "alice")
-        s = self.active.signer.sign(x509svid.load_csr(csr).public_key(), spiffeid.parse(e.spiffe_id), 600,
+        s = self.active.signer.sign(x509svid.verified_key(csr), spiffeid.parse(e.spiffe_id), 600,
                                     extra_extensions=[taskext.encode(binding)])
         svid = issuer_pb2.SignedTaskSVID(entry_id=entry_id, spiffe_id=e.spiffe_id, cert_chain=s.chain_der,
                                          serial=s.serial_hex, expires_at=int(s.not_after.timestamp()),

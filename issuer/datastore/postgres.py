@@ -69,10 +69,10 @@ _db_log = logs.Throttled(log, window=60, level="error")
 WRITE_LOCK_TIMEOUT = 30.0  # seconds a writer waits for another writer (or any row lock) before Unavailable
 CONNECT_TIMEOUT = 3  # seconds to open a connection (libpq's connect_timeout; whole seconds, at least 2)
 POOL_TIMEOUT = 3.0  # seconds a call waits for a pooled connection (the database down: none comes)
+PROBE_AFTER = 1.0  # seconds: a pooled connection idle longer is probed before it is lent (see _check)
 # Seconds the pool keeps retrying a lost connection by itself (after 1 s, then 2 s, ...) before it leaves the next
 # call to ask for one again. psycopg_pool's backoff doubles up to this: at its default (5 min) a pool that lost its
 # connections in a 30 s outage tried next only 30 s later, and calls failed that long after the database was back.
-PROBE_AFTER = 1.0  # seconds: a pooled connection idle longer is probed before it is lent (see _check)
 RECONNECT_TIMEOUT = 5.0
 DEFAULT_POOL_SIZE = 10  # connections per store object at most (each signing worker has its own store)
 STATEMENT_TIMEOUT = "30s"  # one statement, at most (a wedged query must not hold the write lock for ever)

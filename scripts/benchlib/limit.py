@@ -15,7 +15,7 @@ def make_csrs(n: int) -> list[bytes]:
 
 
 def sign_per_s(bursts: int, burst_seconds: float, csrs: list[bytes]) -> float:
-    """CSRs per second through parse + verify (verified_key), SigningAuthority.sign_der (build_leaf, the chain in DER).
+    """CSRs per second through parse + verify (verified_key), SigningAuthority.sign_der (leaf_der, the chain in DER).
 
     The best of several short bursts: the machine may be shared, and the limit is what one
     uncontended core can do.
